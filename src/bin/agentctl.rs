@@ -1,0 +1,5 @@
+//! `agentctl`: the user's CLI. All logic lives in `agenttask::ctl`.
+
+fn main() -> std::process::ExitCode {
+    agenttask::ctl::main()
+}

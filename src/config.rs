@@ -1,0 +1,242 @@
+//! Service settings: flags, then `AGENTTASK_*` environment variables, then an optional
+//! `agenttask.toml`, then built-in defaults. Resolving them is pure apart from reading files, and
+//! every error says which setting to fix.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+use crate::domain::tenant::{parse_tenants, Tenants};
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/agenttask";
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
+
+/// Where admitted tasks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// A bubblewrap sandbox on this host; needs no cluster.
+    Local,
+    /// AgentTask custom resources reconciled into Pods or Sandboxes in a cluster.
+    Kubernetes,
+}
+
+/// The parts of the service that `serve` can run; each can scale on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Component {
+    /// Consumes tenants' task queues and stores tasks.
+    Ingest,
+    /// Admits queued tasks under quotas.
+    Scheduler,
+    /// Runs admitted tasks on the local backend.
+    Executor,
+    /// Publishes results from the outbox with publisher confirms.
+    Publisher,
+    /// Serves /metrics, /healthz, /readyz and the task API.
+    Http,
+}
+
+impl Component {
+    pub const ALL: [Component; 5] = [
+        Component::Ingest,
+        Component::Scheduler,
+        Component::Executor,
+        Component::Publisher,
+        Component::Http,
+    ];
+}
+
+/// `agenttask serve` flags. Every one can also come from the environment or `agenttask.toml`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Postgres URL; the database is created if missing [default: postgres://postgres@127.0.0.1:5432/agenttask]
+    #[arg(long, env = "AGENTTASK_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// RabbitMQ URL [default: amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[arg(long, env = "AGENTTASK_AMQP_URL")]
+    pub amqp_url: Option<String>,
+    /// Tenants file (TOML): quotas per tenant. Reloaded on SIGHUP [default: ./tenants.toml]
+    #[arg(long, env = "AGENTTASK_TENANTS")]
+    pub tenants: Option<PathBuf>,
+    /// Address of /metrics, /healthz, /readyz and the task API [default: 127.0.0.1:9464]
+    #[arg(long, env = "AGENTTASK_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Where tasks run [default: local]
+    #[arg(long, env = "AGENTTASK_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Run only these components (comma-separated) [default: all]
+    #[arg(long, env = "AGENTTASK_COMPONENTS", value_enum, value_delimiter = ',')]
+    pub components: Option<Vec<Component>>,
+    /// Tasks running at once across all tenants [default: 8]
+    #[arg(long, env = "AGENTTASK_MAX_RUNNING")]
+    pub max_running: Option<u32>,
+    /// Unacknowledged task messages per tenant queue [default: 16]
+    #[arg(long, env = "AGENTTASK_PREFETCH")]
+    pub prefetch: Option<u16>,
+    /// Service state on disk: sandboxes' scratch space and artifacts [default: /var/lib/agenttask]
+    #[arg(long, env = "AGENTTASK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Cap on each of stdout and stderr per task, in bytes [default: 1048576]
+    #[arg(long, env = "AGENTTASK_OUTPUT_LIMIT_BYTES")]
+    pub output_limit_bytes: Option<usize>,
+    /// Token that opens the admin and task API (Authorization: Bearer ...). Without it those
+    /// endpoints are closed.
+    #[arg(long, env = "AGENTTASK_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Settings file [default: ./agenttask.toml when it exists]
+    #[arg(long, env = "AGENTTASK_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The optional `agenttask.toml`; same names as the flags, in snake_case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    database_url: Option<String>,
+    amqp_url: Option<String>,
+    tenants: Option<PathBuf>,
+    http_addr: Option<SocketAddr>,
+    backend: Option<BackendKind>,
+    components: Option<Vec<Component>>,
+    max_running: Option<u32>,
+    prefetch: Option<u16>,
+    data_dir: Option<PathBuf>,
+    output_limit_bytes: Option<usize>,
+    admin_token: Option<String>,
+}
+
+/// Fully resolved settings of one `serve` process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database_url: String,
+    pub amqp_url: String,
+    pub tenants_path: Option<PathBuf>,
+    pub http_addr: SocketAddr,
+    pub backend: BackendKind,
+    pub components: Vec<Component>,
+    pub max_running: u32,
+    pub prefetch: u16,
+    pub data_dir: PathBuf,
+    pub output_limit_bytes: usize,
+    pub admin_token: Option<String>,
+}
+
+impl Settings {
+    /// Resolves flags/env against the settings file and defaults.
+    pub fn resolve(args: ServeArgs) -> Result<Settings, String> {
+        let file = load_file(args.config.as_deref())?;
+        let tenants_path = args.tenants.or(file.tenants).or_else(|| {
+            let p = PathBuf::from("tenants.toml");
+            p.exists().then_some(p)
+        });
+        let settings = Settings {
+            database_url: args
+                .database_url
+                .or(file.database_url)
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            amqp_url: args
+                .amqp_url
+                .or(file.amqp_url)
+                .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned()),
+            tenants_path,
+            http_addr: args
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or_else(|| DEFAULT_HTTP_ADDR.parse().expect("valid default")),
+            backend: args.backend.or(file.backend).unwrap_or(BackendKind::Local),
+            components: args
+                .components
+                .or(file.components)
+                .unwrap_or_else(|| Component::ALL.to_vec()),
+            max_running: args.max_running.or(file.max_running).unwrap_or(8),
+            prefetch: args.prefetch.or(file.prefetch).unwrap_or(16),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/agenttask")),
+            output_limit_bytes: args
+                .output_limit_bytes
+                .or(file.output_limit_bytes)
+                .unwrap_or(1 << 20),
+            admin_token: args.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
+        };
+        if settings.max_running == 0 {
+            return Err("--max-running must be at least 1".into());
+        }
+        if settings.prefetch == 0 {
+            return Err("--prefetch must be at least 1".into());
+        }
+        if settings.components.is_empty() {
+            return Err("--components must name at least one component".into());
+        }
+        Ok(settings)
+    }
+
+    pub fn runs(&self, c: Component) -> bool {
+        self.components.contains(&c)
+    }
+
+    /// Reads and parses the tenants file. Without one, there are no tenants: say how to add them.
+    pub fn load_tenants(&self) -> Result<Tenants, String> {
+        let Some(path) = &self.tenants_path else {
+            return Err("no tenants file: pass --tenants FILE or set AGENTTASK_TENANTS \
+                        (deploy/tenants.example.toml is a starting point)"
+                .into());
+        };
+        load_tenants_file(path)
+    }
+}
+
+pub fn load_tenants_file(path: &Path) -> Result<Tenants, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read tenants file {}: {e}", path.display()))?;
+    parse_tenants(&text).map_err(|e| format!("tenants file {}: {e}", path.display()))
+}
+
+fn load_file(explicit: Option<&Path>) -> Result<FileSettings, String> {
+    let (path, required) = match explicit {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from("agenttask.toml"), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(FileSettings::default()),
+        Err(e) => Err(format!("cannot read settings file {}: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("agenttask.toml");
+        std::fs::write(&cfg, "max_running = 3\nprefetch = 7\nbackend = \"local\"\n").unwrap();
+        let args = ServeArgs { config: Some(cfg), max_running: Some(5), ..Default::default() };
+        let s = Settings::resolve(args).unwrap();
+        assert_eq!((s.max_running, s.prefetch), (5, 7));
+        assert_eq!(s.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(s.components.len(), Component::ALL.len());
+    }
+
+    #[test]
+    fn bad_settings_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("x.toml");
+        std::fs::write(&cfg, "max_runing = 3\n").unwrap();
+        let err = Settings::resolve(ServeArgs { config: Some(cfg), ..Default::default() }).unwrap_err();
+        assert!(err.contains("max_runing"), "{err}");
+        let err = Settings::resolve(ServeArgs {
+            config: Some(dir.path().join("missing.toml")),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("missing.toml"), "{err}");
+    }
+}

@@ -1,0 +1,180 @@
+//! `agentctl`: submit tasks and inspect them.
+//!
+//! Submitting goes straight to RabbitMQ, like any agent platform would (`AGENTCTL_AMQP_URL`);
+//! `--wait` listens on RabbitMQ's direct reply-to. Reading tasks goes through the service's HTTP
+//! API (`AGENTCTL_SERVER`, `AGENTCTL_TOKEN`). Exit status: 0 when the command did what it said
+//! (and, with `--wait`, the task succeeded), 1 when a waited-for task did not succeed, 2 for
+//! usage and connection errors.
+
+mod submit;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::DEFAULT_AMQP_URL;
+use crate::http::{ApiError, TaskView};
+
+/// agentctl: submit untrusted code to AgentTask and inspect its tasks.
+///
+/// Examples:
+///   agentctl submit --tenant acme -c 'print(1)' --wait
+///   agentctl submit --tenant acme analysis.R --wait -o json
+///   agentctl get 6f1c0e8a-...            (needs AGENTCTL_TOKEN)
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+pub struct Cli {
+    /// Base URL of the service's HTTP API
+    #[arg(long, global = true, env = "AGENTCTL_SERVER", default_value = "http://127.0.0.1:9464")]
+    pub server: String,
+    /// API token (a tenant's, or the service's admin token)
+    #[arg(long, global = true, env = "AGENTCTL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Tenant to act as
+    #[arg(long, global = true, env = "AGENTCTL_TENANT")]
+    pub tenant: Option<String>,
+    /// RabbitMQ URL used to submit
+    #[arg(long, global = true, env = "AGENTCTL_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_default_value = true)]
+    pub amqp_url: String,
+    /// Output format: a table for people, json for programs
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Submit code as a task (from FILE, -c CODE, or standard input).
+    ///
+    /// With --wait, prints the program's stdout, its stderr to stderr, and a status line;
+    /// exits 0 only if the task succeeded.
+    Submit(submit::SubmitArgs),
+    /// Show one task: by task id, or by your client id with --tenant.
+    Get {
+        /// Task id (uuid) or client id
+        id: String,
+    },
+}
+
+/// A failure of agentctl itself (not of a task), with what to do about it.
+#[derive(Debug)]
+pub struct CtlError(pub String);
+
+impl<E: std::fmt::Display> From<E> for CtlError {
+    fn from(e: E) -> Self {
+        CtlError(e.to_string())
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(CtlError(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
+    match &cli.command {
+        Command::Submit(args) => submit::run(&cli, args).await,
+        Command::Get { id } => get(&cli, id).await,
+    }
+}
+
+async fn get(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
+    let mut url = format!("{}/v1/tasks/{}", cli.server.trim_end_matches('/'), encode(id));
+    if let Some(t) = &cli.tenant {
+        url.push_str(&format!("?tenant={}", encode(t)));
+    }
+    let view: TaskView = api_get(cli, &url).await?;
+    match cli.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Output::Table => print_task(&view),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn api_get<T: serde::de::DeserializeOwned>(cli: &Cli, url: &str) -> Result<T, CtlError> {
+    let client = reqwest::Client::new();
+    let mut req = client.get(url);
+    if let Some(token) = &cli.token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.map_err(|e| {
+        CtlError(format!(
+            "cannot reach the AgentTask API at {}: {e}. Is `agenttask serve` running? (set AGENTCTL_SERVER)",
+            cli.server
+        ))
+    })?;
+    let status = resp.status();
+    let bytes = resp.bytes().await?;
+    if !status.is_success() {
+        let msg = serde_json::from_slice::<ApiError>(&bytes)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        return Err(CtlError(format!("{status}: {msg}")));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| CtlError(format!("unexpected answer from {url}: {e}")))
+}
+
+/// Percent-encodes a path or query component.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_task(v: &TaskView) {
+    let r = &v.result;
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into());
+    println!("TASK        {}", r.task_id);
+    println!("ID          {}", opt(&r.id));
+    println!("TENANT      {}", r.tenant);
+    println!("BATCH       {}", opt(&r.batch_id));
+    println!("LANGUAGE    {}", opt(&v.language));
+    println!("PHASE       {}", r.phase);
+    println!("REASON      {}", r.reason.map(|r| r.to_string()).unwrap_or_else(|| "-".into()));
+    println!("MESSAGE     {}", opt(&r.message));
+    println!("EXIT CODE   {}", r.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()));
+    println!("BACKEND     {}", opt(&r.backend));
+    println!("SUBMITTED   {}", r.submitted_at.to_rfc3339());
+    println!("ADMITTED    {}", time(r.admitted_at));
+    println!("STARTED     {}", time(r.started_at));
+    println!("FINISHED    {}", time(r.finished_at));
+    if let Some(ms) = r.duration_ms {
+        println!("DURATION    {ms} ms");
+    }
+    if let Some(result) = &r.result {
+        println!("RESULT      {result}");
+    }
+    for a in &r.artifacts {
+        println!("ARTIFACT    {} ({} bytes, sha256 {})", a.name, a.size, a.sha256);
+    }
+    if !r.stdout.is_empty() {
+        println!("--- stdout{} ---\n{}", if r.stdout_truncated { " (truncated)" } else { "" }, r.stdout.trim_end());
+    }
+    if !r.stderr.is_empty() {
+        println!("--- stderr{} ---\n{}", if r.stderr_truncated { " (truncated)" } else { "" }, r.stderr.trim_end());
+    }
+}

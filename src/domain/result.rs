@@ -1,0 +1,210 @@
+//! Shaping results: from how a run ended to a phase and reason, and from a finished task to the
+//! one result message the contract promises.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::phase::{Phase, Reason};
+
+/// How a run ended, as the backend saw it (mirrors `exec::Termination` without depending on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Exited,
+    TimedOut,
+    OomKilled,
+    OutputLimitExceeded,
+    BackendError,
+}
+
+/// The phase and reason of a finished run.
+pub fn classify(ending: Ending, exit_code: Option<i32>) -> (Phase, Option<Reason>) {
+    match ending {
+        Ending::Exited if exit_code == Some(0) => (Phase::Succeeded, None),
+        Ending::Exited => (Phase::Failed, Some(Reason::NonZeroExit)),
+        Ending::TimedOut => (Phase::Failed, Some(Reason::TimedOut)),
+        Ending::OomKilled => (Phase::Failed, Some(Reason::OomKilled)),
+        Ending::OutputLimitExceeded => (Phase::Failed, Some(Reason::OutputLimitExceeded)),
+        Ending::BackendError => (Phase::Failed, Some(Reason::BackendError)),
+    }
+}
+
+/// A human sentence for a finished run, so `agentctl` and result consumers need not decode reasons.
+pub fn describe(ending: Ending, exit_code: Option<i32>, timeout_seconds: u32) -> String {
+    match (ending, exit_code) {
+        (Ending::Exited, Some(0)) => "exited with code 0".to_owned(),
+        (Ending::Exited, Some(c)) if c > 128 => {
+            format!("exited with code {c} (killed by signal {})", c - 128)
+        }
+        (Ending::Exited, Some(c)) => format!("exited with code {c}"),
+        (Ending::Exited, None) => "exited without a code".to_owned(),
+        (Ending::TimedOut, _) => {
+            format!("killed after the {timeout_seconds}s timeout; raise timeout_seconds if it needs longer")
+        }
+        (Ending::OomKilled, _) => {
+            "killed for using more than its memory limit; ask for more resources.memory".to_owned()
+        }
+        (Ending::OutputLimitExceeded, _) => {
+            "killed for writing more output than allowed (stdout/stderr or file size cap)".to_owned()
+        }
+        (Ending::BackendError, _) => "the backend failed to run the task".to_owned(),
+    }
+}
+
+/// An artifact as listed in results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The result message body, field for field as in the contract.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultMessage {
+    pub task_id: Uuid,
+    pub id: Option<String>,
+    pub tenant: String,
+    pub batch_id: Option<String>,
+    pub phase: Phase,
+    pub reason: Option<Reason>,
+    pub message: Option<String>,
+    pub exit_code: Option<i32>,
+    pub result: Option<serde_json::Value>,
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub artifacts: Vec<Artifact>,
+    pub backend: Option<String>,
+    pub submitted_at: DateTime<Utc>,
+    pub admitted_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub queue_wait_ms: Option<i64>,
+    pub duration_ms: Option<i64>,
+}
+
+/// Milliseconds between two instants, when both are known.
+pub fn millis_between(from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Option<i64> {
+    match (from, to) {
+        (Some(a), Some(b)) => Some((b - a).num_milliseconds().max(0)),
+        _ => None,
+    }
+}
+
+impl ResultMessage {
+    /// A `Rejected` result for a message that never became a task.
+    pub fn rejected(
+        task_id: Uuid,
+        tenant: &str,
+        id: Option<String>,
+        batch_id: Option<String>,
+        reason: Reason,
+        message: String,
+        at: DateTime<Utc>,
+    ) -> Self {
+        ResultMessage {
+            task_id,
+            id,
+            tenant: tenant.to_owned(),
+            batch_id,
+            phase: Phase::Rejected,
+            reason: Some(reason),
+            message: Some(message),
+            exit_code: None,
+            result: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            artifacts: Vec::new(),
+            backend: None,
+            submitted_at: at,
+            admitted_at: None,
+            started_at: None,
+            finished_at: Some(at),
+            queue_wait_ms: None,
+            duration_ms: None,
+        }
+    }
+}
+
+/// Makes captured bytes storable and printable: lossy UTF-8 and no NUL (Postgres text refuses
+/// NUL, and a program can print anything).
+pub fn sanitize_output(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_table() {
+        let cases = [
+            (Ending::Exited, Some(0), Phase::Succeeded, None),
+            (Ending::Exited, Some(3), Phase::Failed, Some(Reason::NonZeroExit)),
+            (Ending::Exited, Some(137), Phase::Failed, Some(Reason::NonZeroExit)),
+            (Ending::TimedOut, None, Phase::Failed, Some(Reason::TimedOut)),
+            (Ending::OomKilled, Some(137), Phase::Failed, Some(Reason::OomKilled)),
+            (Ending::OutputLimitExceeded, None, Phase::Failed, Some(Reason::OutputLimitExceeded)),
+            (Ending::BackendError, None, Phase::Failed, Some(Reason::BackendError)),
+        ];
+        for (ending, code, phase, reason) in cases {
+            assert_eq!(classify(ending, code), (phase, reason), "{ending:?} {code:?}");
+        }
+        assert!(describe(Ending::Exited, Some(137), 5).contains("signal 9"));
+        assert!(describe(Ending::TimedOut, None, 5).contains("5s"));
+    }
+
+    #[test]
+    fn output_is_made_storable() {
+        assert_eq!(sanitize_output(b"a\0b\xffc"), "a\u{FFFD}b\u{FFFD}c");
+    }
+
+    #[test]
+    fn result_json_has_contract_field_names() {
+        let at = Utc::now();
+        let r = ResultMessage::rejected(Uuid::nil(), "acme", Some("k".into()), None, Reason::OomKilled, "m".into(), at);
+        let v = serde_json::to_value(&r).unwrap();
+        for field in [
+            "task_id", "id", "tenant", "batch_id", "phase", "reason", "message", "exit_code",
+            "result", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "artifacts",
+            "backend", "submitted_at", "admitted_at", "started_at", "finished_at",
+            "queue_wait_ms", "duration_ms",
+        ] {
+            assert!(v.get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(v["phase"], "Rejected");
+        assert_eq!(v["reason"], "OOMKilled");
+        assert_eq!(millis_between(Some(at), Some(at + chrono::Duration::milliseconds(1500))), Some(1500));
+    }
+}
+
+/// Replaces NUL in every string and key of a JSON document: Postgres `jsonb` cannot store
+/// `\u0000`, and a program's result file may contain anything.
+pub fn storable_json(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.contains('\0') => Value::String(s.replace('\0', "\u{FFFD}")),
+        Value::Array(items) => Value::Array(items.into_iter().map(storable_json).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), storable_json(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod storable_tests {
+    #[test]
+    fn nul_is_replaced_everywhere() {
+        let v = serde_json::json!({"a\u{0}": ["x\u{0}", {"k": "\u{0}"}], "n": 1});
+        let s = serde_json::to_string(&super::storable_json(v)).unwrap();
+        assert!(!s.contains("\\u0000"), "{s}");
+        assert!(s.contains("\"n\":1"));
+    }
+}

@@ -1,0 +1,151 @@
+//! HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and the task API used by `agentctl`.
+//!
+//! The task API is closed unless the service has an admin token (`AGENTTASK_ADMIN_TOKEN`);
+//! requests must then carry it as `Authorization: Bearer <token>`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::result::ResultMessage;
+use crate::service::Context;
+use crate::store::TaskRow;
+
+pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>, shutdown: CancellationToken) {
+    let app = router(ctx);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "http server failed");
+    }
+}
+
+pub fn router(ctx: Arc<Context>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/tasks/{id}", get(get_task))
+        .with_state(ctx)
+}
+
+async fn readyz(State(ctx): State<Arc<Context>>) -> Response {
+    let db = ctx.ready.db.load(Ordering::Relaxed) && ctx.store.ping().await;
+    let amqp = ctx.ready.amqp.load(Ordering::Relaxed);
+    let body = format!("database: {}\nrabbitmq: {}\n", ok(db), ok(amqp));
+    let status = if db && amqp { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, body).into_response()
+}
+
+fn ok(b: bool) -> &'static str {
+    if b { "ok" } else { "not ready" }
+}
+
+async fn metrics(State(ctx): State<Arc<Context>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ctx.metrics.render(),
+    )
+        .into_response()
+}
+
+/// An API error body: `{"error": "..."}` with a sentence that says what to do.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ApiError { error: msg.into() })).into_response()
+}
+
+fn authorize(ctx: &Context, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = ctx.settings.admin_token.as_deref() else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "the task API is closed: start the service with AGENTTASK_ADMIN_TOKEN set, and pass \
+             that token to agentctl as AGENTCTL_TOKEN",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(error(StatusCode::UNAUTHORIZED, "missing or wrong token: set AGENTCTL_TOKEN"))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Debug, Deserialize)]
+struct TaskQuery {
+    tenant: Option<String>,
+}
+
+/// A task as the API shows it: the result message's fields plus what was asked for.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskView {
+    #[serde(flatten)]
+    pub result: ResultMessage,
+    pub language: Option<String>,
+    pub priority: i16,
+    pub isolation: String,
+    pub labels: serde_json::Value,
+    pub timeout_seconds: Option<i32>,
+    pub attempt: i32,
+}
+
+impl From<TaskRow> for TaskView {
+    fn from(row: TaskRow) -> Self {
+        TaskView {
+            result: row.to_result(),
+            language: row.language,
+            priority: row.priority,
+            isolation: row.isolation,
+            labels: row.labels.0,
+            timeout_seconds: row.timeout_seconds,
+            attempt: row.attempt,
+        }
+    }
+}
+
+/// `GET /v1/tasks/{id}`: `id` is a task id (uuid), or a client id with `?tenant=`.
+async fn get_task(
+    State(ctx): State<Arc<Context>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<TaskQuery>,
+) -> Response {
+    if let Err(resp) = authorize(&ctx, &headers) {
+        return resp;
+    }
+    let found = match (uuid::Uuid::parse_str(&id), q.tenant.as_deref()) {
+        (Ok(task_id), _) => ctx.store.get_task(task_id).await,
+        (Err(_), Some(tenant)) => ctx.store.find_task(tenant, &id).await,
+        (Err(_), None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{id:?} is not a task id (uuid); to look up a client id, pass ?tenant=NAME"),
+            )
+        }
+    };
+    match found {
+        Ok(Some(row)) => Json(TaskView::from(row)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no task {id}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+    }
+}

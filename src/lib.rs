@@ -1,0 +1,29 @@
+//! AgentTask runs untrusted Python and R code, written by LLM agents, for many tenants at once.
+//!
+//! Tasks arrive on per-tenant RabbitMQ queues, are stored in Postgres, admitted under each
+//! tenant's quotas, run in a sandbox, and end in exactly one result message.
+//!
+//! # Layout
+//! - [`domain`]: pure logic (validation, phases, admission, result shaping); no I/O.
+//! - [`config`]: service settings from flags, environment and `agenttask.toml`; the tenants file.
+//! - [`store`]: all SQL; the source of truth, the outbox, the scheduler's and executors' queries.
+//! - [`amqp`]: RabbitMQ topology, ingest consumers, the result publisher.
+//! - [`scheduler`]: the admission loop.
+//! - [`executor`]: claims admitted tasks and runs them on a [`exec::Backend`].
+//! - [`exec`]: execution backends (the local bubblewrap sandbox).
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the task API.
+//! - [`metrics`]: the contract's Prometheus metrics.
+//! - [`service`]: wiring for `agenttask serve`.
+//! - [`ctl`]: `agentctl`, the user's CLI.
+
+pub mod amqp;
+pub mod config;
+pub mod ctl;
+pub mod domain;
+pub mod exec;
+pub mod executor;
+pub mod http;
+pub mod metrics;
+pub mod scheduler;
+pub mod service;
+pub mod store;

@@ -1,0 +1,195 @@
+//! Wiring: builds the shared [`Context`] and runs the components `serve` was asked for until
+//! shutdown. Nothing here decides anything; it only connects the parts.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BackendKind, Component, Settings};
+use crate::domain::tenant::Tenants;
+use crate::exec::local::{LocalBackend, LocalConfig};
+use crate::exec::Backend;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// In-process wake-ups. Postgres notifications feed them too, so components in other
+/// processes wake just as fast.
+#[derive(Default)]
+pub struct Wake {
+    pub scheduler: Notify,
+    pub executor: Notify,
+    pub publisher: Notify,
+}
+
+/// What `/readyz` reports.
+#[derive(Default)]
+pub struct Ready {
+    pub db: AtomicBool,
+    pub amqp: AtomicBool,
+}
+
+/// Everything the components share.
+pub struct Context {
+    pub settings: Settings,
+    pub store: Store,
+    pub metrics: Metrics,
+    /// The current tenants; replaced on reload, watched by ingest.
+    pub tenants: watch::Sender<Arc<Tenants>>,
+    pub wake: Wake,
+    pub ready: Ready,
+}
+
+impl Context {
+    /// Re-reads the tenants file and applies it without a restart. Queued tasks are untouched.
+    pub async fn reload_tenants(&self) -> Result<usize, String> {
+        let tenants = self.settings.load_tenants()?;
+        self.store
+            .sync_tenants(&tenants)
+            .await
+            .map_err(|e| e.to_string())?;
+        let n = tenants.len();
+        self.tenants.send_replace(Arc::new(tenants));
+        self.wake.scheduler.notify_one();
+        Ok(n)
+    }
+}
+
+/// Runs the service until `shutdown` is cancelled.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let needs_tenants = settings.runs(Component::Ingest) || settings.runs(Component::Scheduler);
+    let tenants = match settings.load_tenants() {
+        Ok(t) => t,
+        Err(e) if needs_tenants => anyhow::bail!(e),
+        Err(_) => Tenants::new(),
+    };
+    if tenants.is_empty() && needs_tenants {
+        tracing::warn!("the tenants file defines no tenants; no queue will be consumed");
+    }
+    let store = Store::connect(&settings.database_url, 16).await?;
+    store.sync_tenants(&tenants).await?;
+    let backend: Option<Arc<dyn Backend>> = if settings.runs(Component::Executor) {
+        match settings.backend {
+            BackendKind::Local => {
+                let mut config = LocalConfig::new(settings.data_dir.clone());
+                config.output_limit_bytes = settings.output_limit_bytes;
+                Some(Arc::new(LocalBackend::new(config).map_err(anyhow::Error::msg)?))
+            }
+            BackendKind::Kubernetes => anyhow::bail!(
+                "--backend kubernetes is not available in this build yet; use --backend local"
+            ),
+        }
+    } else {
+        None
+    };
+    let ctx = Arc::new(Context {
+        store,
+        metrics: Metrics::new(),
+        tenants: watch::Sender::new(Arc::new(tenants)),
+        wake: Wake::default(),
+        ready: Ready::default(),
+        settings,
+    });
+    ctx.ready.db.store(true, Ordering::Relaxed);
+    if !ctx.settings.runs(Component::Ingest) {
+        ctx.ready.amqp.store(true, Ordering::Relaxed);
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(listen(ctx.clone(), shutdown.clone()));
+    tasks.spawn(reload_on_sighup(ctx.clone(), shutdown.clone()));
+    if ctx.settings.runs(Component::Http) {
+        let listener = tokio::net::TcpListener::bind(ctx.settings.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (set --http-addr)", ctx.settings.http_addr))?;
+        tracing::info!(addr = %ctx.settings.http_addr, "http listening");
+        tasks.spawn(crate::http::serve(listener, ctx.clone(), shutdown.clone()));
+    }
+    if ctx.settings.runs(Component::Ingest) {
+        tasks.spawn(crate::amqp::ingest::run(ctx.clone(), shutdown.clone()));
+    }
+    if ctx.settings.runs(Component::Scheduler) {
+        tasks.spawn(crate::scheduler::run(ctx.clone(), shutdown.clone()));
+    }
+    if let Some(backend) = backend {
+        tasks.spawn(crate::executor::run(ctx.clone(), backend, shutdown.clone()));
+    }
+    if ctx.settings.runs(Component::Publisher) {
+        tasks.spawn(crate::amqp::publish::run(ctx.clone(), shutdown.clone()));
+    }
+    tracing::info!(components = ?ctx.settings.components, backend = ?ctx.settings.backend, "agenttask running");
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            shutdown.cancel();
+            anyhow::bail!("a component crashed: {e}");
+        }
+    }
+    ctx.store.pool().close().await;
+    Ok(())
+}
+
+/// Turns Postgres notifications into in-process wake-ups, reconnecting as needed.
+async fn listen(ctx: Arc<Context>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(ctx.store.pool()).await {
+            Ok(l) => l,
+            Err(e) => {
+                ctx.ready.db.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %e, "cannot listen for notifications; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen_all(["agenttask_tasks", "agenttask_outbox"]).await {
+            tracing::warn!(error = %e, "LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        ctx.ready.db.store(true, Ordering::Relaxed);
+        // Missed notifications while reconnecting: wake everyone once.
+        wake_all(&ctx);
+        loop {
+            let n = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = listener.recv() => n,
+            };
+            match n {
+                Ok(n) if n.channel() == "agenttask_outbox" => ctx.wake.publisher.notify_one(),
+                Ok(n) => match n.payload() {
+                    "Queued" => ctx.wake.scheduler.notify_one(),
+                    "Pending" => ctx.wake.executor.notify_one(),
+                    "Succeeded" | "Failed" | "Cancelled" => ctx.wake.scheduler.notify_one(),
+                    _ => {}
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "notification listener lost its connection");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn wake_all(ctx: &Context) {
+    ctx.wake.scheduler.notify_one();
+    ctx.wake.executor.notify_one();
+    ctx.wake.publisher.notify_one();
+}
+
+async fn reload_on_sighup(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hup.recv() => match ctx.reload_tenants().await {
+                Ok(n) => tracing::info!(tenants = n, "tenants reloaded"),
+                Err(e) => tracing::error!(error = %e, "tenants file refused; keeping the previous tenants"),
+            },
+        }
+    }
+}

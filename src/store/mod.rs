@@ -1,0 +1,147 @@
+//! Postgres: the source of truth. All SQL of the service lives under this module.
+//!
+//! - [`Store::connect`] creates the database when it is missing and applies the migrations.
+//! - `tasks`: idempotent inserts, guarded phase transitions, the scheduler's and executors' queries.
+//! - `outbox`: results waiting to be published.
+//! - the configured tenants are mirrored into `agenttask.tenants` for the SQL views.
+
+mod outbox;
+mod tasks;
+
+
+pub use outbox::{OutboxBatch, OutboxMessage};
+pub use tasks::{AdmissionRound, ClaimedTask, FinishedRun, Inserted, NewRejection, NewTask, TaskRow};
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+/// Errors of the store; the message says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database URL {url:?}: {source}")]
+    BadUrl {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot reach Postgres at {target}: {source}. Is it running? (pg_lsclusters; pg_ctlcluster <version> main start)")]
+    Unreachable {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("applying migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects, creating the database if it does not exist, and applies migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        let opts = PgConnectOptions::from_str(url).map_err(|source| StoreError::BadUrl {
+            url: redact(url),
+            source,
+        })?;
+        create_database_if_missing(&opts).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts.clone())
+            .await
+            .map_err(|source| StoreError::Unreachable { target: describe(&opts), source })?;
+        let store = Store { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies pending migrations. Safe to run from several processes at once: sqlx serialises
+    /// them with an advisory lock.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// For readiness: can we run a query right now?
+    pub async fn ping(&self) -> bool {
+        sqlx::query("select 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+fn describe(opts: &PgConnectOptions) -> String {
+    format!(
+        "{}:{}/{}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or("(default)")
+    )
+}
+
+/// Hides a password in a URL we print.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<()> {
+    let Some(db) = opts.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    match opts.connect().await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            return Ok(());
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {}
+        Err(source) => return Err(StoreError::Unreachable { target: describe(opts), source }),
+    }
+    let admin = opts.clone().database("postgres");
+    let mut conn = admin
+        .connect()
+        .await
+        .map_err(|source| StoreError::Unreachable { target: describe(&admin), source })?;
+    let stmt = format!("create database \"{}\"", db.replace('"', "\"\""));
+    match sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(&mut conn).await {
+        Ok(_) => tracing::info!(database = %db, "created database"),
+        // Another process created it between our check and now.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+        Err(e) => return Err(e.into()),
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(super::redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+    }
+}
