@@ -154,11 +154,14 @@ async fn listen(ctx: Arc<Context>, shutdown: CancellationToken) {
         loop {
             let n = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                n = listener.recv() => n,
+                n = listener.try_recv() => n,
             };
             match n {
-                Ok(n) if n.channel() == "agenttask_outbox" => ctx.wake.publisher.notify_one(),
-                Ok(n) => match n.payload() {
+                // The connection dropped and was re-established; notifications in between
+                // are lost, so look again everywhere.
+                Ok(None) => wake_all(&ctx),
+                Ok(Some(n)) if n.channel() == "agenttask_outbox" => ctx.wake.publisher.notify_one(),
+                Ok(Some(n)) => match n.payload() {
                     "Queued" => ctx.wake.scheduler.notify_one(),
                     "Pending" => ctx.wake.executor.notify_one(),
                     "Succeeded" | "Failed" | "Cancelled" => ctx.wake.scheduler.notify_one(),

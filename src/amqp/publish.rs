@@ -61,7 +61,12 @@ async fn session(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<
                 .basic_publish(
                     m.exchange.as_str().into(),
                     m.routing_key.as_str().into(),
-                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    // Mandatory tells us when a reply queue is gone; RabbitMQ reports direct
+                    // reply-to deliveries as unroutable even when they arrive, so not for those.
+                    BasicPublishOptions {
+                        mandatory: !m.routing_key.starts_with("amq.rabbitmq.reply-to"),
+                        ..Default::default()
+                    },
                     &m.body,
                     properties(m),
                 )

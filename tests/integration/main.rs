@@ -1,0 +1,8 @@
+//! One integration-test binary (faster to link than one per file). Every test talks to the real
+//! Postgres and RabbitMQ on this machine, each in its own database and with its own tenant names
+//! (or its own vhost), so the suite runs in parallel.
+
+mod support;
+
+/// The whole path: RabbitMQ in, Postgres, scheduler, sandbox, result out.
+mod pipeline;

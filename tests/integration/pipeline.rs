@@ -1,0 +1,392 @@
+//! End to end through the real service: publish on RabbitMQ, read the result back.
+
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+
+use agenttask::config::Component;
+
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn python_round_trip_with_stdout_exit_code_and_result() {
+    let env = Env::new(ONE_TENANT).await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let code = r#"
+import json, os, sys
+data = sys.stdin.read()
+print("hello", sys.argv[1], os.environ["GREETING"], open("input.txt").read(), data)
+json.dump({"answer": 42, "cwd": os.getcwd()}, open(os.environ["AGENTTASK_RESULT_FILE"], "w"))
+"#;
+    client
+        .submit(&tenant, &json!({
+            "id": "round-trip-1", "language": "python", "code": code,
+            "args": ["arg1"], "env": {"GREETING": "hi"}, "stdin": "from-stdin",
+            "files": {"input.txt": {"content": "file-data"}},
+            "batch_id": "b1", "labels": {"suite": "pipeline"},
+        }))
+        .await;
+    let (r, props) = client.next(WAIT).await;
+    assert_eq!(r["phase"], "Succeeded", "{r:#}");
+    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r["stdout"], "hello arg1 hi file-data from-stdin\n");
+    assert_eq!(r["result"]["answer"], 42);
+    assert_eq!(r["id"], "round-trip-1");
+    assert_eq!(r["tenant"], tenant.as_str());
+    assert_eq!(r["batch_id"], "b1");
+    assert_eq!(r["backend"], "local");
+    assert_eq!(r["reason"], Value::Null);
+    for t in ["submitted_at", "admitted_at", "started_at", "finished_at"] {
+        assert!(r[t].is_string(), "{t} missing: {r:#}");
+    }
+    assert!(r["duration_ms"].as_i64().unwrap() >= 0);
+    // AMQP properties of the contract.
+    assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), "round-trip-1");
+    assert_eq!(props.message_id().as_ref().unwrap().as_str(), r["task_id"].as_str().unwrap());
+    assert_eq!(header(&props, "x-agenttask-phase").as_deref(), Some("Succeeded"));
+
+    // The result stays queryable in SQL through the documented view.
+    let pool = env.pg().await;
+    let (phase, exit, stdout, result, labels): (String, i32, String, Value, Value) = sqlx::query_as(
+        "select phase, exit_code, stdout, result, labels from agenttask.task_results where client_id = 'round-trip-1'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((phase.as_str(), exit), ("Succeeded", 0));
+    assert!(stdout.starts_with("hello arg1"));
+    assert_eq!(result["answer"], 42);
+    assert_eq!(labels["suite"], "pipeline");
+    let (total, succeeded): (i64, i64) =
+        sqlx::query_as("select total, succeeded from agenttask.batch_summary where batch_id = 'b1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((total, succeeded), (1, 1));
+    pool.close().await;
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn every_validation_rule_gives_a_rejected_result_with_its_reason() {
+    let env = Env::new("[tenants.{t}-a]\nmax_code_bytes = 100\n").await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let ok = json!({"language": "python", "code": "print(1)"});
+    let with = |k: &str, v: Value| {
+        let mut t = ok.clone();
+        t[k] = v;
+        t
+    };
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (b"not json".to_vec(), "ValidationFailed", "not a valid task"),
+        (serde_json::to_vec(&with("colour", json!("red"))).unwrap(), "ValidationFailed", "unknown field"),
+        (serde_json::to_vec(&json!({"code": "1"})).unwrap(), "ValidationFailed", "language is required"),
+        (serde_json::to_vec(&with("language", json!("ruby"))).unwrap(), "ValidationFailed", "unknown language"),
+        (serde_json::to_vec(&json!({"language": "python"})).unwrap(), "ValidationFailed", "code is required"),
+        (serde_json::to_vec(&with("code", json!("x".repeat(101)))).unwrap(), "ValidationFailed", "max_code_bytes"),
+        (serde_json::to_vec(&with("id", json!("bad id"))).unwrap(), "ValidationFailed", "id must match"),
+        (serde_json::to_vec(&with("files", json!({"../x": {"content": "a"}}))).unwrap(), "ValidationFailed", "file name"),
+        (serde_json::to_vec(&with("env", json!({"AGENTTASK_X": "1"}))).unwrap(), "ValidationFailed", "reserved"),
+        (serde_json::to_vec(&with("timeout_seconds", json!(100000))).unwrap(), "ValidationFailed", "timeout_seconds"),
+        (serde_json::to_vec(&with("resources", json!({"memory": "64Gi"}))).unwrap(), "ValidationFailed", "resources.memory"),
+        (serde_json::to_vec(&with("priority", json!(1000))).unwrap(), "ValidationFailed", "priority"),
+        (serde_json::to_vec(&with("batch_id", json!("a b"))).unwrap(), "ValidationFailed", "batch_id"),
+        (serde_json::to_vec(&with("isolation", json!("gvisor"))).unwrap(), "IsolationNotAllowed", "not allowed"),
+        (serde_json::to_vec(&with("code", json!("a\u{0}b"))).unwrap(), "ValidationFailed", "NUL"),
+    ];
+    for (i, (body, _, _)) in cases.iter().enumerate() {
+        client.publish_raw(&tenant, body, client.props(&format!("case-{i}"))).await;
+    }
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..cases.len() {
+        let (r, props) = client.next(WAIT).await;
+        seen.insert(props.correlation_id().as_ref().unwrap().as_str().to_owned(), r);
+    }
+    for (i, (_, reason, needle)) in cases.iter().enumerate() {
+        let r = &seen[&format!("case-{i}")];
+        assert_eq!(r["phase"], "Rejected", "case {i}: {r:#}");
+        assert_eq!(r["reason"], *reason, "case {i}: {r:#}");
+        assert!(r["message"].as_str().unwrap().contains(needle), "case {i}: {r:#}");
+    }
+    // Rejections are stored too, and the consumer kept working: a valid task still runs.
+    client.submit(&tenant, &json!({"id": "after", "language": "python", "code": "print(2)"})).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!((r["phase"].as_str(), r["stdout"].as_str()), (Some("Succeeded"), Some("2\n")));
+    let pool = env.pg().await;
+    let rejected: i64 = sqlx::query_scalar("select count(*) from agenttask.task_results where phase = 'Rejected'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rejected, cases.len() as i64);
+    pool.close().await;
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn unknown_tenant_gets_an_unknown_tenant_result() {
+    let env = Env::new(ONE_TENANT).await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let nobody = env.tenant("nobody");
+    client.submit(&nobody, &json!({"id": "lost-1", "language": "python", "code": "print(1)"})).await;
+    let (r, props) = client.next(WAIT).await;
+    assert_eq!(r["phase"], "Rejected");
+    assert_eq!(r["reason"], "UnknownTenant");
+    assert!(r["message"].as_str().unwrap().contains(&nobody));
+    assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), "lost-1");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn reply_to_into_another_tenants_queue_is_refused() {
+    let env = Env::new("[tenants.{t}-a]\n[tenants.{t}-b]\n").await;
+    let svc = env.start().await;
+    let client = Client::new(&env).await;
+    let (a, b) = (env.tenant("a"), env.tenant("b"));
+    let victim = format!("agenttask.tasks.{b}");
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_reply_to(victim.as_str().into())
+        .with_message_id("evil-1".into());
+    let body = json!({"language": "python", "code": "print('pwned')"});
+    client.publish_raw(&a, &serde_json::to_vec(&body).unwrap(), props).await;
+    // The refusal goes to a's own results queue, never to b's task queue.
+    let results = format!("agenttask.results.{a}");
+    let ch = client.conn.create_channel().await.unwrap();
+    let mut got = None;
+    for _ in 0..600 {
+        if let Ok(Some(m)) = ch.basic_get(results.as_str().into(), BasicGetOptions { no_ack: true }).await {
+            got = Some(serde_json::from_slice::<Value>(&m.delivery.data).unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = got.unwrap();
+    assert_eq!(r["phase"], "Rejected");
+    assert_eq!(r["reason"], "ValidationFailed");
+    assert!(r["message"].as_str().unwrap().contains("reply_to"), "{r:#}");
+    assert_eq!(r["id"], "evil-1");
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let q = ch.queue_declare(victim.as_str().into(), passive, FieldTable::default()).await.unwrap();
+    assert_eq!(q.message_count(), 0, "nothing may land in another tenant's queue");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn resubmitting_the_same_id_creates_no_second_task() {
+    let env = Env::new(ONE_TENANT).await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let task = json!({"id": "same-1", "language": "python", "code": "print('once')"});
+    for _ in 0..3 {
+        client.submit(&tenant, &task).await;
+    }
+    // Also the AMQP message_id as the key.
+    let body = serde_json::to_vec(&json!({"language": "python", "code": "print(1)"})).unwrap();
+    for _ in 0..2 {
+        client.publish_raw(&tenant, &body, client.props("mid").with_message_id("mid-1".into())).await;
+    }
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(r["phase"], "Succeeded");
+    let (r2, _) = client.next(WAIT).await;
+    assert_eq!(r2["phase"], "Succeeded");
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result per key");
+    let pool = env.pg().await;
+    let n: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks").fetch_one(&pool).await.unwrap();
+    assert_eq!(n, 2);
+    pool.close().await;
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_task() {
+    let env = Env::new(ONE_TENANT).await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    client
+        .submit(&env.tenant("a"), &json!({"id": "slow", "language": "python", "code": "import time\nprint('start', flush=True)\ntime.sleep(60)", "timeout_seconds": 1}))
+        .await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(r["phase"], "Failed");
+    assert_eq!(r["reason"], "TimedOut");
+    assert!(r["duration_ms"].as_i64().unwrap() < 10_000, "{r:#}");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn stdout_is_capped_and_flagged() {
+    let env = Env::new(ONE_TENANT).await;
+    let mut settings = env.settings(&Component::ALL);
+    settings.output_limit_bytes = 64 * 1024;
+    let svc = env.start_with(settings).await;
+    let mut client = Client::new(&env).await;
+    client
+        .submit(&env.tenant("a"), &json!({"id": "loud", "language": "python", "code": "import sys\nsys.stdout.write('x' * 10_000_000)"}))
+        .await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(r["stdout_truncated"], true, "{}", r["message"]);
+    assert_eq!(r["stdout"].as_str().unwrap().len(), 64 * 1024);
+    assert_eq!(r["phase"], "Failed");
+    assert_eq!(r["reason"], "OutputLimitExceeded");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn results_are_published_after_a_restart_between_finish_and_publish() {
+    let env = Env::new(ONE_TENANT).await;
+    // First life: everything but the publisher, so the result stays in the outbox.
+    let svc = env
+        .start_with(env.settings(&[Component::Ingest, Component::Scheduler, Component::Executor]))
+        .await;
+    let mut client = Client::new(&env).await;
+    client.submit(&env.tenant("a"), &json!({"id": "outbox-1", "language": "python", "code": "print('kept')"})).await;
+    let pool = env.pg().await;
+    eventually(WAIT, || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("select count(*) from agenttask.outbox").fetch_one(&pool).await.unwrap();
+            n == 1
+        }
+    })
+    .await;
+    svc.stop().await;
+    assert!(client.more(Duration::from_millis(500)).await.is_none());
+    // Second life: the publisher alone delivers it, once.
+    let svc = env.start_with(env.settings(&[Component::Publisher])).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!((r["id"].as_str(), r["stdout"].as_str()), (Some("outbox-1"), Some("kept\n")));
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "published exactly once");
+    let left: i64 = sqlx::query_scalar("select count(*) from agenttask.outbox").fetch_one(&pool).await.unwrap();
+    assert_eq!(left, 0);
+    pool.close().await;
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn dropped_connections_lose_nothing_and_duplicate_nothing() {
+    let env = Env::with_vhost("[tenants.{t}-a]\nmax_concurrency = 4\n").await;
+    let svc = env.start().await;
+    let tenant = env.tenant("a");
+    let client = Client::new(&env).await;
+    const N: usize = 60;
+    for i in 0..N {
+        // No reply_to: results go to the tenant's durable results queue, which survives the drop.
+        let body = serde_json::to_vec(&json!({"id": format!("drop-{i}"), "language": "python", "code": format!("print({i})")})).unwrap();
+        let props = BasicProperties::default().with_content_type("application/json".into());
+        client.publish_raw(&tenant, &body, props).await;
+    }
+    let pool = env.pg().await;
+    // Drop every connection of the vhost (the service's and ours) while tasks are in flight.
+    eventually(WAIT, || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks where phase = 'Succeeded'").fetch_one(&pool).await.unwrap();
+            n >= 5
+        }
+    })
+    .await;
+    rabbitmqctl(&["close_all_connections", "--vhost", env.vhost.as_deref().unwrap(), "test: drop mid-flight"]).await;
+    // Everything still completes, exactly once.
+    eventually(Duration::from_secs(90), || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks where phase = 'Succeeded'").fetch_one(&pool).await.unwrap();
+            let outbox: i64 = sqlx::query_scalar("select count(*) from agenttask.outbox").fetch_one(&pool).await.unwrap();
+            n == N as i64 && outbox == 0
+        }
+    })
+    .await;
+    let tasks: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks").fetch_one(&pool).await.unwrap();
+    assert_eq!(tasks, N as i64, "no duplicate tasks");
+    let conn = env.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut ids = std::collections::HashSet::new();
+    let mut total = 0;
+    while let Ok(Some(m)) = ch.basic_get(format!("agenttask.results.{tenant}").as_str().into(), BasicGetOptions { no_ack: true }).await {
+        let r: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+        ids.insert(r["id"].as_str().unwrap().to_owned());
+        total += 1;
+    }
+    assert_eq!(ids.len(), N, "every task has its result");
+    // A crash between a confirm and its outbox delete may legitimately duplicate a result
+    // (same message_id); a plain connection drop must not duplicate many.
+    assert!(total <= N + 4, "{total} results for {N} tasks");
+    pool.close().await;
+    let _ = conn.close(200, "ok".into()).await;
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn agentctl_submits_waits_and_gets() {
+    let env = Env::new(ONE_TENANT).await;
+    let svc = env.start().await;
+    let tenant = env.tenant("a");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["submit", "--tenant", &tenant, "-c", "print(6 * 7)", "--wait", "--id", "ctl-1"])
+        .env("AGENTCTL_AMQP_URL", &env.amqp_url)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Succeeded"));
+
+    let get = |args: Vec<String>, token: Option<&str>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"));
+        cmd.args(args).env("AGENTCTL_SERVER", format!("http://{}", svc.http_addr)).env_remove("AGENTCTL_TOKEN");
+        if let Some(t) = token {
+            cmd.env("AGENTCTL_TOKEN", t);
+        }
+        cmd.output()
+    };
+    let out = get(vec!["get".into(), "ctl-1".into(), "--tenant".into(), tenant.clone(), "-o".into(), "json".into()], Some("test-admin-token")).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["phase"].as_str(), v["stdout"].as_str()), (Some("Succeeded"), Some("42\n")));
+    let out = get(vec!["get".into(), v["task_id"].as_str().unwrap().into()], Some("test-admin-token")).await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Succeeded"));
+    // Without the token: refused, non-zero, with a hint.
+    let out = get(vec!["get".into(), "ctl-1".into(), "--tenant".into(), tenant.clone()], None).await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AGENTCTL_TOKEN"));
+    // A failing task: exit status 1.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["submit", "--tenant", &tenant, "-c", "raise SystemExit(3)", "--wait"])
+        .env("AGENTCTL_AMQP_URL", &env.amqp_url)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NonZeroExit"));
+    svc.stop().await;
+
+    // Broker unreachable: a clear error and exit status 2.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["submit", "--tenant", &tenant, "-c", "print(1)"])
+        .env("AGENTCTL_AMQP_URL", format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port()))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to RabbitMQ"));
+    env.cleanup().await;
+}

@@ -1,0 +1,260 @@
+//! Test harness: a service per test, its own database and tenants, and an AMQP client.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use agenttask::config::{Component, ServeArgs, Settings};
+
+pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672";
+
+pub fn unique() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// An isolated environment: a database, tenant names nobody else uses, a data dir.
+pub struct Env {
+    pub id: String,
+    pub database_url: String,
+    pub amqp_url: String,
+    pub vhost: Option<String>,
+    pub dir: tempfile::TempDir,
+    pub tenants_path: PathBuf,
+}
+
+/// A running service inside the test process.
+pub struct Service {
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub http_addr: std::net::SocketAddr,
+}
+
+impl Env {
+    /// `tenants_toml` uses `{t}` for this environment's prefix, e.g. `[tenants.{t}-a]`.
+    pub async fn new(tenants_toml: &str) -> Env {
+        Self::build(tenants_toml, None).await
+    }
+
+    /// Like [`Env::new`], in a fresh RabbitMQ vhost (for tests that close all connections).
+    pub async fn with_vhost(tenants_toml: &str) -> Env {
+        let vhost = format!("agenttask-test-{}", unique());
+        rabbitmqctl(&["add_vhost", &vhost]).await;
+        rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]).await;
+        Self::build(tenants_toml, Some(vhost)).await
+    }
+
+    async fn build(tenants_toml: &str, vhost: Option<String>) -> Env {
+        let id = unique();
+        let dir = tempfile::tempdir().unwrap();
+        let tenants_path = dir.path().join("tenants.toml");
+        std::fs::write(&tenants_path, tenants_toml.replace("{t}", &format!("t{id}"))).unwrap();
+        let amqp_url = match &vhost {
+            Some(v) => format!("{AMQP}/{v}"),
+            None => format!("{AMQP}/%2f"),
+        };
+        Env {
+            database_url: format!("{PG}/agenttask_test_{id}"),
+            amqp_url,
+            vhost,
+            tenants_path,
+            dir,
+            id,
+        }
+    }
+
+    /// The tenant name for a suffix: `tenant("a")` is `t<id>-a`.
+    pub fn tenant(&self, suffix: &str) -> String {
+        format!("t{}-{suffix}", self.id)
+    }
+
+    pub fn settings(&self, components: &[Component]) -> Settings {
+        let port = free_port();
+        Settings::resolve(ServeArgs {
+            database_url: Some(self.database_url.clone()),
+            amqp_url: Some(self.amqp_url.clone()),
+            tenants: Some(self.tenants_path.clone()),
+            http_addr: Some(format!("127.0.0.1:{port}").parse().unwrap()),
+            components: Some(components.to_vec()),
+            max_running: Some(4),
+            data_dir: Some(self.dir.path().join("data")),
+            admin_token: Some("test-admin-token".into()),
+            config: Some(self.dir.path().join("none.toml")).filter(|p| p.exists()),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    pub async fn start(&self) -> Service {
+        self.start_with(self.settings(&Component::ALL)).await
+    }
+
+    pub async fn start_with(&self, settings: Settings) -> Service {
+        let shutdown = CancellationToken::new();
+        let http_addr = settings.http_addr;
+        let handle = tokio::spawn(agenttask::service::run(settings, shutdown.clone()));
+        let svc = Service { shutdown, handle, http_addr };
+        // Ready when the database exists and queues are declared: wait for the tenant queues.
+        let conn = self.connect().await;
+        for _ in 0..200 {
+            let ch = conn.create_channel().await.unwrap();
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            if ch.queue_declare("agenttask.unrouted".into(), passive, FieldTable::default()).await.is_ok() {
+                let _ = ch.close(200, "ok".into()).await;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Consumers attach right after declaring; give them a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = conn.close(200, "ok".into()).await;
+        svc
+    }
+
+    pub async fn connect(&self) -> Connection {
+        Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ reachable")
+    }
+
+    pub async fn pg(&self) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.database_url)
+            .await
+            .unwrap()
+    }
+
+    /// Drops the database and vhost. Call at the end of a test.
+    pub async fn cleanup(self) {
+        if let Ok(pool) = sqlx::PgPool::connect(&format!("{PG}/postgres")).await {
+            let stmt = format!("drop database if exists agenttask_test_{} with (force)", self.id);
+            let _ = sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(&pool).await;
+        }
+        if let Some(v) = &self.vhost {
+            rabbitmqctl(&["delete_vhost", v]).await;
+        }
+    }
+}
+
+impl Service {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let res = tokio::time::timeout(Duration::from_secs(20), self.handle)
+            .await
+            .expect("service stops within 20s");
+        res.expect("service task").expect("service ran cleanly");
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub async fn rabbitmqctl(args: &[&str]) {
+    let out = tokio::process::Command::new("rabbitmqctl").args(args).output().await.expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A client of the service: publishes tasks, reads results from a private reply queue.
+pub struct Client {
+    pub conn: Connection,
+    pub channel: Channel,
+    pub reply_queue: String,
+    replies: Consumer,
+}
+
+impl Client {
+    pub async fn new(env: &Env) -> Client {
+        let conn = env.connect().await;
+        let channel = conn.create_channel().await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let q = channel
+            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        let reply_queue = q.name().as_str().to_owned();
+        let replies = channel
+            .basic_consume(reply_queue.as_str().into(), "test".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        Client { conn, channel, reply_queue, replies }
+    }
+
+    /// Publishes a raw body to the tenant's routing key, replying to this client's queue.
+    pub async fn publish_raw(&self, tenant: &str, body: &[u8], props: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish("agenttask.tasks".into(), tenant.into(), BasicPublishOptions::default(), body, props)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "publish not confirmed: {confirm:?}");
+    }
+
+    pub fn props(&self, correlation: &str) -> BasicProperties {
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_correlation_id(correlation.into())
+            .with_reply_to(self.reply_queue.as_str().into())
+    }
+
+    pub async fn submit(&self, tenant: &str, task: &Value) {
+        let corr = task.get("id").and_then(Value::as_str).unwrap_or("no-id").to_owned();
+        self.publish_raw(tenant, &serde_json::to_vec(task).unwrap(), self.props(&corr)).await;
+    }
+
+    /// The next result on the reply queue, with its AMQP properties.
+    pub async fn next(&mut self, within: Duration) -> (Value, BasicProperties) {
+        let d = tokio::time::timeout(within, self.replies.next())
+            .await
+            .expect("a result within the deadline")
+            .expect("consumer open")
+            .expect("delivery");
+        (serde_json::from_slice(&d.data).expect("result is JSON"), d.properties)
+    }
+
+    /// Whether another result arrives within `within` (for "exactly one" checks).
+    pub async fn more(&mut self, within: Duration) -> Option<Value> {
+        match tokio::time::timeout(within, self.replies.next()).await {
+            Ok(Some(Ok(d))) => Some(serde_json::from_slice(&d.data).unwrap()),
+            _ => None,
+        }
+    }
+}
+
+/// Reads one header of a result as text.
+pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// Waits until `f` returns true, checking every 50 ms.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not met within {within:?}");
+}
+
+pub const ONE_TENANT: &str = "[tenants.{t}-a]\n";
