@@ -10,7 +10,8 @@
 //! - [`amqp`]: RabbitMQ topology, ingest consumers, the result publisher.
 //! - [`scheduler`]: the admission loop.
 //! - [`executor`]: claims admitted tasks and runs them on a [`exec::Backend`].
-//! - [`exec`]: execution backends (the local bubblewrap sandbox).
+//! - [`exec`]: execution backends (the local bubblewrap sandbox runner).
+//! - [`sandbox`]: pure sandbox policy: bubblewrap arguments, seccomp filter, limits, cgroup paths.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the task API.
 //! - [`metrics`]: the contract's Prometheus metrics.
 //! - [`service`]: wiring for `agenttask serve`.
@@ -25,5 +26,6 @@ pub mod executor;
 pub mod http;
 pub mod metrics;
 pub mod scheduler;
+pub mod sandbox;
 pub mod service;
 pub mod store;

@@ -6,3 +6,6 @@ mod support;
 
 /// The whole path: RabbitMQ in, Postgres, scheduler, sandbox, result out.
 mod pipeline;
+
+/// The local sandbox against attacks: each attack fails and a normal task still runs.
+mod sandbox;
