@@ -79,7 +79,8 @@ create index outbox_created on agenttask.outbox (created_at);
 -- Wake-ups: the scheduler, executors and the publisher listen instead of polling.
 create function agenttask.notify_task_change() returns trigger language plpgsql as $$
 begin
-    perform pg_notify('agenttask_tasks', new.phase);
+    -- "<phase>:<tenant>", so the scheduler refreshes only the tenant that changed.
+    perform pg_notify('agenttask_tasks', new.phase || ':' || new.tenant);
     return null;
 end $$;
 
@@ -94,6 +95,15 @@ end $$;
 
 create trigger outbox_notify after insert on agenttask.outbox
     for each statement execute function agenttask.notify_outbox();
+
+create function agenttask.notify_tenants() returns trigger language plpgsql as $$
+begin
+    perform pg_notify('agenttask_tenants', '');
+    return null;
+end $$;
+
+create trigger tenants_notify after insert or update or delete on agenttask.tenants
+    for each statement execute function agenttask.notify_tenants();
 
 -- The stable SQL surface.
 create view agenttask.task_results as

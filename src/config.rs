@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
+use crate::domain::quantity::{parse_cpu_millis, parse_memory_bytes};
 use crate::domain::tenant::{parse_tenants, Tenants};
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/agenttask";
@@ -87,6 +88,15 @@ pub struct ServeArgs {
     /// endpoints are closed.
     #[arg(long, env = "AGENTTASK_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Total CPU the admitted tasks may ask for together, e.g. "16" [default: unlimited; slots only]
+    #[arg(long, env = "AGENTTASK_CAPACITY_CPU")]
+    pub capacity_cpu: Option<String>,
+    /// Total memory the admitted tasks may ask for together, e.g. "64Gi" [default: unlimited]
+    #[arg(long, env = "AGENTTASK_CAPACITY_MEMORY")]
+    pub capacity_memory: Option<String>,
+    /// Half-life of the usage history that breaks fair-share ties; 0 turns it off [default: 60]
+    #[arg(long, env = "AGENTTASK_USAGE_HALF_LIFE_SECONDS")]
+    pub usage_half_life_seconds: Option<u64>,
     /// Settings file [default: ./agenttask.toml when it exists]
     #[arg(long, env = "AGENTTASK_CONFIG")]
     pub config: Option<PathBuf>,
@@ -107,6 +117,9 @@ struct FileSettings {
     data_dir: Option<PathBuf>,
     output_limit_bytes: Option<usize>,
     admin_token: Option<String>,
+    capacity_cpu: Option<String>,
+    capacity_memory: Option<String>,
+    usage_half_life_seconds: Option<u64>,
 }
 
 /// Fully resolved settings of one `serve` process.
@@ -123,6 +136,12 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub output_limit_bytes: usize,
     pub admin_token: Option<String>,
+    /// Global CPU capacity in millicores, if limited.
+    pub capacity_cpu_millis: Option<u64>,
+    /// Global memory capacity in bytes, if limited.
+    pub capacity_memory_bytes: Option<u64>,
+    /// Usage-history half-life; zero disables the history term.
+    pub usage_half_life: std::time::Duration,
 }
 
 impl Settings {
@@ -163,7 +182,23 @@ impl Settings {
                 .or(file.output_limit_bytes)
                 .unwrap_or(1 << 20),
             admin_token: args.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
+            capacity_cpu_millis: args
+                .capacity_cpu
+                .or(file.capacity_cpu)
+                .map(|c| parse_cpu_millis(&c).map_err(|e| format!("--capacity-cpu: {e}")))
+                .transpose()?,
+            capacity_memory_bytes: args
+                .capacity_memory
+                .or(file.capacity_memory)
+                .map(|m| parse_memory_bytes(&m).map_err(|e| format!("--capacity-memory: {e}")))
+                .transpose()?,
+            usage_half_life: std::time::Duration::from_secs(
+                args.usage_half_life_seconds.or(file.usage_half_life_seconds).unwrap_or(60),
+            ),
         };
+        if settings.capacity_cpu_millis == Some(0) || settings.capacity_memory_bytes == Some(0) {
+            return Err("--capacity-cpu and --capacity-memory must be greater than 0".into());
+        }
         if settings.max_running == 0 {
             return Err("--max-running must be at least 1".into());
         }
@@ -180,7 +215,7 @@ impl Settings {
         self.components.contains(&c)
     }
 
-    /// Reads and parses the tenants file. Without one, there are no tenants: say how to add them.
+    /// Reads and parses the tenants file.
     pub fn load_tenants(&self) -> Result<Tenants, String> {
         let Some(path) = &self.tenants_path else {
             return Err("no tenants file: pass --tenants FILE or set AGENTTASK_TENANTS \

@@ -10,13 +10,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::body::Bytes;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::result::ResultMessage;
 use crate::service::Context;
-use crate::store::TaskRow;
+use crate::store::{Position, TaskRow, TenantStatus};
 
 pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>, shutdown: CancellationToken) {
     let app = router(ctx);
@@ -34,6 +35,9 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/position", get(get_position))
+        .route("/v1/tenants", get(list_tenants).put(apply_tenants))
+        .route("/v1/tenants/{name}", get(get_tenant))
         .with_state(ctx)
 }
 
@@ -148,4 +152,70 @@ async fn get_task(
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no task {id}")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
     }
+}
+
+/// `GET /v1/tasks/{id}/position`: place in the tenant's queue and an estimated wait.
+async fn get_position(State(ctx): State<Arc<Context>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(resp) = authorize(&ctx, &headers) {
+        return resp;
+    }
+    let Ok(task_id) = uuid::Uuid::parse_str(&id) else {
+        return error(StatusCode::BAD_REQUEST, format!("{id:?} is not a task id (uuid)"));
+    };
+    match ctx.store.position(task_id).await {
+        Ok(Some(p)) => Json::<Position>(p).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no task {id}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+    }
+}
+
+async fn list_tenants(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Response {
+    if let Err(resp) = authorize(&ctx, &headers) {
+        return resp;
+    }
+    match ctx.store.tenant_statuses().await {
+        Ok(list) => Json::<Vec<TenantStatus>>(list).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+    }
+}
+
+async fn get_tenant(State(ctx): State<Arc<Context>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    if let Err(resp) = authorize(&ctx, &headers) {
+        return resp;
+    }
+    match ctx.store.tenant_statuses().await {
+        Ok(list) => match list.into_iter().find(|t| t.tenant == name) {
+            Some(t) => Json(t).into_response(),
+            None => error(StatusCode::NOT_FOUND, format!("no tenant {name}")),
+        },
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+    }
+}
+
+/// What `PUT /v1/tenants` did.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApplyResult {
+    pub tenants: Vec<String>,
+}
+
+/// `PUT /v1/tenants` with a tenants file (TOML) as the body: validates it whole, then makes it
+/// the configuration of every process, without a restart and without touching queued tasks.
+async fn apply_tenants(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(resp) = authorize(&ctx, &headers) {
+        return resp;
+    }
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(StatusCode::BAD_REQUEST, "the tenants file must be UTF-8 TOML");
+    };
+    let tenants = match crate::domain::tenant::parse_tenants(text) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("tenants file refused: {e}")),
+    };
+    if let Err(e) = ctx.store.sync_tenants(&tenants).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}"));
+    }
+    let names = tenants.keys().map(|t| t.to_string()).collect();
+    ctx.tenants.send_replace(Arc::new(tenants));
+    ctx.wake.scheduler.notify_one();
+    Json(ApplyResult { tenants: names }).into_response()
 }

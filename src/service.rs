@@ -23,6 +23,20 @@ pub struct Wake {
     pub scheduler: Notify,
     pub executor: Notify,
     pub publisher: Notify,
+    /// Tenants whose queue changed since the scheduler last looked.
+    dirty: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Wake {
+    /// A tenant's queue changed: the scheduler refetches it and runs a round.
+    pub fn queue_changed(&self, tenant: &str) {
+        self.dirty.lock().expect("not poisoned").insert(tenant.to_owned());
+        self.scheduler.notify_one();
+    }
+
+    pub fn take_dirty(&self) -> Vec<String> {
+        self.dirty.lock().expect("not poisoned").drain().collect()
+    }
 }
 
 /// What `/readyz` reports.
@@ -44,13 +58,17 @@ pub struct Context {
 }
 
 impl Context {
-    /// Re-reads the tenants file and applies it without a restart. Queued tasks are untouched.
+    /// Re-reads the tenants file (if this process has one) and applies it without a restart.
+    /// Every process picks the change up from Postgres; queued tasks are untouched.
     pub async fn reload_tenants(&self) -> Result<usize, String> {
-        let tenants = self.settings.load_tenants()?;
-        self.store
-            .sync_tenants(&tenants)
-            .await
-            .map_err(|e| e.to_string())?;
+        let tenants = match &self.settings.tenants_path {
+            Some(_) => {
+                let t = self.settings.load_tenants()?;
+                self.store.sync_tenants(&t).await.map_err(|e| e.to_string())?;
+                t
+            }
+            None => self.store.load_tenants().await.map_err(|e| e.to_string())?,
+        };
         let n = tenants.len();
         self.tenants.send_replace(Arc::new(tenants));
         self.wake.scheduler.notify_one();
@@ -60,17 +78,22 @@ impl Context {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let needs_tenants = settings.runs(Component::Ingest) || settings.runs(Component::Scheduler);
-    let tenants = match settings.load_tenants() {
-        Ok(t) => t,
-        Err(e) if needs_tenants => anyhow::bail!(e),
-        Err(_) => Tenants::new(),
-    };
-    if tenants.is_empty() && needs_tenants {
-        tracing::warn!("the tenants file defines no tenants; no queue will be consumed");
-    }
     let store = Store::connect(&settings.database_url, 16).await?;
-    store.sync_tenants(&tenants).await?;
+    // The tenants file, when given, is applied to the database; otherwise the tenants last
+    // applied (by another process or `agentctl tenant apply`) are used.
+    let tenants = if settings.tenants_path.is_some() {
+        let t = settings.load_tenants().map_err(anyhow::Error::msg)?;
+        store.sync_tenants(&t).await?;
+        t
+    } else {
+        store.load_tenants().await?
+    };
+    if tenants.is_empty() && (settings.runs(Component::Ingest) || settings.runs(Component::Scheduler)) {
+        tracing::warn!(
+            "no tenants are configured: pass --tenants FILE (see deploy/tenants.example.toml) \
+             or run `agentctl tenant apply -f FILE`"
+        );
+    }
     let backend: Option<Arc<dyn Backend>> = if settings.runs(Component::Executor) {
         match settings.backend {
             BackendKind::Local => {
@@ -143,7 +166,7 @@ async fn listen(ctx: Arc<Context>, shutdown: CancellationToken) {
                 continue;
             }
         };
-        if let Err(e) = listener.listen_all(["agenttask_tasks", "agenttask_outbox"]).await {
+        if let Err(e) = listener.listen_all(["agenttask_tasks", "agenttask_outbox", "agenttask_tenants"]).await {
             tracing::warn!(error = %e, "LISTEN failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
@@ -161,10 +184,19 @@ async fn listen(ctx: Arc<Context>, shutdown: CancellationToken) {
                 // are lost, so look again everywhere.
                 Ok(None) => wake_all(&ctx),
                 Ok(Some(n)) if n.channel() == "agenttask_outbox" => ctx.wake.publisher.notify_one(),
-                Ok(Some(n)) => match n.payload() {
-                    "Queued" => ctx.wake.scheduler.notify_one(),
-                    "Pending" => ctx.wake.executor.notify_one(),
-                    "Succeeded" | "Failed" | "Cancelled" => ctx.wake.scheduler.notify_one(),
+                Ok(Some(n)) if n.channel() == "agenttask_tenants" => {
+                    match ctx.store.load_tenants().await {
+                        Ok(t) => {
+                            ctx.tenants.send_replace(Arc::new(t));
+                            ctx.wake.scheduler.notify_one();
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot reload tenants"),
+                    }
+                }
+                Ok(Some(n)) => match n.payload().split_once(':') {
+                    Some(("Queued" | "Cancelled", tenant)) => ctx.wake.queue_changed(tenant),
+                    Some(("Pending", _)) => ctx.wake.executor.notify_one(),
+                    Some(("Succeeded" | "Failed", _)) => ctx.wake.scheduler.notify_one(),
                     _ => {}
                 },
                 Err(e) => {

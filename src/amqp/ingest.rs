@@ -162,6 +162,24 @@ async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery) {
         ),
     };
 
+    // The backlog cap: a full queue refuses new work instead of growing without bound.
+    let verdict = match (verdict, &policy) {
+        (Ok(sub), Some(policy)) => match ctx.store.queued_up_to(tenant.as_str(), policy.max_queued as i64).await {
+            Ok(n) if n >= policy.max_queued as i64 => Err(validate::Rejection {
+                reason: Reason::BacklogFull,
+                message: format!(
+                    "tenant {tenant} already has {} tasks queued (max_queued); retry later",
+                    policy.max_queued
+                ),
+                client_id: sub.client_id,
+                batch_id: sub.spec.batch_id,
+                language: Some(sub.spec.language),
+            }),
+            _ => Ok(sub),
+        },
+        (v, _) => v,
+    };
+
     let stored = match &verdict {
         Ok(sub) => {
             let res = ctx
@@ -177,14 +195,20 @@ async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery) {
             match res {
                 // A value Postgres refuses is the message's fault: reject it instead of looping.
                 Err(StoreError::Sql(sqlx::Error::Database(db))) => {
-                    let message = format!("the task could not be stored: {}", db.message());
-                    store_rejection(ctx, tenant, sub.client_id.as_deref(), Reason::ValidationFailed, &message, &reply, correlation_id).await
+                    let rejection = validate::Rejection {
+                        reason: Reason::ValidationFailed,
+                        message: format!("the task could not be stored: {}", db.message()),
+                        client_id: sub.client_id.clone(),
+                        batch_id: sub.spec.batch_id.clone(),
+                        language: Some(sub.spec.language),
+                    };
+                    store_rejection(ctx, tenant, &rejection, &reply, correlation_id).await
                 }
                 other => other.map(|ins| (ins, None)),
             }
         }
         Err(rej) => {
-            store_rejection(ctx, tenant, rej.client_id.as_deref(), rej.reason, &rej.message, &reply, correlation_id)
+            store_rejection(ctx, tenant, rej, &reply, correlation_id)
                 .await
                 .map(|(ins, _)| (ins, Some(rej.reason)))
         }
@@ -222,9 +246,7 @@ async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery) {
 async fn store_rejection(
     ctx: &Context,
     tenant: &TenantName,
-    client_id: Option<&str>,
-    reason: Reason,
-    message: &str,
+    rejection: &validate::Rejection,
     reply: &ReplyRoute,
     correlation_id: Option<&str>,
 ) -> Result<(Inserted, Option<Reason>), StoreError> {
@@ -232,16 +254,16 @@ async fn store_rejection(
         .store
         .insert_rejection(&NewRejection {
             tenant: tenant.as_str(),
-            client_id,
-            batch_id: None,
-            language: None,
-            reason,
-            message,
+            client_id: rejection.client_id.as_deref(),
+            batch_id: rejection.batch_id.as_deref(),
+            language: rejection.language,
+            reason: rejection.reason,
+            message: &rejection.message,
             reply,
             correlation_id,
         })
         .await?;
-    Ok((ins, Some(reason)))
+    Ok((ins, Some(rejection.reason)))
 }
 
 /// A message for a tenant that does not exist: reply `UnknownTenant` where it asked for a reply.

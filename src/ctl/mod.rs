@@ -13,7 +13,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_AMQP_URL;
-use crate::http::{ApiError, TaskView};
+use crate::domain::quantity::{format_cpu, format_memory};
+use crate::http::{ApiError, ApplyResult, TaskView};
+use crate::store::{Position, TenantStatus};
 
 /// agentctl: submit untrusted code to AgentTask and inspect its tasks.
 ///
@@ -21,6 +23,8 @@ use crate::http::{ApiError, TaskView};
 ///   agentctl submit --tenant acme -c 'print(1)' --wait
 ///   agentctl submit --tenant acme analysis.R --wait -o json
 ///   agentctl get 6f1c0e8a-...            (needs AGENTCTL_TOKEN)
+///   agentctl position 6f1c0e8a-...
+///   agentctl tenant apply -f tenants.toml
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 pub struct Cli {
@@ -61,6 +65,31 @@ pub enum Command {
         /// Task id (uuid) or client id
         id: String,
     },
+    /// Show a queued task's place in its tenant's queue and an estimate of the wait.
+    Position {
+        /// Task id (uuid)
+        id: String,
+    },
+    /// Tenants and their quotas (admin token needed).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+}
+
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Make a tenants file the configuration of every running process, without a restart.
+    /// Queued tasks are kept. The file is checked whole first; nothing changes if it is invalid.
+    Apply {
+        /// The tenants file (TOML), as in deploy/tenants.example.toml
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+    },
+    /// List tenants with their weight, concurrency and current load.
+    List,
+    /// Show one tenant's quotas and load.
+    Get {
+        name: String,
+    },
 }
 
 /// A failure of agentctl itself (not of a task), with what to do about it.
@@ -95,7 +124,90 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
     match &cli.command {
         Command::Submit(args) => submit::run(&cli, args).await,
         Command::Get { id } => get(&cli, id).await,
+        Command::Position { id } => position(&cli, id).await,
+        Command::Tenant(cmd) => tenant(&cli, cmd).await,
     }
+}
+
+async fn position(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
+    let url = format!("{}/v1/tasks/{}/position", cli.server.trim_end_matches('/'), encode(id));
+    let p: Position = api(cli, reqwest::Method::GET, &url, None).await?;
+    match cli.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&p)?),
+        Output::Table => match p.position {
+            Some(pos) => {
+                let wait = p
+                    .estimated_wait_seconds
+                    .map(|s| format!("about {}", human_seconds(s)))
+                    .unwrap_or_else(|| "unknown (nothing admitted for this tenant in the last 5 minutes)".into());
+                println!("task {} is #{pos} of {} queued for tenant {}; estimated wait: {wait}", p.task_id, p.queued, p.tenant);
+            }
+            None => println!("task {} is not queued (phase {})", p.task_id, p.phase),
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_seconds(s: f64) -> String {
+    match s {
+        s if s < 90.0 => format!("{s:.0}s"),
+        s if s < 5400.0 => format!("{:.0}m", s / 60.0),
+        s => format!("{:.1}h", s / 3600.0),
+    }
+}
+
+async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
+    let base = format!("{}/v1/tenants", cli.server.trim_end_matches('/'));
+    match cmd {
+        TenantCommand::Apply { file } => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| CtlError(format!("cannot read {}: {e}", file.display())))?;
+            // Check locally first, for an error that names the line before any network trip.
+            crate::domain::tenant::parse_tenants(&text).map_err(|e| CtlError(format!("{}: {e}", file.display())))?;
+            let r: ApplyResult = api(cli, reqwest::Method::PUT, &base, Some(text)).await?;
+            match cli.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                Output::Table => println!("applied {} tenants: {}", r.tenants.len(), r.tenants.join(", ")),
+            }
+        }
+        TenantCommand::List => {
+            let list: Vec<TenantStatus> = api(cli, reqwest::Method::GET, &base, None).await?;
+            match cli.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Table => {
+                    println!("{:<24} {:>6} {:>8} {:>8} {:>8} {:>10}", "TENANT", "WEIGHT", "MAXCONC", "QUEUED", "RUNNING", "ADMIT/MIN");
+                    for t in list {
+                        println!(
+                            "{:<24} {:>6} {:>8} {:>8} {:>8} {:>10}",
+                            t.tenant, t.policy.weight, t.policy.max_concurrency, t.queued, t.running, t.admitted_last_minute
+                        );
+                    }
+                }
+            }
+        }
+        TenantCommand::Get { name } => {
+            let t: TenantStatus = api(cli, reqwest::Method::GET, &format!("{base}/{}", encode(name)), None).await?;
+            match cli.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&t)?),
+                Output::Table => {
+                    let p = &t.policy;
+                    println!("TENANT                  {}", t.tenant);
+                    println!("WEIGHT                  {}", p.weight);
+                    println!("MAX CONCURRENCY         {}", p.max_concurrency);
+                    println!("MAX QUEUED              {}", p.max_queued);
+                    println!("RATE / BURST            {}/s, burst {}", p.rate_per_second, p.burst);
+                    println!("TIMEOUT default / max   {}s / {}s", p.default_timeout_seconds, p.max_timeout_seconds);
+                    println!("CPU default / max       {} / {}", format_cpu(p.default_cpu_millis), format_cpu(p.max_cpu_millis));
+                    println!("MEMORY default / max    {} / {}", format_memory(p.default_memory_bytes), format_memory(p.max_memory_bytes));
+                    println!("MAX CODE BYTES          {}", p.max_code_bytes);
+                    println!("ISOLATION               {}", p.isolation.join(", "));
+                    println!("QUEUED / RUNNING        {} / {}", t.queued, t.running);
+                    println!("ADMITTED LAST MINUTE    {}", t.admitted_last_minute);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn get(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
@@ -103,7 +215,7 @@ async fn get(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
     if let Some(t) = &cli.tenant {
         url.push_str(&format!("?tenant={}", encode(t)));
     }
-    let view: TaskView = api_get(cli, &url).await?;
+    let view: TaskView = api(cli, reqwest::Method::GET, &url, None).await?;
     match cli.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
         Output::Table => print_task(&view),
@@ -111,9 +223,17 @@ async fn get(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn api_get<T: serde::de::DeserializeOwned>(cli: &Cli, url: &str) -> Result<T, CtlError> {
+async fn api<T: serde::de::DeserializeOwned>(
+    cli: &Cli,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<String>,
+) -> Result<T, CtlError> {
     let client = reqwest::Client::new();
-    let mut req = client.get(url);
+    let mut req = client.request(method, url);
+    if let Some(body) = body {
+        req = req.body(body);
+    }
     if let Some(token) = &cli.token {
         req = req.bearer_auth(token);
     }

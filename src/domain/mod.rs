@@ -1,7 +1,7 @@
 //! Pure domain logic: no I/O, no clocks, no async. Everything that decides rather than does lives
 //! here and is unit-tested without services.
 
-pub mod admission;
+pub mod fairshare;
 pub mod phase;
 pub mod quantity;
 pub mod result;

@@ -10,7 +10,10 @@ mod tasks;
 
 
 pub use outbox::{OutboxBatch, OutboxMessage};
-pub use tasks::{AdmissionRound, ClaimedTask, FinishedRun, Inserted, NewRejection, NewTask, TaskRow};
+pub use tasks::{
+    acquire_leadership, AdmissionRound, ClaimedTask, FinishedRun, Inserted, NewRejection, NewTask,
+    Position, QueuedHead, RunningUsage, TaskRow, TenantStatus,
+};
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -47,6 +50,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// Kept to open dedicated connections (the scheduler's leadership lock lives on one).
+    opts: PgConnectOptions,
 }
 
 impl Store {
@@ -63,7 +68,7 @@ impl Store {
             .connect_with(opts.clone())
             .await
             .map_err(|source| StoreError::Unreachable { target: describe(&opts), source })?;
-        let store = Store { pool };
+        let store = Store { pool, opts };
         store.migrate().await?;
         Ok(store)
     }
@@ -77,6 +82,14 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// A connection outside the pool, for state that lives as long as a session (locks).
+    pub async fn dedicated_connection(&self) -> Result<sqlx::PgConnection> {
+        self.opts
+            .connect()
+            .await
+            .map_err(|source| StoreError::Unreachable { target: describe(&self.opts), source })
     }
 
     /// For readiness: can we run a query right now?

@@ -478,57 +478,80 @@ async fn enqueue_result(
     Ok(())
 }
 
-/// Serialises admission across scheduler processes: whoever holds it decides alone, so quotas
-/// hold even with two schedulers running.
-const ADMISSION_LOCK: i64 = 0x4147_454e_5454_534b; // "AGENTTSK"
+/// The scheduler leadership lock: only the session holding it admits, and it admits on that
+/// very session, so a leader that lost its connection cannot commit another admission.
+const LEADER_LOCK: i64 = 0x4147_454e_5454_534b; // "AGENTTSK"
 
-/// One admission decision, inside a transaction that holds the admission lock.
-pub struct AdmissionRound {
-    tx: Transaction<'static, Postgres>,
+/// Admitted work per tenant: what counts against quotas and capacity.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RunningUsage {
+    pub tenant: String,
+    pub tasks: i64,
+    pub cpu_millis: i64,
+    pub memory_bytes: i64,
 }
 
-impl Store {
-    pub async fn begin_admission(&self) -> Result<AdmissionRound> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("select pg_advisory_xact_lock($1)")
-            .bind(ADMISSION_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        Ok(AdmissionRound { tx })
+/// A queued task as admission sees it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueuedHead {
+    pub tenant: String,
+    pub task_id: Uuid,
+    pub cpu_millis: i64,
+    pub memory_bytes: i64,
+    pub submitted_at: DateTime<Utc>,
+}
+
+/// Waits until this session holds the scheduler leadership. Cancel-safe in the sense that
+/// dropping the future and the connection gives the lock up.
+pub async fn acquire_leadership(conn: &mut sqlx::PgConnection) -> Result<()> {
+    sqlx::query("select pg_advisory_lock($1)").bind(LEADER_LOCK).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// One admission decision, in a transaction on the leader's session.
+pub struct AdmissionRound<'c> {
+    tx: Transaction<'c, Postgres>,
+}
+
+impl<'c> AdmissionRound<'c> {
+    pub async fn begin(conn: &'c mut sqlx::PgConnection) -> Result<AdmissionRound<'c>> {
+        use sqlx::Connection;
+        Ok(AdmissionRound { tx: conn.begin().await? })
     }
-}
 
-impl AdmissionRound {
     /// Tasks holding capacity, per tenant.
-    pub async fn active_counts(&mut self) -> Result<Vec<(String, i64)>> {
+    pub async fn running_usage(&mut self) -> Result<Vec<RunningUsage>> {
         Ok(sqlx::query_as(
-            "select tenant, count(*) from agenttask.tasks \
+            "select tenant, count(*) as tasks, coalesce(sum(cpu_millis), 0)::bigint as cpu_millis, \
+               coalesce(sum(memory_bytes), 0)::bigint as memory_bytes from agenttask.tasks \
              where phase in ('Pending', 'Scheduled', 'Running') group by tenant",
         )
         .fetch_all(&mut *self.tx)
         .await?)
     }
 
-    /// The first `limits[i]` queued tasks of `tenants[i]`, in admission order.
-    pub async fn queued_heads(&mut self, tenants: &[String], limits: &[i32]) -> Result<Vec<(String, Uuid)>> {
+    /// The first `limit` queued tasks of each of `tenants`, in admission order.
+    pub async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>> {
         Ok(sqlx::query_as(
-            "select t.tenant, q.task_id from unnest($1::text[], $2::int[]) as t(tenant, lim) \
-             cross join lateral (select task_id, priority, submitted_at from agenttask.tasks \
-               where tenant = t.tenant and phase = 'Queued' \
-               order by priority desc, submitted_at, task_id limit t.lim) q \
+            "select t.tenant, q.task_id, q.cpu_millis, q.memory_bytes, q.submitted_at \
+             from unnest($1::text[]) as t(tenant) \
+             cross join lateral (select task_id, priority, submitted_at, \
+                 coalesce(cpu_millis, 0) as cpu_millis, coalesce(memory_bytes, 0) as memory_bytes \
+               from agenttask.tasks where tenant = t.tenant and phase = 'Queued' \
+               order by priority desc, submitted_at, task_id limit $2) q \
              order by t.tenant, q.priority desc, q.submitted_at, q.task_id",
         )
         .bind(tenants)
-        .bind(limits)
+        .bind(limit)
         .fetch_all(&mut *self.tx)
         .await?)
     }
 
-    /// `Queued` → `Pending` for these tasks.
-    pub async fn admit(&mut self, ids: &[Uuid]) -> Result<Vec<(String, DateTime<Utc>)>> {
+    /// `Queued` → `Pending` for these tasks; returns those that moved.
+    pub async fn admit(&mut self, ids: &[Uuid]) -> Result<Vec<(Uuid, String, DateTime<Utc>)>> {
         Ok(sqlx::query_as(
             "update agenttask.tasks set phase = 'Pending', admitted_at = now() \
-             where task_id = any($1) and phase = 'Queued' returning tenant, submitted_at",
+             where task_id = any($1) and phase = 'Queued' returning task_id, tenant, submitted_at",
         )
         .bind(ids)
         .fetch_all(&mut *self.tx)
@@ -542,10 +565,158 @@ impl AdmissionRound {
 }
 
 impl Store {
+    /// Refuses a queued task that can never be admitted (for example, larger than the whole
+    /// service's capacity), with its result.
+    pub async fn reject_queued(&self, task_id: Uuid, reason: Reason, message: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "update agenttask.tasks set phase = 'Rejected', reason = $2, message = $3, \
+               finished_at = now(), program = null \
+             where task_id = $1 and phase = 'Queued' returning {ROW_COLUMNS}"
+        )))
+        .bind(task_id)
+        .bind(reason.as_str())
+        .bind(message)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let route: ReplyColumns = sqlx::query_as(
+            "select reply_exchange, reply_routing_key, correlation_id from agenttask.tasks where task_id = $1",
+        )
+        .bind(task_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        enqueue_result(&mut tx, &row.to_result(), &route).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Queued tasks of `tenant`, counting at most to `cap` (enough to enforce a backlog cap
+    /// without scanning a huge queue).
+    pub async fn queued_up_to(&self, tenant: &str, cap: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "select count(*) from (select 1 from agenttask.tasks \
+             where tenant = $1 and phase = 'Queued' limit $2) q",
+        )
+        .bind(tenant)
+        .bind(cap)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// The configured tenants as stored (the shared truth across processes).
+    pub async fn load_tenants(&self) -> Result<crate::domain::tenant::Tenants> {
+        let rows: Vec<(String, Json<crate::domain::tenant::TenantPolicy>)> =
+            sqlx::query_as("select name, policy from agenttask.tenants order by name")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(name, policy)| {
+                crate::domain::tenant::TenantName::parse(&name).ok().map(|n| (n, policy.0))
+            })
+            .collect())
+    }
+
     /// Queued and active counts per configured tenant, for gauges.
     pub async fn phase_counts(&self) -> Result<Vec<(String, i64, i64)>> {
         Ok(sqlx::query_as("select tenant, queued, running from agenttask.tenant_usage")
             .fetch_all(&self.pool)
             .await?)
+    }
+}
+
+/// A queued task's place in its tenant's queue.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub task_id: Uuid,
+    pub tenant: String,
+    pub phase: String,
+    /// 1 = next to be admitted for this tenant; null when not queued.
+    pub position: Option<i64>,
+    pub queued: i64,
+    /// Tasks of this tenant admitted in the last five minutes, per second.
+    pub admitted_per_second: f64,
+    /// position ÷ admitted_per_second; null when unknown (nothing admitted recently).
+    pub estimated_wait_seconds: Option<f64>,
+}
+
+/// A tenant's configuration and load, as `agentctl tenant list|get` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TenantStatus {
+    pub tenant: String,
+    pub policy: crate::domain::tenant::TenantPolicy,
+    pub queued: i64,
+    pub running: i64,
+    pub admitted_last_minute: i64,
+}
+
+impl Store {
+    pub async fn position(&self, task_id: Uuid) -> Result<Option<Position>> {
+        let row: Option<(String, String, i16, DateTime<Utc>)> = sqlx::query_as(
+            "select tenant, phase, priority, submitted_at from agenttask.tasks where task_id = $1",
+        )
+        .bind(task_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((tenant, phase, priority, submitted_at)) = row else {
+            return Ok(None);
+        };
+        let ahead: Option<i64> = if phase == "Queued" {
+            Some(
+                sqlx::query_scalar(
+                    "select count(*) from agenttask.tasks where tenant = $1 and phase = 'Queued' \
+                     and (priority > $2 or (priority = $2 and (submitted_at, task_id) < ($3, $4)))",
+                )
+                .bind(&tenant)
+                .bind(priority)
+                .bind(submitted_at)
+                .bind(task_id)
+                .fetch_one(&self.pool)
+                .await?,
+            )
+        } else {
+            None
+        };
+        let (queued, recent): (i64, i64) = sqlx::query_as(
+            "select (select count(*) from agenttask.tasks where tenant = $1 and phase = 'Queued'), \
+                    (select count(*) from agenttask.tasks where tenant = $1 \
+                       and admitted_at > now() - interval '5 minutes')",
+        )
+        .bind(&tenant)
+        .fetch_one(&self.pool)
+        .await?;
+        let rate = recent as f64 / 300.0;
+        let position = ahead.map(|a| a + 1);
+        Ok(Some(Position {
+            task_id,
+            tenant,
+            phase,
+            position,
+            queued,
+            admitted_per_second: rate,
+            estimated_wait_seconds: position.filter(|_| rate > 0.0).map(|p| p as f64 / rate),
+        }))
+    }
+
+    pub async fn tenant_statuses(&self) -> Result<Vec<TenantStatus>> {
+        let rows: Vec<(String, Json<crate::domain::tenant::TenantPolicy>, i64, i64, i64)> = sqlx::query_as(
+            "select u.tenant, t.policy, u.queued, u.running, u.admitted_last_minute \
+             from agenttask.tenant_usage u join agenttask.tenants t on t.name = u.tenant order by u.tenant",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(tenant, policy, queued, running, admitted_last_minute)| TenantStatus {
+                tenant,
+                policy: policy.0,
+                queued,
+                running,
+                admitted_last_minute,
+            })
+            .collect())
     }
 }

@@ -1,0 +1,35 @@
+# Shared by quickstart.sh and test.sh: make sure this host has what AgentTask needs.
+# Sourced, not run.
+
+log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
+die() { printf '%s: ERROR: %s\n' "${0##*/}" "$*" >&2; exit 1; }
+
+# Postgres and RabbitMQ on 127.0.0.1, started the way this kind of machine starts them.
+ensure_services() {
+    if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+        command -v pg_ctlcluster >/dev/null || die "Postgres is not running on 127.0.0.1:5432 and pg_ctlcluster is not installed"
+        log "starting Postgres"
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+    fi
+    for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+    pg_isready -q -h 127.0.0.1 -p 5432 || die "Postgres did not come up on 127.0.0.1:5432"
+
+    if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+        command -v rabbitmq-server >/dev/null || die "RabbitMQ is not running on 127.0.0.1:5672 and rabbitmq-server is not installed"
+        log "starting RabbitMQ"
+        rabbitmq-server -detached
+    fi
+    for _ in $(seq 1 120); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break; sleep 1; done
+    (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null || die "RabbitMQ did not come up on 127.0.0.1:5672"
+    # The broker accepts TCP before it accepts AMQP logins; wait until it answers.
+    for _ in $(seq 1 60); do rabbitmqctl -q await_startup >/dev/null 2>&1 && break; sleep 1; done
+}
+
+# bubblewrap, the runtimes and the unprivileged sandbox user.
+ensure_sandbox() {
+    "$(dirname "${BASH_SOURCE[0]}")/install-sandbox.sh"
+}
+
+ensure_rust() {
+    command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
+}

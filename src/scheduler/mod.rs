@@ -1,0 +1,301 @@
+//! The scheduler: one leader at a time admits queued tasks by weighted dominant-resource fair
+//! share (`domain::fairshare`), under every tenant's concurrency, rate and size limits and the
+//! global capacity.
+//!
+//! - **Leadership.** Each scheduler process waits on a Postgres advisory lock on its own session;
+//!   the holder leads. Admissions are committed *on that session*, so a leader that lost its
+//!   connection (and with it the lock) cannot commit another one: two schedulers never admit
+//!   the same task or overshoot a quota. A standby takes over as soon as the lock is free.
+//! - **Events, not polling.** Ingest's inserts and executors' finishes notify (`pg_notify`); the
+//!   leader runs a round at once, so a submit or a finish is acted on within milliseconds.
+//! - **Durable.** Queued tasks live only in Postgres; the in-memory view (`view`) is a cache that
+//!   is rebuilt on every leadership change.
+
+mod view;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::fairshare::{self, decide, Policy, Resources, Stop, Tenant};
+use crate::domain::phase::Reason;
+use crate::domain::quantity::{format_cpu, format_memory};
+use crate::service::Context;
+use crate::store::{acquire_leadership, AdmissionRound, RunningUsage};
+use view::{Heads, View};
+
+/// How often expired executor leases are reaped and gauges refreshed.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
+/// Executions per task before a vanished executor fails it.
+pub const MAX_ATTEMPTS: i32 = 3;
+/// Admissions per transaction, to keep rounds short under a huge backlog.
+const MAX_ADMISSIONS_PER_ROUND: usize = 512;
+
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let mut conn = match ctx.store.dedicated_connection().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler cannot connect; retrying");
+                sleep_or_stop(&shutdown, backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        tracing::info!("scheduler waiting for leadership");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            res = acquire_leadership(&mut conn) => if let Err(e) = res {
+                tracing::warn!(error = %e, "leadership campaign failed; retrying");
+                sleep_or_stop(&shutdown, backoff).await;
+                continue;
+            },
+        }
+        backoff = Duration::from_millis(200);
+        tracing::info!("scheduler is the leader");
+        let err = lead(&ctx, &mut conn, &shutdown).await;
+        if let Err(e) = err {
+            tracing::warn!(error = %e, "scheduler stepped down");
+            sleep_or_stop(&shutdown, backoff).await;
+        }
+        // Dropping the session releases the lock for a standby.
+    }
+}
+
+async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}
+
+/// Admits while this session holds the leadership. Returns on shutdown (Ok) or on a database
+/// error (the session, and so the leadership, may be gone).
+async fn lead(ctx: &Context, conn: &mut sqlx::PgConnection, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let mut view = View::default();
+    let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
+    let mut last_round = Instant::now();
+    while !shutdown.is_cancelled() {
+        // Register for the next wake-up before reading state, so an event during the round is
+        // not missed.
+        let woken = ctx.wake.scheduler.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let elapsed = last_round.elapsed();
+        last_round = Instant::now();
+        let outcome = round(ctx, conn, &mut view, elapsed).await?;
+        if outcome.admitted > 0 {
+            ctx.wake.executor.notify_one();
+        }
+        if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+            last_housekeeping = Instant::now();
+            if let Err(e) = housekeeping(ctx).await {
+                tracing::warn!(error = %e, "scheduler housekeeping failed");
+            }
+        }
+        if outcome.again {
+            continue;
+        }
+        let now = Instant::now();
+        let next_token = view
+            .tenants
+            .values()
+            .filter_map(|s| s.blocked_until)
+            .filter(|t| *t > now)
+            .min()
+            .map(|t| t - now)
+            .unwrap_or(HOUSEKEEPING_EVERY)
+            .min(HOUSEKEEPING_EVERY);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = &mut woken => {}
+            _ = tokio::time::sleep(next_token) => {}
+        }
+    }
+    Ok(())
+}
+
+struct RoundOutcome {
+    admitted: usize,
+    /// Run another round at once: something changed under us or a bucket ran dry mid-round.
+    again: bool,
+}
+
+/// One admission decision, applied.
+async fn round(
+    ctx: &Context,
+    conn: &mut sqlx::PgConnection,
+    view: &mut View,
+    elapsed: Duration,
+) -> anyhow::Result<RoundOutcome> {
+    let config = ctx.tenants.borrow().clone();
+    view.sync(&config);
+    for tenant in ctx.wake.take_dirty() {
+        view.mark_dirty(&tenant);
+    }
+    let mut tx = AdmissionRound::begin(conn).await?;
+    let usage: HashMap<String, RunningUsage> =
+        tx.running_usage().await?.into_iter().map(|u| (u.tenant.clone(), u)).collect();
+    let slots_of = |t: &str| usage.get(t).map_or(0, |u| u.tasks.max(0) as u64);
+    let refresh = view.needing_refresh(|name| {
+        let max = config
+            .iter()
+            .find(|(n, _)| n.as_str() == name)
+            .map_or(0, |(_, p)| p.max_concurrency as u64);
+        max.saturating_sub(slots_of(name)).min(ctx.settings.max_running as u64) as usize
+    });
+    if !refresh.is_empty() {
+        let rows = tx.queued_heads(&refresh, view::HEAD_BATCH as i32).await?;
+        view.replace_heads(&refresh, rows);
+    }
+
+    let total = Resources {
+        cpu_millis: ctx.settings.capacity_cpu_millis.unwrap_or(u64::MAX),
+        memory_bytes: ctx.settings.capacity_memory_bytes.unwrap_or(u64::MAX),
+        slots: ctx.settings.max_running as u64,
+    };
+    let resources_of = |u: Option<&RunningUsage>| {
+        u.map_or(Resources::ZERO, |u| Resources {
+            cpu_millis: u.cpu_millis.max(0) as u64,
+            memory_bytes: u.memory_bytes.max(0) as u64,
+            slots: u.tasks.max(0) as u64,
+        })
+    };
+    let now = Instant::now();
+    let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+    let no_heads = Heads::default();
+    let mut names: Vec<&str> = Vec::new();
+    let mut views: Vec<Tenant<'_, Heads>> = Vec::new();
+    for (name, policy) in config.iter() {
+        let Some(state) = view.tenants.get(name.as_str()) else { continue };
+        names.push(name.as_str());
+        views.push(Tenant {
+            name: name.as_str(),
+            weight: policy.weight as f64,
+            max_concurrency: policy.max_concurrency,
+            tokens: state.tokens(now),
+            running: resources_of(usage.get(name.as_str())),
+            history: state.history,
+            queue: &state.heads,
+        });
+    }
+    // Tasks of tenants that were removed from the configuration still hold capacity.
+    let orphaned = usage
+        .values()
+        .filter(|u| !names.contains(&u.tenant.as_str()))
+        .fold(Resources::ZERO, |acc, u| acc.saturating_add(resources_of(Some(u))));
+    if orphaned != Resources::ZERO {
+        views.push(Tenant {
+            name: "",
+            weight: 1.0,
+            max_concurrency: 0,
+            tokens: 0,
+            running: orphaned,
+            history: 0.0,
+            queue: &no_heads,
+        });
+    }
+    let policy = Policy {
+        max_admissions: MAX_ADMISSIONS_PER_ROUND,
+        history_weight: if ctx.settings.usage_half_life.is_zero() { 0.0 } else { fairshare::DEFAULT_HISTORY_WEIGHT },
+        ..Policy::default()
+    };
+    let decision = decide(&views, total, now_ms, &policy)?;
+    drop(views);
+
+    // Apply in decision order; each admission also takes a token from the tenant's bucket.
+    let mut taken = vec![0usize; names.len()];
+    let mut out_of_tokens = vec![false; names.len()];
+    let mut ids = Vec::with_capacity(decision.admissions.len());
+    let mut again = false;
+    for a in &decision.admissions {
+        let i = a.tenant;
+        if i >= names.len() || out_of_tokens[i] {
+            continue;
+        }
+        let state = view.tenants.get_mut(names[i]).expect("tenant in view");
+        if !state.take_token(now) {
+            out_of_tokens[i] = true;
+            again = true;
+            continue;
+        }
+        ids.push(state.heads.0[taken[i]].task_id);
+        taken[i] += 1;
+    }
+    let too_large: Vec<(uuid::Uuid, u64, u64)> = decision
+        .tenants
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| *i < names.len() && t.stop == Stop::TooLarge)
+        .filter_map(|(i, _)| {
+            let s = &view.tenants[names[i]];
+            s.heads.0.get(taken[i]).map(|h| (h.task_id, h.task.cpu_millis, h.task.memory_bytes))
+        })
+        .collect();
+    let admitted = if ids.is_empty() { Vec::new() } else { tx.admit(&ids).await? };
+    tx.commit().await?;
+
+    // The view follows what was committed.
+    for (i, n) in taken.iter().enumerate() {
+        if let Some(state) = view.tenants.get_mut(names[i]) {
+            state.heads.0.drain(..(*n).min(state.heads.0.len()));
+        }
+    }
+    if admitted.len() < ids.len() {
+        // Some heads were no longer queued (cancelled, or admitted by a previous leader).
+        view.mark_all_dirty();
+        again = true;
+    }
+    let now_utc = chrono::Utc::now();
+    for (_, tenant, submitted_at) in &admitted {
+        ctx.metrics.admitted.with_label_values(&[tenant]).inc();
+        let wait = (now_utc - *submitted_at).num_milliseconds().max(0) as f64 / 1000.0;
+        ctx.metrics.admission_wait.with_label_values(&[tenant]).observe(wait);
+    }
+    for (i, name) in names.iter().enumerate() {
+        let t = &decision.tenants[i];
+        ctx.metrics.fair_share.with_label_values(&[name]).set(t.fair_share);
+        ctx.metrics.actual_share.with_label_values(&[name]).set(t.actual_share);
+        if let Some(state) = view.tenants.get_mut(*name) {
+            state.history = if ctx.settings.usage_half_life.is_zero() {
+                0.0
+            } else {
+                fairshare::update_history(state.history, t.actual_share, elapsed, ctx.settings.usage_half_life)
+            };
+        }
+    }
+    ctx.metrics.fairness_index.set(decision.fairness_index());
+
+    for (task_id, cpu, memory) in too_large {
+        let message = format!(
+            "asks for {} CPU and {} memory, more than the service's whole capacity ({} CPU, {} memory); ask for less",
+            format_cpu(cpu),
+            format_memory(memory),
+            ctx.settings.capacity_cpu_millis.map_or("unlimited".into(), format_cpu),
+            ctx.settings.capacity_memory_bytes.map_or("unlimited".into(), format_memory),
+        );
+        if ctx.store.reject_queued(task_id, Reason::ValidationFailed, &message).await? {
+            again = true;
+        }
+    }
+    if !admitted.is_empty() {
+        tracing::debug!(admitted = admitted.len(), "admission round");
+    }
+    Ok(RoundOutcome { admitted: admitted.len(), again })
+}
+
+/// Slow-path duties: fail or requeue tasks of vanished executors, refresh gauges.
+async fn housekeeping(ctx: &Context) -> anyhow::Result<()> {
+    let (requeued, failed) = ctx.store.reap_expired(MAX_ATTEMPTS).await?;
+    if requeued + failed > 0 {
+        tracing::warn!(requeued, failed, "reaped tasks whose executor stopped responding");
+    }
+    for (tenant, queued, running) in ctx.store.phase_counts().await? {
+        ctx.metrics.queue_depth.with_label_values(&[&tenant]).set(queued);
+        ctx.metrics.running.with_label_values(&[&tenant]).set(running);
+    }
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! The leader's in-memory view: each tenant's queue heads, rate bucket and usage history.
+//!
+//! Postgres stays the truth: heads are a cache of the first queued tasks of each tenant, refetched
+//! when a notification says the tenant's queue changed or the cache runs low, and the whole view
+//! is rebuilt whenever a scheduler becomes leader. So a million queued tasks cost a few hundred
+//! cached heads per tenant, not a million rows in memory.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use uuid::Uuid;
+
+use crate::domain::fairshare::{QueueView, QueuedTask};
+use crate::domain::tenant::{TenantPolicy, Tenants};
+use crate::store::QueuedHead;
+
+/// Heads fetched per tenant at a time.
+pub const HEAD_BATCH: usize = 256;
+
+/// A cached queued task.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub task_id: Uuid,
+    pub task: QueuedTask,
+}
+
+/// A tenant's cached heads, in admission order.
+#[derive(Debug, Default)]
+pub struct Heads(pub VecDeque<Head>);
+
+impl QueueView for Heads {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn get(&self, index: usize) -> Option<QueuedTask> {
+        self.0.get(index).map(|h| h.task)
+    }
+}
+
+/// One tenant's scheduling state.
+pub struct TenantState {
+    pub heads: Heads,
+    /// The cache holds every queued task of the tenant (the last fetch came back short).
+    pub complete: bool,
+    /// The queue changed since the last fetch.
+    pub dirty: bool,
+    limiter: DefaultDirectRateLimiter,
+    quota: (u32, u32),
+    /// Out of rate tokens until then.
+    pub blocked_until: Option<Instant>,
+    /// Decayed dominant share (see `fairshare::update_history`).
+    pub history: f64,
+}
+
+fn limiter(rate: u32, burst: u32) -> DefaultDirectRateLimiter {
+    let rate = NonZeroU32::new(rate.max(1)).expect("non-zero");
+    let burst = NonZeroU32::new(burst.max(1)).expect("non-zero");
+    RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+}
+
+impl TenantState {
+    fn new(policy: &TenantPolicy) -> Self {
+        TenantState {
+            heads: Heads::default(),
+            complete: false,
+            dirty: true,
+            limiter: limiter(policy.rate_per_second, policy.burst),
+            quota: (policy.rate_per_second, policy.burst),
+            blocked_until: None,
+            history: 0.0,
+        }
+    }
+
+    /// Upper bound on admissions now: the bucket (checked again per admission) or nothing while
+    /// the tenant is known to be out of tokens.
+    pub fn tokens(&self, now: Instant) -> u32 {
+        match self.blocked_until {
+            Some(t) if t > now => 0,
+            _ => self.quota.1,
+        }
+    }
+
+    /// Takes one admission token; when there is none, records until when and says no.
+    pub fn take_token(&mut self, now: Instant) -> bool {
+        match self.limiter.check() {
+            Ok(()) => true,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                self.blocked_until = Some(now + wait.max(Duration::from_millis(1)));
+                false
+            }
+        }
+    }
+}
+
+/// Every configured tenant's state, by name.
+#[derive(Default)]
+pub struct View {
+    pub tenants: BTreeMap<String, TenantState>,
+}
+
+impl View {
+    /// Follows the configuration: new tenants appear, removed ones go, changed rates rebuild
+    /// the bucket. Queues are untouched (they live in Postgres).
+    pub fn sync(&mut self, config: &Tenants) {
+        self.tenants.retain(|name, _| config.keys().any(|t| t.as_str() == name));
+        for (name, policy) in config {
+            let state = self
+                .tenants
+                .entry(name.as_str().to_owned())
+                .or_insert_with(|| TenantState::new(policy));
+            if state.quota != (policy.rate_per_second, policy.burst) {
+                state.limiter = limiter(policy.rate_per_second, policy.burst);
+                state.quota = (policy.rate_per_second, policy.burst);
+                state.blocked_until = None;
+            }
+        }
+    }
+
+    pub fn mark_dirty(&mut self, tenant: &str) {
+        if let Some(s) = self.tenants.get_mut(tenant) {
+            s.dirty = true;
+        }
+    }
+
+    pub fn mark_all_dirty(&mut self) {
+        for s in self.tenants.values_mut() {
+            s.dirty = true;
+        }
+    }
+
+    /// Tenants whose cached heads must be refetched before deciding: changed queues, or a cache
+    /// shorter than what the tenant could take now.
+    pub fn needing_refresh(&self, room: impl Fn(&str) -> usize) -> Vec<String> {
+        self.tenants
+            .iter()
+            .filter(|(name, s)| s.dirty || (!s.complete && s.heads.0.len() < room(name).min(HEAD_BATCH)))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Replaces the heads of `refreshed` tenants with what was fetched (rows in admission order).
+    pub fn replace_heads(&mut self, refreshed: &[String], rows: Vec<QueuedHead>) {
+        for name in refreshed {
+            if let Some(s) = self.tenants.get_mut(name) {
+                s.heads.0.clear();
+                s.dirty = false;
+            }
+        }
+        for row in rows {
+            if let Some(s) = self.tenants.get_mut(&row.tenant) {
+                s.heads.0.push_back(Head {
+                    task_id: row.task_id,
+                    task: QueuedTask {
+                        id: 0,
+                        cpu_millis: row.cpu_millis.max(0) as u64,
+                        memory_bytes: row.memory_bytes.max(0) as u64,
+                        enqueued_at_ms: row.submitted_at.timestamp_millis().max(0) as u64,
+                    },
+                });
+            }
+        }
+        for name in refreshed {
+            if let Some(s) = self.tenants.get_mut(name) {
+                s.complete = s.heads.0.len() < HEAD_BATCH;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::tenant::parse_tenants;
+
+    #[test]
+    fn rate_bucket_blocks_after_burst_and_reports_until_when() {
+        let tenants = parse_tenants("[tenants.a]\nrate_per_second = 1\nburst = 2\n").unwrap();
+        let mut view = View::default();
+        view.sync(&tenants);
+        let s = view.tenants.get_mut("a").unwrap();
+        let now = Instant::now();
+        assert_eq!(s.tokens(now), 2);
+        assert!(s.take_token(now) && s.take_token(now));
+        assert!(!s.take_token(now));
+        assert_eq!(s.tokens(now), 0);
+        assert!(s.blocked_until.unwrap() > now);
+    }
+
+    #[test]
+    fn sync_follows_configuration_and_keeps_state() {
+        let mut view = View::default();
+        view.sync(&parse_tenants("[tenants.a]\n[tenants.b]\n").unwrap());
+        view.tenants.get_mut("a").unwrap().history = 0.5;
+        view.sync(&parse_tenants("[tenants.a]\nrate_per_second = 5\n[tenants.c]\n").unwrap());
+        let names: Vec<_> = view.tenants.keys().cloned().collect();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(view.tenants["a"].history, 0.5);
+        assert_eq!(view.tenants["a"].quota, (5, 5));
+    }
+
+    #[test]
+    fn refresh_when_dirty_or_short() {
+        let mut view = View::default();
+        view.sync(&parse_tenants("[tenants.a]\n[tenants.b]\n").unwrap());
+        assert_eq!(view.needing_refresh(|_| 4), ["a", "b"]);
+        view.replace_heads(&["a".into(), "b".into()], Vec::new());
+        assert!(view.needing_refresh(|_| 4).is_empty(), "empty and complete: nothing to fetch");
+        view.mark_dirty("b");
+        assert_eq!(view.needing_refresh(|_| 4), ["b"]);
+    }
+}
