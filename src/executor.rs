@@ -113,12 +113,12 @@ async fn run_one(ctx: &Context, backend: &dyn Backend, task: ClaimedTask) {
             }
             // Postgres refused a value (not an outage): record the failure without the payload
             // rather than retrying forever.
-            Err(crate::store::StoreError::Sql(sqlx::Error::Database(db))) if run.phase != Phase::Failed || run.reason != Some(Reason::BackendError) => {
-                tracing::warn!(task_id = %task.task_id, error = %db, "outcome could not be stored; recording a BackendError instead");
+            Err(e) if e.is_bad_value() && run.reason != Some(Reason::BackendError) => {
+                tracing::warn!(task_id = %task.task_id, error = %e, "outcome could not be stored; recording a BackendError instead");
                 run = FinishedRun {
                     phase: Phase::Failed,
                     reason: Some(Reason::BackendError),
-                    message: format!("the task's outcome could not be stored: {}", db.message()),
+                    message: format!("the task's outcome could not be stored: {e}"),
                     exit_code: run.exit_code,
                     result: None,
                     stdout: String::new(),

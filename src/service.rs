@@ -94,12 +94,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
              or run `agentctl tenant apply -f FILE`"
         );
     }
+    let mut local: Option<Arc<LocalBackend>> = None;
     let backend: Option<Arc<dyn Backend>> = if settings.runs(Component::Executor) {
         match settings.backend {
             BackendKind::Local => {
                 let mut config = LocalConfig::new(settings.data_dir.clone());
                 config.output_limit_bytes = settings.output_limit_bytes;
-                Some(Arc::new(LocalBackend::new(config).map_err(anyhow::Error::msg)?))
+                let b = Arc::new(LocalBackend::new(config).map_err(anyhow::Error::msg)?);
+                local = Some(b.clone());
+                Some(b)
             }
             BackendKind::Kubernetes => anyhow::bail!(
                 "--backend kubernetes is not available in this build yet; use --backend local"
@@ -139,6 +142,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
     if let Some(backend) = backend {
         tasks.spawn(crate::executor::run(ctx.clone(), backend, shutdown.clone()));
+    }
+    if let Some(local) = local {
+        tasks.spawn(sweep_artifacts(local, shutdown.clone()));
     }
     if ctx.settings.runs(Component::Publisher) {
         tasks.spawn(crate::amqp::publish::run(ctx.clone(), shutdown.clone()));
@@ -204,6 +210,22 @@ async fn listen(ctx: Arc<Context>, shutdown: CancellationToken) {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Removes artifacts older than their TTL, now and then.
+async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken) {
+    loop {
+        let b = backend.clone();
+        match tokio::task::spawn_blocking(move || b.sweep_artifacts()).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired artifacts removed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping artifacts failed"),
+            _ => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
         }
     }
 }

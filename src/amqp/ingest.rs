@@ -16,7 +16,7 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{connect, declare_topology, prop, tasks_queue, UNROUTED_QUEUE};
+use super::{connect, declare_topology, prop, tasks_queue, TASKS_EXCHANGE, UNROUTED_QUEUE};
 use crate::config::BackendKind;
 use crate::domain::phase::Reason;
 use crate::domain::result::ResultMessage;
@@ -29,9 +29,13 @@ use crate::store::{Inserted, NewRejection, NewTask, StoreError};
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     let mut tenants_rx = ctx.tenants.subscribe();
+    let mut consumed: Vec<TenantName> = Vec::new();
     while !shutdown.is_cancelled() {
         tenants_rx.borrow_and_update();
-        let session = consume_all(ctx.clone(), shutdown.clone());
+        let current: Vec<TenantName> = ctx.tenants.borrow().keys().cloned().collect();
+        let removed: Vec<TenantName> = consumed.iter().filter(|t| !current.contains(t)).cloned().collect();
+        consumed = current;
+        let session = consume_all(ctx.clone(), removed, shutdown.clone());
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tenants_rx.changed() => {
@@ -55,11 +59,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 }
 
 /// One connection's life: declare, consume every queue, return when any consumer ends.
-async fn consume_all(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn consume_all(ctx: Arc<Context>, removed: Vec<TenantName>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let conn = connect(&ctx.settings.amqp_url, "agenttask-ingest").await?;
     let tenants = ctx.tenants.borrow().clone();
     let setup = conn.create_channel().await?;
     declare_topology(&setup, tenants.keys()).await?;
+    // A removed tenant's queue keeps what it holds, but new messages for that tenant go to the
+    // alternate exchange and get an UnknownTenant result instead of waiting unanswered.
+    for t in &removed {
+        setup
+            .queue_unbind(tasks_queue(t).as_str().into(), TASKS_EXCHANGE.into(), t.as_str().into(), FieldTable::default())
+            .await?;
+        tracing::info!(tenant = %t, "tenant removed; its task queue no longer receives messages");
+    }
     let _ = setup.close(200, "topology declared".into()).await;
 
     let mut consumers = tokio::task::JoinSet::new();
@@ -88,10 +100,13 @@ async fn consume_all(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::
                 .map(|d| {
                     let ctx = ctx.clone();
                     let tenant = tenant.clone();
+                    // Stamped here, in delivery order, before messages are handled concurrently:
+                    // this is what keeps a tenant's queue FIFO.
+                    let received_at = receipt_stamp();
                     async move {
                         let delivery = d?;
                         match &tenant {
-                            Some(t) => handle_task(&ctx, t, delivery).await,
+                            Some(t) => handle_task(&ctx, t, delivery, received_at).await,
                             None => handle_unrouted(&ctx, delivery).await,
                         };
                         Ok::<(), lapin::Error>(())
@@ -121,7 +136,21 @@ async fn consume_all(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::
 }
 
 /// Validates and stores one task message, then acks it. Never panics, never drops.
-async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery) {
+/// A strictly increasing timestamp (microseconds, Postgres' resolution) for submitted_at, so
+/// tasks received in order stay in order even when they arrive within the same microsecond.
+fn receipt_stamp() -> chrono::DateTime<Utc> {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = Utc::now().timestamp_micros();
+    let next = |prev: i64| now.max(prev + 1);
+    let prev = LAST
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| Some(next(p)))
+        .unwrap_or_else(|p| p);
+    let stamp = next(prev);
+    chrono::DateTime::from_timestamp_micros(stamp).unwrap_or_else(Utc::now)
+}
+
+async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery, received_at: chrono::DateTime<Utc>) {
     let props = &delivery.properties;
     let message_id = prop(props.message_id());
     let correlation_id = prop(props.correlation_id()).or(message_id);
@@ -190,14 +219,15 @@ async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery) {
                     spec: &sub.spec,
                     reply: &reply,
                     correlation_id,
+                    submitted_at: received_at,
                 })
                 .await;
             match res {
                 // A value Postgres refuses is the message's fault: reject it instead of looping.
-                Err(StoreError::Sql(sqlx::Error::Database(db))) => {
+                Err(e) if e.is_bad_value() => {
                     let rejection = validate::Rejection {
                         reason: Reason::ValidationFailed,
-                        message: format!("the task could not be stored: {}", db.message()),
+                        message: format!("the task could not be stored: {e}"),
                         client_id: sub.client_id.clone(),
                         batch_id: sub.spec.batch_id.clone(),
                         language: Some(sub.spec.language),

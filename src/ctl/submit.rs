@@ -241,10 +241,10 @@ fn print_result(r: &ResultMessage) {
         eprintln!("result: {result}");
     }
     let reason = r.reason.map(|x| format!(" ({x})")).unwrap_or_default();
-    let message = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
     let timing = match (r.duration_ms, r.queue_wait_ms) {
-        (Some(d), Some(q)) => format!(" in {d} ms, queued {q} ms"),
+        (Some(d), Some(q)) => format!(" after {d} ms (queued {q} ms)"),
         _ => String::new(),
     };
-    eprintln!("{}{reason}{message}{timing} — task {}", r.phase, r.task_id);
+    let message = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+    eprintln!("{}{reason}{timing}{message} — task {}", r.phase, r.task_id);
 }

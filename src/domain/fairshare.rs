@@ -78,7 +78,7 @@
 //!
 //! # Example (the scheduler's side)
 //!
-//! ```ignore
+//! ```text
 //! use std::collections::VecDeque;
 //! use crate::domain::fairshare::{decide, Policy, QueuedTask, Resources, Tenant};
 //!
@@ -103,7 +103,7 @@
 //!     // mark admitted in the store, take a token, add task.request() to state[a.tenant].running ...
 //! }
 //! ```
-//! (The same code is compiled and run in the `caller_example` test.)
+//! (The `caller_example` test compiles and runs this shape; `crate::scheduler` is the real caller.)
 
 use std::cmp::Ordering;
 use std::collections::binary_heap::PeekMut;

@@ -44,6 +44,20 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+impl StoreError {
+    /// Postgres refused a *value* (SQLSTATE class 22, data exception, e.g. an invalid escape in
+    /// JSON): retrying the same write can never succeed. Everything else (lost connections,
+    /// deadlocks, serialization failures, a full pool) is worth retrying.
+    pub fn is_bad_value(&self) -> bool {
+        match self {
+            StoreError::Sql(sqlx::Error::Database(db)) => {
+                db.code().is_some_and(|c| c.starts_with("22"))
+            }
+            _ => false,
+        }
+    }
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A handle on the database; cheap to clone.
@@ -141,8 +155,9 @@ async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<()> {
     let stmt = format!("create database \"{}\"", db.replace('"', "\"\""));
     match sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(&mut conn).await {
         Ok(_) => tracing::info!(database = %db, "created database"),
-        // Another process created it between our check and now.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+        // Another process created it between our check and now (42P04), or at the same
+        // moment (23505 on pg_database's unique index).
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
         Err(e) => return Err(e.into()),
     }
     let _ = conn.close().await;

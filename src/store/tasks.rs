@@ -21,6 +21,8 @@ pub struct NewTask<'a> {
     pub spec: &'a TaskSpec,
     pub reply: &'a ReplyRoute,
     pub correlation_id: Option<&'a str>,
+    /// When ingest received it; orders the tenant's queue.
+    pub submitted_at: DateTime<Utc>,
 }
 
 /// A refused message, stored as a `Rejected` task so it stays queryable and idempotent.
@@ -156,8 +158,8 @@ impl Store {
         let inserted: Option<Uuid> = sqlx::query_scalar(
             "insert into agenttask.tasks (task_id, tenant, client_id, batch_id, language, phase, \
                priority, timeout_seconds, cpu_millis, memory_bytes, isolation, labels, program, \
-               reply_exchange, reply_routing_key, correlation_id) \
-             values ($1, $2, $3, $4, $5, 'Queued', $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+               reply_exchange, reply_routing_key, correlation_id, submitted_at) \
+             values ($1, $2, $3, $4, $5, 'Queued', $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
              on conflict (tenant, client_id) where client_id is not null do nothing \
              returning task_id",
         )
@@ -176,6 +178,7 @@ impl Store {
         .bind(&t.reply.exchange)
         .bind(&t.reply.routing_key)
         .bind(t.correlation_id)
+        .bind(t.submitted_at)
         .fetch_optional(&self.pool)
         .await?;
         Ok(inserted.map_or(Inserted::Duplicate, Inserted::New))

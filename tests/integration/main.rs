@@ -9,3 +9,6 @@ mod pipeline;
 
 /// The local sandbox against attacks: each attack fails and a normal task still runs.
 mod sandbox;
+
+/// Fair-share admission, quotas and the scheduler's leadership.
+mod admission;

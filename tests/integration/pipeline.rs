@@ -201,9 +201,9 @@ async fn resubmitting_the_same_id_creates_no_second_task() {
         client.publish_raw(&tenant, &body, client.props("mid").with_message_id("mid-1".into())).await;
     }
     let (r, _) = client.next(WAIT).await;
-    assert_eq!(r["phase"], "Succeeded");
+    assert_eq!(r["phase"], "Succeeded", "{r:#}");
     let (r2, _) = client.next(WAIT).await;
-    assert_eq!(r2["phase"], "Succeeded");
+    assert_eq!(r2["phase"], "Succeeded", "{r2:#}");
     assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result per key");
     let pool = env.pg().await;
     let n: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks").fetch_one(&pool).await.unwrap();
@@ -222,8 +222,7 @@ async fn a_timeout_kills_the_task() {
         .submit(&env.tenant("a"), &json!({"id": "slow", "language": "python", "code": "import time\nprint('start', flush=True)\ntime.sleep(60)", "timeout_seconds": 1}))
         .await;
     let (r, _) = client.next(WAIT).await;
-    assert_eq!(r["phase"], "Failed");
-    assert_eq!(r["reason"], "TimedOut");
+    assert_eq!((r["phase"].as_str(), r["reason"].as_str()), (Some("Failed"), Some("TimedOut")), "{r:#}");
     assert!(r["duration_ms"].as_i64().unwrap() < 10_000, "{r:#}");
     svc.stop().await;
     env.cleanup().await;

@@ -98,23 +98,24 @@ impl Env {
     }
 
     pub async fn start_with(&self, settings: Settings) -> Service {
+        let components_include_ingest = settings.runs(Component::Ingest);
         let shutdown = CancellationToken::new();
         let http_addr = settings.http_addr;
         let handle = tokio::spawn(agenttask::service::run(settings, shutdown.clone()));
         let svc = Service { shutdown, handle, http_addr };
-        // Ready when the database exists and queues are declared: wait for the tenant queues.
+        // Ready when every tenant's task queue has a consumer (before that, a message for the
+        // tenant would be routed to the alternate exchange as an unknown tenant).
         let conn = self.connect().await;
-        for _ in 0..200 {
-            let ch = conn.create_channel().await.unwrap();
-            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-            if ch.queue_declare("agenttask.unrouted".into(), passive, FieldTable::default()).await.is_ok() {
-                let _ = ch.close(200, "ok".into()).await;
-                break;
+        if components_include_ingest {
+            let text = std::fs::read_to_string(&self.tenants_path).unwrap();
+            let tenants = agenttask::domain::tenant::parse_tenants(&text).unwrap();
+            for t in tenants.keys() {
+                let q = format!("agenttask.tasks.{t}");
+                eventually(Duration::from_secs(30), || queue_has_consumer(&conn, &q)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        // Consumers attach right after declaring; give them a moment.
-        tokio::time::sleep(Duration::from_millis(300)).await;
         let _ = conn.close(200, "ok".into()).await;
         svc
     }
@@ -258,3 +259,82 @@ where
 }
 
 pub const ONE_TENANT: &str = "[tenants.{t}-a]\n";
+
+/// A service in its own OS process (`agenttask serve`), for tests that kill processes.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl Env {
+    pub fn spawn_process(&self, name: &str, components: &str, http_port: u16, max_running: u32) -> Process {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenttask"))
+            .args(["serve", "--components", components])
+            .env("AGENTTASK_DATABASE_URL", &self.database_url)
+            .env("AGENTTASK_AMQP_URL", &self.amqp_url)
+            .env("AGENTTASK_TENANTS", &self.tenants_path)
+            .env("AGENTTASK_DATA_DIR", self.dir.path().join(format!("data-{name}")))
+            .env("AGENTTASK_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("AGENTTASK_MAX_RUNNING", max_running.to_string())
+            .env("AGENTTASK_ADMIN_TOKEN", "test-admin-token")
+            .env("AGENTTASK_LOG", "info,agenttask=debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("agenttask starts");
+        Process { child, log }
+    }
+}
+
+impl Process {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    /// A failing test shows what the process said.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let status = self.child.try_wait();
+            eprintln!("----- {} ({status:?}) -----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// Counts rows of a query returning one bigint.
+pub async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// A task that sleeps, for tests that need tasks to hold their slot for a while.
+pub fn sleeper(id: &str, seconds: f64) -> Value {
+    serde_json::json!({"id": id, "language": "python", "code": format!("import time\ntime.sleep({seconds})"), "timeout_seconds": 60})
+}
+
+/// Publishes without a reply queue (results go to the tenant's results queue).
+pub async fn publish_plain(ch: &Channel, tenant: &str, task: &Value) {
+    let props = BasicProperties::default().with_content_type("application/json".into());
+    let c = ch
+        .basic_publish("agenttask.tasks".into(), tenant.into(), BasicPublishOptions::default(), &serde_json::to_vec(task).unwrap(), props)
+        .await
+        .unwrap();
+    let _ = c;
+}
+
+/// Whether `queue` exists and has a consumer. Uses a throwaway channel: a passive declare of a
+/// missing queue closes the channel it runs on.
+pub async fn queue_has_consumer(conn: &Connection, queue: &str) -> bool {
+    let Ok(ch) = conn.create_channel().await else { return false };
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let found = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .map(|q| q.consumer_count() > 0)
+        .unwrap_or(false);
+    let _ = ch.close(200, "ok".into()).await;
+    found
+}
