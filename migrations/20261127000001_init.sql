@@ -109,8 +109,8 @@ create trigger tenants_notify after insert or update or delete on agenttask.tena
 create view agenttask.task_results as
 select task_id, tenant, client_id, batch_id, language, phase, reason, exit_code, result,
        stdout, stderr, labels, backend, submitted_at, admitted_at, started_at, finished_at,
-       (extract(epoch from (admitted_at - submitted_at)) * 1000)::bigint as queue_wait_ms,
-       (extract(epoch from (finished_at - started_at)) * 1000)::bigint as duration_ms
+       greatest(0, (extract(epoch from (admitted_at - submitted_at)) * 1000)::bigint) as queue_wait_ms,
+       greatest(0, (extract(epoch from (finished_at - started_at)) * 1000)::bigint) as duration_ms
 from agenttask.tasks;
 
 create view agenttask.batch_summary as

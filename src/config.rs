@@ -60,7 +60,8 @@ pub struct ServeArgs {
     /// RabbitMQ URL [default: amqp://guest:guest@127.0.0.1:5672/%2f]
     #[arg(long, env = "AGENTTASK_AMQP_URL")]
     pub amqp_url: Option<String>,
-    /// Tenants file (TOML): quotas per tenant. Reloaded on SIGHUP [default: ./tenants.toml]
+    /// Tenants file (TOML): quotas per tenant, applied at start and on SIGHUP [default:
+    /// ./tenants.toml if it exists, else the tenants last applied to the database]
     #[arg(long, env = "AGENTTASK_TENANTS")]
     pub tenants: Option<PathBuf>,
     /// Address of /metrics, /healthz, /readyz and the task API [default: 127.0.0.1:9464]

@@ -5,8 +5,8 @@
 //! housekeeping hands its tasks to another executor. On a clean shutdown running tasks are
 //! killed and handed back at once.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -27,12 +27,19 @@ pub async fn run(ctx: Arc<Context>, backend: Arc<dyn Backend>, shutdown: Cancell
     let owner = Uuid::new_v4();
     let slots = Arc::new(Semaphore::new(ctx.settings.max_running as usize));
     let mut runs = tokio::task::JoinSet::new();
+    // What this process is running right now; only these leases are renewed.
+    let running: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
     let heartbeat = {
         let ctx = ctx.clone();
+        let running = running.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LEASE / 3).await;
-                if let Err(e) = ctx.store.renew_leases(owner, LEASE).await {
+                let ids: Vec<Uuid> = running.lock().expect("not poisoned").iter().copied().collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                if let Err(e) = ctx.store.renew_leases(owner, &ids, LEASE).await {
                     tracing::warn!(error = %e, "cannot renew executor leases");
                 }
             }
@@ -62,8 +69,12 @@ pub async fn run(ctx: Arc<Context>, backend: Arc<dyn Backend>, shutdown: Cancell
             let permit = slots.clone().acquire_owned().await.expect("semaphore never closes");
             let ctx = ctx.clone();
             let backend = backend.clone();
+            let running = running.clone();
+            running.lock().expect("not poisoned").insert(task.task_id);
             runs.spawn(async move {
+                let task_id = task.task_id;
                 run_one(&ctx, backend.as_ref(), task).await;
+                running.lock().expect("not poisoned").remove(&task_id);
                 drop(permit);
                 // A slot is free: more may be claimable, and the scheduler may admit more.
                 ctx.wake.executor.notify_one();
@@ -90,8 +101,14 @@ pub async fn run(ctx: Arc<Context>, backend: Arc<dyn Backend>, shutdown: Cancell
 
 async fn run_one(ctx: &Context, backend: &dyn Backend, task: ClaimedTask) {
     let started = chrono::Utc::now();
-    if let Err(e) = ctx.store.mark_running(task.task_id, task.attempt, started).await {
-        tracing::warn!(task_id = %task.task_id, error = %e, "cannot mark task running");
+    match ctx.store.mark_running(task.task_id, task.attempt, started).await {
+        Ok(true) => {}
+        // Another attempt owns the task now (our claim expired): do not run it twice.
+        Ok(false) => {
+            tracing::warn!(task_id = %task.task_id, "task is no longer ours to run; skipping");
+            return;
+        }
+        Err(e) => tracing::warn!(task_id = %task.task_id, error = %e, "cannot mark task running"),
     }
     let timeout_seconds = task.timeout_seconds;
     let language = task.language;
@@ -104,6 +121,7 @@ async fn run_one(ctx: &Context, backend: &dyn Backend, task: ClaimedTask) {
     let duration = (run.finished_at - run.started_at).num_milliseconds().max(0) as f64 / 1000.0;
     // The result must reach the database; keep trying through a database outage.
     let mut wait = Duration::from_millis(200);
+    let mut stripped = false;
     loop {
         match ctx.store.finish(task.task_id, task.attempt, &run).await {
             Ok(true) => break,
@@ -113,7 +131,12 @@ async fn run_one(ctx: &Context, backend: &dyn Backend, task: ClaimedTask) {
             }
             // Postgres refused a value (not an outage): record the failure without the payload
             // rather than retrying forever.
-            Err(e) if e.is_bad_value() && run.reason != Some(Reason::BackendError) => {
+            Err(e) if e.is_bad_value() && stripped => {
+                tracing::error!(task_id = %task.task_id, error = %e, "outcome cannot be stored even without its payload; the task will be retried when its lease expires");
+                return;
+            }
+            Err(e) if e.is_bad_value() => {
+                stripped = true;
                 tracing::warn!(task_id = %task.task_id, error = %e, "outcome could not be stored; recording a BackendError instead");
                 run = FinishedRun {
                     phase: Phase::Failed,

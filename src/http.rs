@@ -42,7 +42,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
 }
 
 async fn readyz(State(ctx): State<Arc<Context>>) -> Response {
-    let db = ctx.ready.db.load(Ordering::Relaxed) && ctx.store.ping().await;
+    let db = ctx.store.ping().await;
     let amqp = ctx.ready.amqp.load(Ordering::Relaxed);
     let body = format!("database: {}\nrabbitmq: {}\n", ok(db), ok(amqp));
     let status = if db && amqp { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -138,8 +138,15 @@ async fn get_task(
         return resp;
     }
     let found = match (uuid::Uuid::parse_str(&id), q.tenant.as_deref()) {
-        (Ok(task_id), _) => ctx.store.get_task(task_id).await,
-        (Err(_), Some(tenant)) => ctx.store.find_task(tenant, &id).await,
+        // With a tenant, the id is first the client's key (agentctl's keys are uuids too).
+        (parsed, Some(tenant)) => match ctx.store.find_task(tenant, &id).await {
+            Ok(None) => match parsed {
+                Ok(task_id) => ctx.store.get_task(task_id).await,
+                Err(_) => Ok(None),
+            },
+            other => other,
+        },
+        (Ok(task_id), None) => ctx.store.get_task(task_id).await,
         (Err(_), None) => {
             return error(
                 StatusCode::BAD_REQUEST,

@@ -25,6 +25,8 @@ pub struct Wake {
     pub publisher: Notify,
     /// Tenants whose queue changed since the scheduler last looked.
     dirty: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Notifications may have been missed: every tenant must be looked at again.
+    all_dirty: AtomicBool,
 }
 
 impl Wake {
@@ -37,12 +39,24 @@ impl Wake {
     pub fn take_dirty(&self) -> Vec<String> {
         self.dirty.lock().expect("not poisoned").drain().collect()
     }
+
+    /// True once after [`Wake::everything_changed`].
+    pub fn take_all_dirty(&self) -> bool {
+        self.all_dirty.swap(false, Ordering::SeqCst)
+    }
+
+    /// Notifications may have been lost (the listener reconnected): recheck every queue.
+    pub fn everything_changed(&self) {
+        self.all_dirty.store(true, Ordering::SeqCst);
+        self.scheduler.notify_one();
+        self.executor.notify_one();
+        self.publisher.notify_one();
+    }
 }
 
-/// What `/readyz` reports.
+/// What `/readyz` reports besides the database (which it pings).
 #[derive(Default)]
 pub struct Ready {
-    pub db: AtomicBool,
     pub amqp: AtomicBool,
 }
 
@@ -78,7 +92,7 @@ impl Context {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = Store::connect(&settings.database_url, 16).await?;
+    let store = Store::connect(&settings.database_url, 32).await?;
     // The tenants file, when given, is applied to the database; otherwise the tenants last
     // applied (by another process or `agentctl tenant apply`) are used.
     let tenants = if settings.tenants_path.is_some() {
@@ -119,7 +133,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         ready: Ready::default(),
         settings,
     });
-    ctx.ready.db.store(true, Ordering::Relaxed);
     if !ctx.settings.runs(Component::Ingest) {
         ctx.ready.amqp.store(true, Ordering::Relaxed);
     }
@@ -166,7 +179,6 @@ async fn listen(ctx: Arc<Context>, shutdown: CancellationToken) {
         let mut listener = match sqlx::postgres::PgListener::connect_with(ctx.store.pool()).await {
             Ok(l) => l,
             Err(e) => {
-                ctx.ready.db.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %e, "cannot listen for notifications; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -177,8 +189,7 @@ async fn listen(ctx: Arc<Context>, shutdown: CancellationToken) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        ctx.ready.db.store(true, Ordering::Relaxed);
-        // Missed notifications while reconnecting: wake everyone once.
+            // Missed notifications while reconnecting: wake everyone once.
         wake_all(&ctx);
         loop {
             let n = tokio::select! {
@@ -231,9 +242,7 @@ async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken
 }
 
 fn wake_all(ctx: &Context) {
-    ctx.wake.scheduler.notify_one();
-    ctx.wake.executor.notify_one();
-    ctx.wake.publisher.notify_one();
+    ctx.wake.everything_changed();
 }
 
 async fn reload_on_sighup(ctx: Arc<Context>, shutdown: CancellationToken) {

@@ -2,21 +2,22 @@
 //!
 //! A message is acked only once its task (or its rejection and result) is committed in Postgres,
 //! so a crash at any point leads to a redelivery, and redeliveries are idempotent on
-//! `(tenant, client id)`. Database outages nack with requeue after a pause; they never drop a
-//! message and never stop the consumer.
+//! `(tenant, client id)`. Database outages are retried while the message is held; they never
+//! drop a message and never stop the consumer.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{connect, declare_topology, prop, tasks_queue, TASKS_EXCHANGE, UNROUTED_QUEUE};
+use super::{connect, declare_exchanges, declare_tenant, prop, tasks_queue, TASKS_EXCHANGE, UNROUTED_QUEUE};
 use crate::config::BackendKind;
 use crate::domain::phase::Reason;
 use crate::domain::result::ResultMessage;
@@ -25,112 +26,156 @@ use crate::domain::validate::{self, reply_route, BackendIsolation, Envelope, Rep
 use crate::service::Context;
 use crate::store::{Inserted, NewRejection, NewTask, StoreError};
 
-/// Runs until `shutdown`, reconnecting with backoff and re-subscribing when the tenants change.
+/// Runs until `shutdown`: one consumer per tenant queue (and one for unknown tenants), each on
+/// its own connection, started and stopped as tenants come and go.
+///
+/// A connection per queue is what contains a poison message: a message the AMQP client cannot
+/// parse kills the connection it arrives on, at every redelivery, until the broker's delivery
+/// limit dead-letters it; only that tenant's consumer is affected meanwhile.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
-    let mut tenants_rx = ctx.tenants.subscribe();
-    let mut consumed: Vec<TenantName> = Vec::new();
-    while !shutdown.is_cancelled() {
-        tenants_rx.borrow_and_update();
-        let current: Vec<TenantName> = ctx.tenants.borrow().keys().cloned().collect();
-        let removed: Vec<TenantName> = consumed.iter().filter(|t| !current.contains(t)).cloned().collect();
-        consumed = current;
-        let session = consume_all(ctx.clone(), removed, shutdown.clone());
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tenants_rx.changed() => {
-                tracing::info!("tenants changed; re-subscribing to task queues");
-                backoff = Duration::from_millis(100);
-                continue;
-            }
-            res = session => match res {
-                Ok(()) => backoff = Duration::from_millis(100),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "ingest lost its RabbitMQ connection");
-                }
-            },
+    loop {
+        match declare_shared(&ctx).await {
+            Ok(()) => break,
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot declare the AMQP topology"),
         }
         tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    ctx.ready.amqp.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut tenants_rx = ctx.tenants.subscribe();
+    let mut consumers: HashMap<Option<TenantName>, CancellationToken> = HashMap::new();
+    loop {
+        let current: Vec<TenantName> = tenants_rx.borrow_and_update().keys().cloned().collect();
+        let wanted: Vec<Option<TenantName>> =
+            current.iter().cloned().map(Some).chain(std::iter::once(None)).collect();
+        for queue in &wanted {
+            if !consumers.contains_key(queue) {
+                let stop = shutdown.child_token();
+                tokio::spawn(consume_queue(ctx.clone(), queue.clone(), stop.clone()));
+                consumers.insert(queue.clone(), stop);
+            }
+        }
+        let removed: Vec<Option<TenantName>> =
+            consumers.keys().filter(|q| !wanted.contains(q)).cloned().collect();
+        for queue in removed {
+            if let Some(stop) = consumers.remove(&queue) {
+                stop.cancel();
+            }
+            if let Some(tenant) = queue {
+                tokio::spawn(unbind_removed(ctx.clone(), tenant));
+            }
+        }
+        tracing::info!(tenants = current.len(), "ingest consuming");
+        tokio::select! {
             _ = shutdown.cancelled() => break,
+            changed = tenants_rx.changed() => if changed.is_err() { break },
+        }
+    }
+    for stop in consumers.values() {
+        stop.cancel();
+    }
+}
+
+async fn declare_shared(ctx: &Context) -> anyhow::Result<()> {
+    let conn = connect(&ctx.settings.amqp_url, "agenttask-ingest-setup").await?;
+    let ch = conn.create_channel().await?;
+    declare_exchanges(&ch).await?;
+    let _ = conn.close(200, "topology declared".into()).await;
+    Ok(())
+}
+
+/// A removed tenant's queue keeps what it holds, but new messages for that tenant go to the
+/// alternate exchange and get an UnknownTenant result instead of waiting unanswered.
+async fn unbind_removed(ctx: Arc<Context>, tenant: TenantName) {
+    let res: anyhow::Result<()> = async {
+        let conn = connect(&ctx.settings.amqp_url, "agenttask-ingest-setup").await?;
+        let ch = conn.create_channel().await?;
+        ch.queue_unbind(tasks_queue(&tenant).as_str().into(), TASKS_EXCHANGE.into(), tenant.as_str().into(), FieldTable::default())
+            .await?;
+        let _ = conn.close(200, "unbound".into()).await;
+        Ok(())
+    }
+    .await;
+    match res {
+        Ok(()) => tracing::info!(%tenant, "tenant removed; its task queue no longer receives messages"),
+        Err(e) => tracing::warn!(%tenant, error = %e, "could not unbind a removed tenant's queue"),
+    }
+}
+
+/// Keeps one queue consumed until `stop`, reconnecting with backoff.
+async fn consume_queue(ctx: Arc<Context>, tenant: Option<TenantName>, stop: CancellationToken) {
+    let queue = tenant.as_ref().map_or_else(|| UNROUTED_QUEUE.to_owned(), tasks_queue);
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        let started = std::time::Instant::now();
+        if let Err(e) = consume_once(&ctx, tenant.as_ref(), &queue, &stop).await {
+            tracing::warn!(%queue, error = %e, retry_in = ?backoff, "consumer lost its RabbitMQ connection");
+        }
+        // A session that lasted is not part of a failure streak.
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
-/// One connection's life: declare, consume every queue, return when any consumer ends.
-async fn consume_all(ctx: Arc<Context>, removed: Vec<TenantName>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let conn = connect(&ctx.settings.amqp_url, "agenttask-ingest").await?;
-    let tenants = ctx.tenants.borrow().clone();
-    let setup = conn.create_channel().await?;
-    declare_topology(&setup, tenants.keys()).await?;
-    // A removed tenant's queue keeps what it holds, but new messages for that tenant go to the
-    // alternate exchange and get an UnknownTenant result instead of waiting unanswered.
-    for t in &removed {
-        setup
-            .queue_unbind(tasks_queue(t).as_str().into(), TASKS_EXCHANGE.into(), t.as_str().into(), FieldTable::default())
-            .await?;
-        tracing::info!(tenant = %t, "tenant removed; its task queue no longer receives messages");
+/// One connection's life for one queue. Returns Ok when stopped, Err when the connection or
+/// consumer ended.
+async fn consume_once(
+    ctx: &Arc<Context>,
+    tenant: Option<&TenantName>,
+    queue: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let name = tenant.map_or("unrouted", |t| t.as_str());
+    let conn = connect(&ctx.settings.amqp_url, &format!("agenttask-ingest-{name}")).await?;
+    let channel = conn.create_channel().await?;
+    if let Some(t) = tenant {
+        declare_tenant(&channel, t).await?;
     }
-    let _ = setup.close(200, "topology declared".into()).await;
-
-    let mut consumers = tokio::task::JoinSet::new();
-    let mut queues: Vec<(Option<TenantName>, String)> =
-        tenants.keys().map(|t| (Some(t.clone()), tasks_queue(t))).collect();
-    queues.push((None, UNROUTED_QUEUE.to_owned()));
-    for (tenant, queue) in queues {
-        let channel = conn.create_channel().await?;
-        channel
-            .basic_qos(ctx.settings.prefetch, BasicQosOptions::default())
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                format!("agenttask-ingest-{}", Uuid::new_v4()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let ctx = ctx.clone();
-        let prefetch = ctx.settings.prefetch as usize;
-        consumers.spawn(async move {
-            // Keep the channel alive as long as its consumer.
-            let _channel = channel;
-            let result: Result<(), lapin::Error> = consumer
-                .map(|d| {
-                    let ctx = ctx.clone();
-                    let tenant = tenant.clone();
-                    // Stamped here, in delivery order, before messages are handled concurrently:
-                    // this is what keeps a tenant's queue FIFO.
-                    let received_at = receipt_stamp();
-                    async move {
-                        let delivery = d?;
-                        match &tenant {
-                            Some(t) => handle_task(&ctx, t, delivery, received_at).await,
-                            None => handle_unrouted(&ctx, delivery).await,
-                        };
-                        Ok::<(), lapin::Error>(())
-                    }
-                })
-                .buffer_unordered(prefetch)
-                .fold(Ok(()), |acc, r| async move { acc.and(r) })
-                .await;
-            (queue, result)
-        });
-    }
-    tracing::info!(tenants = tenants.len(), "ingest consuming");
-    ctx.ready.amqp.store(true, std::sync::atomic::Ordering::Relaxed);
+    channel.basic_qos(ctx.settings.prefetch, BasicQosOptions::default()).await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            format!("agenttask-ingest-{}", Uuid::new_v4()).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let prefetch = ctx.settings.prefetch as usize;
+    let consumed = consumer
+        .map(|d| {
+            let ctx = ctx.clone();
+            let tenant = tenant.cloned();
+            // Stamped here, in delivery order, before messages are handled concurrently:
+            // this is what keeps a tenant's queue FIFO.
+            let received_at = receipt_stamp();
+            async move {
+                let delivery = d?;
+                match &tenant {
+                    Some(t) => handle_task(&ctx, t, delivery, received_at).await,
+                    None => handle_unrouted(&ctx, delivery).await,
+                };
+                Ok::<(), lapin::Error>(())
+            }
+        })
+        .buffer_unordered(prefetch)
+        .fold(Ok(()), |acc, r| async move { acc.and(r) });
     let outcome = tokio::select! {
-        _ = shutdown.cancelled() => Ok(()),
-        ended = consumers.join_next() => match ended {
-            Some(Ok((queue, Ok(())))) => Err(anyhow::anyhow!("consumer of {queue} was cancelled by the broker")),
-            Some(Ok((queue, Err(e)))) => Err(anyhow::anyhow!("consumer of {queue} failed: {e}")),
-            Some(Err(e)) => Err(anyhow::anyhow!("consumer task failed: {e}")),
-            None => Ok(()),
+        _ = stop.cancelled() => Ok(()),
+        res = consumed => match res {
+            Ok(()) => Err(anyhow::anyhow!("the broker cancelled the consumer")),
+            Err(e) => Err(e.into()),
         },
     };
-    ctx.ready.amqp.store(false, std::sync::atomic::Ordering::Relaxed);
-    consumers.abort_all();
     let _ = conn.close(200, "agenttask ingest stopping".into()).await;
     outcome
 }
@@ -209,18 +254,64 @@ async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery, rec
         (v, _) => v,
     };
 
-    let stored = match &verdict {
+    // A database outage is retried here, holding the message, rather than nacked: every
+    // redelivery counts against the queue's delivery limit, which is meant for poison only.
+    let mut wait = Duration::from_millis(200);
+    let stored = loop {
+        match store(ctx, tenant, &verdict, &reply, correlation_id, received_at, !delivery.redelivered).await {
+            Ok(done) => break done,
+            Err(e) => {
+                tracing::warn!(%tenant, error = %e, retry_in = ?wait, "cannot store task; retrying");
+                if !delivery.acker.usable() {
+                    // The channel is gone: the broker redelivers the message elsewhere.
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    match stored {
+        (Inserted::New(task_id), None) => {
+            ctx.metrics.submitted.with_label_values(&[tenant.as_str()]).inc();
+            tracing::debug!(%tenant, %task_id, "task queued");
+        }
+        (Inserted::New(task_id), Some(reason)) => {
+            ctx.metrics.rejected.with_label_values(&[tenant.as_str(), reason.as_str()]).inc();
+            tracing::info!(%tenant, %task_id, %reason, "task rejected");
+        }
+        (Inserted::Duplicate, _) => {
+            tracing::debug!(%tenant, "duplicate submit ignored (same id)");
+        }
+    }
+    ack(&delivery).await;
+}
+
+/// Stores a task or its rejection. `Some(reason)` in the answer when it was a rejection.
+async fn store(
+    ctx: &Context,
+    tenant: &TenantName,
+    verdict: &Result<validate::Submission, validate::Rejection>,
+    reply: &ReplyRoute,
+    correlation_id: Option<&str>,
+    received_at: chrono::DateTime<Utc>,
+    fresh: bool,
+) -> Result<(Inserted, Option<Reason>), StoreError> {
+    match verdict {
         Ok(sub) => {
             let res = ctx
                 .store
-                .insert_task(&NewTask {
-                    tenant: tenant.as_str(),
-                    client_id: sub.client_id.as_deref(),
-                    spec: &sub.spec,
-                    reply: &reply,
-                    correlation_id,
-                    submitted_at: received_at,
-                })
+                .insert_task(
+                    &NewTask {
+                        tenant: tenant.as_str(),
+                        client_id: sub.client_id.as_deref(),
+                        spec: &sub.spec,
+                        reply,
+                        correlation_id,
+                        submitted_at: received_at,
+                    },
+                    fresh,
+                )
                 .await;
             match res {
                 // A value Postgres refuses is the message's fault: reject it instead of looping.
@@ -232,44 +323,12 @@ async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery, rec
                         batch_id: sub.spec.batch_id.clone(),
                         language: Some(sub.spec.language),
                     };
-                    store_rejection(ctx, tenant, &rejection, &reply, correlation_id).await
+                    store_rejection(ctx, tenant, &rejection, reply, correlation_id, fresh).await
                 }
                 other => other.map(|ins| (ins, None)),
             }
         }
-        Err(rej) => {
-            store_rejection(ctx, tenant, rej, &reply, correlation_id)
-                .await
-                .map(|(ins, _)| (ins, Some(rej.reason)))
-        }
-    };
-
-    match stored {
-        Ok((inserted, rejected)) => {
-            match (inserted, rejected) {
-                (Inserted::New(task_id), None) => {
-                    ctx.metrics.submitted.with_label_values(&[tenant.as_str()]).inc();
-                    tracing::debug!(%tenant, %task_id, "task queued");
-                }
-                (Inserted::New(task_id), Some(reason)) => {
-                    ctx.metrics.rejected.with_label_values(&[tenant.as_str(), reason.as_str()]).inc();
-                    tracing::info!(%tenant, %task_id, %reason, "task rejected");
-                }
-                (Inserted::Duplicate, _) => {
-                    tracing::debug!(%tenant, "duplicate submit ignored (same id)");
-                }
-            }
-            ack(&delivery).await;
-        }
-        Err(e) => {
-            tracing::warn!(%tenant, error = %e, "cannot store task; will retry the message");
-            ctx.ready.db.store(false, std::sync::atomic::Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions { requeue: true, ..Default::default() })
-                .await;
-        }
+        Err(rej) => store_rejection(ctx, tenant, rej, reply, correlation_id, fresh).await,
     }
 }
 
@@ -279,6 +338,7 @@ async fn store_rejection(
     rejection: &validate::Rejection,
     reply: &ReplyRoute,
     correlation_id: Option<&str>,
+    fresh: bool,
 ) -> Result<(Inserted, Option<Reason>), StoreError> {
     let ins = ctx
         .store
@@ -291,7 +351,7 @@ async fn store_rejection(
             message: &rejection.message,
             reply,
             correlation_id,
-        })
+        }, fresh)
         .await?;
     Ok((ins, Some(rejection.reason)))
 }
@@ -326,17 +386,21 @@ async fn handle_unrouted(ctx: &Context, delivery: Delivery) {
         Utc::now(),
     );
     let correlation_id = prop(props.correlation_id()).or(message_id);
-    match ctx.store.enqueue_orphan_result(&result, &route, correlation_id).await {
-        Ok(()) => ack(&delivery).await,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot store an UnknownTenant result; will retry");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions { requeue: true, ..Default::default() })
-                .await;
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match ctx.store.enqueue_orphan_result(&result, &route, correlation_id).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot store an UnknownTenant result; retrying");
+                if !delivery.acker.usable() {
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
         }
     }
+    ack(&delivery).await;
 }
 
 async fn ack(delivery: &Delivery) {

@@ -103,8 +103,13 @@ impl<E: std::fmt::Display> From<E> for CtlError {
 }
 
 pub fn main() -> ExitCode {
+    crate::amqp::reserve_parser_stack();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_stack_size(crate::amqp::THREAD_STACK_BYTES)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");

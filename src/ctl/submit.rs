@@ -149,7 +149,11 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
         .tenant
         .clone()
         .ok_or_else(|| CtlError("no tenant: pass --tenant NAME or set AGENTCTL_TENANT".into()))?;
+    crate::domain::tenant::TenantName::parse(&tenant).map_err(CtlError)?;
     let id = args.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    if !crate::domain::validate::is_valid_key(&id) {
+        return Err(CtlError(format!("--id {id:?}: use 1-128 letters, digits, '.', '_', ':' or '-'")));
+    }
     let task = build_task(args, &id)?;
     let body = serde_json::to_vec(&task)?;
 

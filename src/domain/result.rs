@@ -182,6 +182,16 @@ mod tests {
     }
 }
 
+/// Text Postgres can store: NUL replaced. For anything that may carry bytes from a message or a
+/// program (error messages quoting input, correlation ids, backend stderr).
+pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 /// Replaces NUL in every string and key of a JSON document: Postgres `jsonb` cannot store
 /// `\u0000`, and a program's result file may contain anything.
 pub fn storable_json(v: serde_json::Value) -> serde_json::Value {

@@ -191,8 +191,11 @@ impl TenantPolicy {
         if self.default_memory_bytes > self.max_memory_bytes {
             return Err("default_memory is larger than max_memory".into());
         }
-        if self.max_code_bytes > 64 << 20 {
-            return Err("max_code_bytes is above the 64 MiB the service accepts".into());
+        if self.max_code_bytes > 16 << 20 {
+            return Err("max_code_bytes is above the 16 MiB the service accepts".into());
+        }
+        if self.default_memory_bytes < super::validate::limits::MIN_MEMORY_BYTES {
+            return Err("default_memory is below the 16Mi every task needs".into());
         }
         if self.isolation.is_empty() {
             return Err("isolation must allow at least one value, e.g. [\"standard\"]".into());

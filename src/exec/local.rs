@@ -332,7 +332,8 @@ impl LocalBackend {
             started_at,
             finished_at: Utc::now(),
         };
-        // Unmounting a big scratch can take a moment; keep it off the async workers.
+        // Unmounting a big scratch can take a moment; keep it off the async workers. Awaited, so
+        // that when a run returns nothing of it is left on the host.
         let _ = tokio::task::spawn_blocking(move || drop(run)).await;
         outcome
     }

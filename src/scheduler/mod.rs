@@ -30,6 +30,8 @@ use view::{Heads, View};
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
 /// Executions per task before a vanished executor fails it.
 pub const MAX_ATTEMPTS: i32 = 3;
+/// How often every tenant's cached heads are refetched regardless of notifications.
+const FULL_REFRESH_EVERY: Duration = Duration::from_secs(30);
 /// Admissions per transaction, to keep rounds short under a huge backlog.
 const MAX_ADMISSIONS_PER_ROUND: usize = 512;
 
@@ -78,6 +80,7 @@ async fn lead(ctx: &Context, conn: &mut sqlx::PgConnection, shutdown: &Cancellat
     let mut view = View::default();
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
     let mut last_round = Instant::now();
+    let mut last_full_refresh = Instant::now();
     while !shutdown.is_cancelled() {
         // Register for the next wake-up before reading state, so an event during the round is
         // not missed.
@@ -89,6 +92,11 @@ async fn lead(ctx: &Context, conn: &mut sqlx::PgConnection, shutdown: &Cancellat
         let outcome = round(ctx, conn, &mut view, elapsed).await?;
         if outcome.admitted > 0 {
             ctx.wake.executor.notify_one();
+        }
+        if last_full_refresh.elapsed() >= FULL_REFRESH_EVERY {
+            // A safety net under the notifications, which are the normal path.
+            last_full_refresh = Instant::now();
+            view.mark_all_dirty();
         }
         if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
             last_housekeeping = Instant::now();
@@ -135,6 +143,9 @@ async fn round(
     view.sync(&config);
     for tenant in ctx.wake.take_dirty() {
         view.mark_dirty(&tenant);
+    }
+    if ctx.wake.take_all_dirty() {
+        view.mark_all_dirty();
     }
     let mut tx = AdmissionRound::begin(conn).await?;
     let usage: HashMap<String, RunningUsage> =
@@ -205,12 +216,13 @@ async fn round(
     };
     let decision = decide(&views, total, now_ms, &policy)?;
     drop(views);
+    // Stopped at the per-round cap: there may be more to admit right away.
+    let mut again = decision.admissions.len() >= MAX_ADMISSIONS_PER_ROUND;
 
     // Apply in decision order; each admission also takes a token from the tenant's bucket.
     let mut taken = vec![0usize; names.len()];
     let mut out_of_tokens = vec![false; names.len()];
     let mut ids = Vec::with_capacity(decision.admissions.len());
-    let mut again = false;
     for a in &decision.admissions {
         let i = a.tenant;
         if i >= names.len() || out_of_tokens[i] {

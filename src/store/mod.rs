@@ -98,9 +98,17 @@ impl Store {
         &self.pool
     }
 
-    /// A connection outside the pool, for state that lives as long as a session (locks).
+    /// A connection outside the pool, for state that lives as long as a session (locks). The
+    /// server probes it every few seconds, so a session whose host vanished (not just its
+    /// process) is closed, and its locks released, in about 25 s rather than hours.
     pub async fn dedicated_connection(&self) -> Result<sqlx::PgConnection> {
         self.opts
+            .clone()
+            .options([
+                ("tcp_keepalives_idle", "10"),
+                ("tcp_keepalives_interval", "5"),
+                ("tcp_keepalives_count", "3"),
+            ])
             .connect()
             .await
             .map_err(|source| StoreError::Unreachable { target: describe(&self.opts), source })

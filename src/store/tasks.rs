@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{Result, Store};
 use crate::domain::phase::{Phase, Reason};
-use crate::domain::result::{millis_between, Artifact, ResultMessage};
+use crate::domain::result::{millis_between, storable_text, Artifact, ResultMessage};
 use crate::domain::task::{Language, Program, TaskSpec};
 use crate::domain::validate::ReplyRoute;
 
@@ -152,9 +152,16 @@ struct ReplyColumns {
 
 impl Store {
     /// Inserts a validated task as `Queued`, unless `(tenant, client_id)` exists.
-    pub async fn insert_task(&self, t: &NewTask<'_>) -> Result<Inserted> {
+    ///
+    /// With `replace_rejected` (a fresh publish, not a broker redelivery), an earlier *rejection*
+    /// under the same key gives way: the client fixed its message and tries again.
+    pub async fn insert_task(&self, t: &NewTask<'_>, replace_rejected: bool) -> Result<Inserted> {
         let task_id = Uuid::new_v4();
         let spec = t.spec;
+        let mut tx = self.pool.begin().await?;
+        if replace_rejected {
+            forget_rejection(&mut tx, t.tenant, t.client_id).await?;
+        }
         let inserted: Option<Uuid> = sqlx::query_scalar(
             "insert into agenttask.tasks (task_id, tenant, client_id, batch_id, language, phase, \
                priority, timeout_seconds, cpu_millis, memory_bytes, isolation, labels, program, \
@@ -177,17 +184,23 @@ impl Store {
         .bind(Json(&spec.program))
         .bind(&t.reply.exchange)
         .bind(&t.reply.routing_key)
-        .bind(t.correlation_id)
+        .bind(t.correlation_id.map(storable_text))
         .bind(t.submitted_at)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(inserted.map_or(Inserted::Duplicate, Inserted::New))
     }
 
     /// Stores a rejection and its result message in one transaction, unless the client key was
-    /// seen before (then the earlier task's result stands, and nothing is sent twice).
-    pub async fn insert_rejection(&self, r: &NewRejection<'_>) -> Result<Inserted> {
+    /// seen before (then the earlier task's result stands, and nothing is sent twice). With
+    /// `replace_rejected`, an earlier rejection under the key is replaced (a fresh publish gets
+    /// its own answer).
+    pub async fn insert_rejection(&self, r: &NewRejection<'_>, replace_rejected: bool) -> Result<Inserted> {
         let mut tx = self.pool.begin().await?;
+        if replace_rejected {
+            forget_rejection(&mut tx, r.tenant, r.client_id).await?;
+        }
         let task_id = Uuid::new_v4();
         let row: Option<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "insert into agenttask.tasks (task_id, tenant, client_id, batch_id, language, phase, \
@@ -202,10 +215,10 @@ impl Store {
         .bind(r.batch_id)
         .bind(r.language.map(Language::as_str))
         .bind(r.reason.as_str())
-        .bind(r.message)
+        .bind(storable_text(r.message))
         .bind(&r.reply.exchange)
         .bind(&r.reply.routing_key)
-        .bind(r.correlation_id)
+        .bind(r.correlation_id.map(storable_text))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
@@ -214,7 +227,7 @@ impl Store {
         let route = ReplyColumns {
             reply_exchange: r.reply.exchange.clone(),
             reply_routing_key: r.reply.routing_key.clone(),
-            correlation_id: r.correlation_id.map(str::to_owned),
+            correlation_id: r.correlation_id.map(|c| storable_text(c).into_owned()),
         };
         enqueue_result(&mut tx, &row.to_result(), &route).await?;
         tx.commit().await?;
@@ -232,7 +245,7 @@ impl Store {
         let route = ReplyColumns {
             reply_exchange: reply.exchange.clone(),
             reply_routing_key: reply.routing_key.clone(),
-            correlation_id: correlation_id.map(str::to_owned),
+            correlation_id: correlation_id.map(|c| storable_text(c).into_owned()),
         };
         enqueue_result(&mut tx, result, &route).await?;
         tx.commit().await?;
@@ -321,14 +334,16 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Extends the leases of everything `owner` is running.
-    pub async fn renew_leases(&self, owner: Uuid, lease: std::time::Duration) -> Result<u64> {
+    /// Extends the leases of the tasks `owner` is running right now (not of everything it ever
+    /// claimed: a claim whose reply was lost must be able to expire).
+    pub async fn renew_leases(&self, owner: Uuid, running: &[Uuid], lease: std::time::Duration) -> Result<u64> {
         Ok(sqlx::query(
             "update agenttask.tasks set lease_expires_at = now() + make_interval(secs => $2) \
-             where lease_owner = $1 and phase in ('Scheduled', 'Running')",
+             where lease_owner = $1 and task_id = any($3) and phase in ('Scheduled', 'Running')",
         )
         .bind(owner)
         .bind(lease.as_secs_f64())
+        .bind(running)
         .execute(&self.pool)
         .await?
         .rows_affected())
@@ -407,7 +422,7 @@ impl Store {
         .bind(attempt)
         .bind(run.phase.as_str())
         .bind(run.reason.map(Reason::as_str))
-        .bind(&run.message)
+        .bind(storable_text(&run.message))
         .bind(run.exit_code)
         .bind(run.result.as_ref().map(Json))
         .bind(&run.stdout)
@@ -460,12 +475,24 @@ impl Store {
     }
 }
 
+/// Removes a rejected task's claim on a client key (its result was already queued).
+async fn forget_rejection(tx: &mut Transaction<'static, Postgres>, tenant: &str, client_id: Option<&str>) -> Result<()> {
+    if let Some(key) = client_id {
+        sqlx::query("delete from agenttask.tasks where tenant = $1 and client_id = $2 and phase = 'Rejected'")
+            .bind(tenant)
+            .bind(key)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
 async fn enqueue_result(
     tx: &mut Transaction<'static, Postgres>,
     result: &ResultMessage,
     route: &ReplyColumns,
 ) -> Result<()> {
-    let body = serde_json::to_vec(result).expect("result messages always serialise");
+    let body = result_body(result);
     sqlx::query(
         "insert into agenttask.outbox (message_id, exchange, routing_key, correlation_id, phase, body) \
          values ($1, $2, $3, $4, $5, $6) on conflict (message_id) do nothing",
@@ -579,7 +606,7 @@ impl Store {
         )))
         .bind(task_id)
         .bind(reason.as_str())
-        .bind(message)
+        .bind(storable_text(message))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
@@ -721,5 +748,55 @@ impl Store {
                 admitted_last_minute,
             })
             .collect())
+    }
+}
+
+/// Largest result message body. Output is capped by the backend, but JSON escaping can inflate
+/// control characters six-fold and brokers cap message sizes (16 MiB by default in RabbitMQ 4):
+/// a result that could never be published would block the outbox.
+pub const MAX_RESULT_BODY_BYTES: usize = 4 << 20;
+
+/// The serialized result, with stdout and stderr cut (and flagged) until it fits.
+fn result_body(result: &ResultMessage) -> Vec<u8> {
+    let body = serde_json::to_vec(result).expect("result messages always serialise");
+    if body.len() <= MAX_RESULT_BODY_BYTES {
+        return body;
+    }
+    let mut r = result.clone();
+    let halve = |s: &mut String, flag: &mut bool| {
+        if !s.is_empty() {
+            let mut cut = s.len() / 2;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+            *flag = true;
+        }
+    };
+    loop {
+        halve(&mut r.stdout, &mut r.stdout_truncated);
+        halve(&mut r.stderr, &mut r.stderr_truncated);
+        let body = serde_json::to_vec(&r).expect("result messages always serialise");
+        if body.len() <= MAX_RESULT_BODY_BYTES || (r.stdout.is_empty() && r.stderr.is_empty()) {
+            return body;
+        }
+    }
+}
+
+#[cfg(test)]
+mod body_tests {
+    use super::*;
+
+    #[test]
+    fn oversized_results_are_cut_to_fit() {
+        let mut r = ResultMessage::rejected(Uuid::nil(), "t", None, None, Reason::NonZeroExit, "m".into(), Utc::now());
+        r.stdout = "\u{1}".repeat(3 << 20); // escapes to 6 bytes each
+        r.stderr = "é".repeat(1 << 20);
+        let body = result_body(&r);
+        assert!(body.len() <= MAX_RESULT_BODY_BYTES);
+        let back: ResultMessage = serde_json::from_slice(&body).unwrap();
+        assert!(back.stdout_truncated && back.stderr_truncated);
+        let small = result_body(&ResultMessage::rejected(Uuid::nil(), "t", None, None, Reason::NonZeroExit, "m".into(), Utc::now()));
+        assert!(!serde_json::from_slice::<ResultMessage>(&small).unwrap().stdout_truncated);
     }
 }

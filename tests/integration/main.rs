@@ -12,3 +12,6 @@ mod sandbox;
 
 /// Fair-share admission, quotas and the scheduler's leadership.
 mod admission;
+
+/// Messages crafted to break the consumer itself.
+mod poison;

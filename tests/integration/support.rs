@@ -134,8 +134,23 @@ impl Env {
             .unwrap()
     }
 
-    /// Drops the database and vhost. Call at the end of a test.
+    /// Drops the database, the tenants' queues and the vhost. Call at the end of a test.
     pub async fn cleanup(self) {
+        if self.vhost.is_none() {
+            // Queues are durable: remove this test's, or every run leaves some behind.
+            if let Ok(conn) = Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await {
+                for suffix in ["a", "b", "nobody"] {
+                    let t = self.tenant(suffix);
+                    for q in [format!("agenttask.tasks.{t}"), format!("agenttask.results.{t}")] {
+                        if let Ok(ch) = conn.create_channel().await {
+                            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                            let _ = ch.close(200, "ok".into()).await;
+                        }
+                    }
+                }
+                let _ = conn.close(200, "ok".into()).await;
+            }
+        }
         if let Ok(pool) = sqlx::PgPool::connect(&format!("{PG}/postgres")).await {
             let stmt = format!("drop database if exists agenttask_test_{} with (force)", self.id);
             let _ = sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(&pool).await;
