@@ -19,7 +19,7 @@ cargo build --release --locked --bin agenttask >&2
 "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 AGENTTASK_DATABASE_URL="$URL" target/release/agenttask migrate 2>/dev/null
 work="$(mktemp -d)"
-trap 'cp "$work/scheduler.log" /tmp/sched-bench.log 2>/dev/null; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
+trap 'rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
 {
     echo "[defaults]"
     echo "max_concurrency = 8"
@@ -42,7 +42,7 @@ SQL
 echo "inserted in $(( $(date +%s) - start ))s" >&2
 
 AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_MAX_RUNNING=50 \
-AGENTTASK_HTTP_ADDR=127.0.0.1:0 AGENTTASK_LOG=info,agenttask=debug \
+AGENTTASK_HTTP_ADDR=127.0.0.1:0 AGENTTASK_LOG=info \
     target/release/agenttask serve --components scheduler 2> "$work/scheduler.log" &
 pid=$!
 t0=$(date +%s%N)

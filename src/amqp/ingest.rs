@@ -361,7 +361,8 @@ async fn handle_unrouted(ctx: &Context, delivery: Delivery) {
     let props = &delivery.properties;
     let key = delivery.routing_key.as_str();
     let message_id = prop(props.message_id());
-    ctx.metrics.rejected.with_label_values(&["unknown", Reason::UnknownTenant.as_str()]).inc();
+    // "(unknown)" cannot be a tenant name, so it never collides with a real tenant's series.
+    ctx.metrics.rejected.with_label_values(&["(unknown)", Reason::UnknownTenant.as_str()]).inc();
     // Only a syntactically valid tenant name can own an `agenttask.reply.<tenant>.` queue; for
     // anything else, only broker-generated reply queues are allowed.
     let name = TenantName::parse(key).unwrap_or_else(|_| TenantName::parse("invalid").expect("valid"));

@@ -26,8 +26,11 @@ use crate::service::Context;
 use crate::store::{acquire_leadership, AdmissionRound, RunningUsage};
 use view::{Heads, View};
 
-/// How often expired executor leases are reaped and gauges refreshed.
+/// How often expired executor leases are reaped.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
+/// How often the queue-depth and running gauges are recounted: counting a million queued tasks
+/// takes the database about a second, so not on every housekeeping tick.
+const GAUGES_EVERY: Duration = Duration::from_secs(15);
 /// Executions per task before a vanished executor fails it.
 pub const MAX_ATTEMPTS: i32 = 3;
 /// How often every tenant's cached heads are refetched regardless of notifications.
@@ -81,6 +84,7 @@ async fn lead(ctx: &Context, conn: &mut sqlx::PgConnection, shutdown: &Cancellat
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
     let mut last_round = Instant::now();
     let mut last_full_refresh = Instant::now();
+    let mut last_gauges = Instant::now() - GAUGES_EVERY;
     while !shutdown.is_cancelled() {
         // Register for the next wake-up before reading state, so an event during the round is
         // not missed.
@@ -100,7 +104,11 @@ async fn lead(ctx: &Context, conn: &mut sqlx::PgConnection, shutdown: &Cancellat
         }
         if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
             last_housekeeping = Instant::now();
-            if let Err(e) = housekeeping(ctx).await {
+            let gauges = last_gauges.elapsed() >= GAUGES_EVERY;
+            if gauges {
+                last_gauges = Instant::now();
+            }
+            if let Err(e) = housekeeping(ctx, gauges).await {
                 tracing::warn!(error = %e, "scheduler housekeeping failed");
             }
         }
@@ -300,10 +308,13 @@ async fn round(
 }
 
 /// Slow-path duties: fail or requeue tasks of vanished executors, refresh gauges.
-async fn housekeeping(ctx: &Context) -> anyhow::Result<()> {
+async fn housekeeping(ctx: &Context, gauges: bool) -> anyhow::Result<()> {
     let (requeued, failed) = ctx.store.reap_expired(MAX_ATTEMPTS).await?;
     if requeued + failed > 0 {
         tracing::warn!(requeued, failed, "reaped tasks whose executor stopped responding");
+    }
+    if !gauges {
+        return Ok(());
     }
     for (tenant, queued, running) in ctx.store.phase_counts().await? {
         ctx.metrics.queue_depth.with_label_values(&[&tenant]).set(queued);
