@@ -33,3 +33,10 @@ ensure_sandbox() {
 ensure_rust() {
     command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
 }
+
+# Everything a run of the service or of the tests needs on this host.
+prepare_host() {
+    ensure_rust
+    ensure_services
+    ensure_sandbox
+}

@@ -10,9 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source deploy/local/common.sh
 
-ensure_rust
-ensure_services
-ensure_sandbox
+prepare_host
 log "building (release)"
 cargo build --release --locked --bins
 

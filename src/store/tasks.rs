@@ -437,14 +437,7 @@ impl Store {
         let Some(row) = row else {
             return Ok(false);
         };
-        let route: ReplyColumns = sqlx::query_as(
-            "select reply_exchange, reply_routing_key, correlation_id from agenttask.tasks where task_id = $1",
-        )
-        .bind(task_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        enqueue_result(&mut tx, &row.to_result(), &route).await?;
-        tx.commit().await?;
+        commit_with_result(tx, &row).await?;
         Ok(true)
     }
 
@@ -473,6 +466,19 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Queues the result of a task that just became terminal in `tx`, and commits both together.
+async fn commit_with_result(mut tx: Transaction<'static, Postgres>, row: &TaskRow) -> Result<()> {
+    let route: ReplyColumns = sqlx::query_as(
+        "select reply_exchange, reply_routing_key, correlation_id from agenttask.tasks where task_id = $1",
+    )
+    .bind(row.task_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    enqueue_result(&mut tx, &row.to_result(), &route).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Removes a rejected task's claim on a client key (its result was already queued).
@@ -612,14 +618,7 @@ impl Store {
         let Some(row) = row else {
             return Ok(false);
         };
-        let route: ReplyColumns = sqlx::query_as(
-            "select reply_exchange, reply_routing_key, correlation_id from agenttask.tasks where task_id = $1",
-        )
-        .bind(task_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        enqueue_result(&mut tx, &row.to_result(), &route).await?;
-        tx.commit().await?;
+        commit_with_result(tx, &row).await?;
         Ok(true)
     }
 
