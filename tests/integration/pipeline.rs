@@ -389,3 +389,43 @@ async fn agentctl_submits_waits_and_gets() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to RabbitMQ"));
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_corrected_resubmit_after_a_rejection_gets_its_own_result() {
+    let env = Env::new(ONE_TENANT).await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    client.submit(&tenant, &json!({"id": "fixme", "language": "python", "code": "print(1)", "colour": "red"})).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!((r["phase"].as_str(), r["reason"].as_str()), (Some("Rejected"), Some("ValidationFailed")), "{r:#}");
+    client.submit(&tenant, &json!({"id": "fixme", "language": "python", "code": "print('fixed')"})).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!((r["phase"].as_str(), r["stdout"].as_str()), (Some("Succeeded"), Some("fixed\n")), "{r:#}");
+    // An accepted id stays taken: a third publish creates nothing and answers nothing.
+    client.submit(&tenant, &json!({"id": "fixme", "language": "python", "code": "print('again')"})).await;
+    assert!(client.more(Duration::from_secs(2)).await.is_none());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn nul_characters_in_properties_and_field_names_are_answered_not_looped() {
+    let env = Env::new(ONE_TENANT).await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    // Postgres text cannot hold NUL: the correlation id and the quoted field name must not
+    // make the message impossible to store (it would be retried forever).
+    let body = br#"{"language": "python", "code": "print(1)", "x\u0000y": 1}"#;
+    let props = client.props("corr\0id").with_message_id("nul-1".into());
+    client.publish_raw(&tenant, body, props).await;
+    let (r, props) = client.next(WAIT).await;
+    assert_eq!((r["phase"].as_str(), r["reason"].as_str()), (Some("Rejected"), Some("ValidationFailed")), "{r:#}");
+    assert!(!props.correlation_id().as_ref().unwrap().as_str().contains('\0'));
+    client.submit(&tenant, &json!({"id": "after-nul", "language": "python", "code": "print(2)"})).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(r["phase"], "Succeeded", "{r:#}");
+    svc.stop().await;
+    env.cleanup().await;
+}
