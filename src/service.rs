@@ -75,14 +75,7 @@ impl Context {
     /// Re-reads the tenants file (if this process has one) and applies it without a restart.
     /// Every process picks the change up from Postgres; queued tasks are untouched.
     pub async fn reload_tenants(&self) -> Result<usize, String> {
-        let tenants = match &self.settings.tenants_path {
-            Some(_) => {
-                let t = self.settings.load_tenants()?;
-                self.store.sync_tenants(&t).await.map_err(|e| e.to_string())?;
-                t
-            }
-            None => self.store.load_tenants().await.map_err(|e| e.to_string())?,
-        };
+        let tenants = current_tenants(&self.settings, &self.store).await?;
         let n = tenants.len();
         self.tenants.send_replace(Arc::new(tenants));
         self.wake.scheduler.notify_one();
@@ -90,18 +83,23 @@ impl Context {
     }
 }
 
+/// The tenants this process serves: its tenants file, applied to the database, when it has one;
+/// otherwise those last applied (by another process or `agentctl tenant apply`).
+async fn current_tenants(settings: &Settings, store: &Store) -> Result<Tenants, String> {
+    match &settings.tenants_path {
+        Some(_) => {
+            let t = settings.load_tenants()?;
+            store.sync_tenants(&t).await.map_err(|e| e.to_string())?;
+            Ok(t)
+        }
+        None => store.load_tenants().await.map_err(|e| e.to_string()),
+    }
+}
+
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = Store::connect(&settings.database_url, 32).await?;
-    // The tenants file, when given, is applied to the database; otherwise the tenants last
-    // applied (by another process or `agentctl tenant apply`) are used.
-    let tenants = if settings.tenants_path.is_some() {
-        let t = settings.load_tenants().map_err(anyhow::Error::msg)?;
-        store.sync_tenants(&t).await?;
-        t
-    } else {
-        store.load_tenants().await?
-    };
+    let tenants = current_tenants(&settings, &store).await.map_err(anyhow::Error::msg)?;
     if tenants.is_empty() && (settings.runs(Component::Ingest) || settings.runs(Component::Scheduler)) {
         tracing::warn!(
             "no tenants are configured: pass --tenants FILE (see deploy/tenants.example.toml) \
@@ -190,7 +188,7 @@ async fn listen(ctx: Arc<Context>, shutdown: CancellationToken) {
             continue;
         }
             // Missed notifications while reconnecting: wake everyone once.
-        wake_all(&ctx);
+        ctx.wake.everything_changed();
         loop {
             let n = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -199,7 +197,7 @@ async fn listen(ctx: Arc<Context>, shutdown: CancellationToken) {
             match n {
                 // The connection dropped and was re-established; notifications in between
                 // are lost, so look again everywhere.
-                Ok(None) => wake_all(&ctx),
+                Ok(None) => ctx.wake.everything_changed(),
                 Ok(Some(n)) if n.channel() == "agenttask_outbox" => ctx.wake.publisher.notify_one(),
                 Ok(Some(n)) if n.channel() == "agenttask_tenants" => {
                     match ctx.store.load_tenants().await {
@@ -239,10 +237,6 @@ async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken
             _ = tokio::time::sleep(Duration::from_secs(600)) => {}
         }
     }
-}
-
-fn wake_all(ctx: &Context) {
-    ctx.wake.everything_changed();
 }
 
 async fn reload_on_sighup(ctx: Arc<Context>, shutdown: CancellationToken) {

@@ -213,26 +213,18 @@ async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery, rec
         Ok(reply) => {
             let verdict = match &policy {
                 Some(policy) => validate::validate(tenant, policy, backend, &envelope),
-                None => Err(validate::Rejection {
-                    reason: Reason::UnknownTenant,
-                    message: format!("tenant {tenant} is no longer configured"),
-                    client_id: message_id.filter(|m| validate::is_valid_key(m)).map(str::to_owned),
-                    batch_id: None,
-                    language: None,
-                }),
+                None => Err(validate::Rejection::before_parsing(
+                    Reason::UnknownTenant,
+                    format!("tenant {tenant} is no longer configured"),
+                    message_id,
+                )),
             };
             (reply, verdict)
         }
         // The reply goes to the tenant's own results queue, never to the refused address.
         Err(message) => (
             ReplyRoute::tenant_results(tenant),
-            Err(validate::Rejection {
-                reason: Reason::ValidationFailed,
-                message,
-                client_id: message_id.filter(|m| validate::is_valid_key(m)).map(str::to_owned),
-                batch_id: None,
-                language: None,
-            }),
+            Err(validate::Rejection::before_parsing(Reason::ValidationFailed, message, message_id)),
         ),
     };
 

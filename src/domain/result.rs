@@ -130,12 +130,6 @@ impl ResultMessage {
     }
 }
 
-/// Makes captured bytes storable and printable: lossy UTF-8 and no NUL (Postgres text refuses
-/// NUL, and a program can print anything).
-pub fn sanitize_output(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,11 +150,6 @@ mod tests {
         }
         assert!(describe(Ending::Exited, Some(137), 5).contains("signal 9"));
         assert!(describe(Ending::TimedOut, None, 5).contains("5s"));
-    }
-
-    #[test]
-    fn output_is_made_storable() {
-        assert_eq!(sanitize_output(b"a\0b\xffc"), "a\u{FFFD}b\u{FFFD}c");
     }
 
     #[test]

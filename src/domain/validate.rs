@@ -63,6 +63,20 @@ pub struct Rejection {
     pub language: Option<Language>,
 }
 
+impl Rejection {
+    /// A rejection decided before the body is read (unknown tenant, refused `reply_to`): the
+    /// AMQP `message_id` is the only key there is, when it is a valid one.
+    pub fn before_parsing(reason: Reason, message: String, message_id: Option<&str>) -> Self {
+        Rejection {
+            reason,
+            message,
+            client_id: message_id.filter(|m| is_valid_key(m)).map(str::to_owned),
+            batch_id: None,
+            language: None,
+        }
+    }
+}
+
 /// The raw wire form; `deny_unknown_fields` is what makes a typo a rejection instead of a
 /// silently ignored setting.
 #[derive(Debug, Deserialize)]

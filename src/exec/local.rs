@@ -42,7 +42,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::exec::{
-    Artifact, Backend, BoxFuture, Captured, Job, Outcome, ProgramResult, Termination,
+    Artifact, Backend, BoxFuture, Job, Outcome, ProgramResult,
 };
 use crate::sandbox::bwrap::{self, BwrapPlan, HostLayout, RootEntry, ScratchLayout};
 use crate::sandbox::cgroup::{self, CgroupHost};
@@ -259,16 +259,7 @@ impl LocalBackend {
 
     async fn run_job(&self, job: Job) -> Outcome {
         let started_at = Utc::now();
-        let fail = |msg: String| Outcome {
-            termination: Termination::BackendError(msg),
-            exit_code: None,
-            stdout: Captured::default(),
-            stderr: Captured::default(),
-            result: ProgramResult::Missing,
-            artifacts: Vec::new(),
-            started_at,
-            finished_at: Utc::now(),
-        };
+        let fail = |msg: String| Outcome::backend_error(msg, started_at);
         let runtime = match job.language {
             crate::domain::task::Language::Python => &self.config.python_path,
             crate::domain::task::Language::R => &self.config.rscript_path,

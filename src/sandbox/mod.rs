@@ -69,7 +69,7 @@ pub fn captured_text(bytes: &[u8], cap: usize, overflowed: bool) -> Captured {
             }
         }
     }
-    let mut text = String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}");
+    let mut text = crate::domain::result::storable_text(&String::from_utf8_lossy(bytes)).into_owned();
     if text.len() > cap {
         // Replacement characters are longer than the bytes they replace.
         let mut end = cap;
@@ -127,6 +127,8 @@ mod tests {
 
     #[test]
     fn captured_text_caps_and_cleans() {
+        // Output is made storable and printable: invalid UTF-8 and NUL both become U+FFFD.
+        assert_eq!(captured_text(b"a\0b\xffc", 100, false).text, "a\u{FFFD}b\u{FFFD}c");
         assert_eq!(
             captured_text(b"hi\0", 10, false),
             Captured {

@@ -37,13 +37,6 @@ impl Store {
         .await?;
         Ok(OutboxBatch { tx, messages })
     }
-
-    /// How many results wait to be published (for readiness and metrics).
-    pub async fn outbox_len(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("select count(*) from agenttask.outbox")
-            .fetch_one(&self.pool)
-            .await?)
-    }
 }
 
 impl OutboxBatch {

@@ -449,20 +449,21 @@ impl Store {
             .bind(&names)
             .execute(&mut *tx)
             .await?;
-        for (name, policy) in tenants {
-            sqlx::query(
-                "insert into agenttask.tenants (name, weight, max_concurrency, policy, updated_at) \
-                 values ($1, $2, $3, $4, now()) on conflict (name) do update set \
-                 weight = excluded.weight, max_concurrency = excluded.max_concurrency, \
-                 policy = excluded.policy, updated_at = now()",
-            )
-            .bind(name.as_str())
-            .bind(policy.weight as i32)
-            .bind(policy.max_concurrency as i32)
-            .bind(Json(policy))
-            .execute(&mut *tx)
-            .await?;
-        }
+        let weights: Vec<i32> = tenants.values().map(|p| p.weight as i32).collect();
+        let concurrency: Vec<i32> = tenants.values().map(|p| p.max_concurrency as i32).collect();
+        let policies: Vec<Json<&crate::domain::tenant::TenantPolicy>> = tenants.values().map(Json).collect();
+        sqlx::query(
+            "insert into agenttask.tenants (name, weight, max_concurrency, policy, updated_at) \
+             select *, now() from unnest($1::text[], $2::int[], $3::int[], $4::jsonb[]) \
+             on conflict (name) do update set weight = excluded.weight, \
+             max_concurrency = excluded.max_concurrency, policy = excluded.policy, updated_at = now()",
+        )
+        .bind(&names)
+        .bind(&weights)
+        .bind(&concurrency)
+        .bind(&policies)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
