@@ -23,6 +23,9 @@ pub enum BackendKind {
     Local,
     /// AgentTask custom resources reconciled into Pods or Sandboxes in a cluster.
     Kubernetes,
+    /// Runs NO code: every task succeeds at once with exit code 0 and empty output. Only for
+    /// measuring the control plane (ingest, admission, results) apart from execution.
+    Null,
 }
 
 /// The parts of the service that `serve` can run; each can scale on its own.
@@ -67,7 +70,8 @@ pub struct ServeArgs {
     /// Address of /metrics, /healthz, /readyz and the task API [default: 127.0.0.1:9464]
     #[arg(long, env = "AGENTTASK_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
-    /// Where tasks run [default: local]
+    /// Where tasks run: local (a bubblewrap sandbox on this host), kubernetes, or null (runs
+    /// nothing, every task succeeds at once: only for measuring the control plane) [default: local]
     #[arg(long, env = "AGENTTASK_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
     /// Run only these components (comma-separated) [default: all]

@@ -1,235 +1,435 @@
-//! The executor loop: claims admitted tasks, runs each on a [`Backend`], records the outcome and
-//! its result in one transaction.
+//! The executor: claims admitted tasks, launches them on a [`Backend`], and turns what the
+//! backend observes into guarded store updates.
 //!
-//! Claims carry a lease that a heartbeat renews; if this process dies, the scheduler's
-//! housekeeping hands its tasks to another executor. On a clean shutdown running tasks are
-//! killed and handed back at once.
+//! One event loop owns the runs this process watches. It claims while it has room (the
+//! backend's [`Capabilities::max_runs`]), launches, and reacts to four things: backend events
+//! (placed, started, finished), cancel requests, wake-ups (new admissions), and a heartbeat that
+//! renews the runs' leases. Every store write names the run's attempt, so an event of an older
+//! run is ignored here and refused by the store.
+//!
+//! If this process dies, the leases expire and the scheduler's housekeeping hands the tasks to
+//! another executor. On a clean shutdown, runs that die with the process are handed back at
+//! once; runs that survive it (pods) keep a long lease so that the next process adopts them.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use tokio::sync::Semaphore;
+use chrono::Utc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::domain::phase::{Phase, Reason};
-use crate::domain::result::{classify, describe, storable_json, Ending};
-use crate::exec::{Backend, Job, Outcome, ProgramResult, Termination};
-use crate::service::Context;
-use crate::store::{ClaimedTask, FinishedRun};
+use crate::domain::task::Language;
+use crate::exec::{Backend, BoxFuture, Capabilities, Event, EventSink, Job, Outcome, RunEvent, RunKey};
+use crate::metrics::Metrics;
+use crate::store::{AdoptedRun, ClaimedTask, Store, StoreError};
 
 /// How long a claim stays valid without a heartbeat.
-const LEASE: Duration = Duration::from_secs(30);
+pub const LEASE: Duration = Duration::from_secs(30);
+/// The lease left on runs that outlive this process, so the next one can adopt them before the
+/// scheduler's housekeeping would hand them to someone else.
+pub const HANDOVER_LEASE: Duration = Duration::from_secs(600);
 
-pub async fn run(ctx: Arc<Context>, backend: Arc<dyn Backend>, shutdown: CancellationToken) {
-    let owner = Uuid::new_v4();
-    let slots = Arc::new(Semaphore::new(ctx.settings.max_running as usize));
-    let mut runs = tokio::task::JoinSet::new();
-    // What this process is running right now; only these leases are renewed.
-    let running: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
-    let heartbeat = {
-        let ctx = ctx.clone();
-        let running = running.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(LEASE / 3).await;
-                let ids: Vec<Uuid> = running.lock().expect("not poisoned").iter().copied().collect();
-                if ids.is_empty() {
-                    continue;
-                }
-                if let Err(e) = ctx.store.renew_leases(owner, &ids, LEASE).await {
-                    tracing::warn!(error = %e, "cannot renew executor leases");
-                }
-            }
-        })
-    };
-    tracing::info!(backend = backend.name(), %owner, "executor started");
-    while !shutdown.is_cancelled() {
-        while runs.try_join_next().is_some() {}
-        let woken = ctx.wake.executor.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        let free = slots.available_permits();
-        let claimed = if free > 0 {
-            match ctx.store.claim_pending(owner, backend.name(), free as i64, LEASE).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot claim tasks; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            }
-        } else {
-            Vec::new()
-        };
-        let got = claimed.len();
-        for task in claimed {
-            let permit = slots.clone().acquire_owned().await.expect("semaphore never closes");
-            let ctx = ctx.clone();
-            let backend = backend.clone();
-            let running = running.clone();
-            running.lock().expect("not poisoned").insert(task.task_id);
-            runs.spawn(async move {
-                let task_id = task.task_id;
-                run_one(&ctx, backend.as_ref(), task).await;
-                running.lock().expect("not poisoned").remove(&task_id);
-                drop(permit);
-                // A slot is free: more may be claimable, and the scheduler may admit more.
-                ctx.wake.executor.notify_one();
-            });
-        }
-        if got > 0 && got == free {
-            continue;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = &mut woken => {}
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-        }
+/// The store operations the executor needs; [`Store`] implements them, tests use a fake.
+pub trait ExecutorStore: Send + Sync + 'static {
+    fn claim(&self, owner: Uuid, limit: i64, lease: Duration) -> BoxFuture<'_, Result<Vec<ClaimedTask>, StoreError>>;
+    fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn mark_running<'a>(&'a self, key: RunKey, backend: &'a str, at: chrono::DateTime<Utc>) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn finish<'a>(&'a self, key: RunKey, backend: Option<&'a str>, outcome: &'a Outcome, timeout_seconds: u32) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn renew_leases<'a>(&'a self, owner: Uuid, task_ids: &'a [Uuid], lease: Duration) -> BoxFuture<'a, Result<u64, StoreError>>;
+    fn cancel_requested(&self, owner: Uuid) -> BoxFuture<'_, Result<Vec<(Uuid, i32)>, StoreError>>;
+    fn adopt<'a>(&'a self, owner: Uuid, runs: &'a [(Uuid, i32)], lease: Duration) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>>;
+    fn release(&self, owner: Uuid) -> BoxFuture<'_, Result<u64, StoreError>>;
+}
+
+impl ExecutorStore for Store {
+    fn claim(&self, owner: Uuid, limit: i64, lease: Duration) -> BoxFuture<'_, Result<Vec<ClaimedTask>, StoreError>> {
+        Box::pin(Store::claim(self, owner, limit, lease))
     }
-    heartbeat.abort();
-    // Dropping the runs kills their sandboxes; the tasks go back to Pending for another run.
-    runs.shutdown().await;
-    match ctx.store.release(owner).await {
-        Ok(n) if n > 0 => tracing::info!(released = n, "handed unfinished tasks back"),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "could not hand tasks back; their leases will expire"),
+    fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(Store::mark_scheduled(self, key.task_id, key.attempt, backend))
+    }
+    fn mark_running<'a>(&'a self, key: RunKey, backend: &'a str, at: chrono::DateTime<Utc>) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(Store::mark_running(self, key.task_id, key.attempt, backend, at))
+    }
+    fn finish<'a>(&'a self, key: RunKey, backend: Option<&'a str>, outcome: &'a Outcome, timeout_seconds: u32) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(Store::finish(self, key.task_id, key.attempt, backend, outcome, timeout_seconds))
+    }
+    fn renew_leases<'a>(&'a self, owner: Uuid, task_ids: &'a [Uuid], lease: Duration) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(Store::renew_leases(self, owner, task_ids, lease))
+    }
+    fn cancel_requested(&self, owner: Uuid) -> BoxFuture<'_, Result<Vec<(Uuid, i32)>, StoreError>> {
+        Box::pin(Store::cancel_requested(self, owner))
+    }
+    fn adopt<'a>(&'a self, owner: Uuid, runs: &'a [(Uuid, i32)], lease: Duration) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>> {
+        Box::pin(Store::adopt(self, owner, runs, lease))
+    }
+    fn release(&self, owner: Uuid) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(Store::release(self, owner))
     }
 }
 
-async fn run_one(ctx: &Context, backend: &dyn Backend, task: ClaimedTask) {
-    let started = chrono::Utc::now();
-    match ctx.store.mark_running(task.task_id, task.attempt, started).await {
-        Ok(true) => {}
-        // Another attempt owns the task now (our claim expired): do not run it twice.
-        Ok(false) => {
-            tracing::warn!(task_id = %task.task_id, "task is no longer ours to run; skipping");
+/// What the executor needs, and nothing else.
+pub struct Executor {
+    pub store: Arc<dyn ExecutorStore>,
+    pub backend: Arc<dyn Backend>,
+    pub metrics: Metrics,
+    /// Notified when tasks were admitted (or may be claimable again).
+    pub wake: Arc<Notify>,
+    /// Task ids someone asked to cancel (from `agenttask_cancel` notifications).
+    pub cancels: mpsc::UnboundedReceiver<Uuid>,
+    /// How long a claim stays valid without renewal ([`LEASE`] in production).
+    pub lease: Duration,
+}
+
+/// A run this process watches.
+#[derive(Debug, Clone)]
+struct Watched {
+    key: RunKey,
+    tenant: String,
+    language: Option<Language>,
+    timeout_seconds: u32,
+    backend: &'static str,
+    /// A `Finished` event was seen; the final write is under way.
+    finishing: bool,
+}
+
+impl Executor {
+    /// Runs until `shutdown`. Returns an error only when it cannot go on at all.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let owner = Uuid::new_v4();
+        let caps: Capabilities = self.backend.capabilities();
+        let (sink, mut events) = EventSink::channel();
+        let (done_tx, mut done) = mpsc::unbounded_channel::<Uuid>();
+        let writers = TaskTracker::new();
+        let mut watched: HashMap<Uuid, Watched> = HashMap::new();
+        if caps.runs_survive_restart {
+            self.adopt(owner, &sink, &mut watched).await;
+        }
+        tracing::info!(backend = self.backend.name_for("standard"), %owner, max_runs = caps.max_runs, "executor started");
+        let mut heartbeat = tokio::time::interval(self.lease / 3);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut claim_now = true;
+        let mut retry_claim_at: Option<tokio::time::Instant> = None;
+        loop {
+            if claim_now && retry_claim_at.is_none() && watched.len() < caps.max_runs {
+                let room = caps.max_runs - watched.len();
+                match self.store.claim(owner, room as i64, self.lease).await {
+                    Ok(claimed) => {
+                        // A full claim means more may be waiting.
+                        claim_now = claimed.len() == room;
+                        for task in claimed {
+                            self.launch(task, &sink, &mut watched, &writers, &done_tx).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot claim tasks; retrying");
+                        retry_claim_at = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+                        claim_now = true;
+                    }
+                }
+                continue;
+            }
+            let retry = async {
+                match retry_claim_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(event) = events.recv() => self.on_event(event, &mut watched, &writers, &done_tx).await,
+                Some(task_id) = done.recv() => {
+                    watched.remove(&task_id);
+                    claim_now = true;
+                }
+                Some(task_id) = self.cancels.recv() => {
+                    if let Some(w) = watched.get(&task_id) {
+                        self.cancel(w.key).await;
+                    }
+                }
+                _ = self.wake.notified() => claim_now = true,
+                _ = retry => {
+                    retry_claim_at = None;
+                }
+                _ = heartbeat.tick() => {
+                    self.heartbeat(owner, &watched).await;
+                    claim_now = true;
+                }
+            }
+        }
+        self.stop(owner, caps, &mut events, &mut watched, &writers, &done_tx).await;
+        Ok(())
+    }
+
+    /// Takes over the runs an earlier process left with the backend.
+    async fn adopt(&self, owner: Uuid, sink: &EventSink, watched: &mut HashMap<Uuid, Watched>) {
+        let keys = match self.backend.clone().adopt(sink.clone()).await {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the backend's runs; they are adopted when their leases expire and they are retried");
+                return;
+            }
+        };
+        if keys.is_empty() {
             return;
         }
-        Err(e) => tracing::warn!(task_id = %task.task_id, error = %e, "cannot mark task running"),
+        let pairs: Vec<(Uuid, i32)> = keys.iter().map(|k| (k.task_id, k.attempt)).collect();
+        let adopted = match self.store.adopt(owner, &pairs, self.lease).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot adopt runs; their leases will expire");
+                return;
+            }
+        };
+        for run in &adopted {
+            let key = RunKey { task_id: run.task_id, attempt: run.attempt };
+            watched.insert(run.task_id, Watched {
+                key,
+                tenant: run.tenant.clone(),
+                language: run.language.as_deref().and_then(|l| l.parse().ok()),
+                timeout_seconds: run.timeout_seconds.unwrap_or(0).max(0) as u32,
+                backend: self.backend.name_for(&run.isolation),
+                finishing: false,
+            });
+        }
+        // What the backend still runs but the store gave to a newer attempt (or ended) is stale.
+        for key in keys {
+            if !watched.get(&key.task_id).is_some_and(|w| w.key == key) {
+                tracing::warn!(run = %key, "stopping a stale run left by an earlier process");
+                self.cancel(key).await;
+            }
+        }
+        tracing::info!(adopted = adopted.len(), "adopted runs of an earlier process");
     }
-    let timeout_seconds = task.timeout_seconds;
-    let language = task.language;
-    let tenant = task.tenant.clone();
-    let outcome = match job_of(&task) {
-        Ok(job) => backend.run(job).await,
-        Err(message) => Outcome::backend_error(message, started),
-    };
-    let mut run = finished_run(&outcome, timeout_seconds);
-    let duration = (run.finished_at - run.started_at).num_milliseconds().max(0) as f64 / 1000.0;
-    // The result must reach the database; keep trying through a database outage.
+
+    async fn launch(
+        &self,
+        task: ClaimedTask,
+        sink: &EventSink,
+        watched: &mut HashMap<Uuid, Watched>,
+        writers: &TaskTracker,
+        done: &mpsc::UnboundedSender<Uuid>,
+    ) {
+        let key = RunKey { task_id: task.task_id, attempt: task.attempt };
+        let backend = self.backend.name_for(&task.isolation);
+        let w = Watched {
+            key,
+            tenant: task.tenant.clone(),
+            language: task.language.as_deref().and_then(|l| l.parse().ok()),
+            timeout_seconds: task.timeout_seconds.unwrap_or(0).max(0) as u32,
+            backend,
+            finishing: false,
+        };
+        watched.insert(key.task_id, w.clone());
+        let job = match job_of(&task) {
+            Ok(job) => job,
+            Err(message) => {
+                tracing::error!(run = %key, %message, "stored task cannot run");
+                let outcome = Outcome::backend_error(message, Utc::now());
+                self.write_finish(w, outcome, writers, done);
+                return;
+            }
+        };
+        if let Err(e) = self.backend.clone().launch(job, sink.clone()).await {
+            // Not renewed from now on: the claim expires and the task is retried (or failed
+            // once its attempts are used), so a backend outage does not lose it.
+            tracing::warn!(run = %key, error = %e, "launch failed; the task is retried when its claim expires");
+            watched.remove(&key.task_id);
+        }
+    }
+
+    async fn on_event(
+        &self,
+        event: Event,
+        watched: &mut HashMap<Uuid, Watched>,
+        writers: &TaskTracker,
+        done: &mpsc::UnboundedSender<Uuid>,
+    ) {
+        let Some(w) = watched.get_mut(&event.key.task_id) else {
+            tracing::debug!(run = %event.key, "event for a run this process does not watch; ignored");
+            return;
+        };
+        if w.key != event.key || w.finishing {
+            tracing::warn!(run = %event.key, current = %w.key, "late event of an earlier run; ignored");
+            return;
+        }
+        let key = w.key;
+        let written = match event.event {
+            RunEvent::Scheduled { .. } => self.store.mark_scheduled(key, w.backend).await,
+            RunEvent::Running { at } => self.store.mark_running(key, w.backend, at).await,
+            RunEvent::Finished(outcome) => {
+                w.finishing = true;
+                self.write_finish(w.clone(), outcome, writers, done);
+                return;
+            }
+        };
+        match written {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(run = %key, "phase not changed: the task moved on"),
+            // Phases before the end are informative; the final write is what must not be lost.
+            Err(e) => tracing::warn!(run = %key, error = %e, "cannot record a run's progress"),
+        }
+    }
+
+    /// Writes a run's outcome, retrying through a database outage, on its own task so the loop
+    /// keeps renewing leases meanwhile. Tells the loop when the run is over.
+    fn write_finish(&self, w: Watched, outcome: Outcome, writers: &TaskTracker, done: &mpsc::UnboundedSender<Uuid>) {
+        let store = self.store.clone();
+        let metrics = self.metrics.clone();
+        let done = done.clone();
+        writers.spawn(async move {
+            finish_with_retries(store.as_ref(), &metrics, &w, outcome).await;
+            let _ = done.send(w.key.task_id);
+        });
+    }
+
+    async fn cancel(&self, key: RunKey) {
+        if let Err(e) = self.backend.cancel(key).await {
+            tracing::warn!(run = %key, error = %e, "cancelling a run failed; it is retried at the next heartbeat");
+        }
+    }
+
+    async fn heartbeat(&self, owner: Uuid, watched: &HashMap<Uuid, Watched>) {
+        if watched.is_empty() {
+            return;
+        }
+        let ids: Vec<Uuid> = watched.keys().copied().collect();
+        if let Err(e) = self.store.renew_leases(owner, &ids, self.lease).await {
+            tracing::warn!(error = %e, "cannot renew executor leases");
+        }
+        // A safety net under the cancel notifications.
+        match self.store.cancel_requested(owner).await {
+            Ok(runs) => {
+                for (task_id, attempt) in runs {
+                    if watched.get(&task_id).is_some_and(|w| w.key.attempt == attempt && !w.finishing) {
+                        self.cancel(RunKey { task_id, attempt }).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot look for cancel requests"),
+        }
+    }
+
+    async fn stop(
+        &self,
+        owner: Uuid,
+        caps: Capabilities,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        watched: &mut HashMap<Uuid, Watched>,
+        writers: &TaskTracker,
+        done: &mpsc::UnboundedSender<Uuid>,
+    ) {
+        self.backend.shutdown().await;
+        // Outcomes reported before the runs were stopped are still written.
+        while let Ok(event) = events.try_recv() {
+            self.on_event(event, watched, writers, done).await;
+        }
+        writers.close();
+        if tokio::time::timeout(Duration::from_secs(10), writers.wait()).await.is_err() {
+            tracing::warn!("outcomes still unwritten at shutdown; their leases will expire and the tasks are retried");
+        }
+        if caps.runs_survive_restart {
+            let ids: Vec<Uuid> = watched.keys().copied().collect();
+            match self.store.renew_leases(owner, &ids, HANDOVER_LEASE).await {
+                Ok(n) if n > 0 => tracing::info!(runs = n, "runs keep going; the next process adopts them"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not extend leases for handover"),
+            }
+            return;
+        }
+        match self.store.release(owner).await {
+            Ok(n) if n > 0 => tracing::info!(released = n, "handed unfinished tasks back"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not hand tasks back; their leases will expire"),
+        }
+    }
+}
+
+async fn finish_with_retries(store: &dyn ExecutorStore, metrics: &Metrics, w: &Watched, mut outcome: Outcome) {
     let mut wait = Duration::from_millis(200);
     let mut stripped = false;
     loop {
-        match ctx.store.finish(task.task_id, task.attempt, &run).await {
+        match store.finish(w.key, Some(w.backend), &outcome, w.timeout_seconds).await {
             Ok(true) => break,
             Ok(false) => {
-                tracing::warn!(task_id = %task.task_id, "task was taken over by another executor; dropping this run's outcome");
+                tracing::warn!(run = %w.key, "the task moved on (cancelled, or taken over); this run's outcome is dropped");
                 return;
             }
             // Postgres refused a value (not an outage): record the failure without the payload
             // rather than retrying forever.
-            Err(e) if e.is_bad_value() && stripped => {
-                tracing::error!(task_id = %task.task_id, error = %e, "outcome cannot be stored even without its payload; the task will be retried when its lease expires");
-                return;
+            Err(e) if e.is_bad_value() && !stripped => {
+                stripped = true;
+                tracing::warn!(run = %w.key, error = %e, "outcome could not be stored; recording a BackendError instead");
+                outcome = Outcome::backend_error(format!("the task's outcome could not be stored: {e}"), outcome.started_at);
             }
             Err(e) if e.is_bad_value() => {
-                stripped = true;
-                tracing::warn!(task_id = %task.task_id, error = %e, "outcome could not be stored; recording a BackendError instead");
-                run = FinishedRun {
-                    phase: Phase::Failed,
-                    reason: Some(Reason::BackendError),
-                    message: format!("the task's outcome could not be stored: {e}"),
-                    exit_code: run.exit_code,
-                    result: None,
-                    stdout: String::new(),
-                    stderr: String::new(),
-                    stdout_truncated: run.stdout_truncated,
-                    stderr_truncated: run.stderr_truncated,
-                    artifacts: Vec::new(),
-                    started_at: run.started_at,
-                    finished_at: run.finished_at,
-                };
+                tracing::error!(run = %w.key, error = %e, "outcome cannot be stored even without its payload; the task is retried when its lease expires");
+                return;
             }
             Err(e) => {
-                tracing::warn!(task_id = %task.task_id, error = %e, "cannot record outcome; retrying");
+                tracing::warn!(run = %w.key, error = %e, "cannot record outcome; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
     }
-    let (phase, reason) = (run.phase, run.reason);
-    ctx.metrics
-        .finished
-        .with_label_values(&[tenant.as_str(), phase.as_str(), reason.map_or("", |r| r.as_str())])
-        .inc();
-    ctx.metrics
-        .task_duration
-        .with_label_values(&[&tenant, language.as_str()])
-        .observe(duration);
-    tracing::info!(task_id = %task.task_id, %tenant, %phase, reason = reason.map_or("", |r| r.as_str()), "task finished");
+    let (phase, reason) = outcome.phase_reason();
+    let reason = reason.map_or("", |r| r.as_str());
+    metrics.finished.with_label_values(&[w.tenant.as_str(), phase.as_str(), reason]).inc();
+    if let Some(language) = w.language {
+        metrics
+            .task_duration
+            .with_label_values(&[w.tenant.as_str(), language.as_str()])
+            .observe(outcome.duration_seconds());
+    }
+    tracing::info!(task_id = %w.key.task_id, tenant = %w.tenant, %phase, reason, "task finished");
 }
 
+/// The job for a claimed task. A stored task that lacks what every admitted task has is refused
+/// with a message, never run with guessed values.
 fn job_of(task: &ClaimedTask) -> Result<Job, String> {
+    let missing = |what: &str| format!("the stored task has no {what}; it cannot run");
+    let language: Language = task
+        .language
+        .as_deref()
+        .ok_or_else(|| missing("language"))?
+        .parse()
+        .map_err(|e| format!("the stored task's language is unreadable: {e}"))?;
+    let program = task.program.as_ref().ok_or_else(|| missing("program"))?;
+    let timeout = task.timeout_seconds.filter(|t| *t > 0).ok_or_else(|| missing("timeout"))?;
+    let cpu_millis = task.cpu_millis.filter(|c| *c > 0).ok_or_else(|| missing("CPU request"))?;
+    let memory_bytes = task.memory_bytes.filter(|m| *m > 0).ok_or_else(|| missing("memory request"))?;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut files = BTreeMap::new();
-    for (name, encoded) in &task.program.files {
+    for (name, encoded) in &program.files {
         let bytes = b64
             .decode(encoded)
             .map_err(|e| format!("stored input file {name:?} is corrupt: {e}"))?;
         files.insert(name.clone(), bytes);
     }
     Ok(Job {
-        task_id: task.task_id,
+        key: RunKey { task_id: task.task_id, attempt: task.attempt },
         tenant: task.tenant.clone(),
-        language: task.language,
-        code: task.program.code.clone(),
+        language,
+        code: program.code.clone(),
         files,
-        stdin: task.program.stdin.clone(),
-        args: task.program.args.clone(),
-        env: task.program.env.clone(),
-        timeout: Duration::from_secs(task.timeout_seconds as u64),
-        cpu_millis: task.cpu_millis,
-        memory_bytes: task.memory_bytes,
+        stdin: program.stdin.clone(),
+        args: program.args.clone(),
+        env: program.env.clone(),
+        timeout: Duration::from_secs(timeout as u64),
+        cpu_millis: cpu_millis as u64,
+        memory_bytes: memory_bytes as u64,
+        isolation: task.isolation.clone(),
+        labels: task.labels.0.clone(),
+        batch_id: task.batch_id.clone(),
+        priority: task.priority,
     })
 }
 
-/// Maps a backend's report to what the store records.
-fn finished_run(outcome: &Outcome, timeout_seconds: u32) -> FinishedRun {
-    let ending = match &outcome.termination {
-        Termination::Exited => Ending::Exited,
-        Termination::TimedOut => Ending::TimedOut,
-        Termination::OomKilled => Ending::OomKilled,
-        Termination::OutputLimitExceeded => Ending::OutputLimitExceeded,
-        Termination::BackendError(_) => Ending::BackendError,
-    };
-    let (phase, reason) = classify(ending, outcome.exit_code);
-    let mut message = match &outcome.termination {
-        Termination::BackendError(detail) => format!("{}: {detail}", describe(ending, outcome.exit_code, timeout_seconds)),
-        _ => describe(ending, outcome.exit_code, timeout_seconds),
-    };
-    let result = match &outcome.result {
-        ProgramResult::Json(v) => Some(storable_json(v.clone())),
-        ProgramResult::Missing => None,
-        ProgramResult::Invalid(why) => {
-            message.push_str(&format!("; AGENTTASK_RESULT_FILE ignored: {why}"));
-            None
-        }
-    };
-    FinishedRun {
-        phase,
-        reason,
-        message,
-        exit_code: outcome.exit_code,
-        result,
-        stdout: outcome.stdout.text.clone(),
-        stderr: outcome.stderr.text.clone(),
-        stdout_truncated: outcome.stdout.truncated,
-        stderr_truncated: outcome.stderr.truncated,
-        artifacts: outcome.artifacts.clone(),
-        started_at: outcome.started_at,
-        finished_at: outcome.finished_at,
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -19,14 +19,12 @@ use crate::domain::result::ResultMessage;
 use crate::service::Context;
 use crate::store::{Position, TaskRow, TenantStatus};
 
-pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>, shutdown: CancellationToken) {
+pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let app = router(ctx);
-    if let Err(e) = axum::serve(listener, app)
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "http server failed");
-    }
+        .await?;
+    Ok(())
 }
 
 pub fn router(ctx: Arc<Context>) -> Router {

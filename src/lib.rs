@@ -10,11 +10,13 @@
 //! - [`amqp`]: RabbitMQ topology, ingest consumers, the result publisher.
 //! - [`scheduler`]: the admission loop.
 //! - [`executor`]: claims admitted tasks and runs them on a [`exec::Backend`].
-//! - [`exec`]: execution backends (the local bubblewrap sandbox runner).
+//! - [`exec`]: the execution seam (launch, observe, cancel, adopt) and its backends: the local
+//!   bubblewrap sandbox and the null backend.
 //! - [`sandbox`]: pure sandbox policy: bubblewrap arguments, seccomp filter, limits, cgroup paths.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the task API.
 //! - [`metrics`]: the contract's Prometheus metrics.
 //! - [`service`]: wiring for `agenttask serve`.
+//! - [`supervise`]: runs the components; one that stops takes the process down with it.
 //! - [`ctl`]: `agentctl`, the user's CLI.
 
 pub mod amqp;
@@ -29,3 +31,4 @@ pub mod scheduler;
 pub mod sandbox;
 pub mod service;
 pub mod store;
+pub mod supervise;

@@ -1,5 +1,5 @@
-//! Wiring: builds the shared [`Context`] and runs the components `serve` was asked for until
-//! shutdown. Nothing here decides anything; it only connects the parts.
+//! Wiring: builds what the components need and runs those `serve` was asked for under one
+//! [`Supervisor`] until shutdown. Nothing here decides anything; it only connects the parts.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,18 +10,23 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendKind, Component, Settings};
+use crate::domain::phase::Phase;
 use crate::domain::tenant::Tenants;
 use crate::exec::local::{LocalBackend, LocalConfig};
+use crate::exec::null::NullBackend;
 use crate::exec::Backend;
+use crate::executor::{Executor, LEASE};
 use crate::metrics::Metrics;
+use crate::store::notify::{Notification, CHANNELS};
 use crate::store::Store;
+use crate::supervise::Supervisor;
 
 /// In-process wake-ups. Postgres notifications feed them too, so components in other
 /// processes wake just as fast.
 #[derive(Default)]
 pub struct Wake {
     pub scheduler: Notify,
-    pub executor: Notify,
+    pub executor: Arc<Notify>,
     pub publisher: Notify,
     /// Tenants whose queue changed since the scheduler last looked.
     dirty: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -116,6 +121,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 local = Some(b.clone());
                 Some(b)
             }
+            BackendKind::Null => {
+                tracing::warn!(
+                    "--backend null runs NO code: every task succeeds at once with empty output. \
+                     Use it only to measure the control plane"
+                );
+                Some(Arc::new(NullBackend))
+            }
             BackendKind::Kubernetes => anyhow::bail!(
                 "--backend kubernetes is not available in this build yet; use --backend local"
             ),
@@ -135,96 +147,134 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         ctx.ready.amqp.store(true, Ordering::Relaxed);
     }
 
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(listen(ctx.clone(), shutdown.clone()));
-    tasks.spawn(reload_on_sighup(ctx.clone(), shutdown.clone()));
+    let sup = Supervisor::new(shutdown.clone());
+    let (cancel_tx, cancel_rx) = tokio::sync::mpsc::unbounded_channel();
+    sup.spawn("notifications", listen(ctx.clone(), cancel_tx, shutdown.clone()));
+    sup.spawn("sighup", reload_on_sighup(ctx.clone(), shutdown.clone()));
     if ctx.settings.runs(Component::Http) {
         let listener = tokio::net::TcpListener::bind(ctx.settings.http_addr)
             .await
             .with_context(|| format!("cannot listen on {} (set --http-addr)", ctx.settings.http_addr))?;
         tracing::info!(addr = %ctx.settings.http_addr, "http listening");
-        tasks.spawn(crate::http::serve(listener, ctx.clone(), shutdown.clone()));
+        sup.spawn("http", crate::http::serve(listener, ctx.clone(), shutdown.clone()));
     }
     if ctx.settings.runs(Component::Ingest) {
-        tasks.spawn(crate::amqp::ingest::run(ctx.clone(), shutdown.clone()));
+        let (ctx, stop) = (ctx.clone(), shutdown.clone());
+        sup.spawn("ingest", async move {
+            crate::amqp::ingest::run(ctx, stop).await;
+            Ok(())
+        });
     }
     if ctx.settings.runs(Component::Scheduler) {
-        tasks.spawn(crate::scheduler::run(ctx.clone(), shutdown.clone()));
+        let (ctx, stop) = (ctx.clone(), shutdown.clone());
+        sup.spawn("scheduler", async move {
+            crate::scheduler::run(ctx, stop).await;
+            Ok(())
+        });
     }
     if let Some(backend) = backend {
-        tasks.spawn(crate::executor::run(ctx.clone(), backend, shutdown.clone()));
+        let executor = Executor {
+            store: Arc::new(ctx.store.clone()),
+            backend,
+            metrics: ctx.metrics.clone(),
+            wake: ctx.wake.executor.clone(),
+            cancels: cancel_rx,
+            lease: LEASE,
+        };
+        sup.spawn("executor", executor.run(shutdown.clone()));
     }
     if let Some(local) = local {
-        tasks.spawn(sweep_artifacts(local, shutdown.clone()));
+        sup.spawn("artifact-sweeper", sweep_artifacts(local, shutdown.clone()));
     }
     if ctx.settings.runs(Component::Publisher) {
-        tasks.spawn(crate::amqp::publish::run(ctx.clone(), shutdown.clone()));
+        let (ctx, stop) = (ctx.clone(), shutdown.clone());
+        sup.spawn("publisher", async move {
+            crate::amqp::publish::run(ctx, stop).await;
+            Ok(())
+        });
     }
     tracing::info!(components = ?ctx.settings.components, backend = ?ctx.settings.backend, "agenttask running");
-    while let Some(res) = tasks.join_next().await {
-        if let Err(e) = res {
-            shutdown.cancel();
-            anyhow::bail!("a component crashed: {e}");
-        }
-    }
+    let result = sup.wait().await;
+    // Only now: every component that used the pool has stopped.
     ctx.store.pool().close().await;
-    Ok(())
+    result
 }
 
-/// Turns Postgres notifications into in-process wake-ups, reconnecting as needed.
-async fn listen(ctx: Arc<Context>, shutdown: CancellationToken) {
+/// Turns Postgres notifications into in-process wake-ups (and cancel requests for the
+/// executor), reconnecting as needed.
+async fn listen(
+    ctx: Arc<Context>,
+    cancels: tokio::sync::mpsc::UnboundedSender<uuid::Uuid>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     while !shutdown.is_cancelled() {
         let mut listener = match sqlx::postgres::PgListener::connect_with(ctx.store.pool()).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for notifications; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                sleep_or_stop(&shutdown, Duration::from_secs(1)).await;
                 continue;
             }
         };
-        if let Err(e) = listener.listen_all(["agenttask_tasks", "agenttask_outbox", "agenttask_tenants"]).await {
+        if let Err(e) = listener.listen_all(CHANNELS).await {
             tracing::warn!(error = %e, "LISTEN failed; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            sleep_or_stop(&shutdown, Duration::from_secs(1)).await;
             continue;
         }
-            // Missed notifications while reconnecting: wake everyone once.
+        // Missed notifications while reconnecting: wake everyone once.
         ctx.wake.everything_changed();
         loop {
             let n = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 n = listener.try_recv() => n,
             };
-            match n {
+            let n = match n {
+                Ok(Some(n)) => n,
                 // The connection dropped and was re-established; notifications in between
                 // are lost, so look again everywhere.
-                Ok(None) => ctx.wake.everything_changed(),
-                Ok(Some(n)) if n.channel() == "agenttask_outbox" => ctx.wake.publisher.notify_one(),
-                Ok(Some(n)) if n.channel() == "agenttask_tenants" => {
-                    match ctx.store.load_tenants().await {
-                        Ok(t) => {
-                            ctx.tenants.send_replace(Arc::new(t));
-                            ctx.wake.scheduler.notify_one();
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot reload tenants"),
-                    }
+                Ok(None) => {
+                    ctx.wake.everything_changed();
+                    continue;
                 }
-                Ok(Some(n)) => match n.payload().split_once(':') {
-                    Some(("Queued" | "Cancelled", tenant)) => ctx.wake.queue_changed(tenant),
-                    Some(("Pending", _)) => ctx.wake.executor.notify_one(),
-                    Some(("Succeeded" | "Failed", _)) => ctx.wake.scheduler.notify_one(),
-                    _ => {}
-                },
                 Err(e) => {
                     tracing::warn!(error = %e, "notification listener lost its connection");
                     break;
                 }
+            };
+            match Notification::parse(n.channel(), n.payload()) {
+                Some(Notification::Outbox) => ctx.wake.publisher.notify_one(),
+                Some(Notification::Tenants) => match ctx.store.load_tenants().await {
+                    Ok(t) => {
+                        ctx.tenants.send_replace(Arc::new(t));
+                        ctx.wake.scheduler.notify_one();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot reload tenants"),
+                },
+                Some(Notification::Cancel(task_id)) => {
+                    let _ = cancels.send(task_id);
+                }
+                Some(Notification::TaskPhase { phase, tenant }) => match phase {
+                    Phase::Queued | Phase::Cancelled => ctx.wake.queue_changed(&tenant),
+                    Phase::Pending => ctx.wake.executor.notify_one(),
+                    Phase::Succeeded | Phase::Failed => ctx.wake.scheduler.notify_one(),
+                    Phase::Scheduled | Phase::Running | Phase::Rejected => {}
+                },
+                None => tracing::debug!(channel = n.channel(), "unknown notification ignored"),
             }
         }
+    }
+    Ok(())
+}
+
+async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
     }
 }
 
 /// Removes artifacts older than their TTL, now and then.
-async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken) {
+async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken) -> anyhow::Result<()> {
     loop {
         let b = backend.clone();
         match tokio::task::spawn_blocking(move || b.sweep_artifacts()).await {
@@ -233,19 +283,18 @@ async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken
             _ => {}
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_secs(600)) => {}
         }
     }
 }
 
-async fn reload_on_sighup(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        return;
-    };
+async fn reload_on_sighup(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = hup.recv() => match ctx.reload_tenants().await {
                 Ok(n) => tracing::info!(tenants = n, "tenants reloaded"),
                 Err(e) => tracing::error!(error = %e, "tenants file refused; keeping the previous tenants"),

@@ -202,7 +202,7 @@ async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery, rec
     let policy = ctx.tenants.borrow().get(tenant).cloned();
     let backend = match ctx.settings.backend {
         BackendKind::Local => BackendIsolation::StandardOnly,
-        BackendKind::Kubernetes => BackendIsolation::Any,
+        BackendKind::Kubernetes | BackendKind::Null => BackendIsolation::Any,
     };
     let envelope = Envelope {
         body: &delivery.data,

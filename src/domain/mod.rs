@@ -2,6 +2,7 @@
 //! here and is unit-tested without services.
 
 pub mod fairshare;
+pub mod outcome;
 pub mod phase;
 pub mod quantity;
 pub mod result;

@@ -1,55 +1,11 @@
-//! Shaping results: from how a run ended to a phase and reason, and from a finished task to the
-//! one result message the contract promises.
+//! The result message the contract promises, and making program output storable. How a run
+//! ended, and what phase and reason that gives, is `domain::outcome`.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::phase::{Phase, Reason};
-
-/// How a run ended, as the backend saw it (mirrors `exec::Termination` without depending on it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    Exited,
-    TimedOut,
-    OomKilled,
-    OutputLimitExceeded,
-    BackendError,
-}
-
-/// The phase and reason of a finished run.
-pub fn classify(ending: Ending, exit_code: Option<i32>) -> (Phase, Option<Reason>) {
-    match ending {
-        Ending::Exited if exit_code == Some(0) => (Phase::Succeeded, None),
-        Ending::Exited => (Phase::Failed, Some(Reason::NonZeroExit)),
-        Ending::TimedOut => (Phase::Failed, Some(Reason::TimedOut)),
-        Ending::OomKilled => (Phase::Failed, Some(Reason::OomKilled)),
-        Ending::OutputLimitExceeded => (Phase::Failed, Some(Reason::OutputLimitExceeded)),
-        Ending::BackendError => (Phase::Failed, Some(Reason::BackendError)),
-    }
-}
-
-/// A human sentence for a finished run, so `agentctl` and result consumers need not decode reasons.
-pub fn describe(ending: Ending, exit_code: Option<i32>, timeout_seconds: u32) -> String {
-    match (ending, exit_code) {
-        (Ending::Exited, Some(0)) => "exited with code 0".to_owned(),
-        (Ending::Exited, Some(c)) if c > 128 => {
-            format!("exited with code {c} (killed by signal {})", c - 128)
-        }
-        (Ending::Exited, Some(c)) => format!("exited with code {c}"),
-        (Ending::Exited, None) => "exited without a code".to_owned(),
-        (Ending::TimedOut, _) => {
-            format!("killed after the {timeout_seconds}s timeout; raise timeout_seconds if it needs longer")
-        }
-        (Ending::OomKilled, _) => {
-            "killed for using more than its memory limit; ask for more resources.memory".to_owned()
-        }
-        (Ending::OutputLimitExceeded, _) => {
-            "killed for writing more output than allowed (stdout/stderr or file size cap)".to_owned()
-        }
-        (Ending::BackendError, _) => "the backend failed to run the task".to_owned(),
-    }
-}
 
 /// An artifact as listed in results.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,24 +89,6 @@ impl ResultMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn classification_table() {
-        let cases = [
-            (Ending::Exited, Some(0), Phase::Succeeded, None),
-            (Ending::Exited, Some(3), Phase::Failed, Some(Reason::NonZeroExit)),
-            (Ending::Exited, Some(137), Phase::Failed, Some(Reason::NonZeroExit)),
-            (Ending::TimedOut, None, Phase::Failed, Some(Reason::TimedOut)),
-            (Ending::OomKilled, Some(137), Phase::Failed, Some(Reason::OomKilled)),
-            (Ending::OutputLimitExceeded, None, Phase::Failed, Some(Reason::OutputLimitExceeded)),
-            (Ending::BackendError, None, Phase::Failed, Some(Reason::BackendError)),
-        ];
-        for (ending, code, phase, reason) in cases {
-            assert_eq!(classify(ending, code), (phase, reason), "{ending:?} {code:?}");
-        }
-        assert!(describe(Ending::Exited, Some(137), 5).contains("signal 9"));
-        assert!(describe(Ending::TimedOut, None, 5).contains("5s"));
-    }
 
     #[test]
     fn result_json_has_contract_field_names() {

@@ -42,8 +42,10 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::exec::{
-    Artifact, Backend, BoxFuture, Job, Outcome, ProgramResult,
+    Artifact, Backend, BackendError, BoxFuture, Capabilities, EventSink, InProcessRuns, Job,
+    Outcome, ProgramResult, Progress, RunKey,
 };
+use crate::domain::validate::BackendIsolation;
 use crate::sandbox::bwrap::{self, BwrapPlan, HostLayout, RootEntry, ScratchLayout};
 use crate::sandbox::cgroup::{self, CgroupHost};
 use crate::sandbox::limits::{self, KillReason, Limits, Resource, RunFacts};
@@ -89,6 +91,8 @@ pub struct LocalConfig {
     pub artifact_max_depth: usize,
     /// How long collected artifacts are kept (see [`LocalBackend::sweep_artifacts`]). Default 24 h.
     pub artifact_ttl: Duration,
+    /// Tasks this host runs at once (how many runs one executor watches). Default 64.
+    pub max_runs: usize,
     /// Extra host paths bound read-only at the same place in the sandbox. Default none.
     pub extra_ro_binds: Vec<PathBuf>,
 }
@@ -113,6 +117,7 @@ impl LocalConfig {
             artifact_max_bytes: 64 * MIB,
             artifact_max_depth: 8,
             artifact_ttl: Duration::from_secs(24 * 3600),
+            max_runs: 64,
             extra_ro_binds: Vec::new(),
         }
     }
@@ -149,6 +154,8 @@ pub struct LocalBackend {
     seccomp: Vec<u8>,
     /// Whether scratch dirs are size-capped tmpfs mounts (false: plain directories).
     scratch_tmpfs: AtomicBool,
+    /// Runs in flight; they die with this process.
+    runs: InProcessRuns,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -237,6 +244,7 @@ impl LocalBackend {
             cgroups,
             seccomp,
             scratch_tmpfs: AtomicBool::new(scratch_tmpfs),
+            runs: InProcessRuns::new(),
         })
     }
 
@@ -257,7 +265,13 @@ impl LocalBackend {
         sweep_artifacts(&self.config.data_dir, self.config.artifact_ttl)
     }
 
-    async fn run_job(&self, job: Job) -> Outcome {
+    /// Runs one job to completion (what [`Backend::launch`] does in the background). Dropping
+    /// the future kills the sandbox and removes its scratch and cgroups.
+    pub async fn run(&self, job: Job) -> Outcome {
+        self.run_job(job, None).await
+    }
+
+    async fn run_job(&self, job: Job, progress: Option<&Progress>) -> Outcome {
         let started_at = Utc::now();
         let fail = |msg: String| Outcome::backend_error(msg, started_at);
         let runtime = match job.language {
@@ -275,7 +289,10 @@ impl LocalBackend {
             Ok(run) => run,
             Err(e) => return fail(format!("could not prepare the sandbox: {e}")),
         };
-        let watched = match self.spawn_and_watch(&job, &mut run).await {
+        if let Some(p) = progress {
+            p.scheduled();
+        }
+        let watched = match self.spawn_and_watch(&job, &mut run, progress).await {
             Ok(w) => w,
             Err(e) => return fail(format!("could not run the sandbox: {e}")),
         };
@@ -301,7 +318,7 @@ impl LocalBackend {
             max_depth: self.config.artifact_max_depth,
         };
         let result_max = self.config.result_max_bytes;
-        let dest = self.artifacts_dir(job.task_id);
+        let dest = self.artifacts_dir(job.key.task_id);
         let collected = tokio::task::spawn_blocking(move || {
             let result = read_result(&out.join(ScratchLayout::RESULT_FILE), result_max);
             let artifacts = collect_artifacts(&out.join(ScratchLayout::ARTIFACTS), &dest, &caps);
@@ -320,6 +337,7 @@ impl LocalBackend {
             stderr: captured_text(&watched.stderr, cap, watched.stderr_overflow),
             result,
             artifacts,
+            artifacts_note: None,
             started_at,
             finished_at: Utc::now(),
         };
@@ -333,7 +351,7 @@ impl LocalBackend {
     fn prepare(&self, job: &Job) -> io::Result<PreparedRun> {
         let name = format!(
             "{}-{}",
-            job.task_id,
+            job.key.task_id,
             &Uuid::new_v4().simple().to_string()[..8]
         );
         let root = self.config.data_dir.join("run").join(&name);
@@ -395,7 +413,7 @@ impl LocalBackend {
         }
     }
 
-    async fn spawn_and_watch(&self, job: &Job, run: &mut PreparedRun) -> io::Result<Watched> {
+    async fn spawn_and_watch(&self, job: &Job, run: &mut PreparedRun, progress: Option<&Progress>) -> io::Result<Watched> {
         let code = code_file_name(job.language, job.files.keys().map(String::as_str));
         let mut work_files: Vec<String> = job.files.keys().cloned().collect();
         work_files.push(code.to_string());
@@ -411,7 +429,7 @@ impl LocalBackend {
             host: &self.host,
             scratch: &run.scratch,
             work_files,
-            env: bwrap::sandbox_env(&job.env, &job.task_id.to_string()),
+            env: bwrap::sandbox_env(&job.env, &job.key.task_id.to_string()),
             seccomp_fd: seccomp_fd.as_raw_fd(),
             command,
         };
@@ -469,9 +487,12 @@ impl LocalBackend {
             cmd.pre_exec(move || setup.apply());
         }
         let mut child = cmd.spawn()?;
+        if let Some(p) = progress {
+            p.running();
+        }
         // Only bubblewrap may hold these now.
         drop((seccomp_fd, args_fd, status_write));
-        tracing::debug!(task_id = %job.task_id, pid = ?child.id(), "sandbox started");
+        tracing::debug!(task_id = %job.key.task_id, pid = ?child.id(), "sandbox started");
 
         let cap = self.config.output_limit_bytes;
         let overflow = Arc::new(Notify::new());
@@ -542,12 +563,40 @@ impl LocalBackend {
 }
 
 impl Backend for LocalBackend {
-    fn name(&self) -> &'static str {
+    fn name_for(&self, _isolation: &str) -> &'static str {
         "local"
     }
 
-    fn run(&self, job: Job) -> BoxFuture<'_, Outcome> {
-        Box::pin(self.run_job(job))
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            isolation: BackendIsolation::StandardOnly,
+            runs_survive_restart: false,
+            max_runs: self.config.max_runs,
+        }
+    }
+
+    fn launch(self: Arc<Self>, job: Job, events: EventSink) -> BoxFuture<'static, Result<(), BackendError>> {
+        Box::pin(async move {
+            let me = self.clone();
+            self.runs.launch(job.key, events, move |progress| async move {
+                me.run_job(job, Some(&progress)).await
+            });
+            Ok(())
+        })
+    }
+
+    fn cancel(&self, key: RunKey) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.runs.cancel(key);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn adopt(self: Arc<Self>, _events: EventSink) -> BoxFuture<'static, Result<Vec<RunKey>, BackendError>> {
+        // Sandboxes die with the process that started them: there is never anything to adopt.
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.runs.shutdown())
     }
 }
 

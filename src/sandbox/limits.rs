@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use crate::exec::Termination;
+use crate::domain::outcome::Termination;
 
 /// The limits of one run.
 #[derive(Debug, Clone, PartialEq, Eq)]

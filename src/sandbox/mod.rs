@@ -17,7 +17,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use crate::domain::task::Language;
-use crate::exec::Captured;
+use crate::domain::outcome::Captured;
 
 /// The name of the code file in the working directory: `main.py` / `main.R`, or a name that
 /// cannot clash when an input file already has that name.

@@ -5,14 +5,17 @@
 //! - `outbox`: results waiting to be published.
 //! - the configured tenants are mirrored into `agenttask.tenants` for the SQL views.
 
+pub mod notify;
 mod outbox;
+mod runs;
 mod tasks;
 
 
 pub use outbox::{OutboxBatch, OutboxMessage};
+pub use runs::{AdoptedRun, CancelOutcome, ClaimedTask};
 pub use tasks::{
-    acquire_leadership, AdmissionRound, ClaimedTask, FinishedRun, Inserted, NewRejection, NewTask,
-    Position, QueuedHead, RunningUsage, TaskRow, TenantStatus,
+    acquire_leadership, AdmissionRound, Inserted, NewRejection, NewTask, Position, QueuedHead,
+    RunningUsage, TaskRow, TenantStatus,
 };
 
 use std::str::FromStr;
@@ -38,6 +41,9 @@ pub enum StoreError {
     },
     #[error("applying migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value the service cannot read back (a bug or a hand edit): logged, never guessed.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
 }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::{Result, Store};
 use crate::domain::phase::{Phase, Reason};
 use crate::domain::result::{millis_between, storable_text, Artifact, ResultMessage};
-use crate::domain::task::{Language, Program, TaskSpec};
+use crate::domain::task::{Language, TaskSpec};
 use crate::domain::validate::ReplyRoute;
 
 /// A validated task to insert as `Queued`.
@@ -46,36 +46,6 @@ pub enum Inserted {
     Duplicate,
 }
 
-/// A task handed to an executor.
-#[derive(Debug, Clone)]
-pub struct ClaimedTask {
-    pub task_id: Uuid,
-    pub tenant: String,
-    pub attempt: i32,
-    pub language: Language,
-    pub program: Program,
-    pub timeout_seconds: u32,
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-}
-
-/// A finished execution, as the executor reports it.
-#[derive(Debug, Clone)]
-pub struct FinishedRun {
-    pub phase: Phase,
-    pub reason: Option<Reason>,
-    pub message: String,
-    pub exit_code: Option<i32>,
-    pub result: Option<serde_json::Value>,
-    pub stdout: String,
-    pub stderr: String,
-    pub stdout_truncated: bool,
-    pub stderr_truncated: bool,
-    pub artifacts: Vec<Artifact>,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: DateTime<Utc>,
-}
-
 /// A task as stored, for `agentctl get` and for shaping results.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct TaskRow {
@@ -108,7 +78,7 @@ pub struct TaskRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-const ROW_COLUMNS: &str = "task_id, tenant, client_id, batch_id, language, phase, reason, message, \
+pub(super) const ROW_COLUMNS: &str = "task_id, tenant, client_id, batch_id, language, phase, reason, message, \
     priority, timeout_seconds, cpu_millis, memory_bytes, isolation, labels, exit_code, result, \
     stdout, stderr, stdout_truncated, stderr_truncated, artifacts, backend, attempt, \
     submitted_at, admitted_at, started_at, finished_at";
@@ -271,176 +241,6 @@ impl Store {
         .await?)
     }
 
-    /// Claims up to `limit` admitted tasks for an executor, oldest admission first. The lease
-    /// lets another executor take them over if this one dies.
-    pub async fn claim_pending(
-        &self,
-        owner: Uuid,
-        backend: &str,
-        limit: i64,
-        lease: std::time::Duration,
-    ) -> Result<Vec<ClaimedTask>> {
-        #[derive(sqlx::FromRow)]
-        struct Row {
-            task_id: Uuid,
-            tenant: String,
-            attempt: i32,
-            language: Option<String>,
-            program: Option<Json<Program>>,
-            timeout_seconds: Option<i32>,
-            cpu_millis: Option<i64>,
-            memory_bytes: Option<i64>,
-        }
-        let rows: Vec<Row> = sqlx::query_as(
-            "update agenttask.tasks t set phase = 'Scheduled', attempt = t.attempt + 1, \
-               lease_owner = $1, lease_expires_at = now() + make_interval(secs => $4), backend = $2 \
-             where t.task_id in (select task_id from agenttask.tasks where phase = 'Pending' \
-               order by admitted_at limit $3 for update skip locked) \
-             returning t.task_id, t.tenant, t.attempt, t.language, t.program, t.timeout_seconds, \
-               t.cpu_millis, t.memory_bytes",
-        )
-        .bind(owner)
-        .bind(backend)
-        .bind(limit)
-        .bind(lease.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ClaimedTask {
-                task_id: r.task_id,
-                tenant: r.tenant,
-                attempt: r.attempt,
-                language: r.language.as_deref().and_then(|l| l.parse().ok()).unwrap_or(Language::Python),
-                program: r.program.map(|p| p.0).unwrap_or_default(),
-                timeout_seconds: r.timeout_seconds.unwrap_or(1).max(1) as u32,
-                cpu_millis: r.cpu_millis.unwrap_or(0).max(0) as u64,
-                memory_bytes: r.memory_bytes.unwrap_or(0).max(0) as u64,
-            })
-            .collect())
-    }
-
-    /// `Scheduled` → `Running` when the process has started.
-    pub async fn mark_running(&self, task_id: Uuid, attempt: i32, at: DateTime<Utc>) -> Result<bool> {
-        let done = sqlx::query(
-            "update agenttask.tasks set phase = 'Running', started_at = $3 \
-             where task_id = $1 and attempt = $2 and phase = 'Scheduled'",
-        )
-        .bind(task_id)
-        .bind(attempt)
-        .bind(at)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Extends the leases of the tasks `owner` is running right now (not of everything it ever
-    /// claimed: a claim whose reply was lost must be able to expire).
-    pub async fn renew_leases(&self, owner: Uuid, running: &[Uuid], lease: std::time::Duration) -> Result<u64> {
-        Ok(sqlx::query(
-            "update agenttask.tasks set lease_expires_at = now() + make_interval(secs => $2) \
-             where lease_owner = $1 and task_id = any($3) and phase in ('Scheduled', 'Running')",
-        )
-        .bind(owner)
-        .bind(lease.as_secs_f64())
-        .bind(running)
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
-    }
-
-    /// On a clean shutdown: hands `owner`'s unfinished tasks back for another run.
-    pub async fn release(&self, owner: Uuid) -> Result<u64> {
-        Ok(sqlx::query(
-            "update agenttask.tasks set phase = 'Pending', lease_owner = null, lease_expires_at = null, \
-               started_at = null \
-             where lease_owner = $1 and phase in ('Scheduled', 'Running')",
-        )
-        .bind(owner)
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
-    }
-
-    /// Tasks whose executor vanished (lease expired): run again while attempts remain, else fail.
-    /// Returns how many were requeued and failed.
-    pub async fn reap_expired(&self, max_attempts: i32) -> Result<(u64, u64)> {
-        let requeued = sqlx::query(
-            "update agenttask.tasks set phase = 'Pending', lease_owner = null, lease_expires_at = null, \
-               started_at = null \
-             where phase in ('Scheduled', 'Running') and lease_expires_at < now() and attempt < $1",
-        )
-        .bind(max_attempts)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        // Whatever is still expired has used its attempts; `finish` is guarded by the attempt,
-        // so two reapers cannot both fail a task.
-        let rows: Vec<(Uuid, i32)> = sqlx::query_as(
-            "select task_id, attempt from agenttask.tasks \
-             where phase in ('Scheduled', 'Running') and lease_expires_at < now()",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut failed = 0;
-        for (task_id, attempt) in rows {
-            let now = Utc::now();
-            let run = FinishedRun {
-                phase: Phase::Failed,
-                reason: Some(Reason::BackendError),
-                message: format!("the executor running this task stopped responding {attempt} times"),
-                exit_code: None,
-                result: None,
-                stdout: String::new(),
-                stderr: String::new(),
-                stdout_truncated: false,
-                stderr_truncated: false,
-                artifacts: Vec::new(),
-                started_at: now,
-                finished_at: now,
-            };
-            if self.finish(task_id, attempt, &run).await? {
-                failed += 1;
-            }
-        }
-        Ok((requeued, failed))
-    }
-
-    /// Records a finished execution and queues its result, in one transaction. Returns false when
-    /// the task was no longer this attempt's to finish (a stale executor).
-    pub async fn finish(&self, task_id: Uuid, attempt: i32, run: &FinishedRun) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let row: Option<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "update agenttask.tasks set phase = $3, reason = $4, message = $5, exit_code = $6, \
-               result = $7, stdout = $8, stderr = $9, stdout_truncated = $10, \
-               stderr_truncated = $11, artifacts = $12, started_at = coalesce(started_at, $13), \
-               finished_at = $14, lease_owner = null, lease_expires_at = null, program = null \
-             where task_id = $1 and attempt = $2 and phase in ('Scheduled', 'Running') \
-             returning {ROW_COLUMNS}"
-        )))
-        .bind(task_id)
-        .bind(attempt)
-        .bind(run.phase.as_str())
-        .bind(run.reason.map(Reason::as_str))
-        .bind(storable_text(&run.message))
-        .bind(run.exit_code)
-        .bind(run.result.as_ref().map(Json))
-        .bind(&run.stdout)
-        .bind(&run.stderr)
-        .bind(run.stdout_truncated)
-        .bind(run.stderr_truncated)
-        .bind(Json(&run.artifacts))
-        .bind(run.started_at)
-        .bind(run.finished_at)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(false);
-        };
-        commit_with_result(tx, &row).await?;
-        Ok(true)
-    }
-
     /// Mirrors the configured tenants for the SQL views.
     pub async fn sync_tenants(&self, tenants: &crate::domain::tenant::Tenants) -> Result<()> {
         let mut tx = self.pool.begin().await?;
@@ -470,7 +270,7 @@ impl Store {
 }
 
 /// Queues the result of a task that just became terminal in `tx`, and commits both together.
-async fn commit_with_result(mut tx: Transaction<'static, Postgres>, row: &TaskRow) -> Result<()> {
+pub(super) async fn commit_with_result(mut tx: Transaction<'static, Postgres>, row: &TaskRow) -> Result<()> {
     let route: ReplyColumns = sqlx::query_as(
         "select reply_exchange, reply_routing_key, correlation_id from agenttask.tasks where task_id = $1",
     )
