@@ -1,0 +1,404 @@
+//! The local backend: runs each job on this host under bubblewrap, as the unprivileged
+//! `agenttask-sandbox` user, inside per-task cgroups and a size-capped scratch file system.
+//!
+//! This is the I/O edge of [`crate::sandbox`], which decides *what* to run (bubblewrap options,
+//! seccomp program, limits, verdict); here we create the scratch and cgroups, spawn, watch the
+//! clock and the output, collect the result and artifacts, and clean up whatever happened.
+//!
+//! # One run
+//! 1. **Scratch**: `<data_dir>/run/<task>-<nonce>/` becomes a tmpfs (`size=scratch_bytes`,
+//!    `nr_inodes=scratch_inodes`, nosuid, nodev) holding `in/` (inputs, code, synthetic /etc files,
+//!    root-owned, read-only), and `work/`, `tmp/`, `shm/`, `out/` (owned by the sandbox user).
+//!    Its pages are charged to the task's memory cgroup. If the mount is refused (not root), it
+//!    is a plain directory and only `RLIMIT_FSIZE` bounds each file.
+//! 2. **Cgroups**: `<service cgroup>/agenttask/<task>-<nonce>` in each of memory, pids, cpu
+//!    (v1) or in the unified hierarchy (v2), with the task's limits; the child enters them in
+//!    `pre_exec`, before bubblewrap runs, so every process of the task is inside.
+//! 3. **Spawn** `bwrap --args FD -- runtime...` with an empty environment; in `pre_exec`: join
+//!    the cgroups, set rlimits, drop to the sandbox uid/gid (no supplementary groups), ask for
+//!    SIGKILL if the service dies (`PR_SET_PDEATHSIG`).
+//! 4. **Watch**: stdout and stderr are read concurrently, each capped; the first stream over its
+//!    cap, or the deadline, kills the task: bubblewrap (its pid namespace dies with it) and
+//!    every process left in the task's cgroup.
+//! 5. **Collect** the result file and artifacts without following links, then unmount and
+//!    remove the scratch and the cgroups, also when the run future is dropped.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use std::sync::Arc;
+
+use crate::domain::validate::BackendIsolation;
+use crate::exec::{
+    Backend, BackendError, BoxFuture, Capabilities, EventSink, InProcessRuns, Job, Outcome,
+    Progress, RunKey,
+};
+use crate::sandbox::bwrap::{HostLayout, ScratchLayout};
+use crate::sandbox::cgroup::CgroupHost;
+use crate::sandbox::limits::{self, Limits};
+use crate::sandbox::{captured_text, seccomp};
+
+mod cgroups;
+mod collect;
+mod host;
+mod scratch;
+mod spawn;
+
+pub use collect::{collect_artifacts, read_result, sweep_artifacts, ArtifactCaps};
+
+use host::{
+    detect_host_layout, is_executable, lookup_user, prepare_cgroups, prepare_data_dir, probe_tmpfs,
+    sweep_stale_runs,
+};
+
+pub(super) const MIB: u64 = 1 << 20;
+
+/// Settings of the local backend. [`LocalConfig::new`] gives the defaults for a data directory.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// Service-owned directory: `run/` (per-task scratch, removed after each run) and
+    /// `artifacts/<task id>/` (collected artifacts, removed by [`sweep_artifacts`]).
+    pub data_dir: PathBuf,
+    /// Cap per output stream (stdout, stderr), in bytes. Default 1 MiB.
+    pub output_limit_bytes: usize,
+    /// Python interpreter (must be visible in the sandbox: under /usr or in `extra_ro_binds`).
+    /// Default `/usr/bin/python3` (the system one, never a pyenv shim).
+    pub python_path: PathBuf,
+    /// Default `/usr/bin/Rscript`.
+    pub rscript_path: PathBuf,
+    /// Default `/usr/bin/bwrap`.
+    pub bwrap_path: PathBuf,
+    /// The host user every sandboxed process runs as. Default `agenttask-sandbox`.
+    pub sandbox_user: String,
+    /// Size of a task's scratch (working dir + /tmp + /dev/shm + result + artifacts), and the
+    /// largest file it may write. Default 128 MiB.
+    pub scratch_bytes: u64,
+    /// Files and directories a task may create in its scratch. Default 32768.
+    pub scratch_inodes: u64,
+    /// Processes and threads per task (pids cgroup). Default 128.
+    pub max_processes: u64,
+    /// `RLIMIT_NPROC` of the sandbox uid, i.e. for all running tasks together. Default 16384.
+    pub uid_max_processes: u64,
+    /// `RLIMIT_NOFILE`. Default 1024.
+    pub max_open_files: u64,
+    /// Largest result file read back. Default 1 MiB.
+    pub result_max_bytes: u64,
+    /// Artifacts collected per task. Default 100 files.
+    pub artifact_max_files: usize,
+    /// Total artifact bytes per task. Default 64 MiB.
+    pub artifact_max_bytes: u64,
+    /// Directory depth followed below the artifacts directory. Default 8.
+    pub artifact_max_depth: usize,
+    /// How long collected artifacts are kept (see [`LocalBackend::sweep_artifacts`]). Default 24 h.
+    pub artifact_ttl: Duration,
+    /// Tasks this host runs at once (how many runs one executor watches). Default 64.
+    pub max_runs: usize,
+    /// Extra host paths bound read-only at the same place in the sandbox. Default none.
+    pub extra_ro_binds: Vec<PathBuf>,
+}
+
+impl LocalConfig {
+    /// The defaults, with the given data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            output_limit_bytes: MIB as usize,
+            python_path: "/usr/bin/python3".into(),
+            rscript_path: "/usr/bin/Rscript".into(),
+            bwrap_path: "/usr/bin/bwrap".into(),
+            sandbox_user: "agenttask-sandbox".into(),
+            scratch_bytes: 128 * MIB,
+            scratch_inodes: 32_768,
+            max_processes: 128,
+            uid_max_processes: 16_384,
+            max_open_files: 1024,
+            result_max_bytes: MIB,
+            artifact_max_files: 100,
+            artifact_max_bytes: 64 * MIB,
+            artifact_max_depth: 8,
+            artifact_ttl: Duration::from_secs(24 * 3600),
+            max_runs: 64,
+            extra_ro_binds: Vec::new(),
+        }
+    }
+}
+
+impl Default for LocalConfig {
+    /// Data in `/var/lib/agenttask`.
+    fn default() -> Self {
+        Self::new("/var/lib/agenttask")
+    }
+}
+
+/// Why the backend could not be set up. The message says what to do.
+#[derive(Debug)]
+pub struct SetupError(String);
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+pub(super) const INSTALL_HINT: &str = "run deploy/local/install-sandbox.sh as root";
+
+/// Runs jobs in bubblewrap sandboxes on this host. Cheap to share (`Arc`) across tasks.
+pub struct LocalBackend {
+    config: LocalConfig,
+    uid: u32,
+    gid: u32,
+    host: HostLayout,
+    cgroups: CgroupHost,
+    seccomp: Vec<u8>,
+    /// Whether scratch dirs are size-capped tmpfs mounts (false: plain directories).
+    scratch_tmpfs: AtomicBool,
+    /// Runs in flight; they die with this process.
+    runs: InProcessRuns,
+}
+
+impl std::fmt::Debug for LocalBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBackend")
+            .field("data_dir", &self.config.data_dir)
+            .field("uid", &self.uid)
+            .field("cgroups", &self.cgroups)
+            .field("scratch_tmpfs", &self.scratch_tmpfs.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl LocalBackend {
+    /// Checks the host and prepares the data directory.
+    ///
+    /// # Errors
+    /// When bubblewrap or the sandbox user is missing, the service is not root (it must switch
+    /// to the sandbox uid), the data directory cannot be prepared or reached by the sandbox user,
+    /// or the architecture has no seccomp filter. Missing Python or R is only logged: those tasks
+    /// then end in `BackendError`.
+    pub fn new(config: LocalConfig) -> Result<Self, SetupError> {
+        let err = |m: String| Err(SetupError(m));
+        let seccomp = match seccomp::program_for_host() {
+            Ok(p) => seccomp::to_bytes(&p),
+            Err(e) => return err(e.to_string()),
+        };
+        if !is_executable(&config.bwrap_path) {
+            return err(format!(
+                "bubblewrap not found at {}: {INSTALL_HINT} (or `apt-get install -y --no-install-recommends bubblewrap`)",
+                config.bwrap_path.display()
+            ));
+        }
+        let (uid, gid) = match lookup_user(&config.sandbox_user) {
+            Ok(Some(ids)) => ids,
+            Ok(None) => {
+                return err(format!(
+                    "sandbox user {:?} does not exist: {INSTALL_HINT} (it runs `useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {}`)",
+                    config.sandbox_user, config.sandbox_user
+                ))
+            }
+            Err(e) => return err(format!("looking up sandbox user {:?}: {e}", config.sandbox_user)),
+        };
+        if uid == 0 || gid == 0 {
+            return err(format!(
+                "sandbox user {:?} has uid/gid 0; it must be an unprivileged user",
+                config.sandbox_user
+            ));
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return err(format!(
+                "the local backend must run as root: it switches each sandbox to the unprivileged user {:?}, mounts size-capped scratch file systems and creates cgroups",
+                config.sandbox_user
+            ));
+        }
+        for (name, path) in [
+            ("python", &config.python_path),
+            ("Rscript", &config.rscript_path),
+        ] {
+            if !is_executable(path) {
+                tracing::warn!(path = %path.display(), "{name} not found; tasks in that language will fail with BackendError ({INSTALL_HINT})");
+            }
+        }
+        prepare_data_dir(&config.data_dir, uid, gid).map_err(SetupError)?;
+        sweep_stale_runs(&config.data_dir.join("run"));
+
+        let host = detect_host_layout(&config.extra_ro_binds);
+        let cgroups = prepare_cgroups();
+        let scratch_tmpfs = probe_tmpfs(&config.data_dir.join("run"));
+        if !scratch_tmpfs {
+            tracing::warn!("cannot mount tmpfs scratch dirs; task scratch is a plain directory bounded only by RLIMIT_FSIZE per file");
+        }
+        tracing::info!(
+            uid,
+            gid,
+            ?cgroups,
+            scratch_tmpfs,
+            "local sandbox backend ready"
+        );
+        Ok(Self {
+            config,
+            uid,
+            gid,
+            host,
+            cgroups,
+            seccomp,
+            scratch_tmpfs: AtomicBool::new(scratch_tmpfs),
+            runs: InProcessRuns::new(),
+        })
+    }
+
+    pub fn config(&self) -> &LocalConfig {
+        &self.config
+    }
+
+    /// Where a task's collected artifacts are: `<data_dir>/artifacts/<task id>/`.
+    pub fn artifacts_dir(&self, task_id: Uuid) -> PathBuf {
+        self.config
+            .data_dir
+            .join("artifacts")
+            .join(task_id.to_string())
+    }
+
+    /// Removes artifacts older than the configured TTL; see [`sweep_artifacts`].
+    pub fn sweep_artifacts(&self) -> io::Result<usize> {
+        sweep_artifacts(&self.config.data_dir, self.config.artifact_ttl)
+    }
+
+    /// Runs one job to completion (what [`Backend::launch`] does in the background). Dropping
+    /// the future kills the sandbox and removes its scratch and cgroups.
+    pub async fn run(&self, job: Job) -> Outcome {
+        self.run_job(job, None).await
+    }
+
+    async fn run_job(&self, job: Job, progress: Option<&Progress>) -> Outcome {
+        let started_at = Utc::now();
+        let fail = |msg: String| Outcome::backend_error(msg, started_at);
+        let runtime = match job.language {
+            crate::domain::task::Language::Python => &self.config.python_path,
+            crate::domain::task::Language::R => &self.config.rscript_path,
+        };
+        if !is_executable(runtime) {
+            return fail(format!(
+                "{} runtime not found at {} ({INSTALL_HINT})",
+                job.language.as_str(),
+                runtime.display()
+            ));
+        }
+        let mut run = match self.prepare(&job) {
+            Ok(run) => run,
+            Err(e) => return fail(format!("could not prepare the sandbox: {e}")),
+        };
+        if let Some(p) = progress {
+            p.scheduled();
+        }
+        let watched = match self.spawn_and_watch(&job, &mut run, progress).await {
+            Ok(w) => w,
+            Err(e) => return fail(format!("could not run the sandbox: {e}")),
+        };
+        if let Some(msg) = watched.setup_failure {
+            return fail(msg);
+        }
+
+        let mut facts = watched.facts;
+        facts.scratch_full = run.scratch_is_full();
+        let oom = run.cgroups.oom_state();
+        facts.cgroup_oom_kills = oom.0;
+        facts.cgroup_memory_limit_hit = oom.1;
+        let tail_start = watched.stderr.len().saturating_sub(4096);
+        facts.memory_error_in_stderr = limits::looks_like_memory_error(&String::from_utf8_lossy(
+            &watched.stderr[tail_start..],
+        ));
+        let (termination, exit_code) = limits::verdict(&facts);
+
+        let out = run.scratch.out();
+        let caps = ArtifactCaps {
+            max_files: self.config.artifact_max_files,
+            max_bytes: self.config.artifact_max_bytes,
+            max_depth: self.config.artifact_max_depth,
+        };
+        let result_max = self.config.result_max_bytes;
+        let dest = self.artifacts_dir(job.key.task_id);
+        let collected = tokio::task::spawn_blocking(move || {
+            let result = read_result(&out.join(ScratchLayout::RESULT_FILE), result_max);
+            let artifacts = collect_artifacts(&out.join(ScratchLayout::ARTIFACTS), &dest, &caps);
+            (result, artifacts)
+        })
+        .await;
+        let (result, artifacts) = match collected {
+            Ok(c) => c,
+            Err(e) => return fail(format!("collecting results failed: {e}")),
+        };
+        let cap = self.config.output_limit_bytes;
+        let outcome = Outcome {
+            termination,
+            exit_code,
+            stdout: captured_text(&watched.stdout, cap, watched.stdout_overflow),
+            stderr: captured_text(&watched.stderr, cap, watched.stderr_overflow),
+            result,
+            artifacts,
+            started_at,
+            artifacts_note: None,
+            finished_at: Utc::now(),
+        };
+        // Unmounting a big scratch can take a moment; keep it off the async workers. Awaited, so
+        // that when a run returns nothing of it is left on the host.
+        let _ = tokio::task::spawn_blocking(move || drop(run)).await;
+        outcome
+    }
+
+    fn limits(&self, job: &Job) -> Limits {
+        Limits {
+            timeout: job.timeout,
+            cpu_millis: job.cpu_millis,
+            memory_bytes: job.memory_bytes,
+            max_processes: self.config.max_processes,
+            scratch_bytes: self.config.scratch_bytes,
+            max_open_files: self.config.max_open_files,
+            uid_max_processes: self.config.uid_max_processes,
+        }
+    }
+}
+
+impl Backend for LocalBackend {
+    fn name_for(&self, _isolation: &str) -> &'static str {
+        "local"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            isolation: BackendIsolation::StandardOnly,
+            runs_survive_restart: false,
+            max_runs: self.config.max_runs,
+        }
+    }
+
+    fn launch(self: Arc<Self>, job: Job, events: EventSink) -> BoxFuture<'static, Result<(), BackendError>> {
+        Box::pin(async move {
+            let me = self.clone();
+            self.runs.launch(job.key, events, move |progress| async move {
+                me.run_job(job, Some(&progress)).await
+            });
+            Ok(())
+        })
+    }
+
+    fn cancel(&self, key: RunKey) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.runs.cancel(key);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn adopt(self: Arc<Self>, _events: EventSink) -> BoxFuture<'static, Result<Vec<RunKey>, BackendError>> {
+        // Sandboxes die with the process that started them: there is never anything to adopt.
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.runs.shutdown())
+    }
+}
