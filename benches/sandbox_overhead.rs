@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use agenttask::domain::task::Language;
 use agenttask::exec::local::{LocalBackend, LocalConfig};
-use agenttask::exec::{Backend, Job, Termination};
+use agenttask::exec::{Job, Termination};
 
 fn stats(name: &str, v: &mut [Duration]) -> Duration {
     v.sort();
@@ -34,7 +34,7 @@ async fn main() {
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let backend = LocalBackend::new(LocalConfig::new(tmp.path().join("data"))).unwrap();
     let job = || Job {
-        task_id: uuid::Uuid::new_v4(),
+        key: agenttask::exec::RunKey { task_id: uuid::Uuid::new_v4(), attempt: 1 },
         tenant: "bench".into(),
         language: Language::Python,
         code: "print(1)".into(),
@@ -45,6 +45,10 @@ async fn main() {
         timeout: Duration::from_secs(10),
         cpu_millis: 1000,
         memory_bytes: 256 << 20,
+        isolation: "standard".into(),
+        labels: BTreeMap::new(),
+        batch_id: None,
+        priority: 0,
     };
     // Warm-up (page cache, first cgroup creation).
     for _ in 0..3 {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::body::Bytes;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::result::ResultMessage;
 use crate::service::Context;
-use crate::store::{Position, TaskRow, TenantStatus};
+use crate::store::{CancelOutcome, Position, TaskRow, TenantStatus};
 
 pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let app = router(ctx);
@@ -34,6 +34,8 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/position", get(get_position))
+        .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/v1/batches/{tenant}/{batch}/cancel", post(cancel_batch))
         .route("/v1/tenants", get(list_tenants).put(apply_tenants))
         .route("/v1/tenants/{name}", get(get_tenant))
         .with_state(ctx)
@@ -223,4 +225,84 @@ async fn apply_tenants(State(ctx): State<Arc<Context>>, headers: HeaderMap, body
     ctx.tenants.send_replace(Arc::new(tenants));
     ctx.wake.scheduler.notify_one();
     Json(ApplyResult { tenants: names }).into_response()
+}
+
+/// What a cancel request did, as `POST /v1/tasks/{id}/cancel` answers it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CancelAnswer {
+    pub task_id: uuid::Uuid,
+    /// `cancelled` (it had not started; its result is out) or `stopping` (it was running; it is
+    /// being killed and its result will say `Cancelled`).
+    pub outcome: String,
+    pub message: String,
+}
+
+/// `POST /v1/tasks/{id}/cancel`: a queued or admitted task ends `Cancelled` without running; a
+/// running one is killed. Either way it gets exactly one result. A finished task is left alone
+/// (409), an unknown one is a 404.
+async fn cancel_task(State(ctx): State<Arc<Context>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(resp) = authorize(&ctx, &headers) {
+        return resp;
+    }
+    let Ok(task_id) = uuid::Uuid::parse_str(&id) else {
+        return error(StatusCode::BAD_REQUEST, format!("{id:?} is not a task id (uuid)"));
+    };
+    match ctx.store.request_cancel(task_id).await {
+        Ok(CancelOutcome::Cancelled) => Json(CancelAnswer {
+            task_id,
+            outcome: "cancelled".into(),
+            message: "cancelled before it ran".into(),
+        })
+        .into_response(),
+        Ok(CancelOutcome::Requested) => (
+            StatusCode::ACCEPTED,
+            Json(CancelAnswer {
+                task_id,
+                outcome: "stopping".into(),
+                message: "the task is running and is being stopped; its result will say Cancelled".into(),
+            }),
+        )
+            .into_response(),
+        Ok(CancelOutcome::AlreadyFinished(phase)) => error(
+            StatusCode::CONFLICT,
+            format!("task {task_id} already finished ({phase}); nothing to cancel"),
+        ),
+        Ok(CancelOutcome::NotFound) => error(StatusCode::NOT_FOUND, format!("no task {task_id}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+    }
+}
+
+/// What `POST /v1/batches/{tenant}/{batch}/cancel` did.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchCancelAnswer {
+    /// Tasks that had not started and are `Cancelled` now.
+    pub cancelled: u64,
+    /// Running tasks being stopped.
+    pub stopping: u64,
+}
+
+/// `POST /v1/batches/{tenant}/{batch}/cancel`: cancels every unfinished task of a batch.
+async fn cancel_batch(
+    State(ctx): State<Arc<Context>>,
+    headers: HeaderMap,
+    Path((tenant, batch)): Path<(String, String)>,
+) -> Response {
+    if let Err(resp) = authorize(&ctx, &headers) {
+        return resp;
+    }
+    let ids = match ctx.store.unfinished_in_batch(&tenant, &batch).await {
+        Ok(ids) => ids,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+    };
+    let mut answer = BatchCancelAnswer { cancelled: 0, stopping: 0 };
+    for id in ids {
+        match ctx.store.request_cancel(id).await {
+            Ok(CancelOutcome::Cancelled) => answer.cancelled += 1,
+            Ok(CancelOutcome::Requested) => answer.stopping += 1,
+            // Finished meanwhile: nothing to do.
+            Ok(_) => {}
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+        }
+    }
+    Json(answer).into_response()
 }

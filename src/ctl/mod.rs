@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_AMQP_URL;
 use crate::domain::quantity::{format_cpu, format_memory};
-use crate::http::{ApiError, ApplyResult, TaskView};
+use crate::http::{ApiError, ApplyResult, BatchCancelAnswer, CancelAnswer, TaskView};
 use crate::store::{Position, TenantStatus};
 
 /// agentctl: submit untrusted code to AgentTask and inspect its tasks.
@@ -24,6 +24,7 @@ use crate::store::{Position, TenantStatus};
 ///   agentctl submit --tenant acme analysis.R --wait -o json
 ///   agentctl get 6f1c0e8a-...            (needs AGENTCTL_TOKEN)
 ///   agentctl position 6f1c0e8a-...
+///   agentctl cancel 6f1c0e8a-...
 ///   agentctl tenant apply -f tenants.toml
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
@@ -69,6 +70,21 @@ pub enum Command {
     Position {
         /// Task id (uuid)
         id: String,
+    },
+    /// Cancel a task, or with --batch every unfinished task of a batch (of --tenant).
+    ///
+    /// A task that has not started ends Cancelled without running; a running one is killed.
+    /// Either way it gets exactly one result, with phase and reason Cancelled. Exits 1 when the
+    /// task had already finished.
+    ///
+    /// Examples: agentctl cancel 6f1c0e8a-...    agentctl cancel --tenant acme --batch eval-42
+    Cancel {
+        /// Task id (uuid)
+        #[arg(required_unless_present = "batch", conflicts_with = "batch")]
+        id: Option<String>,
+        /// Cancel every unfinished task of this batch (needs --tenant)
+        #[arg(long, requires = "tenant")]
+        batch: Option<String>,
     },
     /// Tenants and their quotas (admin token needed).
     #[command(subcommand)]
@@ -130,7 +146,42 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
         Command::Submit(args) => submit::run(&cli, args).await,
         Command::Get { id } => get(&cli, id).await,
         Command::Position { id } => position(&cli, id).await,
+        Command::Cancel { id, batch } => cancel(&cli, id.as_deref(), batch.as_deref()).await,
         Command::Tenant(cmd) => tenant(&cli, cmd).await,
+    }
+}
+
+async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<ExitCode, CtlError> {
+    let base = cli.server.trim_end_matches('/');
+    if let Some(batch) = batch {
+        let tenant = cli.tenant.as_deref().ok_or_else(|| CtlError("--batch needs --tenant (or AGENTCTL_TENANT)".into()))?;
+        let url = format!("{base}/v1/batches/{}/{}/cancel", encode(tenant), encode(batch));
+        let answer: BatchCancelAnswer = api(cli, reqwest::Method::POST, &url, None).await?;
+        match cli.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+            Output::Table => println!(
+                "batch {batch} of tenant {tenant}: {} cancelled before running, {} being stopped",
+                answer.cancelled, answer.stopping
+            ),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let id = id.expect("clap requires an id without --batch");
+    let url = format!("{base}/v1/tasks/{}/cancel", encode(id));
+    match api::<CancelAnswer>(cli, reqwest::Method::POST, &url, None).await {
+        Ok(answer) => {
+            match cli.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+                Output::Table => println!("task {}: {}", answer.task_id, answer.message),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        // Already finished: nothing was cancelled, so the command did not do what it said.
+        Err(CtlError(msg)) if msg.starts_with("409") => {
+            eprintln!("{msg}");
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(e),
     }
 }
 

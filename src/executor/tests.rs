@@ -1,1 +1,463 @@
-//! placeholder
+//! The executor against an in-memory store and backend: every transition, cancel in every
+//! phase, adoption after a restart, and a stale attempt's late event. The fake store applies the
+//! same guards as the SQL in `store::runs` (phase and attempt), so a test that passes here
+//! exercises the executor's decisions, not the fake's leniency.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::types::Json;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::*;
+use crate::domain::phase::Phase;
+use crate::domain::task::Program;
+use crate::domain::validate::BackendIsolation;
+use crate::exec::{BackendError, Termination};
+
+#[derive(Debug, Clone)]
+struct FakeTask {
+    phase: Phase,
+    attempt: i32,
+    owner: Option<Uuid>,
+    cancel_requested: bool,
+    backend: Option<String>,
+    finishes: u32,
+}
+
+#[derive(Default)]
+struct FakeStore {
+    tasks: Mutex<HashMap<Uuid, FakeTask>>,
+}
+
+const ACTIVE: [Phase; 3] = [Phase::Pending, Phase::Scheduled, Phase::Running];
+
+impl FakeStore {
+    fn admit(&self) -> Uuid {
+        let id = Uuid::new_v4();
+        self.tasks.lock().unwrap().insert(id, FakeTask {
+            phase: Phase::Pending,
+            attempt: 0,
+            owner: None,
+            cancel_requested: false,
+            backend: None,
+            finishes: 0,
+        });
+        id
+    }
+
+    fn get(&self, id: Uuid) -> FakeTask {
+        self.tasks.lock().unwrap()[&id].clone()
+    }
+
+    fn update<R>(&self, id: Uuid, f: impl FnOnce(&mut FakeTask) -> R) -> R {
+        f(self.tasks.lock().unwrap().get_mut(&id).unwrap())
+    }
+
+    /// What `Store::request_cancel` does for a task that is with an executor.
+    fn request_cancel(&self, id: Uuid) {
+        self.update(id, |t| t.cancel_requested = true);
+    }
+}
+
+fn ok<T: Send + 'static>(v: T) -> BoxFuture<'static, Result<T, StoreError>> {
+    Box::pin(async move { Ok(v) })
+}
+
+impl ExecutorStore for FakeStore {
+    fn claim(&self, owner: Uuid, limit: i64, _lease: Duration) -> BoxFuture<'_, Result<Vec<ClaimedTask>, StoreError>> {
+        let mut out = Vec::new();
+        for (id, t) in self.tasks.lock().unwrap().iter_mut() {
+            if out.len() as i64 >= limit {
+                break;
+            }
+            if t.phase == Phase::Pending && t.owner.is_none() && !t.cancel_requested {
+                t.attempt += 1;
+                t.owner = Some(owner);
+                out.push(ClaimedTask {
+                    task_id: *id,
+                    tenant: "acme".into(),
+                    attempt: t.attempt,
+                    language: Some("python".into()),
+                    program: Some(Json(Program { code: "print(1)".into(), ..Default::default() })),
+                    timeout_seconds: Some(5),
+                    cpu_millis: Some(500),
+                    memory_bytes: Some(64 << 20),
+                    isolation: "standard".into(),
+                    labels: Json(Default::default()),
+                    batch_id: None,
+                    priority: 0,
+                });
+            }
+        }
+        ok(out)
+    }
+
+    fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        ok(self.update(key.task_id, |t| {
+            let moved = t.attempt == key.attempt && t.phase == Phase::Pending;
+            if moved {
+                t.phase = Phase::Scheduled;
+                t.backend = Some(backend.to_owned());
+            }
+            moved
+        }))
+    }
+
+    fn mark_running<'a>(&'a self, key: RunKey, _backend: &'a str, _at: chrono::DateTime<Utc>) -> BoxFuture<'a, Result<bool, StoreError>> {
+        ok(self.update(key.task_id, |t| {
+            let moved = t.attempt == key.attempt && matches!(t.phase, Phase::Pending | Phase::Scheduled);
+            if moved {
+                t.phase = Phase::Running;
+            }
+            moved
+        }))
+    }
+
+    fn finish<'a>(&'a self, key: RunKey, _backend: Option<&'a str>, outcome: &'a Outcome, _timeout: u32) -> BoxFuture<'a, Result<bool, StoreError>> {
+        ok(self.update(key.task_id, |t| {
+            let moved = t.attempt == key.attempt && ACTIVE.contains(&t.phase);
+            if moved {
+                t.phase = outcome.phase_reason().0;
+                t.owner = None;
+                t.finishes += 1;
+            }
+            moved
+        }))
+    }
+
+    fn renew_leases<'a>(&'a self, _owner: Uuid, ids: &'a [Uuid], _lease: Duration) -> BoxFuture<'a, Result<u64, StoreError>> {
+        ok(ids.len() as u64)
+    }
+
+    fn cancel_requested(&self, owner: Uuid) -> BoxFuture<'_, Result<Vec<(Uuid, i32)>, StoreError>> {
+        let runs = self
+            .tasks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| t.owner == Some(owner) && t.cancel_requested && ACTIVE.contains(&t.phase))
+            .map(|(id, t)| (*id, t.attempt))
+            .collect();
+        ok(runs)
+    }
+
+    fn adopt<'a>(&'a self, owner: Uuid, runs: &'a [(Uuid, i32)], _lease: Duration) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>> {
+        let mut out = Vec::new();
+        for (id, attempt) in runs {
+            if let Some(t) = self.tasks.lock().unwrap().get_mut(id) {
+                if t.attempt == *attempt && ACTIVE.contains(&t.phase) {
+                    t.owner = Some(owner);
+                    out.push(AdoptedRun {
+                        task_id: *id,
+                        attempt: *attempt,
+                        tenant: "acme".into(),
+                        language: Some("python".into()),
+                        timeout_seconds: Some(5),
+                        isolation: "standard".into(),
+                    });
+                }
+            }
+        }
+        ok(out)
+    }
+
+    fn release(&self, owner: Uuid) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let mut n = 0;
+        for t in self.tasks.lock().unwrap().values_mut() {
+            if t.owner == Some(owner) && ACTIVE.contains(&t.phase) {
+                t.phase = Phase::Pending;
+                t.owner = None;
+                n += 1;
+            }
+        }
+        ok(n)
+    }
+}
+
+/// A backend whose runs the test drives by hand.
+#[derive(Default)]
+struct FakeBackend {
+    survives: bool,
+    /// Runs "left by an earlier process", returned by `adopt`.
+    leftover: Vec<RunKey>,
+    sinks: Mutex<HashMap<RunKey, EventSink>>,
+    launched: Mutex<Vec<RunKey>>,
+    cancelled: Mutex<Vec<RunKey>>,
+}
+
+impl FakeBackend {
+    fn emit(&self, key: RunKey, event: RunEvent) {
+        let sink = self.sinks.lock().unwrap().get(&key).cloned().expect("run is known");
+        sink.send(key, event);
+    }
+
+    fn launched(&self) -> Vec<RunKey> {
+        self.launched.lock().unwrap().clone()
+    }
+
+    fn finish_ok(&self, key: RunKey) {
+        let mut o = Outcome::bare(Termination::Exited, Utc::now(), Utc::now());
+        o.exit_code = Some(0);
+        self.emit(key, RunEvent::Finished(o));
+    }
+}
+
+impl Backend for FakeBackend {
+    fn name_for(&self, _isolation: &str) -> &'static str {
+        "fake"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { isolation: BackendIsolation::Any, runs_survive_restart: self.survives, max_runs: 8 }
+    }
+
+    fn launch(self: Arc<Self>, job: Job, events: EventSink) -> BoxFuture<'static, Result<(), BackendError>> {
+        Box::pin(async move {
+            let mut sinks = self.sinks.lock().unwrap();
+            if !sinks.contains_key(&job.key) {
+                sinks.insert(job.key, events);
+                self.launched.lock().unwrap().push(job.key);
+            }
+            Ok(())
+        })
+    }
+
+    fn cancel(&self, key: RunKey) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.cancelled.lock().unwrap().push(key);
+        if let Some(sink) = self.sinks.lock().unwrap().remove(&key) {
+            sink.send(key, RunEvent::Finished(Outcome::cancelled(Utc::now())));
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn adopt(self: Arc<Self>, events: EventSink) -> BoxFuture<'static, Result<Vec<RunKey>, BackendError>> {
+        Box::pin(async move {
+            for key in &self.leftover {
+                self.sinks.lock().unwrap().insert(*key, events.clone());
+            }
+            Ok(self.leftover.clone())
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+struct Harness {
+    store: Arc<FakeStore>,
+    backend: Arc<FakeBackend>,
+    wake: Arc<Notify>,
+    cancels: mpsc::UnboundedSender<Uuid>,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn start(store: Arc<FakeStore>, backend: Arc<FakeBackend>) -> Harness {
+    let (cancels, rx) = mpsc::unbounded_channel();
+    let wake = Arc::new(Notify::new());
+    let shutdown = CancellationToken::new();
+    let executor = Executor {
+        store: store.clone(),
+        backend: backend.clone(),
+        metrics: Metrics::new(),
+        wake: wake.clone(),
+        cancels: rx,
+        lease: Duration::from_millis(300),
+    };
+    let handle = tokio::spawn(executor.run(shutdown.clone()));
+    Harness { store, backend, wake, cancels, shutdown, handle }
+}
+
+impl Harness {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+/// Waits until `f` holds (a positive signal), failing after 5 s.
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(tokio::time::Instant::now() < end, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn launched_run(h: &Harness, task: Uuid) -> RunKey {
+    until("the task is launched", || h.backend.launched().iter().any(|k| k.task_id == task)).await;
+    *h.backend.launched().iter().find(|k| k.task_id == task).unwrap()
+}
+
+#[tokio::test]
+async fn phases_follow_the_backend_and_the_outcome_is_written_once() {
+    let h = start(Arc::default(), Arc::default());
+    let task = h.store.admit();
+    h.wake.notify_one();
+    let key = launched_run(&h, task).await;
+    assert_eq!(key.attempt, 1);
+    // Claimed but not placed: still Pending.
+    assert_eq!(h.store.get(task).phase, Phase::Pending);
+    h.backend.emit(key, RunEvent::Scheduled { at: Utc::now() });
+    until("Scheduled", || h.store.get(task).phase == Phase::Scheduled).await;
+    assert_eq!(h.store.get(task).backend.as_deref(), Some("fake"));
+    h.backend.emit(key, RunEvent::Running { at: Utc::now() });
+    until("Running", || h.store.get(task).phase == Phase::Running).await;
+    h.backend.finish_ok(key);
+    until("Succeeded", || h.store.get(task).phase == Phase::Succeeded).await;
+    // A duplicate Finished changes nothing.
+    h.backend.finish_ok(key);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.store.get(task).finishes, 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_stops_a_run_in_every_phase_and_ignores_finished_ones() {
+    let h = start(Arc::default(), Arc::default());
+    // One task per phase a running task can be in when the cancel arrives.
+    let claimed = h.store.admit();
+    let scheduled = h.store.admit();
+    let running = h.store.admit();
+    let finished = h.store.admit();
+    h.wake.notify_one();
+    let keys: Vec<RunKey> = futures_util::future::join_all(
+        [claimed, scheduled, running, finished].map(|t| launched_run(&h, t)),
+    )
+    .await;
+    h.backend.emit(keys[1], RunEvent::Scheduled { at: Utc::now() });
+    h.backend.emit(keys[2], RunEvent::Running { at: Utc::now() });
+    h.backend.finish_ok(keys[3]);
+    until("phases reached", || {
+        h.store.get(scheduled).phase == Phase::Scheduled
+            && h.store.get(running).phase == Phase::Running
+            && h.store.get(finished).phase == Phase::Succeeded
+    })
+    .await;
+    // Cancel requests arrive as notifications (claimed, scheduled) or are found by the
+    // heartbeat's poll (running: no notification sent).
+    h.store.request_cancel(claimed);
+    h.store.request_cancel(scheduled);
+    h.store.request_cancel(running);
+    h.cancels.send(claimed).unwrap();
+    h.cancels.send(scheduled).unwrap();
+    h.cancels.send(finished).unwrap();
+    for t in [claimed, scheduled, running] {
+        until("Cancelled", || h.store.get(t).phase == Phase::Cancelled).await;
+        assert_eq!(h.store.get(t).finishes, 1);
+    }
+    assert_eq!(h.store.get(finished).phase, Phase::Succeeded);
+    assert!(!h.backend.cancelled.lock().unwrap().iter().any(|k| k.task_id == finished));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_attempts_late_event_is_ignored() {
+    let h = start(Arc::default(), Arc::default());
+    let task = h.store.admit();
+    h.wake.notify_one();
+    let key = launched_run(&h, task).await;
+    h.backend.emit(key, RunEvent::Running { at: Utc::now() });
+    until("Running", || h.store.get(task).phase == Phase::Running).await;
+    // An event of attempt 0 (an earlier run) arrives late, on the same channel.
+    let stale = RunKey { task_id: task, attempt: key.attempt - 1 };
+    let sink = h.backend.sinks.lock().unwrap()[&key].clone();
+    let mut o = Outcome::bare(Termination::Exited, Utc::now(), Utc::now());
+    o.exit_code = Some(3);
+    sink.send(stale, RunEvent::Finished(o));
+    // The current run finishes afterwards, through the same channel: once it is recorded, the
+    // stale event before it has been handled too.
+    h.backend.finish_ok(key);
+    until("Succeeded", || h.store.get(task).phase == Phase::Succeeded).await;
+    assert_eq!(h.store.get(task).finishes, 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn runs_that_survive_a_restart_are_adopted_and_stale_ones_stopped() {
+    let store: Arc<FakeStore> = Arc::default();
+    // An earlier process launched attempt 2 of `task` and attempt 1 of `old`, whose task has
+    // since moved on to attempt 2 under someone else.
+    let task = store.admit();
+    let old = store.admit();
+    let earlier = Uuid::new_v4();
+    store.update(task, |t| {
+        t.phase = Phase::Running;
+        t.attempt = 2;
+        t.owner = Some(earlier);
+    });
+    store.update(old, |t| {
+        t.phase = Phase::Running;
+        t.attempt = 2;
+        t.owner = Some(earlier);
+    });
+    let current = RunKey { task_id: task, attempt: 2 };
+    let stale = RunKey { task_id: old, attempt: 1 };
+    let backend = Arc::new(FakeBackend { survives: true, leftover: vec![current, stale], ..Default::default() });
+    let h = start(store, backend);
+    until("the stale run is stopped", || h.backend.cancelled.lock().unwrap().contains(&stale)).await;
+    until("the run is adopted", || h.store.get(task).owner.is_some_and(|o| o != earlier)).await;
+    // Nothing was launched a second time.
+    assert!(h.backend.launched().is_empty());
+    h.backend.finish_ok(current);
+    until("Succeeded", || h.store.get(task).phase == Phase::Succeeded).await;
+    // The stale run's cancellation did not touch the task's current attempt.
+    assert_eq!(h.store.get(old).phase, Phase::Running);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_hands_back_runs_that_die_with_the_process_and_keeps_those_that_survive() {
+    let h = start(Arc::default(), Arc::default());
+    let task = h.store.admit();
+    h.wake.notify_one();
+    let key = launched_run(&h, task).await;
+    h.backend.emit(key, RunEvent::Running { at: Utc::now() });
+    until("Running", || h.store.get(task).phase == Phase::Running).await;
+    let store = h.store.clone();
+    h.stop().await;
+    assert_eq!(store.get(task).phase, Phase::Pending, "handed back for another attempt");
+    assert_eq!(store.get(task).owner, None);
+
+    let backend = Arc::new(FakeBackend { survives: true, ..Default::default() });
+    let h = start(Arc::default(), backend);
+    let task = h.store.admit();
+    h.wake.notify_one();
+    let key = launched_run(&h, task).await;
+    h.backend.emit(key, RunEvent::Running { at: Utc::now() });
+    until("Running", || h.store.get(task).phase == Phase::Running).await;
+    let store = h.store.clone();
+    h.stop().await;
+    assert_eq!(store.get(task).phase, Phase::Running, "left running for the next process");
+}
+
+#[test]
+fn a_stored_task_without_its_program_is_refused_not_guessed() {
+    let claimed = ClaimedTask {
+        task_id: Uuid::new_v4(),
+        tenant: "acme".into(),
+        attempt: 1,
+        language: None,
+        program: None,
+        timeout_seconds: None,
+        cpu_millis: None,
+        memory_bytes: None,
+        isolation: "standard".into(),
+        labels: Json(Default::default()),
+        batch_id: None,
+        priority: 0,
+    };
+    let err = job_of(&claimed).unwrap_err();
+    assert!(err.contains("no language"), "{err}");
+    let mut with_language = claimed;
+    with_language.language = Some("python".into());
+    with_language.program = Some(Json(Program::default()));
+    let err = job_of(&with_language).unwrap_err();
+    assert!(err.contains("no timeout"), "{err}");
+}

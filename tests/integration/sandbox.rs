@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use agenttask::domain::task::Language;
 use agenttask::exec::local::{sweep_artifacts, LocalBackend, LocalConfig};
-use agenttask::exec::{Backend, Job, Outcome, ProgramResult, Termination};
+use agenttask::exec::{Job, Outcome, ProgramResult, RunKey, Termination};
 use uuid::Uuid;
 
 const MIB: u64 = 1 << 20;
@@ -45,7 +45,7 @@ fn sandbox_with(tweak: impl FnOnce(&mut LocalConfig)) -> Sandbox {
 
 fn job(language: Language, code: &str) -> Job {
     Job {
-        task_id: Uuid::new_v4(),
+        key: RunKey { task_id: Uuid::new_v4(), attempt: 1 },
         tenant: "acme".into(),
         language,
         code: code.into(),
@@ -56,6 +56,10 @@ fn job(language: Language, code: &str) -> Job {
         timeout: Duration::from_secs(5),
         cpu_millis: 1000,
         memory_bytes: 256 * MIB,
+        isolation: "standard".into(),
+        labels: BTreeMap::new(),
+        batch_id: None,
+        priority: 0,
     }
 }
 
@@ -417,7 +421,7 @@ print("created", n)
     );
     // Only part of a huge directory is examined; what is listed is in name order.
     assert!(o.artifacts.windows(2).all(|w| w[0].name < w[1].name));
-    let copied = std::fs::read_dir(s.backend.artifacts_dir(j.task_id))
+    let copied = std::fs::read_dir(s.backend.artifacts_dir(j.task_id()))
         .unwrap()
         .count();
     assert_eq!(copied, s.backend.config().artifact_max_files);
@@ -657,7 +661,7 @@ sys.exit(3)
         o.stdout.text,
         format!(
             "args ['a', 'b c']\nstdin hello\nenv bar /work /work {}\n",
-            j.task_id
+            j.task_id()
         )
     );
     assert_eq!(o.stderr.text, "to stderr\n");
@@ -772,7 +776,7 @@ open(f"{d}/sub/deeper/b.bin", "wb").write(bytes(range(256)))
             ),
         ]
     );
-    let dir = s.backend.artifacts_dir(j.task_id);
+    let dir = s.backend.artifacts_dir(j.task_id());
     assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"hello");
     assert_eq!(
         sweep_artifacts(&s.data_dir, Duration::from_secs(3600)).unwrap(),
