@@ -15,3 +15,6 @@ mod admission;
 
 /// Messages crafted to break the consumer itself.
 mod poison;
+
+/// The execution seam: cancel from agentctl, the null backend.
+mod execution;

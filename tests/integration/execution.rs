@@ -1,0 +1,177 @@
+//! The execution seam end to end: cancelling from agentctl, and the null backend.
+
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicPublishOptions;
+use serde_json::{json, Value};
+
+use agenttask::config::{BackendKind, Component};
+
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Runs the real agentctl binary against the service; returns (exit code, stdout, stderr).
+async fn agentctl(svc: &Service, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["--server", &format!("http://{}", svc.http_addr), "--token", "test-admin-token"])
+        .args(args)
+        .env_remove("AGENTCTL_TENANT")
+        .output()
+        .await
+        .expect("agentctl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn task_id(pool: &sqlx::PgPool, client_id: &str) -> String {
+    let id: uuid::Uuid = sqlx::query_scalar("select task_id from agenttask.tasks where client_id = $1")
+        .bind(client_id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    id.to_string()
+}
+
+/// The task's phase, or "" while it is not stored yet.
+async fn phase(pool: &sqlx::PgPool, client_id: &str) -> String {
+    sqlx::query_scalar("select phase from agenttask.tasks where client_id = $1")
+        .bind(client_id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn agentctl_cancels_a_queued_and_a_running_task_each_with_exactly_one_result() {
+    let env = Env::new("[tenants.{t}-a]\nmax_concurrency = 1\n").await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let pool = env.pg().await;
+    let tenant = env.tenant("a");
+    // The first one runs (a 30 s sleep); the second waits behind it (concurrency 1).
+    client.submit(&tenant, &sleeper("runs", 30.0)).await;
+    eventually(WAIT, || async { phase(&pool, "runs").await == "Running" }).await;
+    client.submit(&tenant, &sleeper("waits", 30.0)).await;
+    eventually(WAIT, || async { !phase(&pool, "waits").await.is_empty() }).await;
+    assert_eq!(phase(&pool, "waits").await, "Queued");
+
+    // Queued: cancelled at once, without running.
+    let waits = task_id(&pool, "waits").await;
+    let (code, out, err) = agentctl(&svc, &["cancel", &waits]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("cancelled before it ran"), "{out}");
+    let (r, props) = client.next(WAIT).await;
+    assert_eq!((r["id"].as_str(), r["phase"].as_str(), r["reason"].as_str()), (Some("waits"), Some("Cancelled"), Some("Cancelled")), "{r:#}");
+    assert_eq!(r["started_at"], Value::Null, "it never ran: {r:#}");
+    assert_eq!(header(&props, "x-agenttask-phase").as_deref(), Some("Cancelled"));
+
+    // Running: killed; its result is Cancelled too.
+    let runs = task_id(&pool, "runs").await;
+    let asked = Instant::now();
+    let (code, out, err) = agentctl(&svc, &["cancel", &runs]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("being stopped"), "{out}");
+    let (r, _) = client.next(WAIT).await;
+    let took = asked.elapsed();
+    assert_eq!((r["id"].as_str(), r["phase"].as_str(), r["reason"].as_str()), (Some("runs"), Some("Cancelled"), Some("Cancelled")), "{r:#}");
+    assert_eq!(r["backend"], "local");
+    eprintln!("running task cancelled: result {took:?} after the request");
+    // Far below the 30 s sleep: the sandbox was killed, not waited for.
+    assert!(took < Duration::from_secs(10), "cancel took {took:?}");
+
+    // Exactly one result each: both rows are terminal and the outbox is drained, and nothing
+    // more arrived.
+    eventually(WAIT, || async { count(&pool, "select count(*) from agenttask.outbox").await == 0 }).await;
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks where phase = 'Cancelled' and reason = 'Cancelled'").await, 2);
+    assert!(client.more(Duration::from_millis(500)).await.is_none());
+
+    // A finished task: nothing changes, and agentctl says so with exit 1.
+    let (code, _, err) = agentctl(&svc, &["cancel", &runs]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("already finished (Cancelled)"), "{err}");
+    // An unknown one: a 404 with a message, exit 2.
+    let (code, _, err) = agentctl(&svc, &["cancel", &uuid::Uuid::new_v4().to_string()]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("404") && err.contains("no task"), "{err}");
+    assert!(client.more(Duration::from_millis(300)).await.is_none());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn agentctl_cancels_a_whole_batch() {
+    let env = Env::new("[tenants.{t}-a]\nmax_concurrency = 1\n").await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let pool = env.pg().await;
+    let tenant = env.tenant("a");
+    for i in 0..3 {
+        let mut task = sleeper(&format!("b-{i}"), 30.0);
+        task["batch_id"] = json!("batch-1");
+        client.submit(&tenant, &task).await;
+    }
+    eventually(WAIT, || async { phase(&pool, "b-0").await == "Running" }).await;
+    eventually(WAIT, || async {
+        count(&pool, "select count(*) from agenttask.tasks where batch_id = 'batch-1'").await == 3
+    })
+    .await;
+    let (code, out, err) = agentctl(&svc, &["cancel", "--tenant", &tenant, "--batch", "batch-1"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 cancelled before running, 1 being stopped"), "{out}");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (r, _) = client.next(WAIT).await;
+        assert_eq!(r["phase"], "Cancelled", "{r:#}");
+        ids.push(r["id"].as_str().unwrap().to_owned());
+    }
+    ids.sort();
+    assert_eq!(ids, ["b-0", "b-1", "b-2"]);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_thousand_tasks_through_the_null_backend_all_succeed() {
+    const N: usize = 2000;
+    let env = Env::new(
+        "[tenants.{t}-a]\nmax_concurrency = 256\nrate_per_second = 100000\nmax_queued = 100000\n",
+    )
+    .await;
+    let mut settings = env.settings(&Component::ALL);
+    settings.backend = BackendKind::Null;
+    settings.max_running = 256;
+    let svc = env.start_with(settings).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    // Publish with pipelined confirms, then wait for them all.
+    let mut confirms = Vec::with_capacity(N);
+    for i in 0..N {
+        let body = serde_json::to_vec(&json!({"id": format!("n-{i}"), "language": "python", "code": "print(1)"})).unwrap();
+        let c = client
+            .channel
+            .basic_publish("agenttask.tasks".into(), tenant.as_str().into(), BasicPublishOptions::default(), &body, client.props(&format!("n-{i}")))
+            .await
+            .unwrap();
+        confirms.push(c);
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..N {
+        let (r, _) = client.next(Duration::from_secs(120)).await;
+        assert_eq!((r["phase"].as_str(), r["exit_code"].as_i64(), r["backend"].as_str()), (Some("Succeeded"), Some(0), Some("null")), "{r:#}");
+        assert_eq!(r["stdout"], "");
+        assert!(seen.insert(r["id"].as_str().unwrap().to_owned()), "duplicate result {r:#}");
+    }
+    assert_eq!(seen.len(), N);
+    let pool = env.pg().await;
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks where phase = 'Succeeded' and backend = 'null'").await, N as i64);
+    svc.stop().await;
+    env.cleanup().await;
+}
