@@ -45,6 +45,7 @@ async fn main() {
         timeout: Duration::from_secs(10),
         cpu_millis: 1000,
         memory_bytes: 256 << 20,
+        artifact_quota_bytes: 1 << 30,
     };
     // Warm-up (page cache, first cgroup creation).
     for _ in 0..3 {

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::domain::phase::{Phase, Reason};
 use crate::domain::result::{classify, describe, storable_json, Ending};
+use crate::domain::tenant::TenantPolicy;
 use crate::exec::{Backend, Job, Outcome, ProgramResult, Termination};
 use crate::service::Context;
 use crate::store::{ClaimedTask, FinishedRun};
@@ -113,7 +114,13 @@ async fn run_one(ctx: &Context, backend: &dyn Backend, task: ClaimedTask) {
     let timeout_seconds = task.timeout_seconds;
     let language = task.language;
     let tenant = task.tenant.clone();
-    let outcome = match job_of(&task) {
+    let artifact_quota = ctx
+        .tenants
+        .borrow()
+        .iter()
+        .find(|(name, _)| name.as_str() == task.tenant)
+        .map_or(TenantPolicy::default().max_artifact_bytes, |(_, p)| p.max_artifact_bytes);
+    let outcome = match job_of(&task, artifact_quota) {
         Ok(job) => backend.run(job).await,
         Err(message) => Outcome::backend_error(message, started),
     };
@@ -172,7 +179,7 @@ async fn run_one(ctx: &Context, backend: &dyn Backend, task: ClaimedTask) {
     tracing::info!(task_id = %task.task_id, %tenant, %phase, reason = reason.map_or("", |r| r.as_str()), "task finished");
 }
 
-fn job_of(task: &ClaimedTask) -> Result<Job, String> {
+fn job_of(task: &ClaimedTask, artifact_quota_bytes: u64) -> Result<Job, String> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut files = BTreeMap::new();
     for (name, encoded) in &task.program.files {
@@ -193,6 +200,7 @@ fn job_of(task: &ClaimedTask) -> Result<Job, String> {
         timeout: Duration::from_secs(task.timeout_seconds as u64),
         cpu_millis: task.cpu_millis,
         memory_bytes: task.memory_bytes,
+        artifact_quota_bytes,
     })
 }
 
@@ -218,6 +226,9 @@ fn finished_run(outcome: &Outcome, timeout_seconds: u32) -> FinishedRun {
             None
         }
     };
+    if let Some(note) = &outcome.artifacts_note {
+        message.push_str(&format!("; {note}"));
+    }
     FinishedRun {
         phase,
         reason,

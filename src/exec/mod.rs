@@ -33,6 +33,8 @@ pub struct Job {
     pub timeout: Duration,
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// The tenant's artifact storage quota (`max_artifact_bytes`), over everything retained.
+    pub artifact_quota_bytes: u64,
 }
 
 /// How a run ended, before it is mapped to a phase and reason (see `domain::result`).
@@ -81,6 +83,9 @@ pub struct Outcome {
     pub stderr: Captured,
     pub result: ProgramResult,
     pub artifacts: Vec<Artifact>,
+    /// Why some or all artifacts were not stored (quota, free-space floor, sparse files); the
+    /// task's outcome is unaffected, the result message says so.
+    pub artifacts_note: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
 }
@@ -107,6 +112,7 @@ impl Outcome {
             stderr: Captured::default(),
             result: ProgramResult::Missing,
             artifacts: Vec::new(),
+            artifacts_note: None,
             started_at: at,
             finished_at: Utc::now(),
         }
