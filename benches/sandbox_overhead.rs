@@ -49,6 +49,7 @@ async fn main() {
         labels: BTreeMap::new(),
         batch_id: None,
         priority: 0,
+        artifact_quota_bytes: 1 << 30,
     };
     // Warm-up (page cache, first cgroup creation).
     for _ in 0..3 {

@@ -17,12 +17,13 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use chrono::Utc;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::domain::task::Language;
+use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::exec::{Backend, BoxFuture, Capabilities, Event, EventSink, Job, Outcome, RunEvent, RunKey};
 use crate::metrics::Metrics;
 use crate::store::{AdoptedRun, ClaimedTask, Store, StoreError};
@@ -83,6 +84,8 @@ pub struct Executor {
     pub cancels: mpsc::UnboundedReceiver<Uuid>,
     /// How long a claim stays valid without renewal ([`LEASE`] in production).
     pub lease: Duration,
+    /// The tenants' policies, for what a backend enforces per tenant (the artifact quota).
+    pub tenants: watch::Receiver<Arc<Tenants>>,
 }
 
 /// A run this process watches.
@@ -226,7 +229,13 @@ impl Executor {
             finishing: false,
         };
         watched.insert(key.task_id, w.clone());
-        let job = match job_of(&task) {
+        let quota = self
+            .tenants
+            .borrow()
+            .iter()
+            .find(|(name, _)| name.as_str() == task.tenant)
+            .map_or(TenantPolicy::default().max_artifact_bytes, |(_, p)| p.max_artifact_bytes);
+        let job = match job_of(&task, quota) {
             Ok(job) => job,
             Err(message) => {
                 tracing::error!(run = %key, %message, "stored task cannot run");
@@ -392,7 +401,7 @@ async fn finish_with_retries(store: &dyn ExecutorStore, metrics: &Metrics, w: &W
 
 /// The job for a claimed task. A stored task that lacks what every admitted task has is refused
 /// with a message, never run with guessed values.
-fn job_of(task: &ClaimedTask) -> Result<Job, String> {
+fn job_of(task: &ClaimedTask, artifact_quota_bytes: u64) -> Result<Job, String> {
     let missing = |what: &str| format!("the stored task has no {what}; it cannot run");
     let language: Language = task
         .language
@@ -428,6 +437,7 @@ fn job_of(task: &ClaimedTask) -> Result<Job, String> {
         labels: task.labels.0.clone(),
         batch_id: task.batch_id.clone(),
         priority: task.priority,
+        artifact_quota_bytes,
     })
 }
 

@@ -180,6 +180,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             wake: ctx.wake.executor.clone(),
             cancels: cancel_rx,
             lease: LEASE,
+            tenants: ctx.tenants.subscribe(),
         };
         sup.spawn("executor", executor.run(shutdown.clone()));
     }

@@ -5,14 +5,18 @@
 #
 # What it does:
 #   1. installs bubblewrap, python3 and R (r-base-core) from Debian/Ubuntu packages;
-#   2. creates the unprivileged system user `agenttask-sandbox` (no home, nologin shell) that every
-#      sandboxed program runs as on the host, so even a sandbox escape has no rights;
+#   2. creates the unprivileged system group and user `agenttask-sandbox` and the uid range
+#      `agenttask-sandbox-0` ... `agenttask-sandbox-<N-1>` (N = AGENTTASK_SANDBOX_SLOTS, default
+#      64; no home, nologin shell, locked, primary group `agenttask-sandbox`). Each running task
+#      runs as one of them, never two at once, so even a sandbox escape has no rights and the
+#      kernel's per-user limits are per task; N bounds how many tasks this host runs at once;
 #   3. checks that user namespaces can be created (bubblewrap needs them) and enables them where a
 #      sysctl disables them;
 #   4. checks that cgroups are usable (v1 or v2) and says what the backend will fall back to if not.
 set -euo pipefail
 
 SANDBOX_USER="${AGENTTASK_SANDBOX_USER:-agenttask-sandbox}"
+SANDBOX_SLOTS="${AGENTTASK_SANDBOX_SLOTS:-64}"
 PACKAGES=(bubblewrap python3 r-base-core)
 
 log()  { printf 'install-sandbox: %s\n' "$*"; }
@@ -54,6 +58,24 @@ else
 fi
 # The account must never be usable for a login, whatever happened before.
 passwd -l "$SANDBOX_USER" >/dev/null 2>&1 || true
+
+# 2b. The uid range: one user per task that may run at once, all in the group $SANDBOX_USER. The
+#     service leases them with a host-wide lock (/run/agenttask/uids) and refuses to start
+#     without at least $SANDBOX_USER-0. Existing users are kept; the range only grows.
+[[ "$SANDBOX_SLOTS" =~ ^[0-9]+$ ]] && ((SANDBOX_SLOTS >= 1 && SANDBOX_SLOTS <= 4096)) ||
+    die "AGENTTASK_SANDBOX_SLOTS must be 1..4096 (got $SANDBOX_SLOTS)"
+nologin="$(command -v nologin || echo /usr/sbin/nologin)"
+created=0
+for ((i = 0; i < SANDBOX_SLOTS; i++)); do
+    name="$SANDBOX_USER-$i"
+    getent passwd "$name" >/dev/null && continue
+    useradd --system --gid "$SANDBOX_USER" --no-create-home --home-dir /nonexistent \
+        --shell "$nologin" --comment "AgentTask sandbox slot $i" "$name"
+    passwd -l "$name" >/dev/null 2>&1 || true
+    created=$((created + 1))
+done
+log "sandbox uid range: $SANDBOX_USER-0 ... $SANDBOX_USER-$((SANDBOX_SLOTS - 1)) ($created created)"
+install -d -m 0700 -o root -g root /run/agenttask /run/agenttask/uids
 
 # 3. Unprivileged user namespaces: bubblewrap runs as the sandbox user (not setuid) and creates a
 #    user namespace, so the kernel must allow it.

@@ -69,6 +69,14 @@ pub struct TenantPolicy {
     pub default_memory_bytes: u64,
     pub max_code_bytes: u64,
     pub isolation: Vec<String>,
+    /// Artifact storage for this tenant, over every task's artifacts still retained; past it a
+    /// task's artifacts are not stored (the task still succeeds, its result says so).
+    #[serde(default = "default_max_artifact_bytes")]
+    pub max_artifact_bytes: u64,
+}
+
+fn default_max_artifact_bytes() -> u64 {
+    1 << 30
 }
 
 impl Default for TenantPolicy {
@@ -88,6 +96,7 @@ impl Default for TenantPolicy {
             default_memory_bytes: 256 << 20,
             max_code_bytes: 1 << 20,
             isolation: vec!["standard".to_owned()],
+            max_artifact_bytes: default_max_artifact_bytes(),
         }
     }
 }
@@ -109,6 +118,7 @@ struct PolicyPatch {
     default_memory: Option<String>,
     max_code_bytes: Option<u64>,
     isolation: Option<Vec<String>>,
+    max_artifact_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +160,7 @@ impl PolicyPatch {
         p.default_memory_bytes =
             mem(&self.default_memory, "default_memory", p.default_memory_bytes)?;
         p.max_code_bytes = self.max_code_bytes.unwrap_or(p.max_code_bytes);
+        p.max_artifact_bytes = self.max_artifact_bytes.unwrap_or(p.max_artifact_bytes);
         if let Some(iso) = &self.isolation {
             p.isolation = iso.clone();
         }

@@ -72,6 +72,8 @@ pub struct Job {
     pub labels: BTreeMap<String, String>,
     pub batch_id: Option<String>,
     pub priority: i16,
+    /// The tenant's artifact storage quota (`max_artifact_bytes`), over everything retained.
+    pub artifact_quota_bytes: u64,
 }
 
 impl Job {

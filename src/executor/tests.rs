@@ -269,6 +269,7 @@ fn start(store: Arc<FakeStore>, backend: Arc<FakeBackend>) -> Harness {
         wake: wake.clone(),
         cancels: rx,
         lease: Duration::from_millis(300),
+        tenants: tokio::sync::watch::channel(Arc::new(Default::default())).1,
     };
     let handle = tokio::spawn(executor.run(shutdown.clone()));
     Harness { store, backend, wake, cancels, shutdown, handle }
@@ -453,11 +454,11 @@ fn a_stored_task_without_its_program_is_refused_not_guessed() {
         batch_id: None,
         priority: 0,
     };
-    let err = job_of(&claimed).unwrap_err();
+    let err = job_of(&claimed, 1 << 30).unwrap_err();
     assert!(err.contains("no language"), "{err}");
     let mut with_language = claimed;
     with_language.language = Some("python".into());
     with_language.program = Some(Json(Program::default()));
-    let err = job_of(&with_language).unwrap_err();
+    let err = job_of(&with_language, 1 << 30).unwrap_err();
     assert!(err.contains("no timeout"), "{err}");
 }

@@ -12,8 +12,10 @@
 //! /bin /lib ...   symlinks into /usr, or read-only binds where the host has real directories
 //! /etc/...        only what the runtimes read: ld.so.cache, localtime, alternatives (R's BLAS),
 //!                 R's config dir; plus a synthetic passwd, group and hosts
-//! /proc           a new procfs for the task's pid namespace
-//! /dev            bwrap's minimal /dev (null, zero, full, random, urandom, tty, pts, ptmx)
+//! /proc           a new procfs for the task's pid namespace; host-wide information files masked
+//!                 as container runtimes do (see [`HostLayout::MASKED_PROC_FILES`])
+//! /dev            bwrap's minimal /dev (null, zero, full, random, urandom, tty) and no ptys:
+//!                 an empty read-only directory hides /dev/pts, so /dev/ptmx leads nowhere
 //! /dev/shm        on the task's scratch
 //! /work           working directory and $HOME, writable (scratch); input files and the code
 //!                 file are read-only binds inside it
@@ -57,12 +59,81 @@ pub struct HostLayout {
     pub etc_paths: Vec<PathBuf>,
     /// Extra read-only binds (same path inside), e.g. a runtime installed outside /usr.
     pub extra_ro_binds: Vec<PathBuf>,
+    /// Entries of the host's `/proc` hidden in the sandbox's procfs (only those that exist:
+    /// bubblewrap cannot create a mount point inside procfs).
+    pub proc_masks: Vec<ProcMask>,
+}
+
+/// One `/proc` entry hidden from tasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcMask {
+    /// A file: an empty read-only file is bound over it (reads return nothing).
+    File(PathBuf),
+    /// A directory: an empty read-only directory is bound over it.
+    Dir(PathBuf),
 }
 
 impl HostLayout {
     /// The top-level names worth reproducing, in the order they are checked.
     pub const ROOT_CANDIDATES: &'static [&'static str] =
         &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+
+    /// `/proc` files that show the host rather than the task (boot command line with the
+    /// hypervisor's settings, kernel config, physical memory and I/O maps, keyrings, timers,
+    /// scheduler and interrupt statistics, kernel symbols and modules, devices and partitions).
+    /// The list follows runc's and Docker's masked paths, plus the host-information files they
+    /// leave readable. `/proc/cpuinfo`, `/proc/meminfo`, `/proc/stat`, `/proc/loadavg` and
+    /// `/proc/uptime` stay readable: runtimes and libraries read them.
+    pub const MASKED_PROC_FILES: &'static [&'static str] = &[
+        "/proc/cmdline",
+        "/proc/config.gz",
+        "/proc/iomem",
+        "/proc/ioports",
+        "/proc/keys",
+        "/proc/key-users",
+        "/proc/kcore",
+        "/proc/kallsyms",
+        "/proc/modules",
+        "/proc/timer_list",
+        "/proc/timer_stats",
+        "/proc/sched_debug",
+        "/proc/latency_stats",
+        "/proc/interrupts",
+        "/proc/softirqs",
+        "/proc/vmallocinfo",
+        "/proc/slabinfo",
+        "/proc/pagetypeinfo",
+        "/proc/zoneinfo",
+        "/proc/buddyinfo",
+        "/proc/kpagecount",
+        "/proc/kpageflags",
+        "/proc/kpagecgroup",
+        "/proc/partitions",
+        "/proc/diskstats",
+        "/proc/devices",
+        "/proc/misc",
+        "/proc/mtrr",
+        "/proc/swaps",
+        "/proc/consoles",
+        "/proc/locks",
+        "/proc/sysrq-trigger",
+        "/proc/vmstat",
+    ];
+
+    /// `/proc` directories hidden the same way (ACPI, sound, SCSI, buses, IRQs, drivers, ttys,
+    /// file-system internals, host pressure-stall figures).
+    pub const MASKED_PROC_DIRS: &'static [&'static str] = &[
+        "/proc/acpi",
+        "/proc/asound",
+        "/proc/scsi",
+        "/proc/bus",
+        "/proc/irq",
+        "/proc/driver",
+        "/proc/tty",
+        "/proc/fs",
+        "/proc/pressure",
+        "/proc/dynamic_debug",
+    ];
 
     /// The `/etc` entries Python and R need: the dynamic loader cache, the time zone, Debian's
     /// alternatives symlinks (R's BLAS/LAPACK go through them) and R's configuration directory.
@@ -92,9 +163,15 @@ impl ScratchLayout {
     pub fn root(&self) -> &Path {
         &self.root
     }
-    /// Read-only material written by the service: input files, the code file, synthetic /etc files.
+    /// The task's input files and code file, read-only; nothing else, so that every valid input
+    /// name is free.
     pub fn inputs(&self) -> PathBuf {
         self.root.join("in")
+    }
+    /// The service's own read-only material: synthetic /etc files and the empty file and
+    /// directory used to mask /proc entries and /dev/pts.
+    pub fn internal(&self) -> PathBuf {
+        self.root.join("sys")
     }
     pub fn work(&self) -> PathBuf {
         self.root.join("work")
@@ -112,10 +189,14 @@ impl ScratchLayout {
     pub const ARTIFACTS: &'static str = "artifacts";
     /// Relative to [`Self::out`].
     pub const RESULT_FILE: &'static str = "result.json";
-    /// Synthetic `/etc` files, relative to [`Self::inputs`].
-    pub const ETC_PASSWD: &'static str = ".etc-passwd";
-    pub const ETC_GROUP: &'static str = ".etc-group";
-    pub const ETC_HOSTS: &'static str = ".etc-hosts";
+    /// Synthetic `/etc` files, relative to [`Self::internal`].
+    pub const ETC_PASSWD: &'static str = "passwd";
+    pub const ETC_GROUP: &'static str = "group";
+    pub const ETC_HOSTS: &'static str = "hosts";
+    /// An empty regular file, relative to [`Self::internal`].
+    pub const EMPTY_FILE: &'static str = "empty";
+    /// An empty directory, relative to [`Self::internal`].
+    pub const EMPTY_DIR: &'static str = "empty.d";
 }
 
 /// The synthetic `/etc/passwd`, `/etc/group` and `/etc/hosts` contents: enough for `getpwuid`
@@ -215,14 +296,26 @@ impl BwrapPlan<'_> {
             push(&[&"--ro-bind", path, path]);
         }
         let inputs = self.scratch.inputs();
+        let internal = self.scratch.internal();
         for (name, dest) in [
             (ScratchLayout::ETC_PASSWD, "/etc/passwd"),
             (ScratchLayout::ETC_GROUP, "/etc/group"),
             (ScratchLayout::ETC_HOSTS, "/etc/hosts"),
         ] {
-            push(&[&"--ro-bind", &inputs.join(name), &dest]);
+            push(&[&"--ro-bind", &internal.join(name), &dest]);
         }
         push(&[&"--proc", &"/proc", &"--dev", &"/dev"]);
+        let empty_file = internal.join(ScratchLayout::EMPTY_FILE);
+        let empty_dir = internal.join(ScratchLayout::EMPTY_DIR);
+        for mask in &self.host.proc_masks {
+            match mask {
+                ProcMask::File(path) => push(&[&"--ro-bind", &empty_file, path]),
+                ProcMask::Dir(path) => push(&[&"--ro-bind", &empty_dir, path]),
+            }
+        }
+        // No ptys: each devpts instance draws from the host-wide kernel.pty.max pool, and
+        // bubblewrap's has no per-instance `max=`. With /dev/pts hidden, /dev/ptmx dangles.
+        push(&[&"--ro-bind", &empty_dir, &"/dev/pts"]);
         push(&[&"--bind", &self.scratch.shm(), &"/dev/shm"]);
 
         push(&[&"--bind", &self.scratch.work(), &inside::WORK_DIR]);
@@ -318,6 +411,10 @@ mod tests {
             ],
             etc_paths: HostLayout::default_etc_paths(),
             extra_ro_binds: vec![],
+            proc_masks: vec![
+                ProcMask::File("/proc/cmdline".into()),
+                ProcMask::Dir("/proc/acpi".into()),
+            ],
         }
     }
 
@@ -382,6 +479,7 @@ mod tests {
         for src in &sources {
             let ok = src == "/usr"
                 || src == "/lib64"
+                || src.starts_with("/proc/")
                 || src.starts_with("/etc/")
                 || src.starts_with("/d/run/t/");
             assert!(ok, "unexpected host path bound: {src}");
@@ -473,6 +571,47 @@ mod tests {
         assert_eq!(get("AGENTTASK_TASK_ID"), ["t-1"]);
         assert_eq!(get("LANG"), ["C.UTF-8"]);
         assert_eq!(env.len(), 8);
+    }
+
+    #[test]
+    fn proc_entries_are_masked_and_there_are_no_ptys() {
+        let (h, s) = (host(), ScratchLayout::new("/d/run/t"));
+        let o = strings(plan(&h, &s).options().unwrap());
+        assert!(has_seq(
+            &o,
+            &["--ro-bind", "/d/run/t/sys/empty", "/proc/cmdline"]
+        ));
+        assert!(has_seq(
+            &o,
+            &["--ro-bind", "/d/run/t/sys/empty.d", "/proc/acpi"]
+        ));
+        assert!(has_seq(
+            &o,
+            &["--ro-bind", "/d/run/t/sys/empty.d", "/dev/pts"]
+        ));
+        // Masks come after the procfs and /dev they cover.
+        let proc = o.iter().position(|a| a == "--proc").unwrap();
+        let mask = o.iter().position(|a| a == "/proc/cmdline").unwrap();
+        let pts = o.iter().position(|a| a == "/dev/pts").unwrap();
+        let dev = o.iter().position(|a| a == "--dev").unwrap();
+        assert!(proc < mask && dev < pts);
+    }
+
+    #[test]
+    fn inputs_named_like_internal_files_do_not_collide() {
+        let (h, s) = (host(), ScratchLayout::new("/d/run/t"));
+        let mut p = plan(&h, &s);
+        p.work_files = vec!["passwd".into(), ".etc-passwd".into(), "main.py".into()];
+        let o = strings(p.options().unwrap());
+        assert!(has_seq(
+            &o,
+            &["--ro-bind", "/d/run/t/sys/passwd", "/etc/passwd"]
+        ));
+        assert!(has_seq(
+            &o,
+            &["--ro-bind", "/d/run/t/in/passwd", "/work/passwd"]
+        ));
+        assert_ne!(s.inputs(), s.internal());
     }
 
     #[test]

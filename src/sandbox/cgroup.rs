@@ -107,6 +107,37 @@ pub fn task_dir(parent: &Path, task_id: &str) -> PathBuf {
     parent.join(task_id)
 }
 
+/// The service process that owns a task cgroup: its pid and its start time (field 22 of
+/// `/proc/<pid>/stat`, clock ticks since boot), so a recycled pid is not mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub start_ticks: u64,
+}
+
+/// A task cgroup's name: `<owner pid>.<owner start>.<run name>`. Several service processes
+/// share one parent cgroup (the service's own); the owner in the name lets a starting process
+/// remove only the cgroups of owners that are gone, never a live neighbour's.
+pub fn task_name(owner: Owner, run: &str) -> String {
+    format!("{}.{}.{run}", owner.pid, owner.start_ticks)
+}
+
+/// The owner encoded in a task cgroup's name, if it is one of ours.
+pub fn owner_of(name: &str) -> Option<Owner> {
+    let mut parts = name.splitn(3, '.');
+    let pid = parts.next()?.parse().ok()?;
+    let start_ticks = parts.next()?.parse().ok()?;
+    parts.next().filter(|r| !r.is_empty())?;
+    Some(Owner { pid, start_ticks })
+}
+
+/// The start time (field 22) in a `/proc/<pid>/stat` line. The command name (field 2) may hold
+/// spaces and parentheses, so fields are counted after its last `)`.
+pub fn start_ticks(proc_pid_stat: &str) -> Option<u64> {
+    let rest = &proc_pid_stat[proc_pid_stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// A `key value` counter from `memory.oom_control` (v1) or `memory.events` (v2).
 pub fn counter(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
@@ -195,6 +226,28 @@ mod tests {
             detect("24 1 254:0 / / rw - ext4 /dev/vda rw\n", "0::/\n"),
             CgroupHost::None
         );
+    }
+
+    #[test]
+    fn owners_round_trip_and_foreign_names_are_ignored() {
+        let o = Owner {
+            pid: 4242,
+            start_ticks: 123456,
+        };
+        let name = task_name(o, "5f1c-task-ab12cd34");
+        assert_eq!(name, "4242.123456.5f1c-task-ab12cd34");
+        assert_eq!(owner_of(&name), Some(o));
+        for foreign in ["5f1c-task-ab12cd34", "4242.x.run", "4242.1.", "a.1.run", ""] {
+            assert_eq!(owner_of(foreign), None, "{foreign:?}");
+        }
+    }
+
+    #[test]
+    fn start_ticks_skips_a_command_with_spaces_and_parentheses() {
+        let stat =
+            "77 (we (ird) name) S 1 77 77 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(start_ticks(stat), Some(987654));
+        assert_eq!(start_ticks("garbage"), None);
     }
 
     #[test]

@@ -4,11 +4,10 @@
 //! - **cgroups** (when the host lets us create them): `memory` (the limit, and the OOM signal we
 //!   read back), `pids` (process count *per task*), `cpu` (CFS quota = the task's CPU share).
 //! - **rlimits** (inherited by bwrap and everything it starts): the fallback when cgroups are
-//!   missing, and a backstop when they exist. `RLIMIT_NPROC` counts every process of the real
-//!   uid on the host, and all tasks share the one sandbox uid, so it is a *global* ceiling for
-//!   all sandboxes together (a host-level fork-bomb guard), never a per-task limit: per task it is
-//!   the `pids` cgroup. Without cgroups, one task's fork bomb can make other tasks' `fork` fail
-//!   with `EAGAIN` until it is killed at its deadline.
+//!   missing, and a backstop when they exist. Every running task has a host uid of its own (see
+//!   `exec::local`), so the kernel's per-user limits are per task: `RLIMIT_NPROC` (processes of
+//!   the uid), `RLIMIT_MSGQUEUE` (POSIX message queue bytes), `RLIMIT_SIGPENDING` (queued
+//!   signals), and the per-user inotify and `SCM_RIGHTS` in-flight counts.
 
 use std::time::Duration;
 
@@ -26,8 +25,12 @@ pub struct Limits {
     /// largest file it may write (`RLIMIT_FSIZE`).
     pub scratch_bytes: u64,
     pub max_open_files: u64,
-    /// `RLIMIT_NPROC` for the sandbox uid: all sandboxes together (see the module docs).
+    /// `RLIMIT_NPROC` for the task's own uid (see the module docs).
     pub uid_max_processes: u64,
+    /// `RLIMIT_MSGQUEUE`: bytes of POSIX message queues the task's uid may hold.
+    pub msgqueue_bytes: u64,
+    /// `RLIMIT_SIGPENDING`: signals queued to the task's uid at once.
+    pub pending_signals: u64,
 }
 
 /// The rlimits we set, by name; the I/O edge maps them to `libc::RLIMIT_*`.
@@ -39,6 +42,8 @@ pub enum Resource {
     Nofile,
     Nproc,
     Core,
+    Msgqueue,
+    Sigpending,
 }
 
 /// `(resource, soft, hard)`.
@@ -76,6 +81,12 @@ impl Limits {
                 self.uid_max_processes,
             ),
             (Resource::Core, 0, 0),
+            (Resource::Msgqueue, self.msgqueue_bytes, self.msgqueue_bytes),
+            (
+                Resource::Sigpending,
+                self.pending_signals,
+                self.pending_signals,
+            ),
         ]
     }
 
@@ -171,6 +182,8 @@ mod tests {
             scratch_bytes: 128 * MIB,
             max_open_files: 1024,
             uid_max_processes: 4096,
+            msgqueue_bytes: 819_200,
+            pending_signals: 1024,
         }
     }
 
@@ -189,6 +202,8 @@ mod tests {
         assert_eq!(get(Resource::Nofile), (1024, 1024));
         assert_eq!(get(Resource::Nproc), (4096, 4096));
         assert_eq!(get(Resource::Core), (0, 0));
+        assert_eq!(get(Resource::Msgqueue), (819_200, 819_200));
+        assert_eq!(get(Resource::Sigpending), (1024, 1024));
         let r = limits().rlimits(false);
         assert_eq!(r[0], (Resource::As, 512 * MIB, 512 * MIB));
     }

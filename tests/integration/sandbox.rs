@@ -60,6 +60,7 @@ fn job(language: Language, code: &str) -> Job {
         labels: BTreeMap::new(),
         batch_id: None,
         priority: 0,
+        artifact_quota_bytes: 1 << 30,
     }
 }
 
@@ -811,4 +812,439 @@ async fn setup_errors_name_the_fix() {
         e.contains("bubblewrap") && e.contains("install-sandbox.sh"),
         "{e}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Round 2: one tenant must not hurt the host or another tenant
+
+fn in_tenant(mut j: Job, tenant: &str) -> Job {
+    j.tenant = tenant.into();
+    j
+}
+
+/// Bytes the files under `dir` occupy on disk (allocated blocks).
+fn allocated_under(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    let own = meta.blocks() * 512;
+    if !meta.is_dir() {
+        return own;
+    }
+    own + std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| allocated_under(&e.path()))
+        .sum::<u64>()
+}
+
+#[tokio::test]
+async fn sparse_artifacts_are_not_written_densely_to_the_host() {
+    let s = sandbox();
+    let mut j = py(r#"
+import os
+d = os.environ["AGENTTASK_ARTIFACTS_DIR"]
+for i in range(3):
+    with open(f"{d}/sparse{i}.bin", "wb") as f:
+        f.truncate(60 * 1024 * 1024)
+open(f"{d}/real.txt", "w").write("real")
+print("written")
+"#);
+    j.memory_bytes = 32 * MIB;
+    let o = s.run(j.clone()).await;
+    assert_eq!(o.exit_code, Some(0), "{o:?}");
+    assert_eq!(o.stdout.text, "written\n");
+    let names: Vec<&str> = o.artifacts.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["real.txt"], "{o:?}");
+    let note = o.artifacts_note.as_deref().unwrap_or_default();
+    assert!(
+        note.contains("3 sparse artifact file(s) not stored"),
+        "{note}"
+    );
+    let on_disk = allocated_under(&s.data_dir.join("artifacts"));
+    assert!(
+        on_disk < MIB,
+        "artifacts occupy {on_disk} bytes on the host"
+    );
+}
+
+const WRITE_300K: &str = r#"
+import os
+d = os.environ["AGENTTASK_ARTIFACTS_DIR"]
+open(f"{d}/data.bin", "wb").write(os.urandom(300 * 1024))
+print("done")
+"#;
+
+#[tokio::test]
+async fn a_tenants_artifact_quota_stops_storing_while_another_tenant_stores() {
+    // Expired at once, so that the sweep below removes everything.
+    let s = sandbox_with(|c| c.artifact_ttl = Duration::ZERO);
+    let quota = |mut j: Job| {
+        j.artifact_quota_bytes = 700 * 1024;
+        j
+    };
+    // acme fills its quota: two tasks fit, the third does not.
+    for _ in 0..2 {
+        let o = s.run(quota(in_tenant(py(WRITE_300K), "acme"))).await;
+        assert_eq!((o.exit_code, o.artifacts.len()), (Some(0), 1), "{o:?}");
+        assert_eq!(o.artifacts_note, None);
+    }
+    // The attack and another tenant's ordinary task at the same time.
+    let attack = quota(in_tenant(py(WRITE_300K), "acme"));
+    let normal = quota(in_tenant(py(WRITE_300K), "globex"));
+    let (a, n) = tokio::join!(s.run(attack.clone()), s.run(normal.clone()));
+    assert_eq!(a.termination, Termination::Exited, "{a:?}");
+    assert_eq!(
+        a.exit_code,
+        Some(0),
+        "the task itself still succeeds: {a:?}"
+    );
+    assert_eq!(a.stdout.text, "done\n");
+    assert!(a.artifacts.is_empty(), "{a:?}");
+    let note = a.artifacts_note.as_deref().unwrap_or_default();
+    assert!(note.contains("max_artifact_bytes"), "{note}");
+    assert!(!s
+        .data_dir
+        .join("artifacts/acme")
+        .join(attack.task_id().to_string())
+        .exists());
+    assert_eq!((n.exit_code, n.artifacts.len()), (Some(0), 1), "{n:?}");
+    assert_eq!(n.artifacts_note, None);
+    assert!(s
+        .data_dir
+        .join("artifacts/globex")
+        .join(normal.task_id().to_string())
+        .join("data.bin")
+        .is_file());
+    // Once the sweep removed acme's old artifacts, its quota is free again.
+    assert_eq!(s.backend.sweep_artifacts().unwrap(), 3);
+    let o = s.run(quota(in_tenant(py(WRITE_300K), "acme"))).await;
+    assert_eq!((o.exit_code, o.artifacts.len()), (Some(0), 1), "{o:?}");
+}
+
+#[tokio::test]
+async fn artifacts_are_not_stored_below_the_free_space_floor() {
+    let s = sandbox_with(|c| c.artifact_min_free_bytes = u64::MAX / 4);
+    let o = s.run(py(WRITE_300K)).await;
+    assert_eq!(o.exit_code, Some(0), "{o:?}");
+    assert!(o.artifacts.is_empty(), "{o:?}");
+    let note = o.artifacts_note.as_deref().unwrap_or_default();
+    assert!(note.contains("free-space floor"), "{note}");
+    assert_eq!(allocated_under(&s.data_dir.join("artifacts/acme")), 0);
+}
+
+#[tokio::test]
+async fn tcp_socket_buffers_are_charged_to_the_task() {
+    let s = sandbox();
+    let mut j = py(r#"
+import socket
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(512)
+queued, conns = 0, []
+try:
+    for _ in range(200):
+        c = socket.create_connection(srv.getsockname())
+        a, _ = srv.accept()
+        conns.append((c, a))
+        c.setblocking(False)
+        chunk = b"x" * 65536
+        while True:
+            try:
+                queued += c.send(chunk)
+            except BlockingIOError:
+                break
+except OSError as e:
+    print("stopped:", e.errno, flush=True)
+print("queued", queued, flush=True)
+"#);
+    j.memory_bytes = 64 * MIB;
+    j.timeout = Duration::from_secs(30);
+    let o = s.run(j).await;
+    let queued: u64 = o
+        .stdout
+        .text
+        .lines()
+        .find_map(|l| l.strip_prefix("queued ")?.parse().ok())
+        .unwrap_or_else(|| panic!("no count: {o:?}"));
+    // Before, a 64Mi task queued about 400 MiB of host TCP memory and succeeded.
+    assert!(
+        queued < 96 * MIB,
+        "a 64Mi task queued {} MiB of TCP data",
+        queued / MIB
+    );
+    s.assert_healthy().await;
+}
+
+/// Holds every per-user kernel resource it can for `hold` seconds and prints what it held.
+const HOG_PER_USER_LIMITS: &str = r#"
+import ctypes, os, signal, socket, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+held = {}
+ino = []
+while len(ino) < 10000:
+    fd = libc.inotify_init1(0)
+    if fd < 0: break
+    ino.append(fd)
+held["inotify"] = len(ino)
+for fd in ino[-8:]: os.close(fd)  # room for the descriptors used below
+mq = []
+libc.mq_open.restype = ctypes.c_int
+while len(mq) < 10000:
+    fd = libc.mq_open(f"/hog{len(mq)}".encode(), os.O_CREAT | os.O_RDWR, 0o600, None)
+    if fd < 0: break
+    mq.append(fd)
+held["mqueue"] = len(mq)
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
+n = 0
+# sigqueue, not kill: a kill() past the limit is still delivered, without its queue entry.
+while n < 200000 and libc.sigqueue(os.getpid(), signal.SIGRTMIN, ctypes.c_void_p(0)) == 0:
+    n += 1
+held["sigpending"] = n
+r, w = os.pipe()
+n, pairs, limited = 0, [], False
+while not limited and len(pairs) < 100:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    pairs.append((a, b))
+    while True:
+        try: socket.send_fds(a, [b"x"], [r])
+        except BlockingIOError: break  # this pair's buffer is full: next pair
+        except OSError: limited = True; break
+        n += 1
+held["inflight"] = n
+print(held, flush=True)
+time.sleep(int(sys.argv[1]))
+"#;
+
+/// Uses each per-user resource once and prints what worked.
+const USE_PER_USER_LIMITS: &str = r#"
+import ctypes, os, signal, socket, time
+time.sleep(1.5)  # the hog holds everything by now
+libc = ctypes.CDLL(None, use_errno=True)
+def report(name, ok):
+    print(name, "ok" if ok else f"FAILED errno {ctypes.get_errno()}", flush=True)
+report("inotify", libc.inotify_init1(0) >= 0)
+libc.mq_open.restype = ctypes.c_int
+report("mqueue", libc.mq_open(b"/mine", os.O_CREAT | os.O_RDWR, 0o600, None) >= 0)
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
+report("sigpending", libc.sigqueue(os.getpid(), signal.SIGRTMIN, ctypes.c_void_p(0)) == 0)
+a, b = socket.socketpair()
+r, w = os.pipe()
+try:
+    socket.send_fds(a, [b"x"], [r]); print("inflight ok")
+except OSError as e:
+    print("inflight FAILED", e.errno)
+import multiprocessing
+with multiprocessing.Pool(2) as p:
+    print("multiprocessing", p.map(abs, [-1, -2]))
+"#;
+
+#[tokio::test]
+async fn per_user_kernel_limits_held_by_one_tenant_do_not_fail_another() {
+    let s = sandbox();
+    let mut hog = in_tenant(py(HOG_PER_USER_LIMITS), "acme");
+    hog.args = vec!["6".into()];
+    hog.timeout = Duration::from_secs(20);
+    let mut user = in_tenant(py(USE_PER_USER_LIMITS), "globex");
+    user.timeout = Duration::from_secs(20);
+    let (h, u) = tokio::join!(s.run(hog), s.run(user));
+    assert_eq!(h.exit_code, Some(0), "{h:?}");
+    // The hog got some of each, within its own per-task limits.
+    let held = &h.stdout.text;
+    assert!(held.contains("'inotify': "), "{held}");
+    assert!(!held.contains("'mqueue': 0"), "{held}");
+    assert!(!held.contains("'sigpending': 0,"), "{held}");
+    let sigs: u64 = held
+        .split("'sigpending': ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{held}"));
+    assert!(sigs <= 1024, "RLIMIT_SIGPENDING per task: {held}");
+    assert_eq!(u.exit_code, Some(0), "{u:?}");
+    for line in [
+        "inotify ok",
+        "mqueue ok",
+        "sigpending ok",
+        "inflight ok",
+        "multiprocessing [1, 2]",
+    ] {
+        assert!(u.stdout.text.contains(line), "{line:?} missing: {u:?}");
+    }
+}
+
+#[tokio::test]
+async fn concurrently_running_tasks_have_distinct_host_uids() {
+    let s = sandbox();
+    assert!(s.backend.slots() >= 4, "slots: {}", s.backend.slots());
+    let code = "import os, time\nprint(os.getuid(), os.getgid())\ntime.sleep(1)\n";
+    let runs = (0..4).map(|i| {
+        s.run(in_tenant(
+            py(code),
+            if i % 2 == 0 { "acme" } else { "globex" },
+        ))
+    });
+    let outs = futures_util::future::join_all(runs).await;
+    let mut uids = std::collections::HashSet::new();
+    let mut gids = std::collections::HashSet::new();
+    for o in &outs {
+        assert_eq!(o.exit_code, Some(0), "{o:?}");
+        let mut it = o.stdout.text.split_whitespace();
+        let uid: u32 = it.next().unwrap().parse().unwrap();
+        let gid: u32 = it.next().unwrap().parse().unwrap();
+        assert_ne!(uid, 0);
+        uids.insert(uid);
+        gids.insert(gid);
+    }
+    assert_eq!(uids.len(), 4, "{outs:?}");
+    assert_eq!(gids.len(), 1, "one shared sandbox group: {outs:?}");
+}
+
+#[tokio::test]
+async fn tasks_get_no_ptys() {
+    let s = sandbox();
+    let o = s
+        .run(py(r#"
+import os, pty
+opened = 0
+for _ in range(64):
+    try:
+        os.openpty(); opened += 1
+    except OSError as e:
+        print("openpty failed", type(e).__name__); break
+try:
+    os.open("/dev/ptmx", os.O_RDWR); opened += 1
+except OSError as e:
+    print("ptmx failed", type(e).__name__)
+print("opened", opened)
+"#))
+        .await;
+    assert_eq!(o.exit_code, Some(0), "{o:?}");
+    assert!(o.stdout.text.contains("openpty failed"), "{o:?}");
+    assert!(o.stdout.text.contains("ptmx failed"), "{o:?}");
+    assert!(o.stdout.text.contains("opened 0\n"), "{o:?}");
+    s.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn host_information_in_proc_is_masked() {
+    let s = sandbox();
+    let o = s
+        .run(py(r#"
+import os
+for p in ("/proc/cmdline", "/proc/config.gz", "/proc/iomem", "/proc/keys", "/proc/timer_list",
+          "/proc/kallsyms", "/proc/modules", "/proc/interrupts", "/proc/sched_debug", "/proc/kcore"):
+    try:
+        print(p, len(open(p, "rb").read()))
+    except OSError as e:
+        print(p, "unreadable", type(e).__name__)
+for d in ("/proc/acpi", "/proc/bus", "/proc/irq", "/proc/fs"):
+    try:
+        print(d, "entries", len(os.listdir(d)))
+    except OSError as e:
+        print(d, "unreadable", type(e).__name__)
+print("cpuinfo", len(open("/proc/cpuinfo").read()) > 0)
+print("self", os.path.exists("/proc/self/status"))
+"#))
+        .await;
+    assert_eq!(o.exit_code, Some(0), "{o:?}");
+    let out = &o.stdout.text;
+    for line in out.lines() {
+        let mut parts = line.split_whitespace();
+        let (path, what) = (parts.next().unwrap(), parts.collect::<Vec<_>>().join(" "));
+        if path.starts_with("/proc/") {
+            assert!(
+                what == "0" || what == "entries 0" || what == "unreadable FileNotFoundError",
+                "{path} shows host information: {what}"
+            );
+        }
+    }
+    // Files that exist on this host were read as empty, not refused.
+    assert!(out.contains("/proc/cmdline 0\n"), "{out}");
+    assert!(out.contains("/proc/keys 0\n"), "{out}");
+    // What runtimes need is still there.
+    assert!(
+        out.contains("cpuinfo True") && out.contains("self True"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn inputs_named_like_the_sandboxs_own_files_work() {
+    let s = sandbox();
+    let mut j = py(r#"
+for name in (".etc-passwd", ".etc-group", ".etc-hosts", "passwd", "hosts", "empty"):
+    print(name, open(name).read())
+print("etc", open("/etc/passwd").read().startswith("sandbox:"))
+"#);
+    for name in [
+        ".etc-passwd",
+        ".etc-group",
+        ".etc-hosts",
+        "passwd",
+        "hosts",
+        "empty",
+    ] {
+        j.files
+            .insert(name.into(), format!("input {name}").into_bytes());
+    }
+    let o = s.run(j).await;
+    assert_eq!(o.termination, Termination::Exited, "{o:?}");
+    assert_eq!(o.exit_code, Some(0), "{o:?}");
+    assert!(
+        o.stdout.text.contains(".etc-passwd input .etc-passwd\n"),
+        "{o:?}"
+    );
+    assert!(o.stdout.text.contains("passwd input passwd\n"), "{o:?}");
+    assert!(o.stdout.text.contains("etc True"), "{o:?}");
+}
+
+#[tokio::test]
+async fn stale_task_cgroups_of_dead_owners_are_removed_and_live_neighbours_kept() {
+    use agenttask::sandbox::cgroup::{self, CgroupHost, Owner};
+    let host = cgroup::detect(
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
+        &std::fs::read_to_string("/proc/self/cgroup").unwrap(),
+    );
+    let parent = match &host {
+        CgroupHost::V1 {
+            memory: Some(m), ..
+        } => m.clone(),
+        CgroupHost::V2 { parent } => parent.clone(),
+        other => panic!("this test needs cgroups: {other:?}"),
+    };
+    std::fs::create_dir_all(&parent).unwrap();
+    // A service process that is gone: a finished child's pid.
+    let dead_pid = std::process::Command::new("/bin/true")
+        .spawn()
+        .unwrap()
+        .id();
+    std::thread::sleep(Duration::from_millis(50));
+    let dead = parent.join(cgroup::task_name(
+        Owner {
+            pid: dead_pid,
+            start_ticks: 1,
+        },
+        &format!("{}-dead", Uuid::new_v4()),
+    ));
+    // A live neighbour: this very process.
+    let own_ticks =
+        cgroup::start_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()).unwrap();
+    let live = parent.join(cgroup::task_name(
+        Owner {
+            pid: std::process::id(),
+            start_ticks: own_ticks,
+        },
+        &format!("{}-live", Uuid::new_v4()),
+    ));
+    std::fs::create_dir(&dead).unwrap();
+    std::fs::create_dir(&live).unwrap();
+    let s = sandbox();
+    let (dead_left, live_left) = (dead.exists(), live.exists());
+    let _ = std::fs::remove_dir(&live);
+    assert!(!dead_left, "{} was not removed", dead.display());
+    assert!(live_left, "a live neighbour's cgroup was removed");
+    s.assert_healthy().await;
 }

@@ -49,6 +49,14 @@ impl TaskCgroups {
                             &limits.memory_bytes.to_string(),
                         );
                         let _ = write_file(&dir.join("memory.swappiness"), "0");
+                        // v1 charges TCP socket buffers to a memory cgroup only once its
+                        // kmem.tcp limit is set, and only for sockets created after that: set
+                        // before any process joins. Without it a task can pin host-wide TCP
+                        // memory (tcp_mem) far beyond its own limit. (v2 charges it by default.)
+                        let tcp = dir.join("memory.kmem.tcp.limit_in_bytes");
+                        if tcp.exists() {
+                            write_file(&tcp, &limits.memory_bytes.to_string())?;
+                        }
                         cg.has_memory = true;
                         cg.procs_dir.get_or_insert(dir.clone());
                         cg.memory = Some(dir);
@@ -94,6 +102,11 @@ impl TaskCgroups {
         Ok(dir)
     }
 
+    /// Whether there is a cgroup listing the task's processes.
+    pub(super) fn is_tracked(&self) -> bool {
+        self.procs_dir.is_some()
+    }
+
     fn members(&self) -> Vec<i32> {
         self.procs_dir
             .as_ref()
@@ -111,16 +124,23 @@ impl TaskCgroups {
         }
     }
 
-    /// Kills until the cgroup is empty or `limit` passes.
-    pub(super) async fn kill_all_and_wait(&self, limit: Duration) {
+    /// Kills until the cgroup is empty or `limit` passes. True once the cgroup was seen empty:
+    /// no process of the task is left. False without a cgroup to look at, or when something
+    /// still survived at `limit` (e.g. stuck in an uninterruptible sleep).
+    pub(super) async fn kill_all_and_wait(&self, limit: Duration) -> bool {
+        let Some(dir) = &self.procs_dir else {
+            return false;
+        };
+        let procs = dir.join("cgroup.procs");
         let end = tokio::time::Instant::now() + limit;
         loop {
-            if self.members().is_empty() {
-                return;
+            match fs::read_to_string(&procs) {
+                Ok(text) if cgroup::pids(&text).is_empty() => return true,
+                Ok(_) => self.kill_all(),
+                Err(_) => return false,
             }
-            self.kill_all();
             if tokio::time::Instant::now() >= end {
-                return;
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::scratch::{mount_tmpfs, remove_tree, umount};
 use super::MIB;
-use crate::sandbox::bwrap::{HostLayout, RootEntry};
+use crate::sandbox::bwrap::{HostLayout, ProcMask, RootEntry};
 use crate::sandbox::cgroup::{self, CgroupHost};
 
 // ---------------------------------------------------------------------------------------------
@@ -115,7 +115,24 @@ pub(super) fn detect_host_layout(extra: &[PathBuf]) -> HostLayout {
         root_entries,
         etc_paths: HostLayout::default_etc_paths(),
         extra_ro_binds: extra.to_vec(),
+        proc_masks: proc_masks(),
     }
+}
+
+/// The masked `/proc` entries that exist on this kernel, as files or directories.
+fn proc_masks() -> Vec<ProcMask> {
+    let mut masks = Vec::new();
+    for name in HostLayout::MASKED_PROC_FILES {
+        if fs::symlink_metadata(name).is_ok_and(|m| m.is_file()) {
+            masks.push(ProcMask::File(name.into()));
+        }
+    }
+    for name in HostLayout::MASKED_PROC_DIRS {
+        if fs::symlink_metadata(name).is_ok_and(|m| m.is_dir()) {
+            masks.push(ProcMask::Dir(name.into()));
+        }
+    }
+    masks
 }
 
 /// Finds the cgroup hierarchy and creates the `agenttask` parent directories; `None` if that
@@ -146,6 +163,75 @@ pub(super) fn prepare_cgroups() -> CgroupHost {
         tracing::warn!(?host, "cannot create task cgroups; per-task limits fall back to rlimits (RLIMIT_NPROC is then shared by all tasks)");
         CgroupHost::None
     }
+}
+
+/// This process as the owner of the task cgroups it creates.
+pub(super) fn own_owner() -> cgroup::Owner {
+    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cgroup::Owner {
+        pid: std::process::id(),
+        start_ticks: cgroup::start_ticks(&stat).unwrap_or(0),
+    }
+}
+
+fn is_alive(owner: cgroup::Owner) -> bool {
+    fs::read_to_string(format!("/proc/{}/stat", owner.pid))
+        .ok()
+        .and_then(|stat| cgroup::start_ticks(&stat))
+        == Some(owner.start_ticks)
+}
+
+/// Removes task cgroups whose owning service process is gone (crashed or killed before it could
+/// clean up), killing whatever is still in them. Several service processes may share the
+/// parent: a cgroup whose owner still runs, or whose name carries no owner, is left alone.
+/// Returns how many were removed.
+pub(super) fn sweep_stale_cgroups(host: &CgroupHost) -> usize {
+    let parents: Vec<&PathBuf> = match host {
+        CgroupHost::None => vec![],
+        CgroupHost::V1 { memory, pids, cpu } => [memory, pids, cpu].into_iter().flatten().collect(),
+        CgroupHost::V2 { parent } => vec![parent],
+    };
+    let mut removed = 0;
+    for parent in parents {
+        let Ok(entries) = fs::read_dir(parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Some(owner) = entry.file_name().to_str().and_then(cgroup::owner_of) else {
+                continue;
+            };
+            if is_alive(owner) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let dir = entry.path();
+            let mut gone = false;
+            for _ in 0..100 {
+                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in cgroup::pids(&procs) {
+                    // SAFETY: kill has no memory-safety preconditions; the pid is listed in a
+                    // task cgroup whose owner is gone, so it is a leftover task process.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                if fs::remove_dir(&dir).is_ok() {
+                    gone = true;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if gone {
+                removed += 1;
+            } else {
+                tracing::warn!(path = %dir.display(), "could not remove a stale task cgroup");
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed task cgroups left by service processes that are gone"
+        );
+    }
+    removed
 }
 
 pub(super) fn probe_tmpfs(run_dir: &Path) -> bool {

@@ -26,20 +26,19 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use uuid::Uuid;
 
-use std::sync::Arc;
-
 use crate::domain::validate::BackendIsolation;
 use crate::exec::{
     Backend, BackendError, BoxFuture, Capabilities, EventSink, InProcessRuns, Job, Outcome,
-    Progress, RunKey,
+    ProgramResult, Progress, RunKey,
 };
-use crate::sandbox::bwrap::{HostLayout, ScratchLayout};
-use crate::sandbox::cgroup::CgroupHost;
+use crate::sandbox::bwrap::{self, HostLayout, ScratchLayout};
+use crate::sandbox::cgroup::{self, CgroupHost};
 use crate::sandbox::limits::{self, Limits};
 use crate::sandbox::{captured_text, seccomp};
 
@@ -48,13 +47,19 @@ mod collect;
 mod host;
 mod scratch;
 mod spawn;
+mod uids;
 
-pub use collect::{collect_artifacts, read_result, sweep_artifacts, ArtifactCaps};
-
-use host::{
-    detect_host_layout, is_executable, lookup_user, prepare_cgroups, prepare_data_dir, probe_tmpfs,
-    sweep_stale_runs,
+pub use collect::{
+    collect_artifacts, collect_artifacts_within, read_result, sweep_artifacts, ArtifactCaps,
+    Collected, SPARSE_SLACK_BYTES,
 };
+
+use collect::{check_free_space, TenantUsage};
+use host::{
+    detect_host_layout, is_executable, own_owner, prepare_cgroups, prepare_data_dir, probe_tmpfs,
+    sweep_stale_cgroups, sweep_stale_runs,
+};
+use uids::UidPool;
 
 pub(super) const MIB: u64 = 1 << 20;
 
@@ -62,7 +67,8 @@ pub(super) const MIB: u64 = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
     /// Service-owned directory: `run/` (per-task scratch, removed after each run) and
-    /// `artifacts/<task id>/` (collected artifacts, removed by [`sweep_artifacts`]).
+    /// `artifacts/<tenant>/<task id>/` (collected artifacts, removed by [`sweep_artifacts`]).
+    /// One service process per data directory.
     pub data_dir: PathBuf,
     /// Cap per output stream (stdout, stderr), in bytes. Default 1 MiB.
     pub output_limit_bytes: usize,
@@ -73,8 +79,15 @@ pub struct LocalConfig {
     pub rscript_path: PathBuf,
     /// Default `/usr/bin/bwrap`.
     pub bwrap_path: PathBuf,
-    /// The host user every sandboxed process runs as. Default `agenttask-sandbox`.
+    /// Base name of the sandbox uid range: each running task runs as its own user
+    /// `<sandbox_user>-<i>` (`i` from 0; the range ends at the first missing user), all in the
+    /// group `<sandbox_user>`. Default `agenttask-sandbox`.
     pub sandbox_user: String,
+    /// Root-only directory of the host-wide uid lease locks (one `flock`ed file per uid),
+    /// shared by every service process on the host. Default `/run/agenttask/uids`.
+    pub uid_lock_dir: PathBuf,
+    /// How long a run waits for a free sandbox uid before it fails. Default 60 s.
+    pub uid_wait: Duration,
     /// Size of a task's scratch (working dir + /tmp + /dev/shm + result + artifacts), and the
     /// largest file it may write. Default 128 MiB.
     pub scratch_bytes: u64,
@@ -82,16 +95,28 @@ pub struct LocalConfig {
     pub scratch_inodes: u64,
     /// Processes and threads per task (pids cgroup). Default 128.
     pub max_processes: u64,
-    /// `RLIMIT_NPROC` of the sandbox uid, i.e. for all running tasks together. Default 16384.
+    /// `RLIMIT_NPROC` of the task's own uid (a backstop to the pids cgroup, and the process
+    /// limit where there are no cgroups). Default 256.
     pub uid_max_processes: u64,
+    /// `RLIMIT_MSGQUEUE` of the task's uid, bytes. Default 819200 (the kernel's default).
+    pub max_msgqueue_bytes: u64,
+    /// `RLIMIT_SIGPENDING` of the task's uid. Default 1024.
+    pub max_pending_signals: u64,
     /// `RLIMIT_NOFILE`. Default 1024.
     pub max_open_files: u64,
     /// Largest result file read back. Default 1 MiB.
     pub result_max_bytes: u64,
     /// Artifacts collected per task. Default 100 files.
     pub artifact_max_files: usize,
-    /// Total artifact bytes per task. Default 64 MiB.
+    /// Total artifact bytes per task, counted as what the files occupy (allocated blocks, at
+    /// least their length; sparse files are not collected). Default 64 MiB.
     pub artifact_max_bytes: u64,
+    /// Free-space floor of the data directory's file system: a task's artifacts are not stored
+    /// if storing them would leave less than this free. Default 1 GiB.
+    pub artifact_min_free_bytes: u64,
+    /// The same floor as a share of the file system's size, in percent; both must hold.
+    /// Default 5.
+    pub artifact_min_free_percent: u8,
     /// Directory depth followed below the artifacts directory. Default 8.
     pub artifact_max_depth: usize,
     /// How long collected artifacts are kept (see [`LocalBackend::sweep_artifacts`]). Default 24 h.
@@ -112,14 +137,20 @@ impl LocalConfig {
             rscript_path: "/usr/bin/Rscript".into(),
             bwrap_path: "/usr/bin/bwrap".into(),
             sandbox_user: "agenttask-sandbox".into(),
+            uid_lock_dir: "/run/agenttask/uids".into(),
+            uid_wait: Duration::from_secs(60),
             scratch_bytes: 128 * MIB,
             scratch_inodes: 32_768,
             max_processes: 128,
-            uid_max_processes: 16_384,
+            uid_max_processes: 256,
+            max_msgqueue_bytes: 819_200,
+            max_pending_signals: 1024,
             max_open_files: 1024,
             result_max_bytes: MIB,
             artifact_max_files: 100,
             artifact_max_bytes: 64 * MIB,
+            artifact_min_free_bytes: 1024 * MIB,
+            artifact_min_free_percent: 5,
             artifact_max_depth: 8,
             artifact_ttl: Duration::from_secs(24 * 3600),
             max_runs: 64,
@@ -152,8 +183,12 @@ pub(super) const INSTALL_HINT: &str = "run deploy/local/install-sandbox.sh as ro
 /// Runs jobs in bubblewrap sandboxes on this host. Cheap to share (`Arc`) across tasks.
 pub struct LocalBackend {
     config: LocalConfig,
-    uid: u32,
-    gid: u32,
+    /// One host uid per running task.
+    uids: UidPool,
+    /// This process, as the owner named in its task cgroups.
+    owner: cgroup::Owner,
+    /// Artifact bytes retained per tenant.
+    usage: Arc<TenantUsage>,
     host: HostLayout,
     cgroups: CgroupHost,
     seccomp: Vec<u8>,
@@ -167,7 +202,7 @@ impl std::fmt::Debug for LocalBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalBackend")
             .field("data_dir", &self.config.data_dir)
-            .field("uid", &self.uid)
+            .field("uids", &self.uids)
             .field("cgroups", &self.cgroups)
             .field("scratch_tmpfs", &self.scratch_tmpfs.load(Ordering::Relaxed))
             .finish()
@@ -194,22 +229,6 @@ impl LocalBackend {
                 config.bwrap_path.display()
             ));
         }
-        let (uid, gid) = match lookup_user(&config.sandbox_user) {
-            Ok(Some(ids)) => ids,
-            Ok(None) => {
-                return err(format!(
-                    "sandbox user {:?} does not exist: {INSTALL_HINT} (it runs `useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {}`)",
-                    config.sandbox_user, config.sandbox_user
-                ))
-            }
-            Err(e) => return err(format!("looking up sandbox user {:?}: {e}", config.sandbox_user)),
-        };
-        if uid == 0 || gid == 0 {
-            return err(format!(
-                "sandbox user {:?} has uid/gid 0; it must be an unprivileged user",
-                config.sandbox_user
-            ));
-        }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return err(format!(
@@ -225,26 +244,30 @@ impl LocalBackend {
                 tracing::warn!(path = %path.display(), "{name} not found; tasks in that language will fail with BackendError ({INSTALL_HINT})");
             }
         }
-        prepare_data_dir(&config.data_dir, uid, gid).map_err(SetupError)?;
+        let uids =
+            UidPool::discover(&config.sandbox_user, &config.uid_lock_dir).map_err(SetupError)?;
+        prepare_data_dir(&config.data_dir, uids.first_uid(), uids.gid()).map_err(SetupError)?;
         sweep_stale_runs(&config.data_dir.join("run"));
 
         let host = detect_host_layout(&config.extra_ro_binds);
         let cgroups = prepare_cgroups();
+        sweep_stale_cgroups(&cgroups);
         let scratch_tmpfs = probe_tmpfs(&config.data_dir.join("run"));
         if !scratch_tmpfs {
             tracing::warn!("cannot mount tmpfs scratch dirs; task scratch is a plain directory bounded only by RLIMIT_FSIZE per file");
         }
         tracing::info!(
-            uid,
-            gid,
+            slots = uids.len(),
+            gid = uids.gid(),
             ?cgroups,
             scratch_tmpfs,
             "local sandbox backend ready"
         );
         Ok(Self {
             config,
-            uid,
-            gid,
+            uids,
+            owner: own_owner(),
+            usage: Arc::default(),
             host,
             cgroups,
             seccomp,
@@ -257,17 +280,34 @@ impl LocalBackend {
         &self.config
     }
 
-    /// Where a task's collected artifacts are: `<data_dir>/artifacts/<task id>/`.
+    /// How many tasks this host can run at once: one per sandbox uid. Several service
+    /// processes on one host share them.
+    pub fn slots(&self) -> usize {
+        self.uids.len()
+    }
+
+    /// Where a task's collected artifacts are: `<data_dir>/artifacts/<tenant>/<task id>/`
+    /// (found by looking in each tenant's directory), or the older `<data_dir>/artifacts/<task
+    /// id>/` when no tenant directory holds it.
     pub fn artifacts_dir(&self, task_id: Uuid) -> PathBuf {
-        self.config
-            .data_dir
-            .join("artifacts")
-            .join(task_id.to_string())
+        let root = self.config.data_dir.join("artifacts");
+        let id = task_id.to_string();
+        std::fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|tenant| tenant.path().join(&id))
+            .find(|p| p.is_dir())
+            .unwrap_or_else(|| root.join(id))
     }
 
     /// Removes artifacts older than the configured TTL; see [`sweep_artifacts`].
     pub fn sweep_artifacts(&self) -> io::Result<usize> {
-        sweep_artifacts(&self.config.data_dir, self.config.artifact_ttl)
+        let removed = sweep_artifacts(&self.config.data_dir, self.config.artifact_ttl)?;
+        if removed > 0 {
+            self.usage.invalidate();
+        }
+        Ok(removed)
     }
 
     /// Runs one job to completion (what [`Backend::launch`] does in the background). Dropping
@@ -290,7 +330,16 @@ impl LocalBackend {
                 runtime.display()
             ));
         }
-        let mut run = match self.prepare(&job) {
+        if !bwrap::is_plain_name(&job.tenant) {
+            return fail(format!("tenant name {:?} is not a plain name", job.tenant));
+        }
+        // Declared before `run`, so dropped after it: the uid is given back only once the
+        // task's cgroups are emptied and removed.
+        let mut lease = match self.uids.acquire(self.config.uid_wait).await {
+            Ok(lease) => lease,
+            Err(e) => return fail(format!("no sandbox uid: {e}")),
+        };
+        let mut run = match self.prepare(&job, lease.uid, lease.gid) {
             Ok(run) => run,
             Err(e) => return fail(format!("could not prepare the sandbox: {e}")),
         };
@@ -304,6 +353,19 @@ impl LocalBackend {
         if let Some(msg) = watched.setup_failure {
             return fail(msg);
         }
+        // Collect only once no process of the task is left: its cgroup was seen empty; without
+        // cgroups, after killing every process of the task's uid; with a cgroup that would not
+        // empty (a process stuck in the kernel), not at all.
+        let collectable = if watched.emptied {
+            lease.mark_clean();
+            true
+        } else if !run.cgroups.is_tracked() {
+            let uid = lease.uid;
+            let _ = tokio::task::spawn_blocking(move || uids::kill_all_of_uid(uid)).await;
+            true
+        } else {
+            false
+        };
 
         let mut facts = watched.facts;
         facts.scratch_full = run.scratch_is_full();
@@ -323,14 +385,41 @@ impl LocalBackend {
             max_depth: self.config.artifact_max_depth,
         };
         let result_max = self.config.result_max_bytes;
-        let dest = self.artifacts_dir(job.key.task_id);
+        let data_dir = self.config.data_dir.clone();
+        let tenant_dir = data_dir.join("artifacts").join(&job.tenant);
+        let dest = tenant_dir.join(job.key.task_id.to_string());
+        let usage = self.usage.clone();
+        let (tenant, quota) = (job.tenant.clone(), job.artifact_quota_bytes);
+        let (min_free, min_free_percent) = (
+            self.config.artifact_min_free_bytes,
+            self.config.artifact_min_free_percent,
+        );
         let collected = tokio::task::spawn_blocking(move || {
+            if !collectable {
+                let note = "the result file and artifacts were not collected: a process of the task did not exit";
+                return (
+                    ProgramResult::Missing,
+                    Collected {
+                        note: Some(note.into()),
+                        ..Collected::default()
+                    },
+                );
+            }
             let result = read_result(&out.join(ScratchLayout::RESULT_FILE), result_max);
-            let artifacts = collect_artifacts(&out.join(ScratchLayout::ARTIFACTS), &dest, &caps);
-            (result, artifacts)
+            let mut admitted = 0;
+            let collected =
+                collect_artifacts_within(&out.join(ScratchLayout::ARTIFACTS), &dest, &caps, |cost| {
+                    check_free_space(&data_dir, cost, min_free, min_free_percent)?;
+                    usage.admit(&tenant_dir, &tenant, cost, quota)?;
+                    admitted = cost;
+                    Ok(())
+                });
+            // Whatever was admitted but not copied (a file that vanished) is given back.
+            usage.release(&tenant, admitted.saturating_sub(collected.stored_bytes));
+            (result, collected)
         })
         .await;
-        let (result, artifacts) = match collected {
+        let (result, collected) = match collected {
             Ok(c) => c,
             Err(e) => return fail(format!("collecting results failed: {e}")),
         };
@@ -341,9 +430,9 @@ impl LocalBackend {
             stdout: captured_text(&watched.stdout, cap, watched.stdout_overflow),
             stderr: captured_text(&watched.stderr, cap, watched.stderr_overflow),
             result,
-            artifacts,
+            artifacts: collected.artifacts,
+            artifacts_note: collected.note,
             started_at,
-            artifacts_note: None,
             finished_at: Utc::now(),
         };
         // Unmounting a big scratch can take a moment; keep it off the async workers. Awaited, so
@@ -361,6 +450,8 @@ impl LocalBackend {
             scratch_bytes: self.config.scratch_bytes,
             max_open_files: self.config.max_open_files,
             uid_max_processes: self.config.uid_max_processes,
+            msgqueue_bytes: self.config.max_msgqueue_bytes,
+            pending_signals: self.config.max_pending_signals,
         }
     }
 }
@@ -374,7 +465,8 @@ impl Backend for LocalBackend {
         Capabilities {
             isolation: BackendIsolation::StandardOnly,
             runs_survive_restart: false,
-            max_runs: self.config.max_runs,
+            // One sandbox uid per running task: the uid range bounds what this host runs.
+            max_runs: self.config.max_runs.min(self.slots()),
         }
     }
 

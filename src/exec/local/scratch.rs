@@ -14,11 +14,13 @@ use super::cgroups::TaskCgroups;
 use super::LocalBackend;
 use crate::exec::Job;
 use crate::sandbox::bwrap::{self, ScratchLayout};
+use crate::sandbox::cgroup;
 use crate::sandbox::code_file_name;
 
 impl LocalBackend {
-    /// Creates the scratch, writes the inputs and creates the cgroups.
-    pub(super) fn prepare(&self, job: &Job) -> io::Result<PreparedRun> {
+    /// Creates the scratch (owned by the task's `uid`), writes the inputs and creates the
+    /// cgroups.
+    pub(super) fn prepare(&self, job: &Job, uid: u32, gid: u32) -> io::Result<PreparedRun> {
         let name = format!(
             "{}-{}",
             job.key.task_id,
@@ -30,6 +32,8 @@ impl LocalBackend {
             scratch: ScratchLayout::new(&root),
             mounted: false,
             cgroups: TaskCgroups::default(),
+            uid,
+            gid,
         };
         if self.scratch_tmpfs.load(Ordering::Relaxed) {
             match mount_tmpfs(&root, self.config.scratch_bytes, self.config.scratch_inodes) {
@@ -41,8 +45,12 @@ impl LocalBackend {
             }
         }
         let s = &run.scratch;
-        let (uid, gid) = (self.uid, self.gid);
         fs::DirBuilder::new().mode(0o755).create(s.inputs())?;
+        fs::DirBuilder::new().mode(0o755).create(s.internal())?;
+        fs::DirBuilder::new()
+            .mode(0o555)
+            .create(s.internal().join(ScratchLayout::EMPTY_DIR))?;
+        write_read_only(&s.internal().join(ScratchLayout::EMPTY_FILE), b"")?;
         for dir in [
             s.work(),
             s.tmp(),
@@ -65,9 +73,10 @@ impl LocalBackend {
         let code = code_file_name(job.language, job.files.keys().map(String::as_str));
         write_read_only(&s.inputs().join(code), job.code.as_bytes())?;
         for (name, content) in bwrap::synthetic_etc(uid, gid) {
-            write_read_only(&s.inputs().join(name), content.as_bytes())?;
+            write_read_only(&s.internal().join(name), content.as_bytes())?;
         }
-        run.cgroups = TaskCgroups::create(&self.cgroups, &name, &self.limits(job));
+        let cgroup_name = cgroup::task_name(self.owner, &name);
+        run.cgroups = TaskCgroups::create(&self.cgroups, &cgroup_name, &self.limits(job));
         Ok(run)
     }
 }
@@ -77,6 +86,9 @@ pub(super) struct PreparedRun {
     pub(super) scratch: ScratchLayout,
     pub(super) mounted: bool,
     pub(super) cgroups: TaskCgroups,
+    /// The task's own host uid (leased for this run) and the sandbox group.
+    pub(super) uid: u32,
+    pub(super) gid: u32,
 }
 
 impl PreparedRun {

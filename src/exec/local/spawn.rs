@@ -69,8 +69,8 @@ impl LocalBackend {
                 .into_iter()
                 .map(to_libc_rlimit)
                 .collect(),
-            uid: self.uid,
-            gid: self.gid,
+            uid: run.uid,
+            gid: run.gid,
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
         };
@@ -139,11 +139,10 @@ impl LocalBackend {
         };
         drop(stdin_task);
         // Whatever the program left behind: normally nothing, its pid namespace is being torn
-        // down. Wait briefly for that; `PreparedRun`'s drop keeps killing until the cgroups are
-        // empty and can be removed.
-        run.cgroups
-            .kill_all_and_wait(Duration::from_millis(50))
-            .await;
+        // down. Collection waits until the cgroup is seen empty, so nothing of the task can
+        // still change its files; `PreparedRun`'s drop keeps killing until the cgroups can be
+        // removed.
+        let emptied = run.cgroups.kill_all_and_wait(Duration::from_secs(5)).await;
 
         let stdout = stdout.finish().await;
         let stderr = stderr.finish().await;
@@ -170,6 +169,7 @@ impl LocalBackend {
             stderr: stderr.0,
             stderr_overflow: stderr.1,
             setup_failure,
+            emptied,
         })
     }
 }
@@ -183,6 +183,8 @@ pub(super) struct Watched {
     pub(super) stderr_overflow: bool,
     /// bubblewrap never started the program: this is a backend failure, not the task's.
     pub(super) setup_failure: Option<String>,
+    /// The task's cgroup was seen empty after the run: no process of it is left.
+    pub(super) emptied: bool,
 }
 
 /// What the forked child does before exec'ing bubblewrap. Runs between fork and exec, so only
@@ -209,6 +211,8 @@ fn to_libc_rlimit((resource, soft, hard): limits::Rlimit) -> (RlimitResource, li
         Resource::Nofile => libc::RLIMIT_NOFILE,
         Resource::Nproc => libc::RLIMIT_NPROC,
         Resource::Core => libc::RLIMIT_CORE,
+        Resource::Msgqueue => libc::RLIMIT_MSGQUEUE,
+        Resource::Sigpending => libc::RLIMIT_SIGPENDING,
     };
     (
         r as RlimitResource,
