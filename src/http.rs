@@ -16,10 +16,20 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::result::ResultMessage;
-use crate::service::Context;
-use crate::store::{CancelOutcome, Position, TaskRow, TenantStatus};
+use crate::metrics::Metrics;
+use crate::store::{CancelOutcome, Position, Store, TaskRow, TenantStatus};
 
-pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// What the HTTP endpoints need, and nothing else.
+pub struct Api {
+    pub store: Store,
+    pub metrics: Metrics,
+    /// Opens the task and admin API; without it those endpoints are closed.
+    pub admin_token: Option<String>,
+    /// Whether the AMQP side is up (for `/readyz`).
+    pub amqp_ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Api>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let app = router(ctx);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -27,7 +37,7 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>, shutdow
     Ok(())
 }
 
-pub fn router(ctx: Arc<Context>) -> Router {
+pub fn router(ctx: Arc<Api>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -41,9 +51,9 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .with_state(ctx)
 }
 
-async fn readyz(State(ctx): State<Arc<Context>>) -> Response {
+async fn readyz(State(ctx): State<Arc<Api>>) -> Response {
     let db = ctx.store.ping().await;
-    let amqp = ctx.ready.amqp.load(Ordering::Relaxed);
+    let amqp = ctx.amqp_ready.load(Ordering::Relaxed);
     let body = format!("database: {}\nrabbitmq: {}\n", ok(db), ok(amqp));
     let status = if db && amqp { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, body).into_response()
@@ -53,7 +63,7 @@ fn ok(b: bool) -> &'static str {
     if b { "ok" } else { "not ready" }
 }
 
-async fn metrics(State(ctx): State<Arc<Context>>) -> Response {
+async fn metrics(State(ctx): State<Arc<Api>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         ctx.metrics.render(),
@@ -71,8 +81,8 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ApiError { error: msg.into() })).into_response()
 }
 
-fn authorize(ctx: &Context, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(expected) = ctx.settings.admin_token.as_deref() else {
+fn authorize(ctx: &Api, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = ctx.admin_token.as_deref() else {
         return Err(error(
             StatusCode::FORBIDDEN,
             "the task API is closed: start the service with AGENTTASK_ADMIN_TOKEN set, and pass \
@@ -129,7 +139,7 @@ impl From<TaskRow> for TaskView {
 
 /// `GET /v1/tasks/{id}`: `id` is a task id (uuid), or a client id with `?tenant=`.
 async fn get_task(
-    State(ctx): State<Arc<Context>>,
+    State(ctx): State<Arc<Api>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<TaskQuery>,
@@ -162,7 +172,7 @@ async fn get_task(
 }
 
 /// `GET /v1/tasks/{id}/position`: place in the tenant's queue and an estimated wait.
-async fn get_position(State(ctx): State<Arc<Context>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn get_position(State(ctx): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(resp) = authorize(&ctx, &headers) {
         return resp;
     }
@@ -176,7 +186,7 @@ async fn get_position(State(ctx): State<Arc<Context>>, headers: HeaderMap, Path(
     }
 }
 
-async fn list_tenants(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Response {
+async fn list_tenants(State(ctx): State<Arc<Api>>, headers: HeaderMap) -> Response {
     if let Err(resp) = authorize(&ctx, &headers) {
         return resp;
     }
@@ -186,7 +196,7 @@ async fn list_tenants(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Re
     }
 }
 
-async fn get_tenant(State(ctx): State<Arc<Context>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+async fn get_tenant(State(ctx): State<Arc<Api>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
     if let Err(resp) = authorize(&ctx, &headers) {
         return resp;
     }
@@ -207,7 +217,7 @@ pub struct ApplyResult {
 
 /// `PUT /v1/tenants` with a tenants file (TOML) as the body: validates it whole, then makes it
 /// the configuration of every process, without a restart and without touching queued tasks.
-async fn apply_tenants(State(ctx): State<Arc<Context>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn apply_tenants(State(ctx): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(resp) = authorize(&ctx, &headers) {
         return resp;
     }
@@ -221,9 +231,8 @@ async fn apply_tenants(State(ctx): State<Arc<Context>>, headers: HeaderMap, body
     if let Err(e) = ctx.store.sync_tenants(&tenants).await {
         return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}"));
     }
+    // Every process (this one included) picks the change up from the tenants notification.
     let names = tenants.keys().map(|t| t.to_string()).collect();
-    ctx.tenants.send_replace(Arc::new(tenants));
-    ctx.wake.scheduler.notify_one();
     Json(ApplyResult { tenants: names }).into_response()
 }
 
@@ -240,7 +249,7 @@ pub struct CancelAnswer {
 /// `POST /v1/tasks/{id}/cancel`: a queued or admitted task ends `Cancelled` without running; a
 /// running one is killed. Either way it gets exactly one result. A finished task is left alone
 /// (409), an unknown one is a 404.
-async fn cancel_task(State(ctx): State<Arc<Context>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn cancel_task(State(ctx): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(resp) = authorize(&ctx, &headers) {
         return resp;
     }
@@ -283,7 +292,7 @@ pub struct BatchCancelAnswer {
 
 /// `POST /v1/batches/{tenant}/{batch}/cancel`: cancels every unfinished task of a batch.
 async fn cancel_batch(
-    State(ctx): State<Arc<Context>>,
+    State(ctx): State<Arc<Api>>,
     headers: HeaderMap,
     Path((tenant, batch)): Path<(String, String)>,
 ) -> Response {

@@ -1,90 +1,50 @@
-//! Wiring: builds what the components need and runs those `serve` was asked for under one
+//! Wiring: builds what each component needs and runs those `serve` was asked for under one
 //! [`Supervisor`] until shutdown. Nothing here decides anything; it only connects the parts.
+//!
+//! Components never see each other or this module: each gets its own dependencies (the store,
+//! metrics, the tenants it watches, its wake-ups, its settings). What they share lives here:
+//! the tenants (a watch channel fed by the tenants file, SIGHUP and Postgres notifications) and
+//! the wake-ups that notifications trigger.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::ingest::Ingest;
+use crate::amqp::publish::Publisher;
 use crate::config::{BackendKind, Component, Settings};
 use crate::domain::phase::Phase;
 use crate::domain::tenant::Tenants;
+use crate::domain::validate::BackendIsolation;
 use crate::exec::local::{LocalBackend, LocalConfig};
 use crate::exec::null::NullBackend;
 use crate::exec::Backend;
 use crate::executor::{Executor, LEASE};
+use crate::http::Api;
 use crate::metrics::Metrics;
+use crate::scheduler::{Capacity, Scheduler};
 use crate::store::notify::{Notification, CHANNELS};
 use crate::store::Store;
 use crate::supervise::Supervisor;
 
-/// In-process wake-ups. Postgres notifications feed them too, so components in other
-/// processes wake just as fast.
+/// The wake-ups that Postgres notifications (and components in this process) trigger.
 #[derive(Default)]
-pub struct Wake {
-    pub scheduler: Notify,
-    pub executor: Arc<Notify>,
-    pub publisher: Notify,
-    /// Tenants whose queue changed since the scheduler last looked.
-    dirty: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Notifications may have been missed: every tenant must be looked at again.
-    all_dirty: AtomicBool,
+struct Wakes {
+    scheduler: Arc<crate::scheduler::Wake>,
+    executors: Arc<Notify>,
+    publisher: Arc<Notify>,
 }
 
-impl Wake {
-    /// A tenant's queue changed: the scheduler refetches it and runs a round.
-    pub fn queue_changed(&self, tenant: &str) {
-        self.dirty.lock().expect("not poisoned").insert(tenant.to_owned());
-        self.scheduler.notify_one();
-    }
-
-    pub fn take_dirty(&self) -> Vec<String> {
-        self.dirty.lock().expect("not poisoned").drain().collect()
-    }
-
-    /// True once after [`Wake::everything_changed`].
-    pub fn take_all_dirty(&self) -> bool {
-        self.all_dirty.swap(false, Ordering::SeqCst)
-    }
-
-    /// Notifications may have been lost (the listener reconnected): recheck every queue.
-    pub fn everything_changed(&self) {
-        self.all_dirty.store(true, Ordering::SeqCst);
-        self.scheduler.notify_one();
-        self.executor.notify_one();
+impl Wakes {
+    /// Notifications may have been lost (the listener reconnected): everyone looks again.
+    fn everything_changed(&self) {
+        self.scheduler.everything_changed();
+        self.executors.notify_one();
         self.publisher.notify_one();
-    }
-}
-
-/// What `/readyz` reports besides the database (which it pings).
-#[derive(Default)]
-pub struct Ready {
-    pub amqp: AtomicBool,
-}
-
-/// Everything the components share.
-pub struct Context {
-    pub settings: Settings,
-    pub store: Store,
-    pub metrics: Metrics,
-    /// The current tenants; replaced on reload, watched by ingest.
-    pub tenants: watch::Sender<Arc<Tenants>>,
-    pub wake: Wake,
-    pub ready: Ready,
-}
-
-impl Context {
-    /// Re-reads the tenants file (if this process has one) and applies it without a restart.
-    /// Every process picks the change up from Postgres; queued tasks are untouched.
-    pub async fn reload_tenants(&self) -> Result<usize, String> {
-        let tenants = current_tenants(&self.settings, &self.store).await?;
-        let n = tenants.len();
-        self.tenants.send_replace(Arc::new(tenants));
-        self.wake.scheduler.notify_one();
-        Ok(n)
     }
 }
 
@@ -101,115 +61,157 @@ async fn current_tenants(settings: &Settings, store: &Store) -> Result<Tenants, 
     }
 }
 
-/// Runs the service until `shutdown` is cancelled.
+/// Which isolations the configured backend kind can run (ingest may run in a process without
+/// the executor, so this follows the setting, not a backend object).
+fn isolation_of(kind: BackendKind) -> BackendIsolation {
+    match kind {
+        BackendKind::Local => BackendIsolation::StandardOnly,
+        BackendKind::Kubernetes | BackendKind::Null => BackendIsolation::Any,
+    }
+}
+
+fn build_backend(settings: &Settings) -> anyhow::Result<(Arc<dyn Backend>, Option<Arc<LocalBackend>>)> {
+    match settings.backend {
+        BackendKind::Local => {
+            let mut config = LocalConfig::new(settings.data_dir.clone());
+            config.output_limit_bytes = settings.output_limit_bytes;
+            let b = Arc::new(LocalBackend::new(config).map_err(anyhow::Error::msg)?);
+            Ok((b.clone(), Some(b)))
+        }
+        BackendKind::Null => {
+            tracing::warn!(
+                "--backend null runs NO code: every task succeeds at once with empty output. \
+                 Use it only to measure the control plane"
+            );
+            Ok((Arc::new(NullBackend), None))
+        }
+        BackendKind::Kubernetes => {
+            anyhow::bail!("--backend kubernetes is not available in this build yet; use --backend local")
+        }
+    }
+}
+
+/// Runs the service until `shutdown` is cancelled, or until a component stops on its own (then
+/// the error names it).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = Store::connect(&settings.database_url, 32).await?;
-    let tenants = current_tenants(&settings, &store).await.map_err(anyhow::Error::msg)?;
-    if tenants.is_empty() && (settings.runs(Component::Ingest) || settings.runs(Component::Scheduler)) {
+    let initial = current_tenants(&settings, &store).await.map_err(anyhow::Error::msg)?;
+    if initial.is_empty() && (settings.runs(Component::Ingest) || settings.runs(Component::Scheduler)) {
         tracing::warn!(
             "no tenants are configured: pass --tenants FILE (see deploy/tenants.example.toml) \
              or run `agentctl tenant apply -f FILE`"
         );
     }
-    let mut local: Option<Arc<LocalBackend>> = None;
-    let backend: Option<Arc<dyn Backend>> = if settings.runs(Component::Executor) {
-        match settings.backend {
-            BackendKind::Local => {
-                let mut config = LocalConfig::new(settings.data_dir.clone());
-                config.output_limit_bytes = settings.output_limit_bytes;
-                let b = Arc::new(LocalBackend::new(config).map_err(anyhow::Error::msg)?);
-                local = Some(b.clone());
-                Some(b)
-            }
-            BackendKind::Null => {
-                tracing::warn!(
-                    "--backend null runs NO code: every task succeeds at once with empty output. \
-                     Use it only to measure the control plane"
-                );
-                Some(Arc::new(NullBackend))
-            }
-            BackendKind::Kubernetes => anyhow::bail!(
-                "--backend kubernetes is not available in this build yet; use --backend local"
-            ),
-        }
-    } else {
-        None
-    };
-    let ctx = Arc::new(Context {
-        store,
-        metrics: Metrics::new(),
-        tenants: watch::Sender::new(Arc::new(tenants)),
-        wake: Wake::default(),
-        ready: Ready::default(),
-        settings,
-    });
-    if !ctx.settings.runs(Component::Ingest) {
-        ctx.ready.amqp.store(true, Ordering::Relaxed);
-    }
+    let backend = if settings.runs(Component::Executor) { Some(build_backend(&settings)?) } else { None };
+    let tenants = Arc::new(watch::Sender::new(Arc::new(initial)));
+    let metrics = Metrics::new();
+    let wakes = Arc::new(Wakes::default());
+    // Without ingest in this process there is no AMQP side to wait for.
+    let amqp_ready = Arc::new(AtomicBool::new(!settings.runs(Component::Ingest)));
 
     let sup = Supervisor::new(shutdown.clone());
-    let (cancel_tx, cancel_rx) = tokio::sync::mpsc::unbounded_channel();
-    sup.spawn("notifications", listen(ctx.clone(), cancel_tx, shutdown.clone()));
-    sup.spawn("sighup", reload_on_sighup(ctx.clone(), shutdown.clone()));
-    if ctx.settings.runs(Component::Http) {
-        let listener = tokio::net::TcpListener::bind(ctx.settings.http_addr)
+    let (cancel_tx, cancel_rx) = mpsc::unbounded_channel();
+    sup.spawn(
+        "notifications",
+        listen(store.clone(), tenants.clone(), wakes.clone(), cancel_tx, shutdown.clone()),
+    );
+    sup.spawn("sighup", reload_on_sighup(settings.clone(), store.clone(), tenants.clone(), shutdown.clone()));
+    if settings.runs(Component::Http) {
+        let listener = tokio::net::TcpListener::bind(settings.http_addr)
             .await
-            .with_context(|| format!("cannot listen on {} (set --http-addr)", ctx.settings.http_addr))?;
-        tracing::info!(addr = %ctx.settings.http_addr, "http listening");
-        sup.spawn("http", crate::http::serve(listener, ctx.clone(), shutdown.clone()));
+            .with_context(|| format!("cannot listen on {} (set --http-addr)", settings.http_addr))?;
+        tracing::info!(addr = %settings.http_addr, "http listening");
+        let api = Arc::new(Api {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            admin_token: settings.admin_token.clone(),
+            amqp_ready: amqp_ready.clone(),
+        });
+        sup.spawn("http", crate::http::serve(listener, api, shutdown.clone()));
     }
-    if ctx.settings.runs(Component::Ingest) {
-        let (ctx, stop) = (ctx.clone(), shutdown.clone());
+    if settings.runs(Component::Ingest) {
+        let ingest = Arc::new(Ingest {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            tenants: tenants.subscribe(),
+            amqp_url: settings.amqp_url.clone(),
+            prefetch: settings.prefetch,
+            isolation: isolation_of(settings.backend),
+            ready: amqp_ready.clone(),
+            tracker: sup.tracker().clone(),
+        });
+        let stop = shutdown.clone();
         sup.spawn("ingest", async move {
-            crate::amqp::ingest::run(ctx, stop).await;
+            crate::amqp::ingest::run(ingest, stop).await;
             Ok(())
         });
     }
-    if ctx.settings.runs(Component::Scheduler) {
-        let (ctx, stop) = (ctx.clone(), shutdown.clone());
+    if settings.runs(Component::Scheduler) {
+        let scheduler = Arc::new(Scheduler {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            tenants: tenants.subscribe(),
+            wake: wakes.scheduler.clone(),
+            executors: wakes.executors.clone(),
+            capacity: Capacity {
+                max_running: settings.max_running,
+                cpu_millis: settings.capacity_cpu_millis,
+                memory_bytes: settings.capacity_memory_bytes,
+                usage_half_life: settings.usage_half_life,
+            },
+        });
+        let stop = shutdown.clone();
         sup.spawn("scheduler", async move {
-            crate::scheduler::run(ctx, stop).await;
+            crate::scheduler::run(scheduler, stop).await;
             Ok(())
         });
     }
-    if let Some(backend) = backend {
+    if let Some((backend, local)) = backend {
         let executor = Executor {
-            store: Arc::new(ctx.store.clone()),
+            store: Arc::new(store.clone()),
             backend,
-            metrics: ctx.metrics.clone(),
-            wake: ctx.wake.executor.clone(),
+            metrics: metrics.clone(),
+            wake: wakes.executors.clone(),
             cancels: cancel_rx,
             lease: LEASE,
-            tenants: ctx.tenants.subscribe(),
+            tenants: tenants.subscribe(),
         };
         sup.spawn("executor", executor.run(shutdown.clone()));
+        if let Some(local) = local {
+            sup.spawn("artifact-sweeper", sweep_artifacts(local, shutdown.clone()));
+        }
     }
-    if let Some(local) = local {
-        sup.spawn("artifact-sweeper", sweep_artifacts(local, shutdown.clone()));
-    }
-    if ctx.settings.runs(Component::Publisher) {
-        let (ctx, stop) = (ctx.clone(), shutdown.clone());
+    if settings.runs(Component::Publisher) {
+        let publisher = Arc::new(Publisher {
+            store: store.clone(),
+            tenants: tenants.subscribe(),
+            amqp_url: settings.amqp_url.clone(),
+            wake: wakes.publisher.clone(),
+        });
+        let stop = shutdown.clone();
         sup.spawn("publisher", async move {
-            crate::amqp::publish::run(ctx, stop).await;
+            crate::amqp::publish::run(publisher, stop).await;
             Ok(())
         });
     }
-    tracing::info!(components = ?ctx.settings.components, backend = ?ctx.settings.backend, "agenttask running");
+    tracing::info!(components = ?settings.components, backend = ?settings.backend, "agenttask running");
     let result = sup.wait().await;
     // Only now: every component that used the pool has stopped.
-    ctx.store.pool().close().await;
+    store.pool().close().await;
     result
 }
 
-/// Turns Postgres notifications into in-process wake-ups (and cancel requests for the
-/// executor), reconnecting as needed.
+/// Turns Postgres notifications into in-process wake-ups, tenant reloads and cancel requests
+/// for the executor, reconnecting as needed.
 async fn listen(
-    ctx: Arc<Context>,
-    cancels: tokio::sync::mpsc::UnboundedSender<uuid::Uuid>,
+    store: Store,
+    tenants: Arc<watch::Sender<Arc<Tenants>>>,
+    wakes: Arc<Wakes>,
+    cancels: mpsc::UnboundedSender<uuid::Uuid>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     while !shutdown.is_cancelled() {
-        let mut listener = match sqlx::postgres::PgListener::connect_with(ctx.store.pool()).await {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(store.pool()).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for notifications; retrying");
@@ -223,7 +225,7 @@ async fn listen(
             continue;
         }
         // Missed notifications while reconnecting: wake everyone once.
-        ctx.wake.everything_changed();
+        wakes.everything_changed();
         loop {
             let n = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -234,7 +236,7 @@ async fn listen(
                 // The connection dropped and was re-established; notifications in between
                 // are lost, so look again everywhere.
                 Ok(None) => {
-                    ctx.wake.everything_changed();
+                    wakes.everything_changed();
                     continue;
                 }
                 Err(e) => {
@@ -243,11 +245,11 @@ async fn listen(
                 }
             };
             match Notification::parse(n.channel(), n.payload()) {
-                Some(Notification::Outbox) => ctx.wake.publisher.notify_one(),
-                Some(Notification::Tenants) => match ctx.store.load_tenants().await {
+                Some(Notification::Outbox) => wakes.publisher.notify_one(),
+                Some(Notification::Tenants) => match store.load_tenants().await {
                     Ok(t) => {
-                        ctx.tenants.send_replace(Arc::new(t));
-                        ctx.wake.scheduler.notify_one();
+                        tenants.send_replace(Arc::new(t));
+                        wakes.scheduler.round();
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot reload tenants"),
                 },
@@ -255,9 +257,9 @@ async fn listen(
                     let _ = cancels.send(task_id);
                 }
                 Some(Notification::TaskPhase { phase, tenant }) => match phase {
-                    Phase::Queued | Phase::Cancelled => ctx.wake.queue_changed(&tenant),
-                    Phase::Pending => ctx.wake.executor.notify_one(),
-                    Phase::Succeeded | Phase::Failed => ctx.wake.scheduler.notify_one(),
+                    Phase::Queued | Phase::Cancelled => wakes.scheduler.queue_changed(&tenant),
+                    Phase::Pending => wakes.executors.notify_one(),
+                    Phase::Succeeded | Phase::Failed => wakes.scheduler.round(),
                     Phase::Scheduled | Phase::Running | Phase::Rejected => {}
                 },
                 None => tracing::debug!(channel = n.channel(), "unknown notification ignored"),
@@ -290,16 +292,38 @@ async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken
     }
 }
 
-async fn reload_on_sighup(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// SIGHUP re-reads the tenants file (if this process has one) and applies it without a
+/// restart. Every process picks the change up from Postgres; queued tasks are untouched.
+async fn reload_on_sighup(
+    settings: Settings,
+    store: Store,
+    tenants: Arc<watch::Sender<Arc<Tenants>>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = hup.recv() => match ctx.reload_tenants().await {
-                Ok(n) => tracing::info!(tenants = n, "tenants reloaded"),
+            _ = hup.recv() => match current_tenants(&settings, &store).await {
+                Ok(t) => {
+                    let n = t.len();
+                    tenants.send_replace(Arc::new(t));
+                    tracing::info!(tenants = n, "tenants reloaded");
+                }
                 Err(e) => tracing::error!(error = %e, "tenants file refused; keeping the previous tenants"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isolation_follows_the_backend_kind() {
+        assert!(matches!(isolation_of(BackendKind::Local), BackendIsolation::StandardOnly));
+        assert!(matches!(isolation_of(BackendKind::Kubernetes), BackendIsolation::Any));
     }
 }

@@ -18,13 +18,30 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{connect, declare_exchanges, declare_tenant, prop, tasks_queue, TASKS_EXCHANGE, UNROUTED_QUEUE};
-use crate::config::BackendKind;
 use crate::domain::phase::Reason;
 use crate::domain::result::ResultMessage;
 use crate::domain::tenant::TenantName;
-use crate::domain::validate::{self, reply_route, BackendIsolation, Envelope, ReplyRoute};
-use crate::service::Context;
-use crate::store::{Inserted, NewRejection, NewTask, StoreError};
+use super::route::{reply_route, ReplyRoute};
+use crate::domain::validate::{self, BackendIsolation, Envelope};
+use crate::domain::tenant::Tenants;
+use crate::metrics::Metrics;
+use crate::store::{Inserted, NewRejection, NewTask, Store, StoreError};
+
+/// What ingest needs, and nothing else.
+pub struct Ingest {
+    pub store: Store,
+    pub metrics: Metrics,
+    pub tenants: tokio::sync::watch::Receiver<Arc<Tenants>>,
+    pub amqp_url: String,
+    /// Unacknowledged messages per tenant queue.
+    pub prefetch: u16,
+    /// Which isolations the service's backend can run; others are refused at the door.
+    pub isolation: BackendIsolation,
+    /// Set once the topology is declared and consumers start (read by `/readyz`).
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the per-queue consumers run (the service's supervisor tracker).
+    pub tracker: tokio_util::task::TaskTracker,
+}
 
 /// Runs until `shutdown`: one consumer per tenant queue (and one for unknown tenants), each on
 /// its own connection, started and stopped as tenants come and go.
@@ -32,7 +49,7 @@ use crate::store::{Inserted, NewRejection, NewTask, StoreError};
 /// A connection per queue is what contains a poison message: a message the AMQP client cannot
 /// parse kills the connection it arrives on, at every redelivery, until the broker's delivery
 /// limit dead-letters it; only that tenant's consumer is affected meanwhile.
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match declare_shared(&ctx).await {
@@ -45,8 +62,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    ctx.ready.amqp.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut tenants_rx = ctx.tenants.subscribe();
+    ctx.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut tenants_rx = ctx.tenants.clone();
     let mut consumers: HashMap<Option<TenantName>, CancellationToken> = HashMap::new();
     loop {
         let current: Vec<TenantName> = tenants_rx.borrow_and_update().keys().cloned().collect();
@@ -55,7 +72,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         for queue in &wanted {
             if !consumers.contains_key(queue) {
                 let stop = shutdown.child_token();
-                tokio::spawn(consume_queue(ctx.clone(), queue.clone(), stop.clone()));
+                ctx.tracker.spawn(consume_queue(ctx.clone(), queue.clone(), stop.clone()));
                 consumers.insert(queue.clone(), stop);
             }
         }
@@ -66,7 +83,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
                 stop.cancel();
             }
             if let Some(tenant) = queue {
-                tokio::spawn(unbind_removed(ctx.clone(), tenant));
+                ctx.tracker.spawn(unbind_removed(ctx.clone(), tenant));
             }
         }
         tracing::info!(tenants = current.len(), "ingest consuming");
@@ -80,8 +97,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     }
 }
 
-async fn declare_shared(ctx: &Context) -> anyhow::Result<()> {
-    let conn = connect(&ctx.settings.amqp_url, "agenttask-ingest-setup").await?;
+async fn declare_shared(ctx: &Ingest) -> anyhow::Result<()> {
+    let conn = connect(&ctx.amqp_url, "agenttask-ingest-setup").await?;
     let ch = conn.create_channel().await?;
     declare_exchanges(&ch).await?;
     let _ = conn.close(200, "topology declared".into()).await;
@@ -90,9 +107,9 @@ async fn declare_shared(ctx: &Context) -> anyhow::Result<()> {
 
 /// A removed tenant's queue keeps what it holds, but new messages for that tenant go to the
 /// alternate exchange and get an UnknownTenant result instead of waiting unanswered.
-async fn unbind_removed(ctx: Arc<Context>, tenant: TenantName) {
+async fn unbind_removed(ctx: Arc<Ingest>, tenant: TenantName) {
     let res: anyhow::Result<()> = async {
-        let conn = connect(&ctx.settings.amqp_url, "agenttask-ingest-setup").await?;
+        let conn = connect(&ctx.amqp_url, "agenttask-ingest-setup").await?;
         let ch = conn.create_channel().await?;
         ch.queue_unbind(tasks_queue(&tenant).as_str().into(), TASKS_EXCHANGE.into(), tenant.as_str().into(), FieldTable::default())
             .await?;
@@ -107,7 +124,7 @@ async fn unbind_removed(ctx: Arc<Context>, tenant: TenantName) {
 }
 
 /// Keeps one queue consumed until `stop`, reconnecting with backoff.
-async fn consume_queue(ctx: Arc<Context>, tenant: Option<TenantName>, stop: CancellationToken) {
+async fn consume_queue(ctx: Arc<Ingest>, tenant: Option<TenantName>, stop: CancellationToken) {
     let queue = tenant.as_ref().map_or_else(|| UNROUTED_QUEUE.to_owned(), tasks_queue);
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
@@ -130,18 +147,18 @@ async fn consume_queue(ctx: Arc<Context>, tenant: Option<TenantName>, stop: Canc
 /// One connection's life for one queue. Returns Ok when stopped, Err when the connection or
 /// consumer ended.
 async fn consume_once(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Ingest>,
     tenant: Option<&TenantName>,
     queue: &str,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let name = tenant.map_or("unrouted", |t| t.as_str());
-    let conn = connect(&ctx.settings.amqp_url, &format!("agenttask-ingest-{name}")).await?;
+    let conn = connect(&ctx.amqp_url, &format!("agenttask-ingest-{name}")).await?;
     let channel = conn.create_channel().await?;
     if let Some(t) = tenant {
         declare_tenant(&channel, t).await?;
     }
-    channel.basic_qos(ctx.settings.prefetch, BasicQosOptions::default()).await?;
+    channel.basic_qos(ctx.prefetch, BasicQosOptions::default()).await?;
     let consumer = channel
         .basic_consume(
             queue.into(),
@@ -150,7 +167,7 @@ async fn consume_once(
             FieldTable::default(),
         )
         .await?;
-    let prefetch = ctx.settings.prefetch as usize;
+    let prefetch = ctx.prefetch as usize;
     let consumed = consumer
         .map(|d| {
             let ctx = ctx.clone();
@@ -195,15 +212,12 @@ fn receipt_stamp() -> chrono::DateTime<Utc> {
     chrono::DateTime::from_timestamp_micros(stamp).unwrap_or_else(Utc::now)
 }
 
-async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery, received_at: chrono::DateTime<Utc>) {
+async fn handle_task(ctx: &Ingest, tenant: &TenantName, delivery: Delivery, received_at: chrono::DateTime<Utc>) {
     let props = &delivery.properties;
     let message_id = prop(props.message_id());
     let correlation_id = prop(props.correlation_id()).or(message_id);
     let policy = ctx.tenants.borrow().get(tenant).cloned();
-    let backend = match ctx.settings.backend {
-        BackendKind::Local => BackendIsolation::StandardOnly,
-        BackendKind::Kubernetes | BackendKind::Null => BackendIsolation::Any,
-    };
+    let backend = ctx.isolation;
     let envelope = Envelope {
         body: &delivery.data,
         message_id,
@@ -281,7 +295,7 @@ async fn handle_task(ctx: &Context, tenant: &TenantName, delivery: Delivery, rec
 
 /// Stores a task or its rejection. `Some(reason)` in the answer when it was a rejection.
 async fn store(
-    ctx: &Context,
+    ctx: &Ingest,
     tenant: &TenantName,
     verdict: &Result<validate::Submission, validate::Rejection>,
     reply: &ReplyRoute,
@@ -298,7 +312,7 @@ async fn store(
                         tenant: tenant.as_str(),
                         client_id: sub.client_id.as_deref(),
                         spec: &sub.spec,
-                        reply,
+                        reply: reply.as_reply_to(),
                         correlation_id,
                         submitted_at: received_at,
                     },
@@ -325,7 +339,7 @@ async fn store(
 }
 
 async fn store_rejection(
-    ctx: &Context,
+    ctx: &Ingest,
     tenant: &TenantName,
     rejection: &validate::Rejection,
     reply: &ReplyRoute,
@@ -341,7 +355,7 @@ async fn store_rejection(
             language: rejection.language,
             reason: rejection.reason,
             message: &rejection.message,
-            reply,
+            reply: reply.as_reply_to(),
             correlation_id,
         }, fresh)
         .await?;
@@ -349,7 +363,7 @@ async fn store_rejection(
 }
 
 /// A message for a tenant that does not exist: reply `UnknownTenant` where it asked for a reply.
-async fn handle_unrouted(ctx: &Context, delivery: Delivery) {
+async fn handle_unrouted(ctx: &Ingest, delivery: Delivery) {
     let props = &delivery.properties;
     let key = delivery.routing_key.as_str();
     let message_id = prop(props.message_id());
@@ -381,7 +395,7 @@ async fn handle_unrouted(ctx: &Context, delivery: Delivery) {
     let correlation_id = prop(props.correlation_id()).or(message_id);
     let mut wait = Duration::from_millis(200);
     loop {
-        match ctx.store.enqueue_orphan_result(&result, &route, correlation_id).await {
+        match ctx.store.enqueue_orphan_result(&result, route.as_reply_to(), correlation_id).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot store an UnknownTenant result; retrying");

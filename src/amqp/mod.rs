@@ -4,13 +4,14 @@
 
 pub mod ingest;
 pub mod publish;
+pub mod route;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::domain::tenant::TenantName;
-pub use crate::domain::validate::RESULTS_EXCHANGE;
+pub use route::{reply_route, ReplyRoute, RESULTS_EXCHANGE};
 
 /// Submit exchange: direct, routing key = tenant.
 pub const TASKS_EXCHANGE: &str = "agenttask.tasks";

@@ -13,13 +13,23 @@ use lapin::{BasicProperties, Confirmation};
 use tokio_util::sync::CancellationToken;
 
 use super::{connect, declare_topology, PHASE_HEADER};
-use crate::service::Context;
-use crate::store::OutboxMessage;
+use crate::domain::tenant::Tenants;
+use crate::store::{OutboxMessage, Store};
+
+/// What the result publisher needs, and nothing else.
+pub struct Publisher {
+    pub store: Store,
+    /// Tenants whose results queues it declares.
+    pub tenants: tokio::sync::watch::Receiver<Arc<Tenants>>,
+    pub amqp_url: String,
+    /// Notified when results wait in the outbox.
+    pub wake: Arc<tokio::sync::Notify>,
+}
 
 /// Results published per round trip to the broker.
 const BATCH: i64 = 128;
 
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+pub async fn run(ctx: Arc<Publisher>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         match session(&ctx, &shutdown).await {
@@ -34,8 +44,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     }
 }
 
-async fn session(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let conn = connect(&ctx.settings.amqp_url, "agenttask-publisher").await?;
+async fn session(ctx: &Publisher, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let conn = connect(&ctx.amqp_url, "agenttask-publisher").await?;
     let channel = conn.create_channel().await?;
     let tenants = ctx.tenants.borrow().clone();
     declare_topology(&channel, tenants.keys()).await?;
@@ -49,7 +59,7 @@ async fn session(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<
                     let _ = conn.close(200, "agenttask publisher stopping".into()).await;
                     return Ok(());
                 }
-                _ = ctx.wake.publisher.notified() => {}
+                _ = ctx.wake.notified() => {}
                 // A safety net for a missed notification, not the normal path.
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }

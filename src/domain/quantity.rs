@@ -4,6 +4,10 @@
 //! values work for the local sandbox and for Pod limits. Internally we keep integers: CPU in
 //! millicores and memory in bytes, so comparisons and sums are exact.
 
+/// The least memory a task may ask for (or a tenant give by default): below it the runtimes
+/// do not start.
+pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
+
 use std::fmt;
 
 /// Why a quantity string was refused.

@@ -205,7 +205,7 @@ impl TenantPolicy {
         if self.max_code_bytes > 16 << 20 {
             return Err("max_code_bytes is above the 16 MiB the service accepts".into());
         }
-        if self.default_memory_bytes < super::validate::limits::MIN_MEMORY_BYTES {
+        if self.default_memory_bytes < super::quantity::MIN_MEMORY_BYTES {
             return Err("default_memory is below the 16Mi every task needs".into());
         }
         if self.isolation.is_empty() {

@@ -17,13 +17,76 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::fairshare::{self, decide, Policy, Resources, Stop, Tenant};
 use crate::domain::phase::Reason;
 use crate::domain::quantity::{format_cpu, format_memory};
-use crate::service::Context;
-use crate::store::{acquire_leadership, AdmissionRound, RunningUsage};
+use crate::domain::tenant::Tenants;
+use crate::metrics::Metrics;
+use crate::store::{acquire_leadership, AdmissionRound, RunningUsage, Store};
+
+/// What the scheduler needs, and nothing else.
+pub struct Scheduler {
+    pub store: Store,
+    pub metrics: Metrics,
+    pub tenants: tokio::sync::watch::Receiver<Arc<Tenants>>,
+    /// Its own wake-ups: which tenants' queues changed.
+    pub wake: Arc<Wake>,
+    /// Notified after admissions, so executors claim at once.
+    pub executors: Arc<Notify>,
+    pub capacity: Capacity,
+}
+
+/// The global capacity admission works within.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    /// Tasks admitted and unfinished at once, all tenants together (`--max-running`).
+    pub max_running: u32,
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    /// Half-life of the usage history; zero turns the history term off.
+    pub usage_half_life: Duration,
+}
+
+/// The scheduler's wake-ups. Postgres notifications feed them too, so submits and finishes in
+/// other processes wake it just as fast.
+#[derive(Default)]
+pub struct Wake {
+    notify: Notify,
+    /// Tenants whose queue changed since the scheduler last looked.
+    dirty: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Notifications may have been missed: every tenant must be looked at again.
+    all_dirty: std::sync::atomic::AtomicBool,
+}
+
+impl Wake {
+    /// A tenant's queue changed: the scheduler refetches it and runs a round.
+    pub fn queue_changed(&self, tenant: &str) {
+        self.dirty.lock().expect("not poisoned").insert(tenant.to_owned());
+        self.notify.notify_one();
+    }
+
+    /// Something else changed (a finish, the tenants): run a round.
+    pub fn round(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Notifications may have been lost: recheck every queue.
+    pub fn everything_changed(&self) {
+        self.all_dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    fn take_dirty(&self) -> Vec<String> {
+        self.dirty.lock().expect("not poisoned").drain().collect()
+    }
+
+    fn take_all_dirty(&self) -> bool {
+        self.all_dirty.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+}
 use view::{Heads, View};
 
 /// How often expired executor leases are reaped.
@@ -38,7 +101,7 @@ const FULL_REFRESH_EVERY: Duration = Duration::from_secs(30);
 /// Admissions per transaction, to keep rounds short under a huge backlog.
 const MAX_ADMISSIONS_PER_ROUND: usize = 512;
 
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+pub async fn run(ctx: Arc<Scheduler>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let mut conn = match ctx.store.dedicated_connection().await {
@@ -79,7 +142,7 @@ async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) {
 
 /// Admits while this session holds the leadership. Returns on shutdown (Ok) or on a database
 /// error (the session, and so the leadership, may be gone).
-async fn lead(ctx: &Context, conn: &mut sqlx::PgConnection, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn lead(ctx: &Scheduler, conn: &mut sqlx::PgConnection, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let mut view = View::default();
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
     let mut last_round = Instant::now();
@@ -88,14 +151,14 @@ async fn lead(ctx: &Context, conn: &mut sqlx::PgConnection, shutdown: &Cancellat
     while !shutdown.is_cancelled() {
         // Register for the next wake-up before reading state, so an event during the round is
         // not missed.
-        let woken = ctx.wake.scheduler.notified();
+        let woken = ctx.wake.notify.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
         let elapsed = last_round.elapsed();
         last_round = Instant::now();
         let outcome = round(ctx, conn, &mut view, elapsed).await?;
         if outcome.admitted > 0 {
-            ctx.wake.executor.notify_one();
+            ctx.executors.notify_one();
         }
         if last_full_refresh.elapsed() >= FULL_REFRESH_EVERY {
             // A safety net under the notifications, which are the normal path.
@@ -142,7 +205,7 @@ struct RoundOutcome {
 
 /// One admission decision, applied.
 async fn round(
-    ctx: &Context,
+    ctx: &Scheduler,
     conn: &mut sqlx::PgConnection,
     view: &mut View,
     elapsed: Duration,
@@ -164,7 +227,7 @@ async fn round(
             .iter()
             .find(|(n, _)| n.as_str() == name)
             .map_or(0, |(_, p)| p.max_concurrency as u64);
-        max.saturating_sub(slots_of(name)).min(ctx.settings.max_running as u64) as usize
+        max.saturating_sub(slots_of(name)).min(ctx.capacity.max_running as u64) as usize
     });
     if !refresh.is_empty() {
         let rows = tx.queued_heads(&refresh, view::HEAD_BATCH as i32).await?;
@@ -172,9 +235,9 @@ async fn round(
     }
 
     let total = Resources {
-        cpu_millis: ctx.settings.capacity_cpu_millis.unwrap_or(u64::MAX),
-        memory_bytes: ctx.settings.capacity_memory_bytes.unwrap_or(u64::MAX),
-        slots: ctx.settings.max_running as u64,
+        cpu_millis: ctx.capacity.cpu_millis.unwrap_or(u64::MAX),
+        memory_bytes: ctx.capacity.memory_bytes.unwrap_or(u64::MAX),
+        slots: ctx.capacity.max_running as u64,
     };
     let resources_of = |u: Option<&RunningUsage>| {
         u.map_or(Resources::ZERO, |u| Resources {
@@ -219,7 +282,7 @@ async fn round(
     }
     let policy = Policy {
         max_admissions: MAX_ADMISSIONS_PER_ROUND,
-        history_weight: if ctx.settings.usage_half_life.is_zero() { 0.0 } else { fairshare::DEFAULT_HISTORY_WEIGHT },
+        history_weight: if ctx.capacity.usage_half_life.is_zero() { 0.0 } else { fairshare::DEFAULT_HISTORY_WEIGHT },
         ..Policy::default()
     };
     let decision = decide(&views, total, now_ms, &policy)?;
@@ -280,10 +343,10 @@ async fn round(
         ctx.metrics.fair_share.with_label_values(&[name]).set(t.fair_share);
         ctx.metrics.actual_share.with_label_values(&[name]).set(t.actual_share);
         if let Some(state) = view.tenants.get_mut(*name) {
-            state.history = if ctx.settings.usage_half_life.is_zero() {
+            state.history = if ctx.capacity.usage_half_life.is_zero() {
                 0.0
             } else {
-                fairshare::update_history(state.history, t.actual_share, elapsed, ctx.settings.usage_half_life)
+                fairshare::update_history(state.history, t.actual_share, elapsed, ctx.capacity.usage_half_life)
             };
         }
     }
@@ -294,8 +357,8 @@ async fn round(
             "asks for {} CPU and {} memory, more than the service's whole capacity ({} CPU, {} memory); ask for less",
             format_cpu(cpu),
             format_memory(memory),
-            ctx.settings.capacity_cpu_millis.map_or("unlimited".into(), format_cpu),
-            ctx.settings.capacity_memory_bytes.map_or("unlimited".into(), format_memory),
+            ctx.capacity.cpu_millis.map_or("unlimited".into(), format_cpu),
+            ctx.capacity.memory_bytes.map_or("unlimited".into(), format_memory),
         );
         if ctx.store.reject_queued(task_id, Reason::ValidationFailed, &message).await? {
             again = true;
@@ -308,7 +371,7 @@ async fn round(
 }
 
 /// Slow-path duties: fail or requeue tasks of vanished executors, refresh gauges.
-async fn housekeeping(ctx: &Context, gauges: bool) -> anyhow::Result<()> {
+async fn housekeeping(ctx: &Scheduler, gauges: bool) -> anyhow::Result<()> {
     let (requeued, failed) = ctx.store.reap_expired(MAX_ATTEMPTS).await?;
     if requeued + failed > 0 {
         tracing::warn!(requeued, failed, "reaped tasks whose executor stopped responding");

@@ -15,7 +15,7 @@ pub use outbox::{OutboxBatch, OutboxMessage};
 pub use runs::{AdoptedRun, CancelOutcome, ClaimedTask};
 pub use tasks::{
     acquire_leadership, AdmissionRound, Inserted, NewRejection, NewTask, Position, QueuedHead,
-    RunningUsage, TaskRow, TenantStatus,
+    ReplyTo, RunningUsage, TaskRow, TenantStatus,
 };
 
 use std::str::FromStr;

@@ -12,14 +12,20 @@ use super::{Result, Store};
 use crate::domain::phase::{Phase, Reason};
 use crate::domain::result::{millis_between, storable_text, Artifact, ResultMessage};
 use crate::domain::task::{Language, TaskSpec};
-use crate::domain::validate::ReplyRoute;
+
+/// Where a task's result is published: an exchange and a routing key (decided by `amqp::route`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyTo<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+}
 
 /// A validated task to insert as `Queued`.
 pub struct NewTask<'a> {
     pub tenant: &'a str,
     pub client_id: Option<&'a str>,
     pub spec: &'a TaskSpec,
-    pub reply: &'a ReplyRoute,
+    pub reply: ReplyTo<'a>,
     pub correlation_id: Option<&'a str>,
     /// When ingest received it; orders the tenant's queue.
     pub submitted_at: DateTime<Utc>,
@@ -33,7 +39,7 @@ pub struct NewRejection<'a> {
     pub language: Option<Language>,
     pub reason: Reason,
     pub message: &'a str,
-    pub reply: &'a ReplyRoute,
+    pub reply: ReplyTo<'a>,
     pub correlation_id: Option<&'a str>,
 }
 
@@ -152,8 +158,8 @@ impl Store {
         .bind(&spec.isolation)
         .bind(Json(&spec.labels))
         .bind(Json(&spec.program))
-        .bind(&t.reply.exchange)
-        .bind(&t.reply.routing_key)
+        .bind(t.reply.exchange)
+        .bind(t.reply.routing_key)
         .bind(t.correlation_id.map(storable_text))
         .bind(t.submitted_at)
         .fetch_optional(&mut *tx)
@@ -186,8 +192,8 @@ impl Store {
         .bind(r.language.map(Language::as_str))
         .bind(r.reason.as_str())
         .bind(storable_text(r.message))
-        .bind(&r.reply.exchange)
-        .bind(&r.reply.routing_key)
+        .bind(r.reply.exchange)
+        .bind(r.reply.routing_key)
         .bind(r.correlation_id.map(storable_text))
         .fetch_optional(&mut *tx)
         .await?;
@@ -195,8 +201,8 @@ impl Store {
             return Ok(Inserted::Duplicate);
         };
         let route = ReplyColumns {
-            reply_exchange: r.reply.exchange.clone(),
-            reply_routing_key: r.reply.routing_key.clone(),
+            reply_exchange: r.reply.exchange.to_owned(),
+            reply_routing_key: r.reply.routing_key.to_owned(),
             correlation_id: r.correlation_id.map(|c| storable_text(c).into_owned()),
         };
         enqueue_result(&mut tx, &row.to_result(), &route).await?;
@@ -208,13 +214,13 @@ impl Store {
     pub async fn enqueue_orphan_result(
         &self,
         result: &ResultMessage,
-        reply: &ReplyRoute,
+        reply: ReplyTo<'_>,
         correlation_id: Option<&str>,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let route = ReplyColumns {
-            reply_exchange: reply.exchange.clone(),
-            reply_routing_key: reply.routing_key.clone(),
+            reply_exchange: reply.exchange.to_owned(),
+            reply_routing_key: reply.routing_key.to_owned(),
             correlation_id: correlation_id.map(|c| storable_text(c).into_owned()),
         };
         enqueue_result(&mut tx, result, &route).await?;
