@@ -429,3 +429,45 @@ async fn nul_characters_in_properties_and_field_names_are_answered_not_looped() 
     svc.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn agentctl_human_output_escapes_terminal_controls_and_json_keeps_them() {
+    let env = Env::new(ONE_TENANT).await;
+    let svc = env.start().await;
+    let tenant = env.tenant("a");
+    let code = r#"
+import os
+print("\x1b]0;pwned\x07\x1b[2Jcleared")
+open(os.path.join(os.environ["AGENTTASK_ARTIFACTS_DIR"], "evil\x1b[31m\nname"), "w").write("x")
+"#;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["submit", "--tenant", &tenant, "-c", code, "--wait", "--id", "ctl-esc"])
+        .env("AGENTCTL_AMQP_URL", &env.amqp_url)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.stdout.contains(&0x1b) && !out.stderr.contains(&0x1b), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "\\x1b]0;pwned\\x07\\x1b[2Jcleared\n");
+    let get = |json: bool| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"));
+        cmd.args(["get", "ctl-esc", "--tenant", &tenant])
+            .env("AGENTCTL_SERVER", format!("http://{}", svc.http_addr))
+            .env("AGENTCTL_TOKEN", "test-admin-token");
+        if json {
+            cmd.args(["-o", "json"]);
+        }
+        cmd.output()
+    };
+    let human = get(false).await.unwrap();
+    assert!(human.status.success(), "{}", String::from_utf8_lossy(&human.stderr));
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(!human.stdout.contains(&0x1b), "{text}");
+    assert!(text.contains("ARTIFACT    evil\\x1b[31m\\nname (1 bytes"), "{text}");
+    // `-o json` is the data unchanged.
+    let v: Value = serde_json::from_slice(&get(true).await.unwrap().stdout).unwrap();
+    assert_eq!(v["artifacts"][0]["name"], "evil\u{1b}[31m\nname");
+    assert_eq!(v["stdout"], "\u{1b}]0;pwned\u{7}\u{1b}[2Jcleared\n");
+    svc.stop().await;
+    env.cleanup().await;
+}
