@@ -984,7 +984,6 @@ while len(ino) < 10000:
     if fd < 0: break
     ino.append(fd)
 held["inotify"] = len(ino)
-for fd in ino[-8:]: os.close(fd)  # room for the descriptors used below
 mq = []
 libc.mq_open.restype = ctypes.c_int
 while len(mq) < 10000:
