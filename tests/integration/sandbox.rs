@@ -1243,3 +1243,57 @@ async fn stale_task_cgroups_of_dead_owners_are_removed_and_live_neighbours_kept(
     assert!(live_left, "a live neighbour's cgroup was removed");
     s.assert_healthy().await;
 }
+
+#[tokio::test]
+async fn unix_socket_and_pipe_buffers_are_charged_to_the_task() {
+    let s = sandbox();
+    for kind in ["stream", "dgram", "pipe"] {
+        let mut j = py(r#"
+import fcntl, os, socket, sys
+kind, queued, objs, step = sys.argv[1], 0, [], 16 << 20
+for i in range(900):
+    if kind == "pipe":
+        r, w = os.pipe()
+        try: fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+        except OSError: pass
+        os.set_blocking(w, False)
+        objs.append((r, w))
+        send = lambda: os.write(w, b"x" * 65536)
+    else:
+        t = socket.SOCK_STREAM if kind == "stream" else socket.SOCK_DGRAM
+        a, b = socket.socketpair(socket.AF_UNIX, t)
+        a.setblocking(False)
+        objs.append((a, b))
+        send = lambda: a.send(b"x" * (65536 if kind == "stream" else 4096))
+    while True:
+        try: n = send()
+        except (BlockingIOError, OSError): break
+        if (queued + n) // step > queued // step:
+            print("queued", queued + n, flush=True)
+        queued += n
+print("queued", queued, "done", flush=True)
+"#);
+        j.args = vec![kind.into()];
+        j.memory_bytes = 64 * MIB;
+        j.timeout = Duration::from_secs(30);
+        let o = s.run(j).await;
+        let last: u64 = o
+            .stdout
+            .text
+            .lines()
+            .filter_map(|l| l.strip_prefix("queued ")?.split(' ').next()?.parse().ok())
+            .last()
+            .unwrap_or_else(|| panic!("{kind}: no progress at all: {o:?}"));
+        // Either the task was stopped at its own memory limit, or the kernel refused more.
+        assert!(
+            last < 96 * MIB,
+            "{kind}: a 64Mi task queued {} MiB",
+            last / MIB
+        );
+        assert!(
+            o.termination == Termination::OomKilled || o.exit_code == Some(0),
+            "{kind}: {o:?}"
+        );
+    }
+    s.assert_healthy().await;
+}
