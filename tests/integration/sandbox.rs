@@ -801,6 +801,11 @@ async fn setup_errors_name_the_fix() {
     c.sandbox_user = "no-such-user-agenttask".into();
     let e = LocalBackend::new(c).unwrap_err().to_string();
     assert!(e.contains("install-sandbox.sh"), "{e}");
+    // A missing uid range says which users are missing.
+    assert!(
+        e.contains("uid range is missing") && e.contains("no-such-user-agenttask-0"),
+        "{e}"
+    );
     let mut c = LocalConfig::new(tmp.path().join("d"));
     c.bwrap_path = "/nonexistent/bwrap".into();
     let e = LocalBackend::new(c).unwrap_err().to_string();
