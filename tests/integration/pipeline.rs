@@ -471,3 +471,33 @@ open(os.path.join(os.environ["AGENTTASK_ARTIFACTS_DIR"], "evil\x1b[31m\nname"), 
     svc.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn artifacts_past_the_tenants_quota_are_not_stored_and_the_result_says_so() {
+    // acme may keep 100 KiB of artifacts; globex the default (1 GiB).
+    let env = Env::new("[tenants.{t}-acme]\nmax_artifact_bytes = 102400\n[tenants.{t}-globex]\n").await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let code = "import os\nopen(os.path.join(os.environ['AGENTTASK_ARTIFACTS_DIR'], 'big.bin'), 'wb').write(os.urandom(200 * 1024))\nprint('ok')\n";
+    for suffix in ["acme", "globex"] {
+        client
+            .submit(&env.tenant(suffix), &json!({"id": format!("art-{suffix}"), "language": "python", "code": code}))
+            .await;
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let (r, _) = client.next(WAIT).await;
+        seen.insert(r["tenant"].as_str().unwrap().to_owned(), r);
+    }
+    let acme = &seen[&env.tenant("acme")];
+    assert_eq!((acme["phase"].as_str(), acme["stdout"].as_str()), (Some("Succeeded"), Some("ok\n")), "{acme:#}");
+    assert_eq!(acme["artifacts"].as_array().unwrap().len(), 0, "{acme:#}");
+    let message = acme["message"].as_str().unwrap();
+    assert!(message.contains("not stored") && message.contains("max_artifact_bytes = 102400"), "{message}");
+    let globex = &seen[&env.tenant("globex")];
+    assert_eq!(globex["phase"], "Succeeded", "{globex:#}");
+    assert_eq!(globex["artifacts"][0]["name"], "big.bin", "{globex:#}");
+    assert!(!globex["message"].as_str().unwrap_or_default().contains("not stored"), "{globex:#}");
+    svc.stop().await;
+    env.cleanup().await;
+}
