@@ -1291,7 +1291,7 @@ print("queued", queued, "done", flush=True)
             .text
             .lines()
             .filter_map(|l| l.strip_prefix("queued ")?.split(' ').next()?.parse().ok())
-            .last()
+            .next_back()
             .unwrap_or_else(|| panic!("{kind}: no progress at all: {o:?}"));
         // Either the task was stopped at its own memory limit, or the kernel refused more.
         assert!(
