@@ -222,23 +222,34 @@ pub fn result_body(result: &ResultMessage) -> Vec<u8> {
             m.push_str(" [message cut]");
         }
     }
-    let halve = |s: &mut String, flag: &mut bool| {
-        if !s.is_empty() {
-            let half = s.len() / 2;
-            cut_to(s, half);
-            *flag = true;
-        }
+    // Sizes are computed part by part (compact JSON is the concatenation of its parts), so the
+    // big parts are not serialised again on every cut.
+    let escaped = |s: &str| serde_json::to_string(s).map_or(0, |j| j.len());
+    let without_output = |r: &ResultMessage| {
+        let mut t = r.clone();
+        t.stdout.clear();
+        t.stderr.clear();
+        // Minus the two empty strings' quotes.
+        to_body(&t).len() - 4
     };
-    loop {
-        let body = to_body(&r);
-        if body.len() <= MAX_RESULT_BODY_BYTES {
-            return body;
+    let fits = |base: usize, r: &ResultMessage| {
+        base + escaped(&r.stdout) + escaped(&r.stderr) <= MAX_RESULT_BODY_BYTES
+    };
+    let base = without_output(&r);
+    while !fits(base, &r) && !(r.stdout.is_empty() && r.stderr.is_empty()) {
+        for (s, flag) in [
+            (&mut r.stdout, &mut r.stdout_truncated),
+            (&mut r.stderr, &mut r.stderr_truncated),
+        ] {
+            if !s.is_empty() {
+                let half = s.len() / 2;
+                cut_to(s, half);
+                *flag = true;
+            }
         }
-        if r.stdout.is_empty() && r.stderr.is_empty() {
-            break;
-        }
-        halve(&mut r.stdout, &mut r.stdout_truncated);
-        halve(&mut r.stderr, &mut r.stderr_truncated);
+    }
+    if fits(base, &r) {
+        return to_body(&r);
     }
     if let Some(v) = r.result.take() {
         let size = serde_json::to_vec(&v).map_or(0, |b| b.len());
