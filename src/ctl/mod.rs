@@ -120,6 +120,10 @@ impl<E: std::fmt::Display> From<E> for CtlError {
 }
 
 pub fn main() -> ExitCode {
+    // Like any Unix filter: `agentctl get ID | head` ends quietly when the reader goes away,
+    // instead of panicking on a broken pipe (Rust ignores SIGPIPE by default).
+    // SAFETY: restoring the default disposition of one signal, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     crate::amqp::reserve_parser_stack();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
