@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{Result, Store};
 use crate::domain::phase::{Phase, Reason};
-use crate::domain::result::{millis_between, result_body, storable_text, Artifact, ResultMessage};
+use crate::domain::result::{millis_between, storable_text, Artifact, ResultMessage};
 use crate::domain::task::{Language, TaskSpec};
 
 /// Where a task's result is published: an exchange and a routing key (decided by `amqp::route`).
@@ -305,7 +305,7 @@ async fn enqueue_result(
     result: &ResultMessage,
     route: &ReplyColumns,
 ) -> Result<()> {
-    let body = result_body(result);
+    let body = crate::domain::result::result_body(result);
     sqlx::query(
         "insert into agenttask.outbox (message_id, exchange, routing_key, correlation_id, phase, body) \
          values ($1, $2, $3, $4, $5, $6) on conflict (message_id) do nothing",
