@@ -34,6 +34,18 @@ ensure_rust() {
     command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
 }
 
+# promtool (Debian's prometheus package) checks and unit-tests deploy/monitoring/alerts.yml in
+# the test suite. Nothing of Prometheus is started.
+ensure_promtool() {
+    command -v promtool >/dev/null && return
+    command -v apt-get >/dev/null || die "promtool not found: install Prometheus' promtool (Debian: apt-get install prometheus)"
+    log "installing promtool (Debian package prometheus)"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; then
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+    fi
+}
+
 # Everything a run of the service or of the tests needs on this host.
 prepare_host() {
     ensure_rust

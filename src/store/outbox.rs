@@ -62,3 +62,15 @@ impl OutboxBatch {
         Ok(())
     }
 }
+
+impl Store {
+    /// How many results wait to be published, and how old the oldest is (seconds).
+    pub async fn outbox_lag(&self) -> Result<(i64, f64)> {
+        Ok(sqlx::query_as(
+            "select count(*), coalesce(extract(epoch from now() - min(created_at)), 0)::float8 \
+             from agenttask.outbox",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+}

@@ -18,3 +18,6 @@ mod poison;
 
 /// The execution seam: cancel from agentctl, the null backend.
 mod execution;
+
+/// The dashboard and alert rules in deploy/monitoring.
+mod monitoring;
