@@ -793,6 +793,21 @@ pub fn apply(
             return Err(ApiError::bad_request("metadata.managedFields must be nil"));
         }
     }
+    if ctx.validation == FieldValidation::Strict {
+        // Apply builds a typed object from the configuration first: undeclared fields fail there.
+        let mut probe = applied.clone();
+        let mut scratch = WriteCtx { validation: FieldValidation::Warn, warnings: vec![], ..ctx.clone() };
+        check_fields(rt, version, &mut probe, &mut scratch)?;
+        if let Some(first) = scratch.warnings.first() {
+            let field = first.trim_start_matches("unknown field ").trim_matches('"');
+            return Err(ApiError::bad_request(format!(
+                "failed to create typed patch object ({}{name}; {}, Kind={}): .{field}: field not declared in schema",
+                if rt.namespaced { format!("{ns}/") } else { String::new() },
+                rt.api_version(version),
+                rt.kind
+            )));
+        }
+    }
     let key_ns = if rt.namespaced { ns } else { "" };
     let live = inner.get(&rt.key(), key_ns, name).cloned();
     if let Some(rv) = applied["metadata"]["resourceVersion"].as_str() {
