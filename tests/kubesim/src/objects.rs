@@ -72,12 +72,9 @@ fn check_fields(rt: &ResourceType, version: &str, obj: &mut Value, ctx: &mut Wri
     } else {
         unknown = schema::unknown_builtin_fields(&rt.kind, obj);
     }
+    // Decoding into the kind's type drops what it does not have.
     for f in &unknown {
-        if let Some(m) = obj["metadata"].as_object_mut() {
-            if let Some(k) = f.strip_prefix("metadata.") {
-                m.remove(k);
-            }
-        }
+        drop_field(obj, f);
     }
     match ctx.validation {
         FieldValidation::Strict if !unknown.is_empty() => {
@@ -88,6 +85,30 @@ fn check_fields(rt: &ResourceType, version: &str, obj: &mut Value, ctx: &mut Wri
         _ => {}
     }
     Ok(causes)
+}
+
+/// Removes the field at a path like `spec.containers[0].bogus`.
+fn drop_field(obj: &mut Value, path: &str) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop() else { return };
+    let mut cur = obj;
+    for p in parts {
+        let (name, index) = match p.split_once('[') {
+            Some((n, i)) => (n, i.trim_end_matches(']').parse::<usize>().ok()),
+            None => (p, None),
+        };
+        let Some(next) = cur.get_mut(name) else { return };
+        cur = match index {
+            Some(i) => match next.get_mut(i) {
+                Some(v) => v,
+                None => return,
+            },
+            None => next,
+        };
+    }
+    if let Some(m) = cur.as_object_mut() {
+        m.remove(last);
+    }
 }
 
 fn check_type(rt: &ResourceType, version: &str, obj: &mut Value) -> ApiResult<()> {
@@ -553,6 +574,7 @@ pub fn update(
         obj["metadata"]["generation"] = json!(g + 1);
     }
     if !managed {
+        normalize_managed_times(&mut obj);
         let client_set = obj["metadata"].get("managedFields").filter(|m| **m != old["metadata"]["managedFields"]).cloned();
         match client_set {
             // A client that sets managedFields replaces them (an empty list clears them).
@@ -571,6 +593,16 @@ pub fn update(
         }
     }
     store_update(inner, rt, ns, name, old, obj, ctx)
+}
+
+/// Times in client-sent managedFields as the server writes them (RFC 3339, seconds, `Z`), so a
+/// client that re-sends what it read (in any RFC 3339 spelling) changes nothing.
+fn normalize_managed_times(obj: &mut Value) {
+    for e in obj["metadata"]["managedFields"].as_array_mut().into_iter().flatten() {
+        if let Some(t) = e["time"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) {
+            e["time"] = json!(t.with_timezone(&Utc).to_rfc3339_opts(SecondsFormat::Secs, true));
+        }
+    }
 }
 
 /// The rules of `ValidateUpdate` the emulator keeps: immutable pod specs and immutable ConfigMaps/Secrets.
