@@ -49,6 +49,9 @@ pub fn new_uid() -> String {
 /// The object as served in `version` (custom resources are stored once and served in each version
 /// without conversion, as with `conversion.strategy: None`).
 pub fn present(mut obj: Value, rt: &ResourceType, version: &str) -> Value {
+    if rt.group == "events.k8s.io" {
+        obj = events_from_core(obj);
+    }
     if let Some(m) = obj.as_object_mut() {
         m.insert("apiVersion".into(), json!(rt.api_version(version)));
         m.insert("kind".into(), json!(rt.kind));
@@ -111,7 +114,52 @@ fn drop_field(obj: &mut Value, path: &str) {
     }
 }
 
+/// `events.k8s.io/v1` field names and their core/v1 (storage) names.
+const EVENT_FIELDS: [(&str, &str); 6] = [
+    ("regarding", "involvedObject"),
+    ("note", "message"),
+    ("deprecatedSource", "source"),
+    ("deprecatedFirstTimestamp", "firstTimestamp"),
+    ("deprecatedLastTimestamp", "lastTimestamp"),
+    ("deprecatedCount", "count"),
+];
+
+fn rename(mut obj: Value, pairs: &[(&str, &str)], forward: bool) -> Value {
+    if let Some(m) = obj.as_object_mut() {
+        for (a, b) in pairs {
+            let (from, to) = if forward { (a, b) } else { (b, a) };
+            if let Some(v) = m.remove(*from) {
+                m.insert(to.to_string(), v);
+            }
+        }
+    }
+    obj
+}
+
+fn events_from_core(obj: Value) -> Value {
+    let mut pairs = EVENT_FIELDS.to_vec();
+    pairs.push(("reportingController", "reportingComponent"));
+    rename(obj, &pairs, false)
+}
+
+fn events_to_core(obj: Value) -> Value {
+    let mut pairs = EVENT_FIELDS.to_vec();
+    pairs.push(("reportingController", "reportingComponent"));
+    let mut o = rename(obj, &pairs, true);
+    o["apiVersion"] = json!("v1");
+    o
+}
+
+/// Checks apiVersion and kind, then brings the object to its storage form.
 fn check_type(rt: &ResourceType, version: &str, obj: &mut Value) -> ApiResult<()> {
+    check_type_only(rt, version, obj)?;
+    if rt.group == "events.k8s.io" {
+        *obj = events_to_core(std::mem::take(obj));
+    }
+    Ok(())
+}
+
+fn check_type_only(rt: &ResourceType, version: &str, obj: &mut Value) -> ApiResult<()> {
     if !obj.is_object() {
         return Err(ApiError::bad_request("the body of the request must be a JSON object"));
     }
@@ -267,6 +315,14 @@ fn prepare_create(rt: &ResourceType, obj: &mut Value, ctx: &WriteCtx, causes: &m
         ("", "events") => {
             if obj["involvedObject"].is_null() {
                 causes.push(Cause::required("involvedObject"));
+            }
+        }
+        ("events.k8s.io", "events") => {
+            // Stored in the core form already: check the events.k8s.io/v1 required fields.
+            for (field, stored) in [("eventTime", "eventTime"), ("reportingController", "reportingComponent"), ("reportingInstance", "reportingInstance"), ("action", "action"), ("reason", "reason"), ("regarding", "involvedObject")] {
+                if obj[stored].is_null() || obj[stored] == "" {
+                    causes.push(Cause::required(field));
+                }
             }
         }
         _ => {}

@@ -26,6 +26,8 @@ pub struct ResourceType {
     pub unconditional_update: bool,
     /// For custom resources: the CRD that defines it.
     pub crd: Option<Value>,
+    /// Another resource whose objects this one serves (`events.k8s.io` events are core events).
+    pub storage: Option<String>,
 }
 
 impl ResourceType {
@@ -40,7 +42,10 @@ impl ResourceType {
 
     /// The key under which objects of this resource are stored (version independent).
     pub fn key(&self) -> String {
-        format!("{}/{}", self.group, self.resource)
+        match &self.storage {
+            Some(k) => k.clone(),
+            None => format!("{}/{}", self.group, self.resource),
+        }
     }
 
     pub fn api_version(&self, version: &str) -> String {
@@ -81,6 +86,7 @@ fn builtin(group: &str, version: &str, resource: &str, singular: &str, kind: &st
         return_deleted_object: false,
         unconditional_update: true,
         crd: None,
+        storage: None,
     }
 }
 
@@ -103,12 +109,15 @@ pub fn builtins() -> Vec<ResourceType> {
     );
     crd.generation = true;
     crd.categories = vec!["api-extensions".into()];
+    let mut events = builtin("events.k8s.io", "v1", "events", "event", "Event", true, &["ev"], false);
+    events.storage = Some("/events".into());
     vec![
         builtin("", "v1", "namespaces", "namespace", "Namespace", false, &["ns"], true),
         pods,
         builtin("", "v1", "configmaps", "configmap", "ConfigMap", true, &["cm"], false),
         builtin("", "v1", "secrets", "secret", "Secret", true, &[], false),
         builtin("", "v1", "events", "event", "Event", true, &["ev"], false),
+        events,
         builtin("", "v1", "serviceaccounts", "serviceaccount", "ServiceAccount", true, &["sa"], false),
         builtin("", "v1", "nodes", "node", "Node", false, &["no"], true),
         netpol,
@@ -159,6 +168,7 @@ pub fn from_crd(crd: &Value) -> Option<ResourceType> {
         return_deleted_object: true,
         unconditional_update: false,
         crd: Some(crd.clone()),
+        storage: None,
     })
 }
 
@@ -179,8 +189,9 @@ impl Registry {
             .find(|t| t.group == group && t.resource == resource && t.versions.iter().any(|v| v == version))
     }
 
+    /// The resource that owns a storage key (not an alias such as `events.k8s.io` events).
     pub fn by_key(&self, key: &str) -> Option<&ResourceType> {
-        self.types.iter().find(|t| t.key() == key)
+        self.types.iter().find(|t| t.key() == key && t.storage.is_none())
     }
 
     /// Adds or replaces the kind a CRD defines (or drops it when the CRD no longer serves any version).

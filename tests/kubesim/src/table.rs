@@ -214,13 +214,13 @@ fn cells(rt: &ResourceType, version: &str, o: &Value) -> Vec<Value> {
         }
         "events" => {
             let last = if o["lastTimestamp"].is_string() { &o["lastTimestamp"] } else { &o["eventTime"] };
-            let io = &o["involvedObject"];
+            let io = if o["involvedObject"].is_object() { &o["involvedObject"] } else { &o["regarding"] };
             return vec![
                 age(last),
                 o["type"].clone(),
                 o["reason"].clone(),
                 json!(format!("{}/{}", io["kind"].as_str().unwrap_or_default().to_lowercase(), io["name"].as_str().unwrap_or_default())),
-                o["message"].clone(),
+                if o["message"].is_null() { o["note"].clone() } else { o["message"].clone() },
             ];
         }
         "customresourcedefinitions" => {

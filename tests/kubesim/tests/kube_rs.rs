@@ -15,6 +15,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{conditions, reflector, wait::await_condition, watcher, Controller, WatchStreamExt};
 use kube::{Client, Config, CustomResource, CustomResourceExt, Resource, ResourceExt};
 use schemars::JsonSchema;
@@ -67,6 +68,7 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(secs: u64, wh
 
 struct Ctx {
     client: Client,
+    recorder: Recorder,
     reconciles: AtomicUsize,
 }
 
@@ -87,6 +89,9 @@ async fn reconcile(w: Arc<Widget>, ctx: Arc<Ctx>) -> Result<Action, kube::Error>
         "status": {"phase": "Reconciled", "observedGeneration": w.meta().generation},
     });
     Api::<Widget>::namespaced(ctx.client.clone(), &ns).patch_status(&name, &pp, &Patch::Apply(&status)).await?;
+    // An events.k8s.io/v1 Event (repeated ones become a series, patched).
+    let ev = Event { type_: EventType::Normal, reason: "Reconciled".into(), note: Some(format!("size {}", w.spec.size)), action: "Reconcile".into(), secondary: None };
+    ctx.recorder.publish(&ev, &w.object_ref(&())).await?;
     Ok(Action::await_change())
 }
 
@@ -108,7 +113,8 @@ async fn controller_survives_watch_restarts() {
 
     let widgets: Api<Widget> = Api::namespaced(client.clone(), "default");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let ctx = Arc::new(Ctx { client: client.clone(), reconciles: AtomicUsize::new(0) });
+    let reporter = Reporter { controller: "widget-controller".into(), instance: Some("test".into()) };
+    let ctx = Arc::new(Ctx { client: client.clone(), recorder: Recorder::new(client.clone(), reporter), reconciles: AtomicUsize::new(0) });
     let controller = Controller::new(widgets.clone(), watcher::Config::default())
         .owns(cms.clone(), watcher::Config::default())
         .run(reconcile, error_policy, ctx.clone())
@@ -170,6 +176,19 @@ async fn controller_survives_watch_restarts() {
     })
     .await;
     assert!(ctx.reconciles.load(Ordering::SeqCst) >= 3);
+
+    // The recorder's events are there through both APIs, as on a cluster.
+    let core_events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
+    let lp = ListParams::default().fields("involvedObject.name=one,reason=Reconciled");
+    let found = core_events.list(&lp).await.unwrap().items;
+    assert!(!found.is_empty());
+    assert_eq!(found[0].reporting_component.as_deref(), Some("widget-controller"));
+    let new_events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "default");
+    let ours: Vec<_> = new_events.list(&ListParams::default()).await.unwrap().items.into_iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("one")).collect();
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    assert_eq!(ours[0].note.as_deref(), Some("size 1"));
+    // The second reconcile's event was recorded as a series on the first (a merge patch).
+    assert!(ours[0].series.as_ref().is_some_and(|s| s.count >= 2), "{:?}", ours[0]);
     handle.abort();
 }
 
