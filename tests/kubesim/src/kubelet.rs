@@ -223,7 +223,7 @@ pub fn node_object() -> Value {
 }
 
 /// Watches pods and gives every new one to a simulated life.
-pub async fn run(app: Arc<App>) {
+pub async fn run(app: Arc<App>, exec: bool) {
     let mut handled: HashSet<String> = HashSet::new();
     loop {
         let (mut rx, pods) = {
@@ -231,7 +231,7 @@ pub async fn run(app: Arc<App>) {
             (inner.tx.subscribe(), inner.list("/pods", None).into_iter().cloned().collect::<Vec<_>>())
         };
         for p in pods {
-            start(&app, &p, &mut handled);
+            start(&app, &p, &mut handled, exec);
         }
         loop {
             match rx.recv().await {
@@ -241,7 +241,7 @@ pub async fn run(app: Arc<App>) {
                         handled.remove(&uid);
                         app.logs.forget(&uid);
                     }
-                    _ => start(&app, &ev.object, &mut handled),
+                    _ => start(&app, &ev.object, &mut handled, exec),
                 },
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => break,
@@ -251,7 +251,7 @@ pub async fn run(app: Arc<App>) {
     }
 }
 
-fn start(app: &Arc<App>, pod: &Value, handled: &mut HashSet<String>) {
+fn start(app: &Arc<App>, pod: &Value, handled: &mut HashSet<String>, exec: bool) {
     let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_string();
     if handled.contains(&uid) || !pod["metadata"]["deletionTimestamp"].is_null() {
         return;
@@ -267,7 +267,7 @@ fn start(app: &Arc<App>, pod: &Value, handled: &mut HashSet<String>) {
     let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
     let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
     let app = app.clone();
-    tokio::spawn(async move { simulate(app, ns, name, uid).await });
+    tokio::spawn(async move { simulate(app, ns, name, uid, exec).await });
 }
 
 fn ts() -> String {
@@ -410,6 +410,16 @@ fn finish_deletion(app: &App, ns: &str, name: &str, uid: &str) {
     }
 }
 
+/// A Warning event about a pod from the kubelet.
+pub fn warn_event(app: &App, pod: &Value, reason: &str, message: &str) {
+    event(app, pod, "Warning", reason, message, "kubelet", None);
+}
+
+/// Sleeps up to `d`; false when the pod is gone or its deletion was asked for.
+pub async fn wait_pod(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -> bool {
+    wait(app, ns, name, uid, d).await
+}
+
 /// Sleeps up to `d`; returns early with `false` when the pod is gone or its deletion was asked for.
 async fn wait(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -> bool {
     let end = tokio::time::Instant::now() + d;
@@ -427,7 +437,8 @@ async fn wait(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -> bool {
     }
 }
 
-async fn simulate(app: Arc<App>, ns: String, name: String, uid: String) {
+/// A pod's life on the node; `exec` runs the containers for real instead of playing them.
+async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bool) {
     let Some(pod) = live(&app, &ns, &name, &uid) else { return };
     // The scheduler binds the pod.
     if pod["spec"]["nodeName"].as_str().is_none_or(str::is_empty) {
@@ -440,7 +451,7 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String) {
         event(&app, &pod, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {NODE}"), "default-scheduler", None);
     }
     let Some(pod) = live(&app, &ns, &name, &uid) else { return };
-    let out = outcome(&pod);
+    let out = if exec { Outcome::Exit } else { outcome(&pod) };
     let specs = containers(&pod);
     let started_at = Utc::now();
     let deadline = pod["spec"]["activeDeadlineSeconds"].as_i64().map(|s| Duration::from_secs(s.max(0) as u64));
@@ -496,70 +507,36 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String) {
             );
             set_ready(p, true, None);
         });
-        for c in &specs {
-            let cn = c["name"].as_str().unwrap_or_default();
-            if let Some(text) = ann(&pod, "stdout", Some(cn)) {
-                app.logs.write(&uid, cn, text);
-            }
-        }
-        if out == Outcome::Vanish {
-            wait(&app, &ns, &name, &uid, ann_ms(&pod, "run-ms", 200)).await;
-            let mut inner = app.lock();
-            if live_in(&inner, &ns, &name, &uid) {
-                inner.remove("/pods", &ns, &name);
-                app.wake_gc(&mut inner);
-            }
-            return;
-        }
-        let run_for = if out == Outcome::Deadline { Duration::from_secs(u64::MAX / 4) } else { ann_ms(&pod, "run-ms", 200) };
-        let elapsed = (Utc::now() - started_at).to_std().unwrap_or_default();
-        let (run_for, by_deadline) = match deadline {
-            Some(d) if elapsed + run_for >= d => (d.saturating_sub(elapsed), true),
-            _ => (run_for, false),
+        let remaining = deadline.map(|d| d.saturating_sub((Utc::now() - started_at).to_std().unwrap_or_default()));
+        let end = if exec {
+            crate::exec::run(&app, &pod, &specs, &run_start, remaining).await
+        } else {
+            simulate_run(&app, &pod, &specs, out, &run_start, remaining).await
         };
-        if !wait(&app, &ns, &name, &uid, run_for).await {
-            return finish_deletion(&app, &ns, &name, &uid);
-        }
+        let terminated = match end {
+            RunEnd::Deleted => return finish_deletion(&app, &ns, &name, &uid),
+            RunEnd::Vanished => return,
+            RunEnd::Exited(t) => t,
+            RunEnd::Deadline => {
+                let Some(pod) = live(&app, &ns, &name, &uid) else { return };
+                for c in &specs {
+                    app.logs.finish(&uid, c["name"].as_str().unwrap_or_default());
+                }
+                event(&app, &pod, "Normal", "DeadlineExceeded", "Pod was active on the node longer than the specified deadline", "kubelet", None);
+                with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
+                    p["status"]["phase"] = json!("Failed");
+                    p["status"]["reason"] = json!("DeadlineExceeded");
+                    p["status"]["message"] = json!("Pod was active on the node longer than the specified deadline");
+                    p["status"]["containerStatuses"] = Value::Array(specs.iter().map(|c| {
+                        container_status(c, json!({"terminated": {"exitCode": 137, "reason": "Error", "startedAt": run_start, "finishedAt": ts()}}), false, restarts, json!({}))
+                    }).collect());
+                    set_ready(p, false, Some("PodFailed"));
+                });
+                return wait_for_deletion(&app, &ns, &name, &uid).await;
+            }
+        };
         let Some(pod) = live(&app, &ns, &name, &uid) else { return };
-        if by_deadline {
-            for c in &specs {
-                app.logs.finish(&uid, c["name"].as_str().unwrap_or_default());
-            }
-            event(&app, &pod, "Normal", "DeadlineExceeded", "Pod was active on the node longer than the specified deadline", "kubelet", None);
-            with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
-                p["status"]["phase"] = json!("Failed");
-                p["status"]["reason"] = json!("DeadlineExceeded");
-                p["status"]["message"] = json!("Pod was active on the node longer than the specified deadline");
-                p["status"]["containerStatuses"] = Value::Array(specs.iter().map(|c| {
-                    container_status(c, json!({"terminated": {"exitCode": 137, "reason": "Error", "startedAt": run_start, "finishedAt": ts()}}), false, restarts, json!({}))
-                }).collect());
-                set_ready(p, false, Some("PodFailed"));
-            });
-            return wait_for_deletion(&app, &ns, &name, &uid).await;
-        }
-        // The containers end.
-        let mut all_zero = true;
-        let mut terminated = vec![];
-        for c in &specs {
-            let cn = c["name"].as_str().unwrap_or_default();
-            let (code, reason) = if out == Outcome::OomKilled {
-                (137, "OOMKilled")
-            } else {
-                let code: i64 = ann(&pod, "exit-code", Some(cn)).and_then(|v| v.parse().ok()).unwrap_or(0);
-                (code, if code == 0 { "Completed" } else { "Error" })
-            };
-            all_zero &= code == 0;
-            let mut term = json!({"exitCode": code, "reason": reason, "startedAt": run_start, "finishedAt": ts()});
-            // What the container wrote to terminationMessagePath, or its log's tail on error.
-            let message = ann(&pod, "termination-message", Some(cn)).map(String::from).or_else(|| {
-                (c["terminationMessagePolicy"] == "FallbackToLogsOnError" && code != 0).then(|| app.logs.tail(&uid, cn, 80, 2048)).filter(|m| !m.is_empty())
-            });
-            if let Some(m) = message {
-                term["message"] = json!(m.chars().take(4096).collect::<String>());
-            }
-            app.logs.finish(&uid, cn);
-            terminated.push(term);
-        }
+        let all_zero = terminated.iter().all(|t| t["exitCode"] == 0);
         let policy = pod["spec"]["restartPolicy"].as_str().unwrap_or("Always").to_string();
         let restart = policy == "Always" || (policy == "OnFailure" && !all_zero);
         if restart {
@@ -589,6 +566,85 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String) {
         });
         return wait_for_deletion(&app, &ns, &name, &uid).await;
     }
+}
+
+/// How one run of a pod's containers ended.
+pub enum RunEnd {
+    /// Deletion was asked for while running.
+    Deleted,
+    /// The pod disappeared (a `vanish` simulation).
+    Vanished,
+    /// `activeDeadlineSeconds` ran out.
+    Deadline,
+    /// Every container exited: their `state.terminated`.
+    Exited(Vec<Value>),
+}
+
+/// One simulated run: the annotations say what the containers print, how long they run and how
+/// they end.
+async fn simulate_run(app: &Arc<App>, pod: &Value, specs: &[Value], out: Outcome, run_start: &str, remaining: Option<Duration>) -> RunEnd {
+    let (ns, name, uid) = ids(pod);
+    for c in specs {
+        let cn = c["name"].as_str().unwrap_or_default();
+        if let Some(text) = ann(pod, "stdout", Some(cn)) {
+            app.logs.write(&uid, cn, text);
+        }
+    }
+    if out == Outcome::Vanish {
+        wait(app, &ns, &name, &uid, ann_ms(pod, "run-ms", 200)).await;
+        let mut inner = app.lock();
+        if live_in(&inner, &ns, &name, &uid) {
+            inner.remove("/pods", &ns, &name);
+            app.wake_gc(&mut inner);
+        }
+        return RunEnd::Vanished;
+    }
+    let run_for = if out == Outcome::Deadline { Duration::from_secs(u64::MAX / 4) } else { ann_ms(pod, "run-ms", 200) };
+    let (run_for, by_deadline) = match remaining {
+        Some(d) if run_for >= d => (d, true),
+        _ => (run_for, false),
+    };
+    if !wait(app, &ns, &name, &uid, run_for).await {
+        return RunEnd::Deleted;
+    }
+    if by_deadline {
+        return RunEnd::Deadline;
+    }
+    let mut terminated = vec![];
+    for c in specs {
+        let cn = c["name"].as_str().unwrap_or_default();
+        let (code, reason) = if out == Outcome::OomKilled {
+            (137, "OOMKilled")
+        } else {
+            let code: i64 = ann(pod, "exit-code", Some(cn)).and_then(|v| v.parse().ok()).unwrap_or(0);
+            (code, if code == 0 { "Completed" } else { "Error" })
+        };
+        // What the container wrote to terminationMessagePath, or its log's tail on error.
+        let message = ann(pod, "termination-message", Some(cn)).map(String::from);
+        terminated.push(terminated_state(app, &uid, c, code, reason, run_start, message));
+    }
+    RunEnd::Exited(terminated)
+}
+
+/// `state.terminated` of a container that exited; marks its log complete.
+pub fn terminated_state(app: &App, uid: &str, c: &Value, code: i64, reason: &str, run_start: &str, message: Option<String>) -> Value {
+    let cn = c["name"].as_str().unwrap_or_default();
+    let mut term = json!({"exitCode": code, "reason": reason, "startedAt": run_start, "finishedAt": ts()});
+    let message = message.filter(|m| !m.is_empty()).or_else(|| {
+        (c["terminationMessagePolicy"] == "FallbackToLogsOnError" && code != 0).then(|| app.logs.tail(uid, cn, 80, 2048)).filter(|m| !m.is_empty())
+    });
+    if let Some(m) = message {
+        term["message"] = json!(m.chars().take(4096).collect::<String>());
+    }
+    app.logs.finish(uid, cn);
+    term
+}
+
+/// Namespace, name and uid of a pod.
+pub fn ids(pod: &Value) -> (String, String, String) {
+    let m = &pod["metadata"];
+    let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+    (s("namespace"), s("name"), s("uid"))
 }
 
 fn live_in(inner: &crate::store::Inner, ns: &str, name: &str, uid: &str) -> bool {

@@ -2,7 +2,7 @@
 //! AgentTask (and `kubectl --server`) can be exercised on a machine without a cluster.
 //!
 //! ```text
-//! agenttask-kubesim --addr 127.0.0.1:PORT [--kubelet simulate|none]
+//! agenttask-kubesim --addr 127.0.0.1:PORT [--kubelet simulate|exec|none]
 //! ```
 //! serves the REST API on plain HTTP, keeps everything in memory, and prints one line with its URL
 //! (`http://127.0.0.1:PORT`) once it accepts connections. Test support only: the service never
@@ -24,7 +24,8 @@
 //! - `table`: printer columns.
 //! - `selectors`: label and field selectors, the JSONPath of printer columns.
 //! - `gc`: garbage collector, namespace controller, CRD cleanup.
-//! - `kubelet`: scheduler, the `simulate` kubelet, container logs.
+//! - `kubelet`: scheduler, the pod lifecycle, the `simulate` kubelet, container logs.
+//! - `exec`: the `exec` kubelet: containers run for real under bubblewrap.
 //!
 //! # The simulated kubelet
 //! Every pod is bound to the node `kubesim-node`, then goes Pending (ContainerCreating) → Running
@@ -53,6 +54,7 @@
 
 mod api;
 mod errors;
+mod exec;
 mod gc;
 mod kubelet;
 mod objects;
@@ -81,7 +83,7 @@ use crate::store::Inner;
 enum KubeletMode {
     /// Plays every pod's life from its annotations.
     Simulate,
-    /// Runs containers for real under bubblewrap (not implemented in this version: refused).
+    /// Runs containers for real under bubblewrap as the user agenttask-sandbox.
     Exec,
     /// No node: pods stay Pending and unscheduled.
     None,
@@ -107,10 +109,6 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    if args.kubelet == KubeletMode::Exec {
-        eprintln!("agenttask-kubesim: --kubelet exec is not implemented in this version; use --kubelet simulate");
-        return std::process::ExitCode::from(2);
-    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match rt.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -135,9 +133,9 @@ async fn run(args: Args) -> std::io::Result<()> {
     });
     seed(&app);
     tokio::spawn(gc::run(app.clone()));
-    if args.kubelet == KubeletMode::Simulate {
+    if args.kubelet != KubeletMode::None {
         kubelet::register_node(&app);
-        tokio::spawn(kubelet::run(app.clone()));
+        tokio::spawn(kubelet::run(app.clone(), args.kubelet == KubeletMode::Exec));
     }
     let router = axum::Router::new().fallback(api::handle).with_state(app);
     let mut out = std::io::stdout().lock();

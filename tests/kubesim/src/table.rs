@@ -138,21 +138,26 @@ fn pod_cells(o: &Value) -> Vec<Value> {
     let total = o["spec"]["containers"].as_array().map_or(0, |c| c.len());
     let ready = statuses.iter().filter(|s| s["ready"] == true).count();
     let restarts: i64 = statuses.iter().map(|s| s["restartCount"].as_i64().unwrap_or(0)).sum();
+    // The logic of kubectl's (server-side) pod printer.
     let mut reason = o["status"]["reason"].as_str().or(o["status"]["phase"].as_str()).unwrap_or("Pending").to_string();
-    for s in &statuses {
-        if let Some(r) = s["state"]["waiting"]["reason"].as_str() {
+    let mut running = false;
+    for s in statuses.iter().rev() {
+        if let Some(r) = s["state"]["waiting"]["reason"].as_str().filter(|r| !r.is_empty()) {
             reason = r.to_string();
-        } else if let Some(r) = s["state"]["terminated"]["reason"].as_str() {
-            if o["status"]["phase"] != "Succeeded" && o["status"]["phase"] != "Failed" || r != "Completed" {
-                reason = r.to_string();
-            }
+        } else if let Some(r) = s["state"]["terminated"]["reason"].as_str().filter(|r| !r.is_empty()) {
+            reason = r.to_string();
+        } else if s["state"]["terminated"].is_object() {
+            let t = &s["state"]["terminated"];
+            reason = match t["signal"].as_i64() {
+                Some(sig) if sig != 0 => format!("Signal:{sig}"),
+                _ => format!("ExitCode:{}", t["exitCode"].as_i64().unwrap_or(0)),
+            };
+        } else if s["ready"] == true && s["state"]["running"].is_object() {
+            running = true;
         }
     }
-    if o["status"]["phase"] == "Succeeded" {
-        reason = "Completed".into();
-    }
-    if statuses.is_empty() && o["status"]["phase"] == "Pending" && !o["spec"]["nodeName"].is_null() {
-        reason = "ContainerCreating".into();
+    if reason == "Completed" && running {
+        reason = "Running".into();
     }
     if !o["metadata"]["deletionTimestamp"].is_null() && !matches!(o["status"]["phase"].as_str(), Some("Succeeded" | "Failed")) {
         reason = "Terminating".into();
