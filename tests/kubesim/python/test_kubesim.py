@@ -499,6 +499,47 @@ class CoreKinds(Base):
         self.assertTrue(gone(lambda: node_api.read_runtime_class(name)))
 
 
+class Admission(Base):
+    def restricted_pod(self, name):
+        return {"metadata": {"name": name}, "spec": {
+            "restartPolicy": "Never", "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "main", "image": "python:3.12", "securityContext": {
+                "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}}
+
+    def test_runtime_class(self):
+        pod = self.restricted_pod("rc")
+        pod["spec"]["runtimeClassName"] = "gvisor-" + self.ns
+        with self.assertRaises(ApiException) as cm:
+            core.create_namespaced_pod(self.ns, pod)
+        s = status_of(cm.exception)
+        self.assertEqual((cm.exception.status, s["reason"]), (403, "Forbidden"))
+        self.assertEqual(s["message"], f'pods "rc" is forbidden: pod rejected: RuntimeClass "gvisor-{self.ns}" not found')
+        node_api.create_runtime_class({"metadata": {"name": "gvisor-" + self.ns}, "handler": "runsc",
+                                       "overhead": {"podFixed": {"memory": "64Mi"}}})
+        created = core.create_namespaced_pod(self.ns, pod)
+        self.assertEqual(created.spec.overhead, {"memory": "64Mi"})
+        node_api.delete_runtime_class("gvisor-" + self.ns)
+
+    def test_pod_security_enforce_and_warn(self):
+        core.patch_namespace(self.ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+        plain = {"metadata": {"name": "plain"}, "spec": {"containers": [{"name": "main", "image": "python:3.12"}]}}
+        with self.assertRaises(ApiException) as cm:
+            core.create_namespaced_pod(self.ns, plain)
+        s = status_of(cm.exception)
+        self.assertEqual(cm.exception.status, 403)
+        self.assertTrue(s["message"].startswith('pods "plain" is forbidden: violates PodSecurity "restricted:latest": '
+                                                'allowPrivilegeEscalation != false'), s["message"])
+        core.create_namespaced_pod(self.ns, self.restricted_pod("ok"))
+        core.patch_namespace(self.ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": None,
+                                                               "pod-security.kubernetes.io/warn": "baseline"}}})
+        privileged = {"metadata": {"name": "priv"}, "spec": {"containers": [
+            {"name": "main", "image": "python:3.12", "securityContext": {"privileged": True}}]}}
+        code, headers, _ = raw("POST", f"/api/v1/namespaces/{self.ns}/pods", privileged)
+        self.assertEqual(code, 201)
+        self.assertIn('would violate PodSecurity \\"baseline:latest\\": privileged', headers.get("Warning"))
+
+
 def run_pod(ns, name, annotations=None, **spec):
     body = {"metadata": {"name": name, "annotations": annotations or {}},
             "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "python:3.12"}], **spec}}

@@ -315,9 +315,11 @@ fn write_ctx(q: &Query, headers: &HeaderMap) -> ApiResult<WriteCtx> {
         None | Some("") | Some("Warn") => FieldValidation::Warn,
         Some("Strict") => FieldValidation::Strict,
         Some("Ignore") => FieldValidation::Ignore,
-        Some(other) => return Err(ApiError::bad_request(format!(
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
             "fieldValidation parameter unsupported: {other}. Must be one of Ignore, Warn, Strict"
-        ))),
+        )))
+        }
     };
     let dry_run = match q.get("dryRun").map(String::as_str) {
         None | Some("") => false,

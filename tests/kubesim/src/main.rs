@@ -16,6 +16,7 @@
 //!   status subresource rules, finalizers and graceful pod deletion.
 //! - `store`: objects, the global resourceVersion and the bounded change log watches replay.
 //! - `registry`: the served kinds (built-in and CRD-defined) and their discovery documents.
+//! - `admission`: RuntimeClass and Pod Security admission for pods.
 //! - `schema`: CRD structural schemas (pruning, defaulting, validation), unknown-field detection
 //!   for built-ins, metadata validation.
 //! - `patch`: JSON merge patch, JSON patch, strategic merge patch.
@@ -52,6 +53,7 @@
 //! `POST /kubesim/compact` forgets the change log, so re-watching from an older resourceVersion
 //! gets `410 Gone` (`Expired`), as after an etcd compaction.
 
+mod admission;
 mod api;
 mod errors;
 mod exec;

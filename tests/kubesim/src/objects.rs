@@ -316,6 +316,10 @@ pub fn create(
     let mut causes = check_fields(rt, version, &mut obj, ctx)?;
     causes.extend(schema::validate_meta(&obj, rt.resource == "namespaces"));
     prepare_create(rt, &mut obj, ctx, &mut causes);
+    if rt.key() == "/pods" && !ctx.internal {
+        let warnings = crate::admission::admit_pod(inner, rt, ns, &mut obj)?;
+        ctx.warnings.extend(warnings);
+    }
     if !causes.is_empty() {
         return Err(ApiError::invalid(rt, &name, causes));
     }

@@ -100,8 +100,9 @@ pub fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
                 add(target, path, v)?;
             }
             "test" => {
-                let got = target.pointer(path);
-                if got != op.get("value") {
+                // A missing member tests equal to null (as kube-apiserver's JSON patch does).
+                let got = target.pointer(path).unwrap_or(&Value::Null);
+                if Some(got) != op.get("value") {
                     return Err(format!("testing value {path} failed: test failed"));
                 }
             }
@@ -320,6 +321,11 @@ mod tests {
         assert_eq!(t, json!({"metadata": {"labels": {}}, "l": [9, 2, 3]}));
         assert!(json_patch(&mut t, &json!([{"op": "test", "path": "/l/0", "value": 1}])).is_err());
         assert!(json_patch(&mut t, &json!([{"op": "remove", "path": "/nope"}])).is_err());
+        json_patch(
+            &mut t,
+            &json!([{"op": "test", "path": "/metadata/finalizers", "value": null}]),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -413,3 +413,48 @@ async fn watcher_reflector_list_watch_through_410() {
 async fn watcher_reflector_streaming_list_through_410() {
     reflector_case(true).await;
 }
+
+/// kube-runtime's `finalizer` helper: its JSON patches (test + add, test + remove) and the
+/// deletion it holds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalizer_helper_holds_deletion_until_cleanup() {
+    use kube::runtime::finalizer::{finalizer, Event as Fin};
+    let sim = Sim::start();
+    let client = client(&sim).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "held"}, "data": {"k": "v"}})).unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    const NAME: &str = "kubesim.test/cleanup";
+    let run = |obj: ConfigMap| {
+        let cms = cms.clone();
+        async move {
+            finalizer(&cms, NAME, Arc::new(obj), |ev| async move {
+                Ok::<_, kube::Error>(match ev {
+                    Fin::Apply(_) => Action::await_change(),
+                    Fin::Cleanup(_) => Action::await_change(),
+                })
+            })
+            .await
+        }
+    };
+    // First reconcile adds the finalizer (JSON patch: test that finalizers is null, then add).
+    run(cms.get("held").await.unwrap()).await.unwrap();
+    assert_eq!(
+        cms.get("held").await.unwrap().finalizers(),
+        [NAME.to_string()]
+    );
+    // A second one with the finalizer in place runs Apply and changes nothing.
+    let before = cms.get("held").await.unwrap();
+    run(before.clone()).await.unwrap();
+    assert_eq!(
+        cms.get("held").await.unwrap().resource_version(),
+        before.resource_version()
+    );
+    // Deletion waits for the finalizer; cleanup removes it (test + remove) and the object goes.
+    cms.delete("held", &DeleteParams::default()).await.unwrap();
+    let deleting = cms.get("held").await.unwrap();
+    assert!(deleting.metadata.deletion_timestamp.is_some());
+    run(deleting).await.unwrap();
+    assert!(cms.get_opt("held").await.unwrap().is_none());
+}
