@@ -339,7 +339,26 @@ fn write_ctx(q: &Query, headers: &HeaderMap) -> ApiResult<WriteCtx> {
     })
 }
 
-fn parse_body(body: &Bytes) -> ApiResult<Value> {
+const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
+
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get("content-type")
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// A request body: JSON, or Kubernetes protobuf for the kinds [`crate::protobuf`] knows.
+fn parse_body(body: &Bytes, headers: &HeaderMap) -> ApiResult<Value> {
+    if media_type(headers) == PROTOBUF {
+        return crate::protobuf::decode(body)
+            .map_err(|e| ApiError::new(415, "UnsupportedMediaType", e));
+    }
     serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "the body of the request could not be decoded as JSON ({e}); kubesim accepts JSON bodies (JSON is valid YAML, which is what kubectl, client-go, kube-rs and the Python client send)"
@@ -378,7 +397,7 @@ async fn resource_request(
                     return Err(ApiError::no_resource());
                 }
                 let mut ctx = write_ctx(q, headers)?;
-                let obj = parse_body(&body)?;
+                let obj = parse_body(&body, headers)?;
                 let mut inner = app.lock();
                 let created = objects::create(&mut inner, &target.rt, version, &ns, obj, &mut ctx)?;
                 app.wake_gc(&mut inner);
@@ -407,7 +426,7 @@ async fn resource_request(
                 Method::GET => get(app, &target, name, q, negotiate(headers)?),
                 Method::PUT => {
                     let mut ctx = write_ctx(q, headers)?;
-                    let obj = parse_body(&body)?;
+                    let obj = parse_body(&body, headers)?;
                     let mut inner = app.lock();
                     let r = objects::update(
                         &mut inner, &target.rt, version, &ns, name, obj, sub, &mut ctx, false,
@@ -424,7 +443,7 @@ async fn resource_request(
                 }
                 Method::DELETE if sub.is_none() => {
                     let ctx = write_ctx(q, headers)?;
-                    let opts = delete_opts(q, &body)?;
+                    let opts = delete_opts(q, &body, headers)?;
                     let mut inner = app.lock();
                     let r = objects::delete(&mut inner, &target.rt, &ns, name, &opts, &ctx)?;
                     app.wake_gc(&mut inner);
@@ -445,7 +464,7 @@ async fn resource_request(
     }
 }
 
-fn delete_opts(q: &Query, body: &Bytes) -> ApiResult<DeleteOpts> {
+fn delete_opts(q: &Query, body: &Bytes, headers: &HeaderMap) -> ApiResult<DeleteOpts> {
     let mut o = DeleteOpts {
         propagation: q.get("propagationPolicy").cloned(),
         grace: q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()),
@@ -461,7 +480,7 @@ fn delete_opts(q: &Query, body: &Bytes) -> ApiResult<DeleteOpts> {
         });
     }
     if !body.is_empty() {
-        let b = parse_body(body)?;
+        let b = parse_body(body, headers)?;
         if let Some(p) = b["propagationPolicy"].as_str() {
             o.propagation = Some(p.into());
         } else if let Some(orphan) = b["orphanDependents"].as_bool() {
@@ -512,7 +531,7 @@ fn patch_request(
     if !accepted.contains(&content_type) {
         return Err(ApiError::unsupported_media_type(accepted));
     }
-    let patch_body = parse_body(body)?;
+    let patch_body = parse_body(body, headers)?;
     let mut inner = app.lock();
     if content_type == "application/apply-patch+yaml" {
         if q.get("fieldManager").is_none_or(|m| m.is_empty()) {
@@ -568,7 +587,7 @@ fn delete_collection(
     body: &Bytes,
 ) -> ApiResult<Response> {
     let ctx = write_ctx(q, headers)?;
-    let opts = delete_opts(q, body)?;
+    let opts = delete_opts(q, body, headers)?;
     let (labels, fields) = selectors(t, q)?;
     let mut inner = app.lock();
     let names: Vec<(String, String)> = inner

@@ -19,6 +19,7 @@
 //! - `admission`: RuntimeClass and Pod Security admission for pods.
 //! - `schema`: CRD structural schemas (pruning, defaulting, validation), unknown-field detection
 //!   for built-ins, metadata validation.
+//! - `protobuf`: decoding the protobuf request bodies of client-go's typed clients.
 //! - `patch`: JSON merge patch, JSON patch, strategic merge patch.
 //! - `ssa`: managedFields and server-side apply.
 //! - `openapi`: the OpenAPI v3 surface kubectl checks for server-side field validation.
@@ -62,6 +63,7 @@ mod kubelet;
 mod objects;
 mod openapi;
 mod patch;
+mod protobuf;
 mod registry;
 mod schema;
 mod selectors;

@@ -340,3 +340,77 @@ spec:
     );
     assert_eq!(sim.kubectl_ok(&["get", "pods", "-o", "name"]), "");
 }
+
+#[test]
+fn imperative_create_commands_send_protobuf() {
+    // kubectl's typed clients send built-in kinds as protobuf.
+    let sim = Sim::start();
+    assert_eq!(
+        sim.kubectl_ok(&["create", "namespace", "demo"]).trim(),
+        "namespace/demo created"
+    );
+    sim.kubectl_ok(&[
+        "-n",
+        "demo",
+        "create",
+        "configmap",
+        "c",
+        "--from-literal=a=b",
+        "--from-literal=x=y",
+    ]);
+    sim.kubectl_ok(&[
+        "-n",
+        "demo",
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "--from-literal=pw=hunter2",
+    ]);
+    sim.kubectl_ok(&["-n", "demo", "create", "serviceaccount", "robot"]);
+    let cm: serde_json::Value =
+        serde_json::from_str(&sim.kubectl_ok(&["-n", "demo", "get", "cm", "c", "-o", "json"]))
+            .unwrap();
+    assert_eq!(cm["data"], serde_json::json!({"a": "b", "x": "y"}));
+    assert_eq!(
+        sim.kubectl_ok(&[
+            "-n",
+            "demo",
+            "get",
+            "secret",
+            "s",
+            "-o",
+            "jsonpath={.data.pw}"
+        ]),
+        "aHVudGVyMg=="
+    );
+    let sas = sim.kubectl_ok(&["-n", "demo", "get", "sa", "-o", "name"]);
+    assert_eq!(
+        sas.lines().collect::<Vec<_>>(),
+        vec!["serviceaccount/default", "serviceaccount/robot"]
+    );
+    sim.kubectl_ok(&[
+        "-n",
+        "demo",
+        "run",
+        "p",
+        "--image=python:3.12",
+        "--restart=Never",
+        "--",
+        "python",
+        "-c",
+        "print(1)",
+    ]);
+    sim.kubectl_ok(&[
+        "wait",
+        "-n",
+        "demo",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        "pod/p",
+        "--timeout=20s",
+    ]);
+    // Deleting the namespace empties it, then it goes.
+    sim.kubectl_ok(&["delete", "namespace", "demo", "--timeout=30s"]);
+    let out = sim.kubectl(&["get", "namespace", "demo"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(r#"namespaces "demo" not found"#));
+}
