@@ -118,6 +118,42 @@ class Base(unittest.TestCase):
             self.ns, {"metadata": {"name": name, **meta}, "data": data or {"k": "v"}})
 
 
+class Discovery(unittest.TestCase):
+    def test_version_groups_and_resources(self):
+        v = client.VersionApi(api_client).get_code()
+        self.assertEqual((v.major, v.minor), ("1", "32"))
+        self.assertEqual(client.CoreApi(api_client).get_api_versions().versions, ["v1"])
+        groups = {g.name: g.preferred_version.version for g in client.ApisApi(api_client).get_api_versions().groups}
+        for g in ("networking.k8s.io", "coordination.k8s.io", "node.k8s.io", "apiextensions.k8s.io", "events.k8s.io"):
+            self.assertEqual(groups[g], "v1")
+        core_res = {r.name: r for r in core.get_api_resources().resources}
+        self.assertEqual(core_res["pods"].kind, "Pod")
+        self.assertTrue(core_res["pods"].namespaced)
+        self.assertIn("watch", core_res["pods"].verbs)
+        self.assertIn("pods/log", core_res)
+        self.assertIn("pods/status", core_res)
+        self.assertFalse(core_res["namespaces"].namespaced)
+
+    def test_crd_kind_served_with_short_names_and_printer_columns(self):
+        ensure_crd()
+        code, _, doc = raw("GET", f"/apis/{GROUP}/{VERSION}")
+        self.assertEqual(code, 200)
+        widgets = [r for r in doc["resources"] if r["name"] == PLURAL][0]
+        self.assertEqual((widgets["kind"], widgets["shortNames"], widgets["namespaced"]), ("Widget", ["wd"], True))
+        ns = "disc-" + uuid.uuid4().hex[:6]
+        core.create_namespace({"metadata": {"name": ns}})
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, widget("t", size=4))
+        req = urllib.request.Request(f"{URL}/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}",
+                                     headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"})
+        with urllib.request.urlopen(req) as r:
+            table = json.loads(r.read())
+            self.assertTrue(r.headers["Content-Type"].startswith("application/json;as=Table"))
+        self.assertEqual(table["kind"], "Table")
+        self.assertEqual([c["name"] for c in table["columnDefinitions"]], ["Name", "Size"])
+        self.assertEqual(table["rows"][0]["cells"], ["t", 4])
+        self.assertEqual(table["rows"][0]["object"]["kind"], "PartialObjectMetadata")
+
+
 class Metadata(Base):
     def test_uid_timestamps_and_global_resource_version(self):
         a = self.cm("a")
