@@ -588,16 +588,18 @@ pub async fn wait_pod(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -
 async fn wait(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -> bool {
     let end = tokio::time::Instant::now() + d;
     loop {
-        match live(app, ns, name, uid) {
-            None => return false,
-            Some(p) if !p["metadata"]["deletionTimestamp"].is_null() => return false,
-            _ => {}
+        // Looked at in place (no copy): many pods poll at once.
+        let running = app.lock().get("/pods", ns, name).is_some_and(|p| {
+            p["metadata"]["uid"] == uid && p["metadata"]["deletionTimestamp"].is_null()
+        });
+        if !running {
+            return false;
         }
         let now = tokio::time::Instant::now();
         if now >= end {
             return true;
         }
-        tokio::time::sleep((end - now).min(Duration::from_millis(20))).await;
+        tokio::time::sleep((end - now).min(Duration::from_millis(25))).await;
     }
 }
 

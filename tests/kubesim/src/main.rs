@@ -104,7 +104,7 @@ struct Args {
     #[arg(long, value_enum, default_value = "simulate")]
     kubelet: KubeletMode,
     /// How many changes watches can replay; older resourceVersions get 410 Gone.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 10_000)]
     watch_window: usize,
     /// Seconds between watch bookmarks (for watches that allow them).
     #[arg(long, default_value_t = 1.0)]
