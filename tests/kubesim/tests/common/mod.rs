@@ -50,7 +50,7 @@ impl Sim {
 
     /// Runs the machine's kubectl against this server.
     pub fn kubectl(&self, args: &[&str]) -> Output {
-        self.kubectl_cmd(args).output().expect("run kubectl")
+        self.kubectl_cmd(args).output().expect("run kubectl (deploy/local/common.sh prepare_host installs it)")
     }
 
     pub fn kubectl_cmd(&self, args: &[&str]) -> Command {
@@ -94,8 +94,13 @@ impl Drop for Sim {
     }
 }
 
+/// The machine's kubectl: `/usr/bin/kubectl` (1.32 here), else the one on PATH.
 pub fn kubectl() -> &'static str {
-    "/usr/bin/kubectl"
+    if Path::new("/usr/bin/kubectl").exists() {
+        "/usr/bin/kubectl"
+    } else {
+        "kubectl"
+    }
 }
 
 fn kubeconfig(url: &str) -> String {
