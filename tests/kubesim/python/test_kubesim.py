@@ -499,6 +499,14 @@ class ServerSideApply(Base):
         self.assertIn("editor", [m.manager for m in r.metadata.managed_fields])
         self.assertEqual([m.operation for m in r.metadata.managed_fields if m.manager == "editor"], ["Update"])
 
+    def test_apply_status_of_a_missing_object_is_404(self):
+        ensure_crd()
+        body = {**widget("absent"), "status": {"phase": "x"}}
+        with self.assertRaises(ApiException) as cm:
+            custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.ns, PLURAL, "absent", body,
+                                                         field_manager="m", _content_type=APPLY)
+        self.assertEqual(cm.exception.status, 404)
+
     def test_apply_custom_object_with_map_list(self):
         ensure_crd()
         body = widget("m", items=[{"name": "x", "value": "1"}])

@@ -1193,6 +1193,10 @@ pub fn apply(
     }
     let key_ns = if rt.namespaced { ns } else { "" };
     let live = inner.get(&rt.key(), key_ns, name).cloned();
+    if live.is_none() && sub.is_some() {
+        // A subresource of an object that does not exist.
+        return Err(ApiError::not_found(rt, name));
+    }
     if let Some(rv) = applied["metadata"]["resourceVersion"].as_str() {
         if live
             .as_ref()

@@ -50,7 +50,9 @@ impl Sim {
 
     /// Runs the machine's kubectl against this server.
     pub fn kubectl(&self, args: &[&str]) -> Output {
-        self.kubectl_cmd(args).output().expect("run kubectl (deploy/local/common.sh prepare_host installs it)")
+        self.kubectl_cmd(args)
+            .output()
+            .expect("run kubectl (deploy/local/common.sh prepare_host installs it)")
     }
 
     pub fn kubectl_cmd(&self, args: &[&str]) -> Command {
