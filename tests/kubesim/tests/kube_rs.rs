@@ -458,3 +458,49 @@ async fn finalizer_helper_holds_deletion_until_cleanup() {
     run(deleting).await.unwrap();
     assert!(cms.get_opt("held").await.unwrap().is_none());
 }
+
+/// The metadata-only API (`PartialObjectMetadata`): get, list and a metadata watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_api_and_metadata_watcher() {
+    let sim = Sim::start();
+    let client = client(&sim).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(
+        json!({"metadata": {"name": "m", "labels": {"a": "b"}}, "data": {"big": "x".repeat(1000)}}),
+    )
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let meta = cms.get_metadata("m").await.unwrap();
+    assert_eq!(meta.metadata.labels.unwrap()["a"], "b");
+    let list = cms
+        .list_metadata(&ListParams::default().labels("a=b"))
+        .await
+        .unwrap();
+    assert_eq!(
+        list.items.iter().map(|m| m.name_any()).collect::<Vec<_>>(),
+        vec!["m"]
+    );
+    let (reader, writer) = reflector::store();
+    let metas: Api<kube::core::PartialObjectMeta<ConfigMap>> =
+        Api::namespaced(client.clone(), "default");
+    let stream = reflector(writer, watcher(metas, watcher::Config::default()))
+        .default_backoff()
+        .for_each(|_| async {});
+    let handle = tokio::spawn(stream);
+    reader.wait_until_ready().await.unwrap();
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "n"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    eventually(10, "metadata watcher sees n", || async {
+        reader
+            .state()
+            .iter()
+            .any(|m| m.name_any() == "n")
+            .then_some(())
+    })
+    .await;
+    handle.abort();
+}
