@@ -10,7 +10,8 @@
 //! resolved as the kubelet resolves them; `workingDir` is the working directory;
 //! `terminationMessagePath` is a writable file whose content becomes `state.terminated.message`.
 //! `resources.limits.memory` is a memory cgroup where the host allows one (the kernel OOM killer
-//! then ends the container: exit 137, reason `OOMKilled`), else `RLIMIT_AS`. Output (stdout and
+//! then ends the container: exit 137, reason `OOMKilled`), else `RLIMIT_AS`;
+//! `resources.limits.cpu` is a CFS quota in a cpu cgroup where the host allows one. Output (stdout and
 //! stderr) streams into the pod log as it is written. The network is not shared.
 
 use std::collections::BTreeMap;
@@ -257,90 +258,141 @@ fn sandbox_ids() -> Option<(u32, u32)> {
     Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
 }
 
-/// Where new memory cgroups go: this process's own memory cgroup (v1 or v2), if writable.
-fn cgroup_base() -> Option<(PathBuf, bool)> {
+/// Where new cgroups of `controller` go: this process's own cgroup of that controller (v1), or
+/// its unified cgroup (v2, `true`), if the controller is there.
+fn cgroup_base(controller: &str) -> Option<(PathBuf, bool)> {
     let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     for line in own.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, ctrl, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if ctrl.split(',').any(|c| c == "memory") {
-            let p = PathBuf::from(format!("/sys/fs/cgroup/memory{path}"));
+        if ctrl.split(',').any(|c| c == controller) {
+            let p = PathBuf::from(format!("/sys/fs/cgroup/{controller}{path}"));
             return p.is_dir().then_some((p, false));
         }
     }
     let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").ok()?;
-    if v2.split_whitespace().any(|c| c == "memory") {
+    if v2.split_whitespace().any(|c| c == controller) {
         let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
         return Some((PathBuf::from(format!("/sys/fs/cgroup{path}")), true));
     }
     None
 }
 
-/// A per-container memory cgroup, removed on drop.
-struct MemCgroup {
-    dir: PathBuf,
-    v2: bool,
+/// A container's cgroups (memory and cpu; one directory on cgroup v2), removed after it ends.
+#[derive(Default)]
+struct Cgroups {
+    dirs: Vec<PathBuf>,
+    /// The directory with the memory controller, and whether it is v2.
+    memory: Option<(PathBuf, bool)>,
 }
 
-impl MemCgroup {
-    fn create(name: &str, bytes: u64) -> Option<MemCgroup> {
-        let (base, v2) = cgroup_base()?;
-        let dir = base.join(name);
-        std::fs::create_dir(&dir).ok()?;
-        let cg = MemCgroup { dir, v2 };
-        let file = if v2 {
-            "memory.max"
-        } else {
-            "memory.limit_in_bytes"
+impl Cgroups {
+    /// Creates what the host allows; a limit whose cgroup cannot be made is left to the caller.
+    fn create(name: &str, memory: Option<u64>, cpu_millis: Option<u64>) -> Cgroups {
+        let mut cg = Cgroups::default();
+        let dir_for = |controller: &str, cg: &mut Cgroups| -> Option<(PathBuf, bool)> {
+            let (base, v2) = cgroup_base(controller)?;
+            let dir = base.join(name);
+            if !cg.dirs.contains(&dir) {
+                std::fs::create_dir(&dir).ok()?;
+                cg.dirs.push(dir.clone());
+            }
+            Some((dir, v2))
         };
-        std::fs::write(cg.dir.join(file), bytes.to_string()).ok()?;
-        if !v2 {
-            // Without swap accounting this file is absent: the limit above is then memory only.
-            let _ = std::fs::write(
-                cg.dir.join("memory.memsw.limit_in_bytes"),
-                bytes.to_string(),
-            );
-        } else {
-            let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
+        if let Some(bytes) = memory {
+            if let Some((dir, v2)) = dir_for("memory", &mut cg) {
+                let file = if v2 {
+                    "memory.max"
+                } else {
+                    "memory.limit_in_bytes"
+                };
+                if std::fs::write(dir.join(file), bytes.to_string()).is_ok() {
+                    // Swap counts too where the host accounts for it.
+                    if v2 {
+                        let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+                    } else {
+                        let _ = std::fs::write(
+                            dir.join("memory.memsw.limit_in_bytes"),
+                            bytes.to_string(),
+                        );
+                    }
+                    cg.memory = Some((dir, v2));
+                }
+            }
         }
-        Some(cg)
+        if let Some(millis) = cpu_millis.filter(|m| *m > 0) {
+            if let Some((dir, v2)) = dir_for("cpu", &mut cg) {
+                let period = 100_000u64;
+                let quota = (millis * period / 1000).max(1000);
+                if v2 {
+                    let _ = std::fs::write(dir.join("cpu.max"), format!("{quota} {period}"));
+                } else {
+                    let _ = std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string());
+                    let _ = std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string());
+                }
+            }
+        }
+        cg
+    }
+
+    /// The `cgroup.procs` files the child writes itself into before it runs anything.
+    fn procs(&self) -> Vec<CString> {
+        self.dirs
+            .iter()
+            .filter_map(|d| {
+                CString::new(d.join("cgroup.procs").as_os_str().as_encoded_bytes()).ok()
+            })
+            .collect()
     }
 
     fn oom_killed(&self) -> bool {
-        let (file, key) = if self.v2 {
-            ("memory.events", "oom_kill")
-        } else {
-            ("memory.oom_control", "oom_kill")
+        let Some((dir, v2)) = &self.memory else {
+            return false;
         };
-        std::fs::read_to_string(self.dir.join(file))
+        let file = if *v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        std::fs::read_to_string(dir.join(file))
             .ok()
             .and_then(|s| {
                 s.lines().find_map(|l| {
                     let mut it = l.split_whitespace();
-                    (it.next() == Some(key))
+                    (it.next() == Some("oom_kill"))
                         .then(|| it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0))
                 })
             })
             .is_some_and(|n| n > 0)
     }
-}
 
-impl MemCgroup {
-    /// Removes the cgroup once the killed processes have left it (that takes a moment).
-    async fn remove(self) {
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
-                break;
+    /// Removes the cgroups once the killed processes have left them (that takes a moment).
+    async fn remove(mut self) {
+        for dir in std::mem::take(&mut self.dirs) {
+            for _ in 0..100 {
+                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        std::mem::forget(self);
     }
 }
 
-impl Drop for MemCgroup {
+impl Drop for Cgroups {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// CPU quantity in millicores (`500m`, `1`, `1.5`).
+pub fn quantity_millis(q: &str) -> Option<u64> {
+    let q = q.trim();
+    match q.strip_suffix('m') {
+        Some(m) => m.parse::<f64>().ok().map(|m| m.ceil() as u64),
+        None => q.parse::<f64>().ok().map(|c| (c * 1000.0).ceil() as u64),
     }
 }
 
@@ -612,11 +664,13 @@ async fn run_container(
     let memory = c["resources"]["limits"]["memory"]
         .as_str()
         .and_then(quantity_bytes);
-    let cgroup = memory.and_then(|m| MemCgroup::create(&format!("kubesim-{uid}-{cn}"), m));
-    let procs = cgroup.as_ref().and_then(|cg| {
-        CString::new(cg.dir.join("cgroup.procs").as_os_str().as_encoded_bytes()).ok()
-    });
-    let rlimit_as = if cgroup.is_none() {
+    let cpu = c["resources"]["limits"]["cpu"]
+        .as_str()
+        .and_then(quantity_millis);
+    let cgroups = Cgroups::create(&format!("kubesim-{uid}-{cn}"), memory, cpu);
+    let procs = cgroups.procs();
+    // Without a memory cgroup, the address-space rlimit is the memory limit.
+    let rlimit_as = if cgroups.memory.is_none() {
         memory.map(|m| m.saturating_add(256 << 20))
     } else {
         None
@@ -633,7 +687,7 @@ async fn run_container(
     unsafe {
         cmd.pre_exec(move || {
             libc::setsid();
-            if let Some(p) = &procs {
+            for p in &procs {
                 let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
                 if fd >= 0 {
                     let mut buf = [0u8; 20];
@@ -704,7 +758,7 @@ async fn run_container(
         Err(_) => (128, false),
     };
     let tail = app.logs.tail(&uid, &cn, 20, 4096);
-    let oom = cgroup.as_ref().is_some_and(|cg| cg.oom_killed())
+    let oom = cgroups.oom_killed()
         || (rlimit_as.is_some()
             && code != 0
             && (tail.contains("MemoryError") || tail.contains("cannot allocate vector")));
@@ -719,9 +773,7 @@ async fn run_container(
     let message = std::fs::read(&term_file)
         .ok()
         .map(|b| String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned());
-    if let Some(cg) = cgroup {
-        cg.remove().await;
-    }
+    cgroups.remove().await;
     terminated_state(&app, &uid, &c, code, reason, &run_start, message)
 }
 
@@ -832,6 +884,8 @@ mod tests {
         assert_eq!(quantity_bytes("1.5Gi"), Some(1536 << 20));
         assert_eq!(quantity_bytes("1e3"), Some(1000));
         assert_eq!(quantity_bytes("junk"), None);
+        assert_eq!(quantity_millis("500m"), Some(500));
+        assert_eq!(quantity_millis("1.5"), Some(1500));
     }
 
     #[test]

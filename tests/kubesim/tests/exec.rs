@@ -191,3 +191,62 @@ spec:
     let out = sim.kubectl(&["get", "pod", "sleeper"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
 }
+
+/// Whether this host lets the emulator make cpu cgroups (then CPU limits are enforced).
+fn cpu_cgroups_available() -> bool {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let Some(path) = own.lines().find_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (_, ctrl, path) = (p.next()?, p.next()?, p.next()?);
+        ctrl.split(',')
+            .any(|c| c == "cpu")
+            .then(|| path.to_string())
+    }) else {
+        return false;
+    };
+    let probe = std::path::PathBuf::from(format!(
+        "/sys/fs/cgroup/cpu{path}/kubesim-probe-{}",
+        std::process::id()
+    ));
+    let ok = std::fs::create_dir(&probe).is_ok();
+    let _ = std::fs::remove_dir(&probe);
+    ok
+}
+
+#[test]
+fn cpu_limit_is_a_cfs_quota() {
+    let sim = Sim::start_with(&["--kubelet", "exec"]);
+    // 0.3 s of CPU under a 100m limit needs about 3 s of wall time.
+    let manifest = sim.write(
+        "cpu.yaml",
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: busy
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: python:3.12
+    command: ["python3", "-c", "import time\nw = time.monotonic()\nwhile time.process_time() < 0.3: pass\nprint(round(time.monotonic() - w, 2))"]
+    resources:
+      limits: {cpu: 100m}
+"#,
+    );
+    sim.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    sim.kubectl_ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        "pod/busy",
+        "--timeout=60s",
+    ]);
+    let wall: f64 = sim.kubectl_ok(&["logs", "busy"]).trim().parse().unwrap();
+    if cpu_cgroups_available() {
+        assert!(
+            wall >= 2.0,
+            "0.3 s of CPU took only {wall} s under a 100m limit"
+        );
+    } else {
+        assert!(wall >= 0.3, "{wall}");
+    }
+}
