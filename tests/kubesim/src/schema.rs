@@ -37,6 +37,9 @@ pub fn process_custom(schema: &Value, obj: &mut Value) -> Outcome {
             continue;
         }
         match props.get(&k) {
+            Some(s) if map[&k].is_null() && s["nullable"] != true => {
+                map.remove(&k);
+            }
             Some(s) => walk(s, map.get_mut(&k).unwrap(), &k, &mut out, true),
             None if schema["x-kubernetes-preserve-unknown-fields"] == true => {}
             None => {
@@ -131,6 +134,16 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
             let keys: Vec<String> = map.keys().cloned().collect();
             for k in keys {
                 let child_path = join(path, &k);
+                // A null for a field that is not nullable is dropped before defaulting.
+                if map[&k].is_null()
+                    && props
+                        .get(&k)
+                        .or(addl.as_object().map(|_| addl))
+                        .is_some_and(|s| s["nullable"] != true)
+                {
+                    map.remove(&k);
+                    continue;
+                }
                 if let Some(s) = props.get(&k) {
                     walk(s, map.get_mut(&k).unwrap(), &child_path, out, prune);
                 } else if addl.is_object() {
@@ -614,6 +627,9 @@ mod tests {
             "spec.language: Unsupported value: \"ruby\": supported values: \"python\", \"r\"",
             "spec.timeout: Invalid value: 0: spec.timeout in body should be greater than or equal to 1",
         ]);
+        let mut nulls = json!({"spec": {"language": "r", "timeout": null}, "status": null});
+        assert!(process_custom(&schema(), &mut nulls).causes.is_empty());
+        assert_eq!(nulls, json!({"spec": {"language": "r", "timeout": 30}}));
         let mut missing = json!({"spec": {}});
         let texts: Vec<String> = process_custom(&schema(), &mut missing)
             .causes
