@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 import uuid
 
+import yaml
+
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 import kubernetes_validate
@@ -498,6 +500,25 @@ class ServerSideApply(Base):
         r = core.patch_namespaced_config_map("ssa", self.ns, {"data": {"c": "4"}}, field_manager="editor")
         self.assertIn("editor", [m.manager for m in r.metadata.managed_fields])
         self.assertEqual([m.operation for m in r.metadata.managed_fields if m.manager == "editor"], ["Update"])
+
+    def test_yaml_bodies_and_responses(self):
+        path = f"/api/v1/namespaces/{self.ns}/configmaps"
+        doc = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: y\ndata:\n  script: |\n    print(1)\n    print(2)\n"
+        req = urllib.request.Request(URL + path, method="POST", data=doc.encode(), headers={"Content-Type": "application/yaml"})
+        with urllib.request.urlopen(req) as r:
+            self.assertEqual(r.status, 201)
+        self.assertEqual(core.read_namespaced_config_map("y", self.ns).data, {"script": "print(1)\nprint(2)\n"})
+        applied = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: y\ndata:\n  extra: 'yes'\n"
+        req = urllib.request.Request(f"{URL}{path}/y?fieldManager=yaml-writer", method="PATCH", data=applied.encode(),
+                                     headers={"Content-Type": APPLY})
+        with urllib.request.urlopen(req) as r:
+            self.assertEqual(r.status, 200)
+        req = urllib.request.Request(f"{URL}{path}/y", headers={"Accept": "application/yaml"})
+        with urllib.request.urlopen(req) as r:
+            self.assertEqual(r.headers["Content-Type"], "application/yaml")
+            got = yaml.safe_load(r.read())
+        self.assertEqual(got["data"], {"script": "print(1)\nprint(2)\n", "extra": "yes"})
+        self.assertIn("yaml-writer", [m["manager"] for m in got["metadata"]["managedFields"]])
 
     def test_apply_status_of_a_missing_object_is_404(self):
         ensure_crd()

@@ -128,9 +128,54 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     let q = parse_query(uri.query());
-    match route(&app, &method, uri.path(), &q, &headers, body).await {
+    let resp = match route(&app, &method, uri.path(), &q, &headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
+    };
+    let streaming = truthy(&q, "watch") || truthy(&q, "follow");
+    if prefers_yaml(&headers) && !streaming {
+        return to_yaml(resp).await;
+    }
+    resp
+}
+
+/// Whether the first media type the client accepts is YAML.
+fn prefers_yaml(headers: &HeaderMap) -> bool {
+    let accept = headers
+        .get("accept")
+        .and_then(|a| a.to_str().ok())
+        .unwrap_or("");
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|m| m.split(';').next().unwrap_or("").trim() == "application/yaml")
+}
+
+/// Re-encodes a JSON response as YAML (what kube-apiserver serves for `Accept: application/yaml`).
+async fn to_yaml(resp: Response) -> Response {
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|c| c.as_bytes() == b"application/json");
+    if !is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "response body lost").into_response();
+    };
+    let yaml = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .map(|v| crate::yaml::to_string(&v));
+    match yaml {
+        Some(y) => {
+            parts
+                .headers
+                .insert("content-type", HeaderValue::from_static("application/yaml"));
+            parts.headers.remove("content-length");
+            Response::from_parts(parts, Body::from(y))
+        }
+        None => Response::from_parts(parts, Body::from(bytes)),
     }
 }
 
@@ -353,15 +398,24 @@ fn media_type(headers: &HeaderMap) -> String {
         .to_string()
 }
 
-/// A request body: JSON, or Kubernetes protobuf for the kinds [`crate::protobuf`] knows.
+/// A request body: JSON, YAML (`application/yaml`, `application/apply-patch+yaml`), or
+/// Kubernetes protobuf for the kinds [`crate::protobuf`] knows.
 fn parse_body(body: &Bytes, headers: &HeaderMap) -> ApiResult<Value> {
     if media_type(headers) == PROTOBUF {
         return crate::protobuf::decode(body)
             .map_err(|e| ApiError::new(415, "UnsupportedMediaType", e));
     }
+    if media_type(headers).ends_with("yaml") {
+        // JSON is YAML too; anything else goes through the YAML parser.
+        if let Ok(v) = serde_json::from_slice(body) {
+            return Ok(v);
+        }
+        return serde_yaml::from_slice::<Value>(body)
+            .map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")));
+    }
     serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
-            "the body of the request could not be decoded as JSON ({e}); kubesim accepts JSON bodies (JSON is valid YAML, which is what kubectl, client-go, kube-rs and the Python client send)"
+            "the body of the request could not be decoded as JSON ({e})"
         ))
     })
 }

@@ -24,6 +24,7 @@
 //! - `ssa`: managedFields and server-side apply.
 //! - `openapi`: the OpenAPI v3 surface kubectl checks for server-side field validation.
 //! - `table`: printer columns.
+//! - `yaml`: YAML responses.
 //! - `selectors`: label and field selectors, the JSONPath of printer columns.
 //! - `gc`: garbage collector, namespace controller, CRD cleanup.
 //! - `kubelet`: scheduler, the pod lifecycle, the `simulate` kubelet, container logs.
@@ -70,6 +71,7 @@ mod selectors;
 mod ssa;
 mod store;
 mod table;
+mod yaml;
 
 use std::io::Write;
 use std::net::SocketAddr;
