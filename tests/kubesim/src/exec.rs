@@ -749,13 +749,14 @@ async fn run_container(
     let _ = out.await;
     let _ = err.await;
     use std::os::unix::process::ExitStatusExt;
-    let (code, signalled) = match status {
+    // A signal shows as 128 + its number, as container runtimes report it.
+    let code = match status {
         Ok(s) => match (s.code(), s.signal()) {
-            (Some(c), _) => (c as i64, false),
-            (None, Some(sig)) => (128 + sig as i64, true),
-            _ => (128, true),
+            (Some(c), _) => c as i64,
+            (None, Some(sig)) => 128 + sig as i64,
+            _ => 128,
         },
-        Err(_) => (128, false),
+        Err(_) => 128,
     };
     let tail = app.logs.tail(&uid, &cn, 20, 4096);
     let oom = cgroups.oom_killed()
@@ -767,7 +768,6 @@ async fn run_container(
     } else if code == 0 {
         (0, "Completed")
     } else {
-        let _ = signalled;
         (code, "Error")
     };
     let message = std::fs::read(&term_file)

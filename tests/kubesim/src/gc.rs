@@ -116,7 +116,6 @@ fn pass(inner: &mut Inner) -> bool {
                         if *block { Some("Foreground") } else { None },
                     ));
                 }
-                let _ = block;
             }
             if deps.iter().any(|(_, block, _)| *block) {
                 pending = true;
