@@ -46,9 +46,33 @@ ensure_promtool() {
     fi
 }
 
+# The official Kubernetes Python client (and its schema validator), used by the tests that
+# check the Kubernetes API emulator (tests/kubesim) against a second, independent client.
+ensure_python_tools() {
+    command -v python3 >/dev/null || die "python3 not found: install Python 3"
+    if ! python3 -c 'import kubernetes, kubernetes_validate' 2>/dev/null; then
+        log "installing the Python packages kubernetes and kubernetes-validate"
+        python3 -m pip install --quiet kubernetes kubernetes-validate \
+            || die "could not install the Python packages kubernetes and kubernetes-validate"
+    fi
+}
+
+# kubectl, which the tests of the Kubernetes API emulator drive (written against kubectl 1.32; the
+# older Debian kubernetes-client is only a fallback).
+ensure_kubectl() {
+    command -v kubectl >/dev/null && return 0
+    command -v apt-get >/dev/null || die "kubectl not found: install kubectl (1.32)"
+    log "installing kubectl"
+    local pkg=kubectl
+    apt-cache show kubectl >/dev/null 2>&1 || pkg=kubernetes-client
+    apt-get install -y --no-install-recommends "$pkg" || die "could not install $pkg"
+}
+
 # Everything a run of the service or of the tests needs on this host.
 prepare_host() {
     ensure_rust
     ensure_services
     ensure_sandbox
+    ensure_python_tools
+    ensure_kubectl
 }
