@@ -220,11 +220,37 @@ async fn get_tenant(State(ctx): State<Arc<Api>>, headers: HeaderMap, Path(name):
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ApplyResult {
     pub tenants: Vec<String>,
+    /// Unstarted tasks of removed tenants that were cancelled (with `?removed=cancel`).
+    #[serde(default)]
+    pub cancelled: u64,
 }
 
-/// `PUT /v1/tenants` with a tenants file (TOML) as the body: validates it whole, then makes it
-/// the configuration of every process, without a restart and without touching queued tasks.
-async fn apply_tenants(State(ctx): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+/// What happens to the unstarted tasks of tenants that a tenants file no longer has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Removed {
+    /// They stay queued (and their queue keeps its messages) until the tenant comes back.
+    #[default]
+    Keep,
+    /// They end `Cancelled`, each with its one result. Running tasks finish normally.
+    Cancel,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApplyQuery {
+    #[serde(default)]
+    removed: Removed,
+}
+
+/// `PUT /v1/tenants?removed=keep|cancel` with a tenants file (TOML) as the body: validates it
+/// whole, then makes it the configuration of every process, without a restart. Queued tasks of
+/// tenants that stay are untouched; those of removed tenants are kept (default) or cancelled.
+async fn apply_tenants(
+    State(ctx): State<Arc<Api>>,
+    headers: HeaderMap,
+    Query(q): Query<ApplyQuery>,
+    body: Bytes,
+) -> Response {
     if let Err(resp) = authorize(&ctx, &headers) {
         return resp;
     }
@@ -239,8 +265,22 @@ async fn apply_tenants(State(ctx): State<Arc<Api>>, headers: HeaderMap, body: By
         return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}"));
     }
     // Every process (this one included) picks the change up from the tenants notification.
-    let names = tenants.keys().map(|t| t.to_string()).collect();
-    Json(ApplyResult { tenants: names }).into_response()
+    let names: Vec<String> = tenants.keys().map(|t| t.to_string()).collect();
+    let mut cancelled = 0;
+    if q.removed == Removed::Cancel {
+        let ids = match ctx.store.unstarted_of_other_tenants(&names).await {
+            Ok(ids) => ids,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+        };
+        for id in ids {
+            match ctx.store.request_cancel(id).await {
+                Ok(CancelOutcome::Cancelled) => cancelled += 1,
+                Ok(_) => {}
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+            }
+        }
+    }
+    Json(ApplyResult { tenants: names, cancelled }).into_response()
 }
 
 /// What a cancel request did, as `POST /v1/tasks/{id}/cancel` answers it.

@@ -92,6 +92,13 @@ pub enum Command {
     Tenant(TenantCommand),
 }
 
+/// See `agentctl tenant apply --help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RemovedTasks {
+    Keep,
+    Cancel,
+}
+
 #[derive(Subcommand)]
 pub enum TenantCommand {
     /// Make a tenants file the configuration of every running process, without a restart.
@@ -100,6 +107,10 @@ pub enum TenantCommand {
         /// The tenants file (TOML), as in deploy/tenants.example.toml
         #[arg(short = 'f', long = "filename")]
         file: std::path::PathBuf,
+        /// Tasks not yet started of tenants the file no longer has: keep them queued until the
+        /// tenant comes back, or cancel them (each gets a Cancelled result)
+        #[arg(long, value_enum, default_value = "keep")]
+        removed: RemovedTasks,
     },
     /// List tenants with their weight, concurrency and current load.
     List,
@@ -221,15 +232,24 @@ fn human_seconds(s: f64) -> String {
 async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
     let base = format!("{}/v1/tenants", cli.server.trim_end_matches('/'));
     match cmd {
-        TenantCommand::Apply { file } => {
+        TenantCommand::Apply { file, removed } => {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| CtlError(format!("cannot read {}: {e}", file.display())))?;
             // Check locally first, for an error that names the line before any network trip.
             crate::domain::tenant::parse_tenants(&text).map_err(|e| CtlError(format!("{}: {e}", file.display())))?;
-            let r: ApplyResult = api(cli, reqwest::Method::PUT, &base, Some(text)).await?;
+            let url = format!("{base}?removed={}", match removed {
+                RemovedTasks::Keep => "keep",
+                RemovedTasks::Cancel => "cancel",
+            });
+            let r: ApplyResult = api(cli, reqwest::Method::PUT, &url, Some(text)).await?;
             match cli.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
-                Output::Table => println!("applied {} tenants: {}", r.tenants.len(), r.tenants.join(", ")),
+                Output::Table => {
+                    println!("applied {} tenants: {}", r.tenants.len(), r.tenants.join(", "));
+                    if *removed == RemovedTasks::Cancel {
+                        println!("cancelled {} unstarted tasks of removed tenants", r.cancelled);
+                    }
+                }
             }
         }
         TenantCommand::List => {

@@ -316,4 +316,16 @@ impl Store {
         .fetch_all(&self.pool)
         .await?)
     }
+
+    /// The tasks that have not started (queued, or admitted and not yet claimed) of every
+    /// tenant not in `tenants`: what a tenants file that drops a tenant leaves behind.
+    pub async fn unstarted_of_other_tenants(&self, tenants: &[String]) -> Result<Vec<Uuid>> {
+        Ok(sqlx::query_scalar(
+            "select task_id from agenttask.tasks where not (tenant = any($1)) \
+             and (phase = 'Queued' or (phase = 'Pending' and lease_owner is null)) order by submitted_at",
+        )
+        .bind(tenants)
+        .fetch_all(&self.pool)
+        .await?)
+    }
 }

@@ -177,3 +177,45 @@ async fn two_thousand_tasks_through_the_null_backend_all_succeed() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_removed_tenants_unstarted_tasks_are_kept_or_cancelled_as_the_operator_says() {
+    let env = Env::new("[tenants.{t}-a]\n[tenants.{t}-b]\nmax_concurrency = 1\n").await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let pool = env.pg().await;
+    let b = env.tenant("b");
+    client.submit(&b, &sleeper("b-runs", 30.0)).await;
+    eventually(Duration::from_secs(90), || async { phase(&pool, "b-runs").await == "Running" }).await;
+    client.submit(&b, &sleeper("b-waits-1", 1.0)).await;
+    client.submit(&b, &sleeper("b-waits-2", 1.0)).await;
+    eventually(WAIT, || async {
+        phase(&pool, "b-waits-1").await == "Queued" && phase(&pool, "b-waits-2").await == "Queued"
+    })
+    .await;
+    let only_a = env.dir.path().join("only-a.toml");
+    std::fs::write(&only_a, format!("[tenants.{}]\n", env.tenant("a"))).unwrap();
+    let file = only_a.to_str().unwrap();
+
+    // Keep (the default): b's queued tasks stay queued.
+    let (code, out, err) = agentctl(&svc, &["tenant", "apply", "-f", file]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("cancelled"), "{out}");
+    assert_eq!(phase(&pool, "b-waits-1").await, "Queued");
+
+    // Cancel: each unstarted task gets its one Cancelled result; the running one goes on.
+    let (code, out, err) = agentctl(&svc, &["tenant", "apply", "-f", file, "--removed", "cancel"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("cancelled 2 unstarted tasks of removed tenants"), "{out}");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (r, _) = client.next(WAIT).await;
+        assert_eq!((r["phase"].as_str(), r["reason"].as_str()), (Some("Cancelled"), Some("Cancelled")), "{r:#}");
+        ids.push(r["id"].as_str().unwrap().to_owned());
+    }
+    ids.sort();
+    assert_eq!(ids, ["b-waits-1", "b-waits-2"]);
+    assert_eq!(phase(&pool, "b-runs").await, "Running");
+    svc.stop().await;
+    env.cleanup().await;
+}
