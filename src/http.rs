@@ -3,7 +3,6 @@
 //! The task API is closed unless the service has an admin token (`AGENTTASK_ADMIN_TOKEN`);
 //! requests must then carry it as `Authorization: Bearer <token>`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -25,8 +24,8 @@ pub struct Api {
     pub metrics: Metrics,
     /// Opens the task and admin API; without it those endpoints are closed.
     pub admin_token: Option<String>,
-    /// Whether the AMQP side is up (for `/readyz`).
-    pub amqp_ready: Arc<std::sync::atomic::AtomicBool>,
+    /// What the components of this process say about their connections (for `/readyz`).
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Api>, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -51,26 +50,41 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .with_state(ctx)
 }
 
-/// Whether the database answers and the AMQP side is up.
-async fn readiness(ctx: &Api) -> (bool, bool) {
-    (ctx.store.ping().await, ctx.amqp_ready.load(Ordering::Relaxed))
+/// What is down in this process, and why: the components' connections, the database, the
+/// migrations. Empty when ready.
+async fn down_parts(ctx: &Api) -> std::collections::BTreeMap<String, String> {
+    let mut down = ctx.readiness.down_parts();
+    match ctx.store.migrations_applied().await {
+        Ok(true) => {}
+        Ok(false) => {
+            down.insert("migrations".into(), "not all applied: run `agenttask migrate`".into());
+        }
+        Err(e) => {
+            down.insert("database".into(), e.to_string());
+        }
+    }
+    down
 }
 
+/// `/readyz`'s answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReadyAnswer {
+    pub ready: bool,
+    /// What is down, and why.
+    pub down: std::collections::BTreeMap<String, String>,
+}
+
+/// `/readyz`: 200 when the database answers, the migrations are applied and every consumer and
+/// the publisher of this process are connected; otherwise 503 naming what is down.
 async fn readyz(State(ctx): State<Arc<Api>>) -> Response {
-    let (db, amqp) = readiness(&ctx).await;
-    let body = format!("database: {}\nrabbitmq: {}\n", ok(db), ok(amqp));
-    let status = if db && amqp { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, body).into_response()
-}
-
-fn ok(b: bool) -> &'static str {
-    if b { "ok" } else { "not ready" }
+    let down = down_parts(&ctx).await;
+    let status = if down.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(ReadyAnswer { ready: down.is_empty(), down })).into_response()
 }
 
 async fn metrics(State(ctx): State<Arc<Api>>) -> Response {
     // Prometheus scrapes /metrics, not /readyz: readiness is evaluated here too, so alerts see it.
-    let (db, amqp) = readiness(&ctx).await;
-    ctx.metrics.ready.set(i64::from(db && amqp));
+    ctx.metrics.ready.set(i64::from(down_parts(&ctx).await.is_empty()));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         ctx.metrics.render(),

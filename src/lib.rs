@@ -14,6 +14,7 @@
 //!   bubblewrap sandbox and the null backend.
 //! - [`sandbox`]: pure sandbox policy: bubblewrap arguments, seccomp filter, limits, cgroup paths.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the task API.
+//! - [`readiness`]: what each component says about its connections, for `/readyz`.
 //! - [`metrics`]: the contract's Prometheus metrics.
 //! - [`service`]: wiring for `agenttask serve`.
 //! - [`supervise`]: runs the components; one that stops takes the process down with it.
@@ -27,6 +28,7 @@ pub mod exec;
 pub mod executor;
 pub mod http;
 pub mod metrics;
+pub mod readiness;
 pub mod scheduler;
 pub mod sandbox;
 pub mod service;

@@ -6,7 +6,6 @@
 //! the tenants (a watch channel fed by the tenants file, SIGHUP and Postgres notifications) and
 //! the wake-ups that notifications trigger.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,8 +105,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let tenants = Arc::new(watch::Sender::new(Arc::new(initial)));
     let metrics = Metrics::new();
     let wakes = Arc::new(Wakes::default());
-    // Without ingest in this process there is no AMQP side to wait for.
-    let amqp_ready = Arc::new(AtomicBool::new(!settings.runs(Component::Ingest)));
+    let readiness = Arc::new(crate::readiness::Readiness::new());
 
     let sup = Supervisor::new(shutdown.clone());
     let (cancel_tx, cancel_rx) = mpsc::unbounded_channel();
@@ -125,7 +123,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             store: store.clone(),
             metrics: metrics.clone(),
             admin_token: settings.admin_token.clone(),
-            amqp_ready: amqp_ready.clone(),
+            readiness: readiness.clone(),
         });
         sup.spawn("http", crate::http::serve(listener, api, shutdown.clone()));
     }
@@ -137,7 +135,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             amqp_url: settings.amqp_url.clone(),
             prefetch: settings.prefetch,
             isolation: isolation_of(settings.backend),
-            ready: amqp_ready.clone(),
+            readiness: readiness.clone(),
             tracker: sup.tracker().clone(),
         });
         let stop = shutdown.clone();
@@ -187,6 +185,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             tenants: tenants.subscribe(),
             amqp_url: settings.amqp_url.clone(),
             wake: wakes.publisher.clone(),
+            readiness: readiness.clone(),
         });
         let stop = shutdown.clone();
         sup.spawn("publisher", async move {

@@ -37,11 +37,14 @@ pub struct Ingest {
     pub prefetch: u16,
     /// Which isolations the service's backend can run; others are refused at the door.
     pub isolation: BackendIsolation,
-    /// Set once the topology is declared and consumers start (read by `/readyz`).
-    pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Where each consumer says whether its connection is up (read by `/readyz`).
+    pub readiness: Arc<crate::readiness::Readiness>,
     /// Where the per-queue consumers run (the service's supervisor tracker).
     pub tracker: tokio_util::task::TaskTracker,
 }
+
+/// The readiness part of the shared topology (exchanges, unrouted and dead-letter queues).
+const TOPOLOGY_PART: &str = "rabbitmq topology";
 
 /// Runs until `shutdown`: one consumer per tenant queue (and one for unknown tenants), each on
 /// its own connection, started and stopped as tenants come and go.
@@ -51,10 +54,14 @@ pub struct Ingest {
 /// limit dead-letters it; only that tenant's consumer is affected meanwhile.
 pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
+    ctx.readiness.down(TOPOLOGY_PART, "starting");
     loop {
         match declare_shared(&ctx).await {
             Ok(()) => break,
-            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot declare the AMQP topology"),
+            Err(e) => {
+                ctx.readiness.down(TOPOLOGY_PART, format!("cannot declare the AMQP topology: {e}"));
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot declare the AMQP topology")
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -62,7 +69,7 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    ctx.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    ctx.readiness.up(TOPOLOGY_PART);
     let mut tenants_rx = ctx.tenants.clone();
     let mut consumers: HashMap<Option<TenantName>, CancellationToken> = HashMap::new();
     loop {
@@ -126,10 +133,13 @@ async fn unbind_removed(ctx: Arc<Ingest>, tenant: TenantName) {
 /// Keeps one queue consumed until `stop`, reconnecting with backoff.
 async fn consume_queue(ctx: Arc<Ingest>, tenant: Option<TenantName>, stop: CancellationToken) {
     let queue = tenant.as_ref().map_or_else(|| UNROUTED_QUEUE.to_owned(), tasks_queue);
+    let part = format!("rabbitmq consumer of {queue}");
+    ctx.readiness.down(&part, "starting");
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
         let started = std::time::Instant::now();
-        if let Err(e) = consume_once(&ctx, tenant.as_ref(), &queue, &stop).await {
+        if let Err(e) = consume_once(&ctx, tenant.as_ref(), &queue, &part, &stop).await {
+            ctx.readiness.down(&part, format!("connection lost: {e}"));
             tracing::warn!(%queue, error = %e, retry_in = ?backoff, "consumer lost its RabbitMQ connection");
         }
         // A session that lasted is not part of a failure streak.
@@ -142,6 +152,8 @@ async fn consume_queue(ctx: Arc<Ingest>, tenant: Option<TenantName>, stop: Cance
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+    // Stopped (shutdown, or the tenant was removed): no longer part of this process.
+    ctx.readiness.forget(&part);
 }
 
 /// One connection's life for one queue. Returns Ok when stopped, Err when the connection or
@@ -150,6 +162,7 @@ async fn consume_once(
     ctx: &Arc<Ingest>,
     tenant: Option<&TenantName>,
     queue: &str,
+    part: &str,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let name = tenant.map_or("unrouted", |t| t.as_str());
@@ -167,6 +180,7 @@ async fn consume_once(
             FieldTable::default(),
         )
         .await?;
+    ctx.readiness.up(part);
     let prefetch = ctx.prefetch as usize;
     let consumed = consumer
         .map(|d| {

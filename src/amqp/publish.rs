@@ -24,17 +24,25 @@ pub struct Publisher {
     pub amqp_url: String,
     /// Notified when results wait in the outbox.
     pub wake: Arc<tokio::sync::Notify>,
+    /// Where it says whether it can publish (read by `/readyz`).
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
+
+const PART: &str = "result publisher";
 
 /// Results published per round trip to the broker.
 const BATCH: i64 = 128;
 
 pub async fn run(ctx: Arc<Publisher>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
+    ctx.readiness.down(PART, "starting");
     while !shutdown.is_cancelled() {
         match session(&ctx, &shutdown).await {
             Ok(()) => break,
-            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "result publisher lost its connection"),
+            Err(e) => {
+                ctx.readiness.down(PART, format!("{e:#}"));
+                tracing::warn!(error = %e, retry_in = ?backoff, "result publisher lost its connection")
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -50,7 +58,12 @@ async fn session(ctx: &Publisher, shutdown: &CancellationToken) -> anyhow::Resul
     let tenants = ctx.tenants.borrow().clone();
     declare_topology(&channel, tenants.keys()).await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    ctx.readiness.up(PART);
     loop {
+        // Idle, it would not notice a lost connection until the next result: check.
+        if !conn.status().connected() {
+            anyhow::bail!("the RabbitMQ connection was lost");
+        }
         let batch = ctx.store.claim_outbox(BATCH).await?;
         if batch.messages.is_empty() {
             drop(batch);

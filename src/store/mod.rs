@@ -120,6 +120,17 @@ impl Store {
             .map_err(|source| StoreError::Unreachable { target: describe(&self.opts), source })
     }
 
+    /// Whether every migration this build knows is applied: a newer binary against an older
+    /// schema is not ready. Also answers "can we run a query right now?".
+    pub async fn migrations_applied(&self) -> Result<bool> {
+        let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Option<i64> =
+            sqlx::query_scalar("select max(version) from _sqlx_migrations where success")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(applied.unwrap_or(0) >= latest)
+    }
+
     /// For readiness: can we run a query right now?
     pub async fn ping(&self) -> bool {
         sqlx::query("select 1").execute(&self.pool).await.is_ok()

@@ -21,3 +21,6 @@ mod execution;
 
 /// The dashboard and alert rules in deploy/monitoring.
 mod monitoring;
+
+/// Outages of the broker and the database, through a proxy.
+mod reliability;

@@ -353,3 +353,70 @@ pub async fn queue_has_consumer(conn: &Connection, queue: &str) -> bool {
     let _ = ch.close(200, "ok".into()).await;
     found
 }
+
+/// A TCP proxy in front of a real server, to cause an outage for real without touching the
+/// server that every other test shares: [`Proxy::cut`] closes every connection through it and
+/// turns new ones away; [`Proxy::restore`] lets them through again.
+pub struct Proxy {
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: &'static str) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+        let (o, l) = (open.clone(), links.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    // Down: the client sees its connection closed at once.
+                    drop(inbound);
+                    continue;
+                }
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { continue };
+                let link = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                l.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        Proxy { port, open, links, accept }
+    }
+
+    /// The outage: every connection through the proxy is dropped, new ones are turned away.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    /// The end of the outage.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// `/readyz`: its status code and body.
+pub async fn readyz(addr: std::net::SocketAddr) -> (u16, Value) {
+    match reqwest::get(format!("http://{addr}/readyz")).await {
+        Ok(r) => {
+            let code = r.status().as_u16();
+            (code, r.json().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
