@@ -194,7 +194,7 @@ impl Executor {
             watched.insert(run.task_id, Watched {
                 key,
                 tenant: run.tenant.clone(),
-                language: run.language.as_deref().and_then(|l| l.parse().ok()),
+                language: run.language,
                 timeout_seconds: run.timeout_seconds.unwrap_or(0).max(0) as u32,
                 backend: self.backend.name_for(&run.isolation),
                 finishing: false,
@@ -223,7 +223,7 @@ impl Executor {
         let w = Watched {
             key,
             tenant: task.tenant.clone(),
-            language: task.language.as_deref().and_then(|l| l.parse().ok()),
+            language: task.language,
             timeout_seconds: task.timeout_seconds.unwrap_or(0).max(0) as u32,
             backend,
             finishing: false,
@@ -403,12 +403,7 @@ async fn finish_with_retries(store: &dyn ExecutorStore, metrics: &Metrics, w: &W
 /// with a message, never run with guessed values.
 fn job_of(task: &ClaimedTask, artifact_quota_bytes: u64) -> Result<Job, String> {
     let missing = |what: &str| format!("the stored task has no {what}; it cannot run");
-    let language: Language = task
-        .language
-        .as_deref()
-        .ok_or_else(|| missing("language"))?
-        .parse()
-        .map_err(|e| format!("the stored task's language is unreadable: {e}"))?;
+    let language: Language = task.language.ok_or_else(|| missing("language"))?;
     let program = task.program.as_ref().ok_or_else(|| missing("program"))?;
     let timeout = task.timeout_seconds.filter(|t| *t > 0).ok_or_else(|| missing("timeout"))?;
     let cpu_millis = task.cpu_millis.filter(|c| *c > 0).ok_or_else(|| missing("CPU request"))?;

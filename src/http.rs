@@ -127,7 +127,7 @@ impl From<TaskRow> for TaskView {
     fn from(row: TaskRow) -> Self {
         TaskView {
             result: row.to_result(),
-            language: row.language,
+            language: row.language.map(|l| l.as_str().to_owned()),
             priority: row.priority,
             isolation: row.isolation,
             labels: row.labels.0,

@@ -35,6 +35,14 @@ impl Phase {
         Phase::Cancelled,
     ];
 
+    /// Admitted and holding capacity (counts against `max_concurrency` and `--max-running`).
+    /// SQL's copy is `agenttask.active_phases()`; a test keeps the two equal.
+    pub const ACTIVE: [Phase; 3] = [Phase::Pending, Phase::Scheduled, Phase::Running];
+
+    /// Not yet terminal: still waiting or holding capacity. SQL's copy is
+    /// `agenttask.unfinished_phases()`.
+    pub const UNFINISHED: [Phase; 4] = [Phase::Queued, Phase::Pending, Phase::Scheduled, Phase::Running];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Queued => "Queued",
@@ -56,9 +64,9 @@ impl Phase {
         )
     }
 
-    /// Admitted and holding capacity (counts against `max_concurrency` and `--max-running`).
+    /// One of [`Phase::ACTIVE`].
     pub fn is_active(self) -> bool {
-        matches!(self, Phase::Pending | Phase::Scheduled | Phase::Running)
+        Phase::ACTIVE.contains(&self)
     }
 }
 
@@ -170,6 +178,7 @@ mod tests {
     fn terminal_and_active_are_disjoint() {
         for p in Phase::ALL {
             assert!(!(p.is_terminal() && p.is_active()), "{p}");
+            assert_eq!(Phase::UNFINISHED.contains(&p), !p.is_terminal(), "{p}");
         }
         assert!("nope".parse::<Phase>().unwrap_err().contains("Queued"));
     }

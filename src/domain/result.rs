@@ -109,6 +109,38 @@ mod tests {
     }
 }
 
+/// Largest result message body. Output is capped by the backend, but JSON escaping can inflate
+/// control characters six-fold and brokers cap message sizes (16 MiB by default in RabbitMQ 4):
+/// a result that could never be published would block the outbox.
+pub const MAX_RESULT_BODY_BYTES: usize = 4 << 20;
+
+/// The serialized result, with stdout and stderr cut (and flagged) until it fits.
+pub fn result_body(result: &ResultMessage) -> Vec<u8> {
+    let body = serde_json::to_vec(result).expect("result messages always serialise");
+    if body.len() <= MAX_RESULT_BODY_BYTES {
+        return body;
+    }
+    let mut r = result.clone();
+    let halve = |s: &mut String, flag: &mut bool| {
+        if !s.is_empty() {
+            let mut cut = s.len() / 2;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+            *flag = true;
+        }
+    };
+    loop {
+        halve(&mut r.stdout, &mut r.stdout_truncated);
+        halve(&mut r.stderr, &mut r.stderr_truncated);
+        let body = serde_json::to_vec(&r).expect("result messages always serialise");
+        if body.len() <= MAX_RESULT_BODY_BYTES || (r.stdout.is_empty() && r.stderr.is_empty()) {
+            return body;
+        }
+    }
+}
+
 /// Text Postgres can store: NUL replaced. For anything that may carry bytes from a message or a
 /// program (error messages quoting input, correlation ids, backend stderr).
 pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
@@ -143,5 +175,23 @@ mod storable_tests {
         let s = serde_json::to_string(&super::storable_json(v)).unwrap();
         assert!(!s.contains("\\u0000"), "{s}");
         assert!(s.contains("\"n\":1"));
+    }
+}
+
+#[cfg(test)]
+mod body_tests {
+    use super::*;
+
+    #[test]
+    fn oversized_results_are_cut_to_fit() {
+        let mut r = ResultMessage::rejected(Uuid::nil(), "t", None, None, Reason::NonZeroExit, "m".into(), Utc::now());
+        r.stdout = "\u{1}".repeat(3 << 20); // escapes to 6 bytes each
+        r.stderr = "é".repeat(1 << 20);
+        let body = result_body(&r);
+        assert!(body.len() <= MAX_RESULT_BODY_BYTES);
+        let back: ResultMessage = serde_json::from_slice(&body).unwrap();
+        assert!(back.stdout_truncated && back.stderr_truncated);
+        let small = result_body(&ResultMessage::rejected(Uuid::nil(), "t", None, None, Reason::NonZeroExit, "m".into(), Utc::now()));
+        assert!(!serde_json::from_slice::<ResultMessage>(&small).unwrap().stdout_truncated);
     }
 }

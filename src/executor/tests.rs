@@ -82,7 +82,7 @@ impl ExecutorStore for FakeStore {
                     task_id: *id,
                     tenant: "acme".into(),
                     attempt: t.attempt,
-                    language: Some("python".into()),
+                    language: Some(Language::Python),
                     program: Some(Json(Program { code: "print(1)".into(), ..Default::default() })),
                     timeout_seconds: Some(5),
                     cpu_millis: Some(500),
@@ -156,7 +156,7 @@ impl ExecutorStore for FakeStore {
                         task_id: *id,
                         attempt: *attempt,
                         tenant: "acme".into(),
-                        language: Some("python".into()),
+                        language: Some(Language::Python),
                         timeout_seconds: Some(5),
                         isolation: "standard".into(),
                     });
@@ -457,7 +457,7 @@ fn a_stored_task_without_its_program_is_refused_not_guessed() {
     let err = job_of(&claimed, 1 << 30).unwrap_err();
     assert!(err.contains("no language"), "{err}");
     let mut with_language = claimed;
-    with_language.language = Some("python".into());
+    with_language.language = Some(Language::Python);
     with_language.program = Some(Json(Program::default()));
     let err = job_of(&with_language, 1 << 30).unwrap_err();
     assert!(err.contains("no timeout"), "{err}");

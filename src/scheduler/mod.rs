@@ -333,10 +333,10 @@ async fn round(
         again = true;
     }
     let now_utc = chrono::Utc::now();
-    for (_, tenant, submitted_at) in &admitted {
-        ctx.metrics.admitted.with_label_values(&[tenant]).inc();
-        let wait = (now_utc - *submitted_at).num_milliseconds().max(0) as f64 / 1000.0;
-        ctx.metrics.admission_wait.with_label_values(&[tenant]).observe(wait);
+    for a in &admitted {
+        ctx.metrics.admitted.with_label_values(&[&a.tenant]).inc();
+        let wait = (now_utc - a.submitted_at).num_milliseconds().max(0) as f64 / 1000.0;
+        ctx.metrics.admission_wait.with_label_values(&[&a.tenant]).observe(wait);
     }
     for (i, name) in names.iter().enumerate() {
         let t = &decision.tenants[i];

@@ -1,22 +1,35 @@
 //! Postgres: the source of truth. All SQL of the service lives under this module.
 //!
 //! - [`Store::connect`] creates the database when it is missing and applies the migrations.
-//! - `tasks`: idempotent inserts, guarded phase transitions, the scheduler's and executors' queries.
+//! - `tasks`: the task row every consumer reads, and queueing a finished task's result.
+//! - one module per consumer: `ingest` (idempotent inserts, backlog), `admission` (the
+//!   scheduler's round), `runs` (executors: claims, leases, transitions, cancellation), `api`
+//!   (reads for the task API), `tenants` (the configured tenants mirrored for the SQL views).
 //! - `outbox`: results waiting to be published.
-//! - the configured tenants are mirrored into `agenttask.tenants` for the SQL views.
+//! - `sql_types`: how `Phase`, `Reason` and `Language` are stored.
+//!
+//! Every static query is checked against the schema at compile time (`sqlx::query!` and
+//! friends; offline data in `.sqlx/`, refreshed by `cargo sqlx prepare`). The functions take a
+//! connection (`impl PgExecutor` or `&mut PgConnection`) so callers can compose transactions;
+//! the `Store` methods are shorthands on the pool.
 
+mod admission;
+mod api;
+mod ingest;
 pub mod notify;
 mod outbox;
 mod runs;
+mod sql_types;
 mod tasks;
+mod tenants;
 
-
+pub use admission::{acquire_leadership, reject_queued, Admitted, AdmissionRound, QueuedHead, RunningUsage};
+pub use api::{find_task, position, Position};
+pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, queued_up_to, Inserted, NewRejection, NewTask};
 pub use outbox::{OutboxBatch, OutboxMessage};
-pub use runs::{AdoptedRun, CancelOutcome, ClaimedTask};
-pub use tasks::{
-    acquire_leadership, AdmissionRound, Inserted, NewRejection, NewTask, Position, QueuedHead,
-    ReplyTo, RunningUsage, TaskRow, TenantStatus,
-};
+pub use runs::{finish, AdoptedRun, CancelOutcome, ClaimedTask};
+pub use tasks::{fetch_row, ReplyTo, TaskRow};
+pub use tenants::{load_tenants, phase_counts, sync_tenants, tenant_statuses, TenantStatus};
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -51,6 +64,19 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 impl StoreError {
+    /// A stable, low-cardinality name for metrics (`agenttask_errors_total{error}`).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            StoreError::BadUrl { .. } => "bad_database_url",
+            StoreError::Unreachable { .. } => "database_unreachable",
+            StoreError::Migrate(_) => "migration_failed",
+            StoreError::Corrupt(_) => "corrupt_row",
+            StoreError::Sql(sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_)) => "corrupt_row",
+            StoreError::Sql(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed) => "database_unreachable",
+            StoreError::Sql(_) => "database_error",
+        }
+    }
+
     /// Postgres refused a *value* (SQLSTATE class 22, data exception, e.g. an invalid escape in
     /// JSON): retrying the same write can never succeed. Everything else (lost connections,
     /// deadlocks, serialization failures, a full pool) is worth retrying.
@@ -122,7 +148,7 @@ impl Store {
 
     /// For readiness: can we run a query right now?
     pub async fn ping(&self) -> bool {
-        sqlx::query("select 1").execute(&self.pool).await.is_ok()
+        sqlx::query!("select 1 as one").fetch_one(&self.pool).await.is_ok()
     }
 }
 

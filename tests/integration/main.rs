@@ -18,3 +18,7 @@ mod poison;
 
 /// The execution seam: cancel from agentctl, the null backend.
 mod execution;
+
+/// The database's vocabulary (phases, phase sets) matches the service's; unknown stored values
+/// are errors.
+mod schema;
