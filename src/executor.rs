@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::retry::Backoff;
 use crate::domain::task::Language;
 use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::exec::{Backend, BoxFuture, Capabilities, Event, EventSink, Job, Outcome, RunEvent, RunKey};
@@ -280,8 +281,15 @@ impl Executor {
         match written {
             Ok(true) => {}
             Ok(false) => tracing::debug!(run = %key, "phase not changed: the task moved on"),
-            // Phases before the end are informative; the final write is what must not be lost.
-            Err(e) => tracing::warn!(run = %key, error = %e, "cannot record a run's progress"),
+            // A decision, not a fallback: the program is already running in its sandbox, so a
+            // failed `Scheduled`/`Running` write does not stop it. Those phases are
+            // informative; the final write (retried until stored) carries `started_at` and
+            // moves the task from whichever active phase it is in. The failure is logged and
+            // counted. Tested by `a_failed_running_mark_is_counted_and_the_run_still_finishes`.
+            Err(e) => {
+                self.metrics.errors.with_label_values(&["executor", e.metric_label()]).inc();
+                tracing::warn!(run = %key, error = %e, "cannot record a run's progress; the run continues");
+            }
         }
     }
 
@@ -360,7 +368,7 @@ impl Executor {
 }
 
 async fn finish_with_retries(store: &dyn ExecutorStore, metrics: &Metrics, w: &Watched, mut outcome: Outcome) {
-    let mut wait = Duration::from_millis(200);
+    let mut backoff = Backoff::write();
     let mut stripped = false;
     loop {
         match store.finish(w.key, Some(w.backend), &outcome, w.timeout_seconds).await {
@@ -381,9 +389,9 @@ async fn finish_with_retries(store: &dyn ExecutorStore, metrics: &Metrics, w: &W
                 return;
             }
             Err(e) => {
-                tracing::warn!(run = %w.key, error = %e, "cannot record outcome; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
+                metrics.errors.with_label_values(&["executor", e.metric_label()]).inc();
+                tracing::warn!(run = %w.key, error = %e, retry_in = ?backoff.peek(), "cannot record outcome; retrying");
+                backoff.sleep().await;
             }
         }
     }

@@ -15,6 +15,7 @@
 //! - [`sandbox`]: pure sandbox policy: bubblewrap arguments, seccomp filter, limits, cgroup paths.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the task API.
 //! - [`metrics`]: the contract's Prometheus metrics.
+//! - [`retry`]: the one backoff policy of every loop that waits out an outage.
 //! - [`service`]: wiring for `agenttask serve`.
 //! - [`supervise`]: runs the components; one that stops takes the process down with it.
 //! - [`ctl`]: `agentctl`, the user's CLI.
@@ -27,6 +28,7 @@ pub mod exec;
 pub mod executor;
 pub mod http;
 pub mod metrics;
+pub mod retry;
 pub mod scheduler;
 pub mod sandbox;
 pub mod service;

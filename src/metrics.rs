@@ -24,6 +24,9 @@ pub struct Metrics {
     pub reconcile_duration: prometheus::Histogram,
     pub reconcile_errors: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// Errors a component handled without stopping (logged and counted, never silent), by the
+    /// component and the error's `metric_label()`.
+    pub errors: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -72,6 +75,7 @@ impl Metrics {
             ).expect("valid metric")),
             reconcile_errors: counter("agenttask_reconcile_errors_total", "Reconcile failures, by reason.", &["reason"]),
             build_info: igauge("agenttask_build_info", "Build of this process.", &["version"]),
+            errors: counter("agenttask_errors_total", "Errors handled without stopping, by component and kind.", &["component", "error"]),
             registry,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);

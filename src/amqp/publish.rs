@@ -13,6 +13,7 @@ use lapin::{BasicProperties, Confirmation};
 use tokio_util::sync::CancellationToken;
 
 use super::{connect, declare_topology, PHASE_HEADER};
+use crate::retry::Backoff;
 use crate::domain::tenant::Tenants;
 use crate::store::{OutboxMessage, Store};
 
@@ -30,17 +31,15 @@ pub struct Publisher {
 const BATCH: i64 = 128;
 
 pub async fn run(ctx: Arc<Publisher>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::reconnect();
     while !shutdown.is_cancelled() {
         match session(&ctx, &shutdown).await {
             Ok(()) => break,
-            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "result publisher lost its connection"),
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff.peek(), "result publisher lost its connection"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(&shutdown).await {
+            break;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -52,13 +52,13 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => {
-                let settings = Settings::resolve(args).map_err(anyhow::Error::msg)?;
+                let settings = Settings::resolve(args)?;
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
                 agenttask::service::run(settings, shutdown).await
             }
             Command::Migrate(args) => {
-                let settings = Settings::resolve(args).map_err(anyhow::Error::msg)?;
+                let settings = Settings::resolve(args)?;
                 agenttask::store::Store::connect(&settings.database_url, 2).await?;
                 eprintln!("migrations applied to {}", agenttask::store::redact(&settings.database_url));
                 Ok(())

@@ -32,6 +32,12 @@ struct FakeTask {
 #[derive(Default)]
 struct FakeStore {
     tasks: Mutex<HashMap<Uuid, FakeTask>>,
+    /// `mark_scheduled` and `mark_running` fail as if the database were down.
+    progress_fails: std::sync::atomic::AtomicBool,
+}
+
+fn database_down<T: Send + 'static>() -> BoxFuture<'static, Result<T, StoreError>> {
+    Box::pin(async { Err(StoreError::Sql(sqlx::Error::PoolTimedOut)) })
 }
 
 const ACTIVE: [Phase; 3] = [Phase::Pending, Phase::Scheduled, Phase::Running];
@@ -98,6 +104,9 @@ impl ExecutorStore for FakeStore {
     }
 
     fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        if self.progress_fails.load(std::sync::atomic::Ordering::SeqCst) {
+            return database_down();
+        }
         ok(self.update(key.task_id, |t| {
             let moved = t.attempt == key.attempt && t.phase == Phase::Pending;
             if moved {
@@ -109,6 +118,9 @@ impl ExecutorStore for FakeStore {
     }
 
     fn mark_running<'a>(&'a self, key: RunKey, _backend: &'a str, _at: chrono::DateTime<Utc>) -> BoxFuture<'a, Result<bool, StoreError>> {
+        if self.progress_fails.load(std::sync::atomic::Ordering::SeqCst) {
+            return database_down();
+        }
         ok(self.update(key.task_id, |t| {
             let moved = t.attempt == key.attempt && matches!(t.phase, Phase::Pending | Phase::Scheduled);
             if moved {
@@ -256,23 +268,25 @@ struct Harness {
     cancels: mpsc::UnboundedSender<Uuid>,
     shutdown: CancellationToken,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    metrics: Metrics,
 }
 
 fn start(store: Arc<FakeStore>, backend: Arc<FakeBackend>) -> Harness {
     let (cancels, rx) = mpsc::unbounded_channel();
     let wake = Arc::new(Notify::new());
     let shutdown = CancellationToken::new();
+    let metrics = Metrics::new();
     let executor = Executor {
         store: store.clone(),
         backend: backend.clone(),
-        metrics: Metrics::new(),
+        metrics: metrics.clone(),
         wake: wake.clone(),
         cancels: rx,
         lease: Duration::from_millis(300),
         tenants: tokio::sync::watch::channel(Arc::new(Default::default())).1,
     };
     let handle = tokio::spawn(executor.run(shutdown.clone()));
-    Harness { store, backend, wake, cancels, shutdown, handle }
+    Harness { store, backend, wake, cancels, shutdown, handle, metrics }
 }
 
 impl Harness {
@@ -315,6 +329,27 @@ async fn phases_follow_the_backend_and_the_outcome_is_written_once() {
     // A duplicate Finished changes nothing.
     h.backend.finish_ok(key);
     tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.store.get(task).finishes, 1);
+    h.stop().await;
+}
+
+/// A decision, not a fallback: a run whose `Running` mark cannot be written keeps running (the
+/// program is already going), the failure is counted, and the final write still ends the task.
+#[tokio::test]
+async fn a_failed_running_mark_is_counted_and_the_run_still_finishes() {
+    let h = start(Arc::default(), Arc::default());
+    let task = h.store.admit();
+    h.store.progress_fails.store(true, std::sync::atomic::Ordering::SeqCst);
+    h.wake.notify_one();
+    let key = launched_run(&h, task).await;
+    let errors = || h.metrics.errors.with_label_values(&["executor", "database_unreachable"]).get();
+    h.backend.emit(key, RunEvent::Running { at: Utc::now() });
+    // The positive signal that the event was handled: its failure was counted.
+    until("the failed mark is counted", || errors() == 1).await;
+    assert_eq!(h.store.get(task).phase, Phase::Pending, "the mark was not written");
+    assert!(h.backend.cancelled.lock().unwrap().is_empty(), "and the run was not stopped");
+    h.backend.finish_ok(key);
+    until("Succeeded", || h.store.get(task).phase == Phase::Succeeded).await;
     assert_eq!(h.store.get(task).finishes, 1);
     h.stop().await;
 }

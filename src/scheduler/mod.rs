@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::retry::Backoff;
 use crate::domain::fairshare::{self, decide, Policy, Resources, Stop, Tenant};
 use crate::domain::phase::Reason;
 use crate::domain::quantity::{format_cpu, format_memory};
@@ -102,14 +103,13 @@ const FULL_REFRESH_EVERY: Duration = Duration::from_secs(30);
 const MAX_ADMISSIONS_PER_ROUND: usize = 512;
 
 pub async fn run(ctx: Arc<Scheduler>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::write();
     while !shutdown.is_cancelled() {
         let mut conn = match ctx.store.dedicated_connection().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "scheduler cannot connect; retrying");
-                sleep_or_stop(&shutdown, backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in = ?backoff.peek(), "scheduler cannot connect; retrying");
+                backoff.wait(&shutdown).await;
                 continue;
             }
         };
@@ -117,28 +117,22 @@ pub async fn run(ctx: Arc<Scheduler>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             res = acquire_leadership(&mut conn) => if let Err(e) = res {
-                tracing::warn!(error = %e, "leadership campaign failed; retrying");
-                sleep_or_stop(&shutdown, backoff).await;
+                tracing::warn!(error = %e, retry_in = ?backoff.peek(), "leadership campaign failed; retrying");
+                backoff.wait(&shutdown).await;
                 continue;
             },
         }
-        backoff = Duration::from_millis(200);
+        backoff.reset();
         tracing::info!("scheduler is the leader");
         let err = lead(&ctx, &mut conn, &shutdown).await;
         if let Err(e) = err {
             tracing::warn!(error = %e, "scheduler stepped down");
-            sleep_or_stop(&shutdown, backoff).await;
+            backoff.wait(&shutdown).await;
         }
         // Dropping the session releases the lock for a standby.
     }
 }
 
-async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) {
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(d) => {}
-    }
-}
 
 /// Admits while this session holds the leadership. Returns on shutdown (Ok) or on a database
 /// error (the session, and so the leadership, may be gone).
