@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_AMQP_URL;
 use crate::domain::quantity::{format_cpu, format_memory};
-use crate::http::{ApiError, ApplyResult, BatchCancelAnswer, CancelAnswer, TaskView};
+use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, ErrorBody, TaskView};
 use crate::store::{Position, TenantStatus};
 
 /// agentctl: submit untrusted code to AgentTask and inspect its tasks.
@@ -302,8 +302,8 @@ async fn api<T: serde::de::DeserializeOwned>(
     let status = resp.status();
     let bytes = resp.bytes().await?;
     if !status.is_success() {
-        let msg = serde_json::from_slice::<ApiError>(&bytes)
-            .map(|e| e.error)
+        let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|e| format!("{} ({})", e.message, e.code))
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
         return Err(CtlError(format!("{status}: {msg}")));
     }
