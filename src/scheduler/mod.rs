@@ -26,7 +26,7 @@ use crate::domain::phase::Reason;
 use crate::domain::quantity::{format_cpu, format_memory};
 use crate::domain::tenant::Tenants;
 use crate::metrics::Metrics;
-use crate::store::{acquire_leadership, AdmissionRound, RunningUsage, Store};
+use crate::store::{acquire_leadership, Admitted, AdmissionRound, QueuedHead, RunningUsage, Store, StoreError};
 
 /// What the scheduler needs, and nothing else.
 pub struct Scheduler {
@@ -150,9 +150,12 @@ async fn lead(ctx: &Scheduler, conn: &mut sqlx::PgConnection, shutdown: &Cancell
         woken.as_mut().enable();
         let elapsed = last_round.elapsed();
         last_round = Instant::now();
-        let outcome = round(ctx, conn, &mut view, elapsed).await?;
+        let mut outcome = round(ctx, AdmissionRound::begin(conn).await?, &mut view, elapsed).await?;
         if outcome.admitted > 0 {
             ctx.executors.notify_one();
+        }
+        if reject_too_large(ctx, &outcome.too_large).await? {
+            outcome.again = true;
         }
         if last_full_refresh.elapsed() >= FULL_REFRESH_EVERY {
             // A safety net under the notifications, which are the normal path.
@@ -191,16 +194,47 @@ async fn lead(ctx: &Scheduler, conn: &mut sqlx::PgConnection, shutdown: &Cancell
     Ok(())
 }
 
+#[derive(Debug)]
 struct RoundOutcome {
     admitted: usize,
     /// Run another round at once: something changed under us or a bucket ran dry mid-round.
     again: bool,
+    /// Queued heads larger than the whole capacity: (task, CPU millis, memory bytes). They can
+    /// never be admitted; the caller rejects them after the round committed.
+    too_large: Vec<(uuid::Uuid, u64, u64)>,
 }
 
-/// One admission decision, applied.
+/// What one admission round reads and writes, in one transaction: the leader's
+/// [`AdmissionRound`] in the service, an in-memory fake in the unit tests.
+pub(crate) trait RoundStore {
+    /// Tasks holding capacity, per tenant.
+    async fn running_usage(&mut self) -> Result<Vec<RunningUsage>, StoreError>;
+    /// The first `limit` queued tasks of each of `tenants`, in admission order.
+    async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>, StoreError>;
+    /// `Queued` → `Pending`; returns the tasks that moved.
+    async fn admit(&mut self, ids: &[uuid::Uuid]) -> Result<Vec<Admitted>, StoreError>;
+    async fn commit(self) -> Result<(), StoreError>;
+}
+
+impl RoundStore for AdmissionRound<'_> {
+    async fn running_usage(&mut self) -> Result<Vec<RunningUsage>, StoreError> {
+        AdmissionRound::running_usage(self).await
+    }
+    async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>, StoreError> {
+        AdmissionRound::queued_heads(self, tenants, limit).await
+    }
+    async fn admit(&mut self, ids: &[uuid::Uuid]) -> Result<Vec<Admitted>, StoreError> {
+        AdmissionRound::admit(self, ids).await
+    }
+    async fn commit(self) -> Result<(), StoreError> {
+        AdmissionRound::commit(self).await
+    }
+}
+
+/// One admission decision, applied and committed in `tx`.
 async fn round(
     ctx: &Scheduler,
-    conn: &mut sqlx::PgConnection,
+    mut tx: impl RoundStore,
     view: &mut View,
     elapsed: Duration,
 ) -> anyhow::Result<RoundOutcome> {
@@ -212,7 +246,6 @@ async fn round(
     if ctx.wake.take_all_dirty() {
         view.mark_all_dirty();
     }
-    let mut tx = AdmissionRound::begin(conn).await?;
     let usage: HashMap<String, RunningUsage> =
         tx.running_usage().await?.into_iter().map(|u| (u.tenant.clone(), u)).collect();
     let slots_of = |t: &str| usage.get(t).map_or(0, |u| u.tasks.max(0) as u64);
@@ -345,8 +378,16 @@ async fn round(
         }
     }
     ctx.metrics.fairness_index.set(decision.fairness_index());
+    if !admitted.is_empty() {
+        tracing::debug!(admitted = admitted.len(), "admission round");
+    }
+    Ok(RoundOutcome { admitted: admitted.len(), again, too_large })
+}
 
-    for (task_id, cpu, memory) in too_large {
+/// Rejects queued tasks that ask for more than the whole capacity. True if any was rejected.
+async fn reject_too_large(ctx: &Scheduler, too_large: &[(uuid::Uuid, u64, u64)]) -> Result<bool, StoreError> {
+    let mut any = false;
+    for &(task_id, cpu, memory) in too_large {
         let message = format!(
             "asks for {} CPU and {} memory, more than the service's whole capacity ({} CPU, {} memory); ask for less",
             format_cpu(cpu),
@@ -355,13 +396,10 @@ async fn round(
             ctx.capacity.memory_bytes.map_or("unlimited".into(), format_memory),
         );
         if ctx.store.reject_queued(task_id, Reason::ValidationFailed, &message).await? {
-            again = true;
+            any = true;
         }
     }
-    if !admitted.is_empty() {
-        tracing::debug!(admitted = admitted.len(), "admission round");
-    }
-    Ok(RoundOutcome { admitted: admitted.len(), again })
+    Ok(any)
 }
 
 /// Slow-path duties: fail or requeue tasks of vanished executors, refresh gauges.
@@ -379,3 +417,6 @@ async fn housekeeping(ctx: &Scheduler, gauges: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

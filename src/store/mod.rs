@@ -119,6 +119,14 @@ impl Store {
         Ok(store)
     }
 
+    /// A handle that connects only when first used: for tests of components whose code under
+    /// test never reaches the database.
+    pub fn connect_lazy(url: &str) -> Result<Store> {
+        let opts = PgConnectOptions::from_str(url).map_err(|source| StoreError::BadUrl { url: redact(url), source })?;
+        let pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(opts.clone());
+        Ok(Store { pool, opts })
+    }
+
     /// Applies pending migrations. Safe to run from several processes at once: sqlx serialises
     /// them with an advisory lock.
     pub async fn migrate(&self) -> Result<()> {
