@@ -204,8 +204,10 @@ async fn resubmitting_the_same_id_creates_no_second_task() {
     assert_eq!(r["phase"], "Succeeded", "{r:#}");
     let (r2, _) = client.next(WAIT).await;
     assert_eq!(r2["phase"], "Succeeded", "{r2:#}");
-    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result per key");
     let pool = env.pg().await;
+    // All five messages handled and every result published: a second result would be here.
+    settled(&env, &pool, &tenant).await;
+    assert!(client.more(Duration::from_millis(500)).await.is_none(), "exactly one result per key");
     let n: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks").fetch_one(&pool).await.unwrap();
     assert_eq!(n, 2);
     pool.close().await;
@@ -271,7 +273,8 @@ async fn results_are_published_after_a_restart_between_finish_and_publish() {
     let svc = env.start_with(env.settings(&[Component::Publisher])).await;
     let (r, _) = client.next(WAIT).await;
     assert_eq!((r["id"].as_str(), r["stdout"].as_str()), (Some("outbox-1"), Some("kept\n")));
-    assert!(client.more(Duration::from_secs(2)).await.is_none(), "published exactly once");
+    settled(&env, &pool, &env.tenant("a")).await;
+    assert!(client.more(Duration::from_millis(500)).await.is_none(), "published exactly once");
     let left: i64 = sqlx::query_scalar("select count(*) from agenttask.outbox").fetch_one(&pool).await.unwrap();
     assert_eq!(left, 0);
     pool.close().await;
@@ -404,7 +407,11 @@ async fn a_corrected_resubmit_after_a_rejection_gets_its_own_result() {
     assert_eq!((r["phase"].as_str(), r["stdout"].as_str()), (Some("Succeeded"), Some("fixed\n")), "{r:#}");
     // An accepted id stays taken: a third publish creates nothing and answers nothing.
     client.submit(&tenant, &json!({"id": "fixme", "language": "python", "code": "print('again')"})).await;
-    assert!(client.more(Duration::from_secs(2)).await.is_none());
+    let pool = env.pg().await;
+    settled(&env, &pool, &tenant).await;
+    assert!(client.more(Duration::from_millis(500)).await.is_none());
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks").await, 1, "the rejection gave way, the third publish added nothing");
+    pool.close().await;
     svc.stop().await;
     env.cleanup().await;
 }

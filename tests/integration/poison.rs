@@ -156,6 +156,7 @@ async fn poison_messages_do_not_stop_the_service() {
 
     // And the service still serves every tenant afterwards.
     let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
     for (tenant, id) in [(&b, "after-b"), (&a, "after-a")] {
         publish_plain(&ch, tenant, &json!({"id": id, "language": "python", "code": "print('ok')"})).await;
     }
