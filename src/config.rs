@@ -99,7 +99,8 @@ pub struct ServeArgs {
     /// endpoints are closed.
     #[arg(long, env = "AGENTTASK_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Total CPU the admitted tasks may ask for together, e.g. "16" [default: unlimited; slots only]
+    /// Total CPU the admitted tasks may ask for together, e.g. "16"; set it above the host's CPUs
+    /// to overcommit on purpose [default: this host's CPU count]
     #[arg(long, env = "AGENTTASK_CAPACITY_CPU")]
     pub capacity_cpu: Option<String>,
     /// Total memory the admitted tasks may ask for together, e.g. "64Gi" [default: unlimited]
@@ -184,12 +185,18 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub output_limit_bytes: usize,
     pub admin_token: Option<String>,
-    /// Global CPU capacity in millicores, if limited.
+    /// Global CPU capacity in millicores: `--capacity-cpu`, else this host's CPU count.
     pub capacity_cpu_millis: Option<u64>,
     /// Global memory capacity in bytes, if limited.
     pub capacity_memory_bytes: Option<u64>,
     /// Usage-history half-life; zero disables the history term.
     pub usage_half_life: std::time::Duration,
+}
+
+/// This host's CPUs (as far as the process may use them: affinity and cgroup quota), in
+/// millicores: the default CPU capacity, so tasks asking for whole CPUs do not overcommit it.
+pub fn host_cpu_millis() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64) * 1000
 }
 
 impl Settings {
@@ -234,7 +241,8 @@ impl Settings {
                 .capacity_cpu
                 .or(file.capacity_cpu)
                 .map(|c| parse_cpu_millis(&c).map_err(|e| invalid("--capacity-cpu", e.to_string())))
-                .transpose()?,
+                .transpose()?
+                .or(Some(host_cpu_millis())),
             capacity_memory_bytes: args
                 .capacity_memory
                 .or(file.capacity_memory)
@@ -308,6 +316,16 @@ mod tests {
         assert_eq!((s.max_running, s.prefetch), (5, 7));
         assert_eq!(s.database_url, DEFAULT_DATABASE_URL);
         assert_eq!(s.components.len(), Component::ALL.len());
+    }
+
+    #[test]
+    fn cpu_capacity_defaults_to_the_hosts_cpus() {
+        let s = Settings::resolve(ServeArgs::default()).unwrap();
+        let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+        assert_eq!(s.capacity_cpu_millis, Some(cpus * 1000));
+        let s = Settings::resolve(ServeArgs { capacity_cpu: Some("64".into()), ..Default::default() })
+            .unwrap();
+        assert_eq!(s.capacity_cpu_millis, Some(64_000));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! scheduler, the sandbox and the result publisher.
 //!
 //!   agenttask-loadtest --tenant demo --count 50 --concurrency 1
+//!   agenttask-loadtest --tenant demo --count 20000 --raw     (RabbitMQ alone, same messages)
 //!
 //! Bounded in count and time; talks only to the broker it is given (loopback by default).
 
@@ -23,8 +24,8 @@ use agenttask::domain::result::ResultMessage;
 #[command(version, about)]
 struct Args {
     /// Tenant to submit to
-    #[arg(long, env = "AGENTCTL_TENANT")]
-    tenant: String,
+    #[arg(long, env = "AGENTCTL_TENANT", required_unless_present = "raw")]
+    tenant: Option<String>,
     /// Tasks to submit in all
     #[arg(long, default_value_t = 50)]
     count: usize,
@@ -42,6 +43,11 @@ struct Args {
     /// Print the summary as JSON
     #[arg(long)]
     json: bool,
+    /// Measure RabbitMQ alone instead of the service: publish --count messages of a task's size
+    /// to a private queue with pipelined confirms, then consume them all with no processing.
+    /// The machine's own ceiling for the same messages, to read service figures against.
+    #[arg(long)]
+    raw: bool,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -65,6 +71,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if args.raw {
+        return raw(args).await;
+    }
+    let tenant = args.tenant.clone().expect("clap requires --tenant without --raw");
     let conn = connect(&args.amqp_url, "agenttask-loadtest").await?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -92,7 +102,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 .with_reply_to("amq.rabbitmq.reply-to".into());
             sent_at.insert(id.clone(), Instant::now());
             channel
-                .basic_publish(TASKS_EXCHANGE.into(), args.tenant.as_str().into(), BasicPublishOptions::default(), &body, props)
+                .basic_publish(TASKS_EXCHANGE.into(), tenant.as_str().into(), BasicPublishOptions::default(), &body, props)
                 .await?
                 .await?;
             sent += 1;
@@ -145,4 +155,72 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
     let all_ok = phases.keys().all(|p| p == "Succeeded");
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The broker alone: publish with confirms, then consume, the same number of task-sized messages.
+async fn raw(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeclareOptions};
+    let conn = connect(&args.amqp_url, "agenttask-loadtest-raw").await?;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    // Durable messages on a classic queue, like the service's results; exclusive so nothing is
+    // left behind.
+    let queue = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let body = serde_json::to_vec(&serde_json::json!({"id": id, "language": "python", "code": args.code}))?;
+    let started = Instant::now();
+    let mut confirms = Vec::with_capacity(args.count);
+    for _ in 0..args.count {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        confirms.push(
+            channel
+                .basic_publish("".into(), queue.name().as_str().into(), BasicPublishOptions::default(), &body, props)
+                .await?,
+        );
+    }
+    for c in confirms {
+        if !c.await?.is_ack() {
+            return Err("the broker refused a message".into());
+        }
+    }
+    let published = started.elapsed().as_secs_f64();
+    channel.basic_qos(256, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(queue.name().as_str().into(), "raw".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let consume_start = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(args.deadline);
+    for _ in 0..args.count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(d)) = tokio::time::timeout(left, consumer.next()).await else {
+            return Err("deadline passed while consuming".into());
+        };
+        d?.acker.ack(BasicAckOptions::default()).await?;
+    }
+    let consumed = consume_start.elapsed().as_secs_f64();
+    let _ = conn.close(200, "done".into()).await;
+    let summary = serde_json::json!({
+        "messages": args.count,
+        "message_bytes": body.len(),
+        "publish_per_second": args.count as f64 / published,
+        "consume_per_second": args.count as f64 / consumed,
+        "publish_then_consume_per_second": args.count as f64 / (published + consumed),
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "raw RabbitMQ, {} messages of {} bytes: publish with confirms {:.0}/s, consume {:.0}/s, publish then consume {:.0}/s",
+            args.count,
+            body.len(),
+            args.count as f64 / published,
+            args.count as f64 / consumed,
+            args.count as f64 / (published + consumed)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -54,8 +54,15 @@ fn main() -> ExitCode {
             Command::Serve(args) => {
                 let settings = Settings::resolve(args)?;
                 let shutdown = CancellationToken::new();
-                tokio::spawn(stop_on_signal(shutdown.clone()));
-                agenttask::service::run(settings, shutdown).await
+                // The signal handler runs beside the service on this task, not spawned: it only
+                // has to turn the first SIGINT/SIGTERM into a graceful shutdown.
+                let service = agenttask::service::run(settings, shutdown.clone());
+                tokio::pin!(service);
+                tokio::select! {
+                    result = &mut service => return result,
+                    () = stop_on_signal() => shutdown.cancel(),
+                }
+                service.await
             }
             Command::Migrate(args) => {
                 let settings = Settings::resolve(args)?;
@@ -74,16 +81,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// SIGINT or SIGTERM stops the service cleanly: running tasks are handed back, not lost.
-async fn stop_on_signal(shutdown: CancellationToken) {
+/// Returns at the first SIGINT or SIGTERM. The service then stops cleanly: running tasks are
+/// handed back, not lost. If the handlers cannot be installed, it never returns (the process
+/// can still be killed), and says so.
+async fn stop_on_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return;
+        tracing::error!("cannot install SIGTERM/SIGINT handlers; stop the service with SIGKILL");
+        return std::future::pending().await;
     };
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
     tracing::info!("shutting down");
-    shutdown.cancel();
 }

@@ -6,6 +6,7 @@
 //! (and, with `--wait`, the task succeeded), 1 when a waited-for task did not succeed, 2 for
 //! usage and connection errors.
 
+mod escape;
 mod submit;
 
 use std::process::ExitCode;
@@ -119,6 +120,10 @@ impl<E: std::fmt::Display> From<E> for CtlError {
 }
 
 pub fn main() -> ExitCode {
+    // Like any Unix filter: `agentctl get ID | head` ends quietly when the reader goes away,
+    // instead of panicking on a broken pipe (Rust ignores SIGPIPE by default).
+    // SAFETY: restoring the default disposition of one signal, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     crate::amqp::reserve_parser_stack();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -135,7 +140,8 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(CtlError(msg)) => {
-            eprintln!("error: {msg}");
+            // Error messages may quote tenant-supplied text (ids, names).
+            eprintln!("error: {}", escape::line(&msg));
             ExitCode::from(2)
         }
     }
@@ -322,11 +328,12 @@ fn encode(s: &str) -> String {
 
 fn print_task(v: &TaskView) {
     let r = &v.result;
-    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    // Everything a tenant's message or program can set is escaped for the terminal.
+    let opt = |o: &Option<String>| o.as_deref().map_or_else(|| "-".into(), |s| escape::line(s).into_owned());
     let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into());
     println!("TASK        {}", r.task_id);
     println!("ID          {}", opt(&r.id));
-    println!("TENANT      {}", r.tenant);
+    println!("TENANT      {}", escape::line(&r.tenant));
     println!("BATCH       {}", opt(&r.batch_id));
     println!("LANGUAGE    {}", opt(&v.language));
     println!("PHASE       {}", r.phase);
@@ -342,15 +349,20 @@ fn print_task(v: &TaskView) {
         println!("DURATION    {ms} ms");
     }
     if let Some(result) = &r.result {
-        println!("RESULT      {result}");
+        println!("RESULT      {}", escape::line(&result.to_string()));
     }
     for a in &r.artifacts {
-        println!("ARTIFACT    {} ({} bytes, sha256 {})", a.name, a.size, a.sha256);
+        println!(
+            "ARTIFACT    {} ({} bytes, sha256 {})",
+            escape::line(&a.name),
+            a.size,
+            escape::line(&a.sha256)
+        );
     }
     if !r.stdout.is_empty() {
-        println!("--- stdout{} ---\n{}", if r.stdout_truncated { " (truncated)" } else { "" }, r.stdout.trim_end());
+        println!("--- stdout{} ---\n{}", if r.stdout_truncated { " (truncated)" } else { "" }, escape::block(r.stdout.trim_end()));
     }
     if !r.stderr.is_empty() {
-        println!("--- stderr{} ---\n{}", if r.stderr_truncated { " (truncated)" } else { "" }, r.stderr.trim_end());
+        println!("--- stderr{} ---\n{}", if r.stderr_truncated { " (truncated)" } else { "" }, escape::block(r.stderr.trim_end()));
     }
 }

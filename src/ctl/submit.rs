@@ -13,7 +13,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 use serde_json::json;
 
-use super::{Cli, CtlError, Output};
+use super::{escape, Cli, CtlError, Output};
 use crate::amqp::TASKS_EXCHANGE;
 use crate::domain::phase::Phase;
 use crate::domain::result::ResultMessage;
@@ -231,24 +231,25 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
     Ok(if result.phase == Phase::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// Program output on stdout/stderr as the program wrote it; our status line on stderr.
+/// Program output on stdout/stderr as the program wrote it, except that terminal control
+/// characters other than newline and tab are shown escaped; our status line on stderr.
 fn print_result(r: &ResultMessage) {
-    print!("{}", r.stdout);
+    print!("{}", escape::block(&r.stdout));
     if r.stdout_truncated {
         println!("\n[stdout truncated]");
     }
-    eprint!("{}", r.stderr);
+    eprint!("{}", escape::block(&r.stderr));
     if r.stderr_truncated {
         eprintln!("\n[stderr truncated]");
     }
     if let Some(result) = &r.result {
-        eprintln!("result: {result}");
+        eprintln!("result: {}", escape::line(&result.to_string()));
     }
     let reason = r.reason.map(|x| format!(" ({x})")).unwrap_or_default();
     let timing = match (r.duration_ms, r.queue_wait_ms) {
         (Some(d), Some(q)) => format!(" after {d} ms (queued {q} ms)"),
         _ => String::new(),
     };
-    let message = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+    let message = r.message.as_deref().map(|m| format!(": {}", escape::line(m))).unwrap_or_default();
     eprintln!("{}{reason}{timing}{message} — task {}", r.phase, r.task_id);
 }

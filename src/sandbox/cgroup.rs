@@ -3,8 +3,9 @@
 //! the limits.
 //!
 //! Task cgroups are created *under the service's own cgroup* in each hierarchy
-//! (`<mount>/<own path>/agenttask/<task id>`), so whatever limits the operator put on the
-//! service also bound its tasks, and the service needs no write access elsewhere.
+//! (`<mount>/<own path>/agenttask/<owner pid>.<owner start>.<run>`, see [`task_name`]), so
+//! whatever limits the operator put on the service also bound its tasks, and the service needs
+//! no write access elsewhere.
 
 use std::path::{Path, PathBuf};
 

@@ -436,3 +436,75 @@ async fn nul_characters_in_properties_and_field_names_are_answered_not_looped() 
     svc.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn agentctl_human_output_escapes_terminal_controls_and_json_keeps_them() {
+    let env = Env::new(ONE_TENANT).await;
+    let svc = env.start().await;
+    let tenant = env.tenant("a");
+    let code = r#"
+import os
+print("\x1b]0;pwned\x07\x1b[2Jcleared")
+open(os.path.join(os.environ["AGENTTASK_ARTIFACTS_DIR"], "evil\x1b[31m\nname"), "w").write("x")
+"#;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["submit", "--tenant", &tenant, "-c", code, "--wait", "--id", "ctl-esc"])
+        .env("AGENTCTL_AMQP_URL", &env.amqp_url)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.stdout.contains(&0x1b) && !out.stderr.contains(&0x1b), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "\\x1b]0;pwned\\x07\\x1b[2Jcleared\n");
+    let get = |json: bool| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"));
+        cmd.args(["get", "ctl-esc", "--tenant", &tenant])
+            .env("AGENTCTL_SERVER", format!("http://{}", svc.http_addr))
+            .env("AGENTCTL_TOKEN", "test-admin-token");
+        if json {
+            cmd.args(["-o", "json"]);
+        }
+        cmd.output()
+    };
+    let human = get(false).await.unwrap();
+    assert!(human.status.success(), "{}", String::from_utf8_lossy(&human.stderr));
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(!human.stdout.contains(&0x1b), "{text}");
+    assert!(text.contains("ARTIFACT    evil\\x1b[31m\\nname (1 bytes"), "{text}");
+    // `-o json` is the data unchanged.
+    let v: Value = serde_json::from_slice(&get(true).await.unwrap().stdout).unwrap();
+    assert_eq!(v["artifacts"][0]["name"], "evil\u{1b}[31m\nname");
+    assert_eq!(v["stdout"], "\u{1b}]0;pwned\u{7}\u{1b}[2Jcleared\n");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn artifacts_past_the_tenants_quota_are_not_stored_and_the_result_says_so() {
+    // acme may keep 100 KiB of artifacts; globex the default (1 GiB).
+    let env = Env::new("[tenants.{t}-acme]\nmax_artifact_bytes = 102400\n[tenants.{t}-globex]\n").await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let code = "import os\nopen(os.path.join(os.environ['AGENTTASK_ARTIFACTS_DIR'], 'big.bin'), 'wb').write(os.urandom(200 * 1024))\nprint('ok')\n";
+    for suffix in ["acme", "globex"] {
+        client
+            .submit(&env.tenant(suffix), &json!({"id": format!("art-{suffix}"), "language": "python", "code": code}))
+            .await;
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let (r, _) = client.next(WAIT).await;
+        seen.insert(r["tenant"].as_str().unwrap().to_owned(), r);
+    }
+    let acme = &seen[&env.tenant("acme")];
+    assert_eq!((acme["phase"].as_str(), acme["stdout"].as_str()), (Some("Succeeded"), Some("ok\n")), "{acme:#}");
+    assert_eq!(acme["artifacts"].as_array().unwrap().len(), 0, "{acme:#}");
+    let message = acme["message"].as_str().unwrap();
+    assert!(message.contains("not stored") && message.contains("max_artifact_bytes = 102400"), "{message}");
+    let globex = &seen[&env.tenant("globex")];
+    assert_eq!(globex["phase"], "Succeeded", "{globex:#}");
+    assert_eq!(globex["artifacts"][0]["name"], "big.bin", "{globex:#}");
+    assert!(!globex["message"].as_str().unwrap_or_default().contains("not stored"), "{globex:#}");
+    svc.stop().await;
+    env.cleanup().await;
+}

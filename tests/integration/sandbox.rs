@@ -805,6 +805,11 @@ async fn setup_errors_name_the_fix() {
     c.sandbox_user = "no-such-user-agenttask".into();
     let e = LocalBackend::new(c).unwrap_err().to_string();
     assert!(e.contains("install-sandbox.sh"), "{e}");
+    // A missing uid range says which users are missing.
+    assert!(
+        e.contains("uid range is missing") && e.contains("no-such-user-agenttask-0"),
+        "{e}"
+    );
     let mut c = LocalConfig::new(tmp.path().join("d"));
     c.bwrap_path = "/nonexistent/bwrap".into();
     let e = LocalBackend::new(c).unwrap_err().to_string();
@@ -988,7 +993,6 @@ while len(ino) < 10000:
     if fd < 0: break
     ino.append(fd)
 held["inotify"] = len(ino)
-for fd in ino[-8:]: os.close(fd)  # room for the descriptors used below
 mq = []
 libc.mq_open.restype = ctypes.c_int
 while len(mq) < 10000:
@@ -1134,8 +1138,9 @@ async fn host_information_in_proc_is_masked() {
     let o = s
         .run(py(r#"
 import os
-for p in ("/proc/cmdline", "/proc/config.gz", "/proc/iomem", "/proc/keys", "/proc/timer_list",
-          "/proc/kallsyms", "/proc/modules", "/proc/interrupts", "/proc/sched_debug", "/proc/kcore"):
+for p in ("/proc/cmdline", "/proc/config.gz", "/proc/iomem", "/proc/ioports", "/proc/keys",
+          "/proc/key-users", "/proc/timer_list", "/proc/interrupts", "/proc/sched_debug",
+          "/proc/kcore", "/proc/partitions", "/proc/diskstats", "/proc/locks", "/proc/zoneinfo"):
     try:
         print(p, len(open(p, "rb").read()))
     except OSError as e:
@@ -1156,7 +1161,10 @@ print("self", os.path.exists("/proc/self/status"))
         let (path, what) = (parts.next().unwrap(), parts.collect::<Vec<_>>().join(" "));
         if path.starts_with("/proc/") {
             assert!(
-                what == "0" || what == "entries 0" || what == "unreadable FileNotFoundError",
+                what == "0"
+                    || what == "entries 0"
+                    || what == "unreadable FileNotFoundError"
+                    || what == "unreadable PermissionError",
                 "{path} shows host information: {what}"
             );
         }
@@ -1246,5 +1254,59 @@ async fn stale_task_cgroups_of_dead_owners_are_removed_and_live_neighbours_kept(
     let _ = std::fs::remove_dir(&live);
     assert!(!dead_left, "{} was not removed", dead.display());
     assert!(live_left, "a live neighbour's cgroup was removed");
+    s.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn unix_socket_and_pipe_buffers_are_charged_to_the_task() {
+    let s = sandbox();
+    for kind in ["stream", "dgram", "pipe"] {
+        let mut j = py(r#"
+import fcntl, os, socket, sys
+kind, queued, objs, step = sys.argv[1], 0, [], 16 << 20
+for i in range(900):
+    if kind == "pipe":
+        r, w = os.pipe()
+        try: fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+        except OSError: pass
+        os.set_blocking(w, False)
+        objs.append((r, w))
+        send = lambda: os.write(w, b"x" * 65536)
+    else:
+        t = socket.SOCK_STREAM if kind == "stream" else socket.SOCK_DGRAM
+        a, b = socket.socketpair(socket.AF_UNIX, t)
+        a.setblocking(False)
+        objs.append((a, b))
+        send = lambda: a.send(b"x" * (65536 if kind == "stream" else 4096))
+    while True:
+        try: n = send()
+        except (BlockingIOError, OSError): break
+        if (queued + n) // step > queued // step:
+            print("queued", queued + n, flush=True)
+        queued += n
+print("queued", queued, "done", flush=True)
+"#);
+        j.args = vec![kind.into()];
+        j.memory_bytes = 64 * MIB;
+        j.timeout = Duration::from_secs(30);
+        let o = s.run(j).await;
+        let last: u64 = o
+            .stdout
+            .text
+            .lines()
+            .filter_map(|l| l.strip_prefix("queued ")?.split(' ').next()?.parse().ok())
+            .next_back()
+            .unwrap_or_else(|| panic!("{kind}: no progress at all: {o:?}"));
+        // Either the task was stopped at its own memory limit, or the kernel refused more.
+        assert!(
+            last < 96 * MIB,
+            "{kind}: a 64Mi task queued {} MiB",
+            last / MIB
+        );
+        assert!(
+            o.termination == Termination::OomKilled || o.exit_code == Some(0),
+            "{kind}: {o:?}"
+        );
+    }
     s.assert_healthy().await;
 }

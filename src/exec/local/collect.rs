@@ -593,6 +593,25 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_swapped_for_a_symlink_after_the_walk_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dest) = (tmp.path().join("src"), tmp.path().join("dest"));
+        fs::create_dir_all(src.join("sub")).unwrap();
+        fs::write(src.join("sub/f"), b"task data").unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("f"), b"host secret").unwrap();
+        let root = open_dir_path(&src).unwrap();
+        let (found, _) = walk(&root, &caps());
+        assert_eq!(found.len(), 1);
+        // Between listing and copying, `sub` becomes a link to a directory outside.
+        fs::remove_dir_all(src.join("sub")).unwrap();
+        symlink(&outside, src.join("sub")).unwrap();
+        let err = copy_found(&root, &found[0], &dest.join("sub/f")).unwrap_err();
+        assert!(!dest.join("sub/f").exists(), "{err}");
+    }
+
+    #[test]
     fn a_symlinked_source_directory_yields_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let real = tmp.path().join("real");

@@ -119,16 +119,18 @@ pub(super) fn detect_host_layout(extra: &[PathBuf]) -> HostLayout {
     }
 }
 
-/// The masked `/proc` entries that exist on this kernel, as files or directories.
+/// The masked `/proc` entries that exist on this kernel and that others may read (what the
+/// sandbox user cannot read needs no mask), as files or directories.
 fn proc_masks() -> Vec<ProcMask> {
+    let readable = |m: &fs::Metadata| m.permissions().mode() & 0o004 != 0;
     let mut masks = Vec::new();
     for name in HostLayout::MASKED_PROC_FILES {
-        if fs::symlink_metadata(name).is_ok_and(|m| m.is_file()) {
+        if fs::symlink_metadata(name).is_ok_and(|m| m.is_file() && readable(&m)) {
             masks.push(ProcMask::File(name.into()));
         }
     }
     for name in HostLayout::MASKED_PROC_DIRS {
-        if fs::symlink_metadata(name).is_ok_and(|m| m.is_dir()) {
+        if fs::symlink_metadata(name).is_ok_and(|m| m.is_dir() && readable(&m)) {
             masks.push(ProcMask::Dir(name.into()));
         }
     }

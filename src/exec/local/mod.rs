@@ -1,27 +1,36 @@
-//! The local backend: runs each job on this host under bubblewrap, as the unprivileged
-//! `agenttask-sandbox` user, inside per-task cgroups and a size-capped scratch file system.
+//! The local backend: runs each job on this host under bubblewrap, as an unprivileged host uid
+//! of its own, inside per-task cgroups and a size-capped scratch file system.
 //!
 //! This is the I/O edge of [`crate::sandbox`], which decides *what* to run (bubblewrap options,
-//! seccomp program, limits, verdict); here we create the scratch and cgroups, spawn, watch the
-//! clock and the output, collect the result and artifacts, and clean up whatever happened.
+//! seccomp program, limits, verdict); here we lease a uid, create the scratch and cgroups, spawn,
+//! watch the clock and the output, collect the result and artifacts, and clean up whatever
+//! happened. Modules: `host` (probing and preparing the host once), `uids` (the per-task uid
+//! leases), `scratch`, `cgroups`, `spawn` (the child's setup, watching, output readers) and
+//! `collect` (result file, artifacts, quota, sweep).
 //!
 //! # One run
+//! 0. **Uid**: a free uid of the range `agenttask-sandbox-<i>` is leased with a host-wide
+//!    `flock` (see `uids`); it is given back only once no process of it is left.
 //! 1. **Scratch**: `<data_dir>/run/<task>-<nonce>/` becomes a tmpfs (`size=scratch_bytes`,
-//!    `nr_inodes=scratch_inodes`, nosuid, nodev) holding `in/` (inputs, code, synthetic /etc files,
-//!    root-owned, read-only), and `work/`, `tmp/`, `shm/`, `out/` (owned by the sandbox user).
-//!    Its pages are charged to the task's memory cgroup. If the mount is refused (not root), it
-//!    is a plain directory and only `RLIMIT_FSIZE` bounds each file.
-//! 2. **Cgroups**: `<service cgroup>/agenttask/<task>-<nonce>` in each of memory, pids, cpu
-//!    (v1) or in the unified hierarchy (v2), with the task's limits; the child enters them in
-//!    `pre_exec`, before bubblewrap runs, so every process of the task is inside.
+//!    `nr_inodes=scratch_inodes`, nosuid, nodev) holding `in/` (inputs and code), `sys/`
+//!    (synthetic /etc files, the empty file and directory used as masks; both root-owned,
+//!    read-only), and `work/`, `tmp/`, `shm/`, `out/` (owned by the task's uid). Its pages are
+//!    charged to the task's memory cgroup. If the mount is refused (not root), it is a plain
+//!    directory and only `RLIMIT_FSIZE` bounds each file.
+//! 2. **Cgroups**: `<service cgroup>/agenttask/<owner pid>.<owner start>.<task>-<nonce>` in each
+//!    of memory, pids, cpu (v1) or in the unified hierarchy (v2), with the task's limits (on v1
+//!    including the kmem TCP limit); the child enters them in `pre_exec`, before bubblewrap runs,
+//!    so every process of the task is inside.
 //! 3. **Spawn** `bwrap --args FD -- runtime...` with an empty environment; in `pre_exec`: join
-//!    the cgroups, set rlimits, drop to the sandbox uid/gid (no supplementary groups), ask for
-//!    SIGKILL if the service dies (`PR_SET_PDEATHSIG`).
+//!    the cgroups, set rlimits, drop to the task's uid and the sandbox gid (no supplementary
+//!    groups), ask for SIGKILL if the service dies (`PR_SET_PDEATHSIG`).
 //! 4. **Watch**: stdout and stderr are read concurrently, each capped; the first stream over its
 //!    cap, or the deadline, kills the task: bubblewrap (its pid namespace dies with it) and
-//!    every process left in the task's cgroup.
-//! 5. **Collect** the result file and artifacts without following links, then unmount and
-//!    remove the scratch and the cgroups, also when the run future is dropped.
+//!    every process left in the task's cgroup, until the cgroup is empty.
+//! 5. **Collect** the result file and artifacts (walked by descriptor, without following links,
+//!    within the tenant's quota and the data directory's free-space floor), then unmount and
+//!    remove the scratch and the cgroups, and give the uid back, also when the run future is
+//!    dropped.
 
 use std::io;
 use std::path::PathBuf;

@@ -108,13 +108,16 @@ impl LocalBackend {
 
         let cap = self.config.output_limit_bytes;
         let overflow = Arc::new(Notify::new());
-        let stdout = spawn_reader(child.stdout.take(), cap, overflow.clone());
-        let stderr = spawn_reader(child.stderr.take(), cap, overflow.clone());
+        // The run's pipe readers and stdin writer belong to the run: dropping the run (a cancel,
+        // a shutdown) drops this set, which aborts them.
+        let mut io = tokio::task::JoinSet::new();
+        let stdout = spawn_reader(&mut io, child.stdout.take(), cap, overflow.clone());
+        let stderr = spawn_reader(&mut io, child.stderr.take(), cap, overflow.clone());
         let stdin_task = match (child.stdin.take(), job.stdin.clone()) {
-            (Some(mut pipe), Some(data)) => Some(AbortOnDrop(tokio::spawn(async move {
+            (Some(mut pipe), Some(data)) => Some(io.spawn(async move {
                 // The program may never read its stdin, or exit early: errors are fine.
                 let _ = pipe.write_all(data.as_bytes()).await;
-            }))),
+            })),
             _ => None,
         };
 
@@ -137,15 +140,22 @@ impl LocalBackend {
                 ))
             }
         };
-        drop(stdin_task);
+        if let Some(stdin) = stdin_task {
+            stdin.abort();
+        }
         // Whatever the program left behind: normally nothing, its pid namespace is being torn
         // down. Collection waits until the cgroup is seen empty, so nothing of the task can
         // still change its files; `PreparedRun`'s drop keeps killing until the cgroups can be
         // removed.
         let emptied = run.cgroups.kill_all_and_wait(Duration::from_secs(5)).await;
 
-        let stdout = stdout.finish().await;
-        let stderr = stderr.finish().await;
+        // Every writer is dead by now: the readers reach EOF at once. Give up after 2 s.
+        let drained = async { while io.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(2), drained).await.is_err() {
+            io.abort_all();
+        }
+        let stdout = take(&stdout);
+        let stderr = take(&stderr);
         let status_text = read_nonblocking(status_read, 64 * 1024);
         use std::os::unix::process::ExitStatusExt;
         let facts = RunFacts {
@@ -266,21 +276,21 @@ impl ChildSetup {
     }
 }
 
-/// A capped reader of one output stream, running as its own task.
-struct Reader {
-    buf: Arc<Mutex<(Vec<u8>, bool)>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
+/// What a capped reader read, and whether its stream went over the cap.
+type Captured = Arc<Mutex<(Vec<u8>, bool)>>;
 
+/// Reads one output stream into a buffer of at most `cap` bytes, on the run's task set; the
+/// first byte over the cap stops it and has the task killed.
 fn spawn_reader<R: AsyncRead + Unpin + Send + 'static>(
+    io: &mut tokio::task::JoinSet<()>,
     pipe: Option<R>,
     cap: usize,
     overflow: Arc<Notify>,
-) -> Reader {
-    let buf = Arc::new(Mutex::new((Vec::new(), false)));
-    let task = pipe.map(|mut pipe| {
+) -> Captured {
+    let buf: Captured = Arc::new(Mutex::new((Vec::new(), false)));
+    if let Some(mut pipe) = pipe {
         let buf = buf.clone();
-        tokio::spawn(async move {
+        io.spawn(async move {
             let mut chunk = vec![0u8; 64 * 1024];
             loop {
                 let n = match pipe.read(&mut chunk).await {
@@ -297,35 +307,15 @@ fn spawn_reader<R: AsyncRead + Unpin + Send + 'static>(
                     return;
                 }
             }
-        })
-    });
-    Reader { buf, task }
+        });
+    }
+    buf
 }
 
-impl Reader {
-    /// The bytes read and whether the cap overflowed. Waits briefly for EOF (every writer is
-    /// dead by now); gives up after 2 s.
-    async fn finish(mut self) -> (Vec<u8>, bool) {
-        if let Some(task) = self.task.take() {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), task)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
-        }
-        let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-        (std::mem::take(&mut b.0), b.1)
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// The bytes read and whether the cap overflowed.
+fn take(buf: &Captured) -> (Vec<u8>, bool) {
+    let mut b = buf.lock().unwrap_or_else(|p| p.into_inner());
+    (std::mem::take(&mut b.0), b.1)
 }
 
 /// An anonymous in-memory file holding `data`, positioned at its start (close-on-exec; the

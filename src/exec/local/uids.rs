@@ -75,7 +75,7 @@ impl UidPool {
         }
         if slots.is_empty() {
             return Err(format!(
-                "the sandbox uid range is missing (no user {base:?}-0): run deploy/local/install-sandbox.sh as root; it creates the users {base}-0 ... {base}-<N-1>, one per task that can run at once"
+                "the sandbox uid range is missing (no user {base}-0): run deploy/local/install-sandbox.sh as root; it creates the users {base}-0 ... {base}-<N-1>, one per task that can run at once"
             ));
         }
         fs::DirBuilder::new()

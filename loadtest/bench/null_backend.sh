@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Control-plane throughput: tasks per second from publish to result through the service with
+# `--backend null` (no code runs), beside RabbitMQ's own publish-and-consume rate for messages of
+# the same size, measured in the same run on the same machine.
+#
+#   loadtest/bench/null_backend.sh [tasks] [in-flight]
+#
+# Uses a scratch database (agenttask_bench_null, dropped at the end) and a tenant of its own.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+TASKS="${1:-5000}"
+INFLIGHT="${2:-256}"
+DB=agenttask_bench_null
+URL="postgres://postgres@127.0.0.1:5432/$DB"
+PORT=19464
+PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
+
+cargo build --release --locked -p agenttask --bin agenttask >&2
+cargo build --release --locked -p agenttask-loadtest >&2
+"${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+work="$(mktemp -d)"
+cat > "$work/tenants.toml" <<TOML
+[tenants.benchnull]
+max_concurrency = 1024
+max_queued = 1000000
+rate_per_second = 1000000
+TOML
+AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
+    AGENTTASK_MAX_RUNNING=1024 AGENTTASK_LOG=warn \
+    target/release/agenttask serve --backend null 2>"$work/service.log" &
+svc=$!
+trap 'kill $svc 2>/dev/null; wait $svc 2>/dev/null; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
+for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+sleep 1 # the tenant's consumer starts right after readiness
+
+echo "== RabbitMQ alone"
+target/release/agenttask-loadtest --raw --count "$TASKS"
+echo "== the service, --backend null, $INFLIGHT in flight"
+target/release/agenttask-loadtest --tenant benchnull --count "$TASKS" --concurrency "$INFLIGHT"
+echo "== RabbitMQ alone, again (the machine is noisy)"
+target/release/agenttask-loadtest --raw --count "$TASKS"
