@@ -94,7 +94,7 @@ fn build_backend(settings: &Settings) -> anyhow::Result<(Arc<dyn Backend>, Optio
         BackendKind::Local => {
             let mut config = LocalConfig::new(settings.data_dir.clone());
             config.output_limit_bytes = settings.output_limit_bytes;
-            let b = Arc::new(LocalBackend::new(config).map_err(anyhow::Error::msg)?);
+            let b = Arc::new(LocalBackend::new(config)?);
             Ok((b.clone(), Some(b)))
         }
         BackendKind::Null => {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agenttask::domain::task::Language;
-use agenttask::exec::local::{sweep_artifacts, LocalBackend, LocalConfig};
+use agenttask::exec::local::{sweep_artifacts, LocalBackend, LocalConfig, SetupError};
 use agenttask::exec::{Job, Outcome, ProgramResult, RunKey, Termination};
 use uuid::Uuid;
 
@@ -615,8 +615,18 @@ async fn dropping_the_run_kills_the_task() {
     let mut j = py("import time\ntime.sleep(600)\n");
     j.args = vec![m.clone()];
     j.timeout = Duration::from_secs(60);
-    let r = tokio::time::timeout(Duration::from_millis(700), s.run(j)).await;
-    assert!(r.is_err());
+    // Drive the run until its process exists (the marker is in its argv): only then does
+    // "no survivors" after the drop prove a kill, not a task that never started.
+    let mut run = Box::pin(s.run(j));
+    let started = Instant::now();
+    while processes_with(&m).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the task's process never appeared");
+        tokio::select! {
+            o = &mut run => panic!("the run ended before it was dropped: {o:?}"),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    drop(run);
     let t = Instant::now();
     while !processes_with(&m).is_empty() && t.elapsed() < Duration::from_secs(3) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -803,7 +813,9 @@ async fn setup_errors_name_the_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = LocalConfig::new(tmp.path().join("d"));
     c.sandbox_user = "no-such-user-agenttask".into();
-    let e = LocalBackend::new(c).unwrap_err().to_string();
+    let e = LocalBackend::new(c).unwrap_err();
+    assert!(matches!(e, SetupError::SandboxUsers(_)), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("install-sandbox.sh"), "{e}");
     // A missing uid range says which users are missing.
     assert!(
@@ -812,7 +824,9 @@ async fn setup_errors_name_the_fix() {
     );
     let mut c = LocalConfig::new(tmp.path().join("d"));
     c.bwrap_path = "/nonexistent/bwrap".into();
-    let e = LocalBackend::new(c).unwrap_err().to_string();
+    let e = LocalBackend::new(c).unwrap_err();
+    assert!(matches!(&e, SetupError::NoBubblewrap { path } if path.ends_with("bwrap")), "{e:?}");
+    let e = e.to_string();
     assert!(
         e.contains("bubblewrap") && e.contains("install-sandbox.sh"),
         "{e}"

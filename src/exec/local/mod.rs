@@ -175,17 +175,28 @@ impl Default for LocalConfig {
     }
 }
 
-/// Why the backend could not be set up. The message says what to do.
-#[derive(Debug)]
-pub struct SetupError(String);
-
-impl std::fmt::Display for SetupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why the backend could not be set up. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// No seccomp filter is defined for this CPU architecture.
+    #[error("{0}")]
+    UnsupportedArch(seccomp::UnsupportedArch),
+    #[error(
+        "bubblewrap not found at {}: {INSTALL_HINT} (or `apt-get install -y --no-install-recommends bubblewrap`)",
+        path.display()
+    )]
+    NoBubblewrap { path: PathBuf },
+    #[error(
+        "the local backend must run as root: it switches each sandbox to the unprivileged user {user:?}, mounts size-capped scratch file systems and creates cgroups"
+    )]
+    NotRoot { user: String },
+    /// The sandbox user's uid range is missing or unusable (the message names the users).
+    #[error("{0}")]
+    SandboxUsers(String),
+    /// The data directory cannot be created or reached by the sandbox user.
+    #[error("{0}")]
+    DataDir(String),
 }
-
-impl std::error::Error for SetupError {}
 
 pub(super) const INSTALL_HINT: &str = "run deploy/local/install-sandbox.sh as root";
 
@@ -227,23 +238,13 @@ impl LocalBackend {
     /// or the architecture has no seccomp filter. Missing Python or R is only logged: those tasks
     /// then end in `BackendError`.
     pub fn new(config: LocalConfig) -> Result<Self, SetupError> {
-        let err = |m: String| Err(SetupError(m));
-        let seccomp = match seccomp::program_for_host() {
-            Ok(p) => seccomp::to_bytes(&p),
-            Err(e) => return err(e.to_string()),
-        };
+        let seccomp = seccomp::to_bytes(&seccomp::program_for_host().map_err(SetupError::UnsupportedArch)?);
         if !is_executable(&config.bwrap_path) {
-            return err(format!(
-                "bubblewrap not found at {}: {INSTALL_HINT} (or `apt-get install -y --no-install-recommends bubblewrap`)",
-                config.bwrap_path.display()
-            ));
+            return Err(SetupError::NoBubblewrap { path: config.bwrap_path.clone() });
         }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            return err(format!(
-                "the local backend must run as root: it switches each sandbox to the unprivileged user {:?}, mounts size-capped scratch file systems and creates cgroups",
-                config.sandbox_user
-            ));
+            return Err(SetupError::NotRoot { user: config.sandbox_user.clone() });
         }
         for (name, path) in [
             ("python", &config.python_path),
@@ -254,8 +255,8 @@ impl LocalBackend {
             }
         }
         let uids =
-            UidPool::discover(&config.sandbox_user, &config.uid_lock_dir).map_err(SetupError)?;
-        prepare_data_dir(&config.data_dir, uids.first_uid(), uids.gid()).map_err(SetupError)?;
+            UidPool::discover(&config.sandbox_user, &config.uid_lock_dir).map_err(SetupError::SandboxUsers)?;
+        prepare_data_dir(&config.data_dir, uids.first_uid(), uids.gid()).map_err(SetupError::DataDir)?;
         sweep_stale_runs(&config.data_dir.join("run"));
 
         let host = detect_host_layout(&config.extra_ro_binds);
