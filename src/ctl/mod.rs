@@ -110,12 +110,46 @@ pub enum TenantCommand {
 }
 
 /// A failure of agentctl itself (not of a task), with what to do about it.
-#[derive(Debug)]
-pub struct CtlError(pub String);
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// What was typed or given cannot be used (arguments, input files).
+    #[error("{0}")]
+    Usage(String),
+    /// The service's API or RabbitMQ cannot be reached (the message says which setting).
+    #[error("{0}")]
+    Unreachable(String),
+    /// The API answered with an error body.
+    #[error("{status}: {message} ({code})")]
+    Api { status: reqwest::StatusCode, code: String, message: String },
+    /// RabbitMQ refused or failed the submit.
+    #[error("{0}")]
+    Broker(String),
+    /// An answer agentctl cannot read, or local I/O failing.
+    #[error("{0}")]
+    Unexpected(String),
+}
 
-impl<E: std::fmt::Display> From<E> for CtlError {
-    fn from(e: E) -> Self {
-        CtlError(e.to_string())
+impl From<serde_json::Error> for CtlError {
+    fn from(e: serde_json::Error) -> Self {
+        CtlError::Unexpected(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for CtlError {
+    fn from(e: std::io::Error) -> Self {
+        CtlError::Unexpected(e.to_string())
+    }
+}
+
+impl From<reqwest::Error> for CtlError {
+    fn from(e: reqwest::Error) -> Self {
+        CtlError::Unreachable(e.to_string())
+    }
+}
+
+impl From<lapin::Error> for CtlError {
+    fn from(e: lapin::Error) -> Self {
+        CtlError::Broker(e.to_string())
     }
 }
 
@@ -139,9 +173,9 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
-        Err(CtlError(msg)) => {
+        Err(e) => {
             // Error messages may quote tenant-supplied text (ids, names).
-            eprintln!("error: {}", escape::line(&msg));
+            eprintln!("error: {}", escape::line(&e.to_string()));
             ExitCode::from(2)
         }
     }
@@ -160,7 +194,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
 async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<ExitCode, CtlError> {
     let base = cli.server.trim_end_matches('/');
     if let Some(batch) = batch {
-        let tenant = cli.tenant.as_deref().ok_or_else(|| CtlError("--batch needs --tenant (or AGENTCTL_TENANT)".into()))?;
+        let tenant = cli.tenant.as_deref().ok_or_else(|| CtlError::Usage("--batch needs --tenant (or AGENTCTL_TENANT)".into()))?;
         let url = format!("{base}/v1/batches/{}/{}/cancel", encode(tenant), encode(batch));
         let answer: BatchCancelAnswer = api(cli, reqwest::Method::POST, &url, None).await?;
         match cli.output {
@@ -183,8 +217,8 @@ async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<Exit
             Ok(ExitCode::SUCCESS)
         }
         // Already finished: nothing was cancelled, so the command did not do what it said.
-        Err(CtlError(msg)) if msg.starts_with("409") => {
-            eprintln!("{msg}");
+        Err(e @ CtlError::Api { status: reqwest::StatusCode::CONFLICT, .. }) => {
+            eprintln!("{}", escape::line(&e.to_string()));
             Ok(ExitCode::from(1))
         }
         Err(e) => Err(e),
@@ -223,9 +257,9 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
     match cmd {
         TenantCommand::Apply { file } => {
             let text = std::fs::read_to_string(file)
-                .map_err(|e| CtlError(format!("cannot read {}: {e}", file.display())))?;
+                .map_err(|e| CtlError::Usage(format!("cannot read {}: {e}", file.display())))?;
             // Check locally first, for an error that names the line before any network trip.
-            crate::domain::tenant::parse_tenants(&text).map_err(|e| CtlError(format!("{}: {e}", file.display())))?;
+            crate::domain::tenant::parse_tenants(&text).map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
             let r: ApplyResult = api(cli, reqwest::Method::PUT, &base, Some(text)).await?;
             match cli.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
@@ -300,7 +334,7 @@ async fn api<T: serde::de::DeserializeOwned>(
         req = req.bearer_auth(token);
     }
     let resp = req.send().await.map_err(|e| {
-        CtlError(format!(
+        CtlError::Unreachable(format!(
             "cannot reach the AgentTask API at {}: {e}. Is `agenttask serve` running? (set AGENTCTL_SERVER)",
             cli.server
         ))
@@ -308,12 +342,13 @@ async fn api<T: serde::de::DeserializeOwned>(
     let status = resp.status();
     let bytes = resp.bytes().await?;
     if !status.is_success() {
-        let msg = serde_json::from_slice::<ErrorBody>(&bytes)
-            .map(|e| format!("{} ({})", e.message, e.code))
-            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        return Err(CtlError(format!("{status}: {msg}")));
+        let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
+            code: "unknown".into(),
+            message: String::from_utf8_lossy(&bytes).into_owned(),
+        });
+        return Err(CtlError::Api { status, code: body.code, message: body.message });
     }
-    serde_json::from_slice(&bytes).map_err(|e| CtlError(format!("unexpected answer from {url}: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| CtlError::Unexpected(format!("unexpected answer from {url}: {e}")))
 }
 
 /// Percent-encodes a path or query component.
