@@ -270,15 +270,7 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
             let list: Vec<TenantStatus> = api(cli, reqwest::Method::GET, &base, None).await?;
             match cli.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
-                Output::Table => {
-                    println!("{:<24} {:>6} {:>8} {:>8} {:>8} {:>10}", "TENANT", "WEIGHT", "MAXCONC", "QUEUED", "RUNNING", "ADMIT/MIN");
-                    for t in list {
-                        println!(
-                            "{:<24} {:>6} {:>8} {:>8} {:>8} {:>10}",
-                            t.tenant, t.policy.weight, t.policy.max_concurrency, t.queued, t.running, t.admitted_last_minute
-                        );
-                    }
-                }
+                Output::Table => println!("{}", tenant_table(&list)),
             }
         }
         TenantCommand::Get { name } => {
@@ -351,6 +343,30 @@ async fn api<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| CtlError::Unexpected(format!("unexpected answer from {url}: {e}")))
 }
 
+/// `tenant list` for people: kubectl-style columns (no borders), numbers right-aligned.
+fn tenant_table(list: &[TenantStatus]) -> comfy_table::Table {
+    use comfy_table::{CellAlignment, Table};
+    let mut table = Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    table.set_header(["TENANT", "WEIGHT", "MAXCONC", "QUEUED", "RUNNING", "ADMIT/MIN"]);
+    for t in list {
+        table.add_row([
+            escape::line(&t.tenant).into_owned(),
+            t.policy.weight.to_string(),
+            t.policy.max_concurrency.to_string(),
+            t.queued.to_string(),
+            t.running.to_string(),
+            t.admitted_last_minute.to_string(),
+        ]);
+    }
+    for i in 1..6 {
+        if let Some(c) = table.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
+}
+
 /// Percent-encodes a path or query component.
 fn encode(s: &str) -> String {
     s.bytes()
@@ -399,5 +415,35 @@ fn print_task(v: &TaskView) {
     }
     if !r.stderr.is_empty() {
         println!("--- stderr{} ---\n{}", if r.stderr_truncated { " (truncated)" } else { "" }, escape::block(r.stderr.trim_end()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::tenant::TenantPolicy;
+
+    #[test]
+    fn the_tenant_table_has_a_header_and_one_aligned_row_per_tenant() {
+        let status = |tenant: &str, queued| TenantStatus {
+            tenant: tenant.into(),
+            policy: TenantPolicy::default(),
+            queued,
+            running: 2,
+            admitted_last_minute: 7,
+        };
+        let text = tenant_table(&[status("acme", 12345), status("a-much-longer-tenant-name", 1)]).to_string();
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].trim_start().starts_with("TENANT") && lines[0].ends_with("ADMIT/MIN"), "{text}");
+        assert!(lines[1].trim_start().starts_with("acme") && lines[1].contains("12345"), "{text}");
+        // Right-aligned numbers end in the same column as their header.
+        let ends = |l: &str| -> Vec<usize> {
+            let b = l.as_bytes();
+            (0..b.len()).filter(|&i| b[i] != b' ' && (i + 1 == b.len() || b[i + 1] == b' ')).map(|i| i + 1).collect()
+        };
+        let (h, r1, r2) = (ends(lines[0]), ends(lines[1]), ends(lines[2]));
+        assert_eq!((h.len(), r1.len(), r2.len()), (6, 6, 6), "{text}");
+        assert_eq!((&h[1..], &r1[1..]), (&r2[1..], &r2[1..]), "{text}");
     }
 }
