@@ -156,3 +156,68 @@ pub(super) async fn enqueue_result(conn: impl PgExecutor<'_>, result: &ResultMes
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn finished_row() -> TaskRow {
+        let submitted = DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z").unwrap().with_timezone(&Utc);
+        TaskRow {
+            task_id: Uuid::nil(),
+            tenant: "acme".into(),
+            client_id: Some("k1".into()),
+            batch_id: Some("b".into()),
+            language: Some(Language::Python),
+            phase: Phase::Failed,
+            reason: Some(Reason::NonZeroExit),
+            message: Some("the program exited with code 3".into()),
+            priority: 0,
+            timeout_seconds: Some(30),
+            cpu_millis: Some(500),
+            memory_bytes: Some(1 << 28),
+            isolation: "standard".into(),
+            labels: Json(serde_json::json!({"team": "x"})),
+            exit_code: Some(3),
+            result: Some(Json(serde_json::json!({"n": 1}))),
+            stdout: Some("out\n".into()),
+            stderr: None,
+            stdout_truncated: true,
+            stderr_truncated: false,
+            artifacts: Json(vec![Artifact { name: "a.csv".into(), size: 3, sha256: "00".into() }]),
+            backend: Some("local".into()),
+            attempt: 1,
+            submitted_at: submitted,
+            admitted_at: Some(submitted + Duration::milliseconds(250)),
+            started_at: Some(submitted + Duration::seconds(1)),
+            finished_at: Some(submitted + Duration::milliseconds(3500)),
+        }
+    }
+
+    #[test]
+    fn a_finished_row_becomes_the_contracts_result_message() {
+        let row = finished_row();
+        let r = row.to_result();
+        assert_eq!((r.task_id, r.id.as_deref(), r.tenant.as_str(), r.batch_id.as_deref()), (Uuid::nil(), Some("k1"), "acme", Some("b")));
+        assert_eq!((r.phase, r.reason, r.exit_code), (Phase::Failed, Some(Reason::NonZeroExit), Some(3)));
+        assert_eq!(r.message, row.message);
+        assert_eq!(r.result, Some(serde_json::json!({"n": 1})));
+        assert_eq!((r.stdout.as_str(), r.stderr.as_str()), ("out\n", ""), "a NULL stream is empty text");
+        assert!(r.stdout_truncated && !r.stderr_truncated);
+        assert_eq!(r.artifacts, row.artifacts.0);
+        assert_eq!(r.backend.as_deref(), Some("local"));
+        assert_eq!((r.queue_wait_ms, r.duration_ms), (Some(250), Some(2500)));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!((json["phase"].as_str(), json["reason"].as_str()), (Some("Failed"), Some("NonZeroExit")));
+    }
+
+    #[test]
+    fn a_task_that_never_ran_has_no_timings() {
+        let mut row = finished_row();
+        (row.phase, row.reason, row.admitted_at, row.started_at, row.exit_code) = (Phase::Rejected, Some(Reason::BacklogFull), None, None, None);
+        let r = row.to_result();
+        assert_eq!((r.queue_wait_ms, r.duration_ms), (None, None));
+        assert_eq!((r.phase, r.reason), (Phase::Rejected, Some(Reason::BacklogFull)));
+    }
+}
