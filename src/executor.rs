@@ -203,7 +203,7 @@ impl Executor {
         }
         // What the backend still runs but the store gave to a newer attempt (or ended) is stale.
         for key in keys {
-            if !watched.get(&key.task_id).is_some_and(|w| w.key == key) {
+            if watched.get(&key.task_id).is_none_or(|w| w.key != key) {
                 tracing::warn!(run = %key, "stopping a stale run left by an earlier process");
                 self.cancel(key).await;
             }

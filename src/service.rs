@@ -89,7 +89,10 @@ fn isolation_of(kind: BackendKind) -> BackendIsolation {
     }
 }
 
-fn build_backend(settings: &Settings) -> anyhow::Result<(Arc<dyn Backend>, Option<Arc<LocalBackend>>)> {
+/// The backend executors use, and the local one again when it is local (for its housekeeping).
+type Backends = (Arc<dyn Backend>, Option<Arc<LocalBackend>>);
+
+fn build_backend(settings: &Settings) -> anyhow::Result<Backends> {
     match settings.backend {
         BackendKind::Local => {
             let mut config = LocalConfig::new(settings.data_dir.clone());

@@ -131,7 +131,7 @@ async fn declare_bound_queue(
     channel
         .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
         .await
-        .map_err(|e| {
+        .inspect_err(|e| {
             if e.to_string().contains("PRECONDITION_FAILED") {
                 tracing::error!(
                     %queue,
@@ -140,7 +140,6 @@ async fn declare_bound_queue(
                      then restart"
                 );
             }
-            e
         })?;
     channel
         .queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())

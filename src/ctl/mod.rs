@@ -55,6 +55,8 @@ pub enum Output {
     Json,
 }
 
+// Parsed once per run of agentctl: the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Command {
     /// Submit code as a task (from FILE, -c CODE, or standard input).

@@ -193,8 +193,7 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
             &body,
             props,
         )
-        .await
-        .and_then(|c| Ok(c))?
+        .await?
         .await
         .map_err(|e| {
             CtlError::Broker(format!(

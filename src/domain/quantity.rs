@@ -110,7 +110,7 @@ pub fn parse_memory_bytes(s: &str) -> Result<u64, QuantityError> {
 
 /// Formats millicores the way Kubernetes prints them (`"500m"`, `"2"`).
 pub fn format_cpu(millis: u64) -> String {
-    if millis % 1000 == 0 {
+    if millis.is_multiple_of(1000) {
         (millis / 1000).to_string()
     } else {
         format!("{millis}m")
@@ -120,7 +120,7 @@ pub fn format_cpu(millis: u64) -> String {
 /// Formats bytes with the largest exact binary suffix (`"256Mi"`), else plain bytes.
 pub fn format_memory(bytes: u64) -> String {
     for (suffix, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{suffix}", bytes >> shift);
         }
     }

@@ -174,7 +174,7 @@ pub fn result_body(result: &ResultMessage) -> Vec<u8> {
         base + escaped(&r.stdout) + escaped(&r.stderr) <= MAX_RESULT_BODY_BYTES
     };
     let base = without_output(&r);
-    while !fits(base, &r) && !(r.stdout.is_empty() && r.stderr.is_empty()) {
+    while !(fits(base, &r) || r.stdout.is_empty() && r.stderr.is_empty()) {
         for (s, flag) in [
             (&mut r.stdout, &mut r.stdout_truncated),
             (&mut r.stderr, &mut r.stderr_truncated),

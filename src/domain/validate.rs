@@ -405,7 +405,7 @@ pub fn validate(
     }
 
     let isolation = raw.isolation.unwrap_or_else(|| "standard".to_owned());
-    if !policy.isolation.iter().any(|i| *i == isolation) {
+    if !policy.isolation.contains(&isolation) {
         return Err(reject(
             Reason::IsolationNotAllowed,
             format!(

@@ -231,8 +231,8 @@ impl Backend for FakeBackend {
     fn launch(self: Arc<Self>, job: Job, events: EventSink) -> BoxFuture<'static, Result<(), BackendError>> {
         Box::pin(async move {
             let mut sinks = self.sinks.lock().unwrap();
-            if !sinks.contains_key(&job.key) {
-                sinks.insert(job.key, events);
+            if let std::collections::hash_map::Entry::Vacant(e) = sinks.entry(job.key) {
+                e.insert(events);
                 self.launched.lock().unwrap().push(job.key);
             }
             Ok(())

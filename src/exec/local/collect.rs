@@ -272,8 +272,8 @@ fn walk(root: &OwnedFd, caps: &ArtifactCaps) -> (Vec<Found>, usize) {
             total += cost;
             found.push(Found {
                 parts: rel,
-                dev: st.st_dev as u64,
-                ino: st.st_ino as u64,
+                dev: st.st_dev,
+                ino: st.st_ino,
                 size,
                 cost,
             });
