@@ -49,13 +49,8 @@ pub enum Component {
 }
 
 impl Component {
-    pub const ALL: [Component; 5] = [
-        Component::Ingest,
-        Component::Scheduler,
-        Component::Executor,
-        Component::Publisher,
-        Component::Http,
-    ];
+    pub const ALL: [Component; 5] =
+        [Component::Ingest, Component::Scheduler, Component::Executor, Component::Publisher, Component::Http];
 }
 
 /// `agenttask serve` flags. Every one can also come from the environment or `agenttask.toml`
@@ -208,34 +203,19 @@ impl Settings {
             p.exists().then_some(p)
         });
         let settings = Settings {
-            database_url: args
-                .database_url
-                .or(file.database_url)
-                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
-            amqp_url: args
-                .amqp_url
-                .or(file.amqp_url)
-                .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned()),
+            database_url: args.database_url.or(file.database_url).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            amqp_url: args.amqp_url.or(file.amqp_url).unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned()),
             tenants_path,
             http_addr: args
                 .http_addr
                 .or(file.http_addr)
                 .unwrap_or_else(|| DEFAULT_HTTP_ADDR.parse().expect("valid default")),
             backend: args.backend.or(file.backend).unwrap_or(BackendKind::Local),
-            components: args
-                .components
-                .or(file.components)
-                .unwrap_or_else(|| Component::ALL.to_vec()),
+            components: args.components.or(file.components).unwrap_or_else(|| Component::ALL.to_vec()),
             max_running: args.max_running.or(file.max_running).unwrap_or(8),
             prefetch: args.prefetch.or(file.prefetch).unwrap_or(16),
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("/var/lib/agenttask")),
-            output_limit_bytes: args
-                .output_limit_bytes
-                .or(file.output_limit_bytes)
-                .unwrap_or(1 << 20),
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/agenttask")),
+            output_limit_bytes: args.output_limit_bytes.or(file.output_limit_bytes).unwrap_or(1 << 20),
             admin_token: args.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             capacity_cpu_millis: args
                 .capacity_cpu
@@ -284,8 +264,8 @@ impl Settings {
 }
 
 pub fn load_tenants_file(path: &Path) -> Result<Tenants, TenantsFileError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| TenantsFileError::Read { path: path.to_owned(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| TenantsFileError::Read { path: path.to_owned(), source })?;
     parse_tenants(&text).map_err(|reason| TenantsFileError::Invalid { path: path.to_owned(), reason })
 }
 
@@ -323,8 +303,7 @@ mod tests {
         let s = Settings::resolve(ServeArgs::default()).unwrap();
         let cpus = std::thread::available_parallelism().unwrap().get() as u64;
         assert_eq!(s.capacity_cpu_millis, Some(cpus * 1000));
-        let s = Settings::resolve(ServeArgs { capacity_cpu: Some("64".into()), ..Default::default() })
-            .unwrap();
+        let s = Settings::resolve(ServeArgs { capacity_cpu: Some("64".into()), ..Default::default() }).unwrap();
         assert_eq!(s.capacity_cpu_millis, Some(64_000));
     }
 
@@ -336,11 +315,8 @@ mod tests {
         let err = Settings::resolve(ServeArgs { config: Some(cfg), ..Default::default() }).unwrap_err();
         assert!(matches!(err, SettingsError::ParseFile { .. }), "{err:?}");
         assert!(err.to_string().contains("max_runing"), "{err}");
-        let err = Settings::resolve(ServeArgs {
-            config: Some(dir.path().join("missing.toml")),
-            ..Default::default()
-        })
-        .unwrap_err();
+        let err = Settings::resolve(ServeArgs { config: Some(dir.path().join("missing.toml")), ..Default::default() })
+            .unwrap_err();
         assert!(matches!(&err, SettingsError::ReadFile { path, .. } if path.ends_with("missing.toml")), "{err:?}");
     }
 
@@ -370,10 +346,7 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_setting() {
-        let err = Settings::resolve(ServeArgs {
-            config: Some("/nonexistent-but-unused".into()),
-            ..Default::default()
-        });
+        let err = Settings::resolve(ServeArgs { config: Some("/nonexistent-but-unused".into()), ..Default::default() });
         assert!(matches!(err, Err(SettingsError::ReadFile { .. })));
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("a.toml");

@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::retry::Backoff;
 use crate::domain::task::Language;
 use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::exec::{Backend, BoxFuture, Capabilities, Event, EventSink, Job, Outcome, RunEvent, RunKey};
 use crate::metrics::Metrics;
+use crate::retry::Backoff;
 use crate::store::{AdoptedRun, ClaimedTask, Store, StoreError};
 
 /// How long a claim stays valid without a heartbeat.
@@ -39,11 +39,32 @@ pub const HANDOVER_LEASE: Duration = Duration::from_secs(600);
 pub trait ExecutorStore: Send + Sync + 'static {
     fn claim(&self, owner: Uuid, limit: i64, lease: Duration) -> BoxFuture<'_, Result<Vec<ClaimedTask>, StoreError>>;
     fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn mark_running<'a>(&'a self, key: RunKey, backend: &'a str, at: chrono::DateTime<Utc>) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn finish<'a>(&'a self, key: RunKey, backend: Option<&'a str>, outcome: &'a Outcome, timeout_seconds: u32) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn renew_leases<'a>(&'a self, owner: Uuid, task_ids: &'a [Uuid], lease: Duration) -> BoxFuture<'a, Result<u64, StoreError>>;
+    fn mark_running<'a>(
+        &'a self,
+        key: RunKey,
+        backend: &'a str,
+        at: chrono::DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn finish<'a>(
+        &'a self,
+        key: RunKey,
+        backend: Option<&'a str>,
+        outcome: &'a Outcome,
+        timeout_seconds: u32,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn renew_leases<'a>(
+        &'a self,
+        owner: Uuid,
+        task_ids: &'a [Uuid],
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
     fn cancel_requested(&self, owner: Uuid) -> BoxFuture<'_, Result<Vec<(Uuid, i32)>, StoreError>>;
-    fn adopt<'a>(&'a self, owner: Uuid, runs: &'a [(Uuid, i32)], lease: Duration) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>>;
+    fn adopt<'a>(
+        &'a self,
+        owner: Uuid,
+        runs: &'a [(Uuid, i32)],
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>>;
     fn release(&self, owner: Uuid) -> BoxFuture<'_, Result<u64, StoreError>>;
 }
 
@@ -54,19 +75,40 @@ impl ExecutorStore for Store {
     fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(Store::mark_scheduled(self, key.task_id, key.attempt, backend))
     }
-    fn mark_running<'a>(&'a self, key: RunKey, backend: &'a str, at: chrono::DateTime<Utc>) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn mark_running<'a>(
+        &'a self,
+        key: RunKey,
+        backend: &'a str,
+        at: chrono::DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(Store::mark_running(self, key.task_id, key.attempt, backend, at))
     }
-    fn finish<'a>(&'a self, key: RunKey, backend: Option<&'a str>, outcome: &'a Outcome, timeout_seconds: u32) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn finish<'a>(
+        &'a self,
+        key: RunKey,
+        backend: Option<&'a str>,
+        outcome: &'a Outcome,
+        timeout_seconds: u32,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(Store::finish(self, key.task_id, key.attempt, backend, outcome, timeout_seconds))
     }
-    fn renew_leases<'a>(&'a self, owner: Uuid, task_ids: &'a [Uuid], lease: Duration) -> BoxFuture<'a, Result<u64, StoreError>> {
+    fn renew_leases<'a>(
+        &'a self,
+        owner: Uuid,
+        task_ids: &'a [Uuid],
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(Store::renew_leases(self, owner, task_ids, lease))
     }
     fn cancel_requested(&self, owner: Uuid) -> BoxFuture<'_, Result<Vec<(Uuid, i32)>, StoreError>> {
         Box::pin(Store::cancel_requested(self, owner))
     }
-    fn adopt<'a>(&'a self, owner: Uuid, runs: &'a [(Uuid, i32)], lease: Duration) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>> {
+    fn adopt<'a>(
+        &'a self,
+        owner: Uuid,
+        runs: &'a [(Uuid, i32)],
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>> {
         Box::pin(Store::adopt(self, owner, runs, lease))
     }
     fn release(&self, owner: Uuid) -> BoxFuture<'_, Result<u64, StoreError>> {
@@ -192,14 +234,17 @@ impl Executor {
         };
         for run in &adopted {
             let key = RunKey { task_id: run.task_id, attempt: run.attempt };
-            watched.insert(run.task_id, Watched {
-                key,
-                tenant: run.tenant.clone(),
-                language: run.language,
-                timeout_seconds: run.timeout_seconds.unwrap_or(0).max(0) as u32,
-                backend: self.backend.name_for(&run.isolation),
-                finishing: false,
-            });
+            watched.insert(
+                run.task_id,
+                Watched {
+                    key,
+                    tenant: run.tenant.clone(),
+                    language: run.language,
+                    timeout_seconds: run.timeout_seconds.unwrap_or(0).max(0) as u32,
+                    backend: self.backend.name_for(&run.isolation),
+                    finishing: false,
+                },
+            );
         }
         // What the backend still runs but the store gave to a newer attempt (or ended) is stale.
         for key in keys {
@@ -382,7 +427,8 @@ async fn finish_with_retries(store: &dyn ExecutorStore, metrics: &Metrics, w: &W
             Err(e) if e.is_bad_value() && !stripped => {
                 stripped = true;
                 tracing::warn!(run = %w.key, error = %e, "outcome could not be stored; recording a BackendError instead");
-                outcome = Outcome::backend_error(format!("the task's outcome could not be stored: {e}"), outcome.started_at);
+                outcome =
+                    Outcome::backend_error(format!("the task's outcome could not be stored: {e}"), outcome.started_at);
             }
             Err(e) if e.is_bad_value() => {
                 tracing::error!(run = %w.key, error = %e, "outcome cannot be stored even without its payload; the task is retried when its lease expires");
@@ -419,9 +465,7 @@ fn job_of(task: &ClaimedTask, artifact_quota_bytes: u64) -> Result<Job, String> 
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut files = BTreeMap::new();
     for (name, encoded) in &program.files {
-        let bytes = b64
-            .decode(encoded)
-            .map_err(|e| format!("stored input file {name:?} is corrupt: {e}"))?;
+        let bytes = b64.decode(encoded).map_err(|e| format!("stored input file {name:?} is corrupt: {e}"))?;
         files.insert(name.clone(), bytes);
     }
     Ok(Job {

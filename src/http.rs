@@ -6,12 +6,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::body::Bytes;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -30,11 +30,13 @@ pub struct Api {
     pub amqp_ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Api>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: Arc<Api>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let app = router(ctx);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     Ok(())
 }
 
@@ -61,15 +63,15 @@ async fn readyz(State(ctx): State<Arc<Api>>) -> Response {
 }
 
 fn ok(b: bool) -> &'static str {
-    if b { "ok" } else { "not ready" }
+    if b {
+        "ok"
+    } else {
+        "not ready"
+    }
 }
 
 async fn metrics(State(ctx): State<Arc<Api>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.metrics.render()).into_response()
 }
 
 /// The body of every API error, as the contract says: `{"code", "message"}`. `code` is a stable
@@ -234,7 +236,11 @@ async fn get_task(
 }
 
 /// `GET /v1/tasks/{id}/position`: place in the tenant's queue and an estimated wait.
-async fn get_position(_: Admin, State(ctx): State<Arc<Api>>, Path(id): Path<String>) -> Result<Json<Position>, ApiError> {
+async fn get_position(
+    _: Admin,
+    State(ctx): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Result<Json<Position>, ApiError> {
     let p = ctx.store.position(task_id(&id)?).await?;
     Ok(Json(p.ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?))
 }
@@ -243,7 +249,11 @@ async fn list_tenants(_: Admin, State(ctx): State<Arc<Api>>) -> Result<Json<Vec<
     Ok(Json(ctx.store.tenant_statuses().await?))
 }
 
-async fn get_tenant(_: Admin, State(ctx): State<Arc<Api>>, Path(name): Path<String>) -> Result<Json<TenantStatus>, ApiError> {
+async fn get_tenant(
+    _: Admin,
+    State(ctx): State<Arc<Api>>,
+    Path(name): Path<String>,
+) -> Result<Json<TenantStatus>, ApiError> {
     let list = ctx.store.tenant_statuses().await?;
     let t = list.into_iter().find(|t| t.tenant == name);
     Ok(Json(t.ok_or_else(|| ApiError::NotFound(format!("no tenant {name}")))?))
@@ -258,8 +268,8 @@ pub struct ApplyResult {
 /// `PUT /v1/tenants` with a tenants file (TOML) as the body: validates it whole, then makes it
 /// the configuration of every process, without a restart and without touching queued tasks.
 async fn apply_tenants(_: Admin, State(ctx): State<Arc<Api>>, body: Bytes) -> Result<Json<ApplyResult>, ApiError> {
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError::BadRequest("the tenants file must be UTF-8 TOML".into()))?;
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the tenants file must be UTF-8 TOML".into()))?;
     let tenants = crate::domain::tenant::parse_tenants(text)
         .map_err(|e| ApiError::Invalid(format!("tenants file refused: {e}")))?;
     ctx.store.sync_tenants(&tenants).await?;
@@ -284,12 +294,10 @@ pub struct CancelAnswer {
 async fn cancel_task(_: Admin, State(ctx): State<Arc<Api>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let task_id = task_id(&id)?;
     Ok(match ctx.store.request_cancel(task_id).await? {
-        CancelOutcome::Cancelled => Json(CancelAnswer {
-            task_id,
-            outcome: "cancelled".into(),
-            message: "cancelled before it ran".into(),
-        })
-        .into_response(),
+        CancelOutcome::Cancelled => {
+            Json(CancelAnswer { task_id, outcome: "cancelled".into(), message: "cancelled before it ran".into() })
+                .into_response()
+        }
         CancelOutcome::Requested => (
             StatusCode::ACCEPTED,
             Json(CancelAnswer {

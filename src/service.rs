@@ -14,7 +14,6 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::retry::Backoff;
 use crate::amqp::ingest::Ingest;
 use crate::amqp::publish::Publisher;
 use crate::config::{BackendKind, Component, Settings, TenantsFileError};
@@ -27,6 +26,7 @@ use crate::exec::Backend;
 use crate::executor::{Executor, LEASE};
 use crate::http::Api;
 use crate::metrics::Metrics;
+use crate::retry::Backoff;
 use crate::scheduler::{Capacity, Scheduler};
 use crate::store::notify::{Notification, CHANNELS};
 use crate::store::{Store, StoreError};
@@ -299,7 +299,6 @@ async fn listen(
     }
     Ok(())
 }
-
 
 /// Removes artifacts older than their TTL, now and then.
 async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -17,15 +17,15 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::route::{reply_route, ReplyRoute};
 use super::{connect, declare_exchanges, declare_tenant, prop, tasks_queue, TASKS_EXCHANGE, UNROUTED_QUEUE};
-use crate::retry::Backoff;
 use crate::domain::phase::Reason;
 use crate::domain::result::ResultMessage;
 use crate::domain::tenant::TenantName;
-use super::route::{reply_route, ReplyRoute};
-use crate::domain::validate::{self, BackendIsolation, Envelope};
 use crate::domain::tenant::{TenantPolicy, Tenants};
+use crate::domain::validate::{self, BackendIsolation, Envelope};
 use crate::metrics::Metrics;
+use crate::retry::Backoff;
 use crate::store::{Inserted, NewRejection, NewTask, Store, StoreError};
 
 /// What ingest needs, and nothing else.
@@ -66,8 +66,7 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
     let mut consumers: HashMap<Option<TenantName>, CancellationToken> = HashMap::new();
     loop {
         let current: Vec<TenantName> = tenants_rx.borrow_and_update().keys().cloned().collect();
-        let wanted: Vec<Option<TenantName>> =
-            current.iter().cloned().map(Some).chain(std::iter::once(None)).collect();
+        let wanted: Vec<Option<TenantName>> = current.iter().cloned().map(Some).chain(std::iter::once(None)).collect();
         for queue in &wanted {
             if !consumers.contains_key(queue) {
                 let stop = shutdown.child_token();
@@ -75,8 +74,7 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
                 consumers.insert(queue.clone(), stop);
             }
         }
-        let removed: Vec<Option<TenantName>> =
-            consumers.keys().filter(|q| !wanted.contains(q)).cloned().collect();
+        let removed: Vec<Option<TenantName>> = consumers.keys().filter(|q| !wanted.contains(q)).cloned().collect();
         for queue in removed {
             if let Some(stop) = consumers.remove(&queue) {
                 stop.cancel();
@@ -110,8 +108,13 @@ async fn unbind_removed(ctx: Arc<Ingest>, tenant: TenantName) {
     let res: anyhow::Result<()> = async {
         let conn = connect(&ctx.amqp_url, "agenttask-ingest-setup").await?;
         let ch = conn.create_channel().await?;
-        ch.queue_unbind(tasks_queue(&tenant).as_str().into(), TASKS_EXCHANGE.into(), tenant.as_str().into(), FieldTable::default())
-            .await?;
+        ch.queue_unbind(
+            tasks_queue(&tenant).as_str().into(),
+            TASKS_EXCHANGE.into(),
+            tenant.as_str().into(),
+            FieldTable::default(),
+        )
+        .await?;
         let _ = conn.close(200, "unbound".into()).await;
         Ok(())
     }
@@ -203,9 +206,7 @@ fn receipt_stamp() -> chrono::DateTime<Utc> {
     static LAST: AtomicI64 = AtomicI64::new(0);
     let now = Utc::now().timestamp_micros();
     let next = |prev: i64| now.max(prev + 1);
-    let prev = LAST
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| Some(next(p)))
-        .unwrap_or_else(|p| p);
+    let prev = LAST.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| Some(next(p))).unwrap_or_else(|p| p);
     let stamp = next(prev);
     chrono::DateTime::from_timestamp_micros(stamp).unwrap_or_else(Utc::now)
 }
@@ -215,11 +216,7 @@ async fn handle_task(ctx: &Ingest, tenant: &TenantName, delivery: Delivery, rece
     let message_id = prop(props.message_id());
     let correlation_id = prop(props.correlation_id()).or(message_id);
     let policy = ctx.tenants.borrow().get(tenant).cloned();
-    let envelope = Envelope {
-        body: &delivery.data,
-        message_id,
-        content_type: prop(props.content_type()),
-    };
+    let envelope = Envelope { body: &delivery.data, message_id, content_type: prop(props.content_type()) };
     let (reply, verdict) = decide(tenant, policy.as_ref(), ctx.isolation, &envelope, prop(props.reply_to()));
 
     // A database outage is retried here, holding the message, rather than nacked: every
@@ -237,7 +234,10 @@ async fn handle_task(ctx: &Ingest, tenant: &TenantName, delivery: Delivery, rece
                 _ => None,
             };
             match full {
-                Some(rejection) => store(ctx, tenant, &Err(rejection), &reply, correlation_id, received_at, !delivery.redelivered).await,
+                Some(rejection) => {
+                    store(ctx, tenant, &Err(rejection), &reply, correlation_id, received_at, !delivery.redelivered)
+                        .await
+                }
                 None => store(ctx, tenant, &verdict, &reply, correlation_id, received_at, !delivery.redelivered).await,
             }
         };
@@ -371,16 +371,19 @@ async fn store_rejection(
 ) -> Result<(Inserted, Option<Reason>), StoreError> {
     let ins = ctx
         .store
-        .insert_rejection(&NewRejection {
-            tenant: tenant.as_str(),
-            client_id: rejection.client_id.as_deref(),
-            batch_id: rejection.batch_id.as_deref(),
-            language: rejection.language,
-            reason: rejection.reason,
-            message: &rejection.message,
-            reply: reply.as_reply_to(),
-            correlation_id,
-        }, fresh)
+        .insert_rejection(
+            &NewRejection {
+                tenant: tenant.as_str(),
+                client_id: rejection.client_id.as_deref(),
+                batch_id: rejection.batch_id.as_deref(),
+                language: rejection.language,
+                reason: rejection.reason,
+                message: &rejection.message,
+                reply: reply.as_reply_to(),
+                correlation_id,
+            },
+            fresh,
+        )
         .await?;
     Ok((ins, Some(rejection.reason)))
 }
@@ -487,18 +490,37 @@ mod tests {
         let p = TenantPolicy { max_code_bytes: 8, ..TenantPolicy::default() };
         let cases: [(&str, &[u8], Reason); 6] = [
             ("not json", b"{nope", Reason::ValidationFailed),
-            ("unknown field", br#"{"id": "k1", "language": "python", "code": "1", "colour": 1}"#, Reason::ValidationFailed),
+            (
+                "unknown field",
+                br#"{"id": "k1", "language": "python", "code": "1", "colour": 1}"#,
+                Reason::ValidationFailed,
+            ),
             ("unknown language", br#"{"id": "k1", "language": "cobol", "code": "1"}"#, Reason::ValidationFailed),
-            ("code over the tenant's cap", br#"{"id": "k1", "language": "python", "code": "print(12345)"}"#, Reason::ValidationFailed),
-            ("isolation not allowed", br#"{"id": "k1", "language": "python", "code": "1", "isolation": "gvisor"}"#, Reason::IsolationNotAllowed),
-            ("env name reserved", br#"{"id": "k1", "language": "python", "code": "1", "env": {"AGENTTASK_X": "1"}}"#, Reason::ValidationFailed),
+            (
+                "code over the tenant's cap",
+                br#"{"id": "k1", "language": "python", "code": "print(12345)"}"#,
+                Reason::ValidationFailed,
+            ),
+            (
+                "isolation not allowed",
+                br#"{"id": "k1", "language": "python", "code": "1", "isolation": "gvisor"}"#,
+                Reason::IsolationNotAllowed,
+            ),
+            (
+                "env name reserved",
+                br#"{"id": "k1", "language": "python", "code": "1", "env": {"AGENTTASK_X": "1"}}"#,
+                Reason::ValidationFailed,
+            ),
         ];
         for (what, body, reason) in cases {
             let (route, v) = decided(Some(&p), BackendIsolation::Any, &env(body, Some("m-1")), None);
             assert_eq!(reason_of(&v), Some(reason), "{what}");
             assert_eq!(route.routing_key, "acme", "{what}: the tenant's results queue");
             let key = v.unwrap_err().client_id;
-            assert!(key.as_deref() == Some("k1") || key.as_deref() == Some("m-1"), "{what}: the key survives ({key:?})");
+            assert!(
+                key.as_deref() == Some("k1") || key.as_deref() == Some("m-1"),
+                "{what}: the key survives ({key:?})"
+            );
         }
     }
 

@@ -13,8 +13,8 @@ use lapin::{BasicProperties, Confirmation};
 use tokio_util::sync::CancellationToken;
 
 use super::{connect, declare_topology, PHASE_HEADER};
-use crate::retry::Backoff;
 use crate::domain::tenant::Tenants;
+use crate::retry::Backoff;
 use crate::store::{OutboxMessage, Store};
 
 /// What the result publisher needs, and nothing else.
@@ -106,10 +106,7 @@ async fn session(ctx: &Publisher, shutdown: &CancellationToken) -> anyhow::Resul
 
 fn properties(m: &OutboxMessage) -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert(
-        ShortString::from(PHASE_HEADER),
-        AMQPValue::LongString(LongString::from(m.phase.clone())),
-    );
+    headers.insert(ShortString::from(PHASE_HEADER), AMQPValue::LongString(LongString::from(m.phase.clone())));
     let mut props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)

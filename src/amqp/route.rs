@@ -21,10 +21,7 @@ impl ReplyRoute {
 
     /// The tenant's durable results queue, through the results exchange.
     pub fn tenant_results(tenant: &TenantName) -> Self {
-        ReplyRoute {
-            exchange: RESULTS_EXCHANGE.to_owned(),
-            routing_key: tenant.as_str().to_owned(),
-        }
+        ReplyRoute { exchange: RESULTS_EXCHANGE.to_owned(), routing_key: tenant.as_str().to_owned() }
     }
 }
 
@@ -42,10 +39,7 @@ pub fn reply_route(tenant: &TenantName, reply_to: Option<&str>) -> Result<ReplyR
             || q.starts_with("amq.rabbitmq.reply-to")
             || (q.starts_with(&own_prefix) && q.len() > own_prefix.len()));
     if allowed {
-        Ok(ReplyRoute {
-            exchange: String::new(),
-            routing_key: q.to_owned(),
-        })
+        Ok(ReplyRoute { exchange: String::new(), routing_key: q.to_owned() })
     } else {
         Err(format!(
             "reply_to {:?} is refused: use an amq.gen-* or amq.rabbitmq.reply-to queue, or a \

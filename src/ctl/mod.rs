@@ -106,9 +106,7 @@ pub enum TenantCommand {
     /// List tenants with their weight, concurrency and current load.
     List,
     /// Show one tenant's quotas and load.
-    Get {
-        name: String,
-    },
+    Get { name: String },
 }
 
 /// A failure of agentctl itself (not of a task), with what to do about it.
@@ -196,7 +194,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
 async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<ExitCode, CtlError> {
     let base = cli.server.trim_end_matches('/');
     if let Some(batch) = batch {
-        let tenant = cli.tenant.as_deref().ok_or_else(|| CtlError::Usage("--batch needs --tenant (or AGENTCTL_TENANT)".into()))?;
+        let tenant = cli
+            .tenant
+            .as_deref()
+            .ok_or_else(|| CtlError::Usage("--batch needs --tenant (or AGENTCTL_TENANT)".into()))?;
         let url = format!("{base}/v1/batches/{}/{}/cancel", encode(tenant), encode(batch));
         let answer: BatchCancelAnswer = api(cli, reqwest::Method::POST, &url, None).await?;
         match cli.output {
@@ -238,7 +239,10 @@ async fn position(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
                     .estimated_wait_seconds
                     .map(|s| format!("about {}", human_seconds(s)))
                     .unwrap_or_else(|| "unknown (nothing admitted for this tenant in the last 5 minutes)".into());
-                println!("task {} is #{pos} of {} queued for tenant {}; estimated wait: {wait}", p.task_id, p.queued, p.tenant);
+                println!(
+                    "task {} is #{pos} of {} queued for tenant {}; estimated wait: {wait}",
+                    p.task_id, p.queued, p.tenant
+                );
             }
             None => println!("task {} is not queued (phase {})", p.task_id, p.phase),
         },
@@ -261,7 +265,8 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| CtlError::Usage(format!("cannot read {}: {e}", file.display())))?;
             // Check locally first, for an error that names the line before any network trip.
-            crate::domain::tenant::parse_tenants(&text).map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
+            crate::domain::tenant::parse_tenants(&text)
+                .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
             let r: ApplyResult = api(cli, reqwest::Method::PUT, &base, Some(text)).await?;
             match cli.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
@@ -287,8 +292,16 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
                     println!("MAX QUEUED              {}", p.max_queued);
                     println!("RATE / BURST            {}/s, burst {}", p.rate_per_second, p.burst);
                     println!("TIMEOUT default / max   {}s / {}s", p.default_timeout_seconds, p.max_timeout_seconds);
-                    println!("CPU default / max       {} / {}", format_cpu(p.default_cpu_millis), format_cpu(p.max_cpu_millis));
-                    println!("MEMORY default / max    {} / {}", format_memory(p.default_memory_bytes), format_memory(p.max_memory_bytes));
+                    println!(
+                        "CPU default / max       {} / {}",
+                        format_cpu(p.default_cpu_millis),
+                        format_cpu(p.max_cpu_millis)
+                    );
+                    println!(
+                        "MEMORY default / max    {} / {}",
+                        format_memory(p.default_memory_bytes),
+                        format_memory(p.max_memory_bytes)
+                    );
                     println!("MAX CODE BYTES          {}", p.max_code_bytes);
                     println!("ISOLATION               {}", p.isolation.join(", "));
                     println!("QUEUED / RUNNING        {} / {}", t.queued, t.running);
@@ -405,18 +418,21 @@ fn print_task(v: &TaskView) {
         println!("RESULT      {}", escape::line(&result.to_string()));
     }
     for a in &r.artifacts {
-        println!(
-            "ARTIFACT    {} ({} bytes, sha256 {})",
-            escape::line(&a.name),
-            a.size,
-            escape::line(&a.sha256)
-        );
+        println!("ARTIFACT    {} ({} bytes, sha256 {})", escape::line(&a.name), a.size, escape::line(&a.sha256));
     }
     if !r.stdout.is_empty() {
-        println!("--- stdout{} ---\n{}", if r.stdout_truncated { " (truncated)" } else { "" }, escape::block(r.stdout.trim_end()));
+        println!(
+            "--- stdout{} ---\n{}",
+            if r.stdout_truncated { " (truncated)" } else { "" },
+            escape::block(r.stdout.trim_end())
+        );
     }
     if !r.stderr.is_empty() {
-        println!("--- stderr{} ---\n{}", if r.stderr_truncated { " (truncated)" } else { "" }, escape::block(r.stderr.trim_end()));
+        println!(
+            "--- stderr{} ---\n{}",
+            if r.stderr_truncated { " (truncated)" } else { "" },
+            escape::block(r.stderr.trim_end())
+        );
     }
 }
 

@@ -133,7 +133,8 @@ pub fn build_task(args: &SubmitArgs, id: &str) -> Result<serde_json::Value, CtlE
                 .file_name()
                 .and_then(|n| n.to_str())
                 .ok_or_else(|| CtlError::Usage(format!("--input {}: not a file name", path.display())))?;
-            let bytes = std::fs::read(path).map_err(|e| CtlError::Usage(format!("cannot read {}: {e}", path.display())))?;
+            let bytes =
+                std::fs::read(path).map_err(|e| CtlError::Usage(format!("cannot read {}: {e}", path.display())))?;
             files.insert(
                 name.to_owned(),
                 json!({"content_base64": base64::engine::general_purpose::STANDARD.encode(bytes)}),
@@ -157,9 +158,9 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
     let task = build_task(args, &id)?;
     let body = serde_json::to_vec(&task)?;
 
-    let conn = crate::amqp::connect(&cli.amqp_url, "agentctl").await.map_err(|e| {
-        CtlError::Unreachable(format!("{e} (set AGENTCTL_AMQP_URL)"))
-    })?;
+    let conn = crate::amqp::connect(&cli.amqp_url, "agentctl")
+        .await
+        .map_err(|e| CtlError::Unreachable(format!("{e} (set AGENTCTL_AMQP_URL)")))?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     const REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -207,7 +208,9 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
     let Some(replies) = replies.as_mut() else {
         match cli.output {
             Output::Json => println!("{}", json!({"id": id, "tenant": tenant})),
-            Output::Table => println!("submitted {id} to tenant {tenant}; the result goes to agenttask.results.{tenant}"),
+            Output::Table => {
+                println!("submitted {id} to tenant {tenant}; the result goes to agenttask.results.{tenant}")
+            }
         }
         let _ = conn.close(200, "bye".into()).await;
         return Ok(ExitCode::SUCCESS);
@@ -218,7 +221,12 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
     let wait = Duration::from_secs(args.wait_timeout);
     let delivery = tokio::time::timeout(wait, replies.next())
         .await
-        .map_err(|_| CtlError::Unexpected(format!("no result after {}s; the task may still run: agentctl get {id} --tenant {tenant}", args.wait_timeout)))?
+        .map_err(|_| {
+            CtlError::Unexpected(format!(
+                "no result after {}s; the task may still run: agentctl get {id} --tenant {tenant}",
+                args.wait_timeout
+            ))
+        })?
         .ok_or_else(|| CtlError::Broker("the reply consumer was cancelled".into()))??;
     let _ = conn.close(200, "bye".into()).await;
     let result: ResultMessage = serde_json::from_slice(&delivery.data)

@@ -58,10 +58,7 @@ impl Phase {
 
     /// A terminal phase has exactly one result message and never changes again.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Phase::Succeeded | Phase::Failed | Phase::Rejected | Phase::Cancelled
-        )
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Rejected | Phase::Cancelled)
     }
 
     /// One of [`Phase::ACTIVE`].
@@ -79,13 +76,10 @@ impl fmt::Display for Phase {
 impl FromStr for Phase {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Phase::ALL
-            .into_iter()
-            .find(|p| p.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                let names: Vec<_> = Phase::ALL.iter().map(|p| p.as_str()).collect();
-                format!("unknown phase {s:?}; expected one of {}", names.join(", "))
-            })
+        Phase::ALL.into_iter().find(|p| p.as_str().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            let names: Vec<_> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+            format!("unknown phase {s:?}; expected one of {}", names.join(", "))
+        })
     }
 }
 
@@ -150,10 +144,7 @@ impl fmt::Display for Reason {
 impl FromStr for Reason {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Reason::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown reason {s:?}"))
+        Reason::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| format!("unknown reason {s:?}"))
     }
 }
 

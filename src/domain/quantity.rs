@@ -44,8 +44,7 @@ fn split(s: &str) -> Result<(u128, &str), QuantityError> {
         if d.is_empty() {
             return Ok(0);
         }
-        d.parse::<u128>()
-            .map_err(|_| QuantityError(format!("{s:?} is too large")))
+        d.parse::<u128>().map_err(|_| QuantityError(format!("{s:?} is too large")))
     };
     let mut frac_scaled = parse(frac)?;
     for _ in frac.len()..3 {
@@ -69,11 +68,7 @@ pub fn parse_cpu_millis(s: &str) -> Result<u64, QuantityError> {
             }
             milli / 1000
         }
-        _ => {
-            return Err(QuantityError(format!(
-                "{s:?} is not a CPU quantity (use \"500m\" or \"2\")"
-            )))
-        }
+        _ => return Err(QuantityError(format!("{s:?} is not a CPU quantity (use \"500m\" or \"2\")"))),
     };
     u64::try_from(value).map_err(|_| QuantityError(format!("{s:?} is too large")))
 }
@@ -95,16 +90,9 @@ pub fn parse_memory_bytes(s: &str) -> Result<u64, QuantityError> {
         "Ti" => 1 << 40,
         "Pi" => 1 << 50,
         "Ei" => 1 << 60,
-        _ => {
-            return Err(QuantityError(format!(
-                "{s:?} is not a memory quantity (use \"256Mi\", \"1Gi\" or bytes)"
-            )))
-        }
+        _ => return Err(QuantityError(format!("{s:?} is not a memory quantity (use \"256Mi\", \"1Gi\" or bytes)"))),
     };
-    let bytes = milli
-        .checked_mul(multiplier)
-        .ok_or_else(|| QuantityError(format!("{s:?} is too large")))?
-        / 1000;
+    let bytes = milli.checked_mul(multiplier).ok_or_else(|| QuantityError(format!("{s:?} is too large")))? / 1000;
     u64::try_from(bytes).map_err(|_| QuantityError(format!("{s:?} is too large")))
 }
 

@@ -45,14 +45,17 @@ const ACTIVE: [Phase; 3] = [Phase::Pending, Phase::Scheduled, Phase::Running];
 impl FakeStore {
     fn admit(&self) -> Uuid {
         let id = Uuid::new_v4();
-        self.tasks.lock().unwrap().insert(id, FakeTask {
-            phase: Phase::Pending,
-            attempt: 0,
-            owner: None,
-            cancel_requested: false,
-            backend: None,
-            finishes: 0,
-        });
+        self.tasks.lock().unwrap().insert(
+            id,
+            FakeTask {
+                phase: Phase::Pending,
+                attempt: 0,
+                owner: None,
+                cancel_requested: false,
+                backend: None,
+                finishes: 0,
+            },
+        );
         id
     }
 
@@ -117,7 +120,12 @@ impl ExecutorStore for FakeStore {
         }))
     }
 
-    fn mark_running<'a>(&'a self, key: RunKey, _backend: &'a str, _at: chrono::DateTime<Utc>) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn mark_running<'a>(
+        &'a self,
+        key: RunKey,
+        _backend: &'a str,
+        _at: chrono::DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         if self.progress_fails.load(std::sync::atomic::Ordering::SeqCst) {
             return database_down();
         }
@@ -130,7 +138,13 @@ impl ExecutorStore for FakeStore {
         }))
     }
 
-    fn finish<'a>(&'a self, key: RunKey, _backend: Option<&'a str>, outcome: &'a Outcome, _timeout: u32) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn finish<'a>(
+        &'a self,
+        key: RunKey,
+        _backend: Option<&'a str>,
+        outcome: &'a Outcome,
+        _timeout: u32,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         ok(self.update(key.task_id, |t| {
             let moved = t.attempt == key.attempt && ACTIVE.contains(&t.phase);
             if moved {
@@ -142,7 +156,12 @@ impl ExecutorStore for FakeStore {
         }))
     }
 
-    fn renew_leases<'a>(&'a self, _owner: Uuid, ids: &'a [Uuid], _lease: Duration) -> BoxFuture<'a, Result<u64, StoreError>> {
+    fn renew_leases<'a>(
+        &'a self,
+        _owner: Uuid,
+        ids: &'a [Uuid],
+        _lease: Duration,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
         ok(ids.len() as u64)
     }
 
@@ -158,7 +177,12 @@ impl ExecutorStore for FakeStore {
         ok(runs)
     }
 
-    fn adopt<'a>(&'a self, owner: Uuid, runs: &'a [(Uuid, i32)], _lease: Duration) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>> {
+    fn adopt<'a>(
+        &'a self,
+        owner: Uuid,
+        runs: &'a [(Uuid, i32)],
+        _lease: Duration,
+    ) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>> {
         let mut out = Vec::new();
         for (id, attempt) in runs {
             if let Some(t) = self.tasks.lock().unwrap().get_mut(id) {
@@ -363,10 +387,8 @@ async fn cancel_stops_a_run_in_every_phase_and_ignores_finished_ones() {
     let running = h.store.admit();
     let finished = h.store.admit();
     h.wake.notify_one();
-    let keys: Vec<RunKey> = futures_util::future::join_all(
-        [claimed, scheduled, running, finished].map(|t| launched_run(&h, t)),
-    )
-    .await;
+    let keys: Vec<RunKey> =
+        futures_util::future::join_all([claimed, scheduled, running, finished].map(|t| launched_run(&h, t))).await;
     h.backend.emit(keys[1], RunEvent::Scheduled { at: Utc::now() });
     h.backend.emit(keys[2], RunEvent::Running { at: Utc::now() });
     h.backend.finish_ok(keys[3]);

@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::retry::Backoff;
 use crate::domain::fairshare::{self, decide, Policy, Resources, Stop, Tenant};
 use crate::domain::phase::Reason;
 use crate::domain::quantity::{format_cpu, format_memory};
 use crate::domain::tenant::Tenants;
 use crate::metrics::Metrics;
-use crate::store::{acquire_leadership, Admitted, AdmissionRound, QueuedHead, RunningUsage, Store, StoreError};
+use crate::retry::Backoff;
+use crate::store::{acquire_leadership, AdmissionRound, Admitted, QueuedHead, RunningUsage, Store, StoreError};
 
 /// What the scheduler needs, and nothing else.
 pub struct Scheduler {
@@ -132,7 +132,6 @@ pub async fn run(ctx: Arc<Scheduler>, shutdown: CancellationToken) {
         // Dropping the session releases the lock for a standby.
     }
 }
-
 
 /// Admits while this session holds the leadership. Returns on shutdown (Ok) or on a database
 /// error (the session, and so the leadership, may be gone).
@@ -250,10 +249,7 @@ async fn round(
         tx.running_usage().await?.into_iter().map(|u| (u.tenant.clone(), u)).collect();
     let slots_of = |t: &str| usage.get(t).map_or(0, |u| u.tasks.max(0) as u64);
     let refresh = view.needing_refresh(|name| {
-        let max = config
-            .iter()
-            .find(|(n, _)| n.as_str() == name)
-            .map_or(0, |(_, p)| p.max_concurrency as u64);
+        let max = config.iter().find(|(n, _)| n.as_str() == name).map_or(0, |(_, p)| p.max_concurrency as u64);
         max.saturating_sub(slots_of(name)).min(ctx.capacity.max_running as u64) as usize
     });
     if !refresh.is_empty() {

@@ -51,19 +51,15 @@ impl RoundStore for FakeRound {
         let db = self.0.lock().unwrap();
         let mut out = Vec::new();
         for t in tenants {
-            out.extend(
-                db.tasks
-                    .iter()
-                    .filter(|(_, x)| &x.tenant == t && x.queued)
-                    .take(limit as usize)
-                    .map(|(id, x)| QueuedHead {
-                        tenant: x.tenant.clone(),
-                        task_id: *id,
-                        cpu_millis: x.cpu_millis,
-                        memory_bytes: x.memory_bytes,
-                        submitted_at: x.submitted_at,
-                    }),
-            );
+            out.extend(db.tasks.iter().filter(|(_, x)| &x.tenant == t && x.queued).take(limit as usize).map(
+                |(id, x)| QueuedHead {
+                    tenant: x.tenant.clone(),
+                    task_id: *id,
+                    cpu_millis: x.cpu_millis,
+                    memory_bytes: x.memory_bytes,
+                    submitted_at: x.submitted_at,
+                },
+            ));
         }
         Ok(out)
     }
@@ -96,7 +92,10 @@ impl FakeRound {
             .map(|_| {
                 let id = Uuid::new_v4();
                 let submitted_at = Utc::now();
-                db.tasks.push((id, FakeTask { tenant: tenant.into(), cpu_millis, memory_bytes, submitted_at, queued: true }));
+                db.tasks.push((
+                    id,
+                    FakeTask { tenant: tenant.into(), cpu_millis, memory_bytes, submitted_at, queued: true },
+                ));
                 id
             })
             .collect()

@@ -102,7 +102,11 @@ pub async fn insert_task(conn: &mut PgConnection, t: &NewTask<'_>, replace_rejec
 /// seen before (then the earlier task's result stands, and nothing is sent twice). With
 /// `replace_rejected`, an earlier rejection under the key is replaced (a fresh publish gets its
 /// own answer).
-pub async fn insert_rejection(conn: &mut PgConnection, r: &NewRejection<'_>, replace_rejected: bool) -> Result<Inserted> {
+pub async fn insert_rejection(
+    conn: &mut PgConnection,
+    r: &NewRejection<'_>,
+    replace_rejected: bool,
+) -> Result<Inserted> {
     let message = storable_text(r.message);
     let correlation_id = r.correlation_id.map(storable_text);
     let mut tx = conn.begin().await?;

@@ -23,7 +23,7 @@ mod sql_types;
 mod tasks;
 mod tenants;
 
-pub use admission::{acquire_leadership, reject_queued, Admitted, AdmissionRound, QueuedHead, RunningUsage};
+pub use admission::{acquire_leadership, reject_queued, AdmissionRound, Admitted, QueuedHead, RunningUsage};
 pub use api::{find_task, position, Position};
 pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, queued_up_to, Inserted, NewRejection, NewTask};
 pub use outbox::{OutboxBatch, OutboxMessage};
@@ -72,7 +72,9 @@ impl StoreError {
             StoreError::Migrate(_) => "migration_failed",
             StoreError::Corrupt(_) => "corrupt_row",
             StoreError::Sql(sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_)) => "corrupt_row",
-            StoreError::Sql(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed) => "database_unreachable",
+            StoreError::Sql(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed) => {
+                "database_unreachable"
+            }
             StoreError::Sql(_) => "database_error",
         }
     }
@@ -82,9 +84,7 @@ impl StoreError {
     /// deadlocks, serialization failures, a full pool) is worth retrying.
     pub fn is_bad_value(&self) -> bool {
         match self {
-            StoreError::Sql(sqlx::Error::Database(db)) => {
-                db.code().is_some_and(|c| c.starts_with("22"))
-            }
+            StoreError::Sql(sqlx::Error::Database(db)) => db.code().is_some_and(|c| c.starts_with("22")),
             _ => false,
         }
     }
@@ -103,10 +103,7 @@ pub struct Store {
 impl Store {
     /// Connects, creating the database if it does not exist, and applies migrations.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
-        let opts = PgConnectOptions::from_str(url).map_err(|source| StoreError::BadUrl {
-            url: redact(url),
-            source,
-        })?;
+        let opts = PgConnectOptions::from_str(url).map_err(|source| StoreError::BadUrl { url: redact(url), source })?;
         create_database_if_missing(&opts).await?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
@@ -144,11 +141,7 @@ impl Store {
     pub async fn dedicated_connection(&self) -> Result<sqlx::PgConnection> {
         self.opts
             .clone()
-            .options([
-                ("tcp_keepalives_idle", "10"),
-                ("tcp_keepalives_interval", "5"),
-                ("tcp_keepalives_count", "3"),
-            ])
+            .options([("tcp_keepalives_idle", "10"), ("tcp_keepalives_interval", "5"), ("tcp_keepalives_count", "3")])
             .connect()
             .await
             .map_err(|source| StoreError::Unreachable { target: describe(&self.opts), source })
@@ -161,12 +154,7 @@ impl Store {
 }
 
 fn describe(opts: &PgConnectOptions) -> String {
-    format!(
-        "{}:{}/{}",
-        opts.get_host(),
-        opts.get_port(),
-        opts.get_database().unwrap_or("(default)")
-    )
+    format!("{}:{}/{}", opts.get_host(), opts.get_port(), opts.get_database().unwrap_or("(default)"))
 }
 
 /// Hides a password in a URL we print.
@@ -196,10 +184,8 @@ async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<()> {
         Err(source) => return Err(StoreError::Unreachable { target: describe(opts), source }),
     }
     let admin = opts.clone().database("postgres");
-    let mut conn = admin
-        .connect()
-        .await
-        .map_err(|source| StoreError::Unreachable { target: describe(&admin), source })?;
+    let mut conn =
+        admin.connect().await.map_err(|source| StoreError::Unreachable { target: describe(&admin), source })?;
     let stmt = format!("create database \"{}\"", db.replace('"', "\"\""));
     match sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(&mut conn).await {
         Ok(_) => tracing::info!(database = %db, "created database"),

@@ -46,12 +46,8 @@ impl OutboxBatch {
         sqlx::query!("delete from agenttask.outbox where message_id = any($1)", confirmed)
             .execute(&mut *self.tx)
             .await?;
-        let failed: Vec<Uuid> = self
-            .messages
-            .iter()
-            .map(|m| m.message_id)
-            .filter(|id| !confirmed.contains(id))
-            .collect();
+        let failed: Vec<Uuid> =
+            self.messages.iter().map(|m| m.message_id).filter(|id| !confirmed.contains(id)).collect();
         if !failed.is_empty() {
             sqlx::query!("update agenttask.outbox set attempts = attempts + 1 where message_id = any($1)", &failed)
                 .execute(&mut *self.tx)

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, PgConnection};
 use sqlx::types::Json;
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use super::tasks::queue_result_of;
@@ -328,9 +328,7 @@ impl Store {
         )
         .execute(&mut *tx)
         .await?;
-        sqlx::query!("select pg_notify('agenttask_cancel', $1)", task_id.to_string())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query!("select pg_notify('agenttask_cancel', $1)", task_id.to_string()).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(CancelOutcome::Requested)
     }

@@ -140,7 +140,11 @@ pub(super) async fn forget_rejection(conn: impl PgExecutor<'_>, tenant: &str, cl
     Ok(())
 }
 
-pub(super) async fn enqueue_result(conn: impl PgExecutor<'_>, result: &ResultMessage, route: &ReplyColumns) -> Result<()> {
+pub(super) async fn enqueue_result(
+    conn: impl PgExecutor<'_>,
+    result: &ResultMessage,
+    route: &ReplyColumns,
+) -> Result<()> {
     let body = result_body(result);
     sqlx::query!(
         "insert into agenttask.outbox (message_id, exchange, routing_key, correlation_id, phase, body) \
@@ -199,7 +203,10 @@ mod tests {
     fn a_finished_row_becomes_the_contracts_result_message() {
         let row = finished_row();
         let r = row.to_result();
-        assert_eq!((r.task_id, r.id.as_deref(), r.tenant.as_str(), r.batch_id.as_deref()), (Uuid::nil(), Some("k1"), "acme", Some("b")));
+        assert_eq!(
+            (r.task_id, r.id.as_deref(), r.tenant.as_str(), r.batch_id.as_deref()),
+            (Uuid::nil(), Some("k1"), "acme", Some("b"))
+        );
         assert_eq!((r.phase, r.reason, r.exit_code), (Phase::Failed, Some(Reason::NonZeroExit), Some(3)));
         assert_eq!(r.message, row.message);
         assert_eq!(r.result, Some(serde_json::json!({"n": 1})));
@@ -215,7 +222,8 @@ mod tests {
     #[test]
     fn a_task_that_never_ran_has_no_timings() {
         let mut row = finished_row();
-        (row.phase, row.reason, row.admitted_at, row.started_at, row.exit_code) = (Phase::Rejected, Some(Reason::BacklogFull), None, None, None);
+        (row.phase, row.reason, row.admitted_at, row.started_at, row.exit_code) =
+            (Phase::Rejected, Some(Reason::BacklogFull), None, None, None);
         let r = row.to_result();
         assert_eq!((r.queue_wait_ms, r.duration_ms), (None, None));
         assert_eq!((r.phase, r.reason), (Phase::Rejected, Some(Reason::BacklogFull)));

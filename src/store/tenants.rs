@@ -21,9 +21,7 @@ pub struct TenantStatus {
 pub async fn sync_tenants(conn: &mut PgConnection, tenants: &Tenants) -> Result<()> {
     let mut tx = conn.begin().await?;
     let names: Vec<String> = tenants.keys().map(|t| t.as_str().to_owned()).collect();
-    sqlx::query!("delete from agenttask.tenants where not (name = any($1))", &names)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!("delete from agenttask.tenants where not (name = any($1))", &names).execute(&mut *tx).await?;
     let weights: Vec<i32> = tenants.values().map(|p| p.weight as i32).collect();
     let concurrency: Vec<i32> = tenants.values().map(|p| p.max_concurrency as i32).collect();
     let policies: Vec<Json<&TenantPolicy>> = tenants.values().map(Json).collect();
@@ -47,15 +45,15 @@ pub async fn sync_tenants(conn: &mut PgConnection, tenants: &Tenants) -> Result<
 /// hand edit can put one there: `sync_tenants` writes validated names) is an error, not a
 /// tenant silently dropped.
 pub async fn load_tenants(conn: impl PgExecutor<'_>) -> Result<Tenants> {
-    let rows = sqlx::query!(
-        r#"select name, policy as "policy: Json<TenantPolicy>" from agenttask.tenants order by name"#
-    )
-    .fetch_all(conn)
-    .await?;
+    let rows =
+        sqlx::query!(r#"select name, policy as "policy: Json<TenantPolicy>" from agenttask.tenants order by name"#)
+            .fetch_all(conn)
+            .await?;
     rows.into_iter()
         .map(|r| {
-            let name = TenantName::parse(&r.name)
-                .map_err(|e| StoreError::Corrupt(format!("agenttask.tenants holds an invalid tenant name {:?}: {e}", r.name)))?;
+            let name = TenantName::parse(&r.name).map_err(|e| {
+                StoreError::Corrupt(format!("agenttask.tenants holds an invalid tenant name {:?}: {e}", r.name))
+            })?;
             Ok((name, r.policy.0))
         })
         .collect()
@@ -63,12 +61,14 @@ pub async fn load_tenants(conn: impl PgExecutor<'_>) -> Result<Tenants> {
 
 /// Queued and active counts per configured tenant, for gauges.
 pub async fn phase_counts(conn: impl PgExecutor<'_>) -> Result<Vec<(String, i64, i64)>> {
-    Ok(sqlx::query!(r#"select tenant as "tenant!", queued as "queued!", running as "running!" from agenttask.tenant_usage"#)
-        .fetch_all(conn)
-        .await?
-        .into_iter()
-        .map(|r| (r.tenant, r.queued, r.running))
-        .collect())
+    Ok(sqlx::query!(
+        r#"select tenant as "tenant!", queued as "queued!", running as "running!" from agenttask.tenant_usage"#
+    )
+    .fetch_all(conn)
+    .await?
+    .into_iter()
+    .map(|r| (r.tenant, r.queued, r.running))
+    .collect())
 }
 
 pub async fn tenant_statuses(conn: impl PgExecutor<'_>) -> Result<Vec<TenantStatus>> {

@@ -34,7 +34,8 @@ async fn a_flood_from_one_tenant_does_not_starve_another() {
     eventually(WAIT, || {
         let pool = pool.clone();
         async move {
-            count(&pool, "select count(*) from agenttask.tasks where phase in ('Pending','Scheduled','Running')").await == 4
+            count(&pool, "select count(*) from agenttask.tasks where phase in ('Pending','Scheduled','Running')").await
+                == 4
                 && count(&pool, "select count(*) from agenttask.tasks where phase = 'Queued'").await > 1000
         }
     })
@@ -104,11 +105,12 @@ async fn a_flood_from_one_tenant_does_not_starve_another() {
         let pool = pool3.clone();
         let b = b_tenant.clone();
         async move {
-            let done: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks where tenant = $1 and phase = 'Succeeded'")
-                .bind(&b)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+            let done: i64 =
+                sqlx::query_scalar("select count(*) from agenttask.tasks where tenant = $1 and phase = 'Succeeded'")
+                    .bind(&b)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
             done == 10
         }
     })
@@ -117,7 +119,11 @@ async fn a_flood_from_one_tenant_does_not_starve_another() {
     assert!(a_queued > 1000, "B finished only after A's backlog drained ({a_queued} left)");
     // The fairness metrics are exported.
     let metrics = reqwest::get(format!("http://{}/metrics", svc.http_addr)).await.unwrap().text().await.unwrap();
-    for needle in [format!("agenttask_fair_share{{tenant=\"{a}\"}}"), "agenttask_fairness_index".to_owned(), format!("agenttask_tasks_admitted_total{{tenant=\"{b}\"}} 10")] {
+    for needle in [
+        format!("agenttask_fair_share{{tenant=\"{a}\"}}"),
+        "agenttask_fairness_index".to_owned(),
+        format!("agenttask_tasks_admitted_total{{tenant=\"{b}\"}} 10"),
+    ] {
         assert!(metrics.contains(&needle), "{needle} missing from /metrics");
     }
     pool.close().await;
@@ -152,7 +158,8 @@ async fn max_concurrency_holds_and_the_backlog_cap_rejects() {
     assert_eq!((r["id"].as_str(), r["reason"].as_str()), (Some("one-too-many"), Some("BacklogFull")), "{r:#}");
     assert!(r["message"].as_str().unwrap().contains("max_queued"));
     // max_concurrency = 1: the queued tasks never ran alongside the long one.
-    let running = count(&pool, "select count(*) from agenttask.tasks where phase in ('Pending','Scheduled','Running')").await;
+    let running =
+        count(&pool, "select count(*) from agenttask.tasks where phase in ('Pending','Scheduled','Running')").await;
     assert_eq!(running, 1);
     for _ in 0..4 {
         let (r, _) = client.next(WAIT).await;
@@ -254,7 +261,10 @@ async fn tenant_apply_changes_quotas_and_tenants_without_a_restart() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("applied 2 tenants"));
     eventually(WAIT, || {
         let pool = pool.clone();
-        async move { count(&pool, "select count(*) from agenttask.tasks where phase in ('Pending','Scheduled','Running')").await == 4 }
+        async move {
+            count(&pool, "select count(*) from agenttask.tasks where phase in ('Pending','Scheduled','Running')").await
+                == 4
+        }
     })
     .await;
     // The new tenant's queue is consumed.
@@ -368,7 +378,11 @@ async fn two_schedulers_never_double_admit_and_a_standby_takes_over() {
     publish_plain(&ch, &b, &json!({"id": "after-hup", "language": "python", "code": "print(1)"})).await;
     eventually(WAIT, || {
         let pool = pool.clone();
-        async move { count(&pool, "select count(*) from agenttask.tasks where client_id = 'after-hup' and phase = 'Succeeded'").await == 1 }
+        async move {
+            count(&pool, "select count(*) from agenttask.tasks where client_id = 'after-hup' and phase = 'Succeeded'")
+                .await
+                == 1
+        }
     })
     .await;
 
@@ -376,7 +390,8 @@ async fn two_schedulers_never_double_admit_and_a_standby_takes_over() {
     let _ = conn.close(200, "ok".into()).await;
     for p in [&mut s2, &mut worker] {
         unsafe { libc::kill(p.child.id().unwrap() as i32, libc::SIGTERM) };
-        let status = tokio::time::timeout(Duration::from_secs(20), p.child.wait()).await.expect("stops on SIGTERM").unwrap();
+        let status =
+            tokio::time::timeout(Duration::from_secs(20), p.child.wait()).await.expect("stops on SIGTERM").unwrap();
         assert!(status.success(), "clean exit on SIGTERM");
     }
     env.cleanup().await;
@@ -406,7 +421,10 @@ async fn a_task_larger_than_the_whole_service_is_rejected() {
     let svc = env.start_with(settings).await;
     let mut client = Client::new(&env).await;
     client
-        .submit(&env.tenant("a"), &json!({"id": "huge", "language": "python", "code": "print(1)", "resources": {"memory": "2Gi"}}))
+        .submit(
+            &env.tenant("a"),
+            &json!({"id": "huge", "language": "python", "code": "print(1)", "resources": {"memory": "2Gi"}}),
+        )
         .await;
     let (r, _) = client.next(WAIT).await;
     assert_eq!(r["phase"], "Rejected", "{r:#}");

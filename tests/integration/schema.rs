@@ -16,17 +16,17 @@ async fn the_sql_phase_sets_and_the_check_constraint_match_the_rust_phases() {
     let env = Env::new(ONE_TENANT).await;
     let store = Store::connect(&env.database_url, 2).await.unwrap();
     let pool = store.pool();
-    let active: Vec<String> = sqlx::query_scalar("select unnest(agenttask.active_phases())").fetch_all(pool).await.unwrap();
+    let active: Vec<String> =
+        sqlx::query_scalar("select unnest(agenttask.active_phases())").fetch_all(pool).await.unwrap();
     assert_eq!(active, names(&Phase::ACTIVE));
     let unfinished: Vec<String> =
         sqlx::query_scalar("select unnest(agenttask.unfinished_phases())").fetch_all(pool).await.unwrap();
     assert_eq!(unfinished, names(&Phase::UNFINISHED));
-    let def: String = sqlx::query_scalar(
-        "select pg_get_constraintdef(oid) from pg_constraint where conname = 'tasks_phase_check'",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let def: String =
+        sqlx::query_scalar("select pg_get_constraintdef(oid) from pg_constraint where conname = 'tasks_phase_check'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
     let listed: Vec<String> = def.split('\'').skip(1).step_by(2).map(str::to_owned).collect();
     assert_eq!(listed, names(&Phase::ALL), "{def}");
     store.pool().close().await;
@@ -56,11 +56,13 @@ async fn an_unknown_stored_phase_or_tenant_name_is_an_error_not_a_guess() {
         other => panic!("an unknown phase must not be read as anything: {other:?}"),
     }
     let policy = sqlx::types::Json(agenttask::domain::tenant::TenantPolicy::default());
-    sqlx::query("insert into agenttask.tenants (name, weight, max_concurrency, policy) values ('Not_A_Name', 1, 1, $1)")
-        .bind(policy)
-        .execute(pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "insert into agenttask.tenants (name, weight, max_concurrency, policy) values ('Not_A_Name', 1, 1, $1)",
+    )
+    .bind(policy)
+    .execute(pool)
+    .await
+    .unwrap();
     let err = store.load_tenants().await.expect_err("an invalid stored tenant name is not dropped silently");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
     assert_eq!(err.metric_label(), "corrupt_row");

@@ -142,17 +142,11 @@ impl Env {
     }
 
     pub async fn connect(&self) -> Connection {
-        Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ reachable")
+        Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await.expect("RabbitMQ reachable")
     }
 
     pub async fn pg(&self) -> sqlx::PgPool {
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&self.database_url)
-            .await
-            .unwrap()
+        sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&self.database_url).await.unwrap()
     }
 
     /// Drops the database, the tenants' queues and the vhost. Call at the end of a test (dropping
@@ -228,9 +222,7 @@ pub async fn await_ready(addr: std::net::SocketAddr) {
 impl Service {
     pub async fn stop(self) {
         self.shutdown.cancel();
-        let res = tokio::time::timeout(Duration::from_secs(20), self.handle)
-            .await
-            .expect("service stops within 20s");
+        let res = tokio::time::timeout(Duration::from_secs(20), self.handle).await.expect("service stops within 20s");
         res.expect("service task").expect("service ran cleanly");
     }
 }
@@ -258,12 +250,21 @@ impl Client {
         let channel = conn.create_channel().await.unwrap();
         channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
         let q = channel
-            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         let reply_queue = q.name().as_str().to_owned();
         let replies = channel
-            .basic_consume(reply_queue.as_str().into(), "test".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "test".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         Client { conn, channel, reply_queue, replies }
@@ -400,7 +401,13 @@ pub fn sleeper(id: &str, seconds: f64) -> Value {
 pub async fn publish_plain(ch: &Channel, tenant: &str, task: &Value) {
     let props = BasicProperties::default().with_content_type("application/json".into());
     let confirm = ch
-        .basic_publish("agenttask.tasks".into(), tenant.into(), BasicPublishOptions::default(), &serde_json::to_vec(task).unwrap(), props)
+        .basic_publish(
+            "agenttask.tasks".into(),
+            tenant.into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(task).unwrap(),
+            props,
+        )
         .await
         .unwrap()
         .await
@@ -445,5 +452,6 @@ pub async fn queue_messages(env: &Env, queue: &str) -> Option<u64> {
 pub async fn settled(env: &Env, pool: &sqlx::PgPool, tenant: &str) {
     let queue = format!("agenttask.tasks.{tenant}");
     eventually(Duration::from_secs(60), || async { queue_messages(env, &queue).await == Some(0) }).await;
-    eventually(Duration::from_secs(60), || async { count(pool, "select count(*) from agenttask.outbox").await == 0 }).await;
+    eventually(Duration::from_secs(60), || async { count(pool, "select count(*) from agenttask.outbox").await == 0 })
+        .await;
 }
