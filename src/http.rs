@@ -54,9 +54,13 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .with_state(ctx)
 }
 
+/// Whether the database answers and the AMQP side is up.
+async fn readiness(ctx: &Api) -> (bool, bool) {
+    (ctx.store.ping().await, ctx.amqp_ready.load(Ordering::Relaxed))
+}
+
 async fn readyz(State(ctx): State<Arc<Api>>) -> Response {
-    let db = ctx.store.ping().await;
-    let amqp = ctx.amqp_ready.load(Ordering::Relaxed);
+    let (db, amqp) = readiness(&ctx).await;
     let body = format!("database: {}\nrabbitmq: {}\n", ok(db), ok(amqp));
     let status = if db && amqp { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, body).into_response()
@@ -71,6 +75,9 @@ fn ok(b: bool) -> &'static str {
 }
 
 async fn metrics(State(ctx): State<Arc<Api>>) -> Response {
+    // Prometheus scrapes /metrics, not /readyz: readiness is evaluated here too, so alerts see it.
+    let (db, amqp) = readiness(&ctx).await;
+    ctx.metrics.ready.set(i64::from(db && amqp));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.metrics.render()).into_response()
 }
 

@@ -9,6 +9,8 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Every metric family's name, for checking dashboards and alert rules against them.
+    names: Vec<String>,
     pub submitted: IntCounterVec,
     pub rejected: IntCounterVec,
     pub admitted: IntCounterVec,
@@ -23,6 +25,12 @@ pub struct Metrics {
     pub reconcile_duration: prometheus::Histogram,
     pub reconcile_errors: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// Results waiting in the outbox to be published.
+    pub outbox_pending: prometheus::IntGauge,
+    /// Age of the oldest unpublished result (0 when the outbox is empty).
+    pub outbox_oldest_seconds: Gauge,
+    /// 1 when `/readyz` would answer 200, evaluated at every scrape.
+    pub ready: prometheus::IntGauge,
     /// Errors a component handled without stopping (logged and counted, never silent), by the
     /// component and the error's `metric_label()`.
     pub errors: IntCounterVec,
@@ -37,18 +45,24 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+        let names = std::cell::RefCell::new(Vec::new());
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(
+            r: &Registry,
+            names: &std::cell::RefCell<Vec<String>>,
+            c: C,
+        ) -> C {
+            names.borrow_mut().extend(c.desc().into_iter().map(|d| d.fq_name.clone()));
             r.register(Box::new(c.clone())).expect("metric names are unique");
             c
         }
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            reg(&registry, &names, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
         };
         let igauge = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            reg(&registry, &names, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
         };
         let fgauge = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            reg(&registry, &names, GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
         };
         let wait_buckets =
             vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -65,6 +79,7 @@ impl Metrics {
             running: igauge("agenttask_running_tasks", "Tasks admitted and not finished.", &["tenant"]),
             admission_wait: reg(
                 &registry,
+                &names,
                 HistogramVec::new(
                     HistogramOpts::new("agenttask_admission_wait_seconds", "Time from submit to admission.")
                         .buckets(wait_buckets.clone()),
@@ -74,6 +89,7 @@ impl Metrics {
             ),
             task_duration: reg(
                 &registry,
+                &names,
                 HistogramVec::new(
                     HistogramOpts::new("agenttask_task_duration_seconds", "Run time of finished tasks.")
                         .buckets(wait_buckets.clone()),
@@ -85,11 +101,13 @@ impl Metrics {
             actual_share: fgauge("agenttask_actual_share", "Each tenant's actual share of capacity.", &["tenant"]),
             fairness_index: reg(
                 &registry,
+                &names,
                 Gauge::new("agenttask_fairness_index", "Jain's index of actual / fair share over backlogged tenants.")
                     .expect("valid metric"),
             ),
             reconcile_duration: reg(
                 &registry,
+                &names,
                 prometheus::Histogram::with_opts(
                     HistogramOpts::new("agenttask_reconcile_duration_seconds", "Duration of one reconcile.")
                         .buckets(wait_buckets),
@@ -107,10 +125,41 @@ impl Metrics {
                 "Errors handled without stopping, by component and kind.",
                 &["component", "error"],
             ),
+            outbox_pending: reg(
+                &registry,
+                &names,
+                prometheus::IntGauge::new("agenttask_outbox_pending", "Results waiting in the outbox to be published.")
+                    .expect("valid metric"),
+            ),
+            outbox_oldest_seconds: reg(
+                &registry,
+                &names,
+                Gauge::new(
+                    "agenttask_outbox_oldest_seconds",
+                    "Age of the oldest unpublished result; 0 when the outbox is empty.",
+                )
+                .expect("valid metric"),
+            ),
+            ready: reg(
+                &registry,
+                &names,
+                prometheus::IntGauge::new(
+                    "agenttask_ready",
+                    "1 when /readyz answers 200 (database and broker reachable), evaluated at each scrape.",
+                )
+                .expect("valid metric"),
+            ),
             registry,
+            names: names.into_inner(),
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         m
+    }
+
+    /// The name of every metric family this service exports (histograms without their
+    /// `_bucket`/`_sum`/`_count` suffixes).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The Prometheus text exposition.

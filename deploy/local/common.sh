@@ -46,6 +46,18 @@ ensure_sqlx_cli() {
     cargo install sqlx-cli --version "=$want" --locked --no-default-features --features postgres,rustls
 }
 
+# promtool (Debian's prometheus package) checks and unit-tests deploy/monitoring/alerts.yml in
+# the test suite. Nothing of Prometheus is started.
+ensure_promtool() {
+    command -v promtool >/dev/null && return
+    command -v apt-get >/dev/null || die "promtool not found: install Prometheus' promtool (Debian: apt-get install prometheus)"
+    log "installing promtool (Debian package prometheus)"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; then
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+    fi
+}
+
 # Everything a run of the service or of the tests needs on this host.
 prepare_host() {
     ensure_rust

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/../.."
 source deploy/local/common.sh
 
 prepare_host
+ensure_promtool
 # Databases left by interrupted earlier runs (each test makes its own and drops it at the end).
 psql -h 127.0.0.1 -U postgres -Atqc "select datname from pg_database where datname like 'agenttask_test_%'" postgres |
     while read -r db; do psql -h 127.0.0.1 -U postgres -qc "drop database if exists \"$db\" with (force)" postgres; done

@@ -17,7 +17,7 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::route::{reply_route, ReplyRoute};
+use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
 use super::{connect, declare_exchanges, declare_tenant, prop, tasks_queue, TASKS_EXCHANGE, UNROUTED_QUEUE};
 use crate::domain::phase::Reason;
 use crate::domain::result::ResultMessage;
@@ -395,10 +395,7 @@ async fn handle_unrouted(ctx: &Ingest, delivery: Delivery) {
     let message_id = prop(props.message_id());
     // "(unknown)" cannot be a tenant name, so it never collides with a real tenant's series.
     ctx.metrics.rejected.with_label_values(&["(unknown)", Reason::UnknownTenant.as_str()]).inc();
-    // Only a syntactically valid tenant name can own an `agenttask.reply.<tenant>.` queue; for
-    // anything else, only broker-generated reply queues are allowed.
-    let name = TenantName::parse(key).unwrap_or_else(|_| TenantName::parse("invalid").expect("valid"));
-    let route = match reply_route(&name, prop(props.reply_to())) {
+    let route = match unrouted_reply_route(key, prop(props.reply_to())) {
         Ok(route) if props.reply_to().is_some() => route,
         _ => {
             tracing::info!(routing_key = %key.chars().take(64).collect::<String>(), "dropped a message for an unknown tenant without a usable reply_to");
@@ -406,8 +403,9 @@ async fn handle_unrouted(ctx: &Ingest, delivery: Delivery) {
             return;
         }
     };
+    let correlation_id = prop(props.correlation_id()).or(message_id);
     let result = ResultMessage::rejected(
-        Uuid::new_v4(),
+        unrouted_task_id(key, message_id, correlation_id, &delivery.data),
         key.get(..key.len().min(63)).unwrap_or(""),
         message_id.filter(|m| validate::is_valid_key(m)).map(str::to_owned),
         None,
@@ -418,7 +416,6 @@ async fn handle_unrouted(ctx: &Ingest, delivery: Delivery) {
         ),
         Utc::now(),
     );
-    let correlation_id = prop(props.correlation_id()).or(message_id);
     let mut backoff = Backoff::write();
     loop {
         match ctx.store.enqueue_orphan_result(&result, route.as_reply_to(), correlation_id).await {

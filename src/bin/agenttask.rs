@@ -13,8 +13,18 @@ use agenttask::config::{ServeArgs, Settings};
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    /// Log format on stderr: text for people, json (one object per line) for log collectors
+    /// [default: text on a terminal, json otherwise]. AGENTTASK_LOG sets the level (e.g. debug).
+    #[arg(long, global = true, env = "AGENTTASK_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -31,13 +41,7 @@ enum Command {
 fn main() -> ExitCode {
     agenttask::amqp::reserve_parser_stack();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTTASK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(agenttask::amqp::THREAD_STACK_BYTES)
@@ -78,6 +82,20 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn init_logs(format: Option<LogFormat>) {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTTASK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format.unwrap_or(if terminal { LogFormat::Text } else { LogFormat::Json }) {
+        // Spans' fields (task id, tenant) go into every event's object.
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+        // Colours only for a person at a terminal, never escape codes in a file.
+        LogFormat::Text => logs.with_ansi(terminal).init(),
     }
 }
 

@@ -2,6 +2,8 @@
 //! here and is unit-tested without services.
 
 pub mod fairshare;
+#[cfg(test)]
+mod fuzz;
 pub mod outcome;
 pub mod phase;
 pub mod quantity;

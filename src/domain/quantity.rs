@@ -4,11 +4,11 @@
 //! values work for the local sandbox and for Pod limits. Internally we keep integers: CPU in
 //! millicores and memory in bytes, so comparisons and sums are exact.
 
+use std::fmt;
+
 /// The least memory a task may ask for (or a tenant give by default): below it the runtimes
 /// do not start.
 pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
-
-use std::fmt;
 
 /// Why a quantity string was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,11 +57,37 @@ fn split(s: &str) -> Result<(u128, &str), QuantityError> {
     Ok((milli, suffix))
 }
 
-/// Parses a CPU quantity into millicores: `"500m"` → 500, `"2"` → 2000, `"0.25"` → 250.
+/// A decimal exponent suffix (`e3`, `E-2`, `e+6`), as Kubernetes allows (`"5e8"` bytes). A bare
+/// `E` is not one: it is the exa suffix. Bounded so that scaling cannot overflow.
+fn exponent(suffix: &str) -> Option<i32> {
+    let rest = suffix.strip_prefix(['e', 'E'])?;
+    let digits = rest.strip_prefix(['+', '-']).unwrap_or(rest);
+    if digits.is_empty() || digits.len() > 2 || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    rest.parse().ok()
+}
+
+/// `value × 10^exp`, exactly, or `None` when that is not a whole number or too large.
+fn scale10(value: u128, exp: i32) -> Option<u128> {
+    let factor = 10u128.checked_pow(exp.unsigned_abs())?;
+    if exp >= 0 {
+        value.checked_mul(factor)
+    } else if value.is_multiple_of(factor) {
+        Some(value / factor)
+    } else {
+        None
+    }
+}
+
+/// Parses a CPU quantity into millicores: `"500m"` → 500, `"2"` → 2000, `"0.25"` → 250,
+/// `"25e-2"` → 250.
 pub fn parse_cpu_millis(s: &str) -> Result<u64, QuantityError> {
     let (milli, suffix) = split(s)?;
     let value = match suffix {
         "" => milli,
+        e if exponent(e).is_some() => scale10(milli, exponent(e).unwrap_or(0))
+            .ok_or_else(|| QuantityError(format!("{s:?}: millicores must be whole")))?,
         "m" => {
             if milli % 1000 != 0 {
                 return Err(QuantityError(format!("{s:?}: millicores must be whole")));
@@ -73,9 +99,16 @@ pub fn parse_cpu_millis(s: &str) -> Result<u64, QuantityError> {
     u64::try_from(value).map_err(|_| QuantityError(format!("{s:?} is too large")))
 }
 
-/// Parses a memory quantity into bytes: `"256Mi"`, `"1Gi"`, `"1G"`, `"1000"`.
+/// Parses a memory quantity into bytes: `"256Mi"`, `"1Gi"`, `"1G"`, `"1000"`, `"5e8"`.
 pub fn parse_memory_bytes(s: &str) -> Result<u64, QuantityError> {
     let (milli, suffix) = split(s)?;
+    if let Some(exp) = exponent(suffix) {
+        // milli is thousandths of the number: one more factor of 10^-3 to get bytes.
+        let bytes = scale10(milli, exp - 3)
+            .or_else(|| scale10(milli, exp).map(|v| v / 1000))
+            .ok_or_else(|| QuantityError(format!("{s:?} is too large")))?;
+        return u64::try_from(bytes).map_err(|_| QuantityError(format!("{s:?} is too large")));
+    }
     let multiplier: u128 = match suffix {
         "" => 1,
         "k" => 1000,
@@ -126,7 +159,11 @@ mod tests {
         assert_eq!(parse_cpu_millis("0.25"), Ok(250));
         assert_eq!(parse_cpu_millis("1.5"), Ok(1500));
         assert_eq!(parse_cpu_millis(".5"), Ok(500));
-        for bad in ["", "m", "-1", "1.2345", "2Gi", "1e3", "0.5m", "1..2", "abc"] {
+        // Kubernetes' decimal exponent.
+        assert_eq!(parse_cpu_millis("25e-2"), Ok(250));
+        assert_eq!(parse_cpu_millis("1e3"), Ok(1_000_000));
+        assert_eq!(parse_cpu_millis("2E0"), Ok(2000));
+        for bad in ["", "m", "-1", "1.2345", "2Gi", "1e", "1e-4", "1e999", "1e+", "0.5m", "1..2", "abc"] {
             assert!(parse_cpu_millis(bad).is_err(), "{bad} accepted");
         }
     }
@@ -138,7 +175,12 @@ mod tests {
         assert_eq!(parse_memory_bytes("1G"), Ok(1_000_000_000));
         assert_eq!(parse_memory_bytes("1.5Gi"), Ok(3 << 29));
         assert_eq!(parse_memory_bytes("4096"), Ok(4096));
-        for bad in ["", "Mi", "-5Mi", "1Zi", "1 Gi", "99999999999999999999999999999Ei"] {
+        // Kubernetes' decimal exponent; a bare E is still exa.
+        assert_eq!(parse_memory_bytes("5e8"), Ok(500_000_000));
+        assert_eq!(parse_memory_bytes("1.5e3"), Ok(1500));
+        assert_eq!(parse_memory_bytes("128E+6"), Ok(128_000_000));
+        assert_eq!(parse_memory_bytes("1E"), Ok(1_000_000_000_000_000_000));
+        for bad in ["", "Mi", "-5Mi", "1Zi", "1 Gi", "99999999999999999999999999999Ei", "1e", "1e99", "1ee3"] {
             assert!(parse_memory_bytes(bad).is_err(), "{bad} accepted");
         }
     }

@@ -404,6 +404,10 @@ async fn housekeeping(ctx: &Scheduler, gauges: bool) -> anyhow::Result<()> {
     if requeued + failed > 0 {
         tracing::warn!(requeued, failed, "reaped tasks whose executor stopped responding");
     }
+    // The outbox is small unless publishing is stuck, and then its lag is what operators need.
+    let (pending, oldest) = ctx.store.outbox_lag().await?;
+    ctx.metrics.outbox_pending.set(pending);
+    ctx.metrics.outbox_oldest_seconds.set(oldest);
     if !gauges {
         return Ok(());
     }

@@ -57,3 +57,17 @@ impl OutboxBatch {
         Ok(())
     }
 }
+
+impl Store {
+    /// How many results wait to be published, and how old the oldest is (seconds).
+    pub async fn outbox_lag(&self) -> Result<(i64, f64)> {
+        let lag = sqlx::query!(
+            r#"select count(*) as "pending!",
+                 coalesce(extract(epoch from now() - min(created_at)), 0)::float8 as "oldest_seconds!"
+               from agenttask.outbox"#
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((lag.pending, lag.oldest_seconds))
+    }
+}

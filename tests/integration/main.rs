@@ -22,3 +22,6 @@ mod execution;
 /// The database's vocabulary (phases, phase sets) matches the service's; unknown stored values
 /// are errors.
 mod schema;
+
+/// The dashboard and alert rules in deploy/monitoring.
+mod monitoring;
