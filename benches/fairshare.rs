@@ -7,8 +7,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use agenttask::domain::fairshare::{
-    decide, dominant_share, jain_index, update_history, Policy, QueuedTask, Resources, Tenant,
-    DEFAULT_HALF_LIFE,
+    decide, dominant_share, jain_index, update_history, Policy, QueuedTask, Resources, Tenant, DEFAULT_HALF_LIFE,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -39,16 +38,8 @@ fn population(mixed: bool) -> Vec<State> {
             queue: (0..TASKS_PER_TENANT)
                 .map(|k| QueuedTask {
                     id: i as u64 * TASKS_PER_TENANT + k,
-                    cpu_millis: if mixed {
-                        250 * (1 + (k + i as u64) % 8)
-                    } else {
-                        500
-                    },
-                    memory_bytes: if mixed {
-                        (64 << 20) * (1 + (k * 7 + i as u64) % 16)
-                    } else {
-                        256 << 20
-                    },
+                    cpu_millis: if mixed { 250 * (1 + (k + i as u64) % 8) } else { 500 },
+                    memory_bytes: if mixed { (64 << 20) * (1 + (k * 7 + i as u64) % 16) } else { 256 << 20 },
                     enqueued_at_ms: 0,
                 })
                 .collect(),
@@ -83,20 +74,15 @@ fn admission_throughput(c: &mut Criterion) {
         let policy = Policy::default();
         let d = decide(&tenants, total, 0, &policy).unwrap();
         assert_eq!(d.admissions.len() as u64, DECISIONS);
-        group.bench_function(
-            format!("{label}/1000_tenants_1M_queued_10k_decisions"),
-            |b| b.iter(|| decide(black_box(&tenants), black_box(total), 0, &policy).unwrap()),
-        );
+        group.bench_function(format!("{label}/1000_tenants_1M_queued_10k_decisions"), |b| {
+            b.iter(|| decide(black_box(&tenants), black_box(total), 0, &policy).unwrap())
+        });
         // The same, bounded by max_admissions instead of by capacity.
-        let bounded = Policy {
-            max_admissions: DECISIONS as usize,
-            ..Policy::default()
-        };
+        let bounded = Policy { max_admissions: DECISIONS as usize, ..Policy::default() };
         let roomy = Resources::new(u64::MAX / 2, u64::MAX / 2, u64::MAX / 2);
-        group.bench_function(
-            format!("{label}/1000_tenants_1M_queued_10k_decisions_max_admissions"),
-            |b| b.iter(|| decide(black_box(&tenants), black_box(roomy), 0, &bounded).unwrap()),
-        );
+        group.bench_function(format!("{label}/1000_tenants_1M_queued_10k_decisions_max_admissions"), |b| {
+            b.iter(|| decide(black_box(&tenants), black_box(roomy), 0, &bounded).unwrap())
+        });
     }
     group.finish();
 
@@ -104,10 +90,7 @@ fn admission_throughput(c: &mut Criterion) {
     // paid once per round however few tasks it admits.
     let state = population(true);
     let tenants = views(&state);
-    let one = Policy {
-        max_admissions: 1,
-        ..Policy::default()
-    };
+    let one = Policy { max_admissions: 1, ..Policy::default() };
     let roomy = Resources::new(u64::MAX / 2, u64::MAX / 2, u64::MAX / 2);
     c.bench_function("per_call_overhead/1000_tenants_1M_queued_1_decision", |b| {
         b.iter(|| decide(black_box(&tenants), black_box(roomy), 0, &one).unwrap())
@@ -125,12 +108,7 @@ fn jain_simulation() -> f64 {
                 weight: w as f64,
                 running: Resources::ZERO,
                 queue: (0..5_000)
-                    .map(|k| QueuedTask {
-                        id: w * 10_000 + k,
-                        cpu_millis: 1,
-                        memory_bytes: 1,
-                        enqueued_at_ms: 0,
-                    })
+                    .map(|k| QueuedTask { id: w * 10_000 + k, cpu_millis: 1, memory_bytes: 1, enqueued_at_ms: 0 })
                     .collect(),
             };
             (s, 0.0)
@@ -148,12 +126,7 @@ fn jain_simulation() -> f64 {
             }
             finishing.push_back(Vec::new());
             for (s, h) in state.iter_mut() {
-                *h = update_history(
-                    *h,
-                    dominant_share(s.running, total),
-                    Duration::from_secs(1),
-                    DEFAULT_HALF_LIFE,
-                );
+                *h = update_history(*h, dominant_share(s.running, total), Duration::from_secs(1), DEFAULT_HALF_LIFE);
             }
             let tenants: Vec<Tenant<'_, VecDeque<QueuedTask>>> = state
                 .iter()
@@ -171,17 +144,15 @@ fn jain_simulation() -> f64 {
             drop(tenants);
             for a in &d.admissions {
                 let task = state[a.tenant].0.queue.pop_front().unwrap();
-                state[a.tenant].0.running =
-                    state[a.tenant].0.running.saturating_add(task.request());
+                state[a.tenant].0.running = state[a.tenant].0.running.saturating_add(task.request());
                 finishing[9].push((a.tenant, task.request()));
             }
             for (i, (s, _)) in state.iter().enumerate() {
                 slot_ticks[i] += s.running.slots;
             }
         }
-        let ratios: Vec<f64> = (0..10)
-            .map(|i| (slot_ticks[i] as f64 / (window as f64 * 50.0)) / ((i + 1) as f64 / wsum))
-            .collect();
+        let ratios: Vec<f64> =
+            (0..10).map(|i| (slot_ticks[i] as f64 / (window as f64 * 50.0)) / ((i + 1) as f64 / wsum)).collect();
         indices.push(jain_index(&ratios));
     }
     let steady = &indices[1..];
@@ -191,9 +162,7 @@ fn jain_simulation() -> f64 {
 fn fairness_simulation(c: &mut Criterion) {
     let index = jain_simulation();
     println!("jain_index(weights 1..=10, 50 slots, 100-tick windows, steady state) = {index:.4}");
-    c.bench_function("jain_simulation/weights_1_to_10_50_slots_2000_ticks", |b| {
-        b.iter(jain_simulation)
-    });
+    c.bench_function("jain_simulation/weights_1_to_10_50_slots_2000_ticks", |b| b.iter(jain_simulation));
 }
 
 criterion_group!(benches, admission_throughput, fairness_simulation);

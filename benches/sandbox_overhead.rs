@@ -26,10 +26,7 @@ fn stats(name: &str, v: &mut [Duration]) -> Duration {
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; take the first numeric argument as the iteration count.
-    let n: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(50);
+    let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(50);
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let backend = LocalBackend::new(LocalConfig::new(tmp.path().join("data"))).unwrap();
@@ -54,36 +51,22 @@ async fn main() {
     // Warm-up (page cache, first cgroup creation).
     for _ in 0..3 {
         backend.run(job()).await;
-        tokio::process::Command::new("/usr/bin/python3")
-            .args(["-c", "print(1)"])
-            .output()
-            .await
-            .unwrap();
+        tokio::process::Command::new("/usr/bin/python3").args(["-c", "print(1)"]).output().await.unwrap();
     }
     let (mut sandboxed, mut plain) = (Vec::new(), Vec::new());
     for _ in 0..n {
         let t = Instant::now();
         let o = backend.run(job()).await;
         sandboxed.push(t.elapsed());
-        assert_eq!(
-            (o.termination, o.stdout.text.as_str()),
-            (Termination::Exited, "1\n")
-        );
+        assert_eq!((o.termination, o.stdout.text.as_str()), (Termination::Exited, "1\n"));
         let t = Instant::now();
-        let out = tokio::process::Command::new("/usr/bin/python3")
-            .args(["-c", "print(1)"])
-            .output()
-            .await
-            .unwrap();
+        let out = tokio::process::Command::new("/usr/bin/python3").args(["-c", "print(1)"]).output().await.unwrap();
         plain.push(t.elapsed());
         assert_eq!(out.stdout, b"1\n");
     }
     let s = stats("sandbox", &mut sandboxed);
     let p = stats("plain", &mut plain);
-    println!(
-        "overhead: median {:.2} ms",
-        (s.as_secs_f64() - p.as_secs_f64()) * 1e3
-    );
+    println!("overhead: median {:.2} ms", (s.as_secs_f64() - p.as_secs_f64()) * 1e3);
     // Under load: two sandboxes at a time, back to back (cgroup migrations then come close
     // together and skip the RCU grace period an idle host pays on the first one).
     let mut loaded = Vec::new();

@@ -1,6 +1,10 @@
 //! Service settings: flags, then `AGENTTASK_*` environment variables, then an optional
 //! `agenttask.toml`, then built-in defaults. Resolving them is pure apart from reading files, and
 //! every error says which setting to fix.
+//!
+//! The settings are declared once, in [`ServeArgs`]: clap reads it from flags and the
+//! environment, serde reads the same struct from `agenttask.toml` (same names, snake_case,
+//! unknown keys refused). [`Settings`] is the resolved, validated form.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,17 +49,14 @@ pub enum Component {
 }
 
 impl Component {
-    pub const ALL: [Component; 5] = [
-        Component::Ingest,
-        Component::Scheduler,
-        Component::Executor,
-        Component::Publisher,
-        Component::Http,
-    ];
+    pub const ALL: [Component; 5] =
+        [Component::Ingest, Component::Scheduler, Component::Executor, Component::Publisher, Component::Http];
 }
 
-/// `agenttask serve` flags. Every one can also come from the environment or `agenttask.toml`.
-#[derive(Debug, Clone, Default, Args)]
+/// `agenttask serve` flags. Every one can also come from the environment or `agenttask.toml`
+/// (the file holds every field but `config`).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// Postgres URL; the database is created if missing [default: postgres://postgres@127.0.0.1:5432/agenttask]
     #[arg(long, env = "AGENTTASK_DATABASE_URL")]
@@ -89,6 +90,10 @@ pub struct ServeArgs {
     /// Cap on each of stdout and stderr per task, in bytes [default: 1048576]
     #[arg(long, env = "AGENTTASK_OUTPUT_LIMIT_BYTES")]
     pub output_limit_bytes: Option<usize>,
+    /// Postgres connections this process keeps at most (besides the scheduler's leadership
+    /// session and the notification listener); mind the server's max_connections [default: 32]
+    #[arg(long, env = "AGENTTASK_DATABASE_POOL_SIZE")]
+    pub database_pool_size: Option<u32>,
     /// Token that opens the admin and task API (Authorization: Bearer ...). Without it those
     /// endpoints are closed.
     #[arg(long, env = "AGENTTASK_ADMIN_TOKEN", hide_env_values = true)]
@@ -105,27 +110,64 @@ pub struct ServeArgs {
     pub usage_half_life_seconds: Option<u64>,
     /// Settings file [default: ./agenttask.toml when it exists]
     #[arg(long, env = "AGENTTASK_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
 }
 
-/// The optional `agenttask.toml`; same names as the flags, in snake_case.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    database_url: Option<String>,
-    amqp_url: Option<String>,
-    tenants: Option<PathBuf>,
-    http_addr: Option<SocketAddr>,
-    backend: Option<BackendKind>,
-    components: Option<Vec<Component>>,
-    max_running: Option<u32>,
-    prefetch: Option<u16>,
-    data_dir: Option<PathBuf>,
-    output_limit_bytes: Option<usize>,
-    admin_token: Option<String>,
-    capacity_cpu: Option<String>,
-    capacity_memory: Option<String>,
-    usage_half_life_seconds: Option<u64>,
+/// Why the settings cannot be resolved; each names the setting or file to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read settings file {}: {source}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    ParseFile {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A setting has a value the service cannot use.
+    #[error("{setting}: {reason}")]
+    Invalid { setting: &'static str, reason: String },
+    #[error(transparent)]
+    Tenants(#[from] TenantsFileError),
+}
+
+/// Why a tenants file cannot be used. On a reload, the tenants in force stay as they were.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantsFileError {
+    #[error(
+        "no tenants file: pass --tenants FILE or set AGENTTASK_TENANTS \
+         (deploy/tenants.example.toml is a starting point)"
+    )]
+    NotConfigured,
+    #[error("cannot read tenants file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not validate (the message names the tenant and field).
+    #[error("tenants file {}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+}
+
+impl TenantsFileError {
+    /// A stable name for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            TenantsFileError::NotConfigured => "tenants_not_configured",
+            TenantsFileError::Read { .. } => "tenants_file_unreadable",
+            TenantsFileError::Invalid { .. } => "tenants_file_invalid",
+        }
+    }
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid { setting, reason: reason.into() }
 }
 
 /// Fully resolved settings of one `serve` process.
@@ -141,6 +183,7 @@ pub struct Settings {
     pub prefetch: u16,
     pub data_dir: PathBuf,
     pub output_limit_bytes: usize,
+    pub database_pool_size: u32,
     pub admin_token: Option<String>,
     /// Global CPU capacity in millicores: `--capacity-cpu`, else this host's CPU count.
     pub capacity_cpu_millis: Option<u64>,
@@ -158,68 +201,60 @@ pub fn host_cpu_millis() -> u64 {
 
 impl Settings {
     /// Resolves flags/env against the settings file and defaults.
-    pub fn resolve(args: ServeArgs) -> Result<Settings, String> {
+    pub fn resolve(args: ServeArgs) -> Result<Settings, SettingsError> {
         let file = load_file(args.config.as_deref())?;
         let tenants_path = args.tenants.or(file.tenants).or_else(|| {
             let p = PathBuf::from("tenants.toml");
             p.exists().then_some(p)
         });
         let settings = Settings {
-            database_url: args
-                .database_url
-                .or(file.database_url)
-                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
-            amqp_url: args
-                .amqp_url
-                .or(file.amqp_url)
-                .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned()),
+            database_url: args.database_url.or(file.database_url).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            amqp_url: args.amqp_url.or(file.amqp_url).unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned()),
             tenants_path,
             http_addr: args
                 .http_addr
                 .or(file.http_addr)
                 .unwrap_or_else(|| DEFAULT_HTTP_ADDR.parse().expect("valid default")),
             backend: args.backend.or(file.backend).unwrap_or(BackendKind::Local),
-            components: args
-                .components
-                .or(file.components)
-                .unwrap_or_else(|| Component::ALL.to_vec()),
+            components: args.components.or(file.components).unwrap_or_else(|| Component::ALL.to_vec()),
             max_running: args.max_running.or(file.max_running).unwrap_or(8),
             prefetch: args.prefetch.or(file.prefetch).unwrap_or(16),
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("/var/lib/agenttask")),
-            output_limit_bytes: args
-                .output_limit_bytes
-                .or(file.output_limit_bytes)
-                .unwrap_or(1 << 20),
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/agenttask")),
+            output_limit_bytes: args.output_limit_bytes.or(file.output_limit_bytes).unwrap_or(1 << 20),
+            database_pool_size: args.database_pool_size.or(file.database_pool_size).unwrap_or(32),
             admin_token: args.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             capacity_cpu_millis: args
                 .capacity_cpu
                 .or(file.capacity_cpu)
-                .map(|c| parse_cpu_millis(&c).map_err(|e| format!("--capacity-cpu: {e}")))
+                .map(|c| parse_cpu_millis(&c).map_err(|e| invalid("--capacity-cpu", e.to_string())))
                 .transpose()?
                 .or(Some(host_cpu_millis())),
             capacity_memory_bytes: args
                 .capacity_memory
                 .or(file.capacity_memory)
-                .map(|m| parse_memory_bytes(&m).map_err(|e| format!("--capacity-memory: {e}")))
+                .map(|m| parse_memory_bytes(&m).map_err(|e| invalid("--capacity-memory", e.to_string())))
                 .transpose()?,
             usage_half_life: std::time::Duration::from_secs(
                 args.usage_half_life_seconds.or(file.usage_half_life_seconds).unwrap_or(60),
             ),
         };
-        if settings.capacity_cpu_millis == Some(0) || settings.capacity_memory_bytes == Some(0) {
-            return Err("--capacity-cpu and --capacity-memory must be greater than 0".into());
+        if settings.capacity_cpu_millis == Some(0) {
+            return Err(invalid("--capacity-cpu", "must be greater than 0"));
+        }
+        if settings.capacity_memory_bytes == Some(0) {
+            return Err(invalid("--capacity-memory", "must be greater than 0"));
         }
         if settings.max_running == 0 {
-            return Err("--max-running must be at least 1".into());
+            return Err(invalid("--max-running", "must be at least 1"));
         }
         if settings.prefetch == 0 {
-            return Err("--prefetch must be at least 1".into());
+            return Err(invalid("--prefetch", "must be at least 1"));
+        }
+        if settings.database_pool_size == 0 {
+            return Err(invalid("--database-pool-size", "must be at least 1"));
         }
         if settings.components.is_empty() {
-            return Err("--components must name at least one component".into());
+            return Err(invalid("--components", "must name at least one component"));
         }
         Ok(settings)
     }
@@ -229,31 +264,30 @@ impl Settings {
     }
 
     /// Reads and parses the tenants file.
-    pub fn load_tenants(&self) -> Result<Tenants, String> {
+    pub fn load_tenants(&self) -> Result<Tenants, TenantsFileError> {
         let Some(path) = &self.tenants_path else {
-            return Err("no tenants file: pass --tenants FILE or set AGENTTASK_TENANTS \
-                        (deploy/tenants.example.toml is a starting point)"
-                .into());
+            return Err(TenantsFileError::NotConfigured);
         };
         load_tenants_file(path)
     }
 }
 
-pub fn load_tenants_file(path: &Path) -> Result<Tenants, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read tenants file {}: {e}", path.display()))?;
-    parse_tenants(&text).map_err(|e| format!("tenants file {}: {e}", path.display()))
+pub fn load_tenants_file(path: &Path) -> Result<Tenants, TenantsFileError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| TenantsFileError::Read { path: path.to_owned(), source })?;
+    parse_tenants(&text).map_err(|reason| TenantsFileError::Invalid { path: path.to_owned(), reason })
 }
 
-fn load_file(explicit: Option<&Path>) -> Result<FileSettings, String> {
+/// The settings file: the same fields as the flags.
+fn load_file(explicit: Option<&Path>) -> Result<ServeArgs, SettingsError> {
     let (path, required) = match explicit {
         Some(p) => (p.to_path_buf(), true),
         None => (PathBuf::from("agenttask.toml"), false),
     };
     match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(FileSettings::default()),
-        Err(e) => Err(format!("cannot read settings file {}: {e}", path.display())),
+        Ok(text) => toml::from_str(&text).map_err(|source| SettingsError::ParseFile { path, source }),
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(ServeArgs::default()),
+        Err(source) => Err(SettingsError::ReadFile { path, source }),
     }
 }
 
@@ -278,8 +312,7 @@ mod tests {
         let s = Settings::resolve(ServeArgs::default()).unwrap();
         let cpus = std::thread::available_parallelism().unwrap().get() as u64;
         assert_eq!(s.capacity_cpu_millis, Some(cpus * 1000));
-        let s = Settings::resolve(ServeArgs { capacity_cpu: Some("64".into()), ..Default::default() })
-            .unwrap();
+        let s = Settings::resolve(ServeArgs { capacity_cpu: Some("64".into()), ..Default::default() }).unwrap();
         assert_eq!(s.capacity_cpu_millis, Some(64_000));
     }
 
@@ -289,12 +322,57 @@ mod tests {
         let cfg = dir.path().join("x.toml");
         std::fs::write(&cfg, "max_runing = 3\n").unwrap();
         let err = Settings::resolve(ServeArgs { config: Some(cfg), ..Default::default() }).unwrap_err();
-        assert!(err.contains("max_runing"), "{err}");
-        let err = Settings::resolve(ServeArgs {
-            config: Some(dir.path().join("missing.toml")),
-            ..Default::default()
-        })
-        .unwrap_err();
-        assert!(err.contains("missing.toml"), "{err}");
+        assert!(matches!(err, SettingsError::ParseFile { .. }), "{err:?}");
+        assert!(err.to_string().contains("max_runing"), "{err}");
+        let err = Settings::resolve(ServeArgs { config: Some(dir.path().join("missing.toml")), ..Default::default() })
+            .unwrap_err();
+        assert!(matches!(&err, SettingsError::ReadFile { path, .. } if path.ends_with("missing.toml")), "{err:?}");
+    }
+
+    #[test]
+    fn every_flag_is_also_a_file_setting() {
+        // One declaration: the file accepts the flags' names (but not `config` itself).
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("agenttask.toml");
+        std::fs::write(
+            &cfg,
+            "database_url = \"postgres://x@h/db\"\namqp_url = \"amqp://h\"\ntenants = \"t.toml\"\n\
+             http_addr = \"127.0.0.1:1\"\nbackend = \"null\"\ncomponents = [\"http\"]\nmax_running = 2\n\
+             prefetch = 3\ndata_dir = \"/d\"\noutput_limit_bytes = 4\nadmin_token = \"t\"\n\
+             capacity_cpu = \"2\"\ncapacity_memory = \"1Gi\"\nusage_half_life_seconds = 5\n\
+             database_pool_size = 6\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(ServeArgs { config: Some(cfg.clone()), ..Default::default() }).unwrap();
+        assert_eq!(s.database_url, "postgres://x@h/db");
+        assert_eq!(s.backend, BackendKind::Null);
+        assert_eq!(s.components, vec![Component::Http]);
+        assert_eq!((s.max_running, s.prefetch, s.output_limit_bytes, s.database_pool_size), (2, 3, 4, 6));
+        assert_eq!((s.capacity_cpu_millis, s.capacity_memory_bytes), (Some(2000), Some(1 << 30)));
+        std::fs::write(&cfg, "config = \"other.toml\"\n").unwrap();
+        let err = Settings::resolve(ServeArgs { config: Some(cfg), ..Default::default() }).unwrap_err();
+        assert!(matches!(err, SettingsError::ParseFile { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        let err = Settings::resolve(ServeArgs { config: Some("/nonexistent-but-unused".into()), ..Default::default() });
+        assert!(matches!(err, Err(SettingsError::ReadFile { .. })));
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("a.toml");
+        std::fs::write(&cfg, "").unwrap();
+        for (args, setting) in [
+            (ServeArgs { max_running: Some(0), ..Default::default() }, "--max-running"),
+            (ServeArgs { prefetch: Some(0), ..Default::default() }, "--prefetch"),
+            (ServeArgs { capacity_cpu: Some("0".into()), ..Default::default() }, "--capacity-cpu"),
+            (ServeArgs { capacity_memory: Some("lots".into()), ..Default::default() }, "--capacity-memory"),
+            (ServeArgs { components: Some(vec![]), ..Default::default() }, "--components"),
+        ] {
+            let args = ServeArgs { config: Some(cfg.clone()), ..args };
+            match Settings::resolve(args) {
+                Err(SettingsError::Invalid { setting: s, .. }) => assert_eq!(s, setting),
+                other => panic!("{setting}: {other:?}"),
+            }
+        }
     }
 }

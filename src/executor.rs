@@ -26,6 +26,7 @@ use crate::domain::task::Language;
 use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::exec::{Backend, BoxFuture, Capabilities, Event, EventSink, Job, Outcome, RunEvent, RunKey};
 use crate::metrics::Metrics;
+use crate::retry::Backoff;
 use crate::store::{AdoptedRun, ClaimedTask, Store, StoreError};
 
 /// How long a claim stays valid without a heartbeat.
@@ -38,11 +39,32 @@ pub const HANDOVER_LEASE: Duration = Duration::from_secs(600);
 pub trait ExecutorStore: Send + Sync + 'static {
     fn claim(&self, owner: Uuid, limit: i64, lease: Duration) -> BoxFuture<'_, Result<Vec<ClaimedTask>, StoreError>>;
     fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn mark_running<'a>(&'a self, key: RunKey, backend: &'a str, at: chrono::DateTime<Utc>) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn finish<'a>(&'a self, key: RunKey, backend: Option<&'a str>, outcome: &'a Outcome, timeout_seconds: u32) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn renew_leases<'a>(&'a self, owner: Uuid, task_ids: &'a [Uuid], lease: Duration) -> BoxFuture<'a, Result<u64, StoreError>>;
+    fn mark_running<'a>(
+        &'a self,
+        key: RunKey,
+        backend: &'a str,
+        at: chrono::DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn finish<'a>(
+        &'a self,
+        key: RunKey,
+        backend: Option<&'a str>,
+        outcome: &'a Outcome,
+        timeout_seconds: u32,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn renew_leases<'a>(
+        &'a self,
+        owner: Uuid,
+        task_ids: &'a [Uuid],
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
     fn cancel_requested(&self, owner: Uuid) -> BoxFuture<'_, Result<Vec<(Uuid, i32)>, StoreError>>;
-    fn adopt<'a>(&'a self, owner: Uuid, runs: &'a [(Uuid, i32)], lease: Duration) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>>;
+    fn adopt<'a>(
+        &'a self,
+        owner: Uuid,
+        runs: &'a [(Uuid, i32)],
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>>;
     fn release(&self, owner: Uuid) -> BoxFuture<'_, Result<u64, StoreError>>;
 }
 
@@ -53,19 +75,40 @@ impl ExecutorStore for Store {
     fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(Store::mark_scheduled(self, key.task_id, key.attempt, backend))
     }
-    fn mark_running<'a>(&'a self, key: RunKey, backend: &'a str, at: chrono::DateTime<Utc>) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn mark_running<'a>(
+        &'a self,
+        key: RunKey,
+        backend: &'a str,
+        at: chrono::DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(Store::mark_running(self, key.task_id, key.attempt, backend, at))
     }
-    fn finish<'a>(&'a self, key: RunKey, backend: Option<&'a str>, outcome: &'a Outcome, timeout_seconds: u32) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn finish<'a>(
+        &'a self,
+        key: RunKey,
+        backend: Option<&'a str>,
+        outcome: &'a Outcome,
+        timeout_seconds: u32,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(Store::finish(self, key.task_id, key.attempt, backend, outcome, timeout_seconds))
     }
-    fn renew_leases<'a>(&'a self, owner: Uuid, task_ids: &'a [Uuid], lease: Duration) -> BoxFuture<'a, Result<u64, StoreError>> {
+    fn renew_leases<'a>(
+        &'a self,
+        owner: Uuid,
+        task_ids: &'a [Uuid],
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(Store::renew_leases(self, owner, task_ids, lease))
     }
     fn cancel_requested(&self, owner: Uuid) -> BoxFuture<'_, Result<Vec<(Uuid, i32)>, StoreError>> {
         Box::pin(Store::cancel_requested(self, owner))
     }
-    fn adopt<'a>(&'a self, owner: Uuid, runs: &'a [(Uuid, i32)], lease: Duration) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>> {
+    fn adopt<'a>(
+        &'a self,
+        owner: Uuid,
+        runs: &'a [(Uuid, i32)],
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>> {
         Box::pin(Store::adopt(self, owner, runs, lease))
     }
     fn release(&self, owner: Uuid) -> BoxFuture<'_, Result<u64, StoreError>> {
@@ -191,18 +234,21 @@ impl Executor {
         };
         for run in &adopted {
             let key = RunKey { task_id: run.task_id, attempt: run.attempt };
-            watched.insert(run.task_id, Watched {
-                key,
-                tenant: run.tenant.clone(),
-                language: run.language.as_deref().and_then(|l| l.parse().ok()),
-                timeout_seconds: run.timeout_seconds.unwrap_or(0).max(0) as u32,
-                backend: self.backend.name_for(&run.isolation),
-                finishing: false,
-            });
+            watched.insert(
+                run.task_id,
+                Watched {
+                    key,
+                    tenant: run.tenant.clone(),
+                    language: run.language,
+                    timeout_seconds: run.timeout_seconds.unwrap_or(0).max(0) as u32,
+                    backend: self.backend.name_for(&run.isolation),
+                    finishing: false,
+                },
+            );
         }
         // What the backend still runs but the store gave to a newer attempt (or ended) is stale.
         for key in keys {
-            if !watched.get(&key.task_id).is_some_and(|w| w.key == key) {
+            if watched.get(&key.task_id).is_none_or(|w| w.key != key) {
                 tracing::warn!(run = %key, "stopping a stale run left by an earlier process");
                 self.cancel(key).await;
             }
@@ -223,7 +269,7 @@ impl Executor {
         let w = Watched {
             key,
             tenant: task.tenant.clone(),
-            language: task.language.as_deref().and_then(|l| l.parse().ok()),
+            language: task.language,
             timeout_seconds: task.timeout_seconds.unwrap_or(0).max(0) as u32,
             backend,
             finishing: false,
@@ -280,8 +326,15 @@ impl Executor {
         match written {
             Ok(true) => {}
             Ok(false) => tracing::debug!(run = %key, "phase not changed: the task moved on"),
-            // Phases before the end are informative; the final write is what must not be lost.
-            Err(e) => tracing::warn!(run = %key, error = %e, "cannot record a run's progress"),
+            // A decision, not a fallback: the program is already running in its sandbox, so a
+            // failed `Scheduled`/`Running` write does not stop it. Those phases are
+            // informative; the final write (retried until stored) carries `started_at` and
+            // moves the task from whichever active phase it is in. The failure is logged and
+            // counted. Tested by `a_failed_running_mark_is_counted_and_the_run_still_finishes`.
+            Err(e) => {
+                self.metrics.errors.with_label_values(&["executor", e.metric_label()]).inc();
+                tracing::warn!(run = %key, error = %e, "cannot record a run's progress; the run continues");
+            }
         }
     }
 
@@ -360,7 +413,7 @@ impl Executor {
 }
 
 async fn finish_with_retries(store: &dyn ExecutorStore, metrics: &Metrics, w: &Watched, mut outcome: Outcome) {
-    let mut wait = Duration::from_millis(200);
+    let mut backoff = Backoff::write();
     let mut stripped = false;
     loop {
         match store.finish(w.key, Some(w.backend), &outcome, w.timeout_seconds).await {
@@ -374,16 +427,17 @@ async fn finish_with_retries(store: &dyn ExecutorStore, metrics: &Metrics, w: &W
             Err(e) if e.is_bad_value() && !stripped => {
                 stripped = true;
                 tracing::warn!(run = %w.key, error = %e, "outcome could not be stored; recording a BackendError instead");
-                outcome = Outcome::backend_error(format!("the task's outcome could not be stored: {e}"), outcome.started_at);
+                outcome =
+                    Outcome::backend_error(format!("the task's outcome could not be stored: {e}"), outcome.started_at);
             }
             Err(e) if e.is_bad_value() => {
                 tracing::error!(run = %w.key, error = %e, "outcome cannot be stored even without its payload; the task is retried when its lease expires");
                 return;
             }
             Err(e) => {
-                tracing::warn!(run = %w.key, error = %e, "cannot record outcome; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
+                metrics.errors.with_label_values(&["executor", e.metric_label()]).inc();
+                tracing::warn!(run = %w.key, error = %e, retry_in = ?backoff.peek(), "cannot record outcome; retrying");
+                backoff.sleep().await;
             }
         }
     }
@@ -403,12 +457,7 @@ async fn finish_with_retries(store: &dyn ExecutorStore, metrics: &Metrics, w: &W
 /// with a message, never run with guessed values.
 fn job_of(task: &ClaimedTask, artifact_quota_bytes: u64) -> Result<Job, String> {
     let missing = |what: &str| format!("the stored task has no {what}; it cannot run");
-    let language: Language = task
-        .language
-        .as_deref()
-        .ok_or_else(|| missing("language"))?
-        .parse()
-        .map_err(|e| format!("the stored task's language is unreadable: {e}"))?;
+    let language: Language = task.language.ok_or_else(|| missing("language"))?;
     let program = task.program.as_ref().ok_or_else(|| missing("program"))?;
     let timeout = task.timeout_seconds.filter(|t| *t > 0).ok_or_else(|| missing("timeout"))?;
     let cpu_millis = task.cpu_millis.filter(|c| *c > 0).ok_or_else(|| missing("CPU request"))?;
@@ -416,9 +465,7 @@ fn job_of(task: &ClaimedTask, artifact_quota_bytes: u64) -> Result<Job, String> 
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut files = BTreeMap::new();
     for (name, encoded) in &program.files {
-        let bytes = b64
-            .decode(encoded)
-            .map_err(|e| format!("stored input file {name:?} is corrupt: {e}"))?;
+        let bytes = b64.decode(encoded).map_err(|e| format!("stored input file {name:?} is corrupt: {e}"))?;
         files.insert(name.clone(), bytes);
     }
     Ok(Job {

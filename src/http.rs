@@ -5,18 +5,19 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::body::Bytes;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::result::ResultMessage;
 use crate::metrics::Metrics;
-use crate::store::{CancelOutcome, Position, Store, TaskRow, TenantStatus};
+use crate::store::{CancelOutcome, Position, Store, StoreError, TaskRow, TenantStatus};
 
 /// What the HTTP endpoints need, and nothing else.
 pub struct Api {
@@ -28,11 +29,13 @@ pub struct Api {
     pub readiness: Arc<crate::readiness::Readiness>,
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Api>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: Arc<Api>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let app = router(ctx);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     Ok(())
 }
 
@@ -85,45 +88,109 @@ async fn readyz(State(ctx): State<Arc<Api>>) -> Response {
 async fn metrics(State(ctx): State<Arc<Api>>) -> Response {
     // Prometheus scrapes /metrics, not /readyz: readiness is evaluated here too, so alerts see it.
     ctx.metrics.ready.set(i64::from(down_parts(&ctx).await.is_empty()));
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.metrics.render()).into_response()
 }
 
-/// An API error body: `{"error": "..."}` with a sentence that says what to do.
+/// The body of every API error, as the contract says: `{"code", "message"}`. `code` is a stable
+/// machine-readable name; `message` is a sentence that says what to do.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ApiError {
-    pub error: String,
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(ApiError { error: msg.into() })).into_response()
+/// Everything a task API handler can fail with; one place maps each to its status and code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(
+        "the task API is closed: start the service with AGENTTASK_ADMIN_TOKEN set, and pass \
+         that token to agentctl as AGENTCTL_TOKEN"
+    )]
+    Closed,
+    #[error("missing or wrong token: set AGENTCTL_TOKEN")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The request was understood but its content is refused (a tenants file that does not
+    /// validate).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("database error: {0}")]
+    Store(#[from] StoreError),
 }
 
-fn authorize(ctx: &Api, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(expected) = ctx.admin_token.as_deref() else {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            "the task API is closed: start the service with AGENTTASK_ADMIN_TOKEN set, and pass \
-             that token to agentctl as AGENTCTL_TOKEN",
-        ));
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        Ok(())
-    } else {
-        Err(error(StatusCode::UNAUTHORIZED, "missing or wrong token: set AGENTCTL_TOKEN"))
+impl ApiError {
+    /// The `code` of the error body; also the metric label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Closed => "api_closed",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Invalid(_) => "invalid",
+            ApiError::Store(_) => "unavailable",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Closed => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Store(e) = &self {
+            tracing::warn!(error = %e, "task API: database error");
+        }
+        let body = ErrorBody { code: self.code().to_owned(), message: self.to_string() };
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+/// Proof that a request carries the admin token: taking `Admin` as a handler argument is what
+/// closes the handler to everyone else.
+pub struct Admin;
+
+impl FromRequestParts<Arc<Api>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Api>) -> Result<Admin, ApiError> {
+        let Some(expected) = ctx.admin_token.as_deref() else {
+            return Err(ApiError::Closed);
+        };
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            Ok(Admin)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
     }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn task_id(id: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(id).map_err(|_| ApiError::BadRequest(format!("{id:?} is not a task id (uuid)")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,7 +215,7 @@ impl From<TaskRow> for TaskView {
     fn from(row: TaskRow) -> Self {
         TaskView {
             result: row.to_result(),
-            language: row.language,
+            language: row.language.map(|l| l.as_str().to_owned()),
             priority: row.priority,
             isolation: row.isolation,
             labels: row.labels.0,
@@ -160,74 +227,53 @@ impl From<TaskRow> for TaskView {
 
 /// `GET /v1/tasks/{id}`: `id` is a task id (uuid), or a client id with `?tenant=`.
 async fn get_task(
+    _: Admin,
     State(ctx): State<Arc<Api>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<TaskQuery>,
-) -> Response {
-    if let Err(resp) = authorize(&ctx, &headers) {
-        return resp;
-    }
+) -> Result<Json<TaskView>, ApiError> {
     let found = match (uuid::Uuid::parse_str(&id), q.tenant.as_deref()) {
         // With a tenant, the id is first the client's key (agentctl's keys are uuids too).
-        (parsed, Some(tenant)) => match ctx.store.find_task(tenant, &id).await {
-            Ok(None) => match parsed {
-                Ok(task_id) => ctx.store.get_task(task_id).await,
-                Err(_) => Ok(None),
+        (parsed, Some(tenant)) => match ctx.store.find_task(tenant, &id).await? {
+            None => match parsed {
+                Ok(task_id) => ctx.store.get_task(task_id).await?,
+                Err(_) => None,
             },
-            other => other,
+            found => found,
         },
-        (Ok(task_id), None) => ctx.store.get_task(task_id).await,
+        (Ok(task_id), None) => ctx.store.get_task(task_id).await?,
         (Err(_), None) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("{id:?} is not a task id (uuid); to look up a client id, pass ?tenant=NAME"),
-            )
+            return Err(ApiError::BadRequest(format!(
+                "{id:?} is not a task id (uuid); to look up a client id, pass ?tenant=NAME"
+            )))
         }
     };
-    match found {
-        Ok(Some(row)) => Json(TaskView::from(row)).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no task {id}")),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
-    }
+    let row = found.ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
+    Ok(Json(TaskView::from(row)))
 }
 
 /// `GET /v1/tasks/{id}/position`: place in the tenant's queue and an estimated wait.
-async fn get_position(State(ctx): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(resp) = authorize(&ctx, &headers) {
-        return resp;
-    }
-    let Ok(task_id) = uuid::Uuid::parse_str(&id) else {
-        return error(StatusCode::BAD_REQUEST, format!("{id:?} is not a task id (uuid)"));
-    };
-    match ctx.store.position(task_id).await {
-        Ok(Some(p)) => Json::<Position>(p).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no task {id}")),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
-    }
+async fn get_position(
+    _: Admin,
+    State(ctx): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Result<Json<Position>, ApiError> {
+    let p = ctx.store.position(task_id(&id)?).await?;
+    Ok(Json(p.ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?))
 }
 
-async fn list_tenants(State(ctx): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    if let Err(resp) = authorize(&ctx, &headers) {
-        return resp;
-    }
-    match ctx.store.tenant_statuses().await {
-        Ok(list) => Json::<Vec<TenantStatus>>(list).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
-    }
+async fn list_tenants(_: Admin, State(ctx): State<Arc<Api>>) -> Result<Json<Vec<TenantStatus>>, ApiError> {
+    Ok(Json(ctx.store.tenant_statuses().await?))
 }
 
-async fn get_tenant(State(ctx): State<Arc<Api>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    if let Err(resp) = authorize(&ctx, &headers) {
-        return resp;
-    }
-    match ctx.store.tenant_statuses().await {
-        Ok(list) => match list.into_iter().find(|t| t.tenant == name) {
-            Some(t) => Json(t).into_response(),
-            None => error(StatusCode::NOT_FOUND, format!("no tenant {name}")),
-        },
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
-    }
+async fn get_tenant(
+    _: Admin,
+    State(ctx): State<Arc<Api>>,
+    Path(name): Path<String>,
+) -> Result<Json<TenantStatus>, ApiError> {
+    let list = ctx.store.tenant_statuses().await?;
+    let t = list.into_iter().find(|t| t.tenant == name);
+    Ok(Json(t.ok_or_else(|| ApiError::NotFound(format!("no tenant {name}")))?))
 }
 
 /// What `PUT /v1/tenants` did.
@@ -260,41 +306,27 @@ struct ApplyQuery {
 /// whole, then makes it the configuration of every process, without a restart. Queued tasks of
 /// tenants that stay are untouched; those of removed tenants are kept (default) or cancelled.
 async fn apply_tenants(
+    _: Admin,
     State(ctx): State<Arc<Api>>,
-    headers: HeaderMap,
     Query(q): Query<ApplyQuery>,
     body: Bytes,
-) -> Response {
-    if let Err(resp) = authorize(&ctx, &headers) {
-        return resp;
-    }
-    let Ok(text) = std::str::from_utf8(&body) else {
-        return error(StatusCode::BAD_REQUEST, "the tenants file must be UTF-8 TOML");
-    };
-    let tenants = match crate::domain::tenant::parse_tenants(text) {
-        Ok(t) => t,
-        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("tenants file refused: {e}")),
-    };
-    if let Err(e) = ctx.store.sync_tenants(&tenants).await {
-        return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}"));
-    }
+) -> Result<Json<ApplyResult>, ApiError> {
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the tenants file must be UTF-8 TOML".into()))?;
+    let tenants = crate::domain::tenant::parse_tenants(text)
+        .map_err(|e| ApiError::Invalid(format!("tenants file refused: {e}")))?;
+    ctx.store.sync_tenants(&tenants).await?;
     // Every process (this one included) picks the change up from the tenants notification.
     let names: Vec<String> = tenants.keys().map(|t| t.to_string()).collect();
     let mut cancelled = 0;
     if q.removed == Removed::Cancel {
-        let ids = match ctx.store.unstarted_of_other_tenants(&names).await {
-            Ok(ids) => ids,
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
-        };
-        for id in ids {
-            match ctx.store.request_cancel(id).await {
-                Ok(CancelOutcome::Cancelled) => cancelled += 1,
-                Ok(_) => {}
-                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+        for id in ctx.store.unstarted_of_other_tenants(&names).await? {
+            if ctx.store.request_cancel(id).await? == CancelOutcome::Cancelled {
+                cancelled += 1;
             }
         }
     }
-    Json(ApplyResult { tenants: names, cancelled }).into_response()
+    Ok(Json(ApplyResult { tenants: names, cancelled }))
 }
 
 /// What a cancel request did, as `POST /v1/tasks/{id}/cancel` answers it.
@@ -310,21 +342,14 @@ pub struct CancelAnswer {
 /// `POST /v1/tasks/{id}/cancel`: a queued or admitted task ends `Cancelled` without running; a
 /// running one is killed. Either way it gets exactly one result. A finished task is left alone
 /// (409), an unknown one is a 404.
-async fn cancel_task(State(ctx): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(resp) = authorize(&ctx, &headers) {
-        return resp;
-    }
-    let Ok(task_id) = uuid::Uuid::parse_str(&id) else {
-        return error(StatusCode::BAD_REQUEST, format!("{id:?} is not a task id (uuid)"));
-    };
-    match ctx.store.request_cancel(task_id).await {
-        Ok(CancelOutcome::Cancelled) => Json(CancelAnswer {
-            task_id,
-            outcome: "cancelled".into(),
-            message: "cancelled before it ran".into(),
-        })
-        .into_response(),
-        Ok(CancelOutcome::Requested) => (
+async fn cancel_task(_: Admin, State(ctx): State<Arc<Api>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let task_id = task_id(&id)?;
+    Ok(match ctx.store.request_cancel(task_id).await? {
+        CancelOutcome::Cancelled => {
+            Json(CancelAnswer { task_id, outcome: "cancelled".into(), message: "cancelled before it ran".into() })
+                .into_response()
+        }
+        CancelOutcome::Requested => (
             StatusCode::ACCEPTED,
             Json(CancelAnswer {
                 task_id,
@@ -333,13 +358,11 @@ async fn cancel_task(State(ctx): State<Arc<Api>>, headers: HeaderMap, Path(id): 
             }),
         )
             .into_response(),
-        Ok(CancelOutcome::AlreadyFinished(phase)) => error(
-            StatusCode::CONFLICT,
-            format!("task {task_id} already finished ({phase}); nothing to cancel"),
-        ),
-        Ok(CancelOutcome::NotFound) => error(StatusCode::NOT_FOUND, format!("no task {task_id}")),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
-    }
+        CancelOutcome::AlreadyFinished(phase) => {
+            return Err(ApiError::Conflict(format!("task {task_id} already finished ({phase}); nothing to cancel")))
+        }
+        CancelOutcome::NotFound => return Err(ApiError::NotFound(format!("no task {task_id}"))),
+    })
 }
 
 /// What `POST /v1/batches/{tenant}/{batch}/cancel` did.
@@ -353,26 +376,19 @@ pub struct BatchCancelAnswer {
 
 /// `POST /v1/batches/{tenant}/{batch}/cancel`: cancels every unfinished task of a batch.
 async fn cancel_batch(
+    _: Admin,
     State(ctx): State<Arc<Api>>,
-    headers: HeaderMap,
     Path((tenant, batch)): Path<(String, String)>,
-) -> Response {
-    if let Err(resp) = authorize(&ctx, &headers) {
-        return resp;
-    }
-    let ids = match ctx.store.unfinished_in_batch(&tenant, &batch).await {
-        Ok(ids) => ids,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
-    };
+) -> Result<Json<BatchCancelAnswer>, ApiError> {
+    let ids = ctx.store.unfinished_in_batch(&tenant, &batch).await?;
     let mut answer = BatchCancelAnswer { cancelled: 0, stopping: 0 };
     for id in ids {
-        match ctx.store.request_cancel(id).await {
-            Ok(CancelOutcome::Cancelled) => answer.cancelled += 1,
-            Ok(CancelOutcome::Requested) => answer.stopping += 1,
+        match ctx.store.request_cancel(id).await? {
+            CancelOutcome::Cancelled => answer.cancelled += 1,
+            CancelOutcome::Requested => answer.stopping += 1,
             // Finished meanwhile: nothing to do.
-            Ok(_) => {}
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}")),
+            CancelOutcome::AlreadyFinished(_) | CancelOutcome::NotFound => {}
         }
     }
-    Json(answer).into_response()
+    Ok(Json(answer))
 }

@@ -16,6 +16,7 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the task API.
 //! - [`readiness`]: what each component says about its connections, for `/readyz`.
 //! - [`metrics`]: the contract's Prometheus metrics.
+//! - [`retry`]: the one backoff policy of every loop that waits out an outage.
 //! - [`service`]: wiring for `agenttask serve`.
 //! - [`supervise`]: runs the components; one that stops takes the process down with it.
 //! - [`ctl`]: `agentctl`, the user's CLI.
@@ -29,8 +30,9 @@ pub mod executor;
 pub mod http;
 pub mod metrics;
 pub mod readiness;
-pub mod scheduler;
+pub mod retry;
 pub mod sandbox;
+pub mod scheduler;
 pub mod service;
 pub mod store;
 pub mod supervise;

@@ -2,8 +2,7 @@
 //! default, so tests can run several services in one process).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the service exports.
@@ -32,6 +31,9 @@ pub struct Metrics {
     pub outbox_oldest_seconds: Gauge,
     /// 1 when `/readyz` would answer 200, evaluated at every scrape.
     pub ready: prometheus::IntGauge,
+    /// Errors a component handled without stopping (logged and counted, never silent), by the
+    /// component and the error's `metric_label()`.
+    pub errors: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -62,33 +64,91 @@ impl Metrics {
         let fgauge = |name: &str, help: &str, labels: &[&str]| {
             reg(&registry, &names, GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
         };
-        let wait_buckets = vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+        let wait_buckets =
+            vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
         let m = Metrics {
             submitted: counter("agenttask_tasks_submitted_total", "Tasks accepted into a tenant's queue.", &["tenant"]),
             rejected: counter("agenttask_tasks_rejected_total", "Messages refused, by reason.", &["tenant", "reason"]),
             admitted: counter("agenttask_tasks_admitted_total", "Tasks admitted to run.", &["tenant"]),
-            finished: counter("agenttask_tasks_finished_total", "Tasks that ended, by phase and reason.", &["tenant", "phase", "reason"]),
+            finished: counter(
+                "agenttask_tasks_finished_total",
+                "Tasks that ended, by phase and reason.",
+                &["tenant", "phase", "reason"],
+            ),
             queue_depth: igauge("agenttask_queue_depth", "Tasks waiting for admission.", &["tenant"]),
             running: igauge("agenttask_running_tasks", "Tasks admitted and not finished.", &["tenant"]),
-            admission_wait: reg(&registry, &names, HistogramVec::new(
-                HistogramOpts::new("agenttask_admission_wait_seconds", "Time from submit to admission.").buckets(wait_buckets.clone()),
-                &["tenant"],
-            ).expect("valid metric")),
-            task_duration: reg(&registry, &names, HistogramVec::new(
-                HistogramOpts::new("agenttask_task_duration_seconds", "Run time of finished tasks.").buckets(wait_buckets.clone()),
-                &["tenant", "language"],
-            ).expect("valid metric")),
+            admission_wait: reg(
+                &registry,
+                &names,
+                HistogramVec::new(
+                    HistogramOpts::new("agenttask_admission_wait_seconds", "Time from submit to admission.")
+                        .buckets(wait_buckets.clone()),
+                    &["tenant"],
+                )
+                .expect("valid metric"),
+            ),
+            task_duration: reg(
+                &registry,
+                &names,
+                HistogramVec::new(
+                    HistogramOpts::new("agenttask_task_duration_seconds", "Run time of finished tasks.")
+                        .buckets(wait_buckets.clone()),
+                    &["tenant", "language"],
+                )
+                .expect("valid metric"),
+            ),
             fair_share: fgauge("agenttask_fair_share", "Each backlogged tenant's fair share of capacity.", &["tenant"]),
             actual_share: fgauge("agenttask_actual_share", "Each tenant's actual share of capacity.", &["tenant"]),
-            fairness_index: reg(&registry, &names, Gauge::new("agenttask_fairness_index", "Jain's index of actual / fair share over backlogged tenants.").expect("valid metric")),
-            reconcile_duration: reg(&registry, &names, prometheus::Histogram::with_opts(
-                HistogramOpts::new("agenttask_reconcile_duration_seconds", "Duration of one reconcile.").buckets(wait_buckets),
-            ).expect("valid metric")),
-            reconcile_errors: counter("agenttask_reconcile_errors_total", "Reconcile failures, by reason.", &["reason"]),
+            fairness_index: reg(
+                &registry,
+                &names,
+                Gauge::new("agenttask_fairness_index", "Jain's index of actual / fair share over backlogged tenants.")
+                    .expect("valid metric"),
+            ),
+            reconcile_duration: reg(
+                &registry,
+                &names,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new("agenttask_reconcile_duration_seconds", "Duration of one reconcile.")
+                        .buckets(wait_buckets),
+                )
+                .expect("valid metric"),
+            ),
+            reconcile_errors: counter(
+                "agenttask_reconcile_errors_total",
+                "Reconcile failures, by reason.",
+                &["reason"],
+            ),
             build_info: igauge("agenttask_build_info", "Build of this process.", &["version"]),
-            outbox_pending: reg(&registry, &names, prometheus::IntGauge::new("agenttask_outbox_pending", "Results waiting in the outbox to be published.").expect("valid metric")),
-            outbox_oldest_seconds: reg(&registry, &names, Gauge::new("agenttask_outbox_oldest_seconds", "Age of the oldest unpublished result; 0 when the outbox is empty.").expect("valid metric")),
-            ready: reg(&registry, &names, prometheus::IntGauge::new("agenttask_ready", "1 when /readyz answers 200 (database and broker reachable), evaluated at each scrape.").expect("valid metric")),
+            errors: counter(
+                "agenttask_errors_total",
+                "Errors handled without stopping, by component and kind.",
+                &["component", "error"],
+            ),
+            outbox_pending: reg(
+                &registry,
+                &names,
+                prometheus::IntGauge::new("agenttask_outbox_pending", "Results waiting in the outbox to be published.")
+                    .expect("valid metric"),
+            ),
+            outbox_oldest_seconds: reg(
+                &registry,
+                &names,
+                Gauge::new(
+                    "agenttask_outbox_oldest_seconds",
+                    "Age of the oldest unpublished result; 0 when the outbox is empty.",
+                )
+                .expect("valid metric"),
+            ),
+            ready: reg(
+                &registry,
+                &names,
+                prometheus::IntGauge::new(
+                    "agenttask_ready",
+                    "1 when /readyz answers 200 (database and broker reachable), evaluated at each scrape.",
+                )
+                .expect("valid metric"),
+            ),
             registry,
             names: names.into_inner(),
         };
@@ -105,9 +165,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding does not fail");
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding does not fail");
         String::from_utf8(buf).unwrap_or_default()
     }
 }
@@ -120,7 +178,11 @@ mod tests {
         m.submitted.with_label_values(&["acme"]).inc();
         m.fairness_index.set(1.0);
         let text = m.render();
-        for name in ["agenttask_tasks_submitted_total{tenant=\"acme\"} 1", "agenttask_build_info{version=", "agenttask_fairness_index 1"] {
+        for name in [
+            "agenttask_tasks_submitted_total{tenant=\"acme\"} 1",
+            "agenttask_build_info{version=",
+            "agenttask_fairness_index 1",
+        ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
     }

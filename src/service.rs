@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::ingest::Ingest;
 use crate::amqp::publish::Publisher;
-use crate::config::{BackendKind, Component, Settings};
+use crate::config::{BackendKind, Component, Settings, TenantsFileError};
 use crate::domain::phase::Phase;
 use crate::domain::tenant::Tenants;
 use crate::domain::validate::BackendIsolation;
@@ -25,9 +25,10 @@ use crate::exec::Backend;
 use crate::executor::{Executor, LEASE};
 use crate::http::Api;
 use crate::metrics::Metrics;
+use crate::retry::Backoff;
 use crate::scheduler::{Capacity, Scheduler};
 use crate::store::notify::{Notification, CHANNELS};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::supervise::Supervisor;
 
 /// The wake-ups that Postgres notifications (and components in this process) trigger.
@@ -49,14 +50,32 @@ impl Wakes {
 
 /// The tenants this process serves: its tenants file, applied to the database, when it has one;
 /// otherwise those last applied (by another process or `agentctl tenant apply`).
-async fn current_tenants(settings: &Settings, store: &Store) -> Result<Tenants, String> {
+async fn current_tenants(settings: &Settings, store: &Store) -> Result<Tenants, TenantReloadError> {
     match &settings.tenants_path {
         Some(_) => {
             let t = settings.load_tenants()?;
-            store.sync_tenants(&t).await.map_err(|e| e.to_string())?;
+            store.sync_tenants(&t).await?;
             Ok(t)
         }
-        None => store.load_tenants().await.map_err(|e| e.to_string()),
+        None => Ok(store.load_tenants().await?),
+    }
+}
+
+/// Why the tenants could not be (re)loaded. A reload that fails keeps the tenants in force.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantReloadError {
+    #[error(transparent)]
+    File(#[from] TenantsFileError),
+    #[error("cannot read or store the tenants in Postgres: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl TenantReloadError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            TenantReloadError::File(e) => e.metric_label(),
+            TenantReloadError::Store(e) => e.metric_label(),
+        }
     }
 }
 
@@ -69,12 +88,15 @@ fn isolation_of(kind: BackendKind) -> BackendIsolation {
     }
 }
 
-fn build_backend(settings: &Settings) -> anyhow::Result<(Arc<dyn Backend>, Option<Arc<LocalBackend>>)> {
+/// The backend executors use, and the local one again when it is local (for its housekeeping).
+type Backends = (Arc<dyn Backend>, Option<Arc<LocalBackend>>);
+
+fn build_backend(settings: &Settings) -> anyhow::Result<Backends> {
     match settings.backend {
         BackendKind::Local => {
             let mut config = LocalConfig::new(settings.data_dir.clone());
             config.output_limit_bytes = settings.output_limit_bytes;
-            let b = Arc::new(LocalBackend::new(config).map_err(anyhow::Error::msg)?);
+            let b = Arc::new(LocalBackend::new(config)?);
             Ok((b.clone(), Some(b)))
         }
         BackendKind::Null => {
@@ -93,8 +115,8 @@ fn build_backend(settings: &Settings) -> anyhow::Result<(Arc<dyn Backend>, Optio
 /// Runs the service until `shutdown` is cancelled, or until a component stops on its own (then
 /// the error names it).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = Store::connect(&settings.database_url, 32).await?;
-    let initial = current_tenants(&settings, &store).await.map_err(anyhow::Error::msg)?;
+    let store = Store::connect(&settings.database_url, settings.database_pool_size).await?;
+    let initial = current_tenants(&settings, &store).await?;
     if initial.is_empty() && (settings.runs(Component::Ingest) || settings.runs(Component::Scheduler)) {
         tracing::warn!(
             "no tenants are configured: pass --tenants FILE (see deploy/tenants.example.toml) \
@@ -111,9 +133,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let (cancel_tx, cancel_rx) = mpsc::unbounded_channel();
     sup.spawn(
         "notifications",
-        listen(store.clone(), tenants.clone(), wakes.clone(), cancel_tx, shutdown.clone()),
+        listen(store.clone(), tenants.clone(), wakes.clone(), cancel_tx, metrics.clone(), shutdown.clone()),
     );
-    sup.spawn("sighup", reload_on_sighup(settings.clone(), store.clone(), tenants.clone(), shutdown.clone()));
+    sup.spawn(
+        "sighup",
+        reload_on_sighup(settings.clone(), store.clone(), tenants.clone(), metrics.clone(), shutdown.clone()),
+    );
     if settings.runs(Component::Http) {
         let listener = tokio::net::TcpListener::bind(settings.http_addr)
             .await
@@ -207,22 +232,25 @@ async fn listen(
     tenants: Arc<watch::Sender<Arc<Tenants>>>,
     wakes: Arc<Wakes>,
     cancels: mpsc::UnboundedSender<uuid::Uuid>,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut backoff = Backoff::reconnect();
     while !shutdown.is_cancelled() {
         let mut listener = match sqlx::postgres::PgListener::connect_with(store.pool()).await {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for notifications; retrying");
-                sleep_or_stop(&shutdown, Duration::from_secs(1)).await;
+                tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot listen for notifications; retrying");
+                backoff.wait(&shutdown).await;
                 continue;
             }
         };
         if let Err(e) = listener.listen_all(CHANNELS).await {
-            tracing::warn!(error = %e, "LISTEN failed; retrying");
-            sleep_or_stop(&shutdown, Duration::from_secs(1)).await;
+            tracing::warn!(error = %e, retry_in = ?backoff.peek(), "LISTEN failed; retrying");
+            backoff.wait(&shutdown).await;
             continue;
         }
+        backoff.reset();
         // Missed notifications while reconnecting: wake everyone once.
         wakes.everything_changed();
         loop {
@@ -250,7 +278,10 @@ async fn listen(
                         tenants.send_replace(Arc::new(t));
                         wakes.scheduler.round();
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot reload tenants"),
+                    Err(e) => {
+                        metrics.errors.with_label_values(&["tenants", e.metric_label()]).inc();
+                        tracing::error!(error = %e, "cannot reload tenants; keeping the tenants in force");
+                    }
                 },
                 Some(Notification::Cancel(task_id)) => {
                     let _ = cancels.send(task_id);
@@ -266,13 +297,6 @@ async fn listen(
         }
     }
     Ok(())
-}
-
-async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) {
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(d) => {}
-    }
 }
 
 /// Removes artifacts older than their TTL, now and then.
@@ -297,6 +321,7 @@ async fn reload_on_sighup(
     settings: Settings,
     store: Store,
     tenants: Arc<watch::Sender<Arc<Tenants>>>,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -310,7 +335,10 @@ async fn reload_on_sighup(
                     tenants.send_replace(Arc::new(t));
                     tracing::info!(tenants = n, "tenants reloaded");
                 }
-                Err(e) => tracing::error!(error = %e, "tenants file refused; keeping the previous tenants"),
+                Err(e) => {
+                    metrics.errors.with_label_values(&["tenants", e.metric_label()]).inc();
+                    tracing::error!(error = %e, "tenants refused; keeping the previous tenants");
+                }
             },
         }
     }

@@ -85,7 +85,9 @@ impl Supervisor {
             while let Some((name, result)) = self.exited.recv().await {
                 match result {
                     Ok(()) => tracing::debug!(component = name, "stopped"),
-                    Err(e) => tracing::warn!(component = name, error = %format!("{e:#}"), "component failed while stopping"),
+                    Err(e) => {
+                        tracing::warn!(component = name, error = %format!("{e:#}"), "component failed while stopping")
+                    }
                 }
             }
         };

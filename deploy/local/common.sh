@@ -34,6 +34,18 @@ ensure_rust() {
     command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
 }
 
+# sqlx-cli, for checking the compile-checked queries' offline data (`.sqlx/`). The version
+# follows the sqlx crate in Cargo.lock; only the Postgres driver is built.
+ensure_sqlx_cli() {
+    local want
+    want="$(awk '/^name = "sqlx"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)"
+    if cargo sqlx --version 2>/dev/null | grep -qF "$want"; then
+        return
+    fi
+    log "installing sqlx-cli $want (once per machine)"
+    cargo install sqlx-cli --version "=$want" --locked --no-default-features --features postgres,rustls
+}
+
 # promtool (Debian's prometheus package) checks and unit-tests deploy/monitoring/alerts.yml in
 # the test suite. Nothing of Prometheus is started.
 ensure_promtool() {

@@ -102,7 +102,13 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 .with_reply_to("amq.rabbitmq.reply-to".into());
             sent_at.insert(id.clone(), Instant::now());
             channel
-                .basic_publish(TASKS_EXCHANGE.into(), tenant.as_str().into(), BasicPublishOptions::default(), &body, props)
+                .basic_publish(
+                    TASKS_EXCHANGE.into(),
+                    tenant.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
                 .await?
                 .await?;
             sent += 1;
@@ -173,9 +179,7 @@ async fn raw(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let started = Instant::now();
     let mut confirms = Vec::with_capacity(args.count);
     for _ in 0..args.count {
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
+        let props = BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
         confirms.push(
             channel
                 .basic_publish("".into(), queue.name().as_str().into(), BasicPublishOptions::default(), &body, props)
@@ -190,7 +194,12 @@ async fn raw(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let published = started.elapsed().as_secs_f64();
     channel.basic_qos(256, BasicQosOptions::default()).await?;
     let mut consumer = channel
-        .basic_consume(queue.name().as_str().into(), "raw".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.name().as_str().into(),
+            "raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     let consume_start = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(args.deadline);

@@ -17,14 +17,15 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
 use super::{connect, declare_exchanges, declare_tenant, prop, tasks_queue, TASKS_EXCHANGE, UNROUTED_QUEUE};
 use crate::domain::phase::Reason;
 use crate::domain::result::ResultMessage;
 use crate::domain::tenant::TenantName;
-use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
+use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::domain::validate::{self, BackendIsolation, Envelope};
-use crate::domain::tenant::Tenants;
 use crate::metrics::Metrics;
+use crate::retry::Backoff;
 use crate::store::{Inserted, NewRejection, NewTask, Store, StoreError};
 
 /// What ingest needs, and nothing else.
@@ -53,29 +54,26 @@ const TOPOLOGY_PART: &str = "rabbitmq topology";
 /// parse kills the connection it arrives on, at every redelivery, until the broker's delivery
 /// limit dead-letters it; only that tenant's consumer is affected meanwhile.
 pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::reconnect();
     ctx.readiness.down(TOPOLOGY_PART, "starting");
     loop {
         match declare_shared(&ctx).await {
             Ok(()) => break,
             Err(e) => {
                 ctx.readiness.down(TOPOLOGY_PART, format!("cannot declare the AMQP topology: {e}"));
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot declare the AMQP topology")
+                tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot declare the AMQP topology")
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(&shutdown).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     ctx.readiness.up(TOPOLOGY_PART);
     let mut tenants_rx = ctx.tenants.clone();
     let mut consumers: HashMap<Option<TenantName>, CancellationToken> = HashMap::new();
     loop {
         let current: Vec<TenantName> = tenants_rx.borrow_and_update().keys().cloned().collect();
-        let wanted: Vec<Option<TenantName>> =
-            current.iter().cloned().map(Some).chain(std::iter::once(None)).collect();
+        let wanted: Vec<Option<TenantName>> = current.iter().cloned().map(Some).chain(std::iter::once(None)).collect();
         for queue in &wanted {
             if !consumers.contains_key(queue) {
                 let stop = shutdown.child_token();
@@ -83,8 +81,7 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
                 consumers.insert(queue.clone(), stop);
             }
         }
-        let removed: Vec<Option<TenantName>> =
-            consumers.keys().filter(|q| !wanted.contains(q)).cloned().collect();
+        let removed: Vec<Option<TenantName>> = consumers.keys().filter(|q| !wanted.contains(q)).cloned().collect();
         for queue in removed {
             if let Some(stop) = consumers.remove(&queue) {
                 stop.cancel();
@@ -118,8 +115,13 @@ async fn unbind_removed(ctx: Arc<Ingest>, tenant: TenantName) {
     let res: anyhow::Result<()> = async {
         let conn = connect(&ctx.amqp_url, "agenttask-ingest-setup").await?;
         let ch = conn.create_channel().await?;
-        ch.queue_unbind(tasks_queue(&tenant).as_str().into(), TASKS_EXCHANGE.into(), tenant.as_str().into(), FieldTable::default())
-            .await?;
+        ch.queue_unbind(
+            tasks_queue(&tenant).as_str().into(),
+            TASKS_EXCHANGE.into(),
+            tenant.as_str().into(),
+            FieldTable::default(),
+        )
+        .await?;
         let _ = conn.close(200, "unbound".into()).await;
         Ok(())
     }
@@ -135,22 +137,21 @@ async fn consume_queue(ctx: Arc<Ingest>, tenant: Option<TenantName>, stop: Cance
     let queue = tenant.as_ref().map_or_else(|| UNROUTED_QUEUE.to_owned(), tasks_queue);
     let part = format!("rabbitmq consumer of {queue}");
     ctx.readiness.down(&part, "starting");
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::reconnect();
     while !stop.is_cancelled() {
         let started = std::time::Instant::now();
-        if let Err(e) = consume_once(&ctx, tenant.as_ref(), &queue, &part, &stop).await {
-            ctx.readiness.down(&part, format!("connection lost: {e}"));
-            tracing::warn!(%queue, error = %e, retry_in = ?backoff, "consumer lost its RabbitMQ connection");
-        }
+        let res = consume_once(&ctx, tenant.as_ref(), &queue, &part, &stop).await;
         // A session that lasted is not part of a failure streak.
         if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(100);
+            backoff.reset();
         }
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
+        if let Err(e) = res {
+            ctx.readiness.down(&part, format!("connection lost: {e}"));
+            tracing::warn!(%queue, error = %e, retry_in = ?backoff.peek(), "consumer lost its RabbitMQ connection");
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        if !backoff.wait(&stop).await {
+            break;
+        }
     }
     // Stopped (shutdown, or the tenant was removed): no longer part of this process.
     ctx.readiness.forget(&part);
@@ -219,9 +220,7 @@ fn receipt_stamp() -> chrono::DateTime<Utc> {
     static LAST: AtomicI64 = AtomicI64::new(0);
     let now = Utc::now().timestamp_micros();
     let next = |prev: i64| now.max(prev + 1);
-    let prev = LAST
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| Some(next(p)))
-        .unwrap_or_else(|p| p);
+    let prev = LAST.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| Some(next(p))).unwrap_or_else(|p| p);
     let stamp = next(prev);
     chrono::DateTime::from_timestamp_micros(stamp).unwrap_or_else(Utc::now)
 }
@@ -231,63 +230,41 @@ async fn handle_task(ctx: &Ingest, tenant: &TenantName, delivery: Delivery, rece
     let message_id = prop(props.message_id());
     let correlation_id = prop(props.correlation_id()).or(message_id);
     let policy = ctx.tenants.borrow().get(tenant).cloned();
-    let backend = ctx.isolation;
-    let envelope = Envelope {
-        body: &delivery.data,
-        message_id,
-        content_type: prop(props.content_type()),
-    };
-    let (reply, verdict) = match reply_route(tenant, prop(props.reply_to())) {
-        Ok(reply) => {
-            let verdict = match &policy {
-                Some(policy) => validate::validate(tenant, policy, backend, &envelope),
-                None => Err(validate::Rejection::before_parsing(
-                    Reason::UnknownTenant,
-                    format!("tenant {tenant} is no longer configured"),
-                    message_id,
-                )),
-            };
-            (reply, verdict)
-        }
-        // The reply goes to the tenant's own results queue, never to the refused address.
-        Err(message) => (
-            ReplyRoute::tenant_results(tenant),
-            Err(validate::Rejection::before_parsing(Reason::ValidationFailed, message, message_id)),
-        ),
-    };
-
-    // The backlog cap: a full queue refuses new work instead of growing without bound.
-    let verdict = match (verdict, &policy) {
-        (Ok(sub), Some(policy)) => match ctx.store.queued_up_to(tenant.as_str(), policy.max_queued as i64).await {
-            Ok(n) if n >= policy.max_queued as i64 => Err(validate::Rejection {
-                reason: Reason::BacklogFull,
-                message: format!(
-                    "tenant {tenant} already has {} tasks queued (max_queued); retry later",
-                    policy.max_queued
-                ),
-                client_id: sub.client_id,
-                batch_id: sub.spec.batch_id,
-                language: Some(sub.spec.language),
-            }),
-            _ => Ok(sub),
-        },
-        (v, _) => v,
-    };
+    let envelope = Envelope { body: &delivery.data, message_id, content_type: prop(props.content_type()) };
+    let (reply, verdict) = decide(tenant, policy.as_ref(), ctx.isolation, &envelope, prop(props.reply_to()));
 
     // A database outage is retried here, holding the message, rather than nacked: every
-    // redelivery counts against the queue's delivery limit, which is meant for poison only.
-    let mut wait = Duration::from_millis(200);
+    // redelivery counts against the queue's delivery limit, which is meant for poison only. The
+    // backlog count is part of the attempt: when it cannot be read, the message waits (it is
+    // neither admitted past the cap nor refused for a full queue it may not have).
+    let mut backoff = Backoff::write();
     let stored = loop {
-        match store(ctx, tenant, &verdict, &reply, correlation_id, received_at, !delivery.redelivered).await {
+        let attempt = async {
+            let full = match (&verdict, &policy) {
+                (Ok(sub), Some(policy)) => {
+                    let queued = ctx.store.queued_up_to(tenant.as_str(), policy.max_queued as i64).await?;
+                    backlog_full(tenant, sub, policy.max_queued, queued)
+                }
+                _ => None,
+            };
+            match full {
+                Some(rejection) => {
+                    store(ctx, tenant, &Err(rejection), &reply, correlation_id, received_at, !delivery.redelivered)
+                        .await
+                }
+                None => store(ctx, tenant, &verdict, &reply, correlation_id, received_at, !delivery.redelivered).await,
+            }
+        };
+        match attempt.await {
             Ok(done) => break done,
             Err(e) => {
-                tracing::warn!(%tenant, error = %e, retry_in = ?wait, "cannot store task; retrying");
+                ctx.metrics.errors.with_label_values(&["ingest", e.metric_label()]).inc();
+                tracing::warn!(%tenant, error = %e, retry_in = ?backoff.peek(), "cannot store task; retrying");
                 if !delivery.acker.usable() {
                     // The channel is gone: the broker redelivers the message elsewhere.
                     return;
                 }
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
+                backoff.sleep().await;
             }
         }
     };
@@ -305,6 +282,52 @@ async fn handle_task(ctx: &Ingest, tenant: &TenantName, delivery: Delivery, rece
         }
     }
     ack(&delivery).await;
+}
+
+/// Where a task message's result goes and whether it is accepted, before the backlog check
+/// (which needs the database). Pure: every kind of bad message is decided here.
+fn decide(
+    tenant: &TenantName,
+    policy: Option<&TenantPolicy>,
+    backend: BackendIsolation,
+    envelope: &Envelope<'_>,
+    reply_to: Option<&str>,
+) -> (ReplyRoute, Result<validate::Submission, validate::Rejection>) {
+    match reply_route(tenant, reply_to) {
+        Ok(reply) => {
+            let verdict = match policy {
+                Some(policy) => validate::validate(tenant, policy, backend, envelope),
+                None => Err(validate::Rejection::before_parsing(
+                    Reason::UnknownTenant,
+                    format!("tenant {tenant} is no longer configured"),
+                    envelope.message_id,
+                )),
+            };
+            (reply, verdict)
+        }
+        // The reply goes to the tenant's own results queue, never to the refused address.
+        Err(message) => (
+            ReplyRoute::tenant_results(tenant),
+            Err(validate::Rejection::before_parsing(Reason::ValidationFailed, message, envelope.message_id)),
+        ),
+    }
+}
+
+/// The backlog cap: a full queue refuses new work instead of growing without bound. `queued` is
+/// the tenant's queue length, counted up to `max_queued`.
+fn backlog_full(
+    tenant: &TenantName,
+    sub: &validate::Submission,
+    max_queued: u64,
+    queued: i64,
+) -> Option<validate::Rejection> {
+    (queued >= max_queued as i64).then(|| validate::Rejection {
+        reason: Reason::BacklogFull,
+        message: format!("tenant {tenant} already has {max_queued} tasks queued (max_queued); retry later"),
+        client_id: sub.client_id.clone(),
+        batch_id: sub.spec.batch_id.clone(),
+        language: Some(sub.spec.language),
+    })
 }
 
 /// Stores a task or its rejection. `Some(reason)` in the answer when it was a rejection.
@@ -362,16 +385,19 @@ async fn store_rejection(
 ) -> Result<(Inserted, Option<Reason>), StoreError> {
     let ins = ctx
         .store
-        .insert_rejection(&NewRejection {
-            tenant: tenant.as_str(),
-            client_id: rejection.client_id.as_deref(),
-            batch_id: rejection.batch_id.as_deref(),
-            language: rejection.language,
-            reason: rejection.reason,
-            message: &rejection.message,
-            reply: reply.as_reply_to(),
-            correlation_id,
-        }, fresh)
+        .insert_rejection(
+            &NewRejection {
+                tenant: tenant.as_str(),
+                client_id: rejection.client_id.as_deref(),
+                batch_id: rejection.batch_id.as_deref(),
+                language: rejection.language,
+                reason: rejection.reason,
+                message: &rejection.message,
+                reply: reply.as_reply_to(),
+                correlation_id,
+            },
+            fresh,
+        )
         .await?;
     Ok((ins, Some(rejection.reason)))
 }
@@ -404,17 +430,17 @@ async fn handle_unrouted(ctx: &Ingest, delivery: Delivery) {
         ),
         Utc::now(),
     );
-    let mut wait = Duration::from_millis(200);
+    let mut backoff = Backoff::write();
     loop {
         match ctx.store.enqueue_orphan_result(&result, route.as_reply_to(), correlation_id).await {
             Ok(()) => break,
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?wait, "cannot store an UnknownTenant result; retrying");
+                ctx.metrics.errors.with_label_values(&["ingest", e.metric_label()]).inc();
+                tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot store an UnknownTenant result; retrying");
                 if !delivery.acker.usable() {
                     return;
                 }
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
+                backoff.sleep().await;
             }
         }
     }
@@ -425,5 +451,125 @@ async fn ack(delivery: &Delivery) {
     if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
         // The broker will redeliver; the store dedups on the client key.
         tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The handler's decision for each kind of message, without a broker or a database: where
+    //! the result goes, and accepted or rejected with which reason.
+
+    use super::*;
+    use crate::amqp::route::RESULTS_EXCHANGE;
+
+    fn tenant() -> TenantName {
+        TenantName::parse("acme").unwrap()
+    }
+
+    fn env<'a>(body: &'a [u8], message_id: Option<&'a str>) -> Envelope<'a> {
+        Envelope { body, message_id, content_type: Some("application/json") }
+    }
+
+    const GOOD: &[u8] = br#"{"id": "k1", "language": "python", "code": "print(1)", "batch_id": "b"}"#;
+
+    fn decided(
+        policy: Option<&TenantPolicy>,
+        backend: BackendIsolation,
+        envelope: &Envelope<'_>,
+        reply_to: Option<&str>,
+    ) -> (ReplyRoute, Result<validate::Submission, validate::Rejection>) {
+        decide(&tenant(), policy, backend, envelope, reply_to)
+    }
+
+    fn reason_of(v: &Result<validate::Submission, validate::Rejection>) -> Option<Reason> {
+        v.as_ref().err().map(|r| r.reason)
+    }
+
+    #[test]
+    fn a_good_message_is_accepted_and_answered_where_it_asked() {
+        let p = TenantPolicy::default();
+        let (route, v) = decided(Some(&p), BackendIsolation::Any, &env(GOOD, None), Some("amq.gen-abc"));
+        assert_eq!((route.exchange.as_str(), route.routing_key.as_str()), ("", "amq.gen-abc"));
+        assert_eq!(v.unwrap().client_id.as_deref(), Some("k1"));
+        let (route, v) = decided(Some(&p), BackendIsolation::Any, &env(GOOD, None), None);
+        assert_eq!((route.exchange.as_str(), route.routing_key.as_str()), (RESULTS_EXCHANGE, "acme"));
+        assert!(v.is_ok());
+    }
+
+    #[test]
+    fn each_kind_of_bad_message_gets_its_reason_and_keeps_its_key() {
+        let p = TenantPolicy { max_code_bytes: 8, ..TenantPolicy::default() };
+        let cases: [(&str, &[u8], Reason); 6] = [
+            ("not json", b"{nope", Reason::ValidationFailed),
+            (
+                "unknown field",
+                br#"{"id": "k1", "language": "python", "code": "1", "colour": 1}"#,
+                Reason::ValidationFailed,
+            ),
+            ("unknown language", br#"{"id": "k1", "language": "cobol", "code": "1"}"#, Reason::ValidationFailed),
+            (
+                "code over the tenant's cap",
+                br#"{"id": "k1", "language": "python", "code": "print(12345)"}"#,
+                Reason::ValidationFailed,
+            ),
+            (
+                "isolation not allowed",
+                br#"{"id": "k1", "language": "python", "code": "1", "isolation": "gvisor"}"#,
+                Reason::IsolationNotAllowed,
+            ),
+            (
+                "env name reserved",
+                br#"{"id": "k1", "language": "python", "code": "1", "env": {"AGENTTASK_X": "1"}}"#,
+                Reason::ValidationFailed,
+            ),
+        ];
+        for (what, body, reason) in cases {
+            let (route, v) = decided(Some(&p), BackendIsolation::Any, &env(body, Some("m-1")), None);
+            assert_eq!(reason_of(&v), Some(reason), "{what}");
+            assert_eq!(route.routing_key, "acme", "{what}: the tenant's results queue");
+            let key = v.unwrap_err().client_id;
+            assert!(
+                key.as_deref() == Some("k1") || key.as_deref() == Some("m-1"),
+                "{what}: the key survives ({key:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn a_foreign_reply_to_is_refused_and_answered_on_the_tenants_own_queue() {
+        let p = TenantPolicy::default();
+        for bad in ["agenttask.reply.globex.x", "agenttask.tasks.globex", "some-queue"] {
+            let (route, v) = decided(Some(&p), BackendIsolation::Any, &env(GOOD, None), Some(bad));
+            assert_eq!(reason_of(&v), Some(Reason::ValidationFailed), "{bad}");
+            assert_eq!((route.exchange.as_str(), route.routing_key.as_str()), (RESULTS_EXCHANGE, "acme"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_tenant_removed_meanwhile_is_unknown() {
+        let (_, v) = decided(None, BackendIsolation::Any, &env(GOOD, Some("m-1")), None);
+        assert_eq!(reason_of(&v), Some(Reason::UnknownTenant));
+    }
+
+    #[test]
+    fn a_non_standard_isolation_is_refused_by_a_local_only_backend() {
+        let p = TenantPolicy { isolation: vec!["standard".into(), "gvisor".into()], ..TenantPolicy::default() };
+        let body = br#"{"language": "python", "code": "1", "isolation": "gvisor"}"#;
+        let (_, v) = decided(Some(&p), BackendIsolation::StandardOnly, &env(body, None), None);
+        assert_eq!(reason_of(&v), Some(Reason::IsolationNotAllowed));
+        let (_, v) = decided(Some(&p), BackendIsolation::Any, &env(body, None), None);
+        assert!(v.is_ok());
+    }
+
+    #[test]
+    fn a_full_backlog_refuses_with_backlog_full_and_only_when_full() {
+        let p = TenantPolicy::default();
+        let (_, v) = decided(Some(&p), BackendIsolation::Any, &env(GOOD, None), None);
+        let sub = v.unwrap();
+        assert!(backlog_full(&tenant(), &sub, 3, 2).is_none());
+        let r = backlog_full(&tenant(), &sub, 3, 3).expect("3 of 3 queued is full");
+        assert_eq!(r.reason, Reason::BacklogFull);
+        assert_eq!((r.client_id.as_deref(), r.batch_id.as_deref()), (Some("k1"), Some("b")));
+        assert!(r.message.contains("max_queued"));
     }
 }

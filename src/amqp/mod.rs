@@ -42,7 +42,9 @@ pub fn results_queue(tenant: &TenantName) -> String {
 /// Errors at the AMQP edge, with what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
-    #[error("cannot connect to RabbitMQ at {url}: {source}. Is it running? (rabbitmqctl status; rabbitmq-server -detached)")]
+    #[error(
+        "cannot connect to RabbitMQ at {url}: {source}. Is it running? (rabbitmqctl status; rabbitmq-server -detached)"
+    )]
     Connect {
         url: String,
         #[source]
@@ -56,10 +58,9 @@ pub enum AmqpError {
 /// management UI and `rabbitmqctl list_connections`.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name.to_owned()));
-    Connection::connect(url, props).await.map_err(|source| AmqpError::Connect {
-        url: crate::store::redact(url),
-        source,
-    })
+    Connection::connect(url, props)
+        .await
+        .map_err(|source| AmqpError::Connect { url: crate::store::redact(url), source })
 }
 
 /// Declares the exchanges and, for each tenant, its task and results queues. Idempotent.
@@ -77,23 +78,15 @@ pub async fn declare_topology<'a>(
 /// The exchanges, the unrouted queue and the dead-letter queue: what every tenant shares.
 pub async fn declare_exchanges(channel: &Channel) -> Result<(), lapin::Error> {
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    channel
-        .exchange_declare(UNROUTED_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default())
-        .await?;
+    channel.exchange_declare(UNROUTED_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
     let mut args = FieldTable::default();
     args.insert(
         ShortString::from("alternate-exchange"),
         AMQPValue::LongString(LongString::from(UNROUTED_EXCHANGE.to_owned())),
     );
-    channel
-        .exchange_declare(TASKS_EXCHANGE.into(), ExchangeKind::Direct, durable, args)
-        .await?;
-    channel
-        .exchange_declare(RESULTS_EXCHANGE.into(), ExchangeKind::Direct, durable, FieldTable::default())
-        .await?;
-    channel
-        .exchange_declare(DEAD_LETTER_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default())
-        .await?;
+    channel.exchange_declare(TASKS_EXCHANGE.into(), ExchangeKind::Direct, durable, args).await?;
+    channel.exchange_declare(RESULTS_EXCHANGE.into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
+    channel.exchange_declare(DEAD_LETTER_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
     declare_bound_queue(channel, DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "", QueueKind::Plain).await?;
     declare_bound_queue(channel, UNROUTED_QUEUE, UNROUTED_EXCHANGE, "", QueueKind::Inbound).await
 }
@@ -131,7 +124,7 @@ async fn declare_bound_queue(
     channel
         .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
         .await
-        .map_err(|e| {
+        .inspect_err(|e| {
             if e.to_string().contains("PRECONDITION_FAILED") {
                 tracing::error!(
                     %queue,
@@ -140,7 +133,6 @@ async fn declare_bound_queue(
                      then restart"
                 );
             }
-            e
         })?;
     channel
         .queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())

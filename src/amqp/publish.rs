@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{connect, declare_topology, PHASE_HEADER};
 use crate::domain::tenant::Tenants;
+use crate::retry::Backoff;
 use crate::store::{OutboxMessage, Store};
 
 /// What the result publisher needs, and nothing else.
@@ -34,21 +35,19 @@ const PART: &str = "result publisher";
 const BATCH: i64 = 128;
 
 pub async fn run(ctx: Arc<Publisher>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::reconnect();
     ctx.readiness.down(PART, "starting");
     while !shutdown.is_cancelled() {
         match session(&ctx, &shutdown).await {
             Ok(()) => break,
             Err(e) => {
                 ctx.readiness.down(PART, format!("{e:#}"));
-                tracing::warn!(error = %e, retry_in = ?backoff, "result publisher lost its connection")
+                tracing::warn!(error = %e, retry_in = ?backoff.peek(), "result publisher lost its connection")
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(&shutdown).await {
+            break;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -120,10 +119,7 @@ async fn session(ctx: &Publisher, shutdown: &CancellationToken) -> anyhow::Resul
 
 fn properties(m: &OutboxMessage) -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert(
-        ShortString::from(PHASE_HEADER),
-        AMQPValue::LongString(LongString::from(m.phase.clone())),
-    );
+    headers.insert(ShortString::from(PHASE_HEADER), AMQPValue::LongString(LongString::from(m.phase.clone())));
     let mut props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)

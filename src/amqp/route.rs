@@ -21,10 +21,7 @@ impl ReplyRoute {
 
     /// The tenant's durable results queue, through the results exchange.
     pub fn tenant_results(tenant: &TenantName) -> Self {
-        ReplyRoute {
-            exchange: RESULTS_EXCHANGE.to_owned(),
-            routing_key: tenant.as_str().to_owned(),
-        }
+        ReplyRoute { exchange: RESULTS_EXCHANGE.to_owned(), routing_key: tenant.as_str().to_owned() }
     }
 }
 
@@ -36,13 +33,9 @@ pub fn reply_route(tenant: &TenantName, reply_to: Option<&str>) -> Result<ReplyR
         return Ok(ReplyRoute::tenant_results(tenant));
     };
     let own_prefix = format!("agenttask.reply.{tenant}.");
-    let allowed = broker_generated(q)
-        || (printable(q) && q.starts_with(&own_prefix) && q.len() > own_prefix.len());
+    let allowed = broker_generated(q) || (printable(q) && q.starts_with(&own_prefix) && q.len() > own_prefix.len());
     if allowed {
-        Ok(ReplyRoute {
-            exchange: String::new(),
-            routing_key: q.to_owned(),
-        })
+        Ok(ReplyRoute { exchange: String::new(), routing_key: q.to_owned() })
     } else {
         Err(format!(
             "reply_to {:?} is refused: use an amq.gen-* or amq.rabbitmq.reply-to queue, or a \
@@ -68,7 +61,9 @@ fn broker_generated(q: &str) -> bool {
 pub fn unrouted_reply_route(routing_key: &str, reply_to: Option<&str>) -> Result<ReplyRoute, String> {
     match (TenantName::parse(routing_key), reply_to) {
         (Ok(name), _) => reply_route(&name, reply_to),
-        (Err(_), Some(q)) if broker_generated(q) => Ok(ReplyRoute { exchange: String::new(), routing_key: q.to_owned() }),
+        (Err(_), Some(q)) if broker_generated(q) => {
+            Ok(ReplyRoute { exchange: String::new(), routing_key: q.to_owned() })
+        }
         (Err(_), _) => Err(format!(
             "routing key {:?} is not a tenant name: a reply can only go to an amq.gen-* or \
              amq.rabbitmq.reply-to queue",
@@ -79,10 +74,17 @@ pub fn unrouted_reply_route(routing_key: &str, reply_to: Option<&str>) -> Result
 
 /// The task id of the `UnknownTenant` result for one message: the same message (a redelivery)
 /// always gets the same id, so consumers that drop duplicates by `message_id` see it once.
-pub fn unrouted_task_id(routing_key: &str, message_id: Option<&str>, correlation_id: Option<&str>, body: &[u8]) -> uuid::Uuid {
+pub fn unrouted_task_id(
+    routing_key: &str,
+    message_id: Option<&str>,
+    correlation_id: Option<&str>,
+    body: &[u8],
+) -> uuid::Uuid {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for part in [routing_key.as_bytes(), message_id.unwrap_or("").as_bytes(), correlation_id.unwrap_or("").as_bytes(), body] {
+    for part in
+        [routing_key.as_bytes(), message_id.unwrap_or("").as_bytes(), correlation_id.unwrap_or("").as_bytes(), body]
+    {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }

@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => {
-                let settings = Settings::resolve(args).map_err(anyhow::Error::msg)?;
+                let settings = Settings::resolve(args)?;
                 let shutdown = CancellationToken::new();
                 // The signal handler runs beside the service on this task, not spawned: it only
                 // has to turn the first SIGINT/SIGTERM into a graceful shutdown.
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
                 service.await
             }
             Command::Migrate(args) => {
-                let settings = Settings::resolve(args).map_err(anyhow::Error::msg)?;
+                let settings = Settings::resolve(args)?;
                 agenttask::store::Store::connect(&settings.database_url, 2).await?;
                 eprintln!("migrations applied to {}", agenttask::store::redact(&settings.database_url));
                 Ok(())

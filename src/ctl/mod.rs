@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_AMQP_URL;
 use crate::domain::quantity::{format_cpu, format_memory};
-use crate::http::{ApiError, ApplyResult, BatchCancelAnswer, CancelAnswer, TaskView};
+use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, ErrorBody, TaskView};
 use crate::store::{Position, TenantStatus};
 
 /// agentctl: submit untrusted code to AgentTask and inspect its tasks.
@@ -55,6 +55,8 @@ pub enum Output {
     Json,
 }
 
+// Parsed once per run of agentctl: the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Command {
     /// Submit code as a task (from FILE, -c CODE, or standard input).
@@ -115,18 +117,50 @@ pub enum TenantCommand {
     /// List tenants with their weight, concurrency and current load.
     List,
     /// Show one tenant's quotas and load.
-    Get {
-        name: String,
-    },
+    Get { name: String },
 }
 
 /// A failure of agentctl itself (not of a task), with what to do about it.
-#[derive(Debug)]
-pub struct CtlError(pub String);
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// What was typed or given cannot be used (arguments, input files).
+    #[error("{0}")]
+    Usage(String),
+    /// The service's API or RabbitMQ cannot be reached (the message says which setting).
+    #[error("{0}")]
+    Unreachable(String),
+    /// The API answered with an error body.
+    #[error("{status}: {message} ({code})")]
+    Api { status: reqwest::StatusCode, code: String, message: String },
+    /// RabbitMQ refused or failed the submit.
+    #[error("{0}")]
+    Broker(String),
+    /// An answer agentctl cannot read, or local I/O failing.
+    #[error("{0}")]
+    Unexpected(String),
+}
 
-impl<E: std::fmt::Display> From<E> for CtlError {
-    fn from(e: E) -> Self {
-        CtlError(e.to_string())
+impl From<serde_json::Error> for CtlError {
+    fn from(e: serde_json::Error) -> Self {
+        CtlError::Unexpected(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for CtlError {
+    fn from(e: std::io::Error) -> Self {
+        CtlError::Unexpected(e.to_string())
+    }
+}
+
+impl From<reqwest::Error> for CtlError {
+    fn from(e: reqwest::Error) -> Self {
+        CtlError::Unreachable(e.to_string())
+    }
+}
+
+impl From<lapin::Error> for CtlError {
+    fn from(e: lapin::Error) -> Self {
+        CtlError::Broker(e.to_string())
     }
 }
 
@@ -150,9 +184,9 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
-        Err(CtlError(msg)) => {
+        Err(e) => {
             // Error messages may quote tenant-supplied text (ids, names).
-            eprintln!("error: {}", escape::line(&msg));
+            eprintln!("error: {}", escape::line(&e.to_string()));
             ExitCode::from(2)
         }
     }
@@ -171,7 +205,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
 async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<ExitCode, CtlError> {
     let base = cli.server.trim_end_matches('/');
     if let Some(batch) = batch {
-        let tenant = cli.tenant.as_deref().ok_or_else(|| CtlError("--batch needs --tenant (or AGENTCTL_TENANT)".into()))?;
+        let tenant = cli
+            .tenant
+            .as_deref()
+            .ok_or_else(|| CtlError::Usage("--batch needs --tenant (or AGENTCTL_TENANT)".into()))?;
         let url = format!("{base}/v1/batches/{}/{}/cancel", encode(tenant), encode(batch));
         let answer: BatchCancelAnswer = api(cli, reqwest::Method::POST, &url, None).await?;
         match cli.output {
@@ -194,8 +231,8 @@ async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<Exit
             Ok(ExitCode::SUCCESS)
         }
         // Already finished: nothing was cancelled, so the command did not do what it said.
-        Err(CtlError(msg)) if msg.starts_with("409") => {
-            eprintln!("{msg}");
+        Err(e @ CtlError::Api { status: reqwest::StatusCode::CONFLICT, .. }) => {
+            eprintln!("{}", escape::line(&e.to_string()));
             Ok(ExitCode::from(1))
         }
         Err(e) => Err(e),
@@ -213,7 +250,10 @@ async fn position(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
                     .estimated_wait_seconds
                     .map(|s| format!("about {}", human_seconds(s)))
                     .unwrap_or_else(|| "unknown (nothing admitted for this tenant in the last 5 minutes)".into());
-                println!("task {} is #{pos} of {} queued for tenant {}; estimated wait: {wait}", p.task_id, p.queued, p.tenant);
+                println!(
+                    "task {} is #{pos} of {} queued for tenant {}; estimated wait: {wait}",
+                    p.task_id, p.queued, p.tenant
+                );
             }
             None => println!("task {} is not queued (phase {})", p.task_id, p.phase),
         },
@@ -234,13 +274,17 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
     match cmd {
         TenantCommand::Apply { file, removed } => {
             let text = std::fs::read_to_string(file)
-                .map_err(|e| CtlError(format!("cannot read {}: {e}", file.display())))?;
+                .map_err(|e| CtlError::Usage(format!("cannot read {}: {e}", file.display())))?;
             // Check locally first, for an error that names the line before any network trip.
-            crate::domain::tenant::parse_tenants(&text).map_err(|e| CtlError(format!("{}: {e}", file.display())))?;
-            let url = format!("{base}?removed={}", match removed {
-                RemovedTasks::Keep => "keep",
-                RemovedTasks::Cancel => "cancel",
-            });
+            crate::domain::tenant::parse_tenants(&text)
+                .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
+            let url = format!(
+                "{base}?removed={}",
+                match removed {
+                    RemovedTasks::Keep => "keep",
+                    RemovedTasks::Cancel => "cancel",
+                }
+            );
             let r: ApplyResult = api(cli, reqwest::Method::PUT, &url, Some(text)).await?;
             match cli.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
@@ -256,15 +300,7 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
             let list: Vec<TenantStatus> = api(cli, reqwest::Method::GET, &base, None).await?;
             match cli.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
-                Output::Table => {
-                    println!("{:<24} {:>6} {:>8} {:>8} {:>8} {:>10}", "TENANT", "WEIGHT", "MAXCONC", "QUEUED", "RUNNING", "ADMIT/MIN");
-                    for t in list {
-                        println!(
-                            "{:<24} {:>6} {:>8} {:>8} {:>8} {:>10}",
-                            t.tenant, t.policy.weight, t.policy.max_concurrency, t.queued, t.running, t.admitted_last_minute
-                        );
-                    }
-                }
+                Output::Table => println!("{}", tenant_table(&list)),
             }
         }
         TenantCommand::Get { name } => {
@@ -279,8 +315,16 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
                     println!("MAX QUEUED              {}", p.max_queued);
                     println!("RATE / BURST            {}/s, burst {}", p.rate_per_second, p.burst);
                     println!("TIMEOUT default / max   {}s / {}s", p.default_timeout_seconds, p.max_timeout_seconds);
-                    println!("CPU default / max       {} / {}", format_cpu(p.default_cpu_millis), format_cpu(p.max_cpu_millis));
-                    println!("MEMORY default / max    {} / {}", format_memory(p.default_memory_bytes), format_memory(p.max_memory_bytes));
+                    println!(
+                        "CPU default / max       {} / {}",
+                        format_cpu(p.default_cpu_millis),
+                        format_cpu(p.max_cpu_millis)
+                    );
+                    println!(
+                        "MEMORY default / max    {} / {}",
+                        format_memory(p.default_memory_bytes),
+                        format_memory(p.max_memory_bytes)
+                    );
                     println!("MAX CODE BYTES          {}", p.max_code_bytes);
                     println!("ISOLATION               {}", p.isolation.join(", "));
                     println!("QUEUED / RUNNING        {} / {}", t.queued, t.running);
@@ -320,7 +364,7 @@ async fn api<T: serde::de::DeserializeOwned>(
         req = req.bearer_auth(token);
     }
     let resp = req.send().await.map_err(|e| {
-        CtlError(format!(
+        CtlError::Unreachable(format!(
             "cannot reach the AgentTask API at {}: {e}. Is `agenttask serve` running? (set AGENTCTL_SERVER)",
             cli.server
         ))
@@ -328,12 +372,37 @@ async fn api<T: serde::de::DeserializeOwned>(
     let status = resp.status();
     let bytes = resp.bytes().await?;
     if !status.is_success() {
-        let msg = serde_json::from_slice::<ApiError>(&bytes)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        return Err(CtlError(format!("{status}: {msg}")));
+        let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
+            code: "unknown".into(),
+            message: String::from_utf8_lossy(&bytes).into_owned(),
+        });
+        return Err(CtlError::Api { status, code: body.code, message: body.message });
     }
-    serde_json::from_slice(&bytes).map_err(|e| CtlError(format!("unexpected answer from {url}: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| CtlError::Unexpected(format!("unexpected answer from {url}: {e}")))
+}
+
+/// `tenant list` for people: kubectl-style columns (no borders), numbers right-aligned.
+fn tenant_table(list: &[TenantStatus]) -> comfy_table::Table {
+    use comfy_table::{CellAlignment, Table};
+    let mut table = Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    table.set_header(["TENANT", "WEIGHT", "MAXCONC", "QUEUED", "RUNNING", "ADMIT/MIN"]);
+    for t in list {
+        table.add_row([
+            escape::line(&t.tenant).into_owned(),
+            t.policy.weight.to_string(),
+            t.policy.max_concurrency.to_string(),
+            t.queued.to_string(),
+            t.running.to_string(),
+            t.admitted_last_minute.to_string(),
+        ]);
+    }
+    for i in 1..6 {
+        if let Some(c) = table.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
 }
 
 /// Percent-encodes a path or query component.
@@ -372,17 +441,50 @@ fn print_task(v: &TaskView) {
         println!("RESULT      {}", escape::line(&result.to_string()));
     }
     for a in &r.artifacts {
-        println!(
-            "ARTIFACT    {} ({} bytes, sha256 {})",
-            escape::line(&a.name),
-            a.size,
-            escape::line(&a.sha256)
-        );
+        println!("ARTIFACT    {} ({} bytes, sha256 {})", escape::line(&a.name), a.size, escape::line(&a.sha256));
     }
     if !r.stdout.is_empty() {
-        println!("--- stdout{} ---\n{}", if r.stdout_truncated { " (truncated)" } else { "" }, escape::block(r.stdout.trim_end()));
+        println!(
+            "--- stdout{} ---\n{}",
+            if r.stdout_truncated { " (truncated)" } else { "" },
+            escape::block(r.stdout.trim_end())
+        );
     }
     if !r.stderr.is_empty() {
-        println!("--- stderr{} ---\n{}", if r.stderr_truncated { " (truncated)" } else { "" }, escape::block(r.stderr.trim_end()));
+        println!(
+            "--- stderr{} ---\n{}",
+            if r.stderr_truncated { " (truncated)" } else { "" },
+            escape::block(r.stderr.trim_end())
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::tenant::TenantPolicy;
+
+    #[test]
+    fn the_tenant_table_has_a_header_and_one_aligned_row_per_tenant() {
+        let status = |tenant: &str, queued| TenantStatus {
+            tenant: tenant.into(),
+            policy: TenantPolicy::default(),
+            queued,
+            running: 2,
+            admitted_last_minute: 7,
+        };
+        let text = tenant_table(&[status("acme", 12345), status("a-much-longer-tenant-name", 1)]).to_string();
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].trim_start().starts_with("TENANT") && lines[0].ends_with("ADMIT/MIN"), "{text}");
+        assert!(lines[1].trim_start().starts_with("acme") && lines[1].contains("12345"), "{text}");
+        // Right-aligned numbers end in the same column as their header.
+        let ends = |l: &str| -> Vec<usize> {
+            let b = l.as_bytes();
+            (0..b.len()).filter(|&i| b[i] != b' ' && (i + 1 == b.len() || b[i + 1] == b' ')).map(|i| i + 1).collect()
+        };
+        let (h, r1, r2) = (ends(lines[0]), ends(lines[1]), ends(lines[2]));
+        assert_eq!((h.len(), r1.len(), r2.len()), (6, 6, 6), "{text}");
+        assert_eq!((&h[1..], &r1[1..]), (&r2[1..], &r2[1..]), "{text}");
     }
 }

@@ -72,7 +72,7 @@ fn pairs(items: &[String], what: &str) -> Result<BTreeMap<String, String>, CtlEr
         .map(|kv| {
             kv.split_once('=')
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| CtlError(format!("--{what} {kv:?}: use NAME=VALUE")))
+                .ok_or_else(|| CtlError::Usage(format!("--{what} {kv:?}: use NAME=VALUE")))
         })
         .collect()
 }
@@ -82,7 +82,7 @@ pub fn build_task(args: &SubmitArgs, id: &str) -> Result<serde_json::Value, CtlE
     let code = match (&args.code, &args.file) {
         (Some(code), _) => code.clone(),
         (None, Some(path)) if path.as_os_str() != "-" => std::fs::read_to_string(path)
-            .map_err(|e| CtlError(format!("cannot read {}: {e}", path.display())))?,
+            .map_err(|e| CtlError::Usage(format!("cannot read {}: {e}", path.display())))?,
         _ => {
             let mut s = String::new();
             std::io::stdin().read_to_string(&mut s)?;
@@ -132,8 +132,9 @@ pub fn build_task(args: &SubmitArgs, id: &str) -> Result<serde_json::Value, CtlE
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .ok_or_else(|| CtlError(format!("--input {}: not a file name", path.display())))?;
-            let bytes = std::fs::read(path).map_err(|e| CtlError(format!("cannot read {}: {e}", path.display())))?;
+                .ok_or_else(|| CtlError::Usage(format!("--input {}: not a file name", path.display())))?;
+            let bytes =
+                std::fs::read(path).map_err(|e| CtlError::Usage(format!("cannot read {}: {e}", path.display())))?;
             files.insert(
                 name.to_owned(),
                 json!({"content_base64": base64::engine::general_purpose::STANDARD.encode(bytes)}),
@@ -148,18 +149,18 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
     let tenant = cli
         .tenant
         .clone()
-        .ok_or_else(|| CtlError("no tenant: pass --tenant NAME or set AGENTCTL_TENANT".into()))?;
-    crate::domain::tenant::TenantName::parse(&tenant).map_err(CtlError)?;
+        .ok_or_else(|| CtlError::Usage("no tenant: pass --tenant NAME or set AGENTCTL_TENANT".into()))?;
+    crate::domain::tenant::TenantName::parse(&tenant).map_err(CtlError::Usage)?;
     let id = args.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     if !crate::domain::validate::is_valid_key(&id) {
-        return Err(CtlError(format!("--id {id:?}: use 1-128 letters, digits, '.', '_', ':' or '-'")));
+        return Err(CtlError::Usage(format!("--id {id:?}: use 1-128 letters, digits, '.', '_', ':' or '-'")));
     }
     let task = build_task(args, &id)?;
     let body = serde_json::to_vec(&task)?;
 
-    let conn = crate::amqp::connect(&cli.amqp_url, "agentctl").await.map_err(|e| {
-        CtlError(format!("{e} (set AGENTCTL_AMQP_URL)"))
-    })?;
+    let conn = crate::amqp::connect(&cli.amqp_url, "agentctl")
+        .await
+        .map_err(|e| CtlError::Unreachable(format!("{e} (set AGENTCTL_AMQP_URL)")))?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     const REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -193,22 +194,23 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
             &body,
             props,
         )
-        .await
-        .and_then(|c| Ok(c))?
+        .await?
         .await
         .map_err(|e| {
-            CtlError(format!(
+            CtlError::Broker(format!(
                 "publishing failed: {e}. If the exchange {TASKS_EXCHANGE} does not exist yet, start `agenttask serve` once"
             ))
         })?;
     if let Confirmation::Nack(_) = confirm {
-        return Err(CtlError("RabbitMQ refused the task (nack); try again".into()));
+        return Err(CtlError::Broker("RabbitMQ refused the task (nack); try again".into()));
     }
 
     let Some(replies) = replies.as_mut() else {
         match cli.output {
             Output::Json => println!("{}", json!({"id": id, "tenant": tenant})),
-            Output::Table => println!("submitted {id} to tenant {tenant}; the result goes to agenttask.results.{tenant}"),
+            Output::Table => {
+                println!("submitted {id} to tenant {tenant}; the result goes to agenttask.results.{tenant}")
+            }
         }
         let _ = conn.close(200, "bye".into()).await;
         return Ok(ExitCode::SUCCESS);
@@ -219,11 +221,16 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
     let wait = Duration::from_secs(args.wait_timeout);
     let delivery = tokio::time::timeout(wait, replies.next())
         .await
-        .map_err(|_| CtlError(format!("no result after {}s; the task may still run: agentctl get {id} --tenant {tenant}", args.wait_timeout)))?
-        .ok_or_else(|| CtlError("the reply consumer was cancelled".into()))??;
+        .map_err(|_| {
+            CtlError::Unexpected(format!(
+                "no result after {}s; the task may still run: agentctl get {id} --tenant {tenant}",
+                args.wait_timeout
+            ))
+        })?
+        .ok_or_else(|| CtlError::Broker("the reply consumer was cancelled".into()))??;
     let _ = conn.close(200, "bye".into()).await;
     let result: ResultMessage = serde_json::from_slice(&delivery.data)
-        .map_err(|e| CtlError(format!("unexpected result message: {e}")))?;
+        .map_err(|e| CtlError::Unexpected(format!("unexpected result message: {e}")))?;
     match cli.output {
         Output::Json => println!("{}", String::from_utf8_lossy(&delivery.data)),
         Output::Table => print_result(&result),

@@ -134,26 +134,16 @@ pub struct Resources {
 
 impl Resources {
     /// Nothing of anything.
-    pub const ZERO: Resources = Resources {
-        cpu_millis: 0,
-        memory_bytes: 0,
-        slots: 0,
-    };
+    pub const ZERO: Resources = Resources { cpu_millis: 0, memory_bytes: 0, slots: 0 };
 
     /// Builds an amount from its three parts.
     pub const fn new(cpu_millis: u64, memory_bytes: u64, slots: u64) -> Self {
-        Resources {
-            cpu_millis,
-            memory_bytes,
-            slots,
-        }
+        Resources { cpu_millis, memory_bytes, slots }
     }
 
     /// True when `self` is at most `other` in every resource.
     pub fn fits_in(self, other: Resources) -> bool {
-        self.cpu_millis <= other.cpu_millis
-            && self.memory_bytes <= other.memory_bytes
-            && self.slots <= other.slots
+        self.cpu_millis <= other.cpu_millis && self.memory_bytes <= other.memory_bytes && self.slots <= other.slots
     }
 
     /// Per-resource subtraction, floored at zero.
@@ -223,11 +213,7 @@ pub struct QueuedTask {
 impl QueuedTask {
     /// The resources the task holds while it runs: its cpu and memory, and one slot.
     pub fn request(&self) -> Resources {
-        Resources {
-            cpu_millis: self.cpu_millis,
-            memory_bytes: self.memory_bytes,
-            slots: 1,
-        }
+        Resources { cpu_millis: self.cpu_millis, memory_bytes: self.memory_bytes, slots: 1 }
     }
 }
 
@@ -378,16 +364,10 @@ impl fmt::Display for FairshareError {
         match self {
             FairshareError::ZeroCapacity(r) => write!(f, "total {r} capacity is zero"),
             FairshareError::InvalidWeight { tenant, weight } => {
-                write!(
-                    f,
-                    "tenant #{tenant}: weight {weight} must be finite and > 0"
-                )
+                write!(f, "tenant #{tenant}: weight {weight} must be finite and > 0")
             }
             FairshareError::InvalidHistory { tenant, history } => {
-                write!(
-                    f,
-                    "tenant #{tenant}: usage history {history} must be finite and >= 0"
-                )
+                write!(f, "tenant #{tenant}: usage history {history} must be finite and >= 0")
             }
             FairshareError::InvalidHistoryWeight(w) => {
                 write!(f, "history weight {w} must be finite and >= 0")
@@ -515,12 +495,7 @@ pub fn decay(value: f64, elapsed: Duration, half_life: Duration) -> f64 {
 /// Moves the usage `history` towards the tenant's `current_share` (its dominant share over the
 /// last `elapsed`): an exponentially weighted moving average with the given half-life. The result
 /// stays between the two inputs; non-finite or negative inputs count as 0.
-pub fn update_history(
-    history: f64,
-    current_share: f64,
-    elapsed: Duration,
-    half_life: Duration,
-) -> f64 {
+pub fn update_history(history: f64, current_share: f64, elapsed: Duration, half_life: Duration) -> f64 {
     let clean = |x: f64| if x.is_finite() && x > 0.0 { x } else { 0.0 };
     let (history, current) = (clean(history), clean(current_share));
     (current + decay(history - current, elapsed, half_life)).max(0.0)
@@ -566,13 +541,7 @@ pub fn decide<Q: QueueView + ?Sized>(
     let mut heap: Vec<Entry<'_>> = Vec::with_capacity(tenants.len());
     for (i, t) in tenants.iter().enumerate() {
         let hist_term = policy.history_weight * t.history;
-        let mut w = Work {
-            usage: t.running,
-            admitted: 0,
-            hist_term,
-            head: None,
-            stop: Stop::QueueEmpty,
-        };
+        let mut w = Work { usage: t.running, admitted: 0, hist_term, head: None, stop: Stop::QueueEmpty };
         match next_head(t, 0) {
             Ok(head) => {
                 w.head = Some(head);
@@ -589,8 +558,7 @@ pub fn decide<Q: QueueView + ?Sized>(
     }
     let mut heap = BinaryHeap::from(heap);
 
-    let mut admissions =
-        Vec::with_capacity(free.slots.min(policy.max_admissions as u64).min(1 << 16) as usize);
+    let mut admissions = Vec::with_capacity(free.slots.min(policy.max_admissions as u64).min(1 << 16) as usize);
     let mut reserved = Resources::ZERO;
     let mut reservation: Option<Reservation> = None;
 
@@ -612,10 +580,7 @@ pub fn decide<Q: QueueView + ?Sized>(
             free = free.saturating_sub(request);
             w.usage = w.usage.saturating_add(request);
             w.admitted += 1;
-            admissions.push(Admission {
-                tenant: i,
-                task_id: head.id,
-            });
+            admissions.push(Admission { tenant: i, task_id: head.id });
             match next_head(t, w.admitted) {
                 Ok(next) => {
                     w.head = Some(next);
@@ -634,16 +599,10 @@ pub fn decide<Q: QueueView + ?Sized>(
         w.stop = if !request.fits_in(total) {
             Stop::TooLarge
         } else if reservation.is_none()
-            && policy
-                .reserve_after_ms
-                .is_some_and(|after| now_ms.saturating_sub(head.enqueued_at_ms) >= after)
+            && policy.reserve_after_ms.is_some_and(|after| now_ms.saturating_sub(head.enqueued_at_ms) >= after)
         {
             reserved = request;
-            reservation = Some(Reservation {
-                tenant: i,
-                task_id: head.id,
-                request,
-            });
+            reservation = Some(Reservation { tenant: i, task_id: head.id, request });
             Stop::Reserved
         } else {
             Stop::NoCapacity
@@ -668,12 +627,7 @@ pub fn decide<Q: QueueView + ?Sized>(
         })
         .collect();
 
-    Ok(Decision {
-        admissions,
-        tenants: outcomes,
-        reservation,
-        free,
-    })
+    Ok(Decision { admissions, tenants: outcomes, reservation, free })
 }
 
 fn validate<Q: QueueView + ?Sized>(
@@ -698,16 +652,10 @@ fn validate<Q: QueueView + ?Sized>(
     }
     for (i, t) in tenants.iter().enumerate() {
         if !(t.weight.is_finite() && t.weight > 0.0) {
-            return Err(FairshareError::InvalidWeight {
-                tenant: i,
-                weight: t.weight,
-            });
+            return Err(FairshareError::InvalidWeight { tenant: i, weight: t.weight });
         }
         if !(t.history.is_finite() && t.history >= 0.0) {
-            return Err(FairshareError::InvalidHistory {
-                tenant: i,
-                history: t.history,
-            });
+            return Err(FairshareError::InvalidHistory { tenant: i, history: t.history });
         }
     }
     Ok(())
@@ -734,9 +682,7 @@ fn fair_shares<Q: QueueView + ?Sized>(tenants: &[Tenant<'_, Q>], total: Resource
         let Some(head) = t.queue.get(0) else { continue };
         let room = u64::from(t.max_concurrency).saturating_sub(t.running.slots);
         let startable = room.min(t.queue.len() as u64);
-        let demand = t
-            .running
-            .saturating_add(head.request().saturating_mul(startable));
+        let demand = t.running.saturating_add(head.request().saturating_mul(startable));
         items.push((i, t.weight, dominant_share(demand, total)));
     }
     items.sort_by(|a, b| (a.2 / a.1).total_cmp(&(b.2 / b.1)).then(a.0.cmp(&b.0)));
@@ -820,12 +766,7 @@ mod tests {
     }
 
     fn task(id: u64, cpu_millis: u64, memory_bytes: u64) -> QueuedTask {
-        QueuedTask {
-            id,
-            cpu_millis,
-            memory_bytes,
-            enqueued_at_ms: 0,
-        }
+        QueuedTask { id, cpu_millis, memory_bytes, enqueued_at_ms: 0 }
     }
 
     /// A tenant under test, owning its queue.
@@ -874,9 +815,7 @@ mod tests {
         /// Replaces the queue with `n` tasks of the given size.
         fn tasks(mut self, n: u64, cpu_millis: u64, memory_bytes: u64) -> Self {
             let base = self.queue.front().map_or(0, |t| t.id);
-            self.queue = (0..n)
-                .map(|k| task(base + k, cpu_millis, memory_bytes))
-                .collect();
+            self.queue = (0..n).map(|k| task(base + k, cpu_millis, memory_bytes)).collect();
             self
         }
         fn push_front(mut self, t: QueuedTask) -> Self {
@@ -900,12 +839,7 @@ mod tests {
             .collect()
     }
 
-    fn run(
-        specs: &[Spec],
-        total: Resources,
-        now_ms: u64,
-        policy: &Policy,
-    ) -> Result<Decision, FairshareError> {
+    fn run(specs: &[Spec], total: Resources, now_ms: u64, policy: &Policy) -> Result<Decision, FairshareError> {
         decide(&views(specs), total, now_ms, policy)
     }
 
@@ -944,43 +878,21 @@ mod tests {
         let cases: Vec<(&str, Case)> = vec![
             (
                 "balancing three queues",
-                case(
-                    vec![spec("a", 1.0, 10), spec("b", 1.0, 10), spec("c", 1.0, 10)],
-                    slots(9),
-                    vec![3, 3, 3],
-                ),
+                case(vec![spec("a", 1.0, 10), spec("b", 1.0, 10), spec("c", 1.0, 10)], slots(9), vec![3, 3, 3]),
             ),
             (
                 "weighted 1:2:3",
-                case(
-                    vec![spec("a", 1.0, 20), spec("b", 2.0, 20), spec("c", 3.0, 20)],
-                    slots(12),
-                    vec![2, 4, 6],
-                ),
+                case(vec![spec("a", 1.0, 20), spec("b", 2.0, 20), spec("c", 3.0, 20)], slots(12), vec![2, 4, 6]),
             ),
-            (
-                "fractional weights",
-                case(
-                    vec![spec("a", 0.5, 20), spec("b", 1.5, 20)],
-                    slots(8),
-                    vec![2, 6],
-                ),
-            ),
+            ("fractional weights", case(vec![spec("a", 0.5, 20), spec("b", 1.5, 20)], slots(8), vec![2, 6])),
             (
                 "with inactive queues",
-                case(
-                    vec![spec("a", 1.0, 10), spec("b", 1.0, 0), spec("c", 1.0, 10)],
-                    slots(10),
-                    vec![5, 0, 5],
-                ),
+                case(vec![spec("a", 1.0, 10), spec("b", 1.0, 0), spec("c", 1.0, 10)], slots(10), vec![5, 0, 5]),
             ),
             (
                 "inactive queue holding running tasks takes nothing more",
                 case(
-                    vec![
-                        spec("a", 1.0, 10),
-                        spec("b", 1.0, 0).running(Resources::new(0, 0, 4)),
-                    ],
+                    vec![spec("a", 1.0, 10), spec("b", 1.0, 0).running(Resources::new(0, 0, 4))],
                     Resources::new(BIG, BIG, 10),
                     vec![6, 0],
                 ),
@@ -988,49 +900,31 @@ mod tests {
             (
                 "existing usage counts towards the share",
                 case(
-                    vec![
-                        spec("a", 1.0, 10).running(Resources::new(4, 4, 4)),
-                        spec("b", 1.0, 10),
-                    ],
+                    vec![spec("a", 1.0, 10).running(Resources::new(4, 4, 4)), spec("b", 1.0, 10)],
                     slots(10),
                     vec![1, 5],
                 ),
             ),
             (
                 "max concurrency caps, the rest goes to others",
-                case(
-                    vec![spec("a", 1.0, 10).conc(2), spec("b", 1.0, 10)],
-                    slots(10),
-                    vec![2, 8],
-                ),
+                case(vec![spec("a", 1.0, 10).conc(2), spec("b", 1.0, 10)], slots(10), vec![2, 8]),
             ),
             (
                 "max concurrency counts running tasks",
                 case(
-                    vec![
-                        spec("a", 1.0, 10).conc(3).running(Resources::new(2, 2, 2)),
-                        spec("b", 1.0, 10),
-                    ],
+                    vec![spec("a", 1.0, 10).conc(3).running(Resources::new(2, 2, 2)), spec("b", 1.0, 10)],
                     slots(10),
                     vec![1, 7],
                 ),
             ),
             (
                 "running above max concurrency admits nothing",
-                case(
-                    vec![spec("a", 1.0, 10).conc(1).running(Resources::new(2, 2, 2))],
-                    slots(10),
-                    vec![0],
-                ),
+                case(vec![spec("a", 1.0, 10).conc(1).running(Resources::new(2, 2, 2))], slots(10), vec![0]),
             ),
             (
                 "rate tokens cap",
                 case(
-                    vec![
-                        spec("a", 1.0, 10).tokens(1),
-                        spec("b", 1.0, 10).tokens(0),
-                        spec("c", 1.0, 10),
-                    ],
+                    vec![spec("a", 1.0, 10).tokens(1), spec("b", 1.0, 10).tokens(0), spec("c", 1.0, 10)],
                     slots(10),
                     vec![1, 0, 9],
                 ),
@@ -1040,10 +934,7 @@ mod tests {
                 Case {
                     want_reserved: Some(Some(0)),
                     ..case(
-                        vec![
-                            spec("a", 1.0, 10).tasks(10, 1_000, 4 * GI),
-                            spec("b", 1.0, 10).tasks(10, 3_000, GI),
-                        ],
+                        vec![spec("a", 1.0, 10).tasks(10, 1_000, 4 * GI), spec("b", 1.0, 10).tasks(10, 3_000, GI)],
                         drf_total,
                         vec![3, 2],
                     )
@@ -1052,10 +943,7 @@ mod tests {
             (
                 "dominant resource: cpu-heavy vs memory-heavy, weighted 2:1",
                 Case {
-                    policy: Policy {
-                        max_admissions: 12,
-                        ..Policy::default()
-                    },
+                    policy: Policy { max_admissions: 12, ..Policy::default() },
                     ..case(
                         vec![
                             spec("cpu-heavy", 2.0, 20).tasks(20, 1_000, 100),
@@ -1073,10 +961,7 @@ mod tests {
                     // The cluster is full: the next cpu is held for the lowest key ("a", by name).
                     want_reserved: Some(Some(0)),
                     ..case(
-                        vec![
-                            spec("a", 1.0, 10).tasks(10, 500, 1),
-                            spec("b", 1.0, 10).tasks(10, 500, 1),
-                        ],
+                        vec![spec("a", 1.0, 10).tasks(10, 500, 1), spec("b", 1.0, 10).tasks(10, 500, 1)],
                         Resources::new(2_000, BIG, 100),
                         vec![2, 2],
                     )
@@ -1084,11 +969,7 @@ mod tests {
             ),
             (
                 "capacity already exceeded by running tasks",
-                case(
-                    vec![spec("a", 1.0, 10).running(Resources::new(0, 0, 20))],
-                    slots(10),
-                    vec![0],
-                ),
+                case(vec![spec("a", 1.0, 10).running(Resources::new(0, 0, 20))], slots(10), vec![0]),
             ),
             (
                 "large head reserves capacity at once",
@@ -1098,9 +979,7 @@ mod tests {
                     ..case(
                         vec![
                             spec("big", 1.0, 2).tasks(2, 4_000, 1),
-                            spec("small", 1.0, 10)
-                                .tasks(10, 1_000, 1)
-                                .running(Resources::new(2_000, 2, 2)),
+                            spec("small", 1.0, 10).tasks(10, 1_000, 1).running(Resources::new(2_000, 2, 2)),
                         ],
                         Resources::new(4_000, BIG, 100),
                         vec![0, 0],
@@ -1110,18 +989,13 @@ mod tests {
             (
                 "reservations off: small tasks fill the gap",
                 Case {
-                    policy: Policy {
-                        reserve_after_ms: None,
-                        ..Policy::default()
-                    },
+                    policy: Policy { reserve_after_ms: None, ..Policy::default() },
                     want_reserved: Some(None),
                     want_stops: Some(vec![Stop::NoCapacity, Stop::NoCapacity]),
                     ..case(
                         vec![
                             spec("big", 1.0, 2).tasks(2, 4_000, 1),
-                            spec("small", 1.0, 10)
-                                .tasks(10, 1_000, 1)
-                                .running(Resources::new(2_000, 2, 2)),
+                            spec("small", 1.0, 10).tasks(10, 1_000, 1).running(Resources::new(2_000, 2, 2)),
                         ],
                         Resources::new(4_000, BIG, 100),
                         vec![0, 2],
@@ -1131,18 +1005,13 @@ mod tests {
             (
                 "reservation threshold not reached",
                 Case {
-                    policy: Policy {
-                        reserve_after_ms: Some(1_000),
-                        ..Policy::default()
-                    },
+                    policy: Policy { reserve_after_ms: Some(1_000), ..Policy::default() },
                     now_ms: 999,
                     want_reserved: Some(None),
                     ..case(
                         vec![
                             spec("big", 1.0, 2).tasks(2, 4_000, 1),
-                            spec("small", 1.0, 10)
-                                .tasks(10, 1_000, 1)
-                                .running(Resources::new(2_000, 2, 2)),
+                            spec("small", 1.0, 10).tasks(10, 1_000, 1).running(Resources::new(2_000, 2, 2)),
                         ],
                         Resources::new(4_000, BIG, 100),
                         vec![0, 2],
@@ -1152,18 +1021,13 @@ mod tests {
             (
                 "reservation threshold reached",
                 Case {
-                    policy: Policy {
-                        reserve_after_ms: Some(1_000),
-                        ..Policy::default()
-                    },
+                    policy: Policy { reserve_after_ms: Some(1_000), ..Policy::default() },
                     now_ms: 1_000,
                     want_reserved: Some(Some(0)),
                     ..case(
                         vec![
                             spec("big", 1.0, 2).tasks(2, 4_000, 1),
-                            spec("small", 1.0, 10)
-                                .tasks(10, 1_000, 1)
-                                .running(Resources::new(2_000, 2, 2)),
+                            spec("small", 1.0, 10).tasks(10, 1_000, 1).running(Resources::new(2_000, 2, 2)),
                         ],
                         Resources::new(4_000, BIG, 100),
                         vec![0, 0],
@@ -1178,9 +1042,7 @@ mod tests {
                         vec![
                             // 3 cpus held of 2 free: no cpu left for others, but a zero-cpu task fits.
                             spec("big", 1.0, 1).tasks(1, 3_000, 1),
-                            spec("small", 1.0, 3)
-                                .tasks(3, 0, 1)
-                                .running(Resources::new(2_000, 2, 2)),
+                            spec("small", 1.0, 3).tasks(3, 0, 1).running(Resources::new(2_000, 2, 2)),
                         ],
                         Resources::new(4_000, BIG, 100),
                         vec![0, 3],
@@ -1194,12 +1056,8 @@ mod tests {
                     ..case(
                         vec![
                             spec("a", 10.0, 1).tasks(1, 1_000, 1),
-                            spec("big", 1.0, 1)
-                                .tasks(1, 4_000, 1)
-                                .running(Resources::new(0, 0, 0)),
-                            spec("c", 1.0, 5)
-                                .tasks(5, 1_000, 1)
-                                .running(Resources::new(1_000, 1, 1)),
+                            spec("big", 1.0, 1).tasks(1, 4_000, 1).running(Resources::new(0, 0, 0)),
+                            spec("c", 1.0, 5).tasks(5, 1_000, 1).running(Resources::new(1_000, 1, 1)),
                         ],
                         Resources::new(4_000, BIG, 100),
                         // a (key 0, name a) first; big (key 0) then blocks and reserves; c gets nothing.
@@ -1213,10 +1071,7 @@ mod tests {
                     want_reserved: Some(None),
                     want_stops: Some(vec![Stop::TooLarge, Stop::QueueEmpty]),
                     ..case(
-                        vec![
-                            spec("huge", 1.0, 1).tasks(1, 8_000, 1),
-                            spec("b", 1.0, 3).tasks(3, 1_000, 1),
-                        ],
+                        vec![spec("huge", 1.0, 1).tasks(1, 8_000, 1), spec("b", 1.0, 3).tasks(3, 1_000, 1)],
                         Resources::new(4_000, BIG, 100),
                         vec![0, 3],
                     )
@@ -1225,59 +1080,33 @@ mod tests {
             (
                 "admission limit",
                 Case {
-                    policy: Policy {
-                        max_admissions: 3,
-                        ..Policy::default()
-                    },
+                    policy: Policy { max_admissions: 3, ..Policy::default() },
                     want_stops: Some(vec![Stop::AdmissionLimit, Stop::AdmissionLimit]),
-                    ..case(
-                        vec![spec("a", 1.0, 10), spec("b", 1.0, 10)],
-                        slots(10),
-                        vec![2, 1],
-                    )
+                    ..case(vec![spec("a", 1.0, 10), spec("b", 1.0, 10)], slots(10), vec![2, 1])
                 },
             ),
             (
                 "zero admission limit",
                 Case {
-                    policy: Policy {
-                        max_admissions: 0,
-                        ..Policy::default()
-                    },
+                    policy: Policy { max_admissions: 0, ..Policy::default() },
                     ..case(vec![spec("a", 1.0, 10)], slots(10), vec![0])
                 },
             ),
             ("no tenants", case(vec![], slots(10), vec![])),
-            (
-                "only empty queues",
-                case(
-                    vec![spec("a", 1.0, 0), spec("b", 2.0, 0)],
-                    slots(10),
-                    vec![0, 0],
-                ),
-            ),
+            ("only empty queues", case(vec![spec("a", 1.0, 0), spec("b", 2.0, 0)], slots(10), vec![0, 0])),
             (
                 "zero max concurrency and zero tokens",
-                case(
-                    vec![spec("a", 1.0, 5).conc(0), spec("b", 1.0, 5).tokens(0)],
-                    slots(10),
-                    vec![0, 0],
-                ),
+                case(vec![spec("a", 1.0, 5).conc(0), spec("b", 1.0, 5).tokens(0)], slots(10), vec![0, 0]),
             ),
         ];
         for (name, c) in cases {
-            let d = run(&c.specs, c.total, c.now_ms, &c.policy)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let d = run(&c.specs, c.total, c.now_ms, &c.policy).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(admitted(&d), c.want_admitted, "{name}: admitted");
             if let Some(want) = c.want_reserved {
                 assert_eq!(d.reservation.map(|r| r.tenant), want, "{name}: reservation");
             }
             if let Some(stops) = c.want_stops {
-                assert_eq!(
-                    d.tenants.iter().map(|t| t.stop).collect::<Vec<_>>(),
-                    stops,
-                    "{name}: stops"
-                );
+                assert_eq!(d.tenants.iter().map(|t| t.stop).collect::<Vec<_>>(), stops, "{name}: stops");
             }
             check_invariants(&c.specs, c.total, &c.policy, c.now_ms, &d);
         }
@@ -1287,18 +1116,9 @@ mod tests {
     fn bad_config_is_rejected() {
         let ok = vec![spec("a", 1.0, 1)];
         let p = Policy::default();
-        assert_eq!(
-            run(&ok, Resources::new(0, 1, 1), 0, &p),
-            Err(FairshareError::ZeroCapacity(Resource::Cpu))
-        );
-        assert_eq!(
-            run(&ok, Resources::new(1, 0, 1), 0, &p),
-            Err(FairshareError::ZeroCapacity(Resource::Memory))
-        );
-        assert_eq!(
-            run(&ok, Resources::new(1, 1, 0), 0, &p),
-            Err(FairshareError::ZeroCapacity(Resource::Slots))
-        );
+        assert_eq!(run(&ok, Resources::new(0, 1, 1), 0, &p), Err(FairshareError::ZeroCapacity(Resource::Cpu)));
+        assert_eq!(run(&ok, Resources::new(1, 0, 1), 0, &p), Err(FairshareError::ZeroCapacity(Resource::Memory)));
+        assert_eq!(run(&ok, Resources::new(1, 1, 0), 0, &p), Err(FairshareError::ZeroCapacity(Resource::Slots)));
         // Zero capacity is refused even without tenants: it is a configuration error.
         assert!(run(&[], Resources::ZERO, 0, &p).is_err());
         for w in [0.0, -1.0, f64::NAN, f64::INFINITY] {
@@ -1310,36 +1130,19 @@ mod tests {
         }
         for h in [-0.5, f64::NAN] {
             let specs = vec![spec("a", 1.0, 1).history(h)];
-            assert!(matches!(
-                run(&specs, slots(1), 0, &p),
-                Err(FairshareError::InvalidHistory { tenant: 0, .. })
-            ));
+            assert!(matches!(run(&specs, slots(1), 0, &p), Err(FairshareError::InvalidHistory { tenant: 0, .. })));
         }
-        let bad = Policy {
-            history_weight: -1.0,
-            ..p
-        };
-        assert!(matches!(
-            run(&ok, slots(1), 0, &bad),
-            Err(FairshareError::InvalidHistoryWeight(_))
-        ));
+        let bad = Policy { history_weight: -1.0, ..p };
+        assert!(matches!(run(&ok, slots(1), 0, &bad), Err(FairshareError::InvalidHistoryWeight(_))));
         // Errors print something a person can act on.
-        let msg = run(&[spec("a", 0.0, 1)], slots(1), 0, &p)
-            .unwrap_err()
-            .to_string();
+        let msg = run(&[spec("a", 0.0, 1)], slots(1), 0, &p).unwrap_err().to_string();
         assert!(msg.contains("weight"), "{msg}");
     }
 
     #[test]
     fn fifo_within_tenant() {
         // The caller orders by priority desc then submit order; the core keeps that order.
-        let a = Spec {
-            queue: [30, 10, 20, 1, 2]
-                .map(|id| task(id, 1, 1))
-                .into_iter()
-                .collect(),
-            ..spec("a", 1.0, 0)
-        };
+        let a = Spec { queue: [30, 10, 20, 1, 2].map(|id| task(id, 1, 1)).into_iter().collect(), ..spec("a", 1.0, 0) };
         let d = run(&[a], slots(4), 0, &Policy::default()).unwrap();
         let ids: Vec<u64> = d.admissions.iter().map(|x| x.task_id).collect();
         assert_eq!(ids, vec![30, 10, 20, 1]);
@@ -1348,20 +1151,10 @@ mod tests {
     #[test]
     fn fifo_head_blocks_its_own_tenant() {
         // A large head is not skipped in favour of the same tenant's smaller tasks.
-        let a = spec("a", 1.0, 0)
-            .tasks(3, 1_000, 1)
-            .push_front(task(99, 3_000, 1))
-            .running(Resources::new(2_000, 2, 2));
-        let d = run(
-            &[a],
-            Resources::new(4_000, BIG, 10),
-            0,
-            &Policy {
-                reserve_after_ms: None,
-                ..Policy::default()
-            },
-        )
-        .unwrap();
+        let a =
+            spec("a", 1.0, 0).tasks(3, 1_000, 1).push_front(task(99, 3_000, 1)).running(Resources::new(2_000, 2, 2));
+        let d = run(&[a], Resources::new(4_000, BIG, 10), 0, &Policy { reserve_after_ms: None, ..Policy::default() })
+            .unwrap();
         assert!(d.admissions.is_empty());
         assert_eq!(d.tenants[0].stop, Stop::NoCapacity);
     }
@@ -1371,22 +1164,10 @@ mod tests {
         // Equal keys: lower history first, then lower name, regardless of input order.
         let specs = vec![spec("b", 1.0, 3), spec("a", 1.0, 3), spec("c", 1.0, 3)];
         let d = run(&specs, slots(1), 0, &Policy::default()).unwrap();
-        assert_eq!(
-            d.admissions,
-            vec![Admission {
-                tenant: 1,
-                task_id: specs[1].queue[0].id
-            }]
-        );
+        assert_eq!(d.admissions, vec![Admission { tenant: 1, task_id: specs[1].queue[0].id }]);
 
-        let specs = vec![
-            spec("a", 1.0, 3).history(0.2),
-            spec("b", 1.0, 3).history(0.1),
-        ];
-        let no_hist_weight = Policy {
-            history_weight: 0.0,
-            ..Policy::default()
-        };
+        let specs = vec![spec("a", 1.0, 3).history(0.2), spec("b", 1.0, 3).history(0.1)];
+        let no_hist_weight = Policy { history_weight: 0.0, ..Policy::default() };
         let d = run(&specs, slots(1), 0, &no_hist_weight).unwrap();
         assert_eq!(d.admissions[0].tenant, 1, "lower history wins a tie");
 
@@ -1396,16 +1177,9 @@ mod tests {
         assert_eq!(d.admissions[0].tenant, 0);
 
         // Running twice gives the same decision.
-        let specs = vec![
-            spec("a", 1.0, 7),
-            spec("b", 2.0, 9).history(0.3),
-            spec("c", 3.0, 2),
-        ];
+        let specs = vec![spec("a", 1.0, 7), spec("b", 2.0, 9).history(0.3), spec("c", 3.0, 2)];
         let p = Policy::default();
-        assert_eq!(
-            run(&specs, slots(11), 0, &p).unwrap(),
-            run(&specs, slots(11), 0, &p).unwrap()
-        );
+        assert_eq!(run(&specs, slots(11), 0, &p).unwrap(), run(&specs, slots(11), 0, &p).unwrap());
     }
 
     #[test]
@@ -1413,10 +1187,7 @@ mod tests {
         // Both idle now; "a" used half the cluster recently, so "b" goes first.
         let specs = vec![spec("a", 1.0, 5).history(0.5), spec("b", 1.0, 5)];
         let d = run(&specs, slots(3), 0, &Policy::default()).unwrap();
-        assert_eq!(
-            d.admissions.iter().map(|a| a.tenant).collect::<Vec<_>>(),
-            vec![1, 0, 1]
-        );
+        assert_eq!(d.admissions.iter().map(|a| a.tenant).collect::<Vec<_>>(), vec![1, 0, 1]);
     }
 
     #[test]
@@ -1431,17 +1202,10 @@ mod tests {
         assert!(close(d.fairness_index(), 1.0));
 
         // Capped by demand: "a" can run 1 task (10% of 10 slots); b and c split the rest 1:1.
-        let specs = vec![
-            spec("a", 2.0, 20).conc(1),
-            spec("b", 1.0, 20),
-            spec("c", 1.0, 20),
-        ];
+        let specs = vec![spec("a", 2.0, 20).conc(1), spec("b", 1.0, 20), spec("c", 1.0, 20)];
         let d = run(&specs, slots(10), 0, &Policy::default()).unwrap();
         let fair: Vec<f64> = d.tenants.iter().map(|t| t.fair_share).collect();
-        assert!(
-            close(fair[0], 0.1) && close(fair[1], 0.45) && close(fair[2], 0.45),
-            "{fair:?}"
-        );
+        assert!(close(fair[0], 0.1) && close(fair[1], 0.45) && close(fair[2], 0.45), "{fair:?}");
         assert!(close(fair.iter().sum::<f64>(), 1.0));
 
         // Demand of everyone below the whole: each gets its demand.
@@ -1466,10 +1230,7 @@ mod tests {
         assert!(close(decay(8.0, Duration::ZERO, hl), 8.0));
         assert!(close(decay(8.0, hl, hl), 4.0));
         assert!(close(decay(8.0, hl * 3, hl), 1.0));
-        assert!(close(
-            decay(8.0, Duration::from_secs(30), hl),
-            8.0 / 2f64.sqrt()
-        ));
+        assert!(close(decay(8.0, Duration::from_secs(30), hl), 8.0 / 2f64.sqrt()));
         assert_eq!(decay(8.0, Duration::from_millis(1), Duration::ZERO), 0.0);
         assert_eq!(decay(8.0, Duration::ZERO, Duration::ZERO), 8.0);
         assert_eq!(decay(f64::NAN, hl, hl), 0.0);
@@ -1509,9 +1270,7 @@ mod tests {
                 tokens: 50,
                 running: Resources::ZERO,
                 history: 0.0,
-                queue: (0..10)
-                    .map(|k| task(i as u64 * 100 + k, 500, 256 << 20))
-                    .collect(),
+                queue: (0..10).map(|k| task(i as u64 * 100 + k, 500, 256 << 20)).collect(),
             })
             .collect();
         let (capacity, now_ms) = (Resources::new(4_000, 8 * GI, 6), 0);
@@ -1531,10 +1290,7 @@ mod tests {
         let decision = decide(&views, capacity, now_ms, &Policy::default()).unwrap();
         drop(views);
         for a in &decision.admissions {
-            let task = state[a.tenant]
-                .queue
-                .pop_front()
-                .expect("admitted tasks are the queue's prefix");
+            let task = state[a.tenant].queue.pop_front().expect("admitted tasks are the queue's prefix");
             assert_eq!(task.id, a.task_id);
             state[a.tenant].running = state[a.tenant].running.saturating_add(task.request());
             state[a.tenant].tokens -= 1;
@@ -1549,15 +1305,7 @@ mod tests {
         let b: VecDeque<QueuedTask> = [task(2, 1, 1)].into_iter().collect();
         let c: &[QueuedTask] = &[task(3, 1, 1)];
         fn mk<'a>(name: &'a str, queue: &'a dyn QueueView) -> Tenant<'a, dyn QueueView + 'a> {
-            Tenant {
-                name,
-                weight: 1.0,
-                max_concurrency: 9,
-                tokens: 9,
-                running: Resources::ZERO,
-                history: 0.0,
-                queue,
-            }
+            Tenant { name, weight: 1.0, max_concurrency: 9, tokens: 9, running: Resources::ZERO, history: 0.0, queue }
         }
         let tenants = [mk("a", &a), mk("b", &b), mk("c", &c)];
         let d = decide(&tenants, slots(10), 0, &Policy::default()).unwrap();
@@ -1580,14 +1328,7 @@ mod tests {
 
     impl Sim {
         fn new(specs: Vec<Spec>, total: Resources, policy: Policy) -> Self {
-            Sim {
-                specs,
-                total,
-                policy,
-                tick_ms: 1_000,
-                now_ms: 0,
-                running: Vec::new(),
-            }
+            Sim { specs, total, policy, tick_ms: 1_000, now_ms: 0, running: Vec::new() }
         }
 
         /// Advances one tick: finishes due tasks, updates history, decides, starts the admitted
@@ -1604,12 +1345,7 @@ mod tests {
             });
             for s in specs.iter_mut() {
                 let share = dominant_share(s.running, self.total);
-                s.history = update_history(
-                    s.history,
-                    share,
-                    Duration::from_millis(self.tick_ms),
-                    DEFAULT_HALF_LIFE,
-                );
+                s.history = update_history(s.history, share, Duration::from_millis(self.tick_ms), DEFAULT_HALF_LIFE);
             }
             let d = run(specs, self.total, now, &self.policy).expect("valid simulation");
             check_invariants(specs, self.total, &self.policy, now, &d);
@@ -1618,11 +1354,7 @@ mod tests {
                 assert_eq!(t.id, a.task_id);
                 specs[a.tenant].running = specs[a.tenant].running.saturating_add(t.request());
                 specs[a.tenant].tokens = specs[a.tenant].tokens.saturating_sub(1);
-                self.running.push((
-                    now + duration(a.tenant) * self.tick_ms,
-                    a.tenant,
-                    t.request(),
-                ));
+                self.running.push((now + duration(a.tenant) * self.tick_ms, a.tenant, t.request()));
             }
             d
         }
@@ -1630,9 +1362,7 @@ mod tests {
 
     #[test]
     fn jain_index_in_steady_state_weights_1_to_10_on_50_slots() {
-        let specs: Vec<Spec> = (1..=10)
-            .map(|w| spec(&format!("t{w:02}"), w as f64, 5_000))
-            .collect();
+        let specs: Vec<Spec> = (1..=10).map(|w| spec(&format!("t{w:02}"), w as f64, 5_000)).collect();
         let weights: Vec<f64> = specs.iter().map(|s| s.weight).collect();
         let wsum: f64 = weights.iter().sum();
         let mut sim = Sim::new(specs, slots(50), Policy::default());
@@ -1647,9 +1377,8 @@ mod tests {
                     slot_ticks[i] += s.running.slots;
                 }
             }
-            let ratios: Vec<f64> = (0..10)
-                .map(|i| (slot_ticks[i] as f64 / (window as f64 * 50.0)) / (weights[i] / wsum))
-                .collect();
+            let ratios: Vec<f64> =
+                (0..10).map(|i| (slot_ticks[i] as f64 / (window as f64 * 50.0)) / (weights[i] / wsum)).collect();
             indices.push(jain_index(&ratios));
         }
         eprintln!("Jain index per window: {indices:?}");
@@ -1660,11 +1389,7 @@ mod tests {
         // The per-decision index the scheduler exports agrees.
         let d = sim.step(|_| duration);
         assert!(d.fairness_index() >= 0.98, "{}", d.fairness_index());
-        assert!(d
-            .tenants
-            .iter()
-            .zip(&weights)
-            .all(|(t, w)| close(t.fair_share, w / wsum)));
+        assert!(d.tenants.iter().zip(&weights).all(|(t, w)| close(t.fair_share, w / wsum)));
     }
 
     /// Multi-round: a 4-cpu task behind a stream of 1-cpu tasks from other tenants, on 4 cpus,
@@ -1695,23 +1420,13 @@ mod tests {
 
     #[test]
     fn reservation_prevents_starvation_of_a_large_task() {
-        let off = Policy {
-            reserve_after_ms: None,
-            ..Policy::default()
-        };
-        assert_eq!(
-            starvation_sim(off, 200),
-            None,
-            "without reservation the big task starves"
-        );
+        let off = Policy { reserve_after_ms: None, ..Policy::default() };
+        assert_eq!(starvation_sim(off, 200), None, "without reservation the big task starves");
         // At once: drains in at most the small tasks' duration.
         let at_once = starvation_sim(Policy::default(), 200).expect("admitted");
         assert!(at_once <= 4, "admitted at tick {at_once}");
         // After 5 s of waiting (ticks are 1 s): small tasks flow until then, then it drains.
-        let after = Policy {
-            reserve_after_ms: Some(5_000),
-            ..Policy::default()
-        };
+        let after = Policy { reserve_after_ms: Some(5_000), ..Policy::default() };
         let t = starvation_sim(after, 200).expect("admitted");
         assert!(t > 4 && t <= 5 + 4, "admitted at tick {t}");
     }
@@ -1720,18 +1435,10 @@ mod tests {
 
     /// Checks every promise of `decide` against its input; used by the table, the simulations
     /// and the property tests.
-    fn check_invariants(
-        specs: &[Spec],
-        total: Resources,
-        policy: &Policy,
-        now_ms: u64,
-        d: &Decision,
-    ) {
+    fn check_invariants(specs: &[Spec], total: Resources, policy: &Policy, now_ms: u64, d: &Decision) {
         assert_eq!(d.tenants.len(), specs.len());
         assert!(d.admissions.len() <= policy.max_admissions);
-        let used = specs
-            .iter()
-            .fold(Resources::ZERO, |acc, s| acc.saturating_add(s.running));
+        let used = specs.iter().fold(Resources::ZERO, |acc, s| acc.saturating_add(s.running));
         let free0 = total.saturating_sub(used);
 
         // Admissions per tenant are a prefix of its queue, in order.
@@ -1754,8 +1461,7 @@ mod tests {
             assert!(o.admitted <= s.tokens, "tenant {i}: tokens");
             if o.admitted > 0 {
                 assert!(
-                    s.running.slots.saturating_add(u64::from(o.admitted))
-                        <= u64::from(s.max_concurrency),
+                    s.running.slots.saturating_add(u64::from(o.admitted)) <= u64::from(s.max_concurrency),
                     "tenant {i}: concurrency"
                 );
             }
@@ -1776,9 +1482,7 @@ mod tests {
                 assert_eq!(head.id, r.task_id);
                 assert_eq!(head.request(), r.request);
                 assert!(!r.request.fits_in(d.free) && r.request.fits_in(total));
-                let after = policy
-                    .reserve_after_ms
-                    .expect("reservation while reservations are off");
+                let after = policy.reserve_after_ms.expect("reservation while reservations are off");
                 assert!(now_ms.saturating_sub(head.enqueued_at_ms) >= after);
                 assert_eq!(d.tenants[r.tenant].stop, Stop::Reserved);
                 r.request
@@ -1793,21 +1497,14 @@ mod tests {
                 let Some(head) = s.queue.get(n as usize) else {
                     continue;
                 };
-                let eligible = s.running.slots.saturating_add(u64::from(n))
-                    < u64::from(s.max_concurrency)
-                    && n < s.tokens;
+                let eligible =
+                    s.running.slots.saturating_add(u64::from(n)) < u64::from(s.max_concurrency) && n < s.tokens;
                 if !eligible || !head.request().fits_in(total) {
                     continue;
                 }
-                let room = if d.reservation.map(|r| r.tenant) == Some(i) {
-                    d.free
-                } else {
-                    d.free.saturating_sub(reserved)
-                };
-                assert!(
-                    !head.request().fits_in(room),
-                    "tenant {i}: head {head:?} fits in {room:?} but was left idle"
-                );
+                let room =
+                    if d.reservation.map(|r| r.tenant) == Some(i) { d.free } else { d.free.saturating_sub(reserved) };
+                assert!(!head.request().fits_in(room), "tenant {i}: head {head:?} fits in {room:?} but was left idle");
             }
         }
     }
@@ -1821,54 +1518,37 @@ mod tests {
             prop_oneof![Just(0.0), 0.0f64..1.0],
             prop::collection::vec((0u64..2_500, 0u64..2_500, 0u64..3), 0..10),
         )
-            .prop_map(
-                move |(weight, max_concurrency, tokens, (c, m, n), history, tasks)| Spec {
-                    name: format!("t{k}"),
-                    weight,
-                    max_concurrency,
-                    tokens,
-                    running: Resources::new(c, m, n),
-                    history,
-                    queue: tasks
-                        .into_iter()
-                        .enumerate()
-                        .map(|(j, (cpu, mem, age))| QueuedTask {
-                            id: (k * 100 + j) as u64,
-                            cpu_millis: cpu,
-                            memory_bytes: mem,
-                            enqueued_at_ms: 10_000 - age * 1_000,
-                        })
-                        .collect(),
-                },
-            )
+            .prop_map(move |(weight, max_concurrency, tokens, (c, m, n), history, tasks)| Spec {
+                name: format!("t{k}"),
+                weight,
+                max_concurrency,
+                tokens,
+                running: Resources::new(c, m, n),
+                history,
+                queue: tasks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, (cpu, mem, age))| QueuedTask {
+                        id: (k * 100 + j) as u64,
+                        cpu_millis: cpu,
+                        memory_bytes: mem,
+                        enqueued_at_ms: 10_000 - age * 1_000,
+                    })
+                    .collect(),
+            })
     }
 
     fn arb_input() -> impl Strategy<Value = (Vec<Spec>, Resources, Policy)> {
         (
             (0usize..7).prop_flat_map(|n| (0..n).map(arb_spec).collect::<Vec<_>>()),
             (1u64..16_000, 1u64..16_000, 1u64..30),
-            prop_oneof![
-                Just(None),
-                Just(Some(0)),
-                Just(Some(1_000)),
-                Just(Some(5_000))
-            ],
+            prop_oneof![Just(None), Just(Some(0)), Just(Some(1_000)), Just(Some(5_000))],
             prop_oneof![Just(usize::MAX), 0usize..6],
             prop_oneof![Just(0.0), Just(DEFAULT_HISTORY_WEIGHT), 0.0f64..2.0],
         )
-            .prop_map(
-                |(specs, (c, m, s), reserve_after_ms, max_admissions, history_weight)| {
-                    (
-                        specs,
-                        Resources::new(c, m, s),
-                        Policy {
-                            reserve_after_ms,
-                            history_weight,
-                            max_admissions,
-                        },
-                    )
-                },
-            )
+            .prop_map(|(specs, (c, m, s), reserve_after_ms, max_admissions, history_weight)| {
+                (specs, Resources::new(c, m, s), Policy { reserve_after_ms, history_weight, max_admissions })
+            })
     }
 
     proptest! {

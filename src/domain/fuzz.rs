@@ -42,7 +42,9 @@ fn decide(body: &[u8], message_id: Option<&str>, content_type: Option<&str>, rep
             Ok(sub) => {
                 assert!(!sub.spec.program.code.contains('\0'));
                 assert!(sub.spec.timeout_seconds >= 1 && sub.spec.timeout_seconds <= policy.max_timeout_seconds);
-                assert!(sub.spec.memory_bytes <= policy.max_memory_bytes && sub.spec.cpu_millis <= policy.max_cpu_millis);
+                assert!(
+                    sub.spec.memory_bytes <= policy.max_memory_bytes && sub.spec.cpu_millis <= policy.max_cpu_millis
+                );
             }
             Err(rejection) => {
                 assert!(
@@ -79,7 +81,8 @@ fn the_seed_corpus_is_decided() {
         decide(body, Some("m-1"), Some("application/json"), None);
         let env = Envelope { body, message_id: None, content_type: None };
         accepted += usize::from(
-            validate(&TenantName::parse("acme").unwrap(), &TenantPolicy::default(), BackendIsolation::Any, &env).is_ok(),
+            validate(&TenantName::parse("acme").unwrap(), &TenantPolicy::default(), BackendIsolation::Any, &env)
+                .is_ok(),
         );
     }
     // The corpus holds valid messages (minimal, full, R with exponent quantities) and invalid ones.

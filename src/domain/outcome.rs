@@ -116,9 +116,9 @@ impl Outcome {
             }
             (Termination::Exited, Some(c)) => format!("exited with code {c}"),
             (Termination::Exited, None) => "exited without a code".to_owned(),
-            (Termination::TimedOut, _) => format!(
-                "killed after the {timeout_seconds}s timeout; raise timeout_seconds if it needs longer"
-            ),
+            (Termination::TimedOut, _) => {
+                format!("killed after the {timeout_seconds}s timeout; raise timeout_seconds if it needs longer")
+            }
             (Termination::OomKilled, _) => {
                 "killed for using more than its memory limit; ask for more resources.memory".to_owned()
             }

@@ -35,6 +35,14 @@ impl Phase {
         Phase::Cancelled,
     ];
 
+    /// Admitted and holding capacity (counts against `max_concurrency` and `--max-running`).
+    /// SQL's copy is `agenttask.active_phases()`; a test keeps the two equal.
+    pub const ACTIVE: [Phase; 3] = [Phase::Pending, Phase::Scheduled, Phase::Running];
+
+    /// Not yet terminal: still waiting or holding capacity. SQL's copy is
+    /// `agenttask.unfinished_phases()`.
+    pub const UNFINISHED: [Phase; 4] = [Phase::Queued, Phase::Pending, Phase::Scheduled, Phase::Running];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Queued => "Queued",
@@ -50,15 +58,12 @@ impl Phase {
 
     /// A terminal phase has exactly one result message and never changes again.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Phase::Succeeded | Phase::Failed | Phase::Rejected | Phase::Cancelled
-        )
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Rejected | Phase::Cancelled)
     }
 
-    /// Admitted and holding capacity (counts against `max_concurrency` and `--max-running`).
+    /// One of [`Phase::ACTIVE`].
     pub fn is_active(self) -> bool {
-        matches!(self, Phase::Pending | Phase::Scheduled | Phase::Running)
+        Phase::ACTIVE.contains(&self)
     }
 }
 
@@ -71,13 +76,10 @@ impl fmt::Display for Phase {
 impl FromStr for Phase {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Phase::ALL
-            .into_iter()
-            .find(|p| p.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                let names: Vec<_> = Phase::ALL.iter().map(|p| p.as_str()).collect();
-                format!("unknown phase {s:?}; expected one of {}", names.join(", "))
-            })
+        Phase::ALL.into_iter().find(|p| p.as_str().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            let names: Vec<_> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+            format!("unknown phase {s:?}; expected one of {}", names.join(", "))
+        })
     }
 }
 
@@ -142,10 +144,7 @@ impl fmt::Display for Reason {
 impl FromStr for Reason {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Reason::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown reason {s:?}"))
+        Reason::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| format!("unknown reason {s:?}"))
     }
 }
 
@@ -170,6 +169,7 @@ mod tests {
     fn terminal_and_active_are_disjoint() {
         for p in Phase::ALL {
             assert!(!(p.is_terminal() && p.is_active()), "{p}");
+            assert_eq!(Phase::UNFINISHED.contains(&p), !p.is_terminal(), "{p}");
         }
         assert!("nope".parse::<Phase>().unwrap_err().contains("Queued"));
     }

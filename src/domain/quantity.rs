@@ -44,8 +44,7 @@ fn split(s: &str) -> Result<(u128, &str), QuantityError> {
         if d.is_empty() {
             return Ok(0);
         }
-        d.parse::<u128>()
-            .map_err(|_| QuantityError(format!("{s:?} is too large")))
+        d.parse::<u128>().map_err(|_| QuantityError(format!("{s:?} is too large")))
     };
     let mut frac_scaled = parse(frac)?;
     for _ in frac.len()..3 {
@@ -74,7 +73,7 @@ fn scale10(value: u128, exp: i32) -> Option<u128> {
     let factor = 10u128.checked_pow(exp.unsigned_abs())?;
     if exp >= 0 {
         value.checked_mul(factor)
-    } else if value % factor == 0 {
+    } else if value.is_multiple_of(factor) {
         Some(value / factor)
     } else {
         None
@@ -95,11 +94,7 @@ pub fn parse_cpu_millis(s: &str) -> Result<u64, QuantityError> {
             }
             milli / 1000
         }
-        _ => {
-            return Err(QuantityError(format!(
-                "{s:?} is not a CPU quantity (use \"500m\" or \"2\")"
-            )))
-        }
+        _ => return Err(QuantityError(format!("{s:?} is not a CPU quantity (use \"500m\" or \"2\")"))),
     };
     u64::try_from(value).map_err(|_| QuantityError(format!("{s:?} is too large")))
 }
@@ -128,22 +123,15 @@ pub fn parse_memory_bytes(s: &str) -> Result<u64, QuantityError> {
         "Ti" => 1 << 40,
         "Pi" => 1 << 50,
         "Ei" => 1 << 60,
-        _ => {
-            return Err(QuantityError(format!(
-                "{s:?} is not a memory quantity (use \"256Mi\", \"1Gi\" or bytes)"
-            )))
-        }
+        _ => return Err(QuantityError(format!("{s:?} is not a memory quantity (use \"256Mi\", \"1Gi\" or bytes)"))),
     };
-    let bytes = milli
-        .checked_mul(multiplier)
-        .ok_or_else(|| QuantityError(format!("{s:?} is too large")))?
-        / 1000;
+    let bytes = milli.checked_mul(multiplier).ok_or_else(|| QuantityError(format!("{s:?} is too large")))? / 1000;
     u64::try_from(bytes).map_err(|_| QuantityError(format!("{s:?} is too large")))
 }
 
 /// Formats millicores the way Kubernetes prints them (`"500m"`, `"2"`).
 pub fn format_cpu(millis: u64) -> String {
-    if millis % 1000 == 0 {
+    if millis.is_multiple_of(1000) {
         (millis / 1000).to_string()
     } else {
         format!("{millis}m")
@@ -153,7 +141,7 @@ pub fn format_cpu(millis: u64) -> String {
 /// Formats bytes with the largest exact binary suffix (`"256Mi"`), else plain bytes.
 pub fn format_memory(bytes: u64) -> String {
     for (suffix, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{suffix}", bytes >> shift);
         }
     }

@@ -96,10 +96,27 @@ mod tests {
         let r = ResultMessage::rejected(Uuid::nil(), "acme", Some("k".into()), None, Reason::OomKilled, "m".into(), at);
         let v = serde_json::to_value(&r).unwrap();
         for field in [
-            "task_id", "id", "tenant", "batch_id", "phase", "reason", "message", "exit_code",
-            "result", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "artifacts",
-            "backend", "submitted_at", "admitted_at", "started_at", "finished_at",
-            "queue_wait_ms", "duration_ms",
+            "task_id",
+            "id",
+            "tenant",
+            "batch_id",
+            "phase",
+            "reason",
+            "message",
+            "exit_code",
+            "result",
+            "stdout",
+            "stderr",
+            "stdout_truncated",
+            "stderr_truncated",
+            "artifacts",
+            "backend",
+            "submitted_at",
+            "admitted_at",
+            "started_at",
+            "finished_at",
+            "queue_wait_ms",
+            "duration_ms",
         ] {
             assert!(v.get(field).is_some(), "missing {field}");
         }
@@ -170,15 +187,10 @@ pub fn result_body(result: &ResultMessage) -> Vec<u8> {
         // Minus the two empty strings' quotes.
         to_body(&t).len() - 4
     };
-    let fits = |base: usize, r: &ResultMessage| {
-        base + escaped(&r.stdout) + escaped(&r.stderr) <= MAX_RESULT_BODY_BYTES
-    };
+    let fits = |base: usize, r: &ResultMessage| base + escaped(&r.stdout) + escaped(&r.stderr) <= MAX_RESULT_BODY_BYTES;
     let base = without_output(&r);
-    while !fits(base, &r) && !(r.stdout.is_empty() && r.stderr.is_empty()) {
-        for (s, flag) in [
-            (&mut r.stdout, &mut r.stdout_truncated),
-            (&mut r.stderr, &mut r.stderr_truncated),
-        ] {
+    while !(fits(base, &r) || r.stdout.is_empty() && r.stderr.is_empty()) {
+        for (s, flag) in [(&mut r.stdout, &mut r.stdout_truncated), (&mut r.stderr, &mut r.stderr_truncated)] {
             if !s.is_empty() {
                 let half = s.len() / 2;
                 cut_to(s, half);
@@ -208,7 +220,10 @@ pub fn result_body(result: &ResultMessage) -> Vec<u8> {
         t.artifacts = all[..kept].to_vec();
         note(
             &mut t,
-            &format!("{} of {total} artifacts not listed: the result message would exceed {MAX_RESULT_BODY_BYTES} bytes", total - kept),
+            &format!(
+                "{} of {total} artifacts not listed: the result message would exceed {MAX_RESULT_BODY_BYTES} bytes",
+                total - kept
+            ),
         );
         to_body(&t)
     };
@@ -241,11 +256,9 @@ pub fn storable_json(v: serde_json::Value) -> serde_json::Value {
     match v {
         Value::String(s) if s.contains('\0') => Value::String(s.replace('\0', "\u{FFFD}")),
         Value::Array(items) => Value::Array(items.into_iter().map(storable_json).collect()),
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), storable_json(v)))
-                .collect(),
-        ),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (k.replace('\0', "\u{FFFD}"), storable_json(v))).collect())
+        }
         other => other,
     }
 }
@@ -303,11 +316,7 @@ mod body_tests {
     fn long_escaped_artifact_names_are_cut_from_the_list_and_said_so() {
         let mut r = base();
         r.artifacts = (0..3000)
-            .map(|i| Artifact {
-                name: format!("{i}/{}", "\u{7}".repeat(250)),
-                size: 1,
-                sha256: "0".repeat(64),
-            })
+            .map(|i| Artifact { name: format!("{i}/{}", "\u{7}".repeat(250)), size: 1, sha256: "0".repeat(64) })
             .collect();
         let b = back(&result_body(&r));
         assert!(!b.artifacts.is_empty() && b.artifacts.len() < 3000);

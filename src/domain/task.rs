@@ -11,6 +11,8 @@ pub enum Language {
 }
 
 impl Language {
+    pub const ALL: [Language; 2] = [Language::Python, Language::R];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Language::Python => "python",

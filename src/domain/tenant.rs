@@ -137,28 +137,21 @@ impl PolicyPatch {
     fn apply(&self, base: &TenantPolicy, burst_set: bool) -> Result<(TenantPolicy, bool), String> {
         let mut p = base.clone();
         let cpu = |s: &Option<String>, field: &str, cur: u64| -> Result<u64, String> {
-            s.as_deref()
-                .map(|v| parse_cpu_millis(v).map_err(|e| format!("{field}: {e}")))
-                .unwrap_or(Ok(cur))
+            s.as_deref().map(|v| parse_cpu_millis(v).map_err(|e| format!("{field}: {e}"))).unwrap_or(Ok(cur))
         };
         let mem = |s: &Option<String>, field: &str, cur: u64| -> Result<u64, String> {
-            s.as_deref()
-                .map(|v| parse_memory_bytes(v).map_err(|e| format!("{field}: {e}")))
-                .unwrap_or(Ok(cur))
+            s.as_deref().map(|v| parse_memory_bytes(v).map_err(|e| format!("{field}: {e}"))).unwrap_or(Ok(cur))
         };
         p.weight = self.weight.unwrap_or(p.weight);
         p.max_concurrency = self.max_concurrency.unwrap_or(p.max_concurrency);
         p.max_queued = self.max_queued.unwrap_or(p.max_queued);
         p.rate_per_second = self.rate_per_second.unwrap_or(p.rate_per_second);
         p.max_timeout_seconds = self.max_timeout_seconds.unwrap_or(p.max_timeout_seconds);
-        p.default_timeout_seconds = self
-            .default_timeout_seconds
-            .unwrap_or(p.default_timeout_seconds);
+        p.default_timeout_seconds = self.default_timeout_seconds.unwrap_or(p.default_timeout_seconds);
         p.max_cpu_millis = cpu(&self.max_cpu, "max_cpu", p.max_cpu_millis)?;
         p.max_memory_bytes = mem(&self.max_memory, "max_memory", p.max_memory_bytes)?;
         p.default_cpu_millis = cpu(&self.default_cpu, "default_cpu", p.default_cpu_millis)?;
-        p.default_memory_bytes =
-            mem(&self.default_memory, "default_memory", p.default_memory_bytes)?;
+        p.default_memory_bytes = mem(&self.default_memory, "default_memory", p.default_memory_bytes)?;
         p.max_code_bytes = self.max_code_bytes.unwrap_or(p.max_code_bytes);
         p.max_artifact_bytes = self.max_artifact_bytes.unwrap_or(p.max_artifact_bytes);
         if let Some(iso) = &self.isolation {
@@ -213,9 +206,7 @@ impl TenantPolicy {
         }
         for iso in &self.isolation {
             if iso != "standard" && TenantName::parse(iso).is_err() {
-                return Err(format!(
-                    "isolation {iso:?} is neither \"standard\" nor a runtime class name"
-                ));
+                return Err(format!("isolation {iso:?} is neither \"standard\" nor a runtime class name"));
             }
         }
         Ok(())
@@ -225,18 +216,14 @@ impl TenantPolicy {
 /// Parses a tenants file. Errors name the table and field to fix.
 pub fn parse_tenants(text: &str) -> Result<Tenants, String> {
     let raw: TenantsFileRaw = toml::from_str(text).map_err(|e| e.to_string())?;
-    let (defaults, burst_set) = raw
-        .defaults
-        .apply(&TenantPolicy::default(), false)
-        .map_err(|e| format!("[defaults] {e}"))?;
+    let (defaults, burst_set) =
+        raw.defaults.apply(&TenantPolicy::default(), false).map_err(|e| format!("[defaults] {e}"))?;
     defaults.check().map_err(|e| format!("[defaults] {e}"))?;
     let mut tenants = Tenants::new();
     for (name, patch) in raw.tenants {
         let tenant = TenantName::parse(&name).map_err(|e| format!("[tenants.{name}] {e}"))?;
-        let (policy, _) = patch
-            .unwrap_or_default()
-            .apply(&defaults, burst_set)
-            .map_err(|e| format!("[tenants.{name}] {e}"))?;
+        let (policy, _) =
+            patch.unwrap_or_default().apply(&defaults, burst_set).map_err(|e| format!("[tenants.{name}] {e}"))?;
         policy.check().map_err(|e| format!("[tenants.{name}] {e}"))?;
         tenants.insert(tenant, policy);
     }

@@ -125,8 +125,7 @@ struct Salvage {
 /// `[A-Za-z0-9._:-]{1,128}`: the syntax of `id` and `batch_id`.
 pub fn is_valid_key(s: &str) -> bool {
     (1..=128).contains(&s.len())
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
 }
 
 fn is_valid_env_name(s: &str) -> bool {
@@ -141,14 +140,12 @@ fn is_valid_file_name(s: &str) -> bool {
         && s.len() <= limits::MAX_FILE_NAME_BYTES
         && s != "."
         && s != ".."
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
 fn is_valid_label_key(s: &str) -> bool {
     (1..=limits::MAX_LABEL_KEY_BYTES).contains(&s.len())
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'/'))
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'/'))
 }
 
 fn no_nul(field: &str, s: &str) -> Result<(), String> {
@@ -190,9 +187,7 @@ pub fn validate(
     if let Some(ct) = env.content_type {
         let base = ct.split(';').next().unwrap_or("").trim();
         if !base.eq_ignore_ascii_case("application/json") {
-            return Err(fail(format!(
-                "content_type {ct:?} is not supported; publish the task as application/json"
-            )));
+            return Err(fail(format!("content_type {ct:?} is not supported; publish the task as application/json")));
         }
     }
     if env.body.len() > limits::MAX_BODY_BYTES {
@@ -202,16 +197,11 @@ pub fn validate(
             limits::MAX_BODY_BYTES
         )));
     }
-    let raw: RawTask = serde_json::from_slice(env.body).map_err(|e| {
-        fail(format!("message body is not a valid task: {e}"))
-    })?;
+    let raw: RawTask =
+        serde_json::from_slice(env.body).map_err(|e| fail(format!("message body is not a valid task: {e}")))?;
 
     let client_id = match (&raw.id, env.message_id) {
-        (Some(id), _) if !is_valid_key(id) => {
-            return Err(fail(
-                "id must match [A-Za-z0-9._:-]{1,128}".to_owned(),
-            ))
-        }
+        (Some(id), _) if !is_valid_key(id) => return Err(fail("id must match [A-Za-z0-9._:-]{1,128}".to_owned())),
         (Some(id), _) => Some(id.clone()),
         (None, Some(mid)) if !is_valid_key(mid) => {
             return Err(fail(
@@ -270,33 +260,21 @@ pub fn validate(
                 if encoded.len() > limits::MAX_FILES_BYTES / 3 * 4 + 4 {
                     return Err(fail(format!("file {name:?} is too large")));
                 }
-                b64.decode(encoded.trim()).map_err(|e| {
-                    fail(format!("file {name:?}: content_base64 is not valid base64: {e}"))
-                })?
+                b64.decode(encoded.trim())
+                    .map_err(|e| fail(format!("file {name:?}: content_base64 is not valid base64: {e}")))?
             }
-            _ => {
-                return Err(fail(format!(
-                    "file {name:?} must have exactly one of \"content\" or \"content_base64\""
-                )))
-            }
+            _ => return Err(fail(format!("file {name:?} must have exactly one of \"content\" or \"content_base64\""))),
         };
         files_bytes += bytes.len();
         if files_bytes > limits::MAX_FILES_BYTES {
-            return Err(fail(format!(
-                "input files add up to more than {} bytes",
-                limits::MAX_FILES_BYTES
-            )));
+            return Err(fail(format!("input files add up to more than {} bytes", limits::MAX_FILES_BYTES)));
         }
         files.insert(name, b64.encode(bytes));
     }
 
     if let Some(stdin) = &raw.stdin {
         if stdin.len() > limits::MAX_STDIN_BYTES {
-            return Err(fail(format!(
-                "stdin is {} bytes; the limit is {}",
-                stdin.len(),
-                limits::MAX_STDIN_BYTES
-            )));
+            return Err(fail(format!("stdin is {} bytes; the limit is {}", stdin.len(), limits::MAX_STDIN_BYTES)));
         }
         no_nul("stdin", stdin).map_err(fail)?;
     }
@@ -316,9 +294,7 @@ pub fn validate(
     }
     for (name, value) in &raw.env {
         if !is_valid_env_name(name) {
-            return Err(fail(format!(
-                "env name {name:?} is not allowed: use [A-Z_][A-Z0-9_]*"
-            )));
+            return Err(fail(format!("env name {name:?} is not allowed: use [A-Z_][A-Z0-9_]*")));
         }
         if name.starts_with("AGENTTASK_") {
             return Err(fail(format!(
@@ -326,10 +302,7 @@ pub fn validate(
             )));
         }
         if value.len() > limits::MAX_ENV_VALUE_BYTES {
-            return Err(fail(format!(
-                "env {name} is longer than {} bytes",
-                limits::MAX_ENV_VALUE_BYTES
-            )));
+            return Err(fail(format!("env {name} is longer than {} bytes", limits::MAX_ENV_VALUE_BYTES)));
         }
         no_nul(&format!("env {name}"), value).map_err(fail)?;
     }
@@ -362,9 +335,7 @@ pub fn validate(
     }
     let memory_bytes = match memory {
         None => policy.default_memory_bytes,
-        Some(s) => {
-            parse_memory_bytes(&s).map_err(|e| fail(format!("resources.memory: {e}")))?
-        }
+        Some(s) => parse_memory_bytes(&s).map_err(|e| fail(format!("resources.memory: {e}")))?,
     };
     if memory_bytes < limits::MIN_MEMORY_BYTES || memory_bytes > policy.max_memory_bytes {
         return Err(fail(format!(
@@ -391,21 +362,16 @@ pub fn validate(
     }
     for (k, v) in &raw.labels {
         if !is_valid_label_key(k) {
-            return Err(fail(format!(
-                "label key {k:?} is not allowed: 1-63 letters, digits, '.', '_', '-', '/'"
-            )));
+            return Err(fail(format!("label key {k:?} is not allowed: 1-63 letters, digits, '.', '_', '-', '/'")));
         }
         if v.len() > limits::MAX_LABEL_VALUE_BYTES {
-            return Err(fail(format!(
-                "label {k} is longer than {} bytes",
-                limits::MAX_LABEL_VALUE_BYTES
-            )));
+            return Err(fail(format!("label {k} is longer than {} bytes", limits::MAX_LABEL_VALUE_BYTES)));
         }
         no_nul(&format!("label {k}"), v).map_err(fail)?;
     }
 
     let isolation = raw.isolation.unwrap_or_else(|| "standard".to_owned());
-    if !policy.isolation.iter().any(|i| *i == isolation) {
+    if !policy.isolation.contains(&isolation) {
         return Err(reject(
             Reason::IsolationNotAllowed,
             format!(
@@ -431,13 +397,7 @@ pub fn validate(
         client_id,
         spec: TaskSpec {
             language,
-            program: Program {
-                code,
-                files,
-                stdin: raw.stdin,
-                args: raw.args,
-                env: raw.env,
-            },
+            program: Program { code, files, stdin: raw.stdin, args: raw.args, env: raw.env },
             timeout_seconds,
             cpu_millis,
             memory_bytes,
@@ -456,11 +416,8 @@ fn salvage(env: &Envelope<'_>) -> (Option<String>, Option<String>) {
         Some(serde_json::Value::String(s)) if is_valid_key(&s) => Some(s),
         _ => None,
     };
-    let parsed: Option<Salvage> = if env.body.len() <= limits::MAX_BODY_BYTES {
-        serde_json::from_slice(env.body).ok()
-    } else {
-        None
-    };
+    let parsed: Option<Salvage> =
+        if env.body.len() <= limits::MAX_BODY_BYTES { serde_json::from_slice(env.body).ok() } else { None };
     let (id, batch) = match parsed {
         Some(s) => (key(s.id), key(s.batch_id)),
         None => (None, None),
@@ -561,8 +518,7 @@ mod tests {
         rejected(base(json!({"resources": {"gpu": "1"}})), "unknown field `gpu`");
         rejected(base(json!({"priority": 101})), "priority");
         rejected(base(json!({"batch_id": ""})), "batch_id");
-        let labels: serde_json::Map<_, _> =
-            (0..33).map(|i| (format!("k{i}"), json!("v"))).collect();
+        let labels: serde_json::Map<_, _> = (0..33).map(|i| (format!("k{i}"), json!("v"))).collect();
         rejected(base(json!({"labels": labels})), "labels");
         rejected(base(json!({"labels": {"bad key": "v"}})), "label key");
         let r = rejected(base(json!({"isolation": "gvisor"})), "not allowed for tenant");

@@ -8,10 +8,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use super::{
-    Backend, BackendError, BoxFuture, Capabilities, EventSink, Job, Outcome, RunEvent, RunKey,
-    Termination,
-};
+use super::{Backend, BackendError, BoxFuture, Capabilities, EventSink, Job, Outcome, RunEvent, RunKey, Termination};
 use crate::domain::validate::BackendIsolation;
 
 /// Runs nothing; see the module docs.
@@ -27,11 +24,7 @@ impl Backend for NullBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            isolation: BackendIsolation::Any,
-            runs_survive_restart: false,
-            max_runs: MAX_RUNS,
-        }
+        Capabilities { isolation: BackendIsolation::Any, runs_survive_restart: false, max_runs: MAX_RUNS }
     }
 
     fn launch(self: Arc<Self>, job: Job, events: EventSink) -> BoxFuture<'static, Result<(), BackendError>> {

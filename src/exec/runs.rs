@@ -84,9 +84,7 @@ impl InProcessRuns {
             // The future is dropped here: its sandbox is gone before anything is reported.
             let outcome = match outcome {
                 Some(o) => Some(o),
-                None if *why.lock().expect("not poisoned") == Some(Stop::Cancel) => {
-                    Some(Outcome::cancelled(started))
-                }
+                None if *why.lock().expect("not poisoned") == Some(Stop::Cancel) => Some(Outcome::cancelled(started)),
                 None => None,
             };
             runs.lock().expect("not poisoned").remove(&key);

@@ -32,6 +32,12 @@ struct FakeTask {
 #[derive(Default)]
 struct FakeStore {
     tasks: Mutex<HashMap<Uuid, FakeTask>>,
+    /// `mark_scheduled` and `mark_running` fail as if the database were down.
+    progress_fails: std::sync::atomic::AtomicBool,
+}
+
+fn database_down<T: Send + 'static>() -> BoxFuture<'static, Result<T, StoreError>> {
+    Box::pin(async { Err(StoreError::Sql(sqlx::Error::PoolTimedOut)) })
 }
 
 const ACTIVE: [Phase; 3] = [Phase::Pending, Phase::Scheduled, Phase::Running];
@@ -39,14 +45,17 @@ const ACTIVE: [Phase; 3] = [Phase::Pending, Phase::Scheduled, Phase::Running];
 impl FakeStore {
     fn admit(&self) -> Uuid {
         let id = Uuid::new_v4();
-        self.tasks.lock().unwrap().insert(id, FakeTask {
-            phase: Phase::Pending,
-            attempt: 0,
-            owner: None,
-            cancel_requested: false,
-            backend: None,
-            finishes: 0,
-        });
+        self.tasks.lock().unwrap().insert(
+            id,
+            FakeTask {
+                phase: Phase::Pending,
+                attempt: 0,
+                owner: None,
+                cancel_requested: false,
+                backend: None,
+                finishes: 0,
+            },
+        );
         id
     }
 
@@ -82,7 +91,7 @@ impl ExecutorStore for FakeStore {
                     task_id: *id,
                     tenant: "acme".into(),
                     attempt: t.attempt,
-                    language: Some("python".into()),
+                    language: Some(Language::Python),
                     program: Some(Json(Program { code: "print(1)".into(), ..Default::default() })),
                     timeout_seconds: Some(5),
                     cpu_millis: Some(500),
@@ -98,6 +107,9 @@ impl ExecutorStore for FakeStore {
     }
 
     fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        if self.progress_fails.load(std::sync::atomic::Ordering::SeqCst) {
+            return database_down();
+        }
         ok(self.update(key.task_id, |t| {
             let moved = t.attempt == key.attempt && t.phase == Phase::Pending;
             if moved {
@@ -108,7 +120,15 @@ impl ExecutorStore for FakeStore {
         }))
     }
 
-    fn mark_running<'a>(&'a self, key: RunKey, _backend: &'a str, _at: chrono::DateTime<Utc>) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn mark_running<'a>(
+        &'a self,
+        key: RunKey,
+        _backend: &'a str,
+        _at: chrono::DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        if self.progress_fails.load(std::sync::atomic::Ordering::SeqCst) {
+            return database_down();
+        }
         ok(self.update(key.task_id, |t| {
             let moved = t.attempt == key.attempt && matches!(t.phase, Phase::Pending | Phase::Scheduled);
             if moved {
@@ -118,7 +138,13 @@ impl ExecutorStore for FakeStore {
         }))
     }
 
-    fn finish<'a>(&'a self, key: RunKey, _backend: Option<&'a str>, outcome: &'a Outcome, _timeout: u32) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn finish<'a>(
+        &'a self,
+        key: RunKey,
+        _backend: Option<&'a str>,
+        outcome: &'a Outcome,
+        _timeout: u32,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         ok(self.update(key.task_id, |t| {
             let moved = t.attempt == key.attempt && ACTIVE.contains(&t.phase);
             if moved {
@@ -130,7 +156,12 @@ impl ExecutorStore for FakeStore {
         }))
     }
 
-    fn renew_leases<'a>(&'a self, _owner: Uuid, ids: &'a [Uuid], _lease: Duration) -> BoxFuture<'a, Result<u64, StoreError>> {
+    fn renew_leases<'a>(
+        &'a self,
+        _owner: Uuid,
+        ids: &'a [Uuid],
+        _lease: Duration,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
         ok(ids.len() as u64)
     }
 
@@ -146,7 +177,12 @@ impl ExecutorStore for FakeStore {
         ok(runs)
     }
 
-    fn adopt<'a>(&'a self, owner: Uuid, runs: &'a [(Uuid, i32)], _lease: Duration) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>> {
+    fn adopt<'a>(
+        &'a self,
+        owner: Uuid,
+        runs: &'a [(Uuid, i32)],
+        _lease: Duration,
+    ) -> BoxFuture<'a, Result<Vec<AdoptedRun>, StoreError>> {
         let mut out = Vec::new();
         for (id, attempt) in runs {
             if let Some(t) = self.tasks.lock().unwrap().get_mut(id) {
@@ -156,7 +192,7 @@ impl ExecutorStore for FakeStore {
                         task_id: *id,
                         attempt: *attempt,
                         tenant: "acme".into(),
-                        language: Some("python".into()),
+                        language: Some(Language::Python),
                         timeout_seconds: Some(5),
                         isolation: "standard".into(),
                     });
@@ -219,8 +255,8 @@ impl Backend for FakeBackend {
     fn launch(self: Arc<Self>, job: Job, events: EventSink) -> BoxFuture<'static, Result<(), BackendError>> {
         Box::pin(async move {
             let mut sinks = self.sinks.lock().unwrap();
-            if !sinks.contains_key(&job.key) {
-                sinks.insert(job.key, events);
+            if let std::collections::hash_map::Entry::Vacant(e) = sinks.entry(job.key) {
+                e.insert(events);
                 self.launched.lock().unwrap().push(job.key);
             }
             Ok(())
@@ -256,23 +292,25 @@ struct Harness {
     cancels: mpsc::UnboundedSender<Uuid>,
     shutdown: CancellationToken,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    metrics: Metrics,
 }
 
 fn start(store: Arc<FakeStore>, backend: Arc<FakeBackend>) -> Harness {
     let (cancels, rx) = mpsc::unbounded_channel();
     let wake = Arc::new(Notify::new());
     let shutdown = CancellationToken::new();
+    let metrics = Metrics::new();
     let executor = Executor {
         store: store.clone(),
         backend: backend.clone(),
-        metrics: Metrics::new(),
+        metrics: metrics.clone(),
         wake: wake.clone(),
         cancels: rx,
         lease: Duration::from_millis(300),
         tenants: tokio::sync::watch::channel(Arc::new(Default::default())).1,
     };
     let handle = tokio::spawn(executor.run(shutdown.clone()));
-    Harness { store, backend, wake, cancels, shutdown, handle }
+    Harness { store, backend, wake, cancels, shutdown, handle, metrics }
 }
 
 impl Harness {
@@ -319,6 +357,27 @@ async fn phases_follow_the_backend_and_the_outcome_is_written_once() {
     h.stop().await;
 }
 
+/// A decision, not a fallback: a run whose `Running` mark cannot be written keeps running (the
+/// program is already going), the failure is counted, and the final write still ends the task.
+#[tokio::test]
+async fn a_failed_running_mark_is_counted_and_the_run_still_finishes() {
+    let h = start(Arc::default(), Arc::default());
+    let task = h.store.admit();
+    h.store.progress_fails.store(true, std::sync::atomic::Ordering::SeqCst);
+    h.wake.notify_one();
+    let key = launched_run(&h, task).await;
+    let errors = || h.metrics.errors.with_label_values(&["executor", "database_unreachable"]).get();
+    h.backend.emit(key, RunEvent::Running { at: Utc::now() });
+    // The positive signal that the event was handled: its failure was counted.
+    until("the failed mark is counted", || errors() == 1).await;
+    assert_eq!(h.store.get(task).phase, Phase::Pending, "the mark was not written");
+    assert!(h.backend.cancelled.lock().unwrap().is_empty(), "and the run was not stopped");
+    h.backend.finish_ok(key);
+    until("Succeeded", || h.store.get(task).phase == Phase::Succeeded).await;
+    assert_eq!(h.store.get(task).finishes, 1);
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn cancel_stops_a_run_in_every_phase_and_ignores_finished_ones() {
     let h = start(Arc::default(), Arc::default());
@@ -328,10 +387,8 @@ async fn cancel_stops_a_run_in_every_phase_and_ignores_finished_ones() {
     let running = h.store.admit();
     let finished = h.store.admit();
     h.wake.notify_one();
-    let keys: Vec<RunKey> = futures_util::future::join_all(
-        [claimed, scheduled, running, finished].map(|t| launched_run(&h, t)),
-    )
-    .await;
+    let keys: Vec<RunKey> =
+        futures_util::future::join_all([claimed, scheduled, running, finished].map(|t| launched_run(&h, t))).await;
     h.backend.emit(keys[1], RunEvent::Scheduled { at: Utc::now() });
     h.backend.emit(keys[2], RunEvent::Running { at: Utc::now() });
     h.backend.finish_ok(keys[3]);
@@ -457,7 +514,7 @@ fn a_stored_task_without_its_program_is_refused_not_guessed() {
     let err = job_of(&claimed, 1 << 30).unwrap_err();
     assert!(err.contains("no language"), "{err}");
     let mut with_language = claimed;
-    with_language.language = Some("python".into());
+    with_language.language = Some(Language::Python);
     with_language.program = Some(Json(Program::default()));
     let err = job_of(&with_language, 1 << 30).unwrap_err();
     assert!(err.contains("no timeout"), "{err}");

@@ -75,8 +75,7 @@ pub enum ProcMask {
 
 impl HostLayout {
     /// The top-level names worth reproducing, in the order they are checked.
-    pub const ROOT_CANDIDATES: &'static [&'static str] =
-        &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+    pub const ROOT_CANDIDATES: &'static [&'static str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
 
     /// `/proc` files that show the host rather than the task: the boot command line (with the
     /// hypervisor's settings and vsock ports), kernel config, physical memory and I/O maps,
@@ -131,15 +130,7 @@ impl HostLayout {
     /// The `/etc` entries Python and R need: the dynamic loader cache, the time zone, Debian's
     /// alternatives symlinks (R's BLAS/LAPACK go through them) and R's configuration directory.
     pub fn default_etc_paths() -> Vec<PathBuf> {
-        [
-            "/etc/ld.so.cache",
-            "/etc/localtime",
-            "/etc/alternatives",
-            "/etc/R",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .collect()
+        ["/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives", "/etc/R"].iter().map(PathBuf::from).collect()
     }
 }
 
@@ -198,16 +189,10 @@ pub fn synthetic_etc(uid: u32, gid: u32) -> [(&'static str, String); 3] {
     [
         (
             ScratchLayout::ETC_PASSWD,
-            format!(
-                "sandbox:x:{uid}:{gid}:AgentTask sandbox:{}:/usr/sbin/nologin\n",
-                inside::WORK_DIR
-            ),
+            format!("sandbox:x:{uid}:{gid}:AgentTask sandbox:{}:/usr/sbin/nologin\n", inside::WORK_DIR),
         ),
         (ScratchLayout::ETC_GROUP, format!("sandbox:x:{gid}:\n")),
-        (
-            ScratchLayout::ETC_HOSTS,
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_string(),
-        ),
+        (ScratchLayout::ETC_HOSTS, "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_string()),
     ]
 }
 
@@ -257,8 +242,7 @@ pub fn is_plain_name(name: &str) -> bool {
 impl BwrapPlan<'_> {
     /// The options (everything before the command), in the order bubblewrap applies them.
     pub fn options(&self) -> Result<Vec<OsString>, PlanError> {
-        let mut a: Vec<OsString> =
-            Vec::with_capacity(64 + 3 * self.work_files.len() + 3 * self.env.len());
+        let mut a: Vec<OsString> = Vec::with_capacity(64 + 3 * self.work_files.len() + 3 * self.env.len());
         let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
             for i in items {
                 a.push(i.as_ref().to_os_string());
@@ -267,12 +251,7 @@ impl BwrapPlan<'_> {
         // Namespaces: user, pid, net, ipc, uts, cgroup. No network at all (only a down-then-up `lo`
         // in a fresh namespace); nested user namespaces disabled; dies with the service.
         push(&[&"--unshare-all", &"--unshare-user", &"--disable-userns"]);
-        push(&[
-            &"--die-with-parent",
-            &"--new-session",
-            &"--cap-drop",
-            &"ALL",
-        ]);
+        push(&[&"--die-with-parent", &"--new-session", &"--cap-drop", &"ALL"]);
         push(&[&"--hostname", &inside::HOSTNAME]);
 
         push(&[&"--ro-bind", &"/usr", &"/usr"]);
@@ -349,11 +328,7 @@ impl BwrapPlan<'_> {
 
     /// bubblewrap's own argv after the program name: `--args FD -- command...`.
     pub fn argv(&self, args_fd: i32) -> Result<Vec<OsString>, PlanError> {
-        let mut argv = vec![
-            OsString::from("--args"),
-            OsString::from(args_fd.to_string()),
-            OsString::from("--"),
-        ];
+        let mut argv = vec![OsString::from("--args"), OsString::from(args_fd.to_string()), OsString::from("--")];
         for part in &self.command {
             if part.as_bytes().contains(&0) {
                 return Err(PlanError::Nul("a program argument"));
@@ -366,10 +341,7 @@ impl BwrapPlan<'_> {
 
 /// The child's whole environment: the task's own variables, then ours, which win (`HOME`,
 /// `PATH`, `LANG`, `TMPDIR` and the `AGENTTASK_*` names). Nothing of the service's environment.
-pub fn sandbox_env(
-    task_env: &std::collections::BTreeMap<String, String>,
-    task_id: &str,
-) -> Vec<(String, String)> {
+pub fn sandbox_env(task_env: &std::collections::BTreeMap<String, String>, task_id: &str) -> Vec<(String, String)> {
     let ours = [
         ("PATH", "/usr/local/bin:/usr/bin:/bin"),
         ("HOME", inside::WORK_DIR),
@@ -396,18 +368,12 @@ mod tests {
     fn host() -> HostLayout {
         HostLayout {
             root_entries: vec![
-                RootEntry::Symlink {
-                    path: "/bin".into(),
-                    target: "usr/bin".into(),
-                },
+                RootEntry::Symlink { path: "/bin".into(), target: "usr/bin".into() },
                 RootEntry::Dir("/lib64".into()),
             ],
             etc_paths: HostLayout::default_etc_paths(),
             extra_ro_binds: vec![],
-            proc_masks: vec![
-                ProcMask::File("/proc/cmdline".into()),
-                ProcMask::Dir("/proc/acpi".into()),
-            ],
+            proc_masks: vec![ProcMask::File("/proc/cmdline".into()), ProcMask::Dir("/proc/acpi".into())],
         }
     }
 
@@ -418,12 +384,7 @@ mod tests {
             work_files: vec!["data.csv".into(), "main.py".into()],
             env: vec![("A".into(), "1".into())],
             seccomp_fd: 7,
-            command: vec![
-                "/usr/bin/python3".into(),
-                "-I".into(),
-                "-B".into(),
-                "main.py".into(),
-            ],
+            command: vec!["/usr/bin/python3".into(), "-I".into(), "-B".into(), "main.py".into()],
         }
     }
 
@@ -432,8 +393,7 @@ mod tests {
     }
 
     fn has_seq(hay: &[String], needle: &[&str]) -> bool {
-        hay.windows(needle.len())
-            .any(|w| w.iter().zip(needle).all(|(a, b)| a == b))
+        hay.windows(needle.len()).any(|w| w.iter().zip(needle).all(|(a, b)| a == b))
     }
 
     #[test]
@@ -478,10 +438,7 @@ mod tests {
             assert!(ok, "unexpected host path bound: {src}");
         }
         for forbidden in ["/", "/root", "/home", "/var", "/work", "/tmp", "/etc"] {
-            assert!(
-                !sources.iter().any(|s| s == forbidden),
-                "{forbidden} must not be bound"
-            );
+            assert!(!sources.iter().any(|s| s == forbidden), "{forbidden} must not be bound");
         }
         assert!(!o.iter().any(|a| a == "--dev-bind"));
     }
@@ -490,10 +447,7 @@ mod tests {
     fn inputs_are_read_only_in_the_working_dir() {
         let (h, s) = (host(), ScratchLayout::new("/d/run/t"));
         let o = strings(plan(&h, &s).options().unwrap());
-        assert!(has_seq(
-            &o,
-            &["--ro-bind", "/d/run/t/in/data.csv", "/work/data.csv"]
-        ));
+        assert!(has_seq(&o, &["--ro-bind", "/d/run/t/in/data.csv", "/work/data.csv"]));
         assert!(has_seq(&o, &["--bind", "/d/run/t/work", "/work"]));
         assert!(has_seq(&o, &["--bind", "/d/run/t/out", "/agenttask"]));
         assert!(has_seq(&o, &["--symlink", "usr/bin", "/bin"]));
@@ -523,23 +477,9 @@ mod tests {
         let p = plan(&h, &s);
         let blob = p.options_blob().unwrap();
         assert_eq!(*blob.last().unwrap(), 0);
-        assert_eq!(
-            blob.iter().filter(|&&b| b == 0).count(),
-            p.options().unwrap().len()
-        );
+        assert_eq!(blob.iter().filter(|&&b| b == 0).count(), p.options().unwrap().len());
         assert!(!blob.windows(4).any(|w| w == b"-I\0-"));
-        assert_eq!(
-            strings(p.argv(9).unwrap()),
-            [
-                "--args",
-                "9",
-                "--",
-                "/usr/bin/python3",
-                "-I",
-                "-B",
-                "main.py"
-            ]
-        );
+        assert_eq!(strings(p.argv(9).unwrap()), ["--args", "9", "--", "/usr/bin/python3", "-I", "-B", "main.py"]);
     }
 
     #[test]
@@ -547,17 +487,9 @@ mod tests {
         let mut task = BTreeMap::new();
         task.insert("FOO".to_string(), "bar".to_string());
         task.insert("HOME".to_string(), "/root".to_string());
-        task.insert(
-            "AGENTTASK_RESULT_FILE".to_string(),
-            "/etc/passwd".to_string(),
-        );
+        task.insert("AGENTTASK_RESULT_FILE".to_string(), "/etc/passwd".to_string());
         let env = sandbox_env(&task, "t-1");
-        let get = |k: &str| {
-            env.iter()
-                .filter(|(n, _)| n == k)
-                .map(|(_, v)| v.as_str())
-                .collect::<Vec<_>>()
-        };
+        let get = |k: &str| env.iter().filter(|(n, _)| n == k).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
         assert_eq!(get("FOO"), ["bar"]);
         assert_eq!(get("HOME"), ["/work"]);
         assert_eq!(get("AGENTTASK_RESULT_FILE"), ["/agenttask/result.json"]);
@@ -570,18 +502,9 @@ mod tests {
     fn proc_entries_are_masked_and_there_are_no_ptys() {
         let (h, s) = (host(), ScratchLayout::new("/d/run/t"));
         let o = strings(plan(&h, &s).options().unwrap());
-        assert!(has_seq(
-            &o,
-            &["--ro-bind", "/d/run/t/sys/empty", "/proc/cmdline"]
-        ));
-        assert!(has_seq(
-            &o,
-            &["--ro-bind", "/d/run/t/sys/empty.d", "/proc/acpi"]
-        ));
-        assert!(has_seq(
-            &o,
-            &["--ro-bind", "/d/run/t/sys/empty.d", "/dev/pts"]
-        ));
+        assert!(has_seq(&o, &["--ro-bind", "/d/run/t/sys/empty", "/proc/cmdline"]));
+        assert!(has_seq(&o, &["--ro-bind", "/d/run/t/sys/empty.d", "/proc/acpi"]));
+        assert!(has_seq(&o, &["--ro-bind", "/d/run/t/sys/empty.d", "/dev/pts"]));
         // Masks come after the procfs and /dev they cover.
         let proc = o.iter().position(|a| a == "--proc").unwrap();
         let mask = o.iter().position(|a| a == "/proc/cmdline").unwrap();
@@ -596,14 +519,8 @@ mod tests {
         let mut p = plan(&h, &s);
         p.work_files = vec!["passwd".into(), ".etc-passwd".into(), "main.py".into()];
         let o = strings(p.options().unwrap());
-        assert!(has_seq(
-            &o,
-            &["--ro-bind", "/d/run/t/sys/passwd", "/etc/passwd"]
-        ));
-        assert!(has_seq(
-            &o,
-            &["--ro-bind", "/d/run/t/in/passwd", "/work/passwd"]
-        ));
+        assert!(has_seq(&o, &["--ro-bind", "/d/run/t/sys/passwd", "/etc/passwd"]));
+        assert!(has_seq(&o, &["--ro-bind", "/d/run/t/in/passwd", "/work/passwd"]));
         assert_ne!(s.inputs(), s.internal());
     }
 

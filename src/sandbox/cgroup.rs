@@ -13,11 +13,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgroupHost {
     /// cgroup v1: one parent directory per controller (`None` where the controller is missing).
-    V1 {
-        memory: Option<PathBuf>,
-        pids: Option<PathBuf>,
-        cpu: Option<PathBuf>,
-    },
+    V1 { memory: Option<PathBuf>, pids: Option<PathBuf>, cpu: Option<PathBuf> },
     /// cgroup v2: the parent directory in the unified hierarchy.
     V2 { parent: PathBuf },
     /// No cgroup file system at all: rlimits only.
@@ -39,12 +35,7 @@ fn mounts(mountinfo: &str) -> impl Iterator<Item = Mount<'_>> {
         let (pre, post) = line.split_once(" - ")?;
         let pre: Vec<&str> = pre.split(' ').collect();
         let post: Vec<&str> = post.split(' ').collect();
-        Some(Mount {
-            root: pre.get(3)?,
-            point: pre.get(4)?,
-            fstype: post.first()?,
-            options: post.get(2)?,
-        })
+        Some(Mount { root: pre.get(3)?, point: pre.get(4)?, fstype: post.first()?, options: post.get(2)? })
     })
 }
 
@@ -54,21 +45,14 @@ fn own_path<'a>(proc_self_cgroup: &'a str, controller: &str) -> Option<&'a str> 
     proc_self_cgroup.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let hit = if controller.is_empty() {
-            ctrls.is_empty()
-        } else {
-            ctrls.split(',').any(|c| c == controller)
-        };
+        let hit = if controller.is_empty() { ctrls.is_empty() } else { ctrls.split(',').any(|c| c == controller) };
         hit.then_some(path)
     })
 }
 
 fn join(point: &str, mount_root: &str, path: &str) -> PathBuf {
     // Inside a cgroup namespace or a container the mount's root may be a sub-path.
-    let rel = path
-        .strip_prefix(mount_root)
-        .unwrap_or(path)
-        .trim_start_matches('/');
+    let rel = path.strip_prefix(mount_root).unwrap_or(path).trim_start_matches('/');
     let mut p = PathBuf::from(point);
     if !rel.is_empty() {
         p.push(rel);
@@ -87,17 +71,11 @@ pub fn detect(mountinfo: &str, proc_self_cgroup: &str) -> CgroupHost {
     };
     let memory = v1("memory");
     if memory.is_some() {
-        return CgroupHost::V1 {
-            memory,
-            pids: v1("pids"),
-            cpu: v1("cpu"),
-        };
+        return CgroupHost::V1 { memory, pids: v1("pids"), cpu: v1("cpu") };
     }
     if let Some(m) = mounts(mountinfo).find(|m| m.fstype == "cgroup2") {
         if let Some(p) = own_path(proc_self_cgroup, "") {
-            return CgroupHost::V2 {
-                parent: join(m.point, m.root, p),
-            };
+            return CgroupHost::V2 { parent: join(m.point, m.root, p) };
         }
     }
     CgroupHost::None
@@ -149,10 +127,7 @@ pub fn counter(text: &str, key: &str) -> Option<u64> {
 
 /// PIDs listed in a `cgroup.procs` file.
 pub fn pids(text: &str) -> Vec<i32> {
-    text.lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .filter(|&p: &i32| p > 0)
-        .collect()
+    text.lines().filter_map(|l| l.trim().parse().ok()).filter(|&p: &i32| p > 0).collect()
 }
 
 #[cfg(test)]
@@ -207,34 +182,21 @@ mod tests {
         let sc = "0::/system.slice/agenttask.service\n";
         assert_eq!(
             detect(mi, sc),
-            CgroupHost::V2 {
-                parent: "/sys/fs/cgroup/system.slice/agenttask.service/agenttask".into()
-            }
+            CgroupHost::V2 { parent: "/sys/fs/cgroup/system.slice/agenttask.service/agenttask".into() }
         );
         // Inside a cgroup namespace the mount root is the namespace root.
         let mi = "30 24 0:26 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            detect(mi, "0::/kubepods/pod1/c\n"),
-            CgroupHost::V2 {
-                parent: "/sys/fs/cgroup/c/agenttask".into()
-            }
-        );
+        assert_eq!(detect(mi, "0::/kubepods/pod1/c\n"), CgroupHost::V2 { parent: "/sys/fs/cgroup/c/agenttask".into() });
     }
 
     #[test]
     fn none() {
-        assert_eq!(
-            detect("24 1 254:0 / / rw - ext4 /dev/vda rw\n", "0::/\n"),
-            CgroupHost::None
-        );
+        assert_eq!(detect("24 1 254:0 / / rw - ext4 /dev/vda rw\n", "0::/\n"), CgroupHost::None);
     }
 
     #[test]
     fn owners_round_trip_and_foreign_names_are_ignored() {
-        let o = Owner {
-            pid: 4242,
-            start_ticks: 123456,
-        };
+        let o = Owner { pid: 4242, start_ticks: 123456 };
         let name = task_name(o, "5f1c-task-ab12cd34");
         assert_eq!(name, "4242.123456.5f1c-task-ab12cd34");
         assert_eq!(owner_of(&name), Some(o));
@@ -245,22 +207,15 @@ mod tests {
 
     #[test]
     fn start_ticks_skips_a_command_with_spaces_and_parentheses() {
-        let stat =
-            "77 (we (ird) name) S 1 77 77 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        let stat = "77 (we (ird) name) S 1 77 77 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(start_ticks(stat), Some(987654));
         assert_eq!(start_ticks("garbage"), None);
     }
 
     #[test]
     fn counters_and_pids() {
-        assert_eq!(
-            counter("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", "oom_kill"),
-            Some(3)
-        );
-        assert_eq!(
-            counter("low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n", "oom_kill"),
-            Some(1)
-        );
+        assert_eq!(counter("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", "oom_kill"), Some(3));
+        assert_eq!(counter("low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n", "oom_kill"), Some(1));
         assert_eq!(counter("oom_kill_disable 0\n", "oom_kill"), None);
         assert_eq!(pids("12\n345\n\n"), vec![12, 345]);
     }

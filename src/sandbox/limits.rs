@@ -60,9 +60,7 @@ impl Limits {
     /// (limit + 256 MiB for the runtime's own mappings).
     pub fn rlimits(&self, memory_cgroup: bool) -> Vec<Rlimit> {
         let address_space = if memory_cgroup {
-            self.memory_bytes
-                .saturating_mul(2)
-                .saturating_add(1024 * MIB)
+            self.memory_bytes.saturating_mul(2).saturating_add(1024 * MIB)
         } else {
             self.memory_bytes.saturating_add(256 * MIB)
         };
@@ -75,18 +73,10 @@ impl Limits {
             (Resource::Cpu, cpu, cpu + 1),
             (Resource::Fsize, self.scratch_bytes, self.scratch_bytes),
             (Resource::Nofile, self.max_open_files, self.max_open_files),
-            (
-                Resource::Nproc,
-                self.uid_max_processes,
-                self.uid_max_processes,
-            ),
+            (Resource::Nproc, self.uid_max_processes, self.uid_max_processes),
             (Resource::Core, 0, 0),
             (Resource::Msgqueue, self.msgqueue_bytes, self.msgqueue_bytes),
-            (
-                Resource::Sigpending,
-                self.pending_signals,
-                self.pending_signals,
-            ),
+            (Resource::Sigpending, self.pending_signals, self.pending_signals),
         ]
     }
 
@@ -161,9 +151,7 @@ pub fn verdict(f: &RunFacts) -> (Termination, Option<i32>) {
     if failed && f.scratch_full {
         return (Termination::OutputLimitExceeded, code);
     }
-    if failed
-        && (f.memory_error_in_stderr || (f.cgroup_memory_limit_hit && code == Some(128 + SIGKILL)))
-    {
+    if failed && (f.memory_error_in_stderr || (f.cgroup_memory_limit_hit && code == Some(128 + SIGKILL))) {
         return (Termination::OomKilled, code);
     }
     (Termination::Exited, code)
@@ -190,12 +178,7 @@ mod tests {
     #[test]
     fn rlimits_cover_every_resource() {
         let r = limits().rlimits(true);
-        let get = |res| {
-            r.iter()
-                .find(|(x, _, _)| *x == res)
-                .map(|&(_, s, h)| (s, h))
-                .unwrap()
-        };
+        let get = |res| r.iter().find(|(x, _, _)| *x == res).map(|&(_, s, h)| (s, h)).unwrap();
         assert_eq!(get(Resource::As), (1536 * MIB, 1536 * MIB));
         assert_eq!(get(Resource::Cpu), (3 * 2 + 1, 3 * 2 + 2));
         assert_eq!(get(Resource::Fsize), (128 * MIB, 128 * MIB));
@@ -311,9 +294,7 @@ mod tests {
     #[test]
     fn memory_error_patterns() {
         assert!(looks_like_memory_error("Traceback ...\nMemoryError\n"));
-        assert!(looks_like_memory_error(
-            "Error: cannot allocate vector of size 7.5 Gb\n"
-        ));
+        assert!(looks_like_memory_error("Error: cannot allocate vector of size 7.5 Gb\n"));
         assert!(!looks_like_memory_error("ValueError: nope\n"));
     }
 }

@@ -16,15 +16,12 @@ pub mod seccomp;
 use std::ffi::OsString;
 use std::path::Path;
 
-use crate::domain::task::Language;
 use crate::domain::outcome::Captured;
+use crate::domain::task::Language;
 
 /// The name of the code file in the working directory: `main.py` / `main.R`, or a name that
 /// cannot clash when an input file already has that name.
-pub fn code_file_name<'a>(
-    language: Language,
-    mut input_names: impl Iterator<Item = &'a str>,
-) -> &'static str {
+pub fn code_file_name<'a>(language: Language, mut input_names: impl Iterator<Item = &'a str>) -> &'static str {
     let (preferred, fallback) = match language {
         Language::Python => ("main.py", "__agenttask_main__.py"),
         Language::R => ("main.R", "__agenttask_main__.R"),
@@ -88,14 +85,8 @@ mod tests {
 
     #[test]
     fn code_file_names() {
-        assert_eq!(
-            code_file_name(Language::Python, ["a.csv"].into_iter()),
-            "main.py"
-        );
-        assert_eq!(
-            code_file_name(Language::Python, ["main.py"].into_iter()),
-            "__agenttask_main__.py"
-        );
+        assert_eq!(code_file_name(Language::Python, ["a.csv"].into_iter()), "main.py");
+        assert_eq!(code_file_name(Language::Python, ["main.py"].into_iter()), "__agenttask_main__.py");
         assert_eq!(code_file_name(Language::R, std::iter::empty()), "main.R");
     }
 
@@ -108,49 +99,20 @@ mod tests {
             "main.py",
             &["a b".into()],
         );
-        assert_eq!(
-            py,
-            ["/usr/bin/python3", "-I", "-B", "main.py", "a b"].map(OsString::from)
-        );
-        let r = runtime_command(
-            Language::R,
-            Path::new("/usr/bin/python3"),
-            Path::new("/usr/bin/Rscript"),
-            "main.R",
-            &[],
-        );
-        assert_eq!(
-            r,
-            ["/usr/bin/Rscript", "--vanilla", "main.R"].map(OsString::from)
-        );
+        assert_eq!(py, ["/usr/bin/python3", "-I", "-B", "main.py", "a b"].map(OsString::from));
+        let r =
+            runtime_command(Language::R, Path::new("/usr/bin/python3"), Path::new("/usr/bin/Rscript"), "main.R", &[]);
+        assert_eq!(r, ["/usr/bin/Rscript", "--vanilla", "main.R"].map(OsString::from));
     }
 
     #[test]
     fn captured_text_caps_and_cleans() {
         // Output is made storable and printable: invalid UTF-8 and NUL both become U+FFFD.
         assert_eq!(captured_text(b"a\0b\xffc", 100, false).text, "a\u{FFFD}b\u{FFFD}c");
-        assert_eq!(
-            captured_text(b"hi\0", 10, false),
-            Captured {
-                text: "hi\u{FFFD}".into(),
-                truncated: false
-            }
-        );
-        assert_eq!(
-            captured_text(b"hello", 3, true),
-            Captured {
-                text: "hel".into(),
-                truncated: true
-            }
-        );
+        assert_eq!(captured_text(b"hi\0", 10, false), Captured { text: "hi\u{FFFD}".into(), truncated: false });
+        assert_eq!(captured_text(b"hello", 3, true), Captured { text: "hel".into(), truncated: true });
         // "é" is two bytes; a cap that cuts it drops it whole.
-        assert_eq!(
-            captured_text("aé".as_bytes(), 2, true),
-            Captured {
-                text: "a".into(),
-                truncated: true
-            }
-        );
+        assert_eq!(captured_text("aé".as_bytes(), 2, true), Captured { text: "a".into(), truncated: true });
         // Invalid bytes grow into 3-byte replacement characters but never past the cap.
         let c = captured_text(&[0xff; 10], 10, false);
         assert!(c.text.len() <= 10 && c.truncated);

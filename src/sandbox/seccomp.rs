@@ -155,12 +155,8 @@ pub const CLONE_NEW_MASK: u32 = 0x0002_0000 // CLONE_NEWNS
 /// Socket families a program may create: local, IPv4/IPv6 (the network namespace has only `lo`)
 /// and netlink (glibc's `getaddrinfo` uses it). Everything else is refused, in particular
 /// `AF_VSOCK`, which is not network-namespaced and reaches the hypervisor host from a VM.
-pub const ALLOWED_SOCKET_FAMILIES: &[u32] = &[
-    1,  /* AF_UNIX */
-    2,  /* AF_INET */
-    10, /* AF_INET6 */
-    16, /* AF_NETLINK */
-];
+pub const ALLOWED_SOCKET_FAMILIES: &[u32] =
+    &[1 /* AF_UNIX */, 2 /* AF_INET */, 10 /* AF_INET6 */, 16 /* AF_NETLINK */];
 
 /// Why no filter could be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,11 +164,7 @@ pub struct UnsupportedArch(pub &'static str);
 
 impl std::fmt::Display for UnsupportedArch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the sandbox's seccomp filter is only defined for x86_64, not {}",
-            self.0
-        )
+        write!(f, "the sandbox's seccomp filter is only defined for x86_64, not {}", self.0)
     }
 }
 
@@ -192,12 +184,7 @@ pub fn program_for_host() -> Result<Vec<Insn>, UnsupportedArch> {
 }
 
 fn stmt(code: u16, k: u32) -> Insn {
-    Insn {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
+    Insn { code, jt: 0, jf: 0, k }
 }
 
 fn jump(code: u16, k: u32, jt: u8, jf: u8) -> Insn {
@@ -336,31 +323,18 @@ mod tests {
     #[test]
     fn foreign_arch_and_x32_are_killed() {
         let p = x86_64_program();
-        assert_eq!(
-            eval(&p, 0x4000_0003 /* AUDIT_ARCH_I386 */, 1, [0; 6]),
-            SECCOMP_RET_KILL_PROCESS
-        );
+        assert_eq!(eval(&p, 0x4000_0003 /* AUDIT_ARCH_I386 */, 1, [0; 6]), SECCOMP_RET_KILL_PROCESS);
         assert_eq!(run(X32_SYSCALL_BIT | 1, [0; 6]), SECCOMP_RET_KILL_PROCESS);
     }
 
     #[test]
     fn clone_with_namespace_flags_is_denied_and_clone3_is_enosys() {
         // What glibc's fork() passes: CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD.
-        assert_eq!(
-            run(SYS_CLONE, [0x0120_0011, 0, 0, 0, 0, 0]),
-            SECCOMP_RET_ALLOW
-        );
+        assert_eq!(run(SYS_CLONE, [0x0120_0011, 0, 0, 0, 0, 0]), SECCOMP_RET_ALLOW);
         // pthread_create's flags.
-        assert_eq!(
-            run(SYS_CLONE, [0x003d_0f00, 0, 0, 0, 0, 0]),
-            SECCOMP_RET_ALLOW
-        );
+        assert_eq!(run(SYS_CLONE, [0x003d_0f00, 0, 0, 0, 0, 0]), SECCOMP_RET_ALLOW);
         for flag in [0x0002_0000u64, 0x1000_0000, 0x2000_0000, 0x4000_0000] {
-            assert_eq!(
-                run(SYS_CLONE, [flag | 17, 0, 0, 0, 0, 0]),
-                EPERM_RET,
-                "{flag:#x}"
-            );
+            assert_eq!(run(SYS_CLONE, [flag | 17, 0, 0, 0, 0, 0]), EPERM_RET, "{flag:#x}");
         }
         assert_eq!(run(SYS_CLONE3, [0; 6]), SECCOMP_RET_ERRNO | ENOSYS);
     }
@@ -368,36 +342,18 @@ mod tests {
     #[test]
     fn tiocsti_is_denied_even_with_high_bits_set() {
         assert_eq!(run(SYS_IOCTL, [0, TIOCSTI as u64, 0, 0, 0, 0]), EPERM_RET);
-        assert_eq!(
-            run(SYS_IOCTL, [0, (1u64 << 32) | TIOCSTI as u64, 0, 0, 0, 0]),
-            EPERM_RET
-        );
+        assert_eq!(run(SYS_IOCTL, [0, (1u64 << 32) | TIOCSTI as u64, 0, 0, 0, 0]), EPERM_RET);
         assert_eq!(run(SYS_IOCTL, [0, TIOCLINUX as u64, 0, 0, 0, 0]), EPERM_RET);
-        assert_eq!(
-            run(SYS_IOCTL, [0, 0x5401 /* TCGETS */, 0, 0, 0, 0]),
-            SECCOMP_RET_ALLOW
-        );
+        assert_eq!(run(SYS_IOCTL, [0, 0x5401 /* TCGETS */, 0, 0, 0, 0]), SECCOMP_RET_ALLOW);
     }
 
     #[test]
     fn only_allowed_socket_families() {
         for family in [1u64, 2, 10, 16] {
-            assert_eq!(
-                run(SYS_SOCKET, [family, 1, 0, 0, 0, 0]),
-                SECCOMP_RET_ALLOW,
-                "{family}"
-            );
+            assert_eq!(run(SYS_SOCKET, [family, 1, 0, 0, 0, 0]), SECCOMP_RET_ALLOW, "{family}");
         }
-        for family in [
-            40u64, /* AF_VSOCK */
-            17,    /* AF_PACKET */
-            31,    /* AF_BLUETOOTH */
-        ] {
-            assert_eq!(
-                run(SYS_SOCKET, [family, 1, 0, 0, 0, 0]),
-                EPERM_RET,
-                "{family}"
-            );
+        for family in [40u64 /* AF_VSOCK */, 17 /* AF_PACKET */, 31 /* AF_BLUETOOTH */] {
+            assert_eq!(run(SYS_SOCKET, [family, 1, 0, 0, 0, 0]), EPERM_RET, "{family}");
         }
     }
 
@@ -408,10 +364,7 @@ mod tests {
         assert!(p.len() < 4096, "BPF_MAXINSNS");
         for (i, insn) in p.iter().enumerate() {
             if insn.code != BPF_RET_K && insn.code != BPF_LD_W_ABS {
-                assert!(
-                    i + 1 + (insn.jt.max(insn.jf) as usize) < p.len(),
-                    "jump out of range at {i}"
-                );
+                assert!(i + 1 + (insn.jt.max(insn.jf) as usize) < p.len(), "jump out of range at {i}");
             }
         }
         assert_eq!(p.last().unwrap().k, SECCOMP_RET_ALLOW);

@@ -25,7 +25,8 @@ use crate::domain::phase::Reason;
 use crate::domain::quantity::{format_cpu, format_memory};
 use crate::domain::tenant::Tenants;
 use crate::metrics::Metrics;
-use crate::store::{acquire_leadership, AdmissionRound, RunningUsage, Store};
+use crate::retry::Backoff;
+use crate::store::{acquire_leadership, AdmissionRound, Admitted, QueuedHead, RunningUsage, Store, StoreError};
 
 /// What the scheduler needs, and nothing else.
 pub struct Scheduler {
@@ -102,14 +103,13 @@ const FULL_REFRESH_EVERY: Duration = Duration::from_secs(30);
 const MAX_ADMISSIONS_PER_ROUND: usize = 512;
 
 pub async fn run(ctx: Arc<Scheduler>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::write();
     while !shutdown.is_cancelled() {
         let mut conn = match ctx.store.dedicated_connection().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "scheduler cannot connect; retrying");
-                sleep_or_stop(&shutdown, backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in = ?backoff.peek(), "scheduler cannot connect; retrying");
+                backoff.wait(&shutdown).await;
                 continue;
             }
         };
@@ -117,26 +117,19 @@ pub async fn run(ctx: Arc<Scheduler>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             res = acquire_leadership(&mut conn) => if let Err(e) = res {
-                tracing::warn!(error = %e, "leadership campaign failed; retrying");
-                sleep_or_stop(&shutdown, backoff).await;
+                tracing::warn!(error = %e, retry_in = ?backoff.peek(), "leadership campaign failed; retrying");
+                backoff.wait(&shutdown).await;
                 continue;
             },
         }
-        backoff = Duration::from_millis(200);
+        backoff.reset();
         tracing::info!("scheduler is the leader");
         let err = lead(&ctx, &mut conn, &shutdown).await;
         if let Err(e) = err {
             tracing::warn!(error = %e, "scheduler stepped down");
-            sleep_or_stop(&shutdown, backoff).await;
+            backoff.wait(&shutdown).await;
         }
         // Dropping the session releases the lock for a standby.
-    }
-}
-
-async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) {
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(d) => {}
     }
 }
 
@@ -156,9 +149,12 @@ async fn lead(ctx: &Scheduler, conn: &mut sqlx::PgConnection, shutdown: &Cancell
         woken.as_mut().enable();
         let elapsed = last_round.elapsed();
         last_round = Instant::now();
-        let outcome = round(ctx, conn, &mut view, elapsed).await?;
+        let mut outcome = round(ctx, AdmissionRound::begin(conn).await?, &mut view, elapsed).await?;
         if outcome.admitted > 0 {
             ctx.executors.notify_one();
+        }
+        if reject_too_large(ctx, &outcome.too_large).await? {
+            outcome.again = true;
         }
         if last_full_refresh.elapsed() >= FULL_REFRESH_EVERY {
             // A safety net under the notifications, which are the normal path.
@@ -197,16 +193,47 @@ async fn lead(ctx: &Scheduler, conn: &mut sqlx::PgConnection, shutdown: &Cancell
     Ok(())
 }
 
+#[derive(Debug)]
 struct RoundOutcome {
     admitted: usize,
     /// Run another round at once: something changed under us or a bucket ran dry mid-round.
     again: bool,
+    /// Queued heads larger than the whole capacity: (task, CPU millis, memory bytes). They can
+    /// never be admitted; the caller rejects them after the round committed.
+    too_large: Vec<(uuid::Uuid, u64, u64)>,
 }
 
-/// One admission decision, applied.
+/// What one admission round reads and writes, in one transaction: the leader's
+/// [`AdmissionRound`] in the service, an in-memory fake in the unit tests.
+pub(crate) trait RoundStore {
+    /// Tasks holding capacity, per tenant.
+    async fn running_usage(&mut self) -> Result<Vec<RunningUsage>, StoreError>;
+    /// The first `limit` queued tasks of each of `tenants`, in admission order.
+    async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>, StoreError>;
+    /// `Queued` → `Pending`; returns the tasks that moved.
+    async fn admit(&mut self, ids: &[uuid::Uuid]) -> Result<Vec<Admitted>, StoreError>;
+    async fn commit(self) -> Result<(), StoreError>;
+}
+
+impl RoundStore for AdmissionRound<'_> {
+    async fn running_usage(&mut self) -> Result<Vec<RunningUsage>, StoreError> {
+        AdmissionRound::running_usage(self).await
+    }
+    async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>, StoreError> {
+        AdmissionRound::queued_heads(self, tenants, limit).await
+    }
+    async fn admit(&mut self, ids: &[uuid::Uuid]) -> Result<Vec<Admitted>, StoreError> {
+        AdmissionRound::admit(self, ids).await
+    }
+    async fn commit(self) -> Result<(), StoreError> {
+        AdmissionRound::commit(self).await
+    }
+}
+
+/// One admission decision, applied and committed in `tx`.
 async fn round(
     ctx: &Scheduler,
-    conn: &mut sqlx::PgConnection,
+    mut tx: impl RoundStore,
     view: &mut View,
     elapsed: Duration,
 ) -> anyhow::Result<RoundOutcome> {
@@ -218,15 +245,11 @@ async fn round(
     if ctx.wake.take_all_dirty() {
         view.mark_all_dirty();
     }
-    let mut tx = AdmissionRound::begin(conn).await?;
     let usage: HashMap<String, RunningUsage> =
         tx.running_usage().await?.into_iter().map(|u| (u.tenant.clone(), u)).collect();
     let slots_of = |t: &str| usage.get(t).map_or(0, |u| u.tasks.max(0) as u64);
     let refresh = view.needing_refresh(|name| {
-        let max = config
-            .iter()
-            .find(|(n, _)| n.as_str() == name)
-            .map_or(0, |(_, p)| p.max_concurrency as u64);
+        let max = config.iter().find(|(n, _)| n.as_str() == name).map_or(0, |(_, p)| p.max_concurrency as u64);
         max.saturating_sub(slots_of(name)).min(ctx.capacity.max_running as u64) as usize
     });
     if !refresh.is_empty() {
@@ -333,10 +356,10 @@ async fn round(
         again = true;
     }
     let now_utc = chrono::Utc::now();
-    for (_, tenant, submitted_at) in &admitted {
-        ctx.metrics.admitted.with_label_values(&[tenant]).inc();
-        let wait = (now_utc - *submitted_at).num_milliseconds().max(0) as f64 / 1000.0;
-        ctx.metrics.admission_wait.with_label_values(&[tenant]).observe(wait);
+    for a in &admitted {
+        ctx.metrics.admitted.with_label_values(&[&a.tenant]).inc();
+        let wait = (now_utc - a.submitted_at).num_milliseconds().max(0) as f64 / 1000.0;
+        ctx.metrics.admission_wait.with_label_values(&[&a.tenant]).observe(wait);
     }
     for (i, name) in names.iter().enumerate() {
         let t = &decision.tenants[i];
@@ -351,8 +374,16 @@ async fn round(
         }
     }
     ctx.metrics.fairness_index.set(decision.fairness_index());
+    if !admitted.is_empty() {
+        tracing::debug!(admitted = admitted.len(), "admission round");
+    }
+    Ok(RoundOutcome { admitted: admitted.len(), again, too_large })
+}
 
-    for (task_id, cpu, memory) in too_large {
+/// Rejects queued tasks that ask for more than the whole capacity. True if any was rejected.
+async fn reject_too_large(ctx: &Scheduler, too_large: &[(uuid::Uuid, u64, u64)]) -> Result<bool, StoreError> {
+    let mut any = false;
+    for &(task_id, cpu, memory) in too_large {
         let message = format!(
             "asks for {} CPU and {} memory, more than the service's whole capacity ({} CPU, {} memory); ask for less",
             format_cpu(cpu),
@@ -361,13 +392,10 @@ async fn round(
             ctx.capacity.memory_bytes.map_or("unlimited".into(), format_memory),
         );
         if ctx.store.reject_queued(task_id, Reason::ValidationFailed, &message).await? {
-            again = true;
+            any = true;
         }
     }
-    if !admitted.is_empty() {
-        tracing::debug!(admitted = admitted.len(), "admission round");
-    }
-    Ok(RoundOutcome { admitted: admitted.len(), again })
+    Ok(any)
 }
 
 /// Slow-path duties: fail or requeue tasks of vanished executors, refresh gauges.
@@ -389,3 +417,6 @@ async fn housekeeping(ctx: &Scheduler, gauges: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

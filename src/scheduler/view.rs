@@ -108,10 +108,7 @@ impl View {
     pub fn sync(&mut self, config: &Tenants) {
         self.tenants.retain(|name, _| config.keys().any(|t| t.as_str() == name));
         for (name, policy) in config {
-            let state = self
-                .tenants
-                .entry(name.as_str().to_owned())
-                .or_insert_with(|| TenantState::new(policy));
+            let state = self.tenants.entry(name.as_str().to_owned()).or_insert_with(|| TenantState::new(policy));
             if state.quota != (policy.rate_per_second, policy.burst) {
                 state.limiter = limiter(policy.rate_per_second, policy.burst);
                 state.quota = (policy.rate_per_second, policy.burst);

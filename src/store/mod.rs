@@ -1,22 +1,35 @@
 //! Postgres: the source of truth. All SQL of the service lives under this module.
 //!
 //! - [`Store::connect`] creates the database when it is missing and applies the migrations.
-//! - `tasks`: idempotent inserts, guarded phase transitions, the scheduler's and executors' queries.
+//! - `tasks`: the task row every consumer reads, and queueing a finished task's result.
+//! - one module per consumer: `ingest` (idempotent inserts, backlog), `admission` (the
+//!   scheduler's round), `runs` (executors: claims, leases, transitions, cancellation), `api`
+//!   (reads for the task API), `tenants` (the configured tenants mirrored for the SQL views).
 //! - `outbox`: results waiting to be published.
-//! - the configured tenants are mirrored into `agenttask.tenants` for the SQL views.
+//! - `sql_types`: how `Phase`, `Reason` and `Language` are stored.
+//!
+//! Every static query is checked against the schema at compile time (`sqlx::query!` and
+//! friends; offline data in `.sqlx/`, refreshed by `cargo sqlx prepare`). The functions take a
+//! connection (`impl PgExecutor` or `&mut PgConnection`) so callers can compose transactions;
+//! the `Store` methods are shorthands on the pool.
 
+mod admission;
+mod api;
+mod ingest;
 pub mod notify;
 mod outbox;
 mod runs;
+mod sql_types;
 mod tasks;
+mod tenants;
 
-
+pub use admission::{acquire_leadership, reject_queued, AdmissionRound, Admitted, QueuedHead, RunningUsage};
+pub use api::{find_task, position, Position};
+pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, queued_up_to, Inserted, NewRejection, NewTask};
 pub use outbox::{OutboxBatch, OutboxMessage};
-pub use runs::{AdoptedRun, CancelOutcome, ClaimedTask};
-pub use tasks::{
-    acquire_leadership, AdmissionRound, Inserted, NewRejection, NewTask, Position, QueuedHead,
-    ReplyTo, RunningUsage, TaskRow, TenantStatus,
-};
+pub use runs::{finish, AdoptedRun, CancelOutcome, ClaimedTask};
+pub use tasks::{fetch_row, ReplyTo, TaskRow};
+pub use tenants::{load_tenants, phase_counts, sync_tenants, tenant_statuses, TenantStatus};
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -51,14 +64,27 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 impl StoreError {
+    /// A stable, low-cardinality name for metrics (`agenttask_errors_total{error}`).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            StoreError::BadUrl { .. } => "bad_database_url",
+            StoreError::Unreachable { .. } => "database_unreachable",
+            StoreError::Migrate(_) => "migration_failed",
+            StoreError::Corrupt(_) => "corrupt_row",
+            StoreError::Sql(sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_)) => "corrupt_row",
+            StoreError::Sql(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed) => {
+                "database_unreachable"
+            }
+            StoreError::Sql(_) => "database_error",
+        }
+    }
+
     /// Postgres refused a *value* (SQLSTATE class 22, data exception, e.g. an invalid escape in
     /// JSON): retrying the same write can never succeed. Everything else (lost connections,
     /// deadlocks, serialization failures, a full pool) is worth retrying.
     pub fn is_bad_value(&self) -> bool {
         match self {
-            StoreError::Sql(sqlx::Error::Database(db)) => {
-                db.code().is_some_and(|c| c.starts_with("22"))
-            }
+            StoreError::Sql(sqlx::Error::Database(db)) => db.code().is_some_and(|c| c.starts_with("22")),
             _ => false,
         }
     }
@@ -77,10 +103,7 @@ pub struct Store {
 impl Store {
     /// Connects, creating the database if it does not exist, and applies migrations.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
-        let opts = PgConnectOptions::from_str(url).map_err(|source| StoreError::BadUrl {
-            url: redact(url),
-            source,
-        })?;
+        let opts = PgConnectOptions::from_str(url).map_err(|source| StoreError::BadUrl { url: redact(url), source })?;
         create_database_if_missing(&opts).await?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
@@ -91,6 +114,14 @@ impl Store {
         let store = Store { pool, opts };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// A handle that connects only when first used: for tests of components whose code under
+    /// test never reaches the database.
+    pub fn connect_lazy(url: &str) -> Result<Store> {
+        let opts = PgConnectOptions::from_str(url).map_err(|source| StoreError::BadUrl { url: redact(url), source })?;
+        let pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(opts.clone());
+        Ok(Store { pool, opts })
     }
 
     /// Applies pending migrations. Safe to run from several processes at once: sqlx serialises
@@ -110,11 +141,7 @@ impl Store {
     pub async fn dedicated_connection(&self) -> Result<sqlx::PgConnection> {
         self.opts
             .clone()
-            .options([
-                ("tcp_keepalives_idle", "10"),
-                ("tcp_keepalives_interval", "5"),
-                ("tcp_keepalives_count", "3"),
-            ])
+            .options([("tcp_keepalives_idle", "10"), ("tcp_keepalives_interval", "5"), ("tcp_keepalives_count", "3")])
             .connect()
             .await
             .map_err(|source| StoreError::Unreachable { target: describe(&self.opts), source })
@@ -124,26 +151,20 @@ impl Store {
     /// schema is not ready. Also answers "can we run a query right now?".
     pub async fn migrations_applied(&self) -> Result<bool> {
         let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-        let applied: Option<i64> =
-            sqlx::query_scalar("select max(version) from _sqlx_migrations where success")
-                .fetch_one(&self.pool)
-                .await?;
+        let applied: Option<i64> = sqlx::query_scalar!("select max(version) from _sqlx_migrations where success")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(applied.unwrap_or(0) >= latest)
     }
 
     /// For readiness: can we run a query right now?
     pub async fn ping(&self) -> bool {
-        sqlx::query("select 1").execute(&self.pool).await.is_ok()
+        sqlx::query!("select 1 as one").fetch_one(&self.pool).await.is_ok()
     }
 }
 
 fn describe(opts: &PgConnectOptions) -> String {
-    format!(
-        "{}:{}/{}",
-        opts.get_host(),
-        opts.get_port(),
-        opts.get_database().unwrap_or("(default)")
-    )
+    format!("{}:{}/{}", opts.get_host(), opts.get_port(), opts.get_database().unwrap_or("(default)"))
 }
 
 /// Hides a password in a URL we print.
@@ -173,10 +194,8 @@ async fn create_database_if_missing(opts: &PgConnectOptions) -> Result<()> {
         Err(source) => return Err(StoreError::Unreachable { target: describe(opts), source }),
     }
     let admin = opts.clone().database("postgres");
-    let mut conn = admin
-        .connect()
-        .await
-        .map_err(|source| StoreError::Unreachable { target: describe(&admin), source })?;
+    let mut conn =
+        admin.connect().await.map_err(|source| StoreError::Unreachable { target: describe(&admin), source })?;
     let stmt = format!("create database \"{}\"", db.replace('"', "\"\""));
     match sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(&mut conn).await {
         Ok(_) => tracing::info!(database = %db, "created database"),

@@ -67,7 +67,11 @@ async fn agentctl_cancels_a_queued_and_a_running_task_each_with_exactly_one_resu
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("cancelled before it ran"), "{out}");
     let (r, props) = client.next(WAIT).await;
-    assert_eq!((r["id"].as_str(), r["phase"].as_str(), r["reason"].as_str()), (Some("waits"), Some("Cancelled"), Some("Cancelled")), "{r:#}");
+    assert_eq!(
+        (r["id"].as_str(), r["phase"].as_str(), r["reason"].as_str()),
+        (Some("waits"), Some("Cancelled"), Some("Cancelled")),
+        "{r:#}"
+    );
     assert_eq!(r["started_at"], Value::Null, "it never ran: {r:#}");
     assert_eq!(header(&props, "x-agenttask-phase").as_deref(), Some("Cancelled"));
 
@@ -79,7 +83,11 @@ async fn agentctl_cancels_a_queued_and_a_running_task_each_with_exactly_one_resu
     assert!(out.contains("being stopped"), "{out}");
     let (r, _) = client.next(WAIT).await;
     let took = asked.elapsed();
-    assert_eq!((r["id"].as_str(), r["phase"].as_str(), r["reason"].as_str()), (Some("runs"), Some("Cancelled"), Some("Cancelled")), "{r:#}");
+    assert_eq!(
+        (r["id"].as_str(), r["phase"].as_str(), r["reason"].as_str()),
+        (Some("runs"), Some("Cancelled"), Some("Cancelled")),
+        "{r:#}"
+    );
     assert_eq!(r["backend"], "local");
     eprintln!("running task cancelled: result {took:?} after the request");
     // Far below the 30 s sleep: the sandbox was killed, not waited for.
@@ -88,7 +96,10 @@ async fn agentctl_cancels_a_queued_and_a_running_task_each_with_exactly_one_resu
     // Exactly one result each: both rows are terminal and the outbox is drained, and nothing
     // more arrived.
     eventually(WAIT, || async { count(&pool, "select count(*) from agenttask.outbox").await == 0 }).await;
-    assert_eq!(count(&pool, "select count(*) from agenttask.tasks where phase = 'Cancelled' and reason = 'Cancelled'").await, 2);
+    assert_eq!(
+        count(&pool, "select count(*) from agenttask.tasks where phase = 'Cancelled' and reason = 'Cancelled'").await,
+        2
+    );
     assert!(client.more(Duration::from_millis(500)).await.is_none());
 
     // A finished task: nothing changes, and agentctl says so with exit 1.
@@ -119,7 +130,9 @@ async fn agentctl_cancels_a_whole_batch() {
     // Generous: on a loaded 2-core host a sandbox may wait for a free uid slot.
     eventually(Duration::from_secs(90), || async {
         count(&pool, "select count(*) from agenttask.tasks where batch_id = 'batch-1' and phase = 'Running'").await == 1
-            && count(&pool, "select count(*) from agenttask.tasks where batch_id = 'batch-1' and phase = 'Queued'").await == 2
+            && count(&pool, "select count(*) from agenttask.tasks where batch_id = 'batch-1' and phase = 'Queued'")
+                .await
+                == 2
     })
     .await;
     let (code, out, err) = agentctl(&svc, &["cancel", "--tenant", &tenant, "--batch", "batch-1"]).await;
@@ -140,10 +153,7 @@ async fn agentctl_cancels_a_whole_batch() {
 #[tokio::test]
 async fn two_thousand_tasks_through_the_null_backend_all_succeed() {
     const N: usize = 2000;
-    let env = Env::new(
-        "[tenants.{t}-a]\nmax_concurrency = 256\nrate_per_second = 100000\nmax_queued = 100000\n",
-    )
-    .await;
+    let env = Env::new("[tenants.{t}-a]\nmax_concurrency = 256\nrate_per_second = 100000\nmax_queued = 100000\n").await;
     let mut settings = env.settings(&Component::ALL);
     settings.backend = BackendKind::Null;
     settings.max_running = 256;
@@ -153,10 +163,17 @@ async fn two_thousand_tasks_through_the_null_backend_all_succeed() {
     // Publish with pipelined confirms, then wait for them all.
     let mut confirms = Vec::with_capacity(N);
     for i in 0..N {
-        let body = serde_json::to_vec(&json!({"id": format!("n-{i}"), "language": "python", "code": "print(1)"})).unwrap();
+        let body =
+            serde_json::to_vec(&json!({"id": format!("n-{i}"), "language": "python", "code": "print(1)"})).unwrap();
         let c = client
             .channel
-            .basic_publish("agenttask.tasks".into(), tenant.as_str().into(), BasicPublishOptions::default(), &body, client.props(&format!("n-{i}")))
+            .basic_publish(
+                "agenttask.tasks".into(),
+                tenant.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                client.props(&format!("n-{i}")),
+            )
             .await
             .unwrap();
         confirms.push(c);
@@ -167,13 +184,20 @@ async fn two_thousand_tasks_through_the_null_backend_all_succeed() {
     let mut seen = std::collections::HashSet::new();
     for _ in 0..N {
         let (r, _) = client.next(Duration::from_secs(120)).await;
-        assert_eq!((r["phase"].as_str(), r["exit_code"].as_i64(), r["backend"].as_str()), (Some("Succeeded"), Some(0), Some("null")), "{r:#}");
+        assert_eq!(
+            (r["phase"].as_str(), r["exit_code"].as_i64(), r["backend"].as_str()),
+            (Some("Succeeded"), Some(0), Some("null")),
+            "{r:#}"
+        );
         assert_eq!(r["stdout"], "");
         assert!(seen.insert(r["id"].as_str().unwrap().to_owned()), "duplicate result {r:#}");
     }
     assert_eq!(seen.len(), N);
     let pool = env.pg().await;
-    assert_eq!(count(&pool, "select count(*) from agenttask.tasks where phase = 'Succeeded' and backend = 'null'").await, N as i64);
+    assert_eq!(
+        count(&pool, "select count(*) from agenttask.tasks where phase = 'Succeeded' and backend = 'null'").await,
+        N as i64
+    );
     svc.stop().await;
     env.cleanup().await;
 }

@@ -19,6 +19,10 @@ mod poison;
 /// The execution seam: cancel from agentctl, the null backend.
 mod execution;
 
+/// The database's vocabulary (phases, phase sets) matches the service's; unknown stored values
+/// are errors.
+mod schema;
+
 /// The dashboard and alert rules in deploy/monitoring.
 mod monitoring;
 

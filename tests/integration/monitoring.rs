@@ -16,10 +16,7 @@ fn referenced(text: &str) -> BTreeSet<String> {
     while let Some(i) = rest.find("agenttask_") {
         let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
         rest = &rest[i + name.len()..];
-        let base = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(&name);
+        let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name);
         out.insert(base.to_owned());
     }
     out

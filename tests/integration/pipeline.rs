@@ -26,12 +26,15 @@ print("hello", sys.argv[1], os.environ["GREETING"], open("input.txt").read(), da
 json.dump({"answer": 42, "cwd": os.getcwd()}, open(os.environ["AGENTTASK_RESULT_FILE"], "w"))
 "#;
     client
-        .submit(&tenant, &json!({
-            "id": "round-trip-1", "language": "python", "code": code,
-            "args": ["arg1"], "env": {"GREETING": "hi"}, "stdin": "from-stdin",
-            "files": {"input.txt": {"content": "file-data"}},
-            "batch_id": "b1", "labels": {"suite": "pipeline"},
-        }))
+        .submit(
+            &tenant,
+            &json!({
+                "id": "round-trip-1", "language": "python", "code": code,
+                "args": ["arg1"], "env": {"GREETING": "hi"}, "stdin": "from-stdin",
+                "files": {"input.txt": {"content": "file-data"}},
+                "batch_id": "b1", "labels": {"suite": "pipeline"},
+            }),
+        )
         .await;
     let (r, props) = client.next(WAIT).await;
     assert_eq!(r["phase"], "Succeeded", "{r:#}");
@@ -95,10 +98,18 @@ async fn every_validation_rule_gives_a_rejected_result_with_its_reason() {
         (serde_json::to_vec(&json!({"language": "python"})).unwrap(), "ValidationFailed", "code is required"),
         (serde_json::to_vec(&with("code", json!("x".repeat(101)))).unwrap(), "ValidationFailed", "max_code_bytes"),
         (serde_json::to_vec(&with("id", json!("bad id"))).unwrap(), "ValidationFailed", "id must match"),
-        (serde_json::to_vec(&with("files", json!({"../x": {"content": "a"}}))).unwrap(), "ValidationFailed", "file name"),
+        (
+            serde_json::to_vec(&with("files", json!({"../x": {"content": "a"}}))).unwrap(),
+            "ValidationFailed",
+            "file name",
+        ),
         (serde_json::to_vec(&with("env", json!({"AGENTTASK_X": "1"}))).unwrap(), "ValidationFailed", "reserved"),
         (serde_json::to_vec(&with("timeout_seconds", json!(100000))).unwrap(), "ValidationFailed", "timeout_seconds"),
-        (serde_json::to_vec(&with("resources", json!({"memory": "64Gi"}))).unwrap(), "ValidationFailed", "resources.memory"),
+        (
+            serde_json::to_vec(&with("resources", json!({"memory": "64Gi"}))).unwrap(),
+            "ValidationFailed",
+            "resources.memory",
+        ),
         (serde_json::to_vec(&with("priority", json!(1000))).unwrap(), "ValidationFailed", "priority"),
         (serde_json::to_vec(&with("batch_id", json!("a b"))).unwrap(), "ValidationFailed", "batch_id"),
         (serde_json::to_vec(&with("isolation", json!("gvisor"))).unwrap(), "IsolationNotAllowed", "not allowed"),
@@ -204,8 +215,10 @@ async fn resubmitting_the_same_id_creates_no_second_task() {
     assert_eq!(r["phase"], "Succeeded", "{r:#}");
     let (r2, _) = client.next(WAIT).await;
     assert_eq!(r2["phase"], "Succeeded", "{r2:#}");
-    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result per key");
     let pool = env.pg().await;
+    // All five messages handled and every result published: a second result would be here.
+    settled(&env, &pool, &tenant).await;
+    assert!(client.more(Duration::from_millis(500)).await.is_none(), "exactly one result per key");
     let n: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks").fetch_one(&pool).await.unwrap();
     assert_eq!(n, 2);
     pool.close().await;
@@ -236,7 +249,10 @@ async fn stdout_is_capped_and_flagged() {
     let svc = env.start_with(settings).await;
     let mut client = Client::new(&env).await;
     client
-        .submit(&env.tenant("a"), &json!({"id": "loud", "language": "python", "code": "import sys\nsys.stdout.write('x' * 10_000_000)"}))
+        .submit(
+            &env.tenant("a"),
+            &json!({"id": "loud", "language": "python", "code": "import sys\nsys.stdout.write('x' * 10_000_000)"}),
+        )
         .await;
     let (r, _) = client.next(WAIT).await;
     assert_eq!(r["stdout_truncated"], true, "{}", r["message"]);
@@ -251,9 +267,7 @@ async fn stdout_is_capped_and_flagged() {
 async fn results_are_published_after_a_restart_between_finish_and_publish() {
     let env = Env::new(ONE_TENANT).await;
     // First life: everything but the publisher, so the result stays in the outbox.
-    let svc = env
-        .start_with(env.settings(&[Component::Ingest, Component::Scheduler, Component::Executor]))
-        .await;
+    let svc = env.start_with(env.settings(&[Component::Ingest, Component::Scheduler, Component::Executor])).await;
     let mut client = Client::new(&env).await;
     client.submit(&env.tenant("a"), &json!({"id": "outbox-1", "language": "python", "code": "print('kept')"})).await;
     let pool = env.pg().await;
@@ -271,7 +285,8 @@ async fn results_are_published_after_a_restart_between_finish_and_publish() {
     let svc = env.start_with(env.settings(&[Component::Publisher])).await;
     let (r, _) = client.next(WAIT).await;
     assert_eq!((r["id"].as_str(), r["stdout"].as_str()), (Some("outbox-1"), Some("kept\n")));
-    assert!(client.more(Duration::from_secs(2)).await.is_none(), "published exactly once");
+    settled(&env, &pool, &env.tenant("a")).await;
+    assert!(client.more(Duration::from_millis(500)).await.is_none(), "published exactly once");
     let left: i64 = sqlx::query_scalar("select count(*) from agenttask.outbox").fetch_one(&pool).await.unwrap();
     assert_eq!(left, 0);
     pool.close().await;
@@ -288,7 +303,10 @@ async fn dropped_connections_lose_nothing_and_duplicate_nothing() {
     const N: usize = 60;
     for i in 0..N {
         // No reply_to: results go to the tenant's durable results queue, which survives the drop.
-        let body = serde_json::to_vec(&json!({"id": format!("drop-{i}"), "language": "python", "code": format!("print({i})")})).unwrap();
+        let body = serde_json::to_vec(
+            &json!({"id": format!("drop-{i}"), "language": "python", "code": format!("print({i})")}),
+        )
+        .unwrap();
         let props = BasicProperties::default().with_content_type("application/json".into());
         client.publish_raw(&tenant, &body, props).await;
     }
@@ -297,7 +315,10 @@ async fn dropped_connections_lose_nothing_and_duplicate_nothing() {
     eventually(WAIT, || {
         let pool = pool.clone();
         async move {
-            let n: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks where phase = 'Succeeded'").fetch_one(&pool).await.unwrap();
+            let n: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks where phase = 'Succeeded'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
             n >= 5
         }
     })
@@ -307,8 +328,12 @@ async fn dropped_connections_lose_nothing_and_duplicate_nothing() {
     eventually(Duration::from_secs(90), || {
         let pool = pool.clone();
         async move {
-            let n: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks where phase = 'Succeeded'").fetch_one(&pool).await.unwrap();
-            let outbox: i64 = sqlx::query_scalar("select count(*) from agenttask.outbox").fetch_one(&pool).await.unwrap();
+            let n: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks where phase = 'Succeeded'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            let outbox: i64 =
+                sqlx::query_scalar("select count(*) from agenttask.outbox").fetch_one(&pool).await.unwrap();
             n == N as i64 && outbox == 0
         }
     })
@@ -319,7 +344,9 @@ async fn dropped_connections_lose_nothing_and_duplicate_nothing() {
     let ch = conn.create_channel().await.unwrap();
     let mut ids = std::collections::HashSet::new();
     let mut total = 0;
-    while let Ok(Some(m)) = ch.basic_get(format!("agenttask.results.{tenant}").as_str().into(), BasicGetOptions { no_ack: true }).await {
+    while let Ok(Some(m)) =
+        ch.basic_get(format!("agenttask.results.{tenant}").as_str().into(), BasicGetOptions { no_ack: true }).await
+    {
         let r: Value = serde_json::from_slice(&m.delivery.data).unwrap();
         ids.insert(r["id"].as_str().unwrap().to_owned());
         total += 1;
@@ -357,7 +384,12 @@ async fn agentctl_submits_waits_and_gets() {
         }
         cmd.output()
     };
-    let out = get(vec!["get".into(), "ctl-1".into(), "--tenant".into(), tenant.clone(), "-o".into(), "json".into()], Some("test-admin-token")).await.unwrap();
+    let out = get(
+        vec!["get".into(), "ctl-1".into(), "--tenant".into(), tenant.clone(), "-o".into(), "json".into()],
+        Some("test-admin-token"),
+    )
+    .await
+    .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((v["phase"].as_str(), v["stdout"].as_str()), (Some("Succeeded"), Some("42\n")));
@@ -404,7 +436,15 @@ async fn a_corrected_resubmit_after_a_rejection_gets_its_own_result() {
     assert_eq!((r["phase"].as_str(), r["stdout"].as_str()), (Some("Succeeded"), Some("fixed\n")), "{r:#}");
     // An accepted id stays taken: a third publish creates nothing and answers nothing.
     client.submit(&tenant, &json!({"id": "fixme", "language": "python", "code": "print('again')"})).await;
-    assert!(client.more(Duration::from_secs(2)).await.is_none());
+    let pool = env.pg().await;
+    settled(&env, &pool, &tenant).await;
+    assert!(client.more(Duration::from_millis(500)).await.is_none());
+    assert_eq!(
+        count(&pool, "select count(*) from agenttask.tasks").await,
+        1,
+        "the rejection gave way, the third publish added nothing"
+    );
+    pool.close().await;
     svc.stop().await;
     env.cleanup().await;
 }

@@ -58,7 +58,11 @@ fn expect_method(s: &mut TcpStream, class: u16, id: u16) -> Vec<u8> {
         if kind == 1 && (c, m) == (class, id) {
             return payload;
         }
-        assert!(kind != 1 || (c, m) != (10, 50), "broker closed the connection: {:?}", String::from_utf8_lossy(&payload));
+        assert!(
+            kind != 1 || (c, m) != (10, 50),
+            "broker closed the connection: {:?}",
+            String::from_utf8_lossy(&payload)
+        );
     }
 }
 
@@ -149,13 +153,18 @@ async fn poison_messages_do_not_stop_the_service() {
     tokio::task::spawn_blocking(move || raw_publish("/", &key, &nested_headers(20_000), &body)).await.unwrap();
     eventually(WAIT, || {
         let pool = pool.clone();
-        async move { count(&pool, "select count(*) from agenttask.tasks where client_id = 'nested' and phase = 'Succeeded'").await == 1 }
+        async move {
+            count(&pool, "select count(*) from agenttask.tasks where client_id = 'nested' and phase = 'Succeeded'")
+                .await
+                == 1
+        }
     })
     .await;
     assert!(svc.child.try_wait().unwrap().is_none(), "the service died:\n{}", svc.log_text());
 
     // And the service still serves every tenant afterwards.
     let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
     for (tenant, id) in [(&b, "after-b"), (&a, "after-a")] {
         publish_plain(&ch, tenant, &json!({"id": id, "language": "python", "code": "print('ok')"})).await;
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agenttask::domain::task::Language;
-use agenttask::exec::local::{sweep_artifacts, LocalBackend, LocalConfig};
+use agenttask::exec::local::{sweep_artifacts, LocalBackend, LocalConfig, SetupError};
 use agenttask::exec::{Job, Outcome, ProgramResult, RunKey, Termination};
 use uuid::Uuid;
 
@@ -34,13 +34,8 @@ fn sandbox_with(tweak: impl FnOnce(&mut LocalConfig)) -> Sandbox {
     let data_dir = tmp.path().join("data");
     let mut config = LocalConfig::new(&data_dir);
     tweak(&mut config);
-    let backend = LocalBackend::new(config)
-        .expect("local backend (run deploy/local/install-sandbox.sh as root)");
-    Sandbox {
-        backend,
-        data_dir,
-        _tmp: tmp,
-    }
+    let backend = LocalBackend::new(config).expect("local backend (run deploy/local/install-sandbox.sh as root)");
+    Sandbox { backend, data_dir, _tmp: tmp }
 }
 
 fn job(language: Language, code: &str) -> Job {
@@ -81,11 +76,7 @@ impl Sandbox {
         assert_eq!(o.stdout.text, "1\n");
         assert!(!o.stdout.truncated);
         // Nothing of the finished runs is left in the scratch area.
-        let left: Vec<_> = std::fs::read_dir(self.data_dir.join("run"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
+        let left: Vec<_> = std::fs::read_dir(self.data_dir.join("run")).unwrap().flatten().map(|e| e.path()).collect();
         assert!(left.is_empty(), "scratch left behind: {left:?}");
     }
 }
@@ -100,10 +91,7 @@ fn processes_with(marker: &str) -> Vec<String> {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             if cmdline.contains(marker) {
-                found.push(format!(
-                    "{}: {cmdline}",
-                    entry.file_name().to_string_lossy()
-                ));
+                found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
             }
         }
     }
@@ -132,11 +120,7 @@ for port in (5432, 5672):
 "#))
         .await;
     assert_eq!(o.exit_code, Some(0), "{o:?}");
-    assert!(
-        o.stdout.text.contains("5432 refused") && o.stdout.text.contains("5672 refused"),
-        "{}",
-        o.stdout.text
-    );
+    assert!(o.stdout.text.contains("5432 refused") && o.stdout.text.contains("5672 refused"), "{}", o.stdout.text);
     assert!(!o.stdout.text.contains("CONNECTED"));
     s.assert_healthy().await;
 }
@@ -163,11 +147,7 @@ print(sorted(i[1] for i in socket.if_nameindex()))
     assert_eq!(o.exit_code, Some(0), "{o:?}");
     assert!(o.stdout.text.contains("dns failed"), "{}", o.stdout.text);
     assert!(o.stdout.text.contains("udp failed"), "{}", o.stdout.text);
-    assert!(
-        o.stdout.text.contains("['lo']"),
-        "only loopback: {}",
-        o.stdout.text
-    );
+    assert!(o.stdout.text.contains("['lo']"), "only loopback: {}", o.stdout.text);
     s.assert_healthy().await;
 }
 
@@ -214,10 +194,7 @@ print("tmp ok")
     assert_eq!(o.exit_code, Some(0), "{o:?}");
     assert!(!o.stdout.text.contains("WROTE"), "{}", o.stdout.text);
     for d in ["/", "/usr", "/usr/bin", "/etc", "/tmp", "/var/tmp", "/dev"] {
-        assert!(
-            !Path::new(d).join(&m).exists(),
-            "{d}/{m} appeared on the host"
-        );
+        assert!(!Path::new(d).join(&m).exists(), "{d}/{m} appeared on the host");
     }
     s.assert_healthy().await;
 }
@@ -251,10 +228,7 @@ print(sorted(os.listdir("/")), sorted(os.listdir("/etc")))
     let out = &o.stdout.text;
     assert!(!out.contains("hunter2"), "secret leaked: {out}");
     assert!(!out.contains("READ"), "{out}");
-    assert!(
-        !out.contains("CARGO") && !out.contains("RUST"),
-        "service env leaked: {out}"
-    );
+    assert!(!out.contains("CARGO") && !out.contains("RUST"), "service env leaked: {out}");
     assert!(out.contains("/etc/shadow denied"), "{out}");
     s.assert_healthy().await;
 }
@@ -279,11 +253,7 @@ while True:
     let t = Instant::now();
     let o = s.run(j).await;
     assert_eq!(o.termination, Termination::TimedOut, "{o:?}");
-    assert!(
-        t.elapsed() < Duration::from_secs(6),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(6), "took {:?}", t.elapsed());
     assert!(processes_with(&m).is_empty(), "{:?}", processes_with(&m));
     s.assert_healthy().await;
 }
@@ -306,11 +276,7 @@ async fn cpu_spin_times_out() {
     let t = Instant::now();
     let o = s.run(j).await;
     assert_eq!(o.termination, Termination::TimedOut, "{o:?}");
-    assert!(
-        t.elapsed() < Duration::from_secs(4),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(4), "took {:?}", t.elapsed());
     s.assert_healthy().await;
 }
 
@@ -323,15 +289,8 @@ async fn sleeping_past_the_deadline_times_out_quickly() {
     let o = s.run(j).await;
     assert_eq!(o.termination, Termination::TimedOut, "{o:?}");
     assert_eq!(o.exit_code, None);
-    assert_eq!(
-        o.stdout.text, "sleeping\n",
-        "output before the kill is kept"
-    );
-    assert!(
-        t.elapsed() < Duration::from_millis(2500),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert_eq!(o.stdout.text, "sleeping\n", "output before the kill is kept");
+    assert!(t.elapsed() < Duration::from_millis(2500), "took {:?}", t.elapsed());
     s.assert_healthy().await;
 }
 
@@ -341,20 +300,11 @@ async fn a_gibibyte_of_stdout_is_cut_at_the_cap() {
     let j = py("import sys\nb = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(b)\n");
     let t = Instant::now();
     let o = s.run(j).await;
-    assert_eq!(
-        o.termination,
-        Termination::OutputLimitExceeded,
-        "{:?}",
-        o.termination
-    );
+    assert_eq!(o.termination, Termination::OutputLimitExceeded, "{:?}", o.termination);
     assert!(o.stdout.truncated);
     assert_eq!(o.stdout.text.len(), MIB as usize);
     assert!(o.stdout.text.bytes().all(|b| b == b'x'));
-    assert!(
-        t.elapsed() < Duration::from_secs(4),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(4), "took {:?}", t.elapsed());
     s.assert_healthy().await;
 }
 
@@ -371,23 +321,10 @@ with open("/work/big", "wb") as f:
     j.memory_bytes = 512 * MIB;
     let o = s.run(j).await;
     assert_eq!(o.termination, Termination::OutputLimitExceeded, "{o:?}");
-    assert!(
-        o.stderr.text.contains("No space left") || o.stderr.text.contains("too large"),
-        "{}",
-        o.stderr.text
-    );
+    assert!(o.stderr.text.contains("No space left") || o.stderr.text.contains("too large"), "{}", o.stderr.text);
     // The data directory holds nothing of it.
-    let du = std::process::Command::new("du")
-        .arg("-sb")
-        .arg(&s.data_dir)
-        .output()
-        .unwrap();
-    let bytes: u64 = String::from_utf8_lossy(&du.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let du = std::process::Command::new("du").arg("-sb").arg(&s.data_dir).output().unwrap();
+    let bytes: u64 = String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap().parse().unwrap();
     assert!(bytes < MIB, "data dir holds {bytes} bytes");
     s.assert_healthy().await;
 }
@@ -415,22 +352,12 @@ print("created", n)
     let o = s.run(j.clone()).await;
     assert_eq!(o.termination, Termination::Exited, "{o:?}");
     assert_eq!(o.artifacts.len(), s.backend.config().artifact_max_files);
-    assert!(
-        o.stdout.text.contains("stopped 28"),
-        "the scratch's inode cap stops it first: {}",
-        o.stdout.text
-    );
+    assert!(o.stdout.text.contains("stopped 28"), "the scratch's inode cap stops it first: {}", o.stdout.text);
     // Only part of a huge directory is examined; what is listed is in name order.
     assert!(o.artifacts.windows(2).all(|w| w[0].name < w[1].name));
-    let copied = std::fs::read_dir(s.backend.artifacts_dir(j.task_id()))
-        .unwrap()
-        .count();
+    let copied = std::fs::read_dir(s.backend.artifacts_dir(j.task_id())).unwrap().count();
     assert_eq!(copied, s.backend.config().artifact_max_files);
-    assert!(
-        t.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(20), "took {:?}", t.elapsed());
     s.assert_healthy().await;
 }
 
@@ -460,11 +387,7 @@ os.symlink("/etc/shadow", os.environ["AGENTTASK_RESULT_FILE"])
     assert_eq!(o.exit_code, Some(0), "{o:?}");
     let names: Vec<&str> = o.artifacts.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["ok.txt"], "{o:?}");
-    assert!(
-        matches!(o.result, ProgramResult::Invalid(ref m) if m.contains("symbolic link")),
-        "{:?}",
-        o.result
-    );
+    assert!(matches!(o.result, ProgramResult::Invalid(ref m) if m.contains("symbolic link")), "{:?}", o.result);
     s.assert_healthy().await;
 }
 
@@ -472,7 +395,9 @@ os.symlink("/etc/shadow", os.environ["AGENTTASK_RESULT_FILE"])
 async fn artifacts_directory_replaced_by_a_symlink_is_ignored() {
     let s = sandbox();
     let o = s
-        .run(py("import os, shutil\nd = os.environ['AGENTTASK_ARTIFACTS_DIR']\nshutil.rmtree(d)\nos.symlink('/etc', d)\n"))
+        .run(py(
+            "import os, shutil\nd = os.environ['AGENTTASK_ARTIFACTS_DIR']\nshutil.rmtree(d)\nos.symlink('/etc', d)\n",
+        ))
         .await;
     assert_eq!(o.exit_code, Some(0), "{o:?}");
     assert!(o.artifacts.is_empty(), "{:?}", o.artifacts);
@@ -500,11 +425,7 @@ print("parent exits")
     j.args = vec![m.clone()];
     let o = s.run(j).await;
     assert_eq!(o.exit_code, Some(0), "{o:?}");
-    assert!(
-        processes_with(&m).is_empty(),
-        "survivors: {:?}",
-        processes_with(&m)
-    );
+    assert!(processes_with(&m).is_empty(), "survivors: {:?}", processes_with(&m));
 
     // The same when the task is killed at its deadline instead of exiting.
     let m2 = marker();
@@ -513,11 +434,7 @@ print("parent exits")
     j.timeout = Duration::from_millis(800);
     let o = s.run(j).await;
     assert_eq!(o.termination, Termination::TimedOut);
-    assert!(
-        processes_with(&m2).is_empty(),
-        "survivors: {:?}",
-        processes_with(&m2)
-    );
+    assert!(processes_with(&m2).is_empty(), "survivors: {:?}", processes_with(&m2));
     s.assert_healthy().await;
 }
 
@@ -526,7 +443,8 @@ async fn kill_minus_one_only_hits_the_task_itself() {
     let s = sandbox();
     let mut neighbour = py("import time\ntime.sleep(1.5)\nprint('neighbour ok')\n");
     neighbour.timeout = Duration::from_secs(5);
-    let attacker = py("import os, signal, time\ntime.sleep(0.3)\nos.kill(-1, signal.SIGKILL)\nprint('attacker alive')\n");
+    let attacker =
+        py("import os, signal, time\ntime.sleep(0.3)\nos.kill(-1, signal.SIGKILL)\nprint('attacker alive')\n");
     let (n, a) = tokio::join!(s.run(neighbour), s.run(attacker));
     assert_eq!(n.exit_code, Some(0), "neighbour: {n:?}");
     assert_eq!(n.stdout.text, "neighbour ok\n");
@@ -558,11 +476,7 @@ os.kill(pid, 9)
     assert_eq!(o.exit_code, Some(0), "{o:?}");
     let out = &o.stdout.text;
     assert!(out.contains(" -1 1\n"), "{out}");
-    assert!(
-        !out.lines()
-            .any(|l| l.starts_with("ptrace") && !l.ends_with("-1 1")),
-        "{out}"
-    );
+    assert!(!out.lines().any(|l| l.starts_with("ptrace") && !l.ends_with("-1 1")), "{out}");
     assert!(out.contains("vm_readv -1 1"), "{out}");
     assert!(out.contains("unshare -1 1"), "{out}");
     s.assert_healthy().await;
@@ -600,11 +514,7 @@ print(seen)
     let (v, sp) = tokio::join!(s.run(victim), s.run(spy));
     assert_eq!(v.stdout.text, "victim done\n", "{v:?}");
     assert_eq!(sp.exit_code, Some(0), "{sp:?}");
-    assert!(
-        !sp.stdout.text.contains(&secret),
-        "spy saw the victim: {}",
-        sp.stdout.text
-    );
+    assert!(!sp.stdout.text.contains(&secret), "spy saw the victim: {}", sp.stdout.text);
     s.assert_healthy().await;
 }
 
@@ -615,17 +525,23 @@ async fn dropping_the_run_kills_the_task() {
     let mut j = py("import time\ntime.sleep(600)\n");
     j.args = vec![m.clone()];
     j.timeout = Duration::from_secs(60);
-    let r = tokio::time::timeout(Duration::from_millis(700), s.run(j)).await;
-    assert!(r.is_err());
+    // Drive the run until its process exists (the marker is in its argv): only then does
+    // "no survivors" after the drop prove a kill, not a task that never started.
+    let mut run = Box::pin(s.run(j));
+    let started = Instant::now();
+    while processes_with(&m).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the task's process never appeared");
+        tokio::select! {
+            o = &mut run => panic!("the run ended before it was dropped: {o:?}"),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    drop(run);
     let t = Instant::now();
     while !processes_with(&m).is_empty() && t.elapsed() < Duration::from_secs(3) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        processes_with(&m).is_empty(),
-        "survivors: {:?}",
-        processes_with(&m)
-    );
+    assert!(processes_with(&m).is_empty(), "survivors: {:?}", processes_with(&m));
     s.assert_healthy().await;
 }
 
@@ -658,40 +574,21 @@ sys.exit(3)
     let o = s.run(j.clone()).await;
     assert_eq!(o.termination, Termination::Exited, "{o:?}");
     assert_eq!(o.exit_code, Some(3));
-    assert_eq!(
-        o.stdout.text,
-        format!(
-            "args ['a', 'b c']\nstdin hello\nenv bar /work /work {}\n",
-            j.task_id()
-        )
-    );
+    assert_eq!(o.stdout.text, format!("args ['a', 'b c']\nstdin hello\nenv bar /work /work {}\n", j.task_id()));
     assert_eq!(o.stderr.text, "to stderr\n");
-    assert_eq!(
-        o.result,
-        ProgramResult::Json(serde_json::json!({"data": "42\n", "inputs_writable": false, "n": 42}))
-    );
+    assert_eq!(o.result, ProgramResult::Json(serde_json::json!({"data": "42\n", "inputs_writable": false, "n": 42})));
     assert!(o.finished_at >= o.started_at);
 }
 
 #[tokio::test]
 async fn invalid_and_oversized_result_files() {
     let s = sandbox();
+    let o = s.run(py("import os\nopen(os.environ['AGENTTASK_RESULT_FILE'], 'w').write('{not json')\n")).await;
+    assert!(matches!(o.result, ProgramResult::Invalid(ref m) if m.contains("not valid JSON")), "{:?}", o.result);
     let o = s
-        .run(py(
-            "import os\nopen(os.environ['AGENTTASK_RESULT_FILE'], 'w').write('{not json')\n",
-        ))
+        .run(py("import os\nopen(os.environ['AGENTTASK_RESULT_FILE'], 'w').write('[' + '1,' * (1 << 20) + '1]')\n"))
         .await;
-    assert!(
-        matches!(o.result, ProgramResult::Invalid(ref m) if m.contains("not valid JSON")),
-        "{:?}",
-        o.result
-    );
-    let o = s.run(py("import os\nopen(os.environ['AGENTTASK_RESULT_FILE'], 'w').write('[' + '1,' * (1 << 20) + '1]')\n")).await;
-    assert!(
-        matches!(o.result, ProgramResult::Invalid(ref m) if m.contains("limit")),
-        "{:?}",
-        o.result
-    );
+    assert!(matches!(o.result, ProgramResult::Invalid(ref m) if m.contains("limit")), "{:?}", o.result);
     let o = s.run(py("print('no result')")).await;
     assert_eq!(o.result, ProgramResult::Missing);
 }
@@ -719,14 +616,8 @@ writeLines("artifact", file.path(Sys.getenv("AGENTTASK_ARTIFACTS_DIR"), "r.txt")
     j.timeout = Duration::from_secs(20);
     let o = s.run(j).await;
     assert_eq!(o.exit_code, Some(0), "{o:?}");
-    assert_eq!(
-        o.stdout.text,
-        "args one two \nstdin from stdin \nenv bar /work \n"
-    );
-    assert_eq!(
-        o.result,
-        ProgramResult::Json(serde_json::json!({"sum": 55, "data": "xyz"}))
-    );
+    assert_eq!(o.stdout.text, "args one two \nstdin from stdin \nenv bar /work \n");
+    assert_eq!(o.result, ProgramResult::Json(serde_json::json!({"sum": 55, "data": "xyz"})));
     assert_eq!(o.artifacts.len(), 1);
     assert_eq!(o.artifacts[0].name, "r.txt");
 }
@@ -734,10 +625,7 @@ writeLines("artifact", file.path(Sys.getenv("AGENTTASK_ARTIFACTS_DIR"), "r.txt")
 #[tokio::test]
 async fn r_memory_bomb_is_oom_killed() {
     let s = sandbox();
-    let mut j = job(
-        Language::R,
-        "x <- list()\nfor (i in 1:1000) x[[i]] <- runif(1e7)\n",
-    );
+    let mut j = job(Language::R, "x <- list()\nfor (i in 1:1000) x[[i]] <- runif(1e7)\n");
     j.memory_bytes = 200 * MIB;
     j.timeout = Duration::from_secs(20);
     let o = s.run(j).await;
@@ -757,32 +645,18 @@ open(f"{d}/sub/deeper/b.bin", "wb").write(bytes(range(256)))
 "#);
     let o = s.run(j.clone()).await;
     assert_eq!(o.exit_code, Some(0), "{o:?}");
-    let listed: Vec<(&str, u64, &str)> = o
-        .artifacts
-        .iter()
-        .map(|a| (a.name.as_str(), a.size, a.sha256.as_str()))
-        .collect();
+    let listed: Vec<(&str, u64, &str)> =
+        o.artifacts.iter().map(|a| (a.name.as_str(), a.size, a.sha256.as_str())).collect();
     assert_eq!(
         listed,
         [
-            (
-                "a.txt",
-                5,
-                "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-            ),
-            (
-                "sub/deeper/b.bin",
-                256,
-                "40aff2e9d2d8922e47afd4648e6967497158785fbd1da870e7110266bf944880"
-            ),
+            ("a.txt", 5, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"),
+            ("sub/deeper/b.bin", 256, "40aff2e9d2d8922e47afd4648e6967497158785fbd1da870e7110266bf944880"),
         ]
     );
     let dir = s.backend.artifacts_dir(j.task_id());
     assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"hello");
-    assert_eq!(
-        sweep_artifacts(&s.data_dir, Duration::from_secs(3600)).unwrap(),
-        0
-    );
+    assert_eq!(sweep_artifacts(&s.data_dir, Duration::from_secs(3600)).unwrap(), 0);
     assert_eq!(sweep_artifacts(&s.data_dir, Duration::ZERO).unwrap(), 1);
     assert!(!dir.exists());
 }
@@ -791,10 +665,7 @@ open(f"{d}/sub/deeper/b.bin", "wb").write(bytes(range(256)))
 async fn a_missing_runtime_is_a_backend_error() {
     let s = sandbox_with(|c| c.rscript_path = "/nonexistent/Rscript".into());
     let o = s.run(job(Language::R, "cat(1)")).await;
-    assert!(
-        matches!(o.termination, Termination::BackendError(ref m) if m.contains("/nonexistent/Rscript")),
-        "{o:?}"
-    );
+    assert!(matches!(o.termination, Termination::BackendError(ref m) if m.contains("/nonexistent/Rscript")), "{o:?}");
     s.assert_healthy().await;
 }
 
@@ -803,20 +674,18 @@ async fn setup_errors_name_the_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = LocalConfig::new(tmp.path().join("d"));
     c.sandbox_user = "no-such-user-agenttask".into();
-    let e = LocalBackend::new(c).unwrap_err().to_string();
+    let e = LocalBackend::new(c).unwrap_err();
+    assert!(matches!(e, SetupError::SandboxUsers(_)), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("install-sandbox.sh"), "{e}");
     // A missing uid range says which users are missing.
-    assert!(
-        e.contains("uid range is missing") && e.contains("no-such-user-agenttask-0"),
-        "{e}"
-    );
+    assert!(e.contains("uid range is missing") && e.contains("no-such-user-agenttask-0"), "{e}");
     let mut c = LocalConfig::new(tmp.path().join("d"));
     c.bwrap_path = "/nonexistent/bwrap".into();
-    let e = LocalBackend::new(c).unwrap_err().to_string();
-    assert!(
-        e.contains("bubblewrap") && e.contains("install-sandbox.sh"),
-        "{e}"
-    );
+    let e = LocalBackend::new(c).unwrap_err();
+    assert!(matches!(&e, SetupError::NoBubblewrap { path } if path.ends_with("bwrap")), "{e:?}");
+    let e = e.to_string();
+    assert!(e.contains("bubblewrap") && e.contains("install-sandbox.sh"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -837,11 +706,7 @@ fn allocated_under(dir: &Path) -> u64 {
     if !meta.is_dir() {
         return own;
     }
-    own + std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| allocated_under(&e.path()))
-        .sum::<u64>()
+    own + std::fs::read_dir(dir).unwrap().flatten().map(|e| allocated_under(&e.path())).sum::<u64>()
 }
 
 #[tokio::test]
@@ -863,15 +728,9 @@ print("written")
     let names: Vec<&str> = o.artifacts.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["real.txt"], "{o:?}");
     let note = o.artifacts_note.as_deref().unwrap_or_default();
-    assert!(
-        note.contains("3 sparse artifact file(s) not stored"),
-        "{note}"
-    );
+    assert!(note.contains("3 sparse artifact file(s) not stored"), "{note}");
     let on_disk = allocated_under(&s.data_dir.join("artifacts"));
-    assert!(
-        on_disk < MIB,
-        "artifacts occupy {on_disk} bytes on the host"
-    );
+    assert!(on_disk < MIB, "artifacts occupy {on_disk} bytes on the host");
 }
 
 const WRITE_300K: &str = r#"
@@ -900,28 +759,15 @@ async fn a_tenants_artifact_quota_stops_storing_while_another_tenant_stores() {
     let normal = quota(in_tenant(py(WRITE_300K), "globex"));
     let (a, n) = tokio::join!(s.run(attack.clone()), s.run(normal.clone()));
     assert_eq!(a.termination, Termination::Exited, "{a:?}");
-    assert_eq!(
-        a.exit_code,
-        Some(0),
-        "the task itself still succeeds: {a:?}"
-    );
+    assert_eq!(a.exit_code, Some(0), "the task itself still succeeds: {a:?}");
     assert_eq!(a.stdout.text, "done\n");
     assert!(a.artifacts.is_empty(), "{a:?}");
     let note = a.artifacts_note.as_deref().unwrap_or_default();
     assert!(note.contains("max_artifact_bytes"), "{note}");
-    assert!(!s
-        .data_dir
-        .join("artifacts/acme")
-        .join(attack.task_id().to_string())
-        .exists());
+    assert!(!s.data_dir.join("artifacts/acme").join(attack.task_id().to_string()).exists());
     assert_eq!((n.exit_code, n.artifacts.len()), (Some(0), 1), "{n:?}");
     assert_eq!(n.artifacts_note, None);
-    assert!(s
-        .data_dir
-        .join("artifacts/globex")
-        .join(normal.task_id().to_string())
-        .join("data.bin")
-        .is_file());
+    assert!(s.data_dir.join("artifacts/globex").join(normal.task_id().to_string()).join("data.bin").is_file());
     // Once the sweep removed acme's old artifacts, its quota is free again.
     assert_eq!(s.backend.sweep_artifacts().unwrap(), 3);
     let o = s.run(quota(in_tenant(py(WRITE_300K), "acme"))).await;
@@ -974,11 +820,7 @@ print("queued", queued, flush=True)
         .find_map(|l| l.strip_prefix("queued ")?.parse().ok())
         .unwrap_or_else(|| panic!("no count: {o:?}"));
     // Before, a 64Mi task queued about 400 MiB of host TCP memory and succeeded.
-    assert!(
-        queued < 96 * MIB,
-        "a 64Mi task queued {} MiB of TCP data",
-        queued / MIB
-    );
+    assert!(queued < 96 * MIB, "a 64Mi task queued {} MiB of TCP data", queued / MIB);
     s.assert_healthy().await;
 }
 
@@ -1068,13 +910,7 @@ async fn per_user_kernel_limits_held_by_one_tenant_do_not_fail_another() {
         .unwrap_or_else(|| panic!("{held}"));
     assert!(sigs <= 1024, "RLIMIT_SIGPENDING per task: {held}");
     assert_eq!(u.exit_code, Some(0), "{u:?}");
-    for line in [
-        "inotify ok",
-        "mqueue ok",
-        "sigpending ok",
-        "inflight ok",
-        "multiprocessing [1, 2]",
-    ] {
+    for line in ["inotify ok", "mqueue ok", "sigpending ok", "inflight ok", "multiprocessing [1, 2]"] {
         assert!(u.stdout.text.contains(line), "{line:?} missing: {u:?}");
     }
 }
@@ -1084,12 +920,7 @@ async fn concurrently_running_tasks_have_distinct_host_uids() {
     let s = sandbox();
     assert!(s.backend.slots() >= 4, "slots: {}", s.backend.slots());
     let code = "import os, time\nprint(os.getuid(), os.getgid())\ntime.sleep(1)\n";
-    let runs = (0..4).map(|i| {
-        s.run(in_tenant(
-            py(code),
-            if i % 2 == 0 { "acme" } else { "globex" },
-        ))
-    });
+    let runs = (0..4).map(|i| s.run(in_tenant(py(code), if i % 2 == 0 { "acme" } else { "globex" })));
     let outs = futures_util::future::join_all(runs).await;
     let mut uids = std::collections::HashSet::new();
     let mut gids = std::collections::HashSet::new();
@@ -1173,10 +1004,7 @@ print("self", os.path.exists("/proc/self/status"))
     assert!(out.contains("/proc/cmdline 0\n"), "{out}");
     assert!(out.contains("/proc/keys 0\n"), "{out}");
     // What runtimes need is still there.
-    assert!(
-        out.contains("cpuinfo True") && out.contains("self True"),
-        "{out}"
-    );
+    assert!(out.contains("cpuinfo True") && out.contains("self True"), "{out}");
 }
 
 #[tokio::test]
@@ -1187,24 +1015,13 @@ for name in (".etc-passwd", ".etc-group", ".etc-hosts", "passwd", "hosts", "empt
     print(name, open(name).read())
 print("etc", open("/etc/passwd").read().startswith("sandbox:"))
 "#);
-    for name in [
-        ".etc-passwd",
-        ".etc-group",
-        ".etc-hosts",
-        "passwd",
-        "hosts",
-        "empty",
-    ] {
-        j.files
-            .insert(name.into(), format!("input {name}").into_bytes());
+    for name in [".etc-passwd", ".etc-group", ".etc-hosts", "passwd", "hosts", "empty"] {
+        j.files.insert(name.into(), format!("input {name}").into_bytes());
     }
     let o = s.run(j).await;
     assert_eq!(o.termination, Termination::Exited, "{o:?}");
     assert_eq!(o.exit_code, Some(0), "{o:?}");
-    assert!(
-        o.stdout.text.contains(".etc-passwd input .etc-passwd\n"),
-        "{o:?}"
-    );
+    assert!(o.stdout.text.contains(".etc-passwd input .etc-passwd\n"), "{o:?}");
     assert!(o.stdout.text.contains("passwd input passwd\n"), "{o:?}");
     assert!(o.stdout.text.contains("etc True"), "{o:?}");
 }
@@ -1217,34 +1034,20 @@ async fn stale_task_cgroups_of_dead_owners_are_removed_and_live_neighbours_kept(
         &std::fs::read_to_string("/proc/self/cgroup").unwrap(),
     );
     let parent = match &host {
-        CgroupHost::V1 {
-            memory: Some(m), ..
-        } => m.clone(),
+        CgroupHost::V1 { memory: Some(m), .. } => m.clone(),
         CgroupHost::V2 { parent } => parent.clone(),
         other => panic!("this test needs cgroups: {other:?}"),
     };
     std::fs::create_dir_all(&parent).unwrap();
     // A service process that is gone: a finished child's pid.
-    let dead_pid = std::process::Command::new("/bin/true")
-        .spawn()
-        .unwrap()
-        .id();
+    let dead_pid = std::process::Command::new("/bin/true").spawn().unwrap().id();
     std::thread::sleep(Duration::from_millis(50));
-    let dead = parent.join(cgroup::task_name(
-        Owner {
-            pid: dead_pid,
-            start_ticks: 1,
-        },
-        &format!("{}-dead", Uuid::new_v4()),
-    ));
+    let dead =
+        parent.join(cgroup::task_name(Owner { pid: dead_pid, start_ticks: 1 }, &format!("{}-dead", Uuid::new_v4())));
     // A live neighbour: this very process.
-    let own_ticks =
-        cgroup::start_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()).unwrap();
+    let own_ticks = cgroup::start_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()).unwrap();
     let live = parent.join(cgroup::task_name(
-        Owner {
-            pid: std::process::id(),
-            start_ticks: own_ticks,
-        },
+        Owner { pid: std::process::id(), start_ticks: own_ticks },
         &format!("{}-live", Uuid::new_v4()),
     ));
     std::fs::create_dir(&dead).unwrap();
@@ -1298,15 +1101,8 @@ print("queued", queued, "done", flush=True)
             .next_back()
             .unwrap_or_else(|| panic!("{kind}: no progress at all: {o:?}"));
         // Either the task was stopped at its own memory limit, or the kernel refused more.
-        assert!(
-            last < 96 * MIB,
-            "{kind}: a 64Mi task queued {} MiB",
-            last / MIB
-        );
-        assert!(
-            o.termination == Termination::OomKilled || o.exit_code == Some(0),
-            "{kind}: {o:?}"
-        );
+        assert!(last < 96 * MIB, "{kind}: a 64Mi task queued {} MiB", last / MIB);
+        assert!(o.termination == Termination::OomKilled || o.exit_code == Some(0), "{kind}: {o:?}");
     }
     s.assert_healthy().await;
 }

@@ -22,6 +22,10 @@ pub fn unique() -> String {
 }
 
 /// An isolated environment: a database, tenant names nobody else uses, a data dir.
+///
+/// Cleanup is panic-safe: dropping an `Env` (at the end of a test, or while a failed assertion
+/// unwinds) drops its database, deletes the queues of every tenant it ever named (from its
+/// tenants files and [`Env::tenant`]) and its vhost. [`Env::cleanup`] does the same, awaited.
 pub struct Env {
     pub id: String,
     pub database_url: String,
@@ -29,6 +33,9 @@ pub struct Env {
     pub vhost: Option<String>,
     pub dir: tempfile::TempDir,
     pub tenants_path: PathBuf,
+    /// Every tenant name this environment handed out or wrote into a tenants file.
+    tenants_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    cleaned: bool,
 }
 
 /// A running service inside the test process.
@@ -68,12 +75,24 @@ impl Env {
             tenants_path,
             dir,
             id,
+            tenants_seen: Default::default(),
+            cleaned: false,
         }
     }
 
     /// The tenant name for a suffix: `tenant("a")` is `t<id>-a`.
     pub fn tenant(&self, suffix: &str) -> String {
-        format!("t{}-{suffix}", self.id)
+        let name = format!("t{}-{suffix}", self.id);
+        self.tenants_seen.lock().unwrap().insert(name.clone());
+        name
+    }
+
+    /// The tenants named in this environment's tenants file right now.
+    fn tenants_in_file(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.tenants_path).unwrap_or_default();
+        agenttask::domain::tenant::parse_tenants(&text)
+            .map(|t| t.keys().map(|k| k.to_string()).collect())
+            .unwrap_or_default()
     }
 
     pub fn settings(&self, components: &[Component]) -> Settings {
@@ -85,6 +104,9 @@ impl Env {
             http_addr: Some(format!("127.0.0.1:{port}").parse().unwrap()),
             components: Some(components.to_vec()),
             max_running: Some(4),
+            // Many services run at once in this suite (and other suites on the same server): a
+            // small pool each keeps them under Postgres' max_connections.
+            database_pool_size: Some(8),
             data_dir: Some(self.dir.path().join("data")),
             admin_token: Some("test-admin-token".into()),
             config: Some(self.dir.path().join("none.toml")).filter(|p| p.exists()),
@@ -101,46 +123,49 @@ impl Env {
         let components_include_ingest = settings.runs(Component::Ingest);
         let shutdown = CancellationToken::new();
         let http_addr = settings.http_addr;
+        let runs_http = settings.runs(Component::Http);
         let handle = tokio::spawn(agenttask::service::run(settings, shutdown.clone()));
         let svc = Service { shutdown, handle, http_addr };
-        // Ready when every tenant's task queue has a consumer (before that, a message for the
-        // tenant would be routed to the alternate exchange as an unknown tenant).
-        let conn = self.connect().await;
+        // Ready when `/readyz` says so (database and RabbitMQ up); then, with ingest, when every
+        // tenant's task queue has a consumer (before that, a message for the tenant would be
+        // routed to the alternate exchange as an unknown tenant).
+        if runs_http {
+            await_ready(http_addr).await;
+        }
         if components_include_ingest {
-            let text = std::fs::read_to_string(&self.tenants_path).unwrap();
-            let tenants = agenttask::domain::tenant::parse_tenants(&text).unwrap();
-            for t in tenants.keys() {
+            let conn = self.connect().await;
+            for t in self.tenants_in_file() {
+                self.tenants_seen.lock().unwrap().insert(t.clone());
                 let q = format!("agenttask.tasks.{t}");
                 eventually(Duration::from_secs(30), || queue_has_consumer(&conn, &q)).await;
             }
-        } else {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = conn.close(200, "ok".into()).await;
         }
-        let _ = conn.close(200, "ok".into()).await;
         svc
     }
 
     pub async fn connect(&self) -> Connection {
-        Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ reachable")
+        Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await.expect("RabbitMQ reachable")
     }
 
     pub async fn pg(&self) -> sqlx::PgPool {
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&self.database_url)
-            .await
-            .unwrap()
+        sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&self.database_url).await.unwrap()
     }
 
-    /// Drops the database, the tenants' queues and the vhost. Call at the end of a test.
-    pub async fn cleanup(self) {
+    /// Drops the database, the tenants' queues and the vhost. Call at the end of a test (dropping
+    /// the `Env` does the same, for a test that panicked before it got here).
+    pub async fn cleanup(mut self) {
+        self.remove_everything().await;
+        self.cleaned = true;
+    }
+
+    async fn remove_everything(&self) {
         if self.vhost.is_none() {
             // Queues are durable: remove this test's, or every run leaves some behind.
             if let Ok(conn) = Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await {
-                for suffix in ["a", "b", "nobody"] {
-                    let t = self.tenant(suffix);
+                let mut tenants = self.tenants_seen.lock().unwrap().clone();
+                tenants.extend(self.tenants_in_file());
+                for t in tenants {
                     for q in [format!("agenttask.tasks.{t}"), format!("agenttask.results.{t}")] {
                         if let Ok(ch) = conn.create_channel().await {
                             let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
@@ -161,12 +186,46 @@ impl Env {
     }
 }
 
+impl Drop for Env {
+    /// Panic-safe cleanup: a test that failed halfway still leaves no database, queue or vhost
+    /// behind. Runs on its own thread and runtime, since `drop` cannot await.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let env = Env {
+            id: self.id.clone(),
+            database_url: self.database_url.clone(),
+            amqp_url: self.amqp_url.clone(),
+            vhost: self.vhost.clone(),
+            dir: tempfile::tempdir().unwrap(),
+            tenants_path: self.tenants_path.clone(),
+            tenants_seen: std::sync::Mutex::new(self.tenants_seen.lock().map(|s| s.clone()).unwrap_or_default()),
+            cleaned: true,
+        };
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(env.remove_everything());
+        })
+        .join();
+    }
+}
+
+/// Waits until the service's `/readyz` answers 200 (database and RabbitMQ up).
+pub async fn await_ready(addr: std::net::SocketAddr) {
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/readyz");
+    eventually(Duration::from_secs(30), || {
+        let req = client.get(&url).send();
+        async move { req.await.is_ok_and(|r| r.status().is_success()) }
+    })
+    .await;
+}
+
 impl Service {
     pub async fn stop(self) {
         self.shutdown.cancel();
-        let res = tokio::time::timeout(Duration::from_secs(20), self.handle)
-            .await
-            .expect("service stops within 20s");
+        let res = tokio::time::timeout(Duration::from_secs(20), self.handle).await.expect("service stops within 20s");
         res.expect("service task").expect("service ran cleanly");
     }
 }
@@ -194,12 +253,21 @@ impl Client {
         let channel = conn.create_channel().await.unwrap();
         channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
         let q = channel
-            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         let reply_queue = q.name().as_str().to_owned();
         let replies = channel
-            .basic_consume(reply_queue.as_str().into(), "test".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "test".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         Client { conn, channel, reply_queue, replies }
@@ -330,14 +398,24 @@ pub fn sleeper(id: &str, seconds: f64) -> Value {
     serde_json::json!({"id": id, "language": "python", "code": format!("import time\ntime.sleep({seconds})"), "timeout_seconds": 60})
 }
 
-/// Publishes without a reply queue (results go to the tenant's results queue).
+/// Publishes without a reply queue (results go to the tenant's results queue), and waits for
+/// the broker's confirm: when this returns, the message is in the tenant's queue. `ch` must be
+/// in confirm mode (`confirm_select`); otherwise there is no confirm and this fails.
 pub async fn publish_plain(ch: &Channel, tenant: &str, task: &Value) {
     let props = BasicProperties::default().with_content_type("application/json".into());
-    let c = ch
-        .basic_publish("agenttask.tasks".into(), tenant.into(), BasicPublishOptions::default(), &serde_json::to_vec(task).unwrap(), props)
+    let confirm = ch
+        .basic_publish(
+            "agenttask.tasks".into(),
+            tenant.into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(task).unwrap(),
+            props,
+        )
+        .await
+        .unwrap()
         .await
         .unwrap();
-    let _ = c;
+    assert!(confirm.is_ack(), "publish not confirmed: {confirm:?}");
 }
 
 /// Whether `queue` exists and has a consumer. Uses a throwaway channel: a passive declare of a
@@ -419,4 +497,31 @@ pub async fn readyz(addr: std::net::SocketAddr) -> (u16, Value) {
         }
         Err(_) => (0, Value::Null),
     }
+}
+
+/// Messages in `queue` of this environment's vhost, ready and unacknowledged together (None
+/// when the queue does not exist). Ingest acks a message only after storing it, so 0 means
+/// every message published to the queue has been handled.
+pub async fn queue_messages(env: &Env, queue: &str) -> Option<u64> {
+    let vhost = env.vhost.clone().unwrap_or_else(|| "/".into());
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "-p", &vhost, "name", "messages"])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, n)| n.trim().parse().ok())
+}
+
+/// The positive signal before asserting that nothing more arrives: every message published to
+/// the tenant's task queue was handled (acked after its commit), and every stored result was
+/// published (the outbox is empty). Whatever has not arrived by then was never sent.
+pub async fn settled(env: &Env, pool: &sqlx::PgPool, tenant: &str) {
+    let queue = format!("agenttask.tasks.{tenant}");
+    eventually(Duration::from_secs(60), || async { queue_messages(env, &queue).await == Some(0) }).await;
+    eventually(Duration::from_secs(60), || async { count(pool, "select count(*) from agenttask.outbox").await == 0 })
+        .await;
 }

@@ -39,15 +39,9 @@ impl TaskCgroups {
                     }
                     if let Some(parent) = memory {
                         let dir = cg.make(parent, name)?;
-                        write_file(
-                            &dir.join("memory.limit_in_bytes"),
-                            &limits.memory_bytes.to_string(),
-                        )?;
+                        write_file(&dir.join("memory.limit_in_bytes"), &limits.memory_bytes.to_string())?;
                         // No swap for tasks (absent when swap accounting is off).
-                        let _ = write_file(
-                            &dir.join("memory.memsw.limit_in_bytes"),
-                            &limits.memory_bytes.to_string(),
-                        );
+                        let _ = write_file(&dir.join("memory.memsw.limit_in_bytes"), &limits.memory_bytes.to_string());
                         let _ = write_file(&dir.join("memory.swappiness"), "0");
                         // v1 charges TCP socket buffers to a memory cgroup only once its
                         // kmem.tcp limit is set, and only for sockets created after that: set
@@ -93,12 +87,8 @@ impl TaskCgroups {
         let dir = cgroup::task_dir(parent, name);
         fs::create_dir(&dir)?;
         self.dirs.push(dir.clone());
-        self.procs_fds.push(
-            OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(dir.join("cgroup.procs"))?,
-        );
+        self.procs_fds
+            .push(OpenOptions::new().write(true).custom_flags(libc::O_CLOEXEC).open(dir.join("cgroup.procs"))?);
         Ok(dir)
     }
 

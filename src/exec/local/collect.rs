@@ -87,17 +87,12 @@ pub fn collect_artifacts_within(
     let (found, sparse) = walk(&root, caps);
     let mut notes = Vec::new();
     if sparse > 0 {
-        notes.push(format!(
-            "{sparse} sparse artifact file(s) not stored (apparent size above allocated size)"
-        ));
+        notes.push(format!("{sparse} sparse artifact file(s) not stored (apparent size above allocated size)"));
     }
     let total: u64 = found.iter().map(|f| f.cost).sum();
     if !found.is_empty() {
         if let Err(why) = admit(total) {
-            notes.push(format!(
-                "{} artifact file(s) ({total} bytes) not stored: {why}",
-                found.len()
-            ));
+            notes.push(format!("{} artifact file(s) ({total} bytes) not stored: {why}", found.len()));
             collected.note = Some(notes.join("; "));
             return collected;
         }
@@ -107,11 +102,7 @@ pub fn collect_artifacts_within(
         match copy_found(&root, &f, &dest.join(&rel)) {
             Ok((sha256, size)) => {
                 collected.stored_bytes += f.cost;
-                collected.artifacts.push(Artifact {
-                    name: rel,
-                    size,
-                    sha256,
-                });
+                collected.artifacts.push(Artifact { name: rel, size, sha256 });
             }
             Err(e) => tracing::debug!(file = %rel, error = %e, "artifact skipped"),
         }
@@ -130,12 +121,7 @@ fn cstring(name: &str) -> io::Result<CString> {
 fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: NUL-terminated path; we own the returned descriptor.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -145,13 +131,7 @@ fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
 /// `openat(dir, name)` without following a symlink, with extra flags.
 fn open_at(dir: &OwnedFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: a valid descriptor and a NUL-terminated name; we own the returned descriptor.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -161,15 +141,7 @@ fn open_at(dir: &OwnedFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd
 fn stat_at(dir: &OwnedFd, name: &CStr) -> io::Result<libc::stat> {
     // SAFETY: fstatat fills the zeroed struct; the name is NUL-terminated.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    } != 0
-    {
+    if unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(st)
@@ -270,13 +242,7 @@ fn walk(root: &OwnedFd, caps: &ArtifactCaps) -> (Vec<Found>, usize) {
                 continue;
             }
             total += cost;
-            found.push(Found {
-                parts: rel,
-                dev: st.st_dev as u64,
-                ino: st.st_ino as u64,
-                size,
-                cost,
-            });
+            found.push(Found { parts: rel, dev: st.st_dev, ino: st.st_ino, size, cost });
         }
         stack.extend(subdirs.into_iter().rev());
         if budget == 0 {
@@ -304,18 +270,11 @@ fn copy_found(root: &OwnedFd, f: &Found, dest: &Path) -> io::Result<(String, u64
     let fd = open_at(&dir, &cstring(name)?, libc::O_RDONLY | libc::O_NONBLOCK)?;
     let mut file = File::from(fd);
     let meta = file.metadata()?;
-    if !meta.file_type().is_file()
-        || meta.nlink() != 1
-        || meta.ino() != f.ino
-        || meta.dev() != f.dev
-    {
+    if !meta.file_type().is_file() || meta.nlink() != 1 || meta.ino() != f.ino || meta.dev() != f.dev {
         return Err(io::Error::other("not the regular file that was listed"));
     }
     if let Some(parent) = dest.parent() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
     }
     let mut out = OpenOptions::new()
         .write(true)
@@ -351,9 +310,8 @@ pub fn tree_cost(path: &Path) -> u64 {
     if !meta.is_dir() {
         return own;
     }
-    let children: u64 = fs::read_dir(path)
-        .map(|entries| entries.flatten().map(|e| tree_cost(&e.path())).sum())
-        .unwrap_or(0);
+    let children: u64 =
+        fs::read_dir(path).map(|entries| entries.flatten().map(|e| tree_cost(&e.path())).sum()).unwrap_or(0);
     own + children
 }
 
@@ -370,17 +328,9 @@ impl TenantUsage {
     ///
     /// # Errors
     /// The reason, for the result message, when the quota would be exceeded.
-    pub fn admit(
-        &self,
-        tenant_dir: &Path,
-        tenant: &str,
-        cost: u64,
-        quota: u64,
-    ) -> Result<(), String> {
+    pub fn admit(&self, tenant_dir: &Path, tenant: &str, cost: u64, quota: u64) -> Result<(), String> {
         let mut map = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        let used = map
-            .entry(tenant.to_string())
-            .or_insert_with(|| tree_cost(tenant_dir));
+        let used = map.entry(tenant.to_string()).or_insert_with(|| tree_cost(tenant_dir));
         if used.saturating_add(cost) > quota {
             return Err(format!(
                 "the tenant's artifact storage quota (max_artifact_bytes = {quota}) would be exceeded: {used} bytes are retained"
@@ -409,29 +359,19 @@ impl TenantUsage {
 ///
 /// # Errors
 /// The reason, for the result message.
-pub fn check_free_space(
-    dir: &Path,
-    cost: u64,
-    min_free_bytes: u64,
-    min_free_percent: u8,
-) -> Result<(), String> {
+pub fn check_free_space(dir: &Path, cost: u64, min_free_bytes: u64, min_free_percent: u8) -> Result<(), String> {
     let c = CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: statvfs fills the zeroed struct; the path is NUL-terminated.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(format!(
-            "the data directory's free space is unknown: {}",
-            io::Error::last_os_error()
-        ));
+        return Err(format!("the data directory's free space is unknown: {}", io::Error::last_os_error()));
     }
     let frsize = st.f_frsize as u64;
     let avail = (st.f_bavail as u64).saturating_mul(frsize);
     let size = (st.f_blocks as u64).saturating_mul(frsize);
     let floor = min_free_bytes.max(size / 100 * u64::from(min_free_percent));
     if cost > avail || avail - cost < floor {
-        return Err(format!(
-            "the data directory would fall below its free-space floor ({floor} bytes; {avail} free)"
-        ));
+        return Err(format!("the data directory would fall below its free-space floor ({floor} bytes; {avail} free)"));
     }
     Ok(())
 }
@@ -444,23 +384,16 @@ pub fn read_result(path: &Path, max_bytes: u64) -> ProgramResult {
         Err(e) => return ProgramResult::Invalid(format!("result file could not be read: {e}")),
     };
     if meta.file_type().is_symlink() {
-        return ProgramResult::Invalid(
-            "result file is a symbolic link; it was not followed".into(),
-        );
+        return ProgramResult::Invalid("result file is a symbolic link; it was not followed".into());
     }
     if !meta.file_type().is_file() {
         return ProgramResult::Invalid("result file is not a regular file".into());
     }
     if meta.len() > max_bytes {
-        return ProgramResult::Invalid(format!(
-            "result file is {} bytes, over the {max_bytes}-byte limit",
-            meta.len()
-        ));
+        return ProgramResult::Invalid(format!("result file is {} bytes, over the {max_bytes}-byte limit", meta.len()));
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path);
+    let file =
+        OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path);
     let mut bytes = Vec::new();
     if let Err(e) = file.and_then(|f| f.take(max_bytes + 1).read_to_end(&mut bytes)) {
         return ProgramResult::Invalid(format!("result file could not be read: {e}"));
@@ -492,10 +425,7 @@ pub fn sweep_artifacts(data_dir: &Path, ttl: Duration) -> io::Result<usize> {
     let mut removed = 0;
     for entry in entries.flatten() {
         let path = entry.path();
-        let legacy_task = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| uuid::Uuid::parse_str(n).is_ok());
+        let legacy_task = entry.file_name().to_str().is_some_and(|n| uuid::Uuid::parse_str(n).is_ok());
         let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
         if legacy_task || !is_dir {
             removed += sweep_one(&path, now, ttl);
@@ -513,19 +443,11 @@ fn sweep_one(path: &Path, now: SystemTime, ttl: Duration) -> usize {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return 0;
     };
-    let age = meta
-        .modified()
-        .ok()
-        .and_then(|m| now.duration_since(m).ok())
-        .unwrap_or_default();
+    let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
     if age < ttl {
         return 0;
     }
-    let res = if meta.file_type().is_dir() {
-        fs::remove_dir_all(path)
-    } else {
-        fs::remove_file(path)
-    };
+    let res = if meta.file_type().is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
     match res {
         Ok(()) => 1,
         Err(e) => {
@@ -541,18 +463,11 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     fn caps() -> ArtifactCaps {
-        ArtifactCaps {
-            max_files: 100,
-            max_bytes: 1 << 20,
-            max_depth: 8,
-        }
+        ArtifactCaps { max_files: 100, max_bytes: 1 << 20, max_depth: 8 }
     }
 
     fn sha256_hex(data: &[u8]) -> String {
-        Sha256::digest(data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
@@ -568,10 +483,7 @@ mod tests {
         assert_eq!(names, ["a.txt", "b.txt", "sub/deeper/c.bin"]);
         assert_eq!(got[1].size, 3);
         assert_eq!(got[1].sha256, sha256_hex(b"bee"));
-        assert_eq!(
-            fs::read(dest.join("sub/deeper/c.bin")).unwrap(),
-            [0u8, 1, 2]
-        );
+        assert_eq!(fs::read(dest.join("sub/deeper/c.bin")).unwrap(), [0u8, 1, 2]);
     }
 
     #[test]
@@ -631,40 +543,17 @@ mod tests {
             fs::write(src.join(format!("f{i}")), vec![b'x'; 100]).unwrap();
         }
         fs::write(src.join("d1/d2/deep"), b"deep").unwrap();
-        let got = collect_artifacts(
-            &src,
-            &dest,
-            &ArtifactCaps {
-                max_files: 3,
-                max_bytes: 1 << 20,
-                max_depth: 8,
-            },
-        );
+        let got = collect_artifacts(&src, &dest, &ArtifactCaps { max_files: 3, max_bytes: 1 << 20, max_depth: 8 });
         assert_eq!(got.len(), 3);
         // The byte cap counts what a file occupies: whole blocks for these 100-byte files.
         let meta = fs::metadata(src.join("f0")).unwrap();
         let one = meta.len().max(meta.blocks() * 512);
-        let got = collect_artifacts(
-            &src,
-            &dest,
-            &ArtifactCaps {
-                max_files: 100,
-                max_bytes: one * 5 / 2,
-                max_depth: 8,
-            },
-        );
+        let got =
+            collect_artifacts(&src, &dest, &ArtifactCaps { max_files: 100, max_bytes: one * 5 / 2, max_depth: 8 });
         // A file that would pass the cap is skipped; smaller ones after it still fit.
         let names: Vec<_> = got.iter().map(|a| a.name.as_str()).collect();
         assert_eq!(names, ["f0", "f1"]);
-        let got = collect_artifacts(
-            &src,
-            &dest,
-            &ArtifactCaps {
-                max_files: 100,
-                max_bytes: 1 << 20,
-                max_depth: 2,
-            },
-        );
+        let got = collect_artifacts(&src, &dest, &ArtifactCaps { max_files: 100, max_bytes: 1 << 20, max_depth: 2 });
         assert!(got.iter().all(|a| a.name != "d1/d2/deep"), "{got:?}");
     }
 
@@ -680,10 +569,7 @@ mod tests {
         let names: Vec<_> = got.artifacts.iter().map(|a| a.name.as_str()).collect();
         assert_eq!(names, ["dense"]);
         assert!(!dest.join("sparse").exists());
-        assert!(got
-            .note
-            .unwrap()
-            .contains("1 sparse artifact file(s) not stored"));
+        assert!(got.note.unwrap().contains("1 sparse artifact file(s) not stored"));
         // 10,000 bytes occupy whole blocks.
         assert!(got.stored_bytes >= 10_000, "{}", got.stored_bytes);
     }
@@ -703,12 +589,7 @@ mod tests {
         assert!(got.artifacts.is_empty());
         assert_eq!(got.stored_bytes, 0);
         assert!(!dest.join("a").exists());
-        assert_eq!(
-            got.note.as_deref(),
-            Some(&*format!(
-                "1 artifact file(s) ({asked} bytes) not stored: over quota"
-            ))
-        );
+        assert_eq!(got.note.as_deref(), Some(&*format!("1 artifact file(s) ({asked} bytes) not stored: over quota")));
     }
 
     #[test]
@@ -727,9 +608,7 @@ mod tests {
         usage.release("acme", 1000);
         usage.admit(&tenant_dir, "acme", 1000, quota).unwrap();
         // Another tenant has its own count.
-        usage
-            .admit(&tmp.path().join("globex"), "globex", quota, quota)
-            .unwrap();
+        usage.admit(&tmp.path().join("globex"), "globex", quota, quota).unwrap();
     }
 
     #[test]
@@ -747,24 +626,15 @@ mod tests {
         let p = tmp.path().join("result.json");
         assert_eq!(read_result(&p, 100), ProgramResult::Missing);
         fs::write(&p, br#"{"a": [1, 2]}"#).unwrap();
-        assert_eq!(
-            read_result(&p, 100),
-            ProgramResult::Json(serde_json::json!({"a": [1, 2]}))
-        );
+        assert_eq!(read_result(&p, 100), ProgramResult::Json(serde_json::json!({"a": [1, 2]})));
         fs::write(&p, b"{not json").unwrap();
-        assert!(
-            matches!(read_result(&p, 100), ProgramResult::Invalid(m) if m.contains("not valid JSON"))
-        );
+        assert!(matches!(read_result(&p, 100), ProgramResult::Invalid(m) if m.contains("not valid JSON")));
         fs::write(&p, vec![b' '; 101]).unwrap();
-        assert!(
-            matches!(read_result(&p, 100), ProgramResult::Invalid(m) if m.contains("over the 100-byte limit"))
-        );
+        assert!(matches!(read_result(&p, 100), ProgramResult::Invalid(m) if m.contains("over the 100-byte limit")));
         fs::remove_file(&p).unwrap();
         fs::write(tmp.path().join("target"), b"1").unwrap();
         symlink(tmp.path().join("target"), &p).unwrap();
-        assert!(
-            matches!(read_result(&p, 100), ProgramResult::Invalid(m) if m.contains("symbolic link"))
-        );
+        assert!(matches!(read_result(&p, 100), ProgramResult::Invalid(m) if m.contains("symbolic link")));
     }
 
     #[test]
@@ -777,10 +647,7 @@ mod tests {
             fs::create_dir_all(d).unwrap();
             fs::write(d.join("f"), b"x").unwrap();
         }
-        assert_eq!(
-            sweep_artifacts(tmp.path(), Duration::from_secs(3600)).unwrap(),
-            0
-        );
+        assert_eq!(sweep_artifacts(tmp.path(), Duration::from_secs(3600)).unwrap(), 0);
         assert!(dir.exists() && legacy.exists());
         assert_eq!(sweep_artifacts(tmp.path(), Duration::ZERO).unwrap(), 2);
         assert!(!dir.exists() && !legacy.exists());

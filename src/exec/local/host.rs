@@ -17,27 +17,19 @@ use crate::sandbox::cgroup::{self, CgroupHost};
 // Host helpers.
 
 pub(super) fn is_executable(path: &Path) -> bool {
-    fs::metadata(path)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    fs::metadata(path).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 pub(super) fn lookup_user(name: &str) -> io::Result<Option<(u32, u32)>> {
-    let cname = CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name contains NUL"))?;
+    let cname =
+        CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name contains NUL"))?;
     // SAFETY: getpwnam_r fills `pwd` with pointers into `buf`, both alive for the call; we only
     // copy two integers out.
     unsafe {
         let mut pwd: libc::passwd = std::mem::zeroed();
         let mut buf = vec![0 as libc::c_char; 16 * 1024];
         let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        );
+        let rc = libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
         }
@@ -57,21 +49,17 @@ pub(super) fn prepare_data_dir(data_dir: &Path, uid: u32, gid: u32) -> Result<()
             .mode(mode)
             .create(p)
             .map_err(|e| format!("creating {}: {e}", p.display()))?;
-        fs::set_permissions(p, fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("chmod {}: {e}", p.display()))
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(|e| format!("chmod {}: {e}", p.display()))
     };
     mk(data_dir, 0o711)?;
     mk(&data_dir.join("run"), 0o711)?;
     mk(&data_dir.join("artifacts"), 0o700)?;
-    let data_dir =
-        fs::canonicalize(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let data_dir = fs::canonicalize(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
     // bubblewrap runs as the sandbox user and resolves the scratch paths itself.
     for dir in data_dir.ancestors() {
         let m = fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mode = m.permissions().mode();
-        let ok = mode & 0o001 != 0
-            || (m.uid() == uid && mode & 0o100 != 0)
-            || (m.gid() == gid && mode & 0o010 != 0);
+        let ok = mode & 0o001 != 0 || (m.uid() == uid && mode & 0o100 != 0) || (m.gid() == gid && mode & 0o010 != 0);
         if !ok {
             return Err(format!(
                 "the sandbox user cannot traverse {} (mode {:o}); choose a data directory whose parents are world-searchable (o+x), e.g. /var/lib/agenttask",
@@ -145,17 +133,15 @@ pub(super) fn prepare_cgroups() -> CgroupHost {
     let host = cgroup::detect(&mountinfo, &own);
     let ok = match &host {
         CgroupHost::None => true,
-        CgroupHost::V1 { memory, pids, cpu } => [memory, pids, cpu]
-            .into_iter()
-            .flatten()
-            .all(|p| fs::create_dir_all(p).is_ok()),
+        CgroupHost::V1 { memory, pids, cpu } => {
+            [memory, pids, cpu].into_iter().flatten().all(|p| fs::create_dir_all(p).is_ok())
+        }
         CgroupHost::V2 { parent } => {
             // Controllers must be enabled for our children and the parent's children; this fails
             // when the service's own cgroup holds processes and is not the root (the "no internal
             // processes" rule): run the service in a delegated cgroup (systemd `Delegate=yes`).
             let own_dir = parent.parent().map(Path::to_path_buf).unwrap_or_default();
-            let enable =
-                |dir: &Path| write_file(&dir.join("cgroup.subtree_control"), "+memory +pids +cpu");
+            let enable = |dir: &Path| write_file(&dir.join("cgroup.subtree_control"), "+memory +pids +cpu");
             enable(&own_dir).is_ok() && fs::create_dir_all(parent).is_ok() && enable(parent).is_ok()
         }
     };
@@ -170,16 +156,11 @@ pub(super) fn prepare_cgroups() -> CgroupHost {
 /// This process as the owner of the task cgroups it creates.
 pub(super) fn own_owner() -> cgroup::Owner {
     let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    cgroup::Owner {
-        pid: std::process::id(),
-        start_ticks: cgroup::start_ticks(&stat).unwrap_or(0),
-    }
+    cgroup::Owner { pid: std::process::id(), start_ticks: cgroup::start_ticks(&stat).unwrap_or(0) }
 }
 
 fn is_alive(owner: cgroup::Owner) -> bool {
-    fs::read_to_string(format!("/proc/{}/stat", owner.pid))
-        .ok()
-        .and_then(|stat| cgroup::start_ticks(&stat))
+    fs::read_to_string(format!("/proc/{}/stat", owner.pid)).ok().and_then(|stat| cgroup::start_ticks(&stat))
         == Some(owner.start_ticks)
 }
 
@@ -228,10 +209,7 @@ pub(super) fn sweep_stale_cgroups(host: &CgroupHost) -> usize {
         }
     }
     if removed > 0 {
-        tracing::info!(
-            removed,
-            "removed task cgroups left by service processes that are gone"
-        );
+        tracing::info!(removed, "removed task cgroups left by service processes that are gone");
     }
     removed
 }
@@ -250,6 +228,5 @@ pub(super) fn probe_tmpfs(run_dir: &Path) -> bool {
 }
 
 pub(super) fn write_file(path: &Path, content: &str) -> io::Result<()> {
-    fs::write(path, content)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    fs::write(path, content).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }

@@ -43,8 +43,8 @@ use uuid::Uuid;
 
 use crate::domain::validate::BackendIsolation;
 use crate::exec::{
-    Backend, BackendError, BoxFuture, Capabilities, EventSink, InProcessRuns, Job, Outcome,
-    ProgramResult, Progress, RunKey,
+    Backend, BackendError, BoxFuture, Capabilities, EventSink, InProcessRuns, Job, Outcome, ProgramResult, Progress,
+    RunKey,
 };
 use crate::sandbox::bwrap::{self, HostLayout, ScratchLayout};
 use crate::sandbox::cgroup::{self, CgroupHost};
@@ -59,14 +59,14 @@ mod spawn;
 mod uids;
 
 pub use collect::{
-    collect_artifacts, collect_artifacts_within, read_result, sweep_artifacts, ArtifactCaps,
-    Collected, SPARSE_SLACK_BYTES,
+    collect_artifacts, collect_artifacts_within, read_result, sweep_artifacts, ArtifactCaps, Collected,
+    SPARSE_SLACK_BYTES,
 };
 
 use collect::{check_free_space, TenantUsage};
 use host::{
-    detect_host_layout, is_executable, own_owner, prepare_cgroups, prepare_data_dir, probe_tmpfs,
-    sweep_stale_cgroups, sweep_stale_runs,
+    detect_host_layout, is_executable, own_owner, prepare_cgroups, prepare_data_dir, probe_tmpfs, sweep_stale_cgroups,
+    sweep_stale_runs,
 };
 use uids::UidPool;
 
@@ -175,17 +175,28 @@ impl Default for LocalConfig {
     }
 }
 
-/// Why the backend could not be set up. The message says what to do.
-#[derive(Debug)]
-pub struct SetupError(String);
-
-impl std::fmt::Display for SetupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why the backend could not be set up. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// No seccomp filter is defined for this CPU architecture.
+    #[error("{0}")]
+    UnsupportedArch(seccomp::UnsupportedArch),
+    #[error(
+        "bubblewrap not found at {}: {INSTALL_HINT} (or `apt-get install -y --no-install-recommends bubblewrap`)",
+        path.display()
+    )]
+    NoBubblewrap { path: PathBuf },
+    #[error(
+        "the local backend must run as root: it switches each sandbox to the unprivileged user {user:?}, mounts size-capped scratch file systems and creates cgroups"
+    )]
+    NotRoot { user: String },
+    /// The sandbox user's uid range is missing or unusable (the message names the users).
+    #[error("{0}")]
+    SandboxUsers(String),
+    /// The data directory cannot be created or reached by the sandbox user.
+    #[error("{0}")]
+    DataDir(String),
 }
-
-impl std::error::Error for SetupError {}
 
 pub(super) const INSTALL_HINT: &str = "run deploy/local/install-sandbox.sh as root";
 
@@ -227,35 +238,21 @@ impl LocalBackend {
     /// or the architecture has no seccomp filter. Missing Python or R is only logged: those tasks
     /// then end in `BackendError`.
     pub fn new(config: LocalConfig) -> Result<Self, SetupError> {
-        let err = |m: String| Err(SetupError(m));
-        let seccomp = match seccomp::program_for_host() {
-            Ok(p) => seccomp::to_bytes(&p),
-            Err(e) => return err(e.to_string()),
-        };
+        let seccomp = seccomp::to_bytes(&seccomp::program_for_host().map_err(SetupError::UnsupportedArch)?);
         if !is_executable(&config.bwrap_path) {
-            return err(format!(
-                "bubblewrap not found at {}: {INSTALL_HINT} (or `apt-get install -y --no-install-recommends bubblewrap`)",
-                config.bwrap_path.display()
-            ));
+            return Err(SetupError::NoBubblewrap { path: config.bwrap_path.clone() });
         }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            return err(format!(
-                "the local backend must run as root: it switches each sandbox to the unprivileged user {:?}, mounts size-capped scratch file systems and creates cgroups",
-                config.sandbox_user
-            ));
+            return Err(SetupError::NotRoot { user: config.sandbox_user.clone() });
         }
-        for (name, path) in [
-            ("python", &config.python_path),
-            ("Rscript", &config.rscript_path),
-        ] {
+        for (name, path) in [("python", &config.python_path), ("Rscript", &config.rscript_path)] {
             if !is_executable(path) {
                 tracing::warn!(path = %path.display(), "{name} not found; tasks in that language will fail with BackendError ({INSTALL_HINT})");
             }
         }
-        let uids =
-            UidPool::discover(&config.sandbox_user, &config.uid_lock_dir).map_err(SetupError)?;
-        prepare_data_dir(&config.data_dir, uids.first_uid(), uids.gid()).map_err(SetupError)?;
+        let uids = UidPool::discover(&config.sandbox_user, &config.uid_lock_dir).map_err(SetupError::SandboxUsers)?;
+        prepare_data_dir(&config.data_dir, uids.first_uid(), uids.gid()).map_err(SetupError::DataDir)?;
         sweep_stale_runs(&config.data_dir.join("run"));
 
         let host = detect_host_layout(&config.extra_ro_binds);
@@ -265,13 +262,7 @@ impl LocalBackend {
         if !scratch_tmpfs {
             tracing::warn!("cannot mount tmpfs scratch dirs; task scratch is a plain directory bounded only by RLIMIT_FSIZE per file");
         }
-        tracing::info!(
-            slots = uids.len(),
-            gid = uids.gid(),
-            ?cgroups,
-            scratch_tmpfs,
-            "local sandbox backend ready"
-        );
+        tracing::info!(slots = uids.len(), gid = uids.gid(), ?cgroups, scratch_tmpfs, "local sandbox backend ready");
         Ok(Self {
             config,
             uids,
@@ -382,9 +373,8 @@ impl LocalBackend {
         facts.cgroup_oom_kills = oom.0;
         facts.cgroup_memory_limit_hit = oom.1;
         let tail_start = watched.stderr.len().saturating_sub(4096);
-        facts.memory_error_in_stderr = limits::looks_like_memory_error(&String::from_utf8_lossy(
-            &watched.stderr[tail_start..],
-        ));
+        facts.memory_error_in_stderr =
+            limits::looks_like_memory_error(&String::from_utf8_lossy(&watched.stderr[tail_start..]));
         let (termination, exit_code) = limits::verdict(&facts);
 
         let out = run.scratch.out();
@@ -399,30 +389,20 @@ impl LocalBackend {
         let dest = tenant_dir.join(job.key.task_id.to_string());
         let usage = self.usage.clone();
         let (tenant, quota) = (job.tenant.clone(), job.artifact_quota_bytes);
-        let (min_free, min_free_percent) = (
-            self.config.artifact_min_free_bytes,
-            self.config.artifact_min_free_percent,
-        );
+        let (min_free, min_free_percent) = (self.config.artifact_min_free_bytes, self.config.artifact_min_free_percent);
         let collected = tokio::task::spawn_blocking(move || {
             if !collectable {
                 let note = "the result file and artifacts were not collected: a process of the task did not exit";
-                return (
-                    ProgramResult::Missing,
-                    Collected {
-                        note: Some(note.into()),
-                        ..Collected::default()
-                    },
-                );
+                return (ProgramResult::Missing, Collected { note: Some(note.into()), ..Collected::default() });
             }
             let result = read_result(&out.join(ScratchLayout::RESULT_FILE), result_max);
             let mut admitted = 0;
-            let collected =
-                collect_artifacts_within(&out.join(ScratchLayout::ARTIFACTS), &dest, &caps, |cost| {
-                    check_free_space(&data_dir, cost, min_free, min_free_percent)?;
-                    usage.admit(&tenant_dir, &tenant, cost, quota)?;
-                    admitted = cost;
-                    Ok(())
-                });
+            let collected = collect_artifacts_within(&out.join(ScratchLayout::ARTIFACTS), &dest, &caps, |cost| {
+                check_free_space(&data_dir, cost, min_free, min_free_percent)?;
+                usage.admit(&tenant_dir, &tenant, cost, quota)?;
+                admitted = cost;
+                Ok(())
+            });
             // Whatever was admitted but not copied (a file that vanished) is given back.
             usage.release(&tenant, admitted.saturating_sub(collected.stored_bytes));
             (result, collected)
@@ -482,9 +462,7 @@ impl Backend for LocalBackend {
     fn launch(self: Arc<Self>, job: Job, events: EventSink) -> BoxFuture<'static, Result<(), BackendError>> {
         Box::pin(async move {
             let me = self.clone();
-            self.runs.launch(job.key, events, move |progress| async move {
-                me.run_job(job, Some(&progress)).await
-            });
+            self.runs.launch(job.key, events, move |progress| async move { me.run_job(job, Some(&progress)).await });
             Ok(())
         })
     }

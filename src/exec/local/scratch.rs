@@ -21,11 +21,7 @@ impl LocalBackend {
     /// Creates the scratch (owned by the task's `uid`), writes the inputs and creates the
     /// cgroups.
     pub(super) fn prepare(&self, job: &Job, uid: u32, gid: u32) -> io::Result<PreparedRun> {
-        let name = format!(
-            "{}-{}",
-            job.key.task_id,
-            &Uuid::new_v4().simple().to_string()[..8]
-        );
+        let name = format!("{}-{}", job.key.task_id, &Uuid::new_v4().simple().to_string()[..8]);
         let root = self.config.data_dir.join("run").join(&name);
         fs::DirBuilder::new().mode(0o711).create(&root)?;
         let mut run = PreparedRun {
@@ -47,17 +43,9 @@ impl LocalBackend {
         let s = &run.scratch;
         fs::DirBuilder::new().mode(0o755).create(s.inputs())?;
         fs::DirBuilder::new().mode(0o755).create(s.internal())?;
-        fs::DirBuilder::new()
-            .mode(0o555)
-            .create(s.internal().join(ScratchLayout::EMPTY_DIR))?;
+        fs::DirBuilder::new().mode(0o555).create(s.internal().join(ScratchLayout::EMPTY_DIR))?;
         write_read_only(&s.internal().join(ScratchLayout::EMPTY_FILE), b"")?;
-        for dir in [
-            s.work(),
-            s.tmp(),
-            s.shm(),
-            s.out(),
-            s.out().join(ScratchLayout::ARTIFACTS),
-        ] {
+        for dir in [s.work(), s.tmp(), s.shm(), s.out(), s.out().join(ScratchLayout::ARTIFACTS)] {
             fs::DirBuilder::new().mode(0o700).create(&dir)?;
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
         }
@@ -158,11 +146,7 @@ pub(super) fn remove_tree(path: &Path) -> io::Result<()> {
 }
 
 fn write_read_only(path: &Path, content: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o444)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
+    let mut f =
+        OpenOptions::new().write(true).create_new(true).mode(0o444).custom_flags(libc::O_NOFOLLOW).open(path)?;
     f.write_all(content)
 }

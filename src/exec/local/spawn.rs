@@ -30,13 +30,8 @@ impl LocalBackend {
         let mut work_files: Vec<String> = job.files.keys().cloned().collect();
         work_files.push(code.to_string());
         let seccomp_fd = memfd(c"agenttask-seccomp", &self.seccomp)?;
-        let command = runtime_command(
-            job.language,
-            &self.config.python_path,
-            &self.config.rscript_path,
-            code,
-            &job.args,
-        );
+        let command =
+            runtime_command(job.language, &self.config.python_path, &self.config.rscript_path, code, &job.args);
         let plan = BwrapPlan {
             host: &self.host,
             scratch: &run.scratch,
@@ -45,50 +40,29 @@ impl LocalBackend {
             seccomp_fd: seccomp_fd.as_raw_fd(),
             command,
         };
-        let invalid =
-            |e: bwrap::PlanError| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
+        let invalid = |e: bwrap::PlanError| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
         let args_fd = memfd(c"agenttask-args", &plan.options_blob().map_err(invalid)?)?;
         let argv = plan.argv(args_fd.as_raw_fd()).map_err(invalid)?;
         let (status_read, status_write) = pipe()?;
 
         let limits = self.limits(job);
         let setup = ChildSetup {
-            cgroup_procs: run
-                .cgroups
-                .procs_fds
-                .iter()
-                .map(|f| f.as_raw_fd())
-                .collect(),
-            inherit: vec![
-                seccomp_fd.as_raw_fd(),
-                args_fd.as_raw_fd(),
-                status_write.as_raw_fd(),
-            ],
-            rlimits: limits
-                .rlimits(run.cgroups.has_memory)
-                .into_iter()
-                .map(to_libc_rlimit)
-                .collect(),
+            cgroup_procs: run.cgroups.procs_fds.iter().map(|f| f.as_raw_fd()).collect(),
+            inherit: vec![seccomp_fd.as_raw_fd(), args_fd.as_raw_fd(), status_write.as_raw_fd()],
+            rlimits: limits.rlimits(run.cgroups.has_memory).into_iter().map(to_libc_rlimit).collect(),
             uid: run.uid,
             gid: run.gid,
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
         };
 
-        let mut status_args = vec![
-            OsString::from("--json-status-fd"),
-            status_write.as_raw_fd().to_string().into(),
-        ];
+        let mut status_args = vec![OsString::from("--json-status-fd"), status_write.as_raw_fd().to_string().into()];
         status_args.extend(argv);
         let mut cmd = tokio::process::Command::new(&self.config.bwrap_path);
         cmd.args(&status_args)
             .env_clear()
             .current_dir("/")
-            .stdin(if job.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if job.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -134,11 +108,7 @@ impl LocalBackend {
         }
         let status = match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
             Ok(status) => status?,
-            Err(_) => {
-                return Err(io::Error::other(
-                    "bubblewrap did not exit 10 s after SIGKILL",
-                ))
-            }
+            Err(_) => return Err(io::Error::other("bubblewrap did not exit 10 s after SIGKILL")),
         };
         if let Some(stdin) = stdin_task {
             stdin.abort();
@@ -158,20 +128,11 @@ impl LocalBackend {
         let stderr = take(&stderr);
         let status_text = read_nonblocking(status_read, 64 * 1024);
         use std::os::unix::process::ExitStatusExt;
-        let facts = RunFacts {
-            killed_for,
-            exit_code: status.code(),
-            signal: status.signal(),
-            ..RunFacts::default()
-        };
-        let setup_failure =
-            (killed_for.is_none() && !status_text.contains("\"child-pid\"")).then(|| {
-                let msg = String::from_utf8_lossy(&stderr.0);
-                format!(
-                    "bubblewrap failed to start the sandbox ({status}): {}",
-                    msg.trim()
-                )
-            });
+        let facts = RunFacts { killed_for, exit_code: status.code(), signal: status.signal(), ..RunFacts::default() };
+        let setup_failure = (killed_for.is_none() && !status_text.contains("\"child-pid\"")).then(|| {
+            let msg = String::from_utf8_lossy(&stderr.0);
+            format!("bubblewrap failed to start the sandbox ({status}): {}", msg.trim())
+        });
         Ok(Watched {
             facts,
             stdout: stdout.0,
@@ -224,13 +185,7 @@ fn to_libc_rlimit((resource, soft, hard): limits::Rlimit) -> (RlimitResource, li
         Resource::Msgqueue => libc::RLIMIT_MSGQUEUE,
         Resource::Sigpending => libc::RLIMIT_SIGPENDING,
     };
-    (
-        r as RlimitResource,
-        libc::rlimit {
-            rlim_cur: soft as libc::rlim_t,
-            rlim_max: hard as libc::rlim_t,
-        },
-    )
+    (r as RlimitResource, libc::rlimit { rlim_cur: soft as libc::rlim_t, rlim_max: hard as libc::rlim_t })
 }
 
 impl ChildSetup {
@@ -261,13 +216,7 @@ impl ChildSetup {
             check(libc::setresuid(self.uid, self.uid, self.uid))?;
             // After the uid change (which clears it): die with the service. If the service is
             // already gone, do not start at all.
-            check(libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ))?;
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0))?;
             if libc::getppid() != self.parent {
                 libc::_exit(111);
             }

@@ -60,9 +60,7 @@ impl UidPool {
             match lookup_user(&name) {
                 Ok(Some((uid, gid))) => {
                     if uid == 0 || gid == 0 {
-                        return Err(format!(
-                            "sandbox user {name:?} has uid/gid 0; it must be an unprivileged user"
-                        ));
+                        return Err(format!("sandbox user {name:?} has uid/gid 0; it must be an unprivileged user"));
                     }
                     if slots.iter().any(|&(u, _)| u == uid) {
                         return Err(format!("sandbox user {name:?} shares uid {uid} with another slot user; every slot needs its own uid"));
@@ -83,21 +81,13 @@ impl UidPool {
             .mode(0o700)
             .create(lock_dir)
             .map_err(|e| format!("creating {}: {e}", lock_dir.display()))?;
-        let meta =
-            fs::symlink_metadata(lock_dir).map_err(|e| format!("{}: {e}", lock_dir.display()))?;
+        let meta = fs::symlink_metadata(lock_dir).map_err(|e| format!("{}: {e}", lock_dir.display()))?;
         if !meta.is_dir() || std::os::unix::fs::MetadataExt::uid(&meta) != 0 {
-            return Err(format!(
-                "{} must be a directory owned by root",
-                lock_dir.display()
-            ));
+            return Err(format!("{} must be a directory owned by root", lock_dir.display()));
         }
         fs::set_permissions(lock_dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| format!("chmod {}: {e}", lock_dir.display()))?;
-        Ok(Self {
-            slots,
-            lock_dir: lock_dir.to_path_buf(),
-            next: AtomicUsize::new(std::process::id() as usize),
-        })
+        Ok(Self { slots, lock_dir: lock_dir.to_path_buf(), next: AtomicUsize::new(std::process::id() as usize) })
     }
 
     /// How many tasks this host can run at once.
@@ -130,12 +120,7 @@ impl UidPool {
                 .open(self.lock_dir.join(uid.to_string()))?;
             // SAFETY: flock on a descriptor we own.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Ok(Some(UidLease {
-                    uid,
-                    gid,
-                    _lock: file,
-                    clean: false,
-                }));
+                return Ok(Some(UidLease { uid, gid, _lock: file, clean: false }));
             }
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
@@ -228,10 +213,7 @@ mod tests {
     fn a_uid_is_leased_once_across_pools_until_released() {
         let tmp = tempfile::tempdir().unwrap();
         // Two pools over one lock directory stand for two service processes on one host.
-        let (a, b) = (
-            pool(tmp.path(), &[70001, 70002]),
-            pool(tmp.path(), &[70001, 70002]),
-        );
+        let (a, b) = (pool(tmp.path(), &[70001, 70002]), pool(tmp.path(), &[70001, 70002]));
         let mut l1 = a.try_acquire().unwrap().unwrap();
         let mut l2 = b.try_acquire().unwrap().unwrap();
         assert_ne!(l1.uid, l2.uid);

@@ -14,7 +14,10 @@ use kube::{Client, Config};
 use serde_json::json;
 
 fn cm(name: &str) -> ConfigMap {
-    serde_json::from_value(json!({"metadata": {"name": name, "labels": {"bench": "yes"}}, "data": {"k": "v".repeat(100)}})).unwrap()
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {"bench": "yes"}}, "data": {"k": "v".repeat(100)}}),
+    )
+    .unwrap()
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -29,9 +32,7 @@ async fn main() {
         .spawn()
         .expect("start agenttask-kubesim");
     let mut url = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut url)
-        .unwrap();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut url).unwrap();
     let config = Config::new(url.trim().parse().unwrap());
     let client = Client::try_from(config).unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
@@ -63,18 +64,8 @@ async fn main() {
     let list_ms = t.elapsed().as_secs_f64() * 1000.0;
 
     // Watch latency: from sending a create to its ADDED event on an open watch.
-    let rv = cms
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .metadata
-        .resource_version
-        .unwrap();
-    let mut stream = cms
-        .watch(&WatchParams::default(), &rv)
-        .await
-        .unwrap()
-        .boxed();
+    let rv = cms.list(&Default::default()).await.unwrap().metadata.resource_version.unwrap();
+    let mut stream = cms.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
     let mut lat = vec![];
     for i in 0..500 {
         let name = format!("watch-{i}");

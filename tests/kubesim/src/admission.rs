@@ -10,67 +10,35 @@ use crate::registry::ResourceType;
 use crate::store::Inner;
 
 fn forbidden(rt: &ResourceType, name: &str, why: String) -> ApiError {
-    let mut e = ApiError::forbidden(format!(
-        "{} {name:?} is forbidden: {why}",
-        rt.group_resource()
-    ));
+    let mut e = ApiError::forbidden(format!("{} {name:?} is forbidden: {why}", rt.group_resource()));
     e.details = Some(json!({"name": name, "kind": rt.resource}));
     e
 }
 
 /// Runs the admission plugins on a pod being created; returns warnings.
-pub fn admit_pod(
-    inner: &Inner,
-    rt: &ResourceType,
-    ns: &str,
-    pod: &mut Value,
-) -> ApiResult<Vec<String>> {
-    let name = pod["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    if let Some(rc) = pod["spec"]["runtimeClassName"]
-        .as_str()
-        .filter(|r| !r.is_empty())
-    {
+pub fn admit_pod(inner: &Inner, rt: &ResourceType, ns: &str, pod: &mut Value) -> ApiResult<Vec<String>> {
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    if let Some(rc) = pod["spec"]["runtimeClassName"].as_str().filter(|r| !r.is_empty()) {
         let Some(class) = inner.get("node.k8s.io/runtimeclasses", "", rc) else {
-            return Err(forbidden(
-                rt,
-                &name,
-                format!("pod rejected: RuntimeClass {rc:?} not found"),
-            ));
+            return Err(forbidden(rt, &name, format!("pod rejected: RuntimeClass {rc:?} not found")));
         };
         if let Some(o) = class["overhead"]["podFixed"].as_object() {
             pod["spec"]["overhead"] = Value::Object(o.clone());
         }
     }
-    let labels = inner
-        .get("/namespaces", "", ns)
-        .map(|n| n["metadata"]["labels"].clone())
-        .unwrap_or_default();
-    let level = |mode: &str| {
-        labels[format!("pod-security.kubernetes.io/{mode}")]
-            .as_str()
-            .map(String::from)
-    };
+    let labels = inner.get("/namespaces", "", ns).map(|n| n["metadata"]["labels"].clone()).unwrap_or_default();
+    let level = |mode: &str| labels[format!("pod-security.kubernetes.io/{mode}")].as_str().map(String::from);
     let mut warnings = vec![];
     if let Some(l) = level("enforce").filter(|l| l != "privileged") {
         let v = violations(pod, &l);
         if !v.is_empty() {
-            return Err(forbidden(
-                rt,
-                &name,
-                format!("violates PodSecurity \"{l}:latest\": {}", v.join(", ")),
-            ));
+            return Err(forbidden(rt, &name, format!("violates PodSecurity \"{l}:latest\": {}", v.join(", "))));
         }
     }
     if let Some(l) = level("warn").filter(|l| l != "privileged") {
         let v = violations(pod, &l);
         if !v.is_empty() {
-            warnings.push(format!(
-                "would violate PodSecurity \"{l}:latest\": {}",
-                v.join(", ")
-            ));
+            warnings.push(format!("would violate PodSecurity \"{l}:latest\": {}", v.join(", ")));
         }
     }
     Ok(warnings)
@@ -84,15 +52,8 @@ fn containers(pod: &Value) -> Vec<&Value> {
 }
 
 fn names(cs: &[&Value]) -> String {
-    let quoted: Vec<String> = cs
-        .iter()
-        .map(|c| format!("{:?}", c["name"].as_str().unwrap_or_default()))
-        .collect();
-    let noun = if cs.len() == 1 {
-        "container"
-    } else {
-        "containers"
-    };
+    let quoted: Vec<String> = cs.iter().map(|c| format!("{:?}", c["name"].as_str().unwrap_or_default())).collect();
+    let noun = if cs.len() == 1 { "container" } else { "containers" };
     format!("{noun} {}", quoted.join(", "))
 }
 
@@ -103,24 +64,14 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
     let cs = containers(pod);
     let mut out = vec![];
     // Baseline.
-    let host: Vec<&str> = ["hostNetwork", "hostPID", "hostIPC"]
-        .into_iter()
-        .filter(|k| spec[*k] == true)
-        .collect();
+    let host: Vec<&str> = ["hostNetwork", "hostPID", "hostIPC"].into_iter().filter(|k| spec[*k] == true).collect();
     if !host.is_empty() {
         let parts: Vec<String> = host.iter().map(|k| format!("{k}=true")).collect();
         out.push(format!("host namespaces ({})", parts.join(", ")));
     }
-    let privileged: Vec<&Value> = cs
-        .iter()
-        .copied()
-        .filter(|c| c["securityContext"]["privileged"] == true)
-        .collect();
+    let privileged: Vec<&Value> = cs.iter().copied().filter(|c| c["securityContext"]["privileged"] == true).collect();
     if !privileged.is_empty() {
-        out.push(format!(
-            "privileged ({} must not set securityContext.privileged=true)",
-            names(&privileged)
-        ));
+        out.push(format!("privileged ({} must not set securityContext.privileged=true)", names(&privileged)));
     }
     const BASELINE_CAPS: [&str; 13] = [
         "AUDIT_WRITE",
@@ -145,17 +96,13 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
             .filter_map(|x| x.as_str().map(String::from))
             .collect()
     };
-    let bad_caps: Vec<&Value> = cs
-        .iter()
-        .copied()
-        .filter(|c| {
-            added(c)
-                .iter()
-                .any(|a| !BASELINE_CAPS.contains(&a.as_str()))
-        })
-        .collect();
+    let bad_caps: Vec<&Value> =
+        cs.iter().copied().filter(|c| added(c).iter().any(|a| !BASELINE_CAPS.contains(&a.as_str()))).collect();
     if !bad_caps.is_empty() {
-        out.push(format!("non-default capabilities ({} must not include capabilities in securityContext.capabilities.add)", names(&bad_caps)));
+        out.push(format!(
+            "non-default capabilities ({} must not include capabilities in securityContext.capabilities.add)",
+            names(&bad_caps)
+        ));
     }
     let host_paths: Vec<String> = spec["volumes"]
         .as_array()
@@ -174,13 +121,7 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
     let host_ports: Vec<&Value> = cs
         .iter()
         .copied()
-        .filter(|c| {
-            c["ports"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| p["hostPort"].as_i64().unwrap_or(0) != 0)
-        })
+        .filter(|c| c["ports"].as_array().into_iter().flatten().any(|p| p["hostPort"].as_i64().unwrap_or(0) != 0))
         .collect();
     if !host_ports.is_empty() {
         out.push(format!("hostPort ({} uses hostPorts)", names(&host_ports)));
@@ -189,16 +130,8 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
         return out;
     }
     // Restricted.
-    const ALLOWED_VOLUMES: [&str; 8] = [
-        "configMap",
-        "csi",
-        "downwardAPI",
-        "emptyDir",
-        "ephemeral",
-        "persistentVolumeClaim",
-        "projected",
-        "secret",
-    ];
+    const ALLOWED_VOLUMES: [&str; 8] =
+        ["configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"];
     for v in spec["volumes"].as_array().into_iter().flatten() {
         if let Some(kind) = v.as_object().and_then(|m| m.keys().find(|k| *k != "name")) {
             if !ALLOWED_VOLUMES.contains(&kind.as_str()) {
@@ -209,21 +142,20 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
             }
         }
     }
-    let escalation: Vec<&Value> = cs
-        .iter()
-        .copied()
-        .filter(|c| c["securityContext"]["allowPrivilegeEscalation"] != false)
-        .collect();
+    let escalation: Vec<&Value> =
+        cs.iter().copied().filter(|c| c["securityContext"]["allowPrivilegeEscalation"] != false).collect();
     if !escalation.is_empty() {
-        out.push(format!("allowPrivilegeEscalation != false ({} must set securityContext.allowPrivilegeEscalation=false)", names(&escalation)));
+        out.push(format!(
+            "allowPrivilegeEscalation != false ({} must set securityContext.allowPrivilegeEscalation=false)",
+            names(&escalation)
+        ));
     }
     let caps_bad: Vec<&Value> = cs
         .iter()
         .copied()
         .filter(|c| {
-            let drop_all = c["securityContext"]["capabilities"]["drop"]
-                .as_array()
-                .is_some_and(|d| d.iter().any(|x| x == "ALL"));
+            let drop_all =
+                c["securityContext"]["capabilities"]["drop"].as_array().is_some_and(|d| d.iter().any(|x| x == "ALL"));
             !drop_all || added(c).iter().any(|a| a != "NET_BIND_SERVICE")
         })
         .collect();
@@ -243,34 +175,16 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
         })
         .collect();
     if !not_non_root.is_empty() {
-        let who = if pod_non_root {
-            names(&not_non_root)
-        } else {
-            format!("pod or {}", names(&not_non_root))
-        };
-        out.push(format!(
-            "runAsNonRoot != true ({who} must set securityContext.runAsNonRoot=true)"
-        ));
+        let who = if pod_non_root { names(&not_non_root) } else { format!("pod or {}", names(&not_non_root)) };
+        out.push(format!("runAsNonRoot != true ({who} must set securityContext.runAsNonRoot=true)"));
     }
-    let root_users: Vec<&Value> = cs
-        .iter()
-        .copied()
-        .filter(|c| c["securityContext"]["runAsUser"] == 0)
-        .collect();
+    let root_users: Vec<&Value> = cs.iter().copied().filter(|c| c["securityContext"]["runAsUser"] == 0).collect();
     if psc["runAsUser"] == 0 {
         out.push("runAsUser=0 (pod must not set runAsUser=0)".into());
     } else if !root_users.is_empty() {
-        out.push(format!(
-            "runAsUser=0 ({} must not set runAsUser=0)",
-            names(&root_users)
-        ));
+        out.push(format!("runAsUser=0 ({} must not set runAsUser=0)", names(&root_users)));
     }
-    let ok_seccomp = |s: &Value| {
-        matches!(
-            s["seccompProfile"]["type"].as_str(),
-            Some("RuntimeDefault" | "Localhost")
-        )
-    };
+    let ok_seccomp = |s: &Value| matches!(s["seccompProfile"]["type"].as_str(), Some("RuntimeDefault" | "Localhost"));
     let pod_seccomp = ok_seccomp(psc);
     let no_seccomp: Vec<&Value> = cs
         .iter()
@@ -285,11 +199,7 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
         })
         .collect();
     if !no_seccomp.is_empty() {
-        let who = if pod_seccomp {
-            names(&no_seccomp)
-        } else {
-            format!("pod or {}", names(&no_seccomp))
-        };
+        let who = if pod_seccomp { names(&no_seccomp) } else { format!("pod or {}", names(&no_seccomp)) };
         out.push(format!("seccompProfile ({who} must set securityContext.seccompProfile.type to \"RuntimeDefault\" or \"Localhost\")"));
     }
     out
@@ -306,16 +216,10 @@ mod tests {
             "containers": [{"name": "main", "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}],
             "volumes": [{"name": "w", "emptyDir": {}}],
         }});
-        assert!(
-            violations(&ok, "restricted").is_empty(),
-            "{:?}",
-            violations(&ok, "restricted")
-        );
-        let bad = json!({"spec": {"containers": [{"name": "main"}], "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}});
-        assert_eq!(
-            violations(&bad, "baseline"),
-            vec![r#"hostPath volumes (volume "h")"#]
-        );
+        assert!(violations(&ok, "restricted").is_empty(), "{:?}", violations(&ok, "restricted"));
+        let bad =
+            json!({"spec": {"containers": [{"name": "main"}], "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}});
+        assert_eq!(violations(&bad, "baseline"), vec![r#"hostPath volumes (volume "h")"#]);
         assert_eq!(
             violations(&bad, "restricted"),
             vec![

@@ -62,23 +62,13 @@ pub fn quantity_bytes(q: &str) -> Option<u64> {
 /// interpreters substituted and `$(VAR)` references expanded.
 pub fn container_argv(c: &Value, env: &BTreeMap<String, String>) -> Result<Vec<String>, String> {
     let strs = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str().map(String::from))
-            .collect()
+        v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(String::from)).collect()
     };
     let mut argv = strs(&c["command"]);
     if argv.is_empty() {
         let image = c["image"].as_str().unwrap_or_default();
-        let repo = image
-            .rsplit('/')
-            .next()
-            .unwrap_or(image)
-            .split([':', '@'])
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+        let repo =
+            image.rsplit('/').next().unwrap_or(image).split([':', '@']).next().unwrap_or_default().to_ascii_lowercase();
         argv = if repo.contains("python") {
             vec!["python3".into()]
         } else if repo == "r"
@@ -89,14 +79,13 @@ pub fn container_argv(c: &Value, env: &BTreeMap<String, String>) -> Result<Vec<S
         {
             vec!["R".into()]
         } else {
-            return Err(format!("kubesim exec: image {image:?} chooses no interpreter (Python or R) and the container has no command"));
+            return Err(format!(
+                "kubesim exec: image {image:?} chooses no interpreter (Python or R) and the container has no command"
+            ));
         };
     }
     argv.extend(strs(&c["args"]));
-    let argv = argv
-        .into_iter()
-        .map(|a| expand(&a, env))
-        .collect::<Vec<_>>();
+    let argv = argv.into_iter().map(|a| expand(&a, env)).collect::<Vec<_>>();
     let mut argv = argv;
     let first = argv[0].clone();
     argv[0] = match first.as_str() {
@@ -120,10 +109,7 @@ pub fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
         if let Some(a) = after.strip_prefix('$') {
             out.push('$');
             rest = a;
-        } else if let Some(inner) = after
-            .strip_prefix('(')
-            .and_then(|a| a.find(')').map(|j| &a[..j]))
-        {
+        } else if let Some(inner) = after.strip_prefix('(').and_then(|a| a.find(')').map(|j| &a[..j])) {
             match env.get(inner) {
                 Some(v) => out.push_str(v),
                 None => out.push_str(&format!("$({inner})")),
@@ -139,9 +125,7 @@ pub fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
 }
 
 fn decode_secret(v: &Value) -> String {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(v.as_str().unwrap_or_default())
-        .unwrap_or_default();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default()).unwrap_or_default();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -161,21 +145,12 @@ fn resolve_env(app: &App, pod: &Value, c: &Value) -> Result<BTreeMap<String, Str
         match inner.get(key, ns, name) {
             Some(o) => {
                 for (k, v) in o["data"].as_object().into_iter().flatten() {
-                    let v = if secret {
-                        decode_secret(v)
-                    } else {
-                        v.as_str().unwrap_or_default().to_string()
-                    };
+                    let v = if secret { decode_secret(v) } else { v.as_str().unwrap_or_default().to_string() };
                     env.insert(format!("{prefix}{k}"), v);
                 }
             }
             None if r["optional"] == true => {}
-            None => {
-                return Err(format!(
-                    "{} {name:?} not found",
-                    if secret { "secret" } else { "configmap" }
-                ))
-            }
+            None => return Err(format!("{} {name:?} not found", if secret { "secret" } else { "configmap" })),
         }
     }
     for e in c["env"].as_array().into_iter().flatten() {
@@ -187,16 +162,9 @@ fn resolve_env(app: &App, pod: &Value, c: &Value) -> Result<BTreeMap<String, Str
             field_ref(pod, path)
         } else if vf["configMapKeyRef"].is_object() || vf["secretKeyRef"].is_object() {
             let secret = vf["secretKeyRef"].is_object();
-            let r = if secret {
-                &vf["secretKeyRef"]
-            } else {
-                &vf["configMapKeyRef"]
-            };
-            let obj = inner.get(
-                if secret { "/secrets" } else { "/configmaps" },
-                ns,
-                r["name"].as_str().unwrap_or_default(),
-            );
+            let r = if secret { &vf["secretKeyRef"] } else { &vf["configMapKeyRef"] };
+            let obj =
+                inner.get(if secret { "/secrets" } else { "/configmaps" }, ns, r["name"].as_str().unwrap_or_default());
             match obj.and_then(|o| o["data"].get(r["key"].as_str().unwrap_or_default())) {
                 Some(v) if secret => decode_secret(v),
                 Some(v) => v.as_str().unwrap_or_default().to_string(),
@@ -221,9 +189,7 @@ fn resolve_env(app: &App, pod: &Value, c: &Value) -> Result<BTreeMap<String, Str
 fn field_ref(pod: &Value, path: &str) -> String {
     let m = &pod["metadata"];
     let key_of = |p: &str, section: &str| {
-        p.strip_prefix(&format!("metadata.{section}['"))
-            .and_then(|r| r.strip_suffix("']"))
-            .map(String::from)
+        p.strip_prefix(&format!("metadata.{section}['")).and_then(|r| r.strip_suffix("']")).map(String::from)
     };
     let v = match path {
         "metadata.name" => &m["name"],
@@ -301,20 +267,13 @@ impl Cgroups {
         };
         if let Some(bytes) = memory {
             if let Some((dir, v2)) = dir_for("memory", &mut cg) {
-                let file = if v2 {
-                    "memory.max"
-                } else {
-                    "memory.limit_in_bytes"
-                };
+                let file = if v2 { "memory.max" } else { "memory.limit_in_bytes" };
                 if std::fs::write(dir.join(file), bytes.to_string()).is_ok() {
                     // Swap counts too where the host accounts for it.
                     if v2 {
                         let _ = std::fs::write(dir.join("memory.swap.max"), "0");
                     } else {
-                        let _ = std::fs::write(
-                            dir.join("memory.memsw.limit_in_bytes"),
-                            bytes.to_string(),
-                        );
+                        let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), bytes.to_string());
                     }
                     cg.memory = Some((dir, v2));
                 }
@@ -339,9 +298,7 @@ impl Cgroups {
     fn procs(&self) -> Vec<CString> {
         self.dirs
             .iter()
-            .filter_map(|d| {
-                CString::new(d.join("cgroup.procs").as_os_str().as_encoded_bytes()).ok()
-            })
+            .filter_map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_encoded_bytes()).ok())
             .collect()
     }
 
@@ -349,18 +306,13 @@ impl Cgroups {
         let Some((dir, v2)) = &self.memory else {
             return false;
         };
-        let file = if *v2 {
-            "memory.events"
-        } else {
-            "memory.oom_control"
-        };
+        let file = if *v2 { "memory.events" } else { "memory.oom_control" };
         std::fs::read_to_string(dir.join(file))
             .ok()
             .and_then(|s| {
                 s.lines().find_map(|l| {
                     let mut it = l.split_whitespace();
-                    (it.next() == Some("oom_kill"))
-                        .then(|| it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0))
+                    (it.next() == Some("oom_kill")).then(|| it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0))
                 })
             })
             .is_some_and(|n| n > 0)
@@ -402,11 +354,7 @@ fn root_entries() -> Vec<String> {
     for p in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
         let path = Path::new(p);
         if let Ok(target) = std::fs::read_link(path) {
-            args.extend([
-                "--symlink".into(),
-                target.to_string_lossy().into_owned(),
-                p.into(),
-            ]);
+            args.extend(["--symlink".into(), target.to_string_lossy().into_owned(), p.into()]);
         } else if path.is_dir() {
             args.extend(["--ro-bind".into(), p.into(), p.into()]);
         }
@@ -440,30 +388,16 @@ fn prepare_volumes(
             (&v["secret"], "/secrets", true)
         } else if v["emptyDir"].is_object() {
             chown(&dir, ids);
-            out.insert(
-                name.to_string(),
-                Volume {
-                    host: dir,
-                    read_only: false,
-                },
-            );
+            out.insert(name.to_string(), Volume { host: dir, read_only: false });
             continue;
         } else {
             // Projected service account tokens, hostPath, ...: not provided.
             continue;
         };
-        let obj_name = source[if secret { "secretName" } else { "name" }]
-            .as_str()
-            .unwrap_or_default();
+        let obj_name = source[if secret { "secretName" } else { "name" }].as_str().unwrap_or_default();
         let Some(obj) = app.lock().get(key, ns, obj_name).cloned() else {
             if source["optional"] == true {
-                out.insert(
-                    name.to_string(),
-                    Volume {
-                        host: dir,
-                        read_only: true,
-                    },
-                );
+                out.insert(name.to_string(), Volume { host: dir, read_only: true });
                 continue;
             }
             return Err(format!(
@@ -494,21 +428,13 @@ fn prepare_volumes(
                 std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
             }
             let content = if secret {
-                base64::engine::general_purpose::STANDARD
-                    .decode(v.as_str().unwrap_or_default())
-                    .unwrap_or_default()
+                base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default()).unwrap_or_default()
             } else {
                 v.as_str().unwrap_or_default().as_bytes().to_vec()
             };
             std::fs::write(&file, content).map_err(|e| e.to_string())?;
         }
-        out.insert(
-            name.to_string(),
-            Volume {
-                host: dir,
-                read_only: true,
-            },
-        );
+        out.insert(name.to_string(), Volume { host: dir, read_only: true });
     }
     Ok(out)
 }
@@ -529,78 +455,37 @@ fn bwrap_args(
     env: &BTreeMap<String, String>,
     argv: &[String],
 ) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--unshare-all",
-        "--die-with-parent",
-        "--ro-bind",
-        "/usr",
-        "/usr",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut a: Vec<String> =
+        ["--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr"].iter().map(|s| s.to_string()).collect();
     a.extend(root_entries());
-    for etc in [
-        "/etc/ld.so.cache",
-        "/etc/localtime",
-        "/etc/alternatives",
-        "/etc/R",
-    ] {
+    for etc in ["/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives", "/etc/R"] {
         a.extend(["--ro-bind-try".into(), etc.into(), etc.into()]);
     }
-    a.extend(
-        ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-            .iter()
-            .map(|s| s.to_string()),
-    );
+    a.extend(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"].iter().map(|s| s.to_string()));
     let mut mounts: Vec<(String, &Volume, bool)> = c["volumeMounts"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|m| {
             let v = volumes.get(m["name"].as_str()?)?;
-            Some((
-                m["mountPath"].as_str()?.to_string(),
-                v,
-                m["readOnly"] == true,
-            ))
+            Some((m["mountPath"].as_str()?.to_string(), v, m["readOnly"] == true))
         })
         .collect();
     mounts.sort_by_key(|(p, _, _)| p.len());
     for (path, v, ro) in mounts {
-        let flag = if v.read_only || ro {
-            "--ro-bind"
-        } else {
-            "--bind"
-        };
+        let flag = if v.read_only || ro { "--ro-bind" } else { "--bind" };
         a.extend([flag.into(), v.host.to_string_lossy().into_owned(), path]);
     }
-    let term_path = c["terminationMessagePath"]
-        .as_str()
-        .unwrap_or("/dev/termination-log");
-    a.extend([
-        "--bind".into(),
-        term_file.to_string_lossy().into_owned(),
-        term_path.into(),
-    ]);
-    let wd = c["workingDir"]
-        .as_str()
-        .filter(|w| !w.is_empty())
-        .unwrap_or("/");
+    let term_path = c["terminationMessagePath"].as_str().unwrap_or("/dev/termination-log");
+    a.extend(["--bind".into(), term_file.to_string_lossy().into_owned(), term_path.into()]);
+    let wd = c["workingDir"].as_str().filter(|w| !w.is_empty()).unwrap_or("/");
     if wd != "/" {
         a.extend(["--dir".into(), wd.into()]);
     }
     let pod_name = pod["metadata"]["name"].as_str().unwrap_or("pod");
-    a.extend([
-        "--hostname".into(),
-        pod_name.chars().take(63).collect(),
-        "--clearenv".into(),
-    ]);
+    a.extend(["--hostname".into(), pod_name.chars().take(63).collect(), "--clearenv".into()]);
     let mut full_env: BTreeMap<String, String> = BTreeMap::new();
-    full_env.insert(
-        "PATH".into(),
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-    );
+    full_env.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     full_env.insert("HOME".into(), "/".into());
     full_env.insert("HOSTNAME".into(), pod_name.into());
     full_env.extend(env.clone());
@@ -619,9 +504,7 @@ async fn pump(app: Arc<App>, uid: String, container: String, r: impl AsyncRead +
         line.clear();
         match r.read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => return,
-            Ok(_) => app
-                .logs
-                .write(&uid, &container, &String::from_utf8_lossy(&line)),
+            Ok(_) => app.logs.write(&uid, &container, &String::from_utf8_lossy(&line)),
         }
     }
 }
@@ -654,27 +537,15 @@ async fn run_container(
     };
     let term_file = scratch.join(format!("termination-{cn}"));
     if std::fs::write(&term_file, b"").is_err() {
-        return fail(
-            &app,
-            "StartError",
-            "cannot create the termination message file".into(),
-        );
+        return fail(&app, "StartError", "cannot create the termination message file".into());
     }
     chown(&term_file, ids);
-    let memory = c["resources"]["limits"]["memory"]
-        .as_str()
-        .and_then(quantity_bytes);
-    let cpu = c["resources"]["limits"]["cpu"]
-        .as_str()
-        .and_then(quantity_millis);
+    let memory = c["resources"]["limits"]["memory"].as_str().and_then(quantity_bytes);
+    let cpu = c["resources"]["limits"]["cpu"].as_str().and_then(quantity_millis);
     let cgroups = Cgroups::create(&format!("kubesim-{uid}-{cn}"), memory, cpu);
     let procs = cgroups.procs();
     // Without a memory cgroup, the address-space rlimit is the memory limit.
-    let rlimit_as = if cgroups.memory.is_none() {
-        memory.map(|m| m.saturating_add(256 << 20))
-    } else {
-        None
-    };
+    let rlimit_as = if cgroups.memory.is_none() { memory.map(|m| m.saturating_add(256 << 20)) } else { None };
     let mut cmd = Command::new(BWRAP);
     cmd.args(bwrap_args(&pod, &c, &volumes, &term_file, &env, &argv))
         .stdin(Stdio::null())
@@ -706,16 +577,10 @@ async fn run_container(
                 }
             }
             if let Some(limit) = rlimit_as {
-                let r = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
+                let r = libc::rlimit { rlim_cur: limit, rlim_max: limit };
                 libc::setrlimit(libc::RLIMIT_AS, &r);
             }
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(gid_n) != 0
-                || libc::setuid(uid_n) != 0
-            {
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid_n) != 0 || libc::setuid(uid_n) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -726,18 +591,8 @@ async fn run_container(
         Err(e) => return fail(&app, "StartError", format!("cannot start bubblewrap: {e}")),
     };
     let pid = child.id().unwrap_or(0) as i32;
-    let out = tokio::spawn(pump(
-        app.clone(),
-        uid.clone(),
-        cn.clone(),
-        child.stdout.take().unwrap(),
-    ));
-    let err = tokio::spawn(pump(
-        app.clone(),
-        uid.clone(),
-        cn.clone(),
-        child.stderr.take().unwrap(),
-    ));
+    let out = tokio::spawn(pump(app.clone(), uid.clone(), cn.clone(), child.stdout.take().unwrap()));
+    let err = tokio::spawn(pump(app.clone(), uid.clone(), cn.clone(), child.stderr.take().unwrap()));
     let status = tokio::select! {
         s = child.wait() => s,
         _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
@@ -770,28 +625,25 @@ async fn run_container(
     } else {
         (code, "Error")
     };
-    let message = std::fs::read(&term_file)
-        .ok()
-        .map(|b| String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned());
+    let message = std::fs::read(&term_file).ok().map(|b| String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned());
     cgroups.remove().await;
     terminated_state(&app, &uid, &c, code, reason, &run_start, message)
 }
 
 /// Runs the pod's containers until they all exit, the deadline passes or deletion is asked for.
-pub async fn run(
-    app: &Arc<App>,
-    pod: &Value,
-    specs: &[Value],
-    run_start: &str,
-    remaining: Option<Duration>,
-) -> RunEnd {
+pub async fn run(app: &Arc<App>, pod: &Value, specs: &[Value], run_start: &str, remaining: Option<Duration>) -> RunEnd {
     let (ns, name, uid) = ids(pod);
     let Some(ids) = sandbox_ids() else {
-        let t = specs.iter().map(|c| {
-            let m = format!("kubesim exec: the user {SANDBOX_USER} does not exist (deploy/local/install-sandbox.sh creates it)");
-            app.logs.write(&uid, c["name"].as_str().unwrap_or_default(), &format!("{m}\n"));
-            terminated_state(app, &uid, c, 128, "StartError", run_start, Some(m))
-        }).collect();
+        let t = specs
+            .iter()
+            .map(|c| {
+                let m = format!(
+                    "kubesim exec: the user {SANDBOX_USER} does not exist (deploy/local/install-sandbox.sh creates it)"
+                );
+                app.logs.write(&uid, c["name"].as_str().unwrap_or_default(), &format!("{m}\n"));
+                terminated_state(app, &uid, c, 128, "StartError", run_start, Some(m))
+            })
+            .collect();
         return RunEnd::Exited(t);
     };
     let scratch = std::env::temp_dir().join("kubesim-exec").join(&uid);
@@ -804,9 +656,8 @@ pub async fn run(
                 crate::kubelet::warn_event(app, pod, "FailedMount", &msg);
                 // Stuck in ContainerCreating until the object appears, the deadline or deletion.
                 let wait_for = Duration::from_secs(2);
-                let wait_for = deadline.map_or(wait_for, |d| {
-                    wait_for.min(d.saturating_duration_since(tokio::time::Instant::now()))
-                });
+                let wait_for = deadline
+                    .map_or(wait_for, |d| wait_for.min(d.saturating_duration_since(tokio::time::Instant::now())));
                 if !crate::kubelet::wait_pod(app, &ns, &name, &uid, wait_for).await {
                     return RunEnd::Deleted;
                 }
@@ -863,12 +714,7 @@ pub async fn run(
     let _ = std::fs::remove_dir_all(&scratch);
     match ended {
         Some(e) => e,
-        None => RunEnd::Exited(
-            results
-                .into_iter()
-                .map(|r| r.unwrap_or(Value::Null))
-                .collect(),
-        ),
+        None => RunEnd::Exited(results.into_iter().map(|r| r.unwrap_or(Value::Null)).collect()),
     }
 }
 
@@ -892,10 +738,7 @@ mod tests {
     fn argv_from_image_command_and_env() {
         let env: BTreeMap<String, String> = [("N".to_string(), "3".to_string())].into();
         let c = json!({"image": "python:3.12-slim", "args": ["-c", "print($(N))", "$$(N)", "$(MISSING)"]});
-        assert_eq!(
-            container_argv(&c, &env).unwrap(),
-            vec!["/usr/bin/python3", "-c", "print(3)", "$(N)", "$(MISSING)"]
-        );
+        assert_eq!(container_argv(&c, &env).unwrap(), vec!["/usr/bin/python3", "-c", "print(3)", "$(N)", "$(MISSING)"]);
         let c = json!({"image": "r-base:4.4", "command": ["Rscript", "-e", "1"]});
         assert_eq!(container_argv(&c, &env).unwrap()[0], "/usr/bin/Rscript");
         let c = json!({"image": "rocker/r-ver:4"});

@@ -49,12 +49,7 @@ impl Logs {
 
     /// Marks a container's log as complete: followers stop.
     pub fn finish(&self, uid: &str, container: &str) {
-        self.bufs
-            .lock()
-            .unwrap()
-            .entry((uid.into(), container.into()))
-            .or_default()
-            .done = true;
+        self.bufs.lock().unwrap().entry((uid.into(), container.into())).or_default().done = true;
         self.changed.notify_waiters();
     }
 
@@ -64,12 +59,7 @@ impl Logs {
     }
 
     fn snapshot(&self, uid: &str, container: &str) -> LogBuf {
-        self.bufs
-            .lock()
-            .unwrap()
-            .get(&(uid.to_string(), container.to_string()))
-            .cloned()
-            .unwrap_or_default()
+        self.bufs.lock().unwrap().get(&(uid.to_string(), container.to_string())).cloned().unwrap_or_default()
     }
 
     /// The last lines of a log, at most `max` bytes (a termination message fallback).
@@ -90,44 +80,23 @@ impl Logs {
 }
 
 fn pod_rt(app: &App) -> crate::registry::ResourceType {
-    app.lock()
-        .registry
-        .find("", "v1", "pods")
-        .cloned()
-        .expect("pods are built in")
+    app.lock().registry.find("", "v1", "pods").cloned().expect("pods are built in")
 }
 
 /// `GET .../pods/NAME/log`: `container`, `follow`, `tailLines`, `limitBytes`, `timestamps`,
 /// `sinceSeconds`, `sinceTime`, `previous`.
-pub async fn serve_log(
-    app: &Arc<App>,
-    ns: &str,
-    name: &str,
-    q: &HashMap<String, String>,
-) -> ApiResult<Response> {
+pub async fn serve_log(app: &Arc<App>, ns: &str, name: &str, q: &HashMap<String, String>) -> ApiResult<Response> {
     let rt = pod_rt(app);
-    let pod = app
-        .lock()
-        .get("/pods", ns, name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(&rt, name))?;
+    let pod = app.lock().get("/pods", ns, name).cloned().ok_or_else(|| ApiError::not_found(&rt, name))?;
     let names: Vec<String> = ["containers", "initContainers"]
         .iter()
         .flat_map(|l| pod["spec"][*l].as_array().cloned().unwrap_or_default())
         .filter_map(|c| c["name"].as_str().map(String::from))
         .collect();
-    let main: Vec<&Value> = pod["spec"]["containers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .collect();
+    let main: Vec<&Value> = pod["spec"]["containers"].as_array().into_iter().flatten().collect();
     let container = match q.get("container").filter(|c| !c.is_empty()) {
         Some(c) if names.contains(c) => c.clone(),
-        Some(c) => {
-            return Err(ApiError::bad_request(format!(
-                "container {c} is not valid for pod {name}"
-            )))
-        }
+        Some(c) => return Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}"))),
         None if main.len() == 1 => main[0]["name"].as_str().unwrap_or_default().to_string(),
         None => {
             return Err(ApiError::bad_request(format!(
@@ -148,12 +117,7 @@ pub async fn serve_log(
     let waiting = match &status {
         None => Some("ContainerCreating".to_string()),
         Some(s) if s["state"]["waiting"].is_object() && s["lastState"]["terminated"].is_null() => {
-            Some(
-                s["state"]["waiting"]["reason"]
-                    .as_str()
-                    .unwrap_or("ContainerCreating")
-                    .to_string(),
-            )
+            Some(s["state"]["waiting"]["reason"].as_str().unwrap_or("ContainerCreating").to_string())
         }
         _ => None,
     };
@@ -166,25 +130,14 @@ pub async fn serve_log(
             "container {container:?} in pod {name:?} is waiting to start: {why}"
         )));
     }
-    let uid = pod["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_string();
     let follow = q.get("follow").is_some_and(|f| f == "true");
     let timestamps = q.get("timestamps").is_some_and(|f| f == "true");
-    let tail: Option<usize> = q
-        .get("tailLines")
-        .and_then(|t| t.parse::<i64>().ok())
-        .map(|t| t.max(0) as usize);
+    let tail: Option<usize> = q.get("tailLines").and_then(|t| t.parse::<i64>().ok()).map(|t| t.max(0) as usize);
     let mut limit: Option<usize> = q.get("limitBytes").and_then(|t| t.parse().ok());
     let since: Option<DateTime<Utc>> = match (q.get("sinceSeconds"), q.get("sinceTime")) {
-        (Some(s), _) => s
-            .parse::<i64>()
-            .ok()
-            .map(|s| Utc::now() - chrono::Duration::seconds(s)),
-        (None, Some(t)) => DateTime::parse_from_rfc3339(t)
-            .ok()
-            .map(|t| t.with_timezone(&Utc)),
+        (Some(s), _) => s.parse::<i64>().ok().map(|s| Utc::now() - chrono::Duration::seconds(s)),
+        (None, Some(t)) => DateTime::parse_from_rfc3339(t).ok().map(|t| t.with_timezone(&Utc)),
         _ => None,
     };
     let render = move |(ts, line): &(DateTime<Utc>, String)| {
@@ -195,11 +148,8 @@ pub async fn serve_log(
         }
     };
     let buf = app.logs.snapshot(&uid, &container);
-    let mut lines: Vec<&(DateTime<Utc>, String)> = buf
-        .lines
-        .iter()
-        .filter(|(ts, _)| since.is_none_or(|s| *ts >= s))
-        .collect();
+    let mut lines: Vec<&(DateTime<Utc>, String)> =
+        buf.lines.iter().filter(|(ts, _)| since.is_none_or(|s| *ts >= s)).collect();
     if let Some(t) = tail {
         lines = lines.split_off(lines.len().saturating_sub(t));
     }
@@ -235,10 +185,7 @@ pub async fn serve_log(
             tokio::pin!(notified);
             notified.as_mut().enable();
             let b = app2.logs.snapshot(&uid, &container);
-            let mut chunk: String = b.lines[sent.min(b.lines.len())..]
-                .iter()
-                .map(&render)
-                .collect();
+            let mut chunk: String = b.lines[sent.min(b.lines.len())..].iter().map(&render).collect();
             sent = b.lines.len();
             cap(&mut chunk, &mut limit);
             if !chunk.is_empty() && tx.send(Ok(Bytes::from(chunk))).await.is_err() {
@@ -256,21 +203,12 @@ pub async fn serve_log(
             }
         }
     });
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
-    Ok((
-        StatusCode::OK,
-        [("content-type", "text/plain")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    Ok((StatusCode::OK, [("content-type", "text/plain")], Body::from_stream(stream)).into_response())
 }
 
 fn pod_gone(app: &App, uid: &str) -> bool {
-    !app.lock()
-        .list("/pods", None)
-        .iter()
-        .any(|p| p["metadata"]["uid"] == uid)
+    !app.lock().list("/pods", None).iter().any(|p| p["metadata"]["uid"] == uid)
 }
 
 /// The node object the scheduler binds to.
@@ -295,14 +233,7 @@ pub async fn run(app: Arc<App>, exec: bool) {
     loop {
         let (mut rx, pods) = {
             let inner = app.lock();
-            (
-                inner.tx.subscribe(),
-                inner
-                    .list("/pods", None)
-                    .into_iter()
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            )
+            (inner.tx.subscribe(), inner.list("/pods", None).into_iter().cloned().collect::<Vec<_>>())
         };
         for p in pods {
             start(&app, &p, &mut handled, exec);
@@ -311,10 +242,7 @@ pub async fn run(app: Arc<App>, exec: bool) {
             match rx.recv().await {
                 Ok(ev) if ev.key == "/pods" => match ev.kind {
                     EventType::Deleted => {
-                        let uid = ev.object["metadata"]["uid"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_string();
+                        let uid = ev.object["metadata"]["uid"].as_str().unwrap_or_default().to_string();
                         handled.remove(&uid);
                         app.logs.forget(&uid);
                     }
@@ -329,17 +257,11 @@ pub async fn run(app: Arc<App>, exec: bool) {
 }
 
 fn start(app: &Arc<App>, pod: &Value, handled: &mut HashSet<String>, exec: bool) {
-    let uid = pod["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_string();
     if handled.contains(&uid) || !pod["metadata"]["deletionTimestamp"].is_null() {
         return;
     }
-    if matches!(
-        pod["status"]["phase"].as_str(),
-        Some("Succeeded" | "Failed")
-    ) {
+    if matches!(pod["status"]["phase"].as_str(), Some("Succeeded" | "Failed")) {
         return;
     }
     let node = pod["spec"]["nodeName"].as_str().unwrap_or_default();
@@ -347,14 +269,8 @@ fn start(app: &Arc<App>, pod: &Value, handled: &mut HashSet<String>, exec: bool)
         return;
     }
     handled.insert(uid.clone());
-    let ns = pod["metadata"]["namespace"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let name = pod["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
     let app = app.clone();
     tokio::spawn(async move { simulate(app, ns, name, uid, exec).await });
 }
@@ -374,47 +290,22 @@ fn with_pod(
     f: impl FnOnce(&mut Value),
 ) -> Option<Value> {
     let mut inner = app.lock();
-    let pod = inner
-        .get("/pods", ns, name)
-        .filter(|p| p["metadata"]["uid"] == uid)?
-        .clone();
+    let pod = inner.get("/pods", ns, name).filter(|p| p["metadata"]["uid"] == uid)?.clone();
     let mut new = pod.clone();
     f(&mut new);
     let rt = inner.registry.find("", "v1", "pods").cloned()?;
     let mut ctx = WriteCtx::internal(manager);
-    let r = objects::update(
-        &mut inner,
-        &rt,
-        "v1",
-        ns,
-        name,
-        new,
-        status.then_some("status"),
-        &mut ctx,
-        false,
-    )
-    .ok();
+    let r = objects::update(&mut inner, &rt, "v1", ns, name, new, status.then_some("status"), &mut ctx, false).ok();
     app.wake_gc(&mut inner);
     r
 }
 
 fn live(app: &App, ns: &str, name: &str, uid: &str) -> Option<Value> {
-    app.lock()
-        .get("/pods", ns, name)
-        .filter(|p| p["metadata"]["uid"] == uid)
-        .cloned()
+    app.lock().get("/pods", ns, name).filter(|p| p["metadata"]["uid"] == uid).cloned()
 }
 
 /// Records a core/v1 Event about the pod, as the scheduler and kubelet do.
-fn event(
-    app: &App,
-    pod: &Value,
-    type_: &str,
-    reason: &str,
-    message: &str,
-    component: &str,
-    field_path: Option<&str>,
-) {
+fn event(app: &App, pod: &Value, type_: &str, reason: &str, message: &str, component: &str, field_path: Option<&str>) {
     let mut inner = app.lock();
     let Some(rt) = inner.registry.find("", "v1", "events").cloned() else {
         return;
@@ -452,18 +343,11 @@ fn ann<'a>(pod: &'a Value, key: &str, container: Option<&str>) -> Option<&'a str
 }
 
 fn ann_ms(pod: &Value, key: &str, default: u64) -> Duration {
-    Duration::from_millis(
-        ann(pod, key, None)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default),
-    )
+    Duration::from_millis(ann(pod, key, None).and_then(|v| v.parse().ok()).unwrap_or(default))
 }
 
 fn containers(pod: &Value) -> Vec<Value> {
-    pod["spec"]["containers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    pod["spec"]["containers"].as_array().cloned().unwrap_or_default()
 }
 
 fn condition(type_: &str, status: bool, reason: Option<&str>) -> Value {
@@ -482,10 +366,7 @@ fn container_status(c: &Value, state: Value, ready: bool, restarts: i64, last: V
         "ready": ready, "restartCount": restarts, "started": started, "state": state, "lastState": last,
     });
     if !state["waiting"].is_object() {
-        s["containerID"] = json!(format!(
-            "kubesim://{}",
-            &uuid::Uuid::new_v4().simple().to_string()
-        ));
+        s["containerID"] = json!(format!("kubesim://{}", &uuid::Uuid::new_v4().simple().to_string()));
     }
     s
 }
@@ -502,11 +383,7 @@ enum Outcome {
 }
 
 fn outcome(pod: &Value) -> Outcome {
-    match ann(pod, "outcome", None)
-        .unwrap_or("")
-        .to_ascii_lowercase()
-        .as_str()
-    {
+    match ann(pod, "outcome", None).unwrap_or("").to_ascii_lowercase().as_str() {
         "oomkilled" | "oom" => Outcome::OomKilled,
         "deadlineexceeded" | "deadline" | "hang" => Outcome::Deadline,
         "errimagepull" | "imagepullbackoff" => Outcome::ImagePull,
@@ -525,20 +402,14 @@ fn finish_deletion(app: &App, ns: &str, name: &str, uid: &str) {
                 &pod,
                 "Normal",
                 "Killing",
-                &format!(
-                    "Stopping container {}",
-                    c["name"].as_str().unwrap_or_default()
-                ),
+                &format!("Stopping container {}", c["name"].as_str().unwrap_or_default()),
                 "kubelet",
                 None,
             );
         }
         with_pod(app, ns, name, uid, true, "kubelet", |p| {
             let specs = containers(p);
-            let statuses = p["status"]["containerStatuses"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
+            let statuses = p["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
             let new: Vec<Value> = specs
                 .iter()
                 .map(|c| {
@@ -559,17 +430,7 @@ fn finish_deletion(app: &App, ns: &str, name: &str, uid: &str) {
             return;
         };
         let ctx = WriteCtx::internal("kubelet");
-        let _ = objects::delete(
-            &mut inner,
-            &rt,
-            ns,
-            name,
-            &DeleteOpts {
-                grace: Some(0),
-                ..Default::default()
-            },
-            &ctx,
-        );
+        let _ = objects::delete(&mut inner, &rt, ns, name, &DeleteOpts { grace: Some(0), ..Default::default() }, &ctx);
         app.wake_gc(&mut inner);
     }
 }
@@ -589,9 +450,10 @@ async fn wait(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -> bool {
     let end = tokio::time::Instant::now() + d;
     loop {
         // Looked at in place (no copy): many pods poll at once.
-        let running = app.lock().get("/pods", ns, name).is_some_and(|p| {
-            p["metadata"]["uid"] == uid && p["metadata"]["deletionTimestamp"].is_null()
-        });
+        let running = app
+            .lock()
+            .get("/pods", ns, name)
+            .is_some_and(|p| p["metadata"]["uid"] == uid && p["metadata"]["deletionTimestamp"].is_null());
         if !running {
             return false;
         }
@@ -632,13 +494,8 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
     let out = if exec { Outcome::Exit } else { outcome(&pod) };
     let specs = containers(&pod);
     let started_at = Utc::now();
-    let deadline = pod["spec"]["activeDeadlineSeconds"]
-        .as_i64()
-        .map(|s| Duration::from_secs(s.max(0) as u64));
-    let ip = format!(
-        "10.244.0.{}",
-        2 + (uid.as_bytes()[0] as u32 + uid.as_bytes()[1] as u32) % 250
-    );
+    let deadline = pod["spec"]["activeDeadlineSeconds"].as_i64().map(|s| Duration::from_secs(s.max(0) as u64));
+    let ip = format!("10.244.0.{}", 2 + (uid.as_bytes()[0] as u32 + uid.as_bytes()[1] as u32) % 250);
     with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
         p["status"]["hostIP"] = json!("127.0.0.1");
         p["status"]["hostIPs"] = json!([{"ip": "127.0.0.1"}]);
@@ -661,15 +518,7 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
         p["status"]["containerStatuses"] = Value::Array(
             specs
                 .iter()
-                .map(|c| {
-                    container_status(
-                        c,
-                        json!({"waiting": {"reason": "ContainerCreating"}}),
-                        false,
-                        0,
-                        json!({}),
-                    )
-                })
+                .map(|c| container_status(c, json!({"waiting": {"reason": "ContainerCreating"}}), false, 0, json!({})))
                 .collect(),
         );
     });
@@ -692,10 +541,7 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
                 &pod,
                 "Normal",
                 "Pulled",
-                &format!(
-                    "Container image {:?} already present on machine",
-                    c["image"].as_str().unwrap_or_default()
-                ),
+                &format!("Container image {:?} already present on machine", c["image"].as_str().unwrap_or_default()),
                 "kubelet",
                 Some(&format!("spec.containers{{{cn}}}")),
             );
@@ -721,10 +567,7 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
         let run_start = ts();
         with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
             p["status"]["phase"] = json!("Running");
-            let prev = p["status"]["containerStatuses"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
+            let prev = p["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
             p["status"]["containerStatuses"] = Value::Array(
                 specs
                     .iter()
@@ -734,20 +577,13 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
                             .find(|s| s["name"] == c["name"])
                             .map(|s| s["lastState"].clone())
                             .unwrap_or(json!({}));
-                        container_status(
-                            c,
-                            json!({"running": {"startedAt": run_start}}),
-                            true,
-                            restarts,
-                            last,
-                        )
+                        container_status(c, json!({"running": {"startedAt": run_start}}), true, restarts, last)
                     })
                     .collect(),
             );
             set_ready(p, true, None);
         });
-        let remaining = deadline
-            .map(|d| d.saturating_sub((Utc::now() - started_at).to_std().unwrap_or_default()));
+        let remaining = deadline.map(|d| d.saturating_sub((Utc::now() - started_at).to_std().unwrap_or_default()));
         let end = if exec {
             crate::exec::run(&app, &pod, &specs, &run_start, remaining).await
         } else {
@@ -762,8 +598,7 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
                     return;
                 };
                 for c in &specs {
-                    app.logs
-                        .finish(&uid, c["name"].as_str().unwrap_or_default());
+                    app.logs.finish(&uid, c["name"].as_str().unwrap_or_default());
                 }
                 event(
                     &app,
@@ -777,8 +612,7 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
                 with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
                     p["status"]["phase"] = json!("Failed");
                     p["status"]["reason"] = json!("DeadlineExceeded");
-                    p["status"]["message"] =
-                        json!("Pod was active on the node longer than the specified deadline");
+                    p["status"]["message"] = json!("Pod was active on the node longer than the specified deadline");
                     p["status"]["containerStatuses"] = Value::Array(specs.iter().map(|c| {
                         container_status(c, json!({"terminated": {"exitCode": 137, "reason": "Error", "startedAt": run_start, "finishedAt": ts()}}), false, restarts, json!({}))
                     }).collect());
@@ -791,10 +625,7 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
             return;
         };
         let all_zero = terminated.iter().all(|t| t["exitCode"] == 0);
-        let policy = pod["spec"]["restartPolicy"]
-            .as_str()
-            .unwrap_or("Always")
-            .to_string();
+        let policy = pod["spec"]["restartPolicy"].as_str().unwrap_or("Always").to_string();
         let restart = policy == "Always" || (policy == "OnFailure" && !all_zero);
         if restart {
             restarts += 1;
@@ -809,15 +640,7 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
                 }).collect());
                 set_ready(p, false, Some("ContainersNotReady"));
             });
-            if !wait(
-                &app,
-                &ns,
-                &name,
-                &uid,
-                ann_ms(&pod, "restart-delay-ms", 1000),
-            )
-            .await
-            {
+            if !wait(&app, &ns, &name, &uid, ann_ms(&pod, "restart-delay-ms", 1000)).await {
                 return finish_deletion(&app, &ns, &name, &uid);
             }
             continue;
@@ -828,20 +651,10 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
                 specs
                     .iter()
                     .zip(&terminated)
-                    .map(|(c, t)| {
-                        container_status(c, json!({"terminated": t}), false, restarts, json!({}))
-                    })
+                    .map(|(c, t)| container_status(c, json!({"terminated": t}), false, restarts, json!({})))
                     .collect(),
             );
-            set_ready(
-                p,
-                false,
-                Some(if all_zero {
-                    "PodCompleted"
-                } else {
-                    "PodFailed"
-                }),
-            );
+            set_ready(p, false, Some(if all_zero { "PodCompleted" } else { "PodFailed" }));
         });
         return wait_for_deletion(&app, &ns, &name, &uid).await;
     }
@@ -885,11 +698,7 @@ async fn simulate_run(
         }
         return RunEnd::Vanished;
     }
-    let run_for = if out == Outcome::Deadline {
-        Duration::from_secs(u64::MAX / 4)
-    } else {
-        ann_ms(pod, "run-ms", 200)
-    };
+    let run_for = if out == Outcome::Deadline { Duration::from_secs(u64::MAX / 4) } else { ann_ms(pod, "run-ms", 200) };
     let (run_for, by_deadline) = match remaining {
         Some(d) if run_for >= d => (d, true),
         _ => (run_for, false),
@@ -906,16 +715,12 @@ async fn simulate_run(
         let (code, reason) = if out == Outcome::OomKilled {
             (137, "OOMKilled")
         } else {
-            let code: i64 = ann(pod, "exit-code", Some(cn))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let code: i64 = ann(pod, "exit-code", Some(cn)).and_then(|v| v.parse().ok()).unwrap_or(0);
             (code, if code == 0 { "Completed" } else { "Error" })
         };
         // What the container wrote to terminationMessagePath, or its log's tail on error.
         let message = ann(pod, "termination-message", Some(cn)).map(String::from);
-        terminated.push(terminated_state(
-            app, &uid, c, code, reason, run_start, message,
-        ));
+        terminated.push(terminated_state(app, &uid, c, code, reason, run_start, message));
     }
     RunEnd::Exited(terminated)
 }
@@ -931,8 +736,7 @@ pub fn terminated_state(
     message: Option<String>,
 ) -> Value {
     let cn = c["name"].as_str().unwrap_or_default();
-    let mut term =
-        json!({"exitCode": code, "reason": reason, "startedAt": run_start, "finishedAt": ts()});
+    let mut term = json!({"exitCode": code, "reason": reason, "startedAt": run_start, "finishedAt": ts()});
     let message = message.filter(|m| !m.is_empty()).or_else(|| {
         (c["terminationMessagePolicy"] == "FallbackToLogsOnError" && code != 0)
             .then(|| app.logs.tail(uid, cn, 80, 2048))
@@ -953,16 +757,11 @@ pub fn ids(pod: &Value) -> (String, String, String) {
 }
 
 fn live_in(inner: &crate::store::Inner, ns: &str, name: &str, uid: &str) -> bool {
-    inner
-        .get("/pods", ns, name)
-        .is_some_and(|p| p["metadata"]["uid"] == uid)
+    inner.get("/pods", ns, name).is_some_and(|p| p["metadata"]["uid"] == uid)
 }
 
 fn set_ready(p: &mut Value, ready: bool, reason: Option<&str>) {
-    let conds = p["status"]["conditions"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let conds = p["status"]["conditions"].as_array().cloned().unwrap_or_default();
     let conds: Vec<Value> = conds
         .into_iter()
         .map(|c| {
@@ -986,11 +785,7 @@ async fn image_pull_failure(app: &Arc<App>, ns: &str, name: &str, uid: &str, spe
         let Some(pod) = live(app, ns, name, uid) else {
             return;
         };
-        let (reason, event_reason) = if backoff {
-            ("ImagePullBackOff", "BackOff")
-        } else {
-            ("ErrImagePull", "Failed")
-        };
+        let (reason, event_reason) = if backoff { ("ImagePullBackOff", "BackOff") } else { ("ErrImagePull", "Failed") };
         for c in specs {
             let image = c["image"].as_str().unwrap_or_default();
             let msg = if backoff {
@@ -1010,22 +805,23 @@ async fn image_pull_failure(app: &Arc<App>, ns: &str, name: &str, uid: &str, spe
             );
         }
         with_pod(app, ns, name, uid, true, "kubelet", |p| {
-            p["status"]["containerStatuses"] = Value::Array(specs.iter().map(|c| {
-                let image = c["image"].as_str().unwrap_or_default();
-                let msg = if backoff { format!("Back-off pulling image {image:?}") } else { format!("rpc error: code = NotFound desc = kubesim: image {image:?} is set to fail pulling") };
-                container_status(c, json!({"waiting": {"reason": reason, "message": msg}}), false, 0, json!({}))
-            }).collect());
+            p["status"]["containerStatuses"] = Value::Array(
+                specs
+                    .iter()
+                    .map(|c| {
+                        let image = c["image"].as_str().unwrap_or_default();
+                        let msg = if backoff {
+                            format!("Back-off pulling image {image:?}")
+                        } else {
+                            format!("rpc error: code = NotFound desc = kubesim: image {image:?} is set to fail pulling")
+                        };
+                        container_status(c, json!({"waiting": {"reason": reason, "message": msg}}), false, 0, json!({}))
+                    })
+                    .collect(),
+            );
         });
         backoff = !backoff;
-        if !wait(
-            app,
-            ns,
-            name,
-            uid,
-            Duration::from_millis(if backoff { 500 } else { 1500 }),
-        )
-        .await
-        {
+        if !wait(app, ns, name, uid, Duration::from_millis(if backoff { 500 } else { 1500 })).await {
             return finish_deletion(app, ns, name, uid);
         }
     }

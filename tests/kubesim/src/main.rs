@@ -115,10 +115,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match rt.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -151,14 +148,11 @@ async fn run(args: Args) -> std::io::Result<()> {
     writeln!(out, "{url}")?;
     out.flush()?;
     drop(out);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown())
-        .await
+    axum::serve(listener, router).with_graceful_shutdown(shutdown()).await
 }
 
 async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -168,21 +162,10 @@ async fn shutdown() {
 /// The namespaces every cluster has.
 fn seed(app: &App) {
     let mut inner = app.lock();
-    let rt = inner
-        .registry
-        .find("", "v1", "namespaces")
-        .cloned()
-        .expect("namespaces are built in");
+    let rt = inner.registry.find("", "v1", "namespaces").cloned().expect("namespaces are built in");
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let mut ctx = WriteCtx::internal("kube-apiserver");
-        objects::create(
-            &mut inner,
-            &rt,
-            "v1",
-            "",
-            json!({"metadata": {"name": ns}}),
-            &mut ctx,
-        )
-        .expect("seed namespace");
+        objects::create(&mut inner, &rt, "v1", "", json!({"metadata": {"name": ns}}), &mut ctx)
+            .expect("seed namespace");
     }
 }

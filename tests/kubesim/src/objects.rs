@@ -66,19 +66,12 @@ pub fn present(mut obj: Value, rt: &ResourceType, version: &str) -> Value {
 }
 
 fn shape<'a>(rt: &'a ResourceType, version: &str) -> (Option<&'a str>, Option<&'a Value>) {
-    let schema = rt
-        .crd_version(version)
-        .map(|v| &v["schema"]["openAPIV3Schema"]);
+    let schema = rt.crd_version(version).map(|v| &v["schema"]["openAPIV3Schema"]);
     (Some(rt.kind.as_str()), schema)
 }
 
 /// Checks (and for custom resources prunes and defaults) the fields of an incoming object.
-fn check_fields(
-    rt: &ResourceType,
-    version: &str,
-    obj: &mut Value,
-    ctx: &mut WriteCtx,
-) -> ApiResult<Vec<Cause>> {
+fn check_fields(rt: &ResourceType, version: &str, obj: &mut Value, ctx: &mut WriteCtx) -> ApiResult<Vec<Cause>> {
     let mut unknown = schema::unknown_meta_fields(obj);
     let mut causes = vec![];
     if let Some(s) = shape(rt, version).1 {
@@ -94,18 +87,10 @@ fn check_fields(
     }
     match ctx.validation {
         FieldValidation::Strict if !unknown.is_empty() => {
-            let list: Vec<String> = unknown
-                .iter()
-                .map(|f| format!("unknown field {f:?}"))
-                .collect();
-            return Err(ApiError::bad_request(format!(
-                "strict decoding error: {}",
-                list.join(", ")
-            )));
+            let list: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
+            return Err(ApiError::bad_request(format!("strict decoding error: {}", list.join(", "))));
         }
-        FieldValidation::Warn => ctx
-            .warnings
-            .extend(unknown.iter().map(|f| format!("unknown field {f:?}"))),
+        FieldValidation::Warn => ctx.warnings.extend(unknown.iter().map(|f| format!("unknown field {f:?}"))),
         _ => {}
     }
     Ok(causes)
@@ -184,18 +169,12 @@ fn check_type(rt: &ResourceType, version: &str, obj: &mut Value) -> ApiResult<()
 
 fn check_type_only(rt: &ResourceType, version: &str, obj: &mut Value) -> ApiResult<()> {
     if !obj.is_object() {
-        return Err(ApiError::bad_request(
-            "the body of the request must be a JSON object",
-        ));
+        return Err(ApiError::bad_request("the body of the request must be a JSON object"));
     }
     let want = rt.api_version(version);
     match obj["apiVersion"].as_str() {
         None | Some("") if !rt.is_custom() => obj["apiVersion"] = json!(want),
-        None | Some("") => {
-            return Err(ApiError::bad_request(format!(
-                "Object 'apiVersion' is missing in '{obj}'"
-            )))
-        }
+        None | Some("") => return Err(ApiError::bad_request(format!("Object 'apiVersion' is missing in '{obj}'"))),
         Some(v) if v != want => {
             return Err(ApiError::bad_request(format!(
                 "the API version in the data ({v}) does not match the expected API version ({want})"
@@ -205,11 +184,7 @@ fn check_type_only(rt: &ResourceType, version: &str, obj: &mut Value) -> ApiResu
     }
     match obj["kind"].as_str() {
         None | Some("") if !rt.is_custom() => obj["kind"] = json!(rt.kind),
-        None | Some("") => {
-            return Err(ApiError::bad_request(format!(
-                "Object 'Kind' is missing in '{obj}'"
-            )))
-        }
+        None | Some("") => return Err(ApiError::bad_request(format!("Object 'Kind' is missing in '{obj}'"))),
         Some(k) if k != rt.kind => {
             return Err(ApiError::bad_request(format!(
                 "the kind in the data ({k}) does not match the expected kind ({})",
@@ -243,9 +218,11 @@ fn check_namespace(
         return Ok(());
     }
     match obj["metadata"]["namespace"].as_str() {
-        Some(n) if !n.is_empty() && n != ns => return Err(ApiError::bad_request(
-            "the namespace of the provided object does not match the namespace sent on the request",
-        )),
+        Some(n) if !n.is_empty() && n != ns => {
+            return Err(ApiError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ))
+        }
         _ => obj["metadata"]["namespace"] = json!(ns),
     }
     if creating {
@@ -266,10 +243,7 @@ fn check_namespace(
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let bytes = uuid::Uuid::new_v4().into_bytes();
-    bytes[..5]
-        .iter()
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-        .collect()
+    bytes[..5].iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
 }
 
 /// Everything but metadata and status: what a change to bumps `generation`.
@@ -308,10 +282,7 @@ pub fn create(
             obj["metadata"]["name"] = json!(format!("{g}{}", random_suffix()));
         }
     }
-    let name = obj["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
     check_namespace(inner, rt, ns, &mut obj, &name, true)?;
     let mut causes = check_fields(rt, version, &mut obj, ctx)?;
     causes.extend(schema::validate_meta(&obj, rt.resource == "namespaces"));
@@ -323,10 +294,7 @@ pub fn create(
     if !causes.is_empty() {
         return Err(ApiError::invalid(rt, &name, causes));
     }
-    if inner
-        .get(&rt.key(), if rt.namespaced { ns } else { "" }, &name)
-        .is_some()
-    {
+    if inner.get(&rt.key(), if rt.namespaced { ns } else { "" }, &name).is_some() {
         return Err(ApiError::already_exists(rt, &name));
     }
     let meta = obj["metadata"].as_object_mut().unwrap();
@@ -351,10 +319,7 @@ pub fn create(
             m.remove("status");
         }
     }
-    if obj["metadata"]["managedFields"]
-        .as_array()
-        .is_none_or(|a| a.is_empty())
-    {
+    if obj["metadata"]["managedFields"].as_array().is_none_or(|a| a.is_empty()) {
         let (kind, schema) = shape(rt, version);
         ssa::record_update(
             None,
@@ -370,22 +335,11 @@ pub fn create(
 }
 
 /// Stores a new object (used by create and by apply-creates).
-fn store_new(
-    inner: &mut Inner,
-    rt: &ResourceType,
-    ns: &str,
-    obj: Value,
-    ctx: &WriteCtx,
-) -> ApiResult<Value> {
+fn store_new(inner: &mut Inner, rt: &ResourceType, ns: &str, obj: Value, ctx: &WriteCtx) -> ApiResult<Value> {
     if ctx.dry_run {
         return Ok(obj);
     }
-    let stored = inner.put(
-        &rt.key(),
-        if rt.namespaced { ns } else { "" },
-        obj,
-        EventType::Added,
-    );
+    let stored = inner.put(&rt.key(), if rt.namespaced { ns } else { "" }, obj, EventType::Added);
     after_write(inner, rt, &stored);
     if !stored["metadata"]["ownerReferences"].is_null() {
         inner.gc_dirty = true;
@@ -410,9 +364,7 @@ fn prepare_create(rt: &ResourceType, obj: &mut Value, ctx: &WriteCtx, causes: &m
             }
         }
         ("apiextensions.k8s.io", "customresourcedefinitions") => validate_crd(obj, causes),
-        ("", "events") if obj["involvedObject"].is_null() => {
-            causes.push(Cause::required("involvedObject"))
-        }
+        ("", "events") if obj["involvedObject"].is_null() => causes.push(Cause::required("involvedObject")),
         ("events.k8s.io", "events") => {
             // Stored in the core form already: check the events.k8s.io/v1 required fields.
             for (field, stored) in [
@@ -435,20 +387,13 @@ fn prepare_create(rt: &ResourceType, obj: &mut Value, ctx: &WriteCtx, causes: &m
 fn normalize_secret(obj: &mut Value, causes: &mut Vec<Cause>) {
     if let Some(sd) = obj.as_object_mut().and_then(|m| m.remove("stringData")) {
         for (k, v) in sd.as_object().into_iter().flatten() {
-            let enc =
-                base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
+            let enc = base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
             obj["data"][k] = json!(enc);
         }
     }
     for (k, v) in obj["data"].as_object().into_iter().flatten() {
-        if v.as_str()
-            .is_none_or(|s| base64::engine::general_purpose::STANDARD.decode(s).is_err())
-        {
-            causes.push(Cause::invalid(
-                format!("data[{k}]"),
-                v,
-                "must be base64 encoded",
-            ));
+        if v.as_str().is_none_or(|s| base64::engine::general_purpose::STANDARD.decode(s).is_err()) {
+            causes.push(Cause::invalid(format!("data[{k}]"), v, "must be base64 encoded"));
         }
     }
 }
@@ -501,16 +446,9 @@ fn prepare_pod(obj: &mut Value, ctx: &WriteCtx, causes: &mut Vec<Cause>) {
             }
             if c["imagePullPolicy"].is_null() {
                 let image = c["image"].as_str().unwrap_or_default();
-                let tagged = image
-                    .rsplit('/')
-                    .next()
-                    .is_some_and(|last| last.contains(':') || last.contains('@'));
+                let tagged = image.rsplit('/').next().is_some_and(|last| last.contains(':') || last.contains('@'));
                 let latest = image.ends_with(":latest");
-                c["imagePullPolicy"] = json!(if !tagged || latest {
-                    "Always"
-                } else {
-                    "IfNotPresent"
-                });
+                c["imagePullPolicy"] = json!(if !tagged || latest { "Always" } else { "IfNotPresent" });
             }
             if c["resources"].is_null() {
                 c["resources"] = json!({});
@@ -533,9 +471,7 @@ fn prepare_pod(obj: &mut Value, ctx: &WriteCtx, causes: &mut Vec<Cause>) {
         }
     }
     // The ServiceAccount admission plugin mounts the API token unless told not to.
-    let automount = spec["automountServiceAccountToken"]
-        .as_bool()
-        .unwrap_or(true);
+    let automount = spec["automountServiceAccountToken"].as_bool().unwrap_or(true);
     if automount && !ctx.internal {
         let vol = format!("kube-api-access-{}", random_suffix());
         let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
@@ -548,7 +484,9 @@ fn prepare_pod(obj: &mut Value, ctx: &WriteCtx, causes: &mut Vec<Cause>) {
         spec["volumes"] = Value::Array(volumes);
         for c in spec["containers"].as_array_mut().into_iter().flatten() {
             let mut mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
-            mounts.push(json!({"name": vol, "readOnly": true, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}));
+            mounts.push(
+                json!({"name": vol, "readOnly": true, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}),
+            );
             c["volumeMounts"] = Value::Array(mounts);
         }
     }
@@ -577,11 +515,7 @@ fn validate_crd(obj: &Value, causes: &mut Vec<Cause>) {
     }
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
     if !group.is_empty() && !plural.is_empty() && name != format!("{plural}.{group}") {
-        causes.push(Cause::invalid(
-            "metadata.name",
-            &json!(name),
-            "must be spec.names.plural+\".\"+spec.group",
-        ));
+        causes.push(Cause::invalid("metadata.name", &json!(name), "must be spec.names.plural+\".\"+spec.group"));
     }
     match spec["scope"].as_str() {
         Some("Namespaced" | "Cluster") => {}
@@ -623,9 +557,7 @@ fn validate_crd(obj: &Value, causes: &mut Vec<Cause>) {
 fn after_write(inner: &mut Inner, rt: &ResourceType, stored: &Value) {
     if rt.key() == "apiextensions.k8s.io/customresourcedefinitions" {
         inner.registry.apply_crd(stored);
-        if stored["status"]["conditions"]
-            .as_array()
-            .is_none_or(|c| !c.iter().any(|c| c["type"] == "Established"))
+        if stored["status"]["conditions"].as_array().is_none_or(|c| !c.iter().any(|c| c["type"] == "Established"))
             && stored["metadata"]["deletionTimestamp"].is_null()
         {
             // What the apiextensions controllers do right after a CRD is stored.
@@ -646,18 +578,12 @@ fn after_write(inner: &mut Inner, rt: &ResourceType, stored: &Value) {
                 ],
                 "storedVersions": storage,
             });
-            if finalizers(&crd)
-                .iter()
-                .all(|f| f != "customresourcecleanup.apiextensions.k8s.io")
-            {
+            if finalizers(&crd).iter().all(|f| f != "customresourcecleanup.apiextensions.k8s.io") {
                 let mut f = finalizers(&crd);
                 f.push("customresourcecleanup.apiextensions.k8s.io".into());
                 crd["metadata"]["finalizers"] = json!(f);
             }
-            let shape = Shape {
-                kind: Some("CustomResourceDefinition"),
-                schema: None,
-            };
+            let shape = Shape { kind: Some("CustomResourceDefinition"), schema: None };
             ssa::record_update(
                 Some(stored),
                 &mut crd,
@@ -672,10 +598,7 @@ fn after_write(inner: &mut Inner, rt: &ResourceType, stored: &Value) {
         }
     }
     if rt.key() == "/namespaces" && stored["metadata"]["deletionTimestamp"].is_null() {
-        let ns = stored["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let ns = stored["metadata"]["name"].as_str().unwrap_or_default().to_string();
         seed_namespace(inner, &ns);
     }
 }
@@ -733,11 +656,7 @@ pub fn update(
             return Err(ApiError::invalid(
                 rt,
                 name,
-                vec![Cause::invalid(
-                    "metadata.resourceVersion",
-                    &json!(0),
-                    "must be specified for an update",
-                )],
+                vec![Cause::invalid("metadata.resourceVersion", &json!(0), "must be specified for an update")],
             ))
         }
         _ => {}
@@ -748,8 +667,7 @@ pub fn update(
         let mut new = old.clone();
         new["status"] = obj["status"].clone();
         if rt.is_custom() {
-            let out =
-                schema::process_custom(shape(rt, version).1.unwrap_or(&Value::Null), &mut new);
+            let out = schema::process_custom(shape(rt, version).1.unwrap_or(&Value::Null), &mut new);
             causes = out.causes;
         }
         if let Some(m) = obj["metadata"].get("managedFields") {
@@ -778,13 +696,7 @@ pub fn update(
         return Err(ApiError::invalid(rt, name, causes));
     }
     // Metadata the client cannot change.
-    for k in [
-        "uid",
-        "creationTimestamp",
-        "deletionTimestamp",
-        "deletionGracePeriodSeconds",
-        "generation",
-    ] {
+    for k in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
         match old["metadata"].get(k) {
             Some(v) => obj["metadata"][k] = v.clone(),
             None => {
@@ -795,15 +707,17 @@ pub fn update(
     obj["metadata"].as_object_mut().unwrap().remove("selfLink");
     if !old["metadata"]["deletionTimestamp"].is_null() {
         let before = finalizers(&old);
-        let added: Vec<String> = finalizers(&obj)
-            .into_iter()
-            .filter(|f| !before.contains(f))
-            .collect();
+        let added: Vec<String> = finalizers(&obj).into_iter().filter(|f| !before.contains(f)).collect();
         if !added.is_empty() && !ctx.internal {
             return Err(ApiError::invalid(
                 rt,
                 name,
-                vec![Cause::forbidden("metadata.finalizers", format!("no new finalizers can be added if the object is being deleted, found new finalizers {added:?}"))],
+                vec![Cause::forbidden(
+                    "metadata.finalizers",
+                    format!(
+                        "no new finalizers can be added if the object is being deleted, found new finalizers {added:?}"
+                    ),
+                )],
             ));
         }
     }
@@ -813,26 +727,18 @@ pub fn update(
     }
     if !managed {
         normalize_managed_times(&mut obj);
-        let client_set = obj["metadata"]
-            .get("managedFields")
-            .filter(|m| **m != old["metadata"]["managedFields"])
-            .cloned();
+        let client_set =
+            obj["metadata"].get("managedFields").filter(|m| **m != old["metadata"]["managedFields"]).cloned();
         match client_set {
             // A client that sets managedFields replaces them (an empty list clears them).
             Some(m) if m.as_array().is_some_and(|a| a.is_empty()) => {
-                obj["metadata"]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("managedFields");
+                obj["metadata"].as_object_mut().unwrap().remove("managedFields");
             }
             Some(_) => {}
             None => {
                 obj["metadata"]["managedFields"] = old["metadata"]["managedFields"].clone();
                 if obj["metadata"]["managedFields"].is_null() {
-                    obj["metadata"]
-                        .as_object_mut()
-                        .unwrap()
-                        .remove("managedFields");
+                    obj["metadata"].as_object_mut().unwrap().remove("managedFields");
                 }
                 let (kind, schema) = shape(rt, version);
                 ssa::record_update(
@@ -853,30 +759,15 @@ pub fn update(
 /// Times in client-sent managedFields as the server writes them (RFC 3339, seconds, `Z`), so a
 /// client that re-sends what it read (in any RFC 3339 spelling) changes nothing.
 fn normalize_managed_times(obj: &mut Value) {
-    for e in obj["metadata"]["managedFields"]
-        .as_array_mut()
-        .into_iter()
-        .flatten()
-    {
-        if let Some(t) = e["time"]
-            .as_str()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        {
-            e["time"] = json!(t
-                .with_timezone(&Utc)
-                .to_rfc3339_opts(SecondsFormat::Secs, true));
+    for e in obj["metadata"]["managedFields"].as_array_mut().into_iter().flatten() {
+        if let Some(t) = e["time"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) {
+            e["time"] = json!(t.with_timezone(&Utc).to_rfc3339_opts(SecondsFormat::Secs, true));
         }
     }
 }
 
 /// The rules of `ValidateUpdate` the emulator keeps: immutable pod specs and immutable ConfigMaps/Secrets.
-fn validate_update(
-    rt: &ResourceType,
-    old: &Value,
-    new: &Value,
-    ctx: &WriteCtx,
-    causes: &mut Vec<Cause>,
-) {
+fn validate_update(rt: &ResourceType, old: &Value, new: &Value, ctx: &WriteCtx, causes: &mut Vec<Cause>) {
     match (rt.group.as_str(), rt.resource.as_str()) {
         ("", "pods") if !ctx.internal => {
             let strip = |o: &Value| {
@@ -886,12 +777,7 @@ fn validate_update(
                         c["image"] = Value::Null;
                     }
                 }
-                for k in [
-                    "activeDeadlineSeconds",
-                    "tolerations",
-                    "terminationGracePeriodSeconds",
-                    "schedulingGates",
-                ] {
+                for k in ["activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds", "schedulingGates"] {
                     if let Some(m) = s.as_object_mut() {
                         m.remove(k);
                     }
@@ -908,17 +794,11 @@ fn validate_update(
         ("", "configmaps" | "secrets") if old["immutable"] == true => {
             for f in ["data", "binaryData"] {
                 if old[f] != new[f] {
-                    causes.push(Cause::forbidden(
-                        f,
-                        "field is immutable when `immutable` is set",
-                    ));
+                    causes.push(Cause::forbidden(f, "field is immutable when `immutable` is set"));
                 }
             }
             if new["immutable"] != true {
-                causes.push(Cause::forbidden(
-                    "immutable",
-                    "field is immutable when `immutable` is set",
-                ));
+                causes.push(Cause::forbidden("immutable", "field is immutable when `immutable` is set"));
             }
         }
         _ => {}
@@ -943,15 +823,9 @@ fn store_update(
         return Ok(obj);
     }
     let deleting = !obj["metadata"]["deletionTimestamp"].is_null();
-    let grace_left = rt.resource == "pods"
-        && obj["metadata"]["deletionGracePeriodSeconds"]
-            .as_i64()
-            .unwrap_or(0)
-            > 0;
+    let grace_left = rt.resource == "pods" && obj["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) > 0;
     if deleting && finalizers(&obj).is_empty() && !grace_left && rt.resource != "namespaces" {
-        inner
-            .objects
-            .insert((rt.key(), ns.to_string(), name.to_string()), obj);
+        inner.objects.insert((rt.key(), ns.to_string(), name.to_string()), obj);
         let removed = inner.remove(&rt.key(), ns, name).unwrap();
         after_remove(inner, rt, &removed);
         return Ok(removed);
@@ -966,9 +840,7 @@ fn store_update(
 
 fn after_remove(inner: &mut Inner, rt: &ResourceType, removed: &Value) {
     if rt.key() == "apiextensions.k8s.io/customresourcedefinitions" {
-        inner
-            .registry
-            .remove_crd(removed["metadata"]["name"].as_str().unwrap_or_default());
+        inner.registry.remove_crd(removed["metadata"]["name"].as_str().unwrap_or_default());
     }
 }
 
@@ -1001,30 +873,25 @@ pub fn delete(
     let Some(old) = inner.get(&rt.key(), ns, name).cloned() else {
         return Err(ApiError::not_found(rt, name));
     };
-    let uid = old["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let uid = old["metadata"]["uid"].as_str().unwrap_or_default().to_string();
     if let Some(u) = &opts.uid {
         if *u != uid {
             return Err(ApiError::conflict(
                 rt,
                 name,
-                &format!(
-                    "Precondition failed: UID in precondition: {u}, UID in object meta: {uid}"
-                ),
+                &format!("Precondition failed: UID in precondition: {u}, UID in object meta: {uid}"),
             ));
         }
     }
     if let Some(rv) = &opts.resource_version {
-        let cur = old["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap_or_default();
+        let cur = old["metadata"]["resourceVersion"].as_str().unwrap_or_default();
         if rv != cur {
             return Err(ApiError::conflict(
                 rt,
                 name,
-                &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {cur}"),
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {cur}"
+                ),
             ));
         }
     }
@@ -1060,24 +927,13 @@ pub fn delete(
     if !fins.is_empty() || !obj["metadata"]["finalizers"].is_null() {
         obj["metadata"]["finalizers"] = json!(fins);
         if fins.is_empty() {
-            obj["metadata"]
-                .as_object_mut()
-                .unwrap()
-                .remove("finalizers");
+            obj["metadata"].as_object_mut().unwrap().remove("finalizers");
         }
     }
     let pod_grace = if rt.resource == "pods" {
-        let bound = obj["spec"]["nodeName"]
-            .as_str()
-            .is_some_and(|n| !n.is_empty());
-        let terminal = matches!(
-            obj["status"]["phase"].as_str(),
-            Some("Succeeded" | "Failed")
-        );
-        let g = opts
-            .grace
-            .or(obj["spec"]["terminationGracePeriodSeconds"].as_i64())
-            .unwrap_or(30);
+        let bound = obj["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
+        let terminal = matches!(obj["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
+        let g = opts.grace.or(obj["spec"]["terminationGracePeriodSeconds"].as_i64()).unwrap_or(30);
         if bound && !terminal {
             g.max(0)
         } else {
@@ -1093,28 +949,20 @@ pub fn delete(
             obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
             obj["status"]["phase"] = json!("Terminating");
         }
-        let stored = if obj != old && !ctx.dry_run {
-            inner.put(&rt.key(), ns, obj, EventType::Modified)
-        } else {
-            obj
-        };
+        let stored = if obj != old && !ctx.dry_run { inner.put(&rt.key(), ns, obj, EventType::Modified) } else { obj };
         inner.gc_dirty = true;
         return Ok(Deleted::Object(stored));
     }
     if !fins.is_empty() || pod_grace > 0 {
         if !already {
             let at = Utc::now() + chrono::Duration::seconds(pod_grace);
-            obj["metadata"]["deletionTimestamp"] =
-                json!(at.to_rfc3339_opts(SecondsFormat::Secs, true));
+            obj["metadata"]["deletionTimestamp"] = json!(at.to_rfc3339_opts(SecondsFormat::Secs, true));
             obj["metadata"]["deletionGracePeriodSeconds"] = json!(pod_grace);
             if let Some(g) = old["metadata"]["generation"].as_i64() {
                 obj["metadata"]["generation"] = json!(g + 1);
             }
         } else if rt.resource == "pods"
-            && pod_grace
-                < obj["metadata"]["deletionGracePeriodSeconds"]
-                    .as_i64()
-                    .unwrap_or(0)
+            && pod_grace < obj["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0)
         {
             obj["metadata"]["deletionGracePeriodSeconds"] = json!(pod_grace);
         }
@@ -1129,9 +977,7 @@ pub fn delete(
         return Ok(Deleted::Object(obj));
     }
     if obj != old {
-        inner
-            .objects
-            .insert((rt.key(), ns.to_string(), name.to_string()), obj);
+        inner.objects.insert((rt.key(), ns.to_string(), name.to_string()), obj);
     }
     let removed = inner.remove(&rt.key(), ns, name).unwrap();
     after_remove(inner, rt, &removed);
@@ -1175,11 +1021,7 @@ pub fn apply(
     if ctx.validation == FieldValidation::Strict {
         // Apply builds a typed object from the configuration first: undeclared fields fail there.
         let mut probe = applied.clone();
-        let mut scratch = WriteCtx {
-            validation: FieldValidation::Warn,
-            warnings: vec![],
-            ..ctx.clone()
-        };
+        let mut scratch = WriteCtx { validation: FieldValidation::Warn, warnings: vec![], ..ctx.clone() };
         check_fields(rt, version, &mut probe, &mut scratch)?;
         if let Some(first) = scratch.warnings.first() {
             let field = first.trim_start_matches("unknown field ").trim_matches('"');
@@ -1198,10 +1040,7 @@ pub fn apply(
         return Err(ApiError::not_found(rt, name));
     }
     if let Some(rv) = applied["metadata"]["resourceVersion"].as_str() {
-        if live
-            .as_ref()
-            .is_none_or(|l| l["metadata"]["resourceVersion"] != rv)
-        {
+        if live.as_ref().is_none_or(|l| l["metadata"]["resourceVersion"] != rv) {
             return Err(ApiError::stale(rt, name));
         }
     }
@@ -1228,18 +1067,12 @@ pub fn apply(
         None => {
             let mut obj = merged;
             let managed = obj["metadata"]["managedFields"].clone();
-            obj["metadata"]
-                .as_object_mut()
-                .unwrap()
-                .remove("managedFields");
+            obj["metadata"].as_object_mut().unwrap().remove("managedFields");
             let mut created = create_with_managed(inner, rt, version, ns, obj, managed, ctx)?;
             created = present(created, rt, version);
             Ok((created, true))
         }
-        Some(_) => Ok((
-            update(inner, rt, version, ns, name, merged, sub, ctx, true)?,
-            false,
-        )),
+        Some(_) => Ok((update(inner, rt, version, ns, name, merged, sub, ctx, true)?, false)),
     }
 }
 

@@ -62,26 +62,17 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// Applies an RFC 6902 JSON patch; the error is the message the apiserver would give.
 pub fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
-    let ops = ops
-        .as_array()
-        .ok_or("json patch must be an array of operations")?;
+    let ops = ops.as_array().ok_or("json patch must be an array of operations")?;
     for op in ops {
-        let path = op["path"]
-            .as_str()
-            .ok_or("missing path in json patch operation")?;
+        let path = op["path"].as_str().ok_or("missing path in json patch operation")?;
         match op["op"].as_str().unwrap_or_default() {
-            "add" => add(
-                target,
-                path,
-                op.get("value").ok_or("missing value")?.clone(),
-            )?,
+            "add" => add(target, path, op.get("value").ok_or("missing value")?.clone())?,
             "remove" => {
                 remove(target, path)?;
             }
             "replace" => {
-                let slot = pointer_mut(target, path).ok_or_else(|| {
-                    format!("replace operation does not apply: doc is missing key: {path}")
-                })?;
+                let slot = pointer_mut(target, path)
+                    .ok_or_else(|| format!("replace operation does not apply: doc is missing key: {path}"))?;
                 *slot = op.get("value").ok_or("missing value")?.clone();
             }
             "move" => {
@@ -93,9 +84,7 @@ pub fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
                 let from = op["from"].as_str().ok_or("missing from")?;
                 let v = target
                     .pointer(from)
-                    .ok_or_else(|| {
-                        format!("copy operation does not apply: doc is missing from path: {from}")
-                    })?
+                    .ok_or_else(|| format!("copy operation does not apply: doc is missing from path: {from}"))?
                     .clone();
                 add(target, path, v)?;
             }
@@ -124,9 +113,7 @@ fn pointer_mut<'a>(target: &'a mut Value, path: &str) -> Option<&'a mut Value> {
 }
 
 fn split(path: &str) -> Result<(&str, String), String> {
-    let i = path
-        .rfind('/')
-        .ok_or_else(|| format!("invalid path {path:?}"))?;
+    let i = path.rfind('/').ok_or_else(|| format!("invalid path {path:?}"))?;
     Ok((&path[..i], unescape(&path[i + 1..])))
 }
 
@@ -146,22 +133,14 @@ fn add(target: &mut Value, path: &str, v: Value) -> Result<(), String> {
             if last == "-" {
                 a.push(v);
             } else {
-                let i: usize = last
-                    .parse()
-                    .map_err(|_| format!("invalid array index {last:?}"))?;
+                let i: usize = last.parse().map_err(|_| format!("invalid array index {last:?}"))?;
                 if i > a.len() {
-                    return Err(format!(
-                        "add operation does not apply: index {i} out of bounds"
-                    ));
+                    return Err(format!("add operation does not apply: index {i} out of bounds"));
                 }
                 a.insert(i, v);
             }
         }
-        _ => {
-            return Err(format!(
-                "add operation does not apply: doc is missing path: {path:?}"
-            ))
-        }
+        _ => return Err(format!("add operation does not apply: doc is missing path: {path:?}")),
     }
     Ok(())
 }
@@ -192,10 +171,7 @@ pub fn strategic_merge(target: &mut Value, patch: &Value, kind: &str) {
 fn strip_directives(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
-            m.iter()
-                .filter(|(k, _)| !k.starts_with('$'))
-                .map(|(k, v)| (k.clone(), strip_directives(v)))
-                .collect(),
+            m.iter().filter(|(k, _)| !k.starts_with('$')).map(|(k, v)| (k.clone(), strip_directives(v))).collect(),
         ),
         Value::Array(a) => Value::Array(
             a.iter()
@@ -247,15 +223,8 @@ fn smp(target: &mut Value, patch: &Value, kind: Option<&str>) {
         match (t.get_mut(k), v) {
             (Some(cur @ Value::Object(_)), Value::Object(_)) => smp(cur, v, kind),
             (Some(Value::Array(cur)), Value::Array(items)) => {
-                if items
-                    .iter()
-                    .any(|i| i.get("$patch").and_then(|d| d.as_str()) == Some("replace"))
-                {
-                    *cur = items
-                        .iter()
-                        .filter(|i| i.get("$patch").is_none())
-                        .map(strip_directives)
-                        .collect();
+                if items.iter().any(|i| i.get("$patch").and_then(|d| d.as_str()) == Some("replace")) {
+                    *cur = items.iter().filter(|i| i.get("$patch").is_none()).map(strip_directives).collect();
                 } else if let Some(key) = merge_key(kind, k) {
                     merge_list(cur, items, key, kind);
                 } else if is_set_list(k) {
@@ -277,9 +246,7 @@ fn smp(target: &mut Value, patch: &Value, kind: Option<&str>) {
 
 fn merge_list(cur: &mut Vec<Value>, items: &[Value], key: &str, kind: Option<&str>) {
     for item in items {
-        let pos = cur
-            .iter()
-            .position(|c| c.get(key).is_some() && c.get(key) == item.get(key));
+        let pos = cur.iter().position(|c| c.get(key).is_some() && c.get(key) == item.get(key));
         if item.get("$patch").and_then(|d| d.as_str()) == Some("delete") {
             if let Some(i) = pos {
                 cur.remove(i);
@@ -321,11 +288,7 @@ mod tests {
         assert_eq!(t, json!({"metadata": {"labels": {}}, "l": [9, 2, 3]}));
         assert!(json_patch(&mut t, &json!([{"op": "test", "path": "/l/0", "value": 1}])).is_err());
         assert!(json_patch(&mut t, &json!([{"op": "remove", "path": "/nope"}])).is_err());
-        json_patch(
-            &mut t,
-            &json!([{"op": "test", "path": "/metadata/finalizers", "value": null}]),
-        )
-        .unwrap();
+        json_patch(&mut t, &json!([{"op": "test", "path": "/metadata/finalizers", "value": null}])).unwrap();
     }
 
     #[test]
@@ -350,11 +313,7 @@ mod tests {
                 {"name": "c", "image": "z"},
             ]}})
         );
-        strategic_merge(
-            &mut pod,
-            &json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["a"]}}),
-            "Pod",
-        );
+        strategic_merge(&mut pod, &json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["a"]}}), "Pod");
         assert_eq!(pod["metadata"]["finalizers"], json!(["b"]));
     }
 }

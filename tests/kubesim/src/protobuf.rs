@@ -52,10 +52,8 @@ const OBJECT_META: &[(u64, &str, T)] = &[
     (14, "finalizers", T::RepStr),
 ];
 
-const NAMESPACE: &[(u64, &str, T)] = &[
-    (1, "metadata", T::Msg(OBJECT_META)),
-    (2, "spec", T::Msg(&[(1, "finalizers", T::RepStr)])),
-];
+const NAMESPACE: &[(u64, &str, T)] =
+    &[(1, "metadata", T::Msg(OBJECT_META)), (2, "spec", T::Msg(&[(1, "finalizers", T::RepStr)]))];
 const CONFIGMAP: &[(u64, &str, T)] = &[
     (1, "metadata", T::Msg(OBJECT_META)),
     (2, "data", T::MapStr),
@@ -71,11 +69,7 @@ const SECRET: &[(u64, &str, T)] = &[
 ];
 const DELETE_OPTIONS: &[(u64, &str, T)] = &[
     (1, "gracePeriodSeconds", T::Int),
-    (
-        2,
-        "preconditions",
-        T::Msg(&[(1, "uid", T::Str), (2, "resourceVersion", T::Str)]),
-    ),
+    (2, "preconditions", T::Msg(&[(1, "uid", T::Str), (2, "resourceVersion", T::Str)])),
     (3, "orphanDependents", T::Bool),
     (4, "propagationPolicy", T::Str),
 ];
@@ -160,10 +154,7 @@ fn message(b: &[u8], schema: &[(u64, &str, T)]) -> Result<Value, String> {
                 }
             }
             (T::Bytes, Wire::Bytes(s)) => {
-                out.insert(
-                    name,
-                    json!(base64::engine::general_purpose::STANDARD.encode(s)),
-                );
+                out.insert(name, json!(base64::engine::general_purpose::STANDARD.encode(s)));
             }
             (T::Int, Wire::Varint(v)) => {
                 if v != 0 {
@@ -177,10 +168,7 @@ fn message(b: &[u8], schema: &[(u64, &str, T)]) -> Result<Value, String> {
                 let t = message(s, &[(1, "s", T::Int), (2, "n", T::Int)])?;
                 if let Some(secs) = t["s"].as_i64() {
                     if let Some(dt) = chrono::DateTime::from_timestamp(secs, 0) {
-                        out.insert(
-                            name,
-                            json!(dt.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-                        );
+                        out.insert(name, json!(dt.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
                     }
                 }
             }
@@ -192,40 +180,17 @@ fn message(b: &[u8], schema: &[(u64, &str, T)]) -> Result<Value, String> {
             }
             (T::RepStr, Wire::Bytes(s)) => {
                 let list = out.entry(name).or_insert_with(|| json!([]));
-                list.as_array_mut()
-                    .unwrap()
-                    .push(json!(String::from_utf8_lossy(s)));
+                list.as_array_mut().unwrap().push(json!(String::from_utf8_lossy(s)));
             }
             (T::RepMsg(s), Wire::Bytes(b)) => {
                 let m = message(b, s)?;
-                out.entry(name)
-                    .or_insert_with(|| json!([]))
-                    .as_array_mut()
-                    .unwrap()
-                    .push(m);
+                out.entry(name).or_insert_with(|| json!([])).as_array_mut().unwrap().push(m);
             }
             (T::MapStr | T::MapBytes, Wire::Bytes(b)) => {
-                let entry = message(
-                    b,
-                    &[
-                        (1, "k", T::Str),
-                        (
-                            2,
-                            "v",
-                            if matches!(t, T::MapStr) {
-                                T::Str
-                            } else {
-                                T::Bytes
-                            },
-                        ),
-                    ],
-                )?;
+                let entry =
+                    message(b, &[(1, "k", T::Str), (2, "v", if matches!(t, T::MapStr) { T::Str } else { T::Bytes })])?;
                 let k = entry["k"].as_str().unwrap_or_default().to_string();
-                let v = if entry["v"].is_null() {
-                    json!("")
-                } else {
-                    entry["v"].clone()
-                };
+                let v = if entry["v"].is_null() { json!("") } else { entry["v"].clone() };
                 out.entry(name).or_insert_with(|| json!({}))[k] = v;
             }
             _ => return Err(format!("unexpected encoding for field {name}")),
@@ -237,28 +202,13 @@ fn message(b: &[u8], schema: &[(u64, &str, T)]) -> Result<Value, String> {
 /// Decodes a protobuf request body into JSON; Err is the reason it cannot be (unknown kind,
 /// malformed data).
 pub fn decode(body: &[u8]) -> Result<Value, String> {
-    let raw = body
-        .strip_prefix(b"k8s\0")
-        .ok_or("missing the k8s protobuf magic prefix")?;
+    let raw = body.strip_prefix(b"k8s\0").ok_or("missing the k8s protobuf magic prefix")?;
     let unknown = message(
         raw,
-        &[
-            (
-                1,
-                "typeMeta",
-                T::Msg(&[(1, "apiVersion", T::Str), (2, "kind", T::Str)]),
-            ),
-            (2, "raw", T::Bytes),
-        ],
+        &[(1, "typeMeta", T::Msg(&[(1, "apiVersion", T::Str), (2, "kind", T::Str)])), (2, "raw", T::Bytes)],
     )?;
-    let api_version = unknown["typeMeta"]["apiVersion"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let kind = unknown["typeMeta"]["kind"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let api_version = unknown["typeMeta"]["apiVersion"].as_str().unwrap_or_default().to_string();
+    let kind = unknown["typeMeta"]["kind"].as_str().unwrap_or_default().to_string();
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(unknown["raw"].as_str().unwrap_or_default())
         .map_err(|e| e.to_string())?;
@@ -287,17 +237,12 @@ mod tests {
     fn decodes_what_kubectl_create_sends() {
         // `kubectl create namespace demo` and `kubectl create configmap x --from-literal=a=b` (1.32).
         let ns = b"k8s\x00\n\x0f\n\x02v1\x12\tNamespace\x12\x1c\n\x14\n\x04demo\x12\x00\x1a\x00\"\x00*\x002\x008\x00B\x00\x12\x00\x1a\x02\n\x00\x1a\x00\"\x00";
-        assert_eq!(
-            decode(ns).unwrap(),
-            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}})
-        );
+        assert_eq!(decode(ns).unwrap(), json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}}));
         let cm = b"k8s\x00\n\x0f\n\x02v1\x12\tConfigMap\x12\x1b\n\x11\n\x01x\x12\x00\x1a\x00\"\x00*\x002\x008\x00B\x00\x12\x06\n\x01a\x12\x01b\x1a\x00\"\x00";
         assert_eq!(
             decode(cm).unwrap(),
             json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"a": "b"}})
         );
-        assert!(decode(b"k8s\x00\n\t\n\x02v1\x12\x03Pod")
-            .unwrap_err()
-            .contains("not v1 Pod"));
+        assert!(decode(b"k8s\x00\n\t\n\x02v1\x12\x03Pod").unwrap_err().contains("not v1 Pod"));
     }
 }

@@ -62,23 +62,11 @@ impl ResourceType {
 
     /// The CRD's entry in `spec.versions` for `version`.
     pub fn crd_version(&self, version: &str) -> Option<&Value> {
-        self.crd.as_ref()?["spec"]["versions"]
-            .as_array()?
-            .iter()
-            .find(|v| v["name"] == version)
+        self.crd.as_ref()?["spec"]["versions"].as_array()?.iter().find(|v| v["name"] == version)
     }
 
     pub fn verbs(&self) -> Vec<&'static str> {
-        vec![
-            "create",
-            "delete",
-            "deletecollection",
-            "get",
-            "list",
-            "patch",
-            "update",
-            "watch",
-        ]
+        vec!["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
     }
 }
 
@@ -139,74 +127,20 @@ pub fn builtins() -> Vec<ResourceType> {
     );
     crd.generation = true;
     crd.categories = vec!["api-extensions".into()];
-    let mut events = builtin(
-        "events.k8s.io",
-        "v1",
-        "events",
-        "event",
-        "Event",
-        true,
-        &["ev"],
-        false,
-    );
+    let mut events = builtin("events.k8s.io", "v1", "events", "event", "Event", true, &["ev"], false);
     events.storage = Some("/events".into());
     vec![
-        builtin(
-            "",
-            "v1",
-            "namespaces",
-            "namespace",
-            "Namespace",
-            false,
-            &["ns"],
-            true,
-        ),
+        builtin("", "v1", "namespaces", "namespace", "Namespace", false, &["ns"], true),
         pods,
-        builtin(
-            "",
-            "v1",
-            "configmaps",
-            "configmap",
-            "ConfigMap",
-            true,
-            &["cm"],
-            false,
-        ),
+        builtin("", "v1", "configmaps", "configmap", "ConfigMap", true, &["cm"], false),
         builtin("", "v1", "secrets", "secret", "Secret", true, &[], false),
         builtin("", "v1", "events", "event", "Event", true, &["ev"], false),
         events,
-        builtin(
-            "",
-            "v1",
-            "serviceaccounts",
-            "serviceaccount",
-            "ServiceAccount",
-            true,
-            &["sa"],
-            false,
-        ),
+        builtin("", "v1", "serviceaccounts", "serviceaccount", "ServiceAccount", true, &["sa"], false),
         builtin("", "v1", "nodes", "node", "Node", false, &["no"], true),
         netpol,
-        builtin(
-            "coordination.k8s.io",
-            "v1",
-            "leases",
-            "lease",
-            "Lease",
-            true,
-            &[],
-            false,
-        ),
-        builtin(
-            "node.k8s.io",
-            "v1",
-            "runtimeclasses",
-            "runtimeclass",
-            "RuntimeClass",
-            false,
-            &[],
-            false,
-        ),
+        builtin("coordination.k8s.io", "v1", "leases", "lease", "Lease", true, &[], false),
+        builtin("node.k8s.io", "v1", "runtimeclasses", "runtimeclass", "RuntimeClass", false, &[], false),
         crd,
     ]
 }
@@ -231,26 +165,14 @@ pub fn from_crd(crd: &Value) -> Option<ResourceType> {
     }
     let kind = names["kind"].as_str()?.to_string();
     let plural = names["plural"].as_str()?.to_string();
-    let status = spec["versions"]
-        .as_array()?
-        .iter()
-        .any(|v| v["subresources"]["status"].is_object());
+    let status = spec["versions"].as_array()?.iter().any(|v| v["subresources"]["status"].is_object());
     let strs = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
+        v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
     };
     Some(ResourceType {
         group: spec["group"].as_str()?.to_string(),
         versions,
-        singular: names["singular"]
-            .as_str()
-            .map(String::from)
-            .unwrap_or_else(|| kind.to_lowercase()),
+        singular: names["singular"].as_str().map(String::from).unwrap_or_else(|| kind.to_lowercase()),
         resource: plural,
         kind,
         namespaced: spec["scope"] == "Namespaced",
@@ -277,16 +199,14 @@ impl Registry {
     }
 
     pub fn find(&self, group: &str, version: &str, resource: &str) -> Option<&ResourceType> {
-        self.types.iter().find(|t| {
-            t.group == group && t.resource == resource && t.versions.iter().any(|v| v == version)
-        })
+        self.types
+            .iter()
+            .find(|t| t.group == group && t.resource == resource && t.versions.iter().any(|v| v == version))
     }
 
     /// The resource that owns a storage key (not an alias such as `events.k8s.io` events).
     pub fn by_key(&self, key: &str) -> Option<&ResourceType> {
-        self.types
-            .iter()
-            .find(|t| t.key() == key && t.storage.is_none())
+        self.types.iter().find(|t| t.key() == key && t.storage.is_none())
     }
 
     /// Adds or replaces the kind a CRD defines (or drops it when the CRD no longer serves any version).
@@ -329,11 +249,7 @@ impl Registry {
     /// `APIResourceList` for one group version.
     pub fn resource_list(&self, group: &str, version: &str) -> Option<Value> {
         let mut resources = vec![];
-        for t in self
-            .types
-            .iter()
-            .filter(|t| t.group == group && t.versions.iter().any(|v| v == version))
-        {
+        for t in self.types.iter().filter(|t| t.group == group && t.versions.iter().any(|v| v == version)) {
             let mut r = json!({
                 "name": t.resource,
                 "singularName": t.singular,
@@ -366,13 +282,7 @@ impl Registry {
         if resources.is_empty() {
             return None;
         }
-        let gv = if group.is_empty() {
-            version.to_string()
-        } else {
-            format!("{group}/{version}")
-        };
-        Some(
-            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
-        )
+        let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+        Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
     }
 }

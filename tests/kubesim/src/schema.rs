@@ -26,8 +26,7 @@ fn join(path: &str, field: &str) -> String {
 pub fn process_custom(schema: &Value, obj: &mut Value) -> Outcome {
     let mut out = Outcome::default();
     let Some(map) = obj.as_object_mut() else {
-        out.causes
-            .push(Cause::invalid("", obj, "must be an object"));
+        out.causes.push(Cause::invalid("", obj, "must be an object"));
         return out;
     };
     let props = &schema["properties"];
@@ -49,12 +48,7 @@ pub fn process_custom(schema: &Value, obj: &mut Value) -> Outcome {
         }
     }
     apply_defaults(schema, map);
-    for r in schema["required"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r.as_str())
-    {
+    for r in schema["required"].as_array().into_iter().flatten().filter_map(|r| r.as_str()) {
         if !map.contains_key(r) {
             out.causes.push(Cause::required(r));
         }
@@ -94,11 +88,7 @@ fn type_error(path: &str, v: &Value, want: &str) -> Cause {
     Cause::new(
         "FieldValueTypeInvalid",
         path,
-        format!(
-            "Invalid value: {}: {path} in body must be of type {want}: {:?}",
-            show(v),
-            type_of(v)
-        ),
+        format!("Invalid value: {}: {path} in body must be of type {want}: {:?}", show(v), type_of(v)),
     )
 }
 
@@ -112,11 +102,7 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
     }
     if v.is_null() {
         if schema["nullable"] != true && schema.get("type").is_some() {
-            out.causes.push(type_error(
-                path,
-                v,
-                schema["type"].as_str().unwrap_or("object"),
-            ));
+            out.causes.push(type_error(path, v, schema["type"].as_str().unwrap_or("object")));
         }
         return;
     }
@@ -136,10 +122,7 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
                 let child_path = join(path, &k);
                 // A null for a field that is not nullable is dropped before defaulting.
                 if map[&k].is_null()
-                    && props
-                        .get(&k)
-                        .or(addl.as_object().map(|_| addl))
-                        .is_some_and(|s| s["nullable"] != true)
+                    && props.get(&k).or(addl.as_object().map(|_| addl)).is_some_and(|s| s["nullable"] != true)
                 {
                     map.remove(&k);
                     continue;
@@ -158,12 +141,7 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
                 }
             }
             apply_defaults(schema, map);
-            for r in schema["required"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|r| r.as_str())
-            {
+            for r in schema["required"].as_array().into_iter().flatten().filter_map(|r| r.as_str()) {
                 if !map.contains_key(r) {
                     out.causes.push(Cause::required(join(path, r)));
                 }
@@ -237,10 +215,8 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
                 for i in 0..items.len() {
                     let key_of = |x: &Value| keys.iter().map(|k| x[*k].clone()).collect::<Vec<_>>();
                     if items[..i].iter().any(|o| key_of(o) == key_of(&items[i])) {
-                        let key: Map<String, Value> = keys
-                            .iter()
-                            .map(|k| (k.to_string(), items[i][*k].clone()))
-                            .collect();
+                        let key: Map<String, Value> =
+                            keys.iter().map(|k| (k.to_string(), items[i][*k].clone())).collect();
                         out.causes.push(Cause::new(
                             "FieldValueDuplicate",
                             format!("{path}[{i}]"),
@@ -277,20 +253,12 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
             if let Some(p) = schema["pattern"].as_str() {
                 if let Ok(re) = Regex::new(p) {
                     if !re.is_match(s) {
-                        out.causes.push(Cause::invalid(
-                            path,
-                            v,
-                            format!("{path} in body should match '{p}'"),
-                        ));
+                        out.causes.push(Cause::invalid(path, v, format!("{path} in body should match '{p}'")));
                     }
                 }
             }
             if schema["format"] == "date-time" && chrono::DateTime::parse_from_rfc3339(s).is_err() {
-                out.causes.push(Cause::invalid(
-                    path,
-                    v,
-                    format!("{path} in body must be of type date-time: {s:?}"),
-                ));
+                out.causes.push(Cause::invalid(path, v, format!("{path} in body must be of type date-time: {s:?}")));
             }
         }
         "integer" => {
@@ -319,11 +287,7 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
             out.causes.push(Cause::new(
                 "FieldValueNotSupported",
                 path,
-                format!(
-                    "Unsupported value: {}: supported values: {}",
-                    show(v),
-                    list.join(", ")
-                ),
+                format!("Unsupported value: {}: supported values: {}", show(v), list.join(", ")),
             ));
         }
     }
@@ -350,19 +314,14 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
                 "anyOf" => "must validate at least one schema (anyOf)",
                 _ => "must validate one and only one schema (oneOf)",
             };
-            out.causes
-                .push(Cause::invalid(path, v, format!("{path} in body {what}")));
+            out.causes.push(Cause::invalid(path, v, format!("{path} in body {what}")));
         }
     }
     if schema["not"].is_object() {
         let mut scratch = Outcome::default();
         walk(&schema["not"], &mut v.clone(), path, &mut scratch, false);
         if scratch.causes.is_empty() {
-            out.causes.push(Cause::invalid(
-                path,
-                v,
-                format!("{path} in body must not validate the schema (not)"),
-            ));
+            out.causes.push(Cause::invalid(path, v, format!("{path} in body must not validate the schema (not)")));
         }
     }
 }
@@ -372,31 +331,15 @@ fn bounds(schema: &Value, v: &Value, path: &str, out: &mut Outcome) {
     if let Some(m) = schema["minimum"].as_f64() {
         let excl = schema["exclusiveMinimum"] == true;
         if x < m || (excl && x == m) {
-            let rel = if excl {
-                "greater than"
-            } else {
-                "greater than or equal to"
-            };
-            out.causes.push(Cause::invalid(
-                path,
-                v,
-                format!("{path} in body should be {rel} {}", schema["minimum"]),
-            ));
+            let rel = if excl { "greater than" } else { "greater than or equal to" };
+            out.causes.push(Cause::invalid(path, v, format!("{path} in body should be {rel} {}", schema["minimum"])));
         }
     }
     if let Some(m) = schema["maximum"].as_f64() {
         let excl = schema["exclusiveMaximum"] == true;
         if x > m || (excl && x == m) {
-            let rel = if excl {
-                "less than"
-            } else {
-                "less than or equal to"
-            };
-            out.causes.push(Cause::invalid(
-                path,
-                v,
-                format!("{path} in body should be {rel} {}", schema["maximum"]),
-            ));
+            let rel = if excl { "less than" } else { "less than or equal to" };
+            out.causes.push(Cause::invalid(path, v, format!("{path} in body should be {rel} {}", schema["maximum"])));
         }
     }
     if let Some(m) = schema["multipleOf"].as_f64() {
@@ -404,10 +347,7 @@ fn bounds(schema: &Value, v: &Value, path: &str, out: &mut Outcome) {
             out.causes.push(Cause::invalid(
                 path,
                 v,
-                format!(
-                    "{path} in body should be a multiple of {}",
-                    schema["multipleOf"]
-                ),
+                format!("{path} in body should be a multiple of {}", schema["multipleOf"]),
             ));
         }
     }
@@ -513,8 +453,7 @@ pub fn unknown_meta_fields(obj: &Value) -> Vec<String> {
 }
 
 const DNS1123_LABEL: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
-const DNS1123_SUBDOMAIN: &str =
-    "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+const DNS1123_SUBDOMAIN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
 /// Validates the name (a DNS-1123 subdomain, or label for namespaces), labels and annotations.
 pub fn validate_meta(obj: &Value, label_name: bool) -> Vec<Cause> {
@@ -550,11 +489,8 @@ pub fn validate_meta(obj: &Value, label_name: bool) -> Vec<Cause> {
         };
         n.len() <= 63
             && name_re.is_match(n)
-            && prefix.is_none_or(|p| {
-                !p.is_empty()
-                    && p.len() <= 253
-                    && Regex::new(DNS1123_SUBDOMAIN).unwrap().is_match(p)
-            })
+            && prefix
+                .is_none_or(|p| !p.is_empty() && p.len() <= 253 && Regex::new(DNS1123_SUBDOMAIN).unwrap().is_match(p))
     };
     for (section, check_values) in [("labels", true), ("annotations", false)] {
         let Some(m) = obj["metadata"][section].as_object() else {
@@ -617,25 +553,20 @@ mod tests {
         assert!(o["spec"].get("bogus").is_none());
 
         let mut bad = json!({"spec": {"language": "ruby", "timeout": 0, "labels": {"a": 1}}});
-        let texts: Vec<String> = process_custom(&schema(), &mut bad)
-            .causes
-            .iter()
-            .map(Cause::text)
-            .collect();
-        assert_eq!(texts, vec![
-            "spec.labels.a: Invalid value: 1: spec.labels.a in body must be of type string: \"integer\"",
-            "spec.language: Unsupported value: \"ruby\": supported values: \"python\", \"r\"",
-            "spec.timeout: Invalid value: 0: spec.timeout in body should be greater than or equal to 1",
-        ]);
+        let texts: Vec<String> = process_custom(&schema(), &mut bad).causes.iter().map(Cause::text).collect();
+        assert_eq!(
+            texts,
+            vec![
+                "spec.labels.a: Invalid value: 1: spec.labels.a in body must be of type string: \"integer\"",
+                "spec.language: Unsupported value: \"ruby\": supported values: \"python\", \"r\"",
+                "spec.timeout: Invalid value: 0: spec.timeout in body should be greater than or equal to 1",
+            ]
+        );
         let mut nulls = json!({"spec": {"language": "r", "timeout": null}, "status": null});
         assert!(process_custom(&schema(), &mut nulls).causes.is_empty());
         assert_eq!(nulls, json!({"spec": {"language": "r", "timeout": 30}}));
         let mut missing = json!({"spec": {}});
-        let texts: Vec<String> = process_custom(&schema(), &mut missing)
-            .causes
-            .iter()
-            .map(Cause::text)
-            .collect();
+        let texts: Vec<String> = process_custom(&schema(), &mut missing).causes.iter().map(Cause::text).collect();
         assert_eq!(texts, vec!["spec.language: Required value"]);
     }
 
@@ -643,30 +574,14 @@ mod tests {
     fn builtin_unknown_fields() {
         let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "bogus": 1},
             "spec": {"containers": [{"name": "c", "image": "i", "imagee": "typo"}], "nodeName": "n"}});
-        assert_eq!(
-            unknown_builtin_fields("Pod", &pod),
-            vec!["metadata.bogus", "spec.containers[0].imagee"]
-        );
+        assert_eq!(unknown_builtin_fields("Pod", &pod), vec!["metadata.bogus", "spec.containers[0].imagee"]);
     }
 
     #[test]
     fn names_and_labels() {
         assert!(validate_meta(&json!({"metadata": {"name": "ok-name.x"}}), false).is_empty());
-        assert_eq!(
-            validate_meta(&json!({"metadata": {"name": "Bad_Name"}}), false).len(),
-            1
-        );
-        assert_eq!(
-            validate_meta(&json!({"metadata": {"name": "a.b"}}), true).len(),
-            1
-        );
-        assert_eq!(
-            validate_meta(
-                &json!({"metadata": {"name": "a", "labels": {"k": "bad value"}}}),
-                false
-            )
-            .len(),
-            1
-        );
+        assert_eq!(validate_meta(&json!({"metadata": {"name": "Bad_Name"}}), false).len(), 1);
+        assert_eq!(validate_meta(&json!({"metadata": {"name": "a.b"}}), true).len(), 1);
+        assert_eq!(validate_meta(&json!({"metadata": {"name": "a", "labels": {"k": "bad value"}}}), false).len(), 1);
     }
 }

@@ -6,15 +6,13 @@ use serde_json::Value;
 
 fn plain_ok(s: &str) -> bool {
     const WORDS: [&str; 22] = [
-        "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "true", "True", "TRUE", "false",
-        "False", "FALSE", "on", "On", "ON", "off", "Off", "OFF",
+        "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "true", "True", "TRUE", "false", "False", "FALSE",
+        "on", "On", "ON", "off", "Off", "OFF",
     ];
     if s.is_empty() || WORDS.contains(&s) || matches!(s, "null" | "Null" | "NULL" | "~") {
         return false;
     }
-    if s.parse::<f64>().is_ok()
-        || s.starts_with(['0', '+', '-', '.']) && s.chars().any(|c| c.is_ascii_digit())
-    {
+    if s.parse::<f64>().is_ok() || s.starts_with(['0', '+', '-', '.']) && s.chars().any(|c| c.is_ascii_digit()) {
         return false;
     }
     let first = s.chars().next().unwrap();
@@ -51,11 +49,7 @@ fn emit(v: &Value, indent: usize, out: &mut String) {
                 if is_block(child) {
                     out.push_str(&format!("{pad}{key}:\n"));
                     // Lists under a key sit at the key's indentation, as kubectl prints them.
-                    emit(
-                        child,
-                        if child.is_array() { indent } else { indent + 2 },
-                        out,
-                    );
+                    emit(child, if child.is_array() { indent } else { indent + 2 }, out);
                 } else {
                     out.push_str(&format!("{pad}{key}: {}\n", scalar(child)));
                 }
@@ -101,9 +95,6 @@ mod tests {
         let text = to_string(&v);
         let back: Value = serde_yaml::from_str(&text).unwrap();
         assert_eq!(back, v, "{text}");
-        assert!(
-            text.contains("a: \"yes\"\n") && text.contains("plain: hello world\n"),
-            "{text}"
-        );
+        assert!(text.contains("a: \"yes\"\n") && text.contains("plain: hello world\n"), "{text}");
     }
 }

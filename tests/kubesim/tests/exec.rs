@@ -63,28 +63,13 @@ spec:
 "#,
     );
     sim.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()]);
-    sim.kubectl_ok(&[
-        "wait",
-        "--for=jsonpath={.status.phase}=Failed",
-        "pod/real",
-        "--timeout=30s",
-    ]);
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Failed", "pod/real", "--timeout=30s"]);
     let logs = sim.kubectl_ok(&["logs", "real"]);
-    assert!(
-        logs.contains("cwd /scratch uid 999 hi real from-configmap\n"),
-        "{logs}"
-    );
-    assert!(
-        logs.contains("written\n") && logs.contains("to stderr\n"),
-        "{logs}"
-    );
+    assert!(logs.contains("cwd /scratch uid 999 hi real from-configmap\n"), "{logs}");
+    assert!(logs.contains("written\n") && logs.contains("to stderr\n"), "{logs}");
     let t = &pod_state(&sim, "real")["containerStatuses"][0]["state"]["terminated"];
     assert_eq!(
-        (
-            t["exitCode"].as_i64(),
-            t["reason"].as_str(),
-            t["message"].as_str()
-        ),
+        (t["exitCode"].as_i64(), t["reason"].as_str(), t["message"].as_str()),
         (Some(3), Some("Error"), Some(r#"{"answer": 42}"#))
     );
 }
@@ -143,50 +128,22 @@ spec:
 "#,
     );
     sim.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()]);
-    sim.kubectl_ok(&[
-        "wait",
-        "--for=jsonpath={.status.phase}=Failed",
-        "pod/oom",
-        "--timeout=30s",
-    ]);
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Failed", "pod/oom", "--timeout=30s"]);
     let t = &pod_state(&sim, "oom")["containerStatuses"][0]["state"]["terminated"];
-    assert_eq!(
-        (t["exitCode"].as_i64(), t["reason"].as_str()),
-        (Some(137), Some("OOMKilled"))
-    );
+    assert_eq!((t["exitCode"].as_i64(), t["reason"].as_str()), (Some(137), Some("OOMKilled")));
 
-    sim.kubectl_ok(&[
-        "wait",
-        "--for=jsonpath={.status.phase}=Succeeded",
-        "pod/rlang",
-        "--timeout=60s",
-    ]);
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/rlang", "--timeout=60s"]);
     assert_eq!(sim.kubectl_ok(&["logs", "rlang"]), "55 \n");
 
-    sim.kubectl_ok(&[
-        "wait",
-        "--for=jsonpath={.status.phase}=Failed",
-        "pod/hang",
-        "--timeout=30s",
-    ]);
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Failed", "pod/hang", "--timeout=30s"]);
     let st = pod_state(&sim, "hang");
     assert_eq!(st["reason"], "DeadlineExceeded");
-    assert_eq!(
-        st["containerStatuses"][0]["state"]["terminated"]["exitCode"],
-        137
-    );
+    assert_eq!(st["containerStatuses"][0]["state"]["terminated"]["exitCode"], 137);
     assert_eq!(sim.kubectl_ok(&["logs", "hang"]), "start\n");
 
     // A running container is stopped by a graceful delete, then the pod goes.
-    sim.kubectl_ok(&[
-        "wait",
-        "--for=jsonpath={.status.phase}=Running",
-        "pod/sleeper",
-        "--timeout=30s",
-    ]);
-    common::eventually(10, || {
-        (sim.kubectl_ok(&["logs", "sleeper"]) == "up\n").then_some(())
-    });
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Running", "pod/sleeper", "--timeout=30s"]);
+    common::eventually(10, || (sim.kubectl_ok(&["logs", "sleeper"]) == "up\n").then_some(()));
     sim.kubectl_ok(&["delete", "pod", "sleeper", "--timeout=20s"]);
     let out = sim.kubectl(&["get", "pod", "sleeper"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
@@ -198,16 +155,11 @@ fn cpu_cgroups_available() -> bool {
     let Some(path) = own.lines().find_map(|l| {
         let mut p = l.splitn(3, ':');
         let (_, ctrl, path) = (p.next()?, p.next()?, p.next()?);
-        ctrl.split(',')
-            .any(|c| c == "cpu")
-            .then(|| path.to_string())
+        ctrl.split(',').any(|c| c == "cpu").then(|| path.to_string())
     }) else {
         return false;
     };
-    let probe = std::path::PathBuf::from(format!(
-        "/sys/fs/cgroup/cpu{path}/kubesim-probe-{}",
-        std::process::id()
-    ));
+    let probe = std::path::PathBuf::from(format!("/sys/fs/cgroup/cpu{path}/kubesim-probe-{}", std::process::id()));
     let ok = std::fs::create_dir(&probe).is_ok();
     let _ = std::fs::remove_dir(&probe);
     ok
@@ -234,18 +186,10 @@ spec:
 "#,
     );
     sim.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()]);
-    sim.kubectl_ok(&[
-        "wait",
-        "--for=jsonpath={.status.phase}=Succeeded",
-        "pod/busy",
-        "--timeout=60s",
-    ]);
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/busy", "--timeout=60s"]);
     let wall: f64 = sim.kubectl_ok(&["logs", "busy"]).trim().parse().unwrap();
     if cpu_cgroups_available() {
-        assert!(
-            wall >= 2.0,
-            "0.3 s of CPU took only {wall} s under a 100m limit"
-        );
+        assert!(wall >= 2.0, "0.3 s of CPU took only {wall} s under a 100m limit");
     } else {
         assert!(wall >= 0.3, "{wall}");
     }

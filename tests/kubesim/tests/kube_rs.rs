@@ -16,9 +16,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::{
-    conditions, reflector, wait::await_condition, watcher, Controller, WatchStreamExt,
-};
+use kube::runtime::{conditions, reflector, wait::await_condition, watcher, Controller, WatchStreamExt};
 use kube::{Client, Config, CustomResource, CustomResourceExt, Resource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -49,9 +47,7 @@ struct WidgetStatus {
 
 async fn client(sim: &Sim) -> Client {
     let kc = Kubeconfig::read_from(sim.kubeconfig()).unwrap();
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .unwrap();
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
     Client::try_from(cfg).unwrap()
 }
 
@@ -59,7 +55,8 @@ async fn client(sim: &Sim) -> Client {
 fn control(sim: &Sim, what: &str) {
     let addr = sim.url.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "POST /kubesim/{what} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    write!(s, "POST /kubesim/{what} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
@@ -76,10 +73,7 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
         if let Some(v) = f().await {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "{what}: not within {secs}s"
-        );
+        assert!(tokio::time::Instant::now() < end, "{what}: not within {secs}s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -108,9 +102,7 @@ async fn reconcile(w: Arc<Widget>, ctx: Arc<Ctx>) -> Result<Action, kube::Error>
         "apiVersion": "example.kubesim.io/v1", "kind": "Widget",
         "status": {"phase": "Reconciled", "observedGeneration": w.meta().generation},
     });
-    Api::<Widget>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(&name, &pp, &Patch::Apply(&status))
-        .await?;
+    Api::<Widget>::namespaced(ctx.client.clone(), &ns).patch_status(&name, &pp, &Patch::Apply(&status)).await?;
     // An events.k8s.io/v1 Event (repeated ones become a series, patched).
     let ev = Event {
         type_: EventType::Normal,
@@ -133,20 +125,12 @@ async fn controller_survives_watch_restarts() {
     let sim = Sim::start_with(&["--bookmark-interval", "3600"]);
     let client = client(&sim).await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "widgets.example.kubesim.io",
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(Widget::crd()),
-    )
-    .await
-    .unwrap();
+    crds.patch("widgets.example.kubesim.io", &PatchParams::apply("test").force(), &Patch::Apply(Widget::crd()))
+        .await
+        .unwrap();
     tokio::time::timeout(
         Duration::from_secs(10),
-        await_condition(
-            crds,
-            "widgets.example.kubesim.io",
-            conditions::is_crd_established(),
-        ),
+        await_condition(crds, "widgets.example.kubesim.io", conditions::is_crd_established()),
     )
     .await
     .expect("CRD established in time")
@@ -154,10 +138,7 @@ async fn controller_survives_watch_restarts() {
 
     let widgets: Api<Widget> = Api::namespaced(client.clone(), "default");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let reporter = Reporter {
-        controller: "widget-controller".into(),
-        instance: Some("test".into()),
-    };
+    let reporter = Reporter { controller: "widget-controller".into(), instance: Some("test".into()) };
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -173,22 +154,17 @@ async fn controller_survives_watch_restarts() {
         let widgets = widgets.clone();
         let cms = cms.clone();
         async move {
-            eventually(
-                10,
-                &format!("{name} reconciled at generation {generation}"),
-                || {
-                    let widgets = widgets.clone();
-                    let cms = cms.clone();
-                    async move {
-                        let w = widgets.get(name).await.ok()?;
-                        let st = w.status?;
-                        let cm = cms.get(&format!("{name}-config")).await.ok()?;
-                        (st.phase.as_deref() == Some("Reconciled")
-                            && st.observed_generation == Some(generation))
+            eventually(10, &format!("{name} reconciled at generation {generation}"), || {
+                let widgets = widgets.clone();
+                let cms = cms.clone();
+                async move {
+                    let w = widgets.get(name).await.ok()?;
+                    let st = w.status?;
+                    let cm = cms.get(&format!("{name}-config")).await.ok()?;
+                    (st.phase.as_deref() == Some("Reconciled") && st.observed_generation == Some(generation))
                         .then_some(cm)
-                    }
-                },
-            )
+                }
+            })
             .await
         }
     };
@@ -201,46 +177,24 @@ async fn controller_survives_watch_restarts() {
 
     // The server ends every watch: the controller re-watches from where it was.
     control(&sim, "close-watches");
-    widgets
-        .patch(
-            "one",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"size": 2}})),
-        )
-        .await
-        .unwrap();
+    widgets.patch("one", &PatchParams::default(), &Patch::Merge(json!({"spec": {"size": 2}}))).await.unwrap();
     let cm = reconciled("one", 2).await;
     assert_eq!(cm.data.unwrap()["size"], "2");
 
     // A write the controller's watches do not see, then a compaction: re-watching gets 410 Gone
     // and the controller lists again.
     Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "unrelated"}})).unwrap(),
-        )
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "unrelated"}})).unwrap())
         .await
         .unwrap();
     control(&sim, "compact");
     control(&sim, "close-watches");
-    widgets
-        .create(
-            &PostParams::default(),
-            &Widget::new("two", WidgetSpec { size: 5 }),
-        )
-        .await
-        .unwrap();
+    widgets.create(&PostParams::default(), &Widget::new("two", WidgetSpec { size: 5 })).await.unwrap();
     let cm = reconciled("two", 1).await;
     assert_eq!(cm.data.unwrap()["size"], "5");
 
     // A child changed behind the controller's back is put right (owns() watches children).
-    cms.patch(
-        "two-config",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"data": {"size": "999"}})),
-    )
-    .await
-    .unwrap();
+    cms.patch("two-config", &PatchParams::default(), &Patch::Merge(json!({"data": {"size": "999"}}))).await.unwrap();
     eventually(10, "child restored", || {
         let cms = cms.clone();
         async move { (cms.get("two-config").await.ok()?.data?["size"] == "5").then_some(()) }
@@ -248,35 +202,21 @@ async fn controller_survives_watch_restarts() {
     .await;
 
     // Deleting the owner lets the garbage collector take its ConfigMap.
-    widgets
-        .delete("two", &DeleteParams::background())
-        .await
-        .unwrap();
+    widgets.delete("two", &DeleteParams::background()).await.unwrap();
     eventually(10, "owned ConfigMap collected", || {
         let cms = cms.clone();
-        async move {
-            cms.get_opt("two-config")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        }
+        async move { cms.get_opt("two-config").await.unwrap().is_none().then_some(()) }
     })
     .await;
     assert!(ctx.reconciles.load(Ordering::SeqCst) >= 3);
 
     // The recorder's events are there through both APIs, as on a cluster.
-    let core_events: Api<k8s_openapi::api::core::v1::Event> =
-        Api::namespaced(client.clone(), "default");
+    let core_events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
     let lp = ListParams::default().fields("involvedObject.name=one,reason=Reconciled");
     let found = core_events.list(&lp).await.unwrap().items;
     assert!(!found.is_empty());
-    assert_eq!(
-        found[0].reporting_component.as_deref(),
-        Some("widget-controller")
-    );
-    let new_events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(client.clone(), "default");
+    assert_eq!(found[0].reporting_component.as_deref(), Some("widget-controller"));
+    let new_events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "default");
     let ours: Vec<_> = new_events
         .list(&ListParams::default())
         .await
@@ -288,11 +228,7 @@ async fn controller_survives_watch_restarts() {
     assert_eq!(ours.len(), 1, "{ours:?}");
     assert_eq!(ours[0].note.as_deref(), Some("size 1"));
     // The second reconcile's event was recorded as a series on the first (a merge patch).
-    assert!(
-        ours[0].series.as_ref().is_some_and(|s| s.count >= 2),
-        "{:?}",
-        ours[0]
-    );
+    assert!(ours[0].series.as_ref().is_some_and(|s| s.count >= 2), "{:?}", ours[0]);
     handle.abort();
 }
 
@@ -301,12 +237,9 @@ async fn reflector_case(streaming: bool) {
     let sim = Sim::start_with(&["--bookmark-interval", "3600"]);
     let client = client(&sim).await;
     let nss: Api<Namespace> = Api::all(client.clone());
-    nss.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "refl"}})).unwrap(),
-    )
-    .await
-    .unwrap();
+    nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "refl"}})).unwrap())
+        .await
+        .unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "refl");
     let mk = |name: &str| {
         serde_json::from_value::<ConfigMap>(
@@ -314,9 +247,7 @@ async fn reflector_case(streaming: bool) {
         )
         .unwrap()
     };
-    cms.create(&PostParams::default(), &mk("before"))
-        .await
-        .unwrap();
+    cms.create(&PostParams::default(), &mk("before")).await.unwrap();
 
     let (reader, writer) = reflector::store::<ConfigMap>();
     let mut wc = watcher::Config::default().labels("set=a");
@@ -325,44 +256,26 @@ async fn reflector_case(streaming: bool) {
     }
     let inits = Arc::new(AtomicUsize::new(0));
     let inits2 = inits.clone();
-    let stream = reflector(writer, watcher(cms.clone(), wc))
-        .default_backoff()
-        .for_each(move |ev| {
-            if let Ok(watcher::Event::InitDone) = ev {
-                inits2.fetch_add(1, Ordering::SeqCst);
-            }
-            async {}
-        });
+    let stream = reflector(writer, watcher(cms.clone(), wc)).default_backoff().for_each(move |ev| {
+        if let Ok(watcher::Event::InitDone) = ev {
+            inits2.fetch_add(1, Ordering::SeqCst);
+        }
+        async {}
+    });
     let handle = tokio::spawn(stream);
-    let names = |r: &reflector::Store<ConfigMap>| {
-        r.state()
-            .iter()
-            .map(|c| c.name_any())
-            .collect::<BTreeSet<_>>()
-    };
+    let names = |r: &reflector::Store<ConfigMap>| r.state().iter().map(|c| c.name_any()).collect::<BTreeSet<_>>();
     let want = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
     reader.wait_until_ready().await.unwrap();
     assert_eq!(names(&reader), want(&["before"]));
 
-    cms.create(&PostParams::default(), &mk("one"))
-        .await
-        .unwrap();
-    eventually(10, "one seen", || async {
-        (names(&reader) == want(&["before", "one"])).then_some(())
-    })
-    .await;
+    cms.create(&PostParams::default(), &mk("one")).await.unwrap();
+    eventually(10, "one seen", || async { (names(&reader) == want(&["before", "one"])).then_some(()) }).await;
 
     control(&sim, "close-watches");
-    cms.create(&PostParams::default(), &mk("two"))
-        .await
-        .unwrap();
-    cms.delete("before", &DeleteParams::default())
-        .await
-        .unwrap();
-    eventually(10, "changes after a restart", || async {
-        (names(&reader) == want(&["one", "two"])).then_some(())
-    })
-    .await;
+    cms.create(&PostParams::default(), &mk("two")).await.unwrap();
+    cms.delete("before", &DeleteParams::default()).await.unwrap();
+    eventually(10, "changes after a restart", || async { (names(&reader) == want(&["one", "two"])).then_some(()) })
+        .await;
 
     // A write the watcher does not see, then a compaction: its resourceVersion is now too old,
     // re-watching gets 410 Gone and it must list again.
@@ -372,34 +285,19 @@ async fn reflector_case(streaming: bool) {
         .unwrap();
     control(&sim, "compact");
     control(&sim, "close-watches");
-    cms.create(&PostParams::default(), &mk("three"))
+    cms.create(&PostParams::default(), &mk("three")).await.unwrap();
+    // Leaving the label selector is a deletion for this watcher.
+    cms.patch("one", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"set": "b"}}})))
         .await
         .unwrap();
-    // Leaving the label selector is a deletion for this watcher.
-    cms.patch(
-        "one",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"set": "b"}}})),
-    )
-    .await
-    .unwrap();
     eventually(10, "changes after a 410 relist", || async {
         (names(&reader) == want(&["two", "three"])).then_some(())
     })
     .await;
-    eventually(10, "a second initial list", || async {
-        (inits.load(Ordering::SeqCst) >= 2).then_some(())
-    })
-    .await;
+    eventually(10, "a second initial list", || async { (inits.load(Ordering::SeqCst) >= 2).then_some(()) }).await;
 
-    let server: BTreeSet<String> = cms
-        .list(&ListParams::default().labels("set=a"))
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|c| c.name_any())
-        .collect();
+    let server: BTreeSet<String> =
+        cms.list(&ListParams::default().labels("set=a")).await.unwrap().items.iter().map(|c| c.name_any()).collect();
     assert_eq!(names(&reader), server);
     handle.abort();
 }
@@ -422,8 +320,7 @@ async fn finalizer_helper_holds_deletion_until_cleanup() {
     let sim = Sim::start();
     let client = client(&sim).await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let cm: ConfigMap =
-        serde_json::from_value(json!({"metadata": {"name": "held"}, "data": {"k": "v"}})).unwrap();
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "held"}, "data": {"k": "v"}})).unwrap();
     cms.create(&PostParams::default(), &cm).await.unwrap();
     const NAME: &str = "kubesim.test/cleanup";
     let run = |obj: ConfigMap| {
@@ -440,17 +337,11 @@ async fn finalizer_helper_holds_deletion_until_cleanup() {
     };
     // First reconcile adds the finalizer (JSON patch: test that finalizers is null, then add).
     run(cms.get("held").await.unwrap()).await.unwrap();
-    assert_eq!(
-        cms.get("held").await.unwrap().finalizers(),
-        [NAME.to_string()]
-    );
+    assert_eq!(cms.get("held").await.unwrap().finalizers(), [NAME.to_string()]);
     // A second one with the finalizer in place runs Apply and changes nothing.
     let before = cms.get("held").await.unwrap();
     run(before.clone()).await.unwrap();
-    assert_eq!(
-        cms.get("held").await.unwrap().resource_version(),
-        before.resource_version()
-    );
+    assert_eq!(cms.get("held").await.unwrap().resource_version(), before.resource_version());
     // Deletion waits for the finalizer; cleanup removes it (test + remove) and the object goes.
     cms.delete("held", &DeleteParams::default()).await.unwrap();
     let deleting = cms.get("held").await.unwrap();
@@ -472,34 +363,18 @@ async fn metadata_api_and_metadata_watcher() {
     cms.create(&PostParams::default(), &cm).await.unwrap();
     let meta = cms.get_metadata("m").await.unwrap();
     assert_eq!(meta.metadata.labels.unwrap()["a"], "b");
-    let list = cms
-        .list_metadata(&ListParams::default().labels("a=b"))
-        .await
-        .unwrap();
-    assert_eq!(
-        list.items.iter().map(|m| m.name_any()).collect::<Vec<_>>(),
-        vec!["m"]
-    );
+    let list = cms.list_metadata(&ListParams::default().labels("a=b")).await.unwrap();
+    assert_eq!(list.items.iter().map(|m| m.name_any()).collect::<Vec<_>>(), vec!["m"]);
     let (reader, writer) = reflector::store();
-    let metas: Api<kube::core::PartialObjectMeta<ConfigMap>> =
-        Api::namespaced(client.clone(), "default");
-    let stream = reflector(writer, watcher(metas, watcher::Config::default()))
-        .default_backoff()
-        .for_each(|_| async {});
+    let metas: Api<kube::core::PartialObjectMeta<ConfigMap>> = Api::namespaced(client.clone(), "default");
+    let stream = reflector(writer, watcher(metas, watcher::Config::default())).default_backoff().for_each(|_| async {});
     let handle = tokio::spawn(stream);
     reader.wait_until_ready().await.unwrap();
-    cms.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "n"}})).unwrap(),
-    )
-    .await
-    .unwrap();
+    cms.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "n"}})).unwrap())
+        .await
+        .unwrap();
     eventually(10, "metadata watcher sees n", || async {
-        reader
-            .state()
-            .iter()
-            .any(|m| m.name_any() == "n")
-            .then_some(())
+        reader.state().iter().any(|m| m.name_any() == "n").then_some(())
     })
     .await;
     handle.abort();
