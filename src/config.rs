@@ -103,6 +103,16 @@ pub struct ServeArgs {
     /// Half-life of the usage history that breaks fair-share ties; 0 turns it off [default: 60]
     #[arg(long, env = "AGENTTASK_USAGE_HALF_LIFE_SECONDS")]
     pub usage_half_life_seconds: Option<u64>,
+    /// Warm (pre-started) Python sandboxes kept ready by the local backend; 0 turns the pool
+    /// off [default: 2]
+    #[arg(long, env = "AGENTTASK_WARM_PYTHON")]
+    pub warm_python: Option<usize>,
+    /// Warm R sandboxes; only 0 is supported for now [default: 0]
+    #[arg(long, env = "AGENTTASK_WARM_R")]
+    pub warm_r: Option<usize>,
+    /// A warm sandbox unclaimed this long is replaced by a fresh one [default: 600]
+    #[arg(long, env = "AGENTTASK_WARM_MAX_IDLE_SECONDS")]
+    pub warm_max_idle_seconds: Option<u64>,
     /// Settings file [default: ./agenttask.toml when it exists]
     #[arg(long, env = "AGENTTASK_CONFIG")]
     pub config: Option<PathBuf>,
@@ -126,6 +136,9 @@ struct FileSettings {
     capacity_cpu: Option<String>,
     capacity_memory: Option<String>,
     usage_half_life_seconds: Option<u64>,
+    warm_python: Option<usize>,
+    warm_r: Option<usize>,
+    warm_max_idle_seconds: Option<u64>,
 }
 
 /// Fully resolved settings of one `serve` process.
@@ -148,6 +161,10 @@ pub struct Settings {
     pub capacity_memory_bytes: Option<u64>,
     /// Usage-history half-life; zero disables the history term.
     pub usage_half_life: std::time::Duration,
+    /// Warm local sandboxes kept ready, per language, and their longest idle time.
+    pub warm_python: usize,
+    pub warm_r: usize,
+    pub warm_max_idle: std::time::Duration,
 }
 
 /// This host's CPUs (as far as the process may use them: affinity and cgroup quota), in
@@ -208,7 +225,15 @@ impl Settings {
             usage_half_life: std::time::Duration::from_secs(
                 args.usage_half_life_seconds.or(file.usage_half_life_seconds).unwrap_or(60),
             ),
+            warm_python: args.warm_python.or(file.warm_python).unwrap_or(2),
+            warm_r: args.warm_r.or(file.warm_r).unwrap_or(0),
+            warm_max_idle: std::time::Duration::from_secs(
+                args.warm_max_idle_seconds.or(file.warm_max_idle_seconds).unwrap_or(600),
+            ),
         };
+        if settings.warm_max_idle.is_zero() {
+            return Err("--warm-max-idle-seconds must be at least 1".into());
+        }
         if settings.capacity_cpu_millis == Some(0) || settings.capacity_memory_bytes == Some(0) {
             return Err("--capacity-cpu and --capacity-memory must be greater than 0".into());
         }
@@ -265,10 +290,11 @@ mod tests {
     fn flags_win_over_file_and_defaults_fill_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("agenttask.toml");
-        std::fs::write(&cfg, "max_running = 3\nprefetch = 7\nbackend = \"local\"\n").unwrap();
+        std::fs::write(&cfg, "max_running = 3\nprefetch = 7\nbackend = \"local\"\nwarm_python = 4\n").unwrap();
         let args = ServeArgs { config: Some(cfg), max_running: Some(5), ..Default::default() };
         let s = Settings::resolve(args).unwrap();
         assert_eq!((s.max_running, s.prefetch), (5, 7));
+        assert_eq!((s.warm_python, s.warm_r, s.warm_max_idle.as_secs()), (4, 0, 600));
         assert_eq!(s.database_url, DEFAULT_DATABASE_URL);
         assert_eq!(s.components.len(), Component::ALL.len());
     }

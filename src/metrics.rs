@@ -24,6 +24,44 @@ pub struct Metrics {
     pub reconcile_duration: prometheus::Histogram,
     pub reconcile_errors: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub warm_pool: WarmPoolMetrics,
+}
+
+/// The local backend's warm sandbox pool, by language. The backend owns an unregistered set
+/// until the service hands it these (`LocalBackend::use_metrics`).
+#[derive(Clone)]
+pub struct WarmPoolMetrics {
+    /// Warm sandboxes ready to be claimed.
+    pub size: IntGaugeVec,
+    /// Tasks that took a warm sandbox.
+    pub hits: IntCounterVec,
+    /// Tasks that found the pool empty and started cold.
+    pub misses: IntCounterVec,
+    /// From starting a warm sandbox until its interpreter waits for a task.
+    pub warmup: HistogramVec,
+}
+
+impl Default for WarmPoolMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WarmPoolMetrics {
+    /// Unregistered metrics.
+    pub fn new() -> Self {
+        let l = &["language"];
+        WarmPoolMetrics {
+            size: IntGaugeVec::new(Opts::new("agenttask_warm_pool_size", "Warm local sandboxes ready to be claimed."), l).expect("valid metric"),
+            hits: IntCounterVec::new(Opts::new("agenttask_warm_pool_hits_total", "Tasks that ran in a warm sandbox."), l).expect("valid metric"),
+            misses: IntCounterVec::new(Opts::new("agenttask_warm_pool_misses_total", "Tasks that found the warm pool empty and started cold."), l).expect("valid metric"),
+            warmup: HistogramVec::new(
+                HistogramOpts::new("agenttask_warm_pool_warmup_seconds", "Time to start a warm sandbox until its interpreter waits for a task.")
+                    .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                l,
+            ).expect("valid metric"),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -72,6 +110,15 @@ impl Metrics {
             ).expect("valid metric")),
             reconcile_errors: counter("agenttask_reconcile_errors_total", "Reconcile failures, by reason.", &["reason"]),
             build_info: igauge("agenttask_build_info", "Build of this process.", &["version"]),
+            warm_pool: {
+                let w = WarmPoolMetrics::new();
+                WarmPoolMetrics {
+                    size: reg(&registry, w.size),
+                    hits: reg(&registry, w.hits),
+                    misses: reg(&registry, w.misses),
+                    warmup: reg(&registry, w.warmup),
+                }
+            },
             registry,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -95,8 +142,9 @@ mod tests {
         let m = super::Metrics::new();
         m.submitted.with_label_values(&["acme"]).inc();
         m.fairness_index.set(1.0);
+        m.warm_pool.hits.with_label_values(&["python"]).inc();
         let text = m.render();
-        for name in ["agenttask_tasks_submitted_total{tenant=\"acme\"} 1", "agenttask_build_info{version=", "agenttask_fairness_index 1"] {
+        for name in ["agenttask_tasks_submitted_total{tenant=\"acme\"} 1", "agenttask_warm_pool_hits_total{language=\"python\"} 1", "agenttask_build_info{version=", "agenttask_fairness_index 1"] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
     }

@@ -75,6 +75,11 @@ fn build_backend(settings: &Settings) -> anyhow::Result<(Arc<dyn Backend>, Optio
         BackendKind::Local => {
             let mut config = LocalConfig::new(settings.data_dir.clone());
             config.output_limit_bytes = settings.output_limit_bytes;
+            config.warm_pool = crate::exec::local::WarmPoolConfig {
+                python: settings.warm_python,
+                r: settings.warm_r,
+                max_idle: settings.warm_max_idle,
+            };
             let b = Arc::new(LocalBackend::new(config).map_err(anyhow::Error::msg)?);
             Ok((b.clone(), Some(b)))
         }
@@ -178,6 +183,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         };
         sup.spawn("executor", executor.run(shutdown.clone()));
         if let Some(local) = local {
+            local.use_metrics(metrics.warm_pool.clone());
+            local.start_warm_pool();
             sup.spawn("artifact-sweeper", sweep_artifacts(local, shutdown.clone()));
         }
     }

@@ -63,6 +63,10 @@ pub struct Outcome {
     pub artifacts_note: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+    /// Whether the run took a pre-started (warm) sandbox: `Some(false)` when a warm pool was
+    /// configured but empty and the task waited for a cold start; `None` where there is no pool
+    /// (pool off, or a backend without one).
+    pub warm: Option<bool>,
 }
 
 impl Outcome {
@@ -78,6 +82,7 @@ impl Outcome {
             artifacts_note: None,
             started_at,
             finished_at,
+            warm: None,
         }
     }
 

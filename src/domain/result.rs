@@ -39,6 +39,10 @@ pub struct ResultMessage {
     pub finished_at: Option<DateTime<Utc>>,
     pub queue_wait_ms: Option<i64>,
     pub duration_ms: Option<i64>,
+    /// Whether the task ran in a pre-started sandbox (`false`: the warm pool was empty and it
+    /// waited for a cold start; `null`: no pool). An addition to the contract's fields.
+    #[serde(default)]
+    pub warm: Option<bool>,
 }
 
 /// Milliseconds between two instants, when both are known.
@@ -82,6 +86,7 @@ impl ResultMessage {
             finished_at: Some(at),
             queue_wait_ms: None,
             duration_ms: None,
+            warm: None,
         }
     }
 }
@@ -99,7 +104,7 @@ mod tests {
             "task_id", "id", "tenant", "batch_id", "phase", "reason", "message", "exit_code",
             "result", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "artifacts",
             "backend", "submitted_at", "admitted_at", "started_at", "finished_at",
-            "queue_wait_ms", "duration_ms",
+            "queue_wait_ms", "duration_ms", "warm",
         ] {
             assert!(v.get(field).is_some(), "missing {field}");
         }

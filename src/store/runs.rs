@@ -128,7 +128,7 @@ impl Store {
             "update agenttask.tasks set phase = $3, reason = $4, message = $5, exit_code = $6, \
                result = $7, stdout = $8, stderr = $9, stdout_truncated = $10, \
                stderr_truncated = $11, artifacts = $12, started_at = coalesce(started_at, $13), \
-               finished_at = $14, backend = coalesce($15, backend), lease_owner = null, \
+               finished_at = $14, backend = coalesce($15, backend), warm = $16, lease_owner = null, \
                lease_expires_at = null, program = null \
              where task_id = $1 and attempt = $2 and phase in {ACTIVE} \
              returning {ROW_COLUMNS}"
@@ -148,6 +148,7 @@ impl Store {
         .bind(outcome.started_at)
         .bind(outcome.finished_at)
         .bind(backend)
+        .bind(outcome.warm)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {

@@ -82,12 +82,14 @@ pub struct TaskRow {
     pub admitted_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Whether the run took a warm sandbox (see `Outcome::warm`).
+    pub warm: Option<bool>,
 }
 
 pub(super) const ROW_COLUMNS: &str = "task_id, tenant, client_id, batch_id, language, phase, reason, message, \
     priority, timeout_seconds, cpu_millis, memory_bytes, isolation, labels, exit_code, result, \
     stdout, stderr, stdout_truncated, stderr_truncated, artifacts, backend, attempt, \
-    submitted_at, admitted_at, started_at, finished_at";
+    submitted_at, admitted_at, started_at, finished_at, warm";
 
 impl TaskRow {
     /// The contract's result message for this task.
@@ -114,6 +116,7 @@ impl TaskRow {
             finished_at: self.finished_at,
             queue_wait_ms: millis_between(Some(self.submitted_at), self.admitted_at),
             duration_ms: millis_between(self.started_at, self.finished_at),
+            warm: self.warm,
         }
     }
 }

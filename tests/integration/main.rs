@@ -10,6 +10,11 @@ mod pipeline;
 /// The local sandbox against attacks: each attack fails and a normal task still runs.
 mod sandbox;
 
+/// The same attacks against warm (pre-started) sandboxes, plus what only warm ones must prove.
+#[path = "sandbox.rs"]
+mod sandbox_warm;
+mod warm;
+
 /// Fair-share admission, quotas and the scheduler's leadership.
 mod admission;
 

@@ -64,6 +64,15 @@ json.dump({"answer": 42, "cwd": os.getcwd()}, open(os.environ["AGENTTASK_RESULT_
     assert!(stdout.starts_with("hello arg1"));
     assert_eq!(result["answer"], 42);
     assert_eq!(labels["suite"], "pipeline");
+    // The local backend keeps a warm pool by default: the result says whether this task took a
+    // warm sandbox (or waited for a cold start), and the stored row says the same.
+    assert!(r["warm"].is_boolean(), "{r:#}");
+    let (warm,): (Option<bool>,) =
+        sqlx::query_as("select warm from agenttask.tasks where client_id = 'round-trip-1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(warm, r["warm"].as_bool());
     let (total, succeeded): (i64, i64) =
         sqlx::query_as("select total, succeeded from agenttask.batch_summary where batch_id = 'b1'")
             .fetch_one(&pool)

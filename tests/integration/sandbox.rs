@@ -3,10 +3,16 @@
 //! Each attack test asserts that the attack failed and that an ordinary task still runs
 //! afterwards. Needs what `deploy/local/install-sandbox.sh` sets up (bubblewrap, python3,
 //! r-base-core, the `agenttask-sandbox` user) and root, like the service itself.
+//!
+//! The suite runs twice (`main.rs` includes this file as `sandbox` and `sandbox_warm`): cold,
+//! with the warm pool off, and warm, where every Python task that runs alone takes a warm
+//! sandbox (asserted on each run).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agenttask::domain::task::Language;
@@ -18,9 +24,16 @@ const MIB: u64 = 1 << 20;
 
 /// A backend with its own data directory, removed at the end of the test.
 struct Sandbox {
-    backend: LocalBackend,
+    backend: Arc<LocalBackend>,
     data_dir: PathBuf,
+    /// Runs in flight (a run alone in a warm suite must take a warm sandbox).
+    in_flight: AtomicUsize,
     _tmp: tempfile::TempDir,
+}
+
+/// Whether this copy of the suite runs against warm sandboxes.
+fn warm_suite() -> bool {
+    module_path!().ends_with("sandbox_warm")
 }
 
 fn sandbox() -> Sandbox {
@@ -33,12 +46,17 @@ fn sandbox_with(tweak: impl FnOnce(&mut LocalConfig)) -> Sandbox {
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let data_dir = tmp.path().join("data");
     let mut config = LocalConfig::new(&data_dir);
+    config.warm_pool.python = if warm_suite() { 1 } else { 0 };
     tweak(&mut config);
-    let backend = LocalBackend::new(config)
-        .expect("local backend (run deploy/local/install-sandbox.sh as root)");
+    let backend = Arc::new(
+        LocalBackend::new(config)
+            .expect("local backend (run deploy/local/install-sandbox.sh as root)"),
+    );
+    backend.start_warm_pool();
     Sandbox {
         backend,
         data_dir,
+        in_flight: AtomicUsize::new(0),
         _tmp: tmp,
     }
 }
@@ -70,7 +88,21 @@ fn py(code: &str) -> Job {
 
 impl Sandbox {
     async fn run(&self, job: Job) -> Outcome {
-        self.backend.run(job).await
+        let pooled = self.backend.config().warm_pool.size(job.language) > 0
+            && job.args.iter().all(|a| !a.contains('\0'))
+            && std::fs::metadata(&self.backend.config().python_path).is_ok();
+        let alone = self.in_flight.fetch_add(1, Ordering::SeqCst) == 0;
+        if pooled && alone {
+            wait_for_warm(&self.backend, job.language).await;
+        }
+        let o = self.backend.run(job).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        match (pooled, alone) {
+            (false, _) => assert_eq!(o.warm, None, "no pool, no warm flag: {o:?}"),
+            (true, true) => assert_eq!(o.warm, Some(true), "a lone run takes a warm sandbox: {o:?}"),
+            (true, false) => assert!(o.warm.is_some(), "{o:?}"),
+        }
+        o
     }
 
     /// `print(1)` still works.
@@ -85,8 +117,20 @@ impl Sandbox {
             .unwrap()
             .flatten()
             .map(|e| e.path())
+            // The idle warm sandboxes of the pool (a warm suite keeps one ready).
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("warm-python-"))
             .collect();
         assert!(left.is_empty(), "scratch left behind: {left:?}");
+        assert!(self.backend.warm_ready(Language::Python) <= 1);
+    }
+}
+
+/// Waits until a warm sandbox of `language` is ready (at most 60 s).
+async fn wait_for_warm(backend: &LocalBackend, language: Language) {
+    let t = Instant::now();
+    while backend.warm_ready(language) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no warm sandbox after 60 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

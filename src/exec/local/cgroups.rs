@@ -20,6 +20,8 @@ pub(super) struct TaskCgroups {
     pub(super) procs_dir: Option<PathBuf>,
     pub(super) v2: bool,
     pub(super) has_memory: bool,
+    /// The cgroup holding the CPU limits (v1 `cpu`, or the unified one).
+    pub(super) cpu: Option<PathBuf>,
 }
 
 impl TaskCgroups {
@@ -65,6 +67,7 @@ impl TaskCgroups {
                         let dir = cg.make(parent, name)?;
                         write_file(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
                         write_file(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                        cg.cpu = Some(dir);
                     }
                 }
                 CgroupHost::V2 { parent } => {
@@ -76,6 +79,7 @@ impl TaskCgroups {
                     write_file(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
                     cg.has_memory = true;
                     cg.procs_dir = Some(dir.clone());
+                    cg.cpu = Some(dir.clone());
                     cg.memory = Some(dir);
                 }
             }
@@ -100,6 +104,45 @@ impl TaskCgroups {
                 .open(dir.join("cgroup.procs"))?,
         );
         Ok(dir)
+    }
+
+    /// Sets the memory and CPU limits of cgroups that processes already run in (a warm sandbox
+    /// claimed by a task), and the CPU weight: `background` gives the smallest share (warm-up
+    /// yields to running tasks), otherwise the default.
+    pub(super) fn retune(&self, limits: &Limits, background: bool) -> io::Result<()> {
+        if let Some(dir) = &self.memory {
+            let bytes = limits.memory_bytes.to_string();
+            if self.v2 {
+                write_file(&dir.join("memory.max"), &bytes)?;
+            } else {
+                // memsw must stay >= the limit: raise it first, lower it last (absent when swap
+                // accounting is off).
+                let memsw = dir.join("memory.memsw.limit_in_bytes");
+                let _ = write_file(&memsw, &bytes);
+                write_file(&dir.join("memory.limit_in_bytes"), &bytes)?;
+                let _ = write_file(&memsw, &bytes);
+                let tcp = dir.join("memory.kmem.tcp.limit_in_bytes");
+                if tcp.exists() {
+                    write_file(&tcp, &bytes)?;
+                }
+            }
+        }
+        if let Some(dir) = &self.cpu {
+            let (quota, period) = limits.cpu_quota();
+            if self.v2 {
+                write_file(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+                write_file(&dir.join("cpu.weight"), if background { "1" } else { "100" })?;
+            } else {
+                write_file(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                write_file(&dir.join("cpu.shares"), if background { "2" } else { "1024" })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The task's processes (empty without a cgroup listing them).
+    pub(super) fn member_pids(&self) -> Vec<i32> {
+        self.members()
     }
 
     /// Whether there is a cgroup listing the task's processes.

@@ -57,6 +57,9 @@ mod host;
 mod scratch;
 mod spawn;
 mod uids;
+mod warm;
+
+pub use warm::{WarmPoolConfig, PYTHON_BOOTSTRAP};
 
 pub use collect::{
     collect_artifacts, collect_artifacts_within, read_result, sweep_artifacts, ArtifactCaps,
@@ -134,6 +137,9 @@ pub struct LocalConfig {
     pub max_runs: usize,
     /// Extra host paths bound read-only at the same place in the sandbox. Default none.
     pub extra_ro_binds: Vec<PathBuf>,
+    /// Pre-started sandboxes kept ready per language (see the `warm` module). Default: 2 for
+    /// Python, none for R, replaced after 10 minutes idle.
+    pub warm_pool: WarmPoolConfig,
 }
 
 impl LocalConfig {
@@ -164,6 +170,7 @@ impl LocalConfig {
             artifact_ttl: Duration::from_secs(24 * 3600),
             max_runs: 64,
             extra_ro_binds: Vec::new(),
+            warm_pool: WarmPoolConfig::default(),
         }
     }
 }
@@ -205,6 +212,8 @@ pub struct LocalBackend {
     scratch_tmpfs: AtomicBool,
     /// Runs in flight; they die with this process.
     runs: InProcessRuns,
+    /// Warm sandboxes waiting for a task.
+    warm: warm::WarmPool,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -253,6 +262,9 @@ impl LocalBackend {
                 tracing::warn!(path = %path.display(), "{name} not found; tasks in that language will fail with BackendError ({INSTALL_HINT})");
             }
         }
+        if config.warm_pool.r > 0 {
+            return err("warm R sandboxes are not supported yet: set the R warm pool size to 0".into());
+        }
         let uids =
             UidPool::discover(&config.sandbox_user, &config.uid_lock_dir).map_err(SetupError)?;
         prepare_data_dir(&config.data_dir, uids.first_uid(), uids.gid()).map_err(SetupError)?;
@@ -273,7 +285,7 @@ impl LocalBackend {
             "local sandbox backend ready"
         );
         Ok(Self {
-            config,
+            config: config.clone(),
             uids,
             owner: own_owner(),
             usage: Arc::default(),
@@ -282,6 +294,7 @@ impl LocalBackend {
             seccomp,
             scratch_tmpfs: AtomicBool::new(scratch_tmpfs),
             runs: InProcessRuns::new(),
+            warm: warm::WarmPool::new(config.warm_pool),
         })
     }
 
@@ -342,9 +355,35 @@ impl LocalBackend {
         if !bwrap::is_plain_name(&job.tenant) {
             return fail(format!("tenant name {:?} is not a plain name", job.tenant));
         }
+        // A warm sandbox when the pool has one; `warm` is None without a pool for the language.
+        let mut warm = None;
+        if self.warm_eligible(&job) {
+            warm = Some(false);
+            if let Some(w) = self.take_warm(&job) {
+                match self.claim_warm(w, &job).await {
+                    Ok((lease, mut run, started)) => {
+                        if let Some(p) = progress {
+                            p.scheduled();
+                            p.running();
+                        }
+                        let watched = match self.watch(&job, &mut run, started).await {
+                            Ok(w) => w,
+                            Err(e) => return fail(format!("could not run the sandbox: {e}")),
+                        };
+                        let mut outcome = self.conclude(&job, lease, run, watched, started_at).await;
+                        outcome.warm = Some(true);
+                        return outcome;
+                    }
+                    Err((w, e)) => {
+                        tracing::warn!(task_id = %job.key.task_id, error = %e, "could not hand the task to a warm sandbox; starting it cold");
+                        let _ = tokio::task::spawn_blocking(move || drop(w)).await;
+                    }
+                }
+            }
+        }
         // Declared before `run`, so dropped after it: the uid is given back only once the
         // task's cgroups are emptied and removed.
-        let mut lease = match self.uids.acquire(self.config.uid_wait).await {
+        let lease = match self.uids.acquire(self.config.uid_wait).await {
             Ok(lease) => lease,
             Err(e) => return fail(format!("no sandbox uid: {e}")),
         };
@@ -359,6 +398,22 @@ impl LocalBackend {
             Ok(w) => w,
             Err(e) => return fail(format!("could not run the sandbox: {e}")),
         };
+        let mut outcome = self.conclude(&job, lease, run, watched, started_at).await;
+        outcome.warm = warm;
+        outcome
+    }
+
+    /// Everything after the sandbox ended: the verdict, the result file and artifacts, and the
+    /// removal of the scratch and cgroups.
+    async fn conclude(
+        &self,
+        job: &Job,
+        mut lease: uids::UidLease,
+        run: scratch::PreparedRun,
+        watched: spawn::Watched,
+        started_at: chrono::DateTime<Utc>,
+    ) -> Outcome {
+        let fail = |msg: String| Outcome::backend_error(msg, started_at);
         if let Some(msg) = watched.setup_failure {
             return fail(msg);
         }
@@ -443,6 +498,7 @@ impl LocalBackend {
             artifacts_note: collected.note,
             started_at,
             finished_at: Utc::now(),
+            warm: None,
         };
         // Unmounting a big scratch can take a moment; keep it off the async workers. Awaited, so
         // that when a run returns nothing of it is left on the host.
@@ -481,6 +537,7 @@ impl Backend for LocalBackend {
 
     fn launch(self: Arc<Self>, job: Job, events: EventSink) -> BoxFuture<'static, Result<(), BackendError>> {
         Box::pin(async move {
+            self.start_warm_pool();
             let me = self.clone();
             self.runs.launch(job.key, events, move |progress| async move {
                 me.run_job(job, Some(&progress)).await
@@ -500,6 +557,7 @@ impl Backend for LocalBackend {
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
+        self.warm.close();
         Box::pin(self.runs.shutdown())
     }
 }

@@ -4,7 +4,7 @@ use std::ffi::CString;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
@@ -21,11 +21,39 @@ impl LocalBackend {
     /// Creates the scratch (owned by the task's `uid`), writes the inputs and creates the
     /// cgroups.
     pub(super) fn prepare(&self, job: &Job, uid: u32, gid: u32) -> io::Result<PreparedRun> {
-        let name = format!(
-            "{}-{}",
-            job.key.task_id,
-            &Uuid::new_v4().simple().to_string()[..8]
-        );
+        let label = job.key.task_id.to_string();
+        let mut run = self.prepare_scratch(&label, uid, gid, false)?;
+        let s = &run.scratch;
+        for (name, content) in job.files.iter().map(|(n, c)| (n.as_str(), c.as_slice())) {
+            if !bwrap::is_plain_name(name) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("input file name {name:?} is not a plain name"),
+                ));
+            }
+            write_read_only(&s.inputs().join(name), content)?;
+        }
+        let code = code_file_name(job.language, job.files.keys().map(String::as_str));
+        write_read_only(&s.inputs().join(code), job.code.as_bytes())?;
+        run.cgroups = TaskCgroups::create(&self.cgroups, &run.cgroup_name(self.owner), &self.limits(job));
+        Ok(run)
+    }
+
+    /// The scratch without inputs or cgroups: `<data_dir>/run/<label>-<nonce>/`, mounted, with
+    /// its directories and the synthetic /etc files.
+    ///
+    /// With `shared_work` (a warm sandbox, whose inputs arrive after it started) the working
+    /// directory is root's, group `gid`, mode 1770: the task can create files in it, but the
+    /// inputs that root writes there later stay read-only and cannot be removed or replaced
+    /// (sticky bit), as the read-only binds of a cold run.
+    pub(super) fn prepare_scratch(
+        &self,
+        label: &str,
+        uid: u32,
+        gid: u32,
+        shared_work: bool,
+    ) -> io::Result<PreparedRun> {
+        let name = format!("{label}-{}", &Uuid::new_v4().simple().to_string()[..8]);
         let root = self.config.data_dir.join("run").join(&name);
         fs::DirBuilder::new().mode(0o711).create(&root)?;
         let mut run = PreparedRun {
@@ -34,6 +62,7 @@ impl LocalBackend {
             cgroups: TaskCgroups::default(),
             uid,
             gid,
+            name,
         };
         if self.scratch_tmpfs.load(Ordering::Relaxed) {
             match mount_tmpfs(&root, self.config.scratch_bytes, self.config.scratch_inodes) {
@@ -61,22 +90,13 @@ impl LocalBackend {
             fs::DirBuilder::new().mode(0o700).create(&dir)?;
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
         }
-        for (name, content) in job.files.iter().map(|(n, c)| (n.as_str(), c.as_slice())) {
-            if !bwrap::is_plain_name(name) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("input file name {name:?} is not a plain name"),
-                ));
-            }
-            write_read_only(&s.inputs().join(name), content)?;
+        if shared_work {
+            std::os::unix::fs::chown(s.work(), Some(0), Some(gid))?;
+            fs::set_permissions(s.work(), fs::Permissions::from_mode(0o1770))?;
         }
-        let code = code_file_name(job.language, job.files.keys().map(String::as_str));
-        write_read_only(&s.inputs().join(code), job.code.as_bytes())?;
         for (name, content) in bwrap::synthetic_etc(uid, gid) {
             write_read_only(&s.internal().join(name), content.as_bytes())?;
         }
-        let cgroup_name = cgroup::task_name(self.owner, &name);
-        run.cgroups = TaskCgroups::create(&self.cgroups, &cgroup_name, &self.limits(job));
         Ok(run)
     }
 }
@@ -89,9 +109,16 @@ pub(super) struct PreparedRun {
     /// The task's own host uid (leased for this run) and the sandbox group.
     pub(super) uid: u32,
     pub(super) gid: u32,
+    /// `<label>-<nonce>`: the scratch directory's name.
+    pub(super) name: String,
 }
 
 impl PreparedRun {
+    /// The name of this run's cgroups (owner-qualified, see `cgroup::task_name`).
+    pub(super) fn cgroup_name(&self, owner: cgroup::Owner) -> String {
+        cgroup::task_name(owner, &self.name)
+    }
+
     pub(super) fn scratch_is_full(&self) -> bool {
         let Ok(path) = CString::new(self.scratch.root().as_os_str().as_bytes()) else {
             return false;
@@ -157,7 +184,7 @@ pub(super) fn remove_tree(path: &Path) -> io::Result<()> {
     }
 }
 
-fn write_read_only(path: &Path, content: &[u8]) -> io::Result<()> {
+pub(super) fn write_read_only(path: &Path, content: &[u8]) -> io::Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -19,31 +19,41 @@ use crate::sandbox::code_file_name;
 use crate::sandbox::limits::{self, KillReason, Resource, RunFacts};
 use crate::sandbox::runtime_command;
 
+/// How to start a sandbox: what runs in it, with which environment and extra descriptor.
+pub(super) struct StartSpec<'a> {
+    /// The runtime's argv inside the sandbox.
+    pub(super) command: Vec<OsString>,
+    /// Names in the scratch's inputs directory bound read-only into `/work`.
+    pub(super) work_files: Vec<String>,
+    /// The whole environment of the sandbox.
+    pub(super) env: Vec<(String, String)>,
+    /// Whether stdin is a pipe (else `/dev/null`).
+    pub(super) stdin_pipe: bool,
+    /// A descriptor passed into the sandbox under the same number (the warm task pipe).
+    pub(super) pass_fd: Option<RawFd>,
+    /// `nice` value of the sandbox's processes (warm-up runs at 19).
+    pub(super) nice: i32,
+    pub(super) limits: &'a crate::sandbox::limits::Limits,
+}
+
+/// A sandbox that bubblewrap was asked to start.
+pub(super) struct Started {
+    pub(super) child: tokio::process::Child,
+    /// bubblewrap's `--json-status-fd`: holds `"child-pid"` once the program started.
+    pub(super) status_read: OwnedFd,
+}
+
 impl LocalBackend {
-    pub(super) async fn spawn_and_watch(
-        &self,
-        job: &Job,
-        run: &mut PreparedRun,
-        progress: Option<&Progress>,
-    ) -> io::Result<Watched> {
-        let code = code_file_name(job.language, job.files.keys().map(String::as_str));
-        let mut work_files: Vec<String> = job.files.keys().cloned().collect();
-        work_files.push(code.to_string());
+    /// Spawns bubblewrap for `run` (its uid, cgroups, scratch) as `spec` says.
+    pub(super) fn start_sandbox(&self, run: &PreparedRun, spec: StartSpec<'_>) -> io::Result<Started> {
         let seccomp_fd = memfd(c"agenttask-seccomp", &self.seccomp)?;
-        let command = runtime_command(
-            job.language,
-            &self.config.python_path,
-            &self.config.rscript_path,
-            code,
-            &job.args,
-        );
         let plan = BwrapPlan {
             host: &self.host,
             scratch: &run.scratch,
-            work_files,
-            env: bwrap::sandbox_env(&job.env, &job.key.task_id.to_string()),
+            work_files: spec.work_files,
+            env: spec.env,
             seccomp_fd: seccomp_fd.as_raw_fd(),
-            command,
+            command: spec.command,
         };
         let invalid =
             |e: bwrap::PlanError| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
@@ -51,7 +61,12 @@ impl LocalBackend {
         let argv = plan.argv(args_fd.as_raw_fd()).map_err(invalid)?;
         let (status_read, status_write) = pipe()?;
 
-        let limits = self.limits(job);
+        let mut inherit = vec![
+            seccomp_fd.as_raw_fd(),
+            args_fd.as_raw_fd(),
+            status_write.as_raw_fd(),
+        ];
+        inherit.extend(spec.pass_fd);
         let setup = ChildSetup {
             cgroup_procs: run
                 .cgroups
@@ -59,18 +74,16 @@ impl LocalBackend {
                 .iter()
                 .map(|f| f.as_raw_fd())
                 .collect(),
-            inherit: vec![
-                seccomp_fd.as_raw_fd(),
-                args_fd.as_raw_fd(),
-                status_write.as_raw_fd(),
-            ],
-            rlimits: limits
+            inherit,
+            rlimits: spec
+                .limits
                 .rlimits(run.cgroups.has_memory)
                 .into_iter()
                 .map(to_libc_rlimit)
                 .collect(),
             uid: run.uid,
             gid: run.gid,
+            nice: spec.nice,
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
         };
@@ -84,7 +97,7 @@ impl LocalBackend {
         cmd.args(&status_args)
             .env_clear()
             .current_dir("/")
-            .stdin(if job.stdin.is_some() {
+            .stdin(if spec.stdin_pipe {
                 Stdio::piped()
             } else {
                 Stdio::null()
@@ -98,14 +111,60 @@ impl LocalBackend {
         unsafe {
             cmd.pre_exec(move || setup.apply());
         }
-        let mut child = cmd.spawn()?;
+        let child = cmd.spawn()?;
+        // Only bubblewrap may hold these now.
+        drop((seccomp_fd, args_fd, status_write));
+        Ok(Started { child, status_read })
+    }
+
+    pub(super) async fn spawn_and_watch(
+        &self,
+        job: &Job,
+        run: &mut PreparedRun,
+        progress: Option<&Progress>,
+    ) -> io::Result<Watched> {
+        let code = code_file_name(job.language, job.files.keys().map(String::as_str));
+        let mut work_files: Vec<String> = job.files.keys().cloned().collect();
+        work_files.push(code.to_string());
+        let command = runtime_command(
+            job.language,
+            &self.config.python_path,
+            &self.config.rscript_path,
+            code,
+            &job.args,
+        );
+        let limits = self.limits(job);
+        let started = self.start_sandbox(
+            run,
+            StartSpec {
+                command,
+                work_files,
+                env: bwrap::sandbox_env(&job.env, &job.key.task_id.to_string()),
+                stdin_pipe: job.stdin.is_some(),
+                pass_fd: None,
+                nice: 0,
+                limits: &limits,
+            },
+        )?;
         if let Some(p) = progress {
             p.running();
         }
-        // Only bubblewrap may hold these now.
-        drop((seccomp_fd, args_fd, status_write));
-        tracing::debug!(task_id = %job.key.task_id, pid = ?child.id(), "sandbox started");
+        tracing::debug!(task_id = %job.key.task_id, pid = ?started.child.id(), "sandbox started");
+        self.watch(job, run, started).await
+    }
 
+    /// Feeds stdin, reads output within its caps, enforces the deadline (from now), and once the
+    /// sandbox ended, empties its cgroup.
+    pub(super) async fn watch(
+        &self,
+        job: &Job,
+        run: &mut PreparedRun,
+        started: Started,
+    ) -> io::Result<Watched> {
+        let Started {
+            mut child,
+            status_read,
+        } = started;
         let cap = self.config.output_limit_bytes;
         let overflow = Arc::new(Notify::new());
         // The run's pipe readers and stdin writer belong to the run: dropping the run (a cancel,
@@ -205,6 +264,7 @@ struct ChildSetup {
     rlimits: Vec<(RlimitResource, libc::rlimit)>,
     uid: u32,
     gid: u32,
+    nice: i32,
     parent: libc::pid_t,
 }
 
@@ -255,6 +315,9 @@ impl ChildSetup {
             }
             for (resource, limit) in &self.rlimits {
                 check(libc::setrlimit(*resource, limit))?;
+            }
+            if self.nice != 0 {
+                check(libc::setpriority(libc::PRIO_PROCESS, 0, self.nice))?;
             }
             check(libc::setgroups(0, std::ptr::null()))?;
             check(libc::setresgid(self.gid, self.gid, self.gid))?;
