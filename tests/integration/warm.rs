@@ -63,7 +63,10 @@ impl Pool {
     async fn ready(&self, n: usize) {
         let t = Instant::now();
         while self.backend.warm_ready(Language::Python) < n {
-            assert!(t.elapsed() < Duration::from_secs(60), "pool not filled in 60 s");
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "pool not filled in 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -108,11 +111,25 @@ async fn warm_up_leaves_nothing_that_a_cold_run_does_not_show() {
     assert_eq!(c.warm, None);
     assert_eq!(c.exit_code, Some(0), "{c:?}");
     let w = warm.warm_run(j).await;
-    assert_eq!(w.stdout.text, c.stdout.text, "warm:\n{}\ncold:\n{}", w.stdout.text, c.stdout.text);
+    assert_eq!(
+        w.stdout.text, c.stdout.text,
+        "warm:\n{}\ncold:\n{}",
+        w.stdout.text, c.stdout.text
+    );
     // The positive signal: the listing saw the input file, read-only, and the task's variable.
-    assert!(w.stdout.text.contains("entry /work/data.txt 0o100444 False"), "{}", w.stdout.text);
+    assert!(
+        w.stdout
+            .text
+            .contains("entry /work/data.txt 0o100444 False"),
+        "{}",
+        w.stdout.text
+    );
     assert!(w.stdout.text.contains("'FOO'"), "{}", w.stdout.text);
-    assert!(w.stdout.text.contains("stdin /dev/null \n"), "{}", w.stdout.text);
+    assert!(
+        w.stdout.text.contains("stdin /dev/null \n"),
+        "{}",
+        w.stdout.text
+    );
 }
 
 #[tokio::test]
@@ -177,7 +194,10 @@ async fn a_burst_larger_than_the_pool_completes_with_cold_starts() {
     }
     let warm = outs.iter().filter(|o| o.warm == Some(true)).count();
     let cold = outs.iter().filter(|o| o.warm == Some(false)).count();
-    assert!(warm >= 1 && cold >= 1 && warm + cold == 4, "warm {warm}, cold {cold}");
+    assert!(
+        warm >= 1 && cold >= 1 && warm + cold == 4,
+        "warm {warm}, cold {cold}"
+    );
     assert_eq!(m.hits.with_label_values(&["python"]).get(), warm as u64);
     assert_eq!(m.misses.with_label_values(&["python"]).get(), cold as u64);
     // The pool refills after the burst.
@@ -194,7 +214,10 @@ async fn idle_warm_sandboxes_are_replaced_and_shutdown_removes_them() {
     let first = m.warmup.with_label_values(&["python"]).get_sample_count();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let later = m.warmup.with_label_values(&["python"]).get_sample_count();
-    assert!(later > first, "no replacement after the idle time: {first} -> {later}");
+    assert!(
+        later > first,
+        "no replacement after the idle time: {first} -> {later}"
+    );
     p.warm_run(py("print(1)")).await;
     p.ready(1).await;
     p.backend.shutdown().await;
@@ -202,11 +225,17 @@ async fn idle_warm_sandboxes_are_replaced_and_shutdown_removes_them() {
     // Destruction runs off the async workers; the scratch area empties.
     let t = Instant::now();
     loop {
-        let left: Vec<_> = std::fs::read_dir(p.data_dir.join("run")).unwrap().flatten().collect();
+        let left: Vec<_> = std::fs::read_dir(p.data_dir.join("run"))
+            .unwrap()
+            .flatten()
+            .collect();
         if left.is_empty() {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "left after shutdown: {left:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "left after shutdown: {left:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -219,14 +248,22 @@ async fn a_warm_task_gets_its_own_limits() {
     j.memory_bytes = 64 << 20;
     let o = p.backend.run(j).await;
     assert_eq!(o.warm, Some(true));
-    assert_eq!(o.termination, agenttask::exec::Termination::OomKilled, "{o:?}");
+    assert_eq!(
+        o.termination,
+        agenttask::exec::Termination::OomKilled,
+        "{o:?}"
+    );
     p.ready(1).await;
     let mut j = py("import time\ntime.sleep(30)\n");
     j.timeout = Duration::from_secs(1);
     let t = Instant::now();
     let o = p.backend.run(j).await;
     assert_eq!(o.warm, Some(true));
-    assert_eq!(o.termination, agenttask::exec::Termination::TimedOut, "{o:?}");
+    assert_eq!(
+        o.termination,
+        agenttask::exec::Termination::TimedOut,
+        "{o:?}"
+    );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
 

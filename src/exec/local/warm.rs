@@ -32,10 +32,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
+use super::cgroups::TaskCgroups;
 use super::scratch::{write_read_only, PreparedRun};
 use super::spawn::{StartSpec, Started};
 use super::uids::UidLease;
-use super::cgroups::TaskCgroups;
 use super::{LocalBackend, MIB};
 use crate::domain::task::Language;
 use crate::exec::Job;
@@ -185,7 +185,10 @@ impl WarmPool {
     }
 
     pub(super) fn metrics(&self) -> WarmPoolMetrics {
-        self.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(super) fn set_metrics(&self, m: WarmPoolMetrics) {
@@ -324,7 +327,10 @@ impl LocalBackend {
     pub(super) fn warm_eligible(&self, job: &Job) -> bool {
         self.warm.config.size(job.language) > 0
             && !job.args.iter().any(|a| a.contains('\0'))
-            && !job.env.iter().any(|(k, v)| k.contains('\0') || v.contains('\0'))
+            && !job
+                .env
+                .iter()
+                .any(|(k, v)| k.contains('\0') || v.contains('\0'))
     }
 
     /// A warm sandbox for `job`, if the pool has one (`None` counts as a miss).
@@ -401,9 +407,15 @@ impl LocalBackend {
         match tokio::time::timeout(Duration::from_secs(60), socket.read(&mut byte)).await {
             Ok(Ok(1)) if byte[0] == b'r' => {}
             Ok(Ok(_)) | Ok(Err(_)) => {
-                return Err(io::Error::other("the warm interpreter ended before it was ready"))
+                return Err(io::Error::other(
+                    "the warm interpreter ended before it was ready",
+                ))
             }
-            Err(_) => return Err(io::Error::other("the warm interpreter was not ready in 60 s")),
+            Err(_) => {
+                return Err(io::Error::other(
+                    "the warm interpreter was not ready in 60 s",
+                ))
+            }
         }
         let took = t0.elapsed();
         self.warm
@@ -437,9 +449,9 @@ impl LocalBackend {
         } = w;
         let result: io::Result<()> = async {
             let limits = self.limits(job);
-            run.cgroups
-                .retune(&limits, false)
-                .map_err(|e| io::Error::new(e.kind(), format!("setting the task's cgroup limits: {e}")))?;
+            run.cgroups.retune(&limits, false).map_err(|e| {
+                io::Error::new(e.kind(), format!("setting the task's cgroup limits: {e}"))
+            })?;
             // Raising their priority back needs CAP_SYS_NICE (root has it); the rlimits that
             // depend on the task (address space, CPU seconds) the bootstrap lowers itself, as
             // prlimit on another uid's process would need CAP_SYS_RESOURCE.
@@ -556,7 +568,10 @@ mod tests {
     #[test]
     fn task_message_carries_args_and_only_the_tasks_environment() {
         let mut job = Job {
-            key: crate::exec::RunKey { task_id: uuid::Uuid::new_v4(), attempt: 1 },
+            key: crate::exec::RunKey {
+                task_id: uuid::Uuid::new_v4(),
+                attempt: 1,
+            },
             tenant: "t".into(),
             language: Language::Python,
             code: "print(1)".into(),
@@ -580,7 +595,10 @@ mod tests {
         let msg = String::from_utf8(task_message(&job, "main.py", &limits)).unwrap();
         let f: Vec<&str> = msg.split('\0').collect();
         let max = u64::MAX.to_string();
-        assert_eq!(&f[..8], ["main.py", "1", max.as_str(), "6", "7", "2", "a b", ""]);
+        assert_eq!(
+            &f[..8],
+            ["main.py", "1", max.as_str(), "6", "7", "2", "a b", ""]
+        );
         let env: Vec<(&str, &str)> = f[8..].chunks(2).map(|c| (c[0], c[1])).collect();
         assert!(env.contains(&("FOO", "bar")));
         let id = job.key.task_id.to_string();
