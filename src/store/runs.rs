@@ -307,10 +307,13 @@ impl Store {
     }
 
     /// The unfinished tasks of a batch, to cancel them one by one.
+    /// Queued tasks come first: cancelling them before their running siblings means that a
+    /// sibling's slot, freed by its stop, can never admit one of them meanwhile.
     pub async fn unfinished_in_batch(&self, tenant: &str, batch_id: &str) -> Result<Vec<Uuid>> {
         Ok(sqlx::query_scalar(
             "select task_id from agenttask.tasks where tenant = $1 and batch_id = $2 \
-             and phase in ('Queued', 'Pending', 'Scheduled', 'Running') order by submitted_at",
+             and phase in ('Queued', 'Pending', 'Scheduled', 'Running') \
+             order by phase = 'Queued' desc, submitted_at",
         )
         .bind(tenant)
         .bind(batch_id)
