@@ -34,9 +34,21 @@ ensure_rust() {
     command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
 }
 
+# The official Kubernetes Python client (and its schema validator), used by the tests that
+# check the Kubernetes API emulator (tests/kubesim) against a second, independent client.
+ensure_python_tools() {
+    command -v python3 >/dev/null || die "python3 not found: install Python 3"
+    if ! python3 -c 'import kubernetes, kubernetes_validate' 2>/dev/null; then
+        log "installing the Python packages kubernetes and kubernetes-validate"
+        python3 -m pip install --quiet kubernetes kubernetes-validate \
+            || die "could not install the Python packages kubernetes and kubernetes-validate"
+    fi
+}
+
 # Everything a run of the service or of the tests needs on this host.
 prepare_host() {
     ensure_rust
     ensure_services
     ensure_sandbox
+    ensure_python_tools
 }
