@@ -105,6 +105,85 @@ pub struct ServeArgs {
     /// Settings file [default: ./agenttask.toml when it exists]
     #[arg(long, env = "AGENTTASK_CONFIG")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
+/// Settings of `--backend kubernetes` (see the README's Kubernetes section for defaults).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeArgs {
+    /// Kubernetes flavour for standard tasks: podjob (hardened Pod) or sandbox [default: podjob]
+    #[arg(long, env = "AGENTTASK_KUBE_BACKEND", value_enum)]
+    pub kube_backend: Option<crate::kube::KubeBackendKind>,
+    /// Namespace of AgentTasks and their pods [default: agenttask]
+    #[arg(long, env = "AGENTTASK_NAMESPACE", conflicts_with = "namespace_per_tenant")]
+    pub namespace: Option<String>,
+    /// One namespace per tenant, agenttask-<tenant> (they must exist)
+    #[arg(long, env = "AGENTTASK_NAMESPACE_PER_TENANT")]
+    #[serde(default)]
+    pub namespace_per_tenant: bool,
+    /// Image of Python tasks [default: python:3.12-slim]
+    #[arg(long, env = "AGENTTASK_PYTHON_IMAGE")]
+    pub python_image: Option<String>,
+    /// Image of R tasks [default: r-base:4.4.1]
+    #[arg(long, env = "AGENTTASK_R_IMAGE")]
+    pub r_image: Option<String>,
+    /// Seconds a pod may fail to pull its image before the task fails (ImagePullFailed) [default: 120]
+    #[arg(long, env = "AGENTTASK_IMAGE_PULL_GRACE_SECONDS")]
+    pub image_pull_grace_seconds: Option<u64>,
+    /// Task label prefixes copied to pods as annotations, comma-separated [default: none]
+    #[arg(long, env = "AGENTTASK_POD_ANNOTATION_PREFIXES", value_delimiter = ',')]
+    pub pod_annotation_prefixes: Option<Vec<String>>,
+    /// Seconds a finished AgentTask is kept [default: 3600]
+    #[arg(long, env = "AGENTTASK_TTL_SECONDS_AFTER_FINISHED")]
+    pub ttl_seconds_after_finished: Option<u32>,
+}
+
+impl KubeArgs {
+    fn or(self, file: KubeArgs) -> KubeArgs {
+        KubeArgs {
+            kube_backend: self.kube_backend.or(file.kube_backend),
+            namespace: self.namespace.or(file.namespace),
+            namespace_per_tenant: self.namespace_per_tenant || file.namespace_per_tenant,
+            python_image: self.python_image.or(file.python_image),
+            r_image: self.r_image.or(file.r_image),
+            image_pull_grace_seconds: self.image_pull_grace_seconds.or(file.image_pull_grace_seconds),
+            pod_annotation_prefixes: self.pod_annotation_prefixes.or(file.pod_annotation_prefixes),
+            ttl_seconds_after_finished: self.ttl_seconds_after_finished.or(file.ttl_seconds_after_finished),
+        }
+    }
+
+    /// The resolved Kubernetes settings.
+    pub fn resolve(self, output_limit_bytes: usize) -> Result<crate::kube::KubeSettings, String> {
+        use crate::kube::{KubeBackendKind, KubeSettings, Namespaces};
+        if self.kube_backend == Some(KubeBackendKind::Sandbox) {
+            return Err("--kube-backend sandbox (agent-sandbox Sandboxes) comes with issue 12; use podjob".into());
+        }
+        let mut k = KubeSettings::default();
+        if self.namespace_per_tenant {
+            k.namespaces = Namespaces::PerTenant { prefix: "agenttask-".into() };
+        } else if let Some(ns) = self.namespace {
+            k.namespaces = Namespaces::Single(ns);
+        }
+        if let Some(i) = self.python_image {
+            k.pods.python_image = i;
+        }
+        if let Some(i) = self.r_image {
+            k.pods.r_image = i;
+        }
+        if let Some(s) = self.image_pull_grace_seconds {
+            k.image_pull_grace = std::time::Duration::from_secs(s);
+        }
+        if let Some(p) = self.pod_annotation_prefixes {
+            k.pods.annotation_prefixes = p.into_iter().filter(|p| !p.is_empty()).collect();
+        }
+        if let Some(t) = self.ttl_seconds_after_finished {
+            k.ttl_seconds_after_finished = t;
+        }
+        k.pods.output_limit_bytes = output_limit_bytes;
+        Ok(k)
+    }
 }
 
 /// The optional `agenttask.toml`; same names as the flags, in snake_case.
@@ -125,6 +204,8 @@ struct FileSettings {
     capacity_cpu: Option<String>,
     capacity_memory: Option<String>,
     usage_half_life_seconds: Option<u64>,
+    #[serde(default)]
+    kubernetes: KubeArgs,
 }
 
 /// Fully resolved settings of one `serve` process.
@@ -147,6 +228,8 @@ pub struct Settings {
     pub capacity_memory_bytes: Option<u64>,
     /// Usage-history half-life; zero disables the history term.
     pub usage_half_life: std::time::Duration,
+    /// `--backend kubernetes` settings.
+    pub kube: crate::kube::KubeSettings,
 }
 
 impl Settings {
@@ -157,7 +240,10 @@ impl Settings {
             let p = PathBuf::from("tenants.toml");
             p.exists().then_some(p)
         });
+        let output_limit_bytes = args.output_limit_bytes.or(file.output_limit_bytes).unwrap_or(1 << 20);
+        let kube = args.kube.or(file.kubernetes).resolve(output_limit_bytes)?;
         let settings = Settings {
+            kube,
             database_url: args
                 .database_url
                 .or(file.database_url)
@@ -182,10 +268,7 @@ impl Settings {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/agenttask")),
-            output_limit_bytes: args
-                .output_limit_bytes
-                .or(file.output_limit_bytes)
-                .unwrap_or(1 << 20),
+            output_limit_bytes,
             admin_token: args.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             capacity_cpu_millis: args
                 .capacity_cpu

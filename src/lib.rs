@@ -12,6 +12,7 @@
 //! - [`executor`]: claims admitted tasks and runs them on a [`exec::Backend`].
 //! - [`exec`]: the execution seam (launch, observe, cancel, adopt) and its backends: the local
 //!   bubblewrap sandbox and the null backend.
+//! - [`kube`]: the Kubernetes backends: the AgentTask CRD, pod builders, reconciler, backend.
 //! - [`sandbox`]: pure sandbox policy: bubblewrap arguments, seccomp filter, limits, cgroup paths.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the task API.
 //! - [`metrics`]: the contract's Prometheus metrics.
@@ -26,6 +27,7 @@ pub mod domain;
 pub mod exec;
 pub mod executor;
 pub mod http;
+pub mod kube;
 pub mod metrics;
 pub mod scheduler;
 pub mod sandbox;

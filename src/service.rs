@@ -70,7 +70,7 @@ fn isolation_of(kind: BackendKind) -> BackendIsolation {
     }
 }
 
-fn build_backend(settings: &Settings) -> anyhow::Result<(Arc<dyn Backend>, Option<Arc<LocalBackend>>)> {
+async fn build_backend(settings: &Settings) -> anyhow::Result<(Arc<dyn Backend>, Option<Arc<LocalBackend>>)> {
     match settings.backend {
         BackendKind::Local => {
             let mut config = LocalConfig::new(settings.data_dir.clone());
@@ -86,9 +86,17 @@ fn build_backend(settings: &Settings) -> anyhow::Result<(Arc<dyn Backend>, Optio
             Ok((Arc::new(NullBackend), None))
         }
         BackendKind::Kubernetes => {
-            anyhow::bail!("--backend kubernetes is not available in this build yet; use --backend local")
+            let client = kube_client().await?;
+            Ok((Arc::new(crate::kube::backend::KubeBackend::new(client, settings.kube.clone())), None))
         }
     }
+}
+
+/// A Kubernetes client from the kubeconfig or the in-cluster configuration, as kube-rs finds it.
+async fn kube_client() -> anyhow::Result<::kube::Client> {
+    ::kube::Client::try_default()
+        .await
+        .context("--backend kubernetes: no usable kubeconfig or in-cluster configuration")
 }
 
 /// Runs the service until `shutdown` is cancelled, or until a component stops on its own (then
@@ -102,7 +110,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
              or run `agentctl tenant apply -f FILE`"
         );
     }
-    let backend = if settings.runs(Component::Executor) { Some(build_backend(&settings)?) } else { None };
+    let backend = if settings.runs(Component::Executor) { Some(build_backend(&settings).await?) } else { None };
     let tenants = Arc::new(watch::Sender::new(Arc::new(initial)));
     let metrics = Metrics::new();
     let wakes = Arc::new(Wakes::default());
@@ -179,6 +187,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         sup.spawn("executor", executor.run(shutdown.clone()));
         if let Some(local) = local {
             sup.spawn("artifact-sweeper", sweep_artifacts(local, shutdown.clone()));
+        }
+        if settings.backend == BackendKind::Kubernetes {
+            // Runs in every executor process; one at a time reconciles (a Postgres lock).
+            let client = kube_client().await?;
+            sup.spawn(
+                "reconciler",
+                crate::kube::reconcile::run(client, settings.kube.clone(), metrics.clone(), store.clone(), shutdown.clone()),
+            );
         }
     }
     if settings.runs(Component::Publisher) {

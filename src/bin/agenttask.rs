@@ -26,11 +26,27 @@ enum Command {
     Serve(ServeArgs),
     /// Create the database if needed and apply migrations, then exit.
     Migrate(ServeArgs),
+    /// Print the AgentTask CustomResourceDefinition as YAML (deploy/crd.yaml is this output).
+    ///
+    /// Example: agenttask crd | kubectl apply -f -
+    Crd,
+    /// Print, as YAML, every Kubernetes object a task would become (a dry run; no cluster needed).
+    ///
+    /// Example: agenttask render --backend podjob --tenant acme task.json
+    Render(agenttask::kube::render::RenderArgs),
 }
 
 fn main() -> ExitCode {
     agenttask::amqp::reserve_parser_stack();
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Crd => {
+            print!("{}", agenttask::kube::crd::crd_yaml());
+            return ExitCode::SUCCESS;
+        }
+        Command::Render(args) => return agenttask::kube::render::main(args),
+        _ => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AGENTTASK_LOG")
@@ -57,6 +73,7 @@ fn main() -> ExitCode {
                 tokio::spawn(stop_on_signal(shutdown.clone()));
                 agenttask::service::run(settings, shutdown).await
             }
+            Command::Crd | Command::Render(_) => unreachable!("handled before the runtime starts"),
             Command::Migrate(args) => {
                 let settings = Settings::resolve(args).map_err(anyhow::Error::msg)?;
                 agenttask::store::Store::connect(&settings.database_url, 2).await?;
