@@ -113,6 +113,9 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubeArgs {
+    /// kubeconfig file to use [default: as kube-rs finds it: $KUBECONFIG, ~/.kube/config, in-cluster]
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// Kubernetes flavour for standard tasks: podjob (hardened Pod) or sandbox [default: podjob]
     #[arg(long, env = "AGENTTASK_KUBE_BACKEND", value_enum)]
     pub kube_backend: Option<crate::kube::KubeBackendKind>,
@@ -143,6 +146,7 @@ pub struct KubeArgs {
 impl KubeArgs {
     fn or(self, file: KubeArgs) -> KubeArgs {
         KubeArgs {
+            kubeconfig: self.kubeconfig.or(file.kubeconfig),
             kube_backend: self.kube_backend.or(file.kube_backend),
             namespace: self.namespace.or(file.namespace),
             namespace_per_tenant: self.namespace_per_tenant || file.namespace_per_tenant,
@@ -182,6 +186,7 @@ impl KubeArgs {
             k.ttl_seconds_after_finished = t;
         }
         k.pods.output_limit_bytes = output_limit_bytes;
+        k.kubeconfig = self.kubeconfig;
         Ok(k)
     }
 }

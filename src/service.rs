@@ -86,17 +86,15 @@ async fn build_backend(settings: &Settings) -> anyhow::Result<(Arc<dyn Backend>,
             Ok((Arc::new(NullBackend), None))
         }
         BackendKind::Kubernetes => {
-            let client = kube_client().await?;
+            let client = kube_client(settings).await?;
             Ok((Arc::new(crate::kube::backend::KubeBackend::new(client, settings.kube.clone())), None))
         }
     }
 }
 
-/// A Kubernetes client from the kubeconfig or the in-cluster configuration, as kube-rs finds it.
-async fn kube_client() -> anyhow::Result<::kube::Client> {
-    ::kube::Client::try_default()
-        .await
-        .context("--backend kubernetes: no usable kubeconfig or in-cluster configuration")
+/// A Kubernetes client (see `--kubeconfig`).
+async fn kube_client(settings: &Settings) -> anyhow::Result<::kube::Client> {
+    crate::kube::client(&settings.kube).await.map_err(|e| anyhow::anyhow!("--backend kubernetes: {e}"))
 }
 
 /// Runs the service until `shutdown` is cancelled, or until a component stops on its own (then
@@ -190,7 +188,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         }
         if settings.backend == BackendKind::Kubernetes {
             // Runs in every executor process; one at a time reconciles (a Postgres lock).
-            let client = kube_client().await?;
+            let client = kube_client(&settings).await?;
             sup.spawn(
                 "reconciler",
                 crate::kube::reconcile::run(client, settings.kube.clone(), metrics.clone(), store.clone(), shutdown.clone()),

@@ -60,6 +60,8 @@ impl Namespaces {
 /// Everything the Kubernetes backend and its reconciler need to know.
 #[derive(Debug, Clone)]
 pub struct KubeSettings {
+    /// A kubeconfig file; without it the client is configured as kube-rs finds it.
+    pub kubeconfig: Option<std::path::PathBuf>,
     pub namespaces: Namespaces,
     pub pods: PodSettings,
     pub defaults: TaskDefaults,
@@ -76,6 +78,7 @@ pub struct KubeSettings {
 impl Default for KubeSettings {
     fn default() -> Self {
         KubeSettings {
+            kubeconfig: None,
             namespaces: Namespaces::Single("agenttask".into()),
             pods: PodSettings::default(),
             defaults: TaskDefaults::default(),
@@ -90,4 +93,19 @@ impl Default for KubeSettings {
 /// The name of the AgentTask of task `id`.
 pub fn agent_task_name(task_id: uuid::Uuid) -> String {
     format!("at-{task_id}")
+}
+
+/// A client from `settings.kubeconfig`, or from the kubeconfig or in-cluster configuration as
+/// kube-rs finds it.
+pub async fn client(settings: &KubeSettings) -> Result<::kube::Client, String> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kc = ::kube::config::Kubeconfig::read_from(path).map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            ::kube::Config::from_custom_kubeconfig(kc, &::kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => ::kube::Config::infer().await.map_err(|e| format!("no usable kubeconfig or in-cluster configuration: {e}"))?,
+    };
+    ::kube::Client::try_from(config).map_err(|e| format!("cannot build a Kubernetes client: {e}"))
 }

@@ -18,3 +18,7 @@ mod poison;
 
 /// The execution seam: cancel from agentctl, the null backend.
 mod execution;
+
+/// The Kubernetes backend against the API emulator, and the manifests' schema validation.
+mod kube;
+mod kube_manifests;
