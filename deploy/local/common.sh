@@ -45,10 +45,22 @@ ensure_python_tools() {
     fi
 }
 
+# kubectl, which the tests of the Kubernetes API emulator drive (written against kubectl 1.32; the
+# older Debian kubernetes-client is only a fallback).
+ensure_kubectl() {
+    command -v kubectl >/dev/null && return 0
+    command -v apt-get >/dev/null || die "kubectl not found: install kubectl (1.32)"
+    log "installing kubectl"
+    local pkg=kubectl
+    apt-cache show kubectl >/dev/null 2>&1 || pkg=kubernetes-client
+    apt-get install -y --no-install-recommends "$pkg" || die "could not install $pkg"
+}
+
 # Everything a run of the service or of the tests needs on this host.
 prepare_host() {
     ensure_rust
     ensure_services
     ensure_sandbox
     ensure_python_tools
+    ensure_kubectl
 }

@@ -118,6 +118,42 @@ class Base(unittest.TestCase):
             self.ns, {"metadata": {"name": name, **meta}, "data": data or {"k": "v"}})
 
 
+class Discovery(unittest.TestCase):
+    def test_version_groups_and_resources(self):
+        v = client.VersionApi(api_client).get_code()
+        self.assertEqual((v.major, v.minor), ("1", "32"))
+        self.assertEqual(client.CoreApi(api_client).get_api_versions().versions, ["v1"])
+        groups = {g.name: g.preferred_version.version for g in client.ApisApi(api_client).get_api_versions().groups}
+        for g in ("networking.k8s.io", "coordination.k8s.io", "node.k8s.io", "apiextensions.k8s.io", "events.k8s.io"):
+            self.assertEqual(groups[g], "v1")
+        core_res = {r.name: r for r in core.get_api_resources().resources}
+        self.assertEqual(core_res["pods"].kind, "Pod")
+        self.assertTrue(core_res["pods"].namespaced)
+        self.assertIn("watch", core_res["pods"].verbs)
+        self.assertIn("pods/log", core_res)
+        self.assertIn("pods/status", core_res)
+        self.assertFalse(core_res["namespaces"].namespaced)
+
+    def test_crd_kind_served_with_short_names_and_printer_columns(self):
+        ensure_crd()
+        code, _, doc = raw("GET", f"/apis/{GROUP}/{VERSION}")
+        self.assertEqual(code, 200)
+        widgets = [r for r in doc["resources"] if r["name"] == PLURAL][0]
+        self.assertEqual((widgets["kind"], widgets["shortNames"], widgets["namespaced"]), ("Widget", ["wd"], True))
+        ns = "disc-" + uuid.uuid4().hex[:6]
+        core.create_namespace({"metadata": {"name": ns}})
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, widget("t", size=4))
+        req = urllib.request.Request(f"{URL}/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}",
+                                     headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"})
+        with urllib.request.urlopen(req) as r:
+            table = json.loads(r.read())
+            self.assertTrue(r.headers["Content-Type"].startswith("application/json;as=Table"))
+        self.assertEqual(table["kind"], "Table")
+        self.assertEqual([c["name"] for c in table["columnDefinitions"]], ["Name", "Size"])
+        self.assertEqual(table["rows"][0]["cells"], ["t", 4])
+        self.assertEqual(table["rows"][0]["object"]["kind"], "PartialObjectMetadata")
+
+
 class Metadata(Base):
     def test_uid_timestamps_and_global_resource_version(self):
         a = self.cm("a")
@@ -463,6 +499,14 @@ class ServerSideApply(Base):
         self.assertIn("editor", [m.manager for m in r.metadata.managed_fields])
         self.assertEqual([m.operation for m in r.metadata.managed_fields if m.manager == "editor"], ["Update"])
 
+    def test_apply_status_of_a_missing_object_is_404(self):
+        ensure_crd()
+        body = {**widget("absent"), "status": {"phase": "x"}}
+        with self.assertRaises(ApiException) as cm:
+            custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.ns, PLURAL, "absent", body,
+                                                         field_manager="m", _content_type=APPLY)
+        self.assertEqual(cm.exception.status, 404)
+
     def test_apply_custom_object_with_map_list(self):
         ensure_crd()
         body = widget("m", items=[{"name": "x", "value": "1"}])
@@ -497,6 +541,47 @@ class CoreKinds(Base):
         self.assertEqual(node_api.read_runtime_class(name).handler, "runsc")
         node_api.delete_runtime_class(name)
         self.assertTrue(gone(lambda: node_api.read_runtime_class(name)))
+
+
+class Admission(Base):
+    def restricted_pod(self, name):
+        return {"metadata": {"name": name}, "spec": {
+            "restartPolicy": "Never", "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "main", "image": "python:3.12", "securityContext": {
+                "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}}
+
+    def test_runtime_class(self):
+        pod = self.restricted_pod("rc")
+        pod["spec"]["runtimeClassName"] = "gvisor-" + self.ns
+        with self.assertRaises(ApiException) as cm:
+            core.create_namespaced_pod(self.ns, pod)
+        s = status_of(cm.exception)
+        self.assertEqual((cm.exception.status, s["reason"]), (403, "Forbidden"))
+        self.assertEqual(s["message"], f'pods "rc" is forbidden: pod rejected: RuntimeClass "gvisor-{self.ns}" not found')
+        node_api.create_runtime_class({"metadata": {"name": "gvisor-" + self.ns}, "handler": "runsc",
+                                       "overhead": {"podFixed": {"memory": "64Mi"}}})
+        created = core.create_namespaced_pod(self.ns, pod)
+        self.assertEqual(created.spec.overhead, {"memory": "64Mi"})
+        node_api.delete_runtime_class("gvisor-" + self.ns)
+
+    def test_pod_security_enforce_and_warn(self):
+        core.patch_namespace(self.ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+        plain = {"metadata": {"name": "plain"}, "spec": {"containers": [{"name": "main", "image": "python:3.12"}]}}
+        with self.assertRaises(ApiException) as cm:
+            core.create_namespaced_pod(self.ns, plain)
+        s = status_of(cm.exception)
+        self.assertEqual(cm.exception.status, 403)
+        self.assertTrue(s["message"].startswith('pods "plain" is forbidden: violates PodSecurity "restricted:latest": '
+                                                'allowPrivilegeEscalation != false'), s["message"])
+        core.create_namespaced_pod(self.ns, self.restricted_pod("ok"))
+        core.patch_namespace(self.ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": None,
+                                                               "pod-security.kubernetes.io/warn": "baseline"}}})
+        privileged = {"metadata": {"name": "priv"}, "spec": {"containers": [
+            {"name": "main", "image": "python:3.12", "securityContext": {"privileged": True}}]}}
+        code, headers, _ = raw("POST", f"/api/v1/namespaces/{self.ns}/pods", privileged)
+        self.assertEqual(code, 201)
+        self.assertIn('would violate PodSecurity \\"baseline:latest\\": privileged', headers.get("Warning"))
 
 
 def run_pod(ns, name, annotations=None, **spec):

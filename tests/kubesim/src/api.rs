@@ -51,7 +51,9 @@ impl App {
 type Query = HashMap<String, String>;
 
 fn parse_query(q: Option<&str>) -> Query {
-    form_urlencoded::parse(q.unwrap_or("").as_bytes()).into_owned().collect()
+    form_urlencoded::parse(q.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
 }
 
 fn truthy(q: &Query, k: &str) -> bool {
@@ -67,7 +69,10 @@ enum Format {
 }
 
 fn negotiate(headers: &HeaderMap) -> ApiResult<Format> {
-    let accept = headers.get("accept").and_then(|a| a.to_str().ok()).unwrap_or("");
+    let accept = headers
+        .get("accept")
+        .and_then(|a| a.to_str().ok())
+        .unwrap_or("");
     if accept.trim().is_empty() {
         return Ok(Format::Json);
     }
@@ -76,15 +81,23 @@ fn negotiate(headers: &HeaderMap) -> ApiResult<Format> {
         let params: Vec<&str> = mt.split(';').map(str::trim).collect();
         let base = params[0];
         let param = |k: &str| params.iter().find_map(|p| p.strip_prefix(&format!("{k}=")));
-        if !(base == "application/json" || base == "*/*" || base == "application/*" || base == "application/yaml") {
+        if !(base == "application/json"
+            || base == "*/*"
+            || base == "application/*"
+            || base == "application/yaml")
+        {
             continue;
         }
         match (param("as"), param("g"), param("v")) {
             (None, _, _) => return Ok(Format::Json),
-            (Some("Table"), Some("meta.k8s.io"), Some("v1" | "v1beta1")) => return Ok(Format::Table),
-            (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some("meta.k8s.io"), Some("v1" | "v1beta1")) => {
-                return Ok(Format::Partial)
+            (Some("Table"), Some("meta.k8s.io"), Some("v1" | "v1beta1")) => {
+                return Ok(Format::Table)
             }
+            (
+                Some("PartialObjectMetadata" | "PartialObjectMetadataList"),
+                Some("meta.k8s.io"),
+                Some("v1" | "v1beta1"),
+            ) => return Ok(Format::Partial),
             // Aggregated discovery and anything else: not offered, the client falls back.
             _ => continue,
         }
@@ -107,7 +120,13 @@ fn with_warnings(mut r: Response, warnings: &[String]) -> Response {
 }
 
 /// The single entry point: every request comes here.
-pub async fn handle(State(app): State<Arc<App>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn handle(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let q = parse_query(uri.query());
     match route(&app, &method, uri.path(), &q, &headers, body).await {
         Ok(r) => r,
@@ -115,7 +134,14 @@ pub async fn handle(State(app): State<Arc<App>>, method: Method, uri: Uri, heade
     }
 }
 
-async fn route(app: &Arc<App>, method: &Method, path: &str, q: &Query, headers: &HeaderMap, body: Bytes) -> ApiResult<Response> {
+async fn route(
+    app: &Arc<App>,
+    method: &Method,
+    path: &str,
+    q: &Query,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
         ["version"] => Ok(json_response(StatusCode::OK, &version())),
@@ -127,7 +153,12 @@ async fn route(app: &Arc<App>, method: &Method, path: &str, q: &Query, headers: 
         ["apis"] => Ok(json_response(StatusCode::OK, &group_list(&app.lock()))),
         ["apis", g] => {
             let inner = app.lock();
-            let group = group_list(&inner)["groups"].as_array().unwrap().iter().find(|x| x["name"] == *g).cloned();
+            let group = group_list(&inner)["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["name"] == *g)
+                .cloned();
             match group {
                 Some(mut gr) => {
                     gr["kind"] = json!("APIGroup");
@@ -141,7 +172,10 @@ async fn route(app: &Arc<App>, method: &Method, path: &str, q: &Query, headers: 
         ["apis", g, v] => resource_list(app, g, v),
         ["openapi", "v3"] => {
             let inner = app.lock();
-            Ok(json_response(StatusCode::OK, &crate::openapi::root(&inner.registry, inner.rv)))
+            Ok(json_response(
+                StatusCode::OK,
+                &crate::openapi::root(&inner.registry, inner.rv),
+            ))
         }
         ["openapi", "v3", "api", "v1"] => openapi_gv(app, "", "v1"),
         ["openapi", "v3", "apis", g, v] => openapi_gv(app, g, v),
@@ -152,10 +186,17 @@ async fn route(app: &Arc<App>, method: &Method, path: &str, q: &Query, headers: 
         ["kubesim", "compact"] if method == Method::POST => {
             let mut inner = app.lock();
             inner.compact();
-            Ok(json_response(StatusCode::OK, &json!({"compactedTo": inner.rv.to_string()})))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"compactedTo": inner.rv.to_string()}),
+            ))
         }
-        ["api", "v1", rest @ ..] => resource_request(app, method, "", "v1", rest, q, headers, body).await,
-        ["apis", g, v, rest @ ..] => resource_request(app, method, g, v, rest, q, headers, body).await,
+        ["api", "v1", rest @ ..] => {
+            resource_request(app, method, "", "v1", rest, q, headers, body).await
+        }
+        ["apis", g, v, rest @ ..] => {
+            resource_request(app, method, g, v, rest, q, headers, body).await
+        }
         _ => Err(ApiError::no_resource()),
     }
 }
@@ -181,7 +222,10 @@ fn group_list(inner: &Inner) -> Value {
         .groups()
         .into_iter()
         .map(|(g, vs)| {
-            let versions: Vec<Value> = vs.iter().map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v})).collect();
+            let versions: Vec<Value> = vs
+                .iter()
+                .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                .collect();
             let preferred = versions[0].clone();
             json!({"name": g, "versions": versions, "preferredVersion": preferred})
         })
@@ -207,7 +251,13 @@ struct Target {
 }
 
 fn parse_target(inner: &Inner, group: &str, version: &str, rest: &[&str]) -> ApiResult<Target> {
-    let find = |r: &str| inner.registry.find(group, version, r).cloned().ok_or_else(ApiError::no_resource);
+    let find = |r: &str| {
+        inner
+            .registry
+            .find(group, version, r)
+            .cloned()
+            .ok_or_else(ApiError::no_resource)
+    };
     let t = |rt: ResourceType, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| Target {
         rt,
         version: version.to_string(),
@@ -215,7 +265,12 @@ fn parse_target(inner: &Inner, group: &str, version: &str, rest: &[&str]) -> Api
         name: name.map(String::from),
         sub: sub.map(String::from),
     };
-    let namespaced = |r: &str| inner.registry.find(group, version, r).is_some_and(|rt| rt.namespaced);
+    let namespaced = |r: &str| {
+        inner
+            .registry
+            .find(group, version, r)
+            .is_some_and(|rt| rt.namespaced)
+    };
     match rest {
         ["namespaces", ns, res, tail @ ..] if namespaced(res) => {
             let rt = find(res)?;
@@ -249,7 +304,10 @@ fn write_ctx(q: &Query, headers: &HeaderMap) -> ApiResult<WriteCtx> {
     let manager = match q.get("fieldManager") {
         Some(m) if !m.is_empty() => m.clone(),
         _ => {
-            let ua = headers.get("user-agent").and_then(|u| u.to_str().ok()).unwrap_or("unknown");
+            let ua = headers
+                .get("user-agent")
+                .and_then(|u| u.to_str().ok())
+                .unwrap_or("unknown");
             ua.split('/').next().unwrap_or("unknown").to_string()
         }
     };
@@ -258,18 +316,49 @@ fn write_ctx(q: &Query, headers: &HeaderMap) -> ApiResult<WriteCtx> {
         Some("Strict") => FieldValidation::Strict,
         Some("Ignore") => FieldValidation::Ignore,
         Some(other) => {
-            return Err(ApiError::bad_request(format!("fieldValidation parameter unsupported: {other}. Must be one of Ignore, Warn, Strict")))
+            return Err(ApiError::bad_request(format!(
+            "fieldValidation parameter unsupported: {other}. Must be one of Ignore, Warn, Strict"
+        )))
         }
     };
     let dry_run = match q.get("dryRun").map(String::as_str) {
         None | Some("") => false,
         Some("All") => true,
-        Some(other) => return Err(ApiError::bad_request(format!("Invalid dryRun value: {other}: supported value: \"All\""))),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid dryRun value: {other}: supported value: \"All\""
+            )))
+        }
     };
-    Ok(WriteCtx { manager, validation, dry_run, internal: false, warnings: vec![] })
+    Ok(WriteCtx {
+        manager,
+        validation,
+        dry_run,
+        internal: false,
+        warnings: vec![],
+    })
 }
 
-fn parse_body(body: &Bytes) -> ApiResult<Value> {
+const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
+
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get("content-type")
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// A request body: JSON, or Kubernetes protobuf for the kinds [`crate::protobuf`] knows.
+fn parse_body(body: &Bytes, headers: &HeaderMap) -> ApiResult<Value> {
+    if media_type(headers) == PROTOBUF {
+        return crate::protobuf::decode(body)
+            .map_err(|e| ApiError::new(415, "UnsupportedMediaType", e));
+    }
     serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "the body of the request could not be decoded as JSON ({e}); kubesim accepts JSON bodies (JSON is valid YAML, which is what kubectl, client-go, kube-rs and the Python client send)"
@@ -290,7 +379,15 @@ async fn resource_request(
 ) -> ApiResult<Response> {
     let target = parse_target(&app.lock(), group, version, rest)?;
     let ns = target.ns.clone().unwrap_or_default();
-    let content_type = headers.get("content-type").and_then(|c| c.to_str().ok()).unwrap_or("").split(';').next().unwrap_or("").trim().to_string();
+    let content_type = headers
+        .get("content-type")
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
     match (&target.name, target.sub.as_deref()) {
         (None, None) => match *method {
             Method::GET if truthy(q, "watch") => watch(app, &target, q, negotiate(headers)?).await,
@@ -300,16 +397,21 @@ async fn resource_request(
                     return Err(ApiError::no_resource());
                 }
                 let mut ctx = write_ctx(q, headers)?;
-                let obj = parse_body(&body)?;
+                let obj = parse_body(&body, headers)?;
                 let mut inner = app.lock();
                 let created = objects::create(&mut inner, &target.rt, version, &ns, obj, &mut ctx)?;
                 app.wake_gc(&mut inner);
                 drop(inner);
                 let created = objects::present(created, &target.rt, version);
-                Ok(with_warnings(json_response(StatusCode::CREATED, &created), &ctx.warnings))
+                Ok(with_warnings(
+                    json_response(StatusCode::CREATED, &created),
+                    &ctx.warnings,
+                ))
             }
             Method::DELETE => delete_collection(app, &target, q, headers, &body),
-            _ => Err(ApiError::method_not_allowed(format!("the server does not allow this method on the requested resource"))),
+            _ => Err(ApiError::method_not_allowed(
+                "the server does not allow this method on the requested resource",
+            )),
         },
         (Some(name), sub) => {
             let sub = match sub {
@@ -324,82 +426,134 @@ async fn resource_request(
                 Method::GET => get(app, &target, name, q, negotiate(headers)?),
                 Method::PUT => {
                     let mut ctx = write_ctx(q, headers)?;
-                    let obj = parse_body(&body)?;
+                    let obj = parse_body(&body, headers)?;
                     let mut inner = app.lock();
-                    let r = objects::update(&mut inner, &target.rt, version, &ns, name, obj, sub, &mut ctx, false)?;
+                    let r = objects::update(
+                        &mut inner, &target.rt, version, &ns, name, obj, sub, &mut ctx, false,
+                    )?;
                     app.wake_gc(&mut inner);
                     drop(inner);
-                    Ok(with_warnings(json_response(StatusCode::OK, &objects::present(r, &target.rt, version)), &ctx.warnings))
+                    Ok(with_warnings(
+                        json_response(StatusCode::OK, &objects::present(r, &target.rt, version)),
+                        &ctx.warnings,
+                    ))
                 }
-                Method::PATCH => patch_request(app, &target, name, sub, &content_type, q, headers, &body),
+                Method::PATCH => {
+                    patch_request(app, &target, name, sub, &content_type, q, headers, &body)
+                }
                 Method::DELETE if sub.is_none() => {
                     let ctx = write_ctx(q, headers)?;
-                    let opts = delete_opts(q, &body)?;
+                    let opts = delete_opts(q, &body, headers)?;
                     let mut inner = app.lock();
                     let r = objects::delete(&mut inner, &target.rt, &ns, name, &opts, &ctx)?;
                     app.wake_gc(&mut inner);
                     drop(inner);
                     Ok(match r {
-                        Deleted::Object(o) => json_response(StatusCode::OK, &objects::present(o, &target.rt, version)),
+                        Deleted::Object(o) => {
+                            json_response(StatusCode::OK, &objects::present(o, &target.rt, version))
+                        }
                         Deleted::Status(s) => json_response(StatusCode::OK, &s),
                     })
                 }
-                _ => Err(ApiError::method_not_allowed("the server does not allow this method on the requested resource")),
+                _ => Err(ApiError::method_not_allowed(
+                    "the server does not allow this method on the requested resource",
+                )),
             }
         }
         (None, Some(_)) => Err(ApiError::no_resource()),
     }
 }
 
-fn delete_opts(q: &Query, body: &Bytes) -> ApiResult<DeleteOpts> {
+fn delete_opts(q: &Query, body: &Bytes, headers: &HeaderMap) -> ApiResult<DeleteOpts> {
     let mut o = DeleteOpts {
         propagation: q.get("propagationPolicy").cloned(),
         grace: q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()),
         ..Default::default()
     };
     if let Some(orphan) = q.get("orphanDependents") {
-        o.propagation.get_or_insert_with(|| if orphan == "true" { "Orphan".into() } else { "Background".into() });
+        o.propagation.get_or_insert_with(|| {
+            if orphan == "true" {
+                "Orphan".into()
+            } else {
+                "Background".into()
+            }
+        });
     }
     if !body.is_empty() {
-        let b = parse_body(body)?;
+        let b = parse_body(body, headers)?;
         if let Some(p) = b["propagationPolicy"].as_str() {
             o.propagation = Some(p.into());
         } else if let Some(orphan) = b["orphanDependents"].as_bool() {
-            o.propagation = Some(if orphan { "Orphan".into() } else { "Background".into() });
+            o.propagation = Some(if orphan {
+                "Orphan".into()
+            } else {
+                "Background".into()
+            });
         }
         if let Some(g) = b["gracePeriodSeconds"].as_i64() {
             o.grace = Some(g);
         }
         o.uid = b["preconditions"]["uid"].as_str().map(String::from);
-        o.resource_version = b["preconditions"]["resourceVersion"].as_str().map(String::from);
+        o.resource_version = b["preconditions"]["resourceVersion"]
+            .as_str()
+            .map(String::from);
     }
     Ok(o)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn patch_request(app: &Arc<App>, t: &Target, name: &str, sub: Option<&str>, content_type: &str, q: &Query, headers: &HeaderMap, body: &Bytes) -> ApiResult<Response> {
+fn patch_request(
+    app: &Arc<App>,
+    t: &Target,
+    name: &str,
+    sub: Option<&str>,
+    content_type: &str,
+    q: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> ApiResult<Response> {
     let mut ctx = write_ctx(q, headers)?;
     let ns = t.ns.clone().unwrap_or_default();
     let accepted: &[&str] = if t.rt.is_custom() {
-        &["application/json-patch+json", "application/merge-patch+json", "application/apply-patch+yaml"]
+        &[
+            "application/json-patch+json",
+            "application/merge-patch+json",
+            "application/apply-patch+yaml",
+        ]
     } else {
-        &["application/json-patch+json", "application/merge-patch+json", "application/strategic-merge-patch+json", "application/apply-patch+yaml"]
+        &[
+            "application/json-patch+json",
+            "application/merge-patch+json",
+            "application/strategic-merge-patch+json",
+            "application/apply-patch+yaml",
+        ]
     };
     if !accepted.contains(&content_type) {
-        return Err(ApiError::unsupported_media_type(content_type, accepted));
+        return Err(ApiError::unsupported_media_type(accepted));
     }
-    let patch_body = parse_body(body)?;
+    let patch_body = parse_body(body, headers)?;
     let mut inner = app.lock();
     if content_type == "application/apply-patch+yaml" {
         if q.get("fieldManager").is_none_or(|m| m.is_empty()) {
-            return Err(ApiError::bad_request("PATCH, application/apply-patch+yaml requires fieldManager to be set"));
+            return Err(ApiError::bad_request(
+                "PATCH, application/apply-patch+yaml requires fieldManager to be set",
+            ));
         }
         let force = truthy(q, "force");
-        let (obj, created) = objects::apply(&mut inner, &t.rt, &t.version, &ns, name, patch_body, sub, force, &mut ctx)?;
+        let (obj, created) = objects::apply(
+            &mut inner, &t.rt, &t.version, &ns, name, patch_body, sub, force, &mut ctx,
+        )?;
         app.wake_gc(&mut inner);
         drop(inner);
-        let code = if created { StatusCode::CREATED } else { StatusCode::OK };
-        return Ok(with_warnings(json_response(code, &objects::present(obj, &t.rt, &t.version)), &ctx.warnings));
+        let code = if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        return Ok(with_warnings(
+            json_response(code, &objects::present(obj, &t.rt, &t.version)),
+            &ctx.warnings,
+        ));
     }
     let key_ns = if t.rt.namespaced { ns.as_str() } else { "" };
     let Some(current) = inner.get(&t.rt.key(), key_ns, name).cloned() else {
@@ -408,25 +562,50 @@ fn patch_request(app: &Arc<App>, t: &Target, name: &str, sub: Option<&str>, cont
     let mut obj = objects::present(current, &t.rt, &t.version);
     match content_type {
         "application/merge-patch+json" => patch::merge_patch(&mut obj, &patch_body),
-        "application/strategic-merge-patch+json" => patch::strategic_merge(&mut obj, &patch_body, &t.rt.kind),
-        _ => patch::json_patch(&mut obj, &patch_body).map_err(|e| ApiError::new(422, "Invalid", e))?,
+        "application/strategic-merge-patch+json" => {
+            patch::strategic_merge(&mut obj, &patch_body, &t.rt.kind)
+        }
+        _ => patch::json_patch(&mut obj, &patch_body)
+            .map_err(|e| ApiError::new(422, "Invalid", e))?,
     }
-    let r = objects::update(&mut inner, &t.rt, &t.version, &ns, name, obj, sub, &mut ctx, false)?;
+    let r = objects::update(
+        &mut inner, &t.rt, &t.version, &ns, name, obj, sub, &mut ctx, false,
+    )?;
     app.wake_gc(&mut inner);
     drop(inner);
-    Ok(with_warnings(json_response(StatusCode::OK, &objects::present(r, &t.rt, &t.version)), &ctx.warnings))
+    Ok(with_warnings(
+        json_response(StatusCode::OK, &objects::present(r, &t.rt, &t.version)),
+        &ctx.warnings,
+    ))
 }
 
-fn delete_collection(app: &Arc<App>, t: &Target, q: &Query, headers: &HeaderMap, body: &Bytes) -> ApiResult<Response> {
+fn delete_collection(
+    app: &Arc<App>,
+    t: &Target,
+    q: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> ApiResult<Response> {
     let ctx = write_ctx(q, headers)?;
-    let opts = delete_opts(q, body)?;
+    let opts = delete_opts(q, body, headers)?;
     let (labels, fields) = selectors(t, q)?;
     let mut inner = app.lock();
     let names: Vec<(String, String)> = inner
         .list(&t.rt.key(), t.ns.as_deref().filter(|_| t.rt.namespaced))
         .into_iter()
         .filter(|o| labels.matches(o) && fields.matches(o))
-        .map(|o| (o["metadata"]["namespace"].as_str().unwrap_or_default().to_string(), o["metadata"]["name"].as_str().unwrap_or_default().to_string()))
+        .map(|o| {
+            (
+                o["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
         .collect();
     let mut items = vec![];
     for (ns, name) in names {
@@ -446,15 +625,18 @@ fn delete_collection(app: &Arc<App>, t: &Target, q: &Query, headers: &HeaderMap,
 
 fn selectors(t: &Target, q: &Query) -> ApiResult<(LabelSelector, FieldSelector)> {
     let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-    let extra: Vec<String> = t
-        .rt
-        .crd_version(&t.version)
-        .and_then(|v| v["selectableFields"].as_array())
-        .into_iter()
-        .flatten()
-        .filter_map(|f| f["jsonPath"].as_str().map(String::from))
-        .collect();
-    let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""), &t.rt.resource, &extra)?;
+    let extra: Vec<String> =
+        t.rt.crd_version(&t.version)
+            .and_then(|v| v["selectableFields"].as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f["jsonPath"].as_str().map(String::from))
+            .collect();
+    let fields = FieldSelector::parse(
+        q.get("fieldSelector").map(String::as_str).unwrap_or(""),
+        &t.rt.resource,
+        &extra,
+    )?;
     Ok((labels, fields))
 }
 
@@ -472,8 +654,15 @@ fn partial(o: &Value) -> Value {
 
 fn get(app: &Arc<App>, t: &Target, name: &str, q: &Query, format: Format) -> ApiResult<Response> {
     let inner = app.lock();
-    let ns = if t.rt.namespaced { t.ns.clone().unwrap_or_default() } else { String::new() };
-    let obj = inner.get(&t.rt.key(), &ns, name).cloned().ok_or_else(|| ApiError::not_found(&t.rt, name))?;
+    let ns = if t.rt.namespaced {
+        t.ns.clone().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let obj = inner
+        .get(&t.rt.key(), &ns, name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(&t.rt, name))?;
     drop(inner);
     let obj = objects::present(obj, &t.rt, &t.version);
     Ok(match format {
@@ -481,7 +670,10 @@ fn get(app: &Arc<App>, t: &Target, name: &str, q: &Query, format: Format) -> Api
         Format::Partial => typed(&partial(&obj), "PartialObjectMetadata"),
         Format::Table => {
             let meta = json!({"resourceVersion": obj["metadata"]["resourceVersion"]});
-            typed(&table::table(&t.rt, &t.version, &[obj], include(q), true, meta), "Table")
+            typed(
+                &table::table(&t.rt, &t.version, &[obj], include(q), true, meta),
+                "Table",
+            )
         }
     })
 }
@@ -498,18 +690,29 @@ fn encode_continue(rv: u64, ns: &str, name: &str) -> String {
 }
 
 fn decode_continue(token: &str) -> ApiResult<(u64, String, String)> {
-    let bad = || ApiError::bad_request("continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)");
-    let raw = base64::engine::general_purpose::URL_SAFE.decode(token).map_err(|_| bad())?;
+    let bad = || {
+        ApiError::bad_request("continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)")
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE
+        .decode(token)
+        .map_err(|_| bad())?;
     let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
     let rv = v["rv"].as_u64().ok_or_else(bad)?;
-    let start = v["start"].as_str().ok_or_else(bad)?.trim_end_matches('\u{0}');
+    let start = v["start"]
+        .as_str()
+        .ok_or_else(bad)?
+        .trim_end_matches('\u{0}');
     let (ns, name) = start.split_once('/').ok_or_else(bad)?;
     Ok((rv, ns.to_string(), name.to_string()))
 }
 
 fn list(app: &Arc<App>, t: &Target, q: &Query, format: Format) -> ApiResult<Response> {
     let (labels, fields) = selectors(t, q)?;
-    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
     let inner = app.lock();
     let (list_rv, after) = match q.get("continue").filter(|c| !c.is_empty()) {
         Some(c) => {
@@ -528,14 +731,21 @@ fn list(app: &Arc<App>, t: &Target, q: &Query, format: Format) -> ApiResult<Resp
         .filter(|o| match &after {
             None => true,
             Some((ns, name)) => {
-                let k = (o["metadata"]["namespace"].as_str().unwrap_or_default(), o["metadata"]["name"].as_str().unwrap_or_default());
+                let k = (
+                    o["metadata"]["namespace"].as_str().unwrap_or_default(),
+                    o["metadata"]["name"].as_str().unwrap_or_default(),
+                );
                 k > (ns.as_str(), name.as_str())
             }
         })
         .filter(|o| labels.matches(o) && fields.matches(o))
         .collect();
     let total = all.len();
-    let page: Vec<Value> = all.into_iter().take(limit).map(|o| objects::present(o.clone(), &t.rt, &t.version)).collect();
+    let page: Vec<Value> = all
+        .into_iter()
+        .take(limit)
+        .map(|o| objects::present(o.clone(), &t.rt, &t.version))
+        .collect();
     drop(inner);
     let mut meta = json!({"resourceVersion": list_rv.to_string()});
     if total > page.len() {
@@ -545,15 +755,24 @@ fn list(app: &Arc<App>, t: &Target, q: &Query, format: Format) -> ApiResult<Resp
             last["metadata"]["namespace"].as_str().unwrap_or_default(),
             last["metadata"]["name"].as_str().unwrap_or_default()
         ));
-        if labels.is_empty() && fields.name().is_none() && q.get("fieldSelector").is_none_or(|f| f.is_empty()) {
+        if labels.is_empty()
+            && fields.name().is_none()
+            && q.get("fieldSelector").is_none_or(|f| f.is_empty())
+        {
             meta["remainingItemCount"] = json!(total - page.len());
         }
     }
     Ok(match format {
-        Format::Table => typed(&table::table(&t.rt, &t.version, &page, include(q), true, meta), "Table"),
+        Format::Table => typed(
+            &table::table(&t.rt, &t.version, &page, include(q), true, meta),
+            "Table",
+        ),
         Format::Partial => {
             let items: Vec<Value> = page.iter().map(partial).collect();
-            typed(&json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "items": items}), "PartialObjectMetadataList")
+            typed(
+                &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "items": items}),
+                "PartialObjectMetadataList",
+            )
         }
         Format::Json => {
             // Items of built-in lists carry no kind/apiVersion on the wire; custom ones do.
@@ -618,7 +837,13 @@ fn bookmark(rt: &ResourceType, version: &str, rv: u64, initial_end: bool) -> Byt
 
 /// What one stored event means to one watcher with selectors: ADDED when an object starts to
 /// match, DELETED when it stops, as the watch cache does.
-fn translate(ev: &Event, key: &str, ns: Option<&str>, labels: &LabelSelector, fields: &FieldSelector) -> Option<&'static str> {
+fn translate(
+    ev: &Event,
+    key: &str,
+    ns: Option<&str>,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> Option<&'static str> {
     if ev.key != key || ns.is_some_and(|n| n != ev.namespace) {
         return None;
     }
@@ -643,8 +868,16 @@ async fn watch(app: &Arc<App>, t: &Target, q: &Query, format: Format) -> ApiResu
     let key = t.rt.key();
     let bookmarks = truthy(q, "allowWatchBookmarks");
     let send_initial = truthy(q, "sendInitialEvents");
-    let timeout = q.get("timeoutSeconds").and_then(|s| s.parse::<u64>().ok()).map(Duration::from_secs);
-    let renderer = Renderer { rt: t.rt.clone(), version: t.version.clone(), format, include: include(q) };
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let renderer = Renderer {
+        rt: t.rt.clone(),
+        version: t.version.clone(),
+        format,
+        include: include(q),
+    };
     let mut first = true;
     let mut initial: Vec<Bytes> = vec![];
     let requested = q.get("resourceVersion").cloned().unwrap_or_default();
@@ -662,15 +895,21 @@ async fn watch(app: &Arc<App>, t: &Target, q: &Query, format: Format) -> ApiResu
             }
             (rx, inner.rv)
         } else {
-            let rv: u64 = requested
-                .parse()
-                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {requested}")))?;
+            let rv: u64 = requested.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid resource version: {requested}"))
+            })?;
             if rv < inner.oldest_rv {
                 // kube-apiserver answers 200 and sends the 410 as an ERROR event.
-                let status = ApiError::gone(format!("too old resource version: {rv} ({})", inner.oldest_rv)).status();
+                let status = ApiError::gone(format!(
+                    "too old resource version: {rv} ({})",
+                    inner.oldest_rv
+                ))
+                .status();
                 let mut line = json!({"type": "ERROR", "object": status}).to_string();
                 line.push('\n');
-                return Ok((StatusCode::OK, [("content-type", "application/json")], line).into_response());
+                return Ok(
+                    (StatusCode::OK, [("content-type", "application/json")], line).into_response(),
+                );
             }
             for ev in inner.log.iter().filter(|e| e.rv > rv) {
                 if let Some(kind) = translate(ev, &key, ns.as_deref(), &labels, &fields) {
@@ -724,10 +963,19 @@ async fn watch(app: &Arc<App>, t: &Target, q: &Query, format: Format) -> ApiResu
             }
         }
     });
-    let stream = futures_util::stream::unfold(out_rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    let stream =
+        futures_util::stream::unfold(
+            out_rx,
+            |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
+        );
     let ct = match format {
         Format::Table => "application/json;as=Table;v=v1;g=meta.k8s.io",
         _ => "application/json",
     };
-    Ok((StatusCode::OK, [("content-type", ct), ("cache-control", "no-cache, private")], Body::from_stream(stream)).into_response())
+    Ok((
+        StatusCode::OK,
+        [("content-type", ct), ("cache-control", "no-cache, private")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }

@@ -26,16 +26,28 @@ pub struct Cause {
 
 impl Cause {
     pub fn new(reason: &'static str, field: impl Into<String>, message: impl Into<String>) -> Self {
-        Cause { reason, field: field.into(), message: message.into() }
+        Cause {
+            reason,
+            field: field.into(),
+            message: message.into(),
+        }
     }
     pub fn required(field: impl Into<String>) -> Self {
         Cause::new("FieldValueRequired", field, "Required value")
     }
     pub fn invalid(field: impl Into<String>, value: &Value, detail: impl AsRef<str>) -> Self {
-        Cause::new("FieldValueInvalid", field, format!("Invalid value: {}: {}", show(value), detail.as_ref()))
+        Cause::new(
+            "FieldValueInvalid",
+            field,
+            format!("Invalid value: {}: {}", show(value), detail.as_ref()),
+        )
     }
     pub fn forbidden(field: impl Into<String>, detail: impl Into<String>) -> Self {
-        Cause::new("FieldValueForbidden", field, format!("Forbidden: {}", detail.into()))
+        Cause::new(
+            "FieldValueForbidden",
+            field,
+            format!("Forbidden: {}", detail.into()),
+        )
     }
     /// `field: message`, as the apiserver's `field.Error.Error()` prints it.
     pub fn text(&self) -> String {
@@ -60,7 +72,12 @@ pub fn show(v: &Value) -> String {
 
 impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError { code, reason, message: message.into(), details: None }
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+        }
     }
 
     fn with_details(mut self, details: Value) -> Self {
@@ -69,8 +86,12 @@ impl ApiError {
     }
 
     pub fn not_found(rt: &ResourceType, name: &str) -> Self {
-        ApiError::new(404, "NotFound", format!("{} {name:?} not found", rt.group_resource()))
-            .with_details(json!({"name": name, "group": rt.group, "kind": rt.resource}))
+        ApiError::new(
+            404,
+            "NotFound",
+            format!("{} {name:?} not found", rt.group_resource()),
+        )
+        .with_details(json!({"name": name, "group": rt.group, "kind": rt.resource}))
     }
 
     pub fn namespace_not_found(ns: &str) -> Self {
@@ -79,17 +100,33 @@ impl ApiError {
     }
 
     pub fn no_resource() -> Self {
-        ApiError::new(404, "NotFound", "the server could not find the requested resource").with_details(json!({}))
+        ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+        .with_details(json!({}))
     }
 
     pub fn already_exists(rt: &ResourceType, name: &str) -> Self {
-        ApiError::new(409, "AlreadyExists", format!("{} {name:?} already exists", rt.group_resource()))
-            .with_details(json!({"name": name, "group": rt.group, "kind": rt.resource}))
+        ApiError::new(
+            409,
+            "AlreadyExists",
+            format!("{} {name:?} already exists", rt.group_resource()),
+        )
+        .with_details(json!({"name": name, "group": rt.group, "kind": rt.resource}))
     }
 
     pub fn conflict(rt: &ResourceType, name: &str, why: &str) -> Self {
-        ApiError::new(409, "Conflict", format!("Operation cannot be fulfilled on {} {name:?}: {why}", rt.group_resource()))
-            .with_details(json!({"name": name, "group": rt.group, "kind": rt.resource}))
+        ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {} {name:?}: {why}",
+                rt.group_resource()
+            ),
+        )
+        .with_details(json!({"name": name, "group": rt.group, "kind": rt.resource}))
     }
 
     pub fn stale(rt: &ResourceType, name: &str) -> Self {
@@ -102,14 +139,26 @@ impl ApiError {
 
     pub fn invalid(rt: &ResourceType, name: &str, causes: Vec<Cause>) -> Self {
         let texts: Vec<String> = causes.iter().map(Cause::text).collect();
-        let joined = if texts.len() == 1 { texts[0].clone() } else { format!("[{}]", texts.join(", ")) };
-        let qualified = if rt.group.is_empty() { rt.kind.clone() } else { format!("{}.{}", rt.kind, rt.group) };
+        let joined = if texts.len() == 1 {
+            texts[0].clone()
+        } else {
+            format!("[{}]", texts.join(", "))
+        };
+        let qualified = if rt.group.is_empty() {
+            rt.kind.clone()
+        } else {
+            format!("{}.{}", rt.kind, rt.group)
+        };
         let causes: Vec<Value> = causes
             .iter()
             .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
             .collect();
-        ApiError::new(422, "Invalid", format!("{qualified} {name:?} is invalid: {joined}"))
-            .with_details(json!({"name": name, "group": rt.group, "kind": rt.kind, "causes": causes}))
+        ApiError::new(
+            422,
+            "Invalid",
+            format!("{qualified} {name:?} is invalid: {joined}"),
+        )
+        .with_details(json!({"name": name, "group": rt.group, "kind": rt.kind, "causes": causes}))
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -128,14 +177,11 @@ impl ApiError {
         ApiError::new(410, "Expired", message)
     }
 
-    pub fn unsupported_media_type(content_type: &str, accepted: &[&str]) -> Self {
+    pub fn unsupported_media_type(accepted: &[&str]) -> Self {
         ApiError::new(
             415,
             "UnsupportedMediaType",
-            format!(
-                "the body of the request was in an unknown format - accepted media types include: {}",
-                if content_type.is_empty() { accepted.join(", ") } else { accepted.join(", ") }
-            ),
+            format!("the body of the request was in an unknown format - accepted media types include: {}", accepted.join(", ")),
         )
     }
 
@@ -160,7 +206,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (code, [("content-type", "application/json")], self.status().to_string()).into_response()
+        (
+            code,
+            [("content-type", "application/json")],
+            self.status().to_string(),
+        )
+            .into_response()
     }
 }
 

@@ -47,7 +47,9 @@ fn uid(o: &Value) -> &str {
 }
 
 fn has_finalizer(o: &Value, f: &str) -> bool {
-    o["metadata"]["finalizers"].as_array().is_some_and(|a| a.iter().any(|x| x == f))
+    o["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x == f))
 }
 
 fn deleting(o: &Value) -> bool {
@@ -59,7 +61,12 @@ fn owner_uids(o: &Value) -> Vec<(String, bool)> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|r| (r["uid"].as_str().unwrap_or_default().to_string(), r["blockOwnerDeletion"] == true))
+        .map(|r| {
+            (
+                r["uid"].as_str().unwrap_or_default().to_string(),
+                r["blockOwnerDeletion"] == true,
+            )
+        })
         .collect()
 }
 
@@ -69,7 +76,10 @@ fn pass(inner: &mut Inner) -> bool {
     let mut dependents: HashMap<String, Vec<(Key, bool, bool)>> = HashMap::new();
     for (k, o) in &inner.objects {
         for (owner, block) in owner_uids(o) {
-            dependents.entry(owner).or_default().push((k.clone(), block, deleting(o)));
+            dependents
+                .entry(owner)
+                .or_default()
+                .push((k.clone(), block, deleting(o)));
         }
     }
     let mut actions = vec![];
@@ -77,7 +87,11 @@ fn pass(inner: &mut Inner) -> bool {
     for (k, o) in &inner.objects {
         let owners = owner_uids(o);
         if !owners.is_empty() && !deleting(o) {
-            let absent: Vec<String> = owners.iter().filter(|(u, _)| !uids.contains(u)).map(|(u, _)| u.clone()).collect();
+            let absent: Vec<String> = owners
+                .iter()
+                .filter(|(u, _)| !uids.contains(u))
+                .map(|(u, _)| u.clone())
+                .collect();
             if absent.len() == owners.len() {
                 actions.push(Action::Delete(k.clone(), None));
             } else if !absent.is_empty() {
@@ -97,7 +111,10 @@ fn pass(inner: &mut Inner) -> bool {
         if has_finalizer(o, "foregroundDeletion") {
             for (dk, block, dep_deleting) in &deps {
                 if !dep_deleting {
-                    actions.push(Action::Delete(dk.clone(), if *block { Some("Foreground") } else { None }));
+                    actions.push(Action::Delete(
+                        dk.clone(),
+                        if *block { Some("Foreground") } else { None },
+                    ));
                 }
                 let _ = block;
             }
@@ -109,7 +126,12 @@ fn pass(inner: &mut Inner) -> bool {
         }
         if k.0 == "/namespaces" {
             let ns = k.2.clone();
-            let content: Vec<Key> = inner.objects.keys().filter(|(_, n, _)| *n == ns).cloned().collect();
+            let content: Vec<Key> = inner
+                .objects
+                .keys()
+                .filter(|(_, n, _)| *n == ns)
+                .cloned()
+                .collect();
             if content.is_empty() {
                 actions.push(Action::RemoveNamespace(ns));
             } else {
@@ -121,11 +143,25 @@ fn pass(inner: &mut Inner) -> bool {
                 }
             }
         }
-        if k.0 == "apiextensions.k8s.io/customresourcedefinitions" && has_finalizer(o, "customresourcecleanup.apiextensions.k8s.io") {
-            let key = format!("{}/{}", o["spec"]["group"].as_str().unwrap_or_default(), o["spec"]["names"]["plural"].as_str().unwrap_or_default());
-            let content: Vec<Key> = inner.objects.keys().filter(|(kk, _, _)| *kk == key).cloned().collect();
+        if k.0 == "apiextensions.k8s.io/customresourcedefinitions"
+            && has_finalizer(o, "customresourcecleanup.apiextensions.k8s.io")
+        {
+            let key = format!(
+                "{}/{}",
+                o["spec"]["group"].as_str().unwrap_or_default(),
+                o["spec"]["names"]["plural"].as_str().unwrap_or_default()
+            );
+            let content: Vec<Key> = inner
+                .objects
+                .keys()
+                .filter(|(kk, _, _)| *kk == key)
+                .cloned()
+                .collect();
             if content.is_empty() {
-                actions.push(Action::DropFinalizer(k.clone(), "customresourcecleanup.apiextensions.k8s.io"));
+                actions.push(Action::DropFinalizer(
+                    k.clone(),
+                    "customresourcecleanup.apiextensions.k8s.io",
+                ));
             } else {
                 pending = true;
                 for c in content {
@@ -150,8 +186,13 @@ fn run_action(inner: &mut Inner, a: Action) {
     let ctx = WriteCtx::internal("generic-garbage-collector");
     match a {
         Action::Delete((key, ns, name), policy) => {
-            let Some(rt) = inner.registry.by_key(&key).cloned() else { return };
-            let opts = DeleteOpts { propagation: policy.map(String::from), ..Default::default() };
+            let Some(rt) = inner.registry.by_key(&key).cloned() else {
+                return;
+            };
+            let opts = DeleteOpts {
+                propagation: policy.map(String::from),
+                ..Default::default()
+            };
             let _ = objects::delete(inner, &rt, &ns, &name, &opts, &ctx);
         }
         Action::DropOwner(k, gone) => modify(inner, &k, |o| {
@@ -163,13 +204,22 @@ fn run_action(inner: &mut Inner, a: Action) {
                 .cloned()
                 .collect();
             if refs.is_empty() {
-                o["metadata"].as_object_mut().unwrap().remove("ownerReferences");
+                o["metadata"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("ownerReferences");
             } else {
                 o["metadata"]["ownerReferences"] = Value::Array(refs);
             }
         }),
         Action::DropFinalizer(k, f) => modify(inner, &k, |o| {
-            let fins: Vec<Value> = o["metadata"]["finalizers"].as_array().into_iter().flatten().filter(|x| *x != f).cloned().collect();
+            let fins: Vec<Value> = o["metadata"]["finalizers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|x| *x != f)
+                .cloned()
+                .collect();
             if fins.is_empty() {
                 o["metadata"].as_object_mut().unwrap().remove("finalizers");
             } else {
@@ -185,10 +235,18 @@ fn run_action(inner: &mut Inner, a: Action) {
 }
 
 fn modify(inner: &mut Inner, k: &Key, f: impl FnOnce(&mut Value)) {
-    let Some(rt) = inner.registry.by_key(&k.0).cloned() else { return };
-    let Some(mut o) = inner.objects.get(k).cloned() else { return };
+    let Some(rt) = inner.registry.by_key(&k.0).cloned() else {
+        return;
+    };
+    let Some(mut o) = inner.objects.get(k).cloned() else {
+        return;
+    };
     f(&mut o);
-    let version = o["apiVersion"].as_str().and_then(|a| a.rsplit('/').next()).unwrap_or(&rt.versions[0]).to_string();
+    let version = o["apiVersion"]
+        .as_str()
+        .and_then(|a| a.rsplit('/').next())
+        .unwrap_or(&rt.versions[0])
+        .to_string();
     let mut ctx = WriteCtx::internal("generic-garbage-collector");
     let _ = objects::update(inner, &rt, &version, &k.1, &k.2, o, None, &mut ctx, false);
 }

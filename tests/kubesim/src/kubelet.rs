@@ -49,7 +49,12 @@ impl Logs {
 
     /// Marks a container's log as complete: followers stop.
     pub fn finish(&self, uid: &str, container: &str) {
-        self.bufs.lock().unwrap().entry((uid.into(), container.into())).or_default().done = true;
+        self.bufs
+            .lock()
+            .unwrap()
+            .entry((uid.into(), container.into()))
+            .or_default()
+            .done = true;
         self.changed.notify_waiters();
     }
 
@@ -59,7 +64,12 @@ impl Logs {
     }
 
     fn snapshot(&self, uid: &str, container: &str) -> LogBuf {
-        self.bufs.lock().unwrap().get(&(uid.to_string(), container.to_string())).cloned().unwrap_or_default()
+        self.bufs
+            .lock()
+            .unwrap()
+            .get(&(uid.to_string(), container.to_string()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The last lines of a log, at most `max` bytes (a termination message fallback).
@@ -80,23 +90,44 @@ impl Logs {
 }
 
 fn pod_rt(app: &App) -> crate::registry::ResourceType {
-    app.lock().registry.find("", "v1", "pods").cloned().expect("pods are built in")
+    app.lock()
+        .registry
+        .find("", "v1", "pods")
+        .cloned()
+        .expect("pods are built in")
 }
 
 /// `GET .../pods/NAME/log`: `container`, `follow`, `tailLines`, `limitBytes`, `timestamps`,
 /// `sinceSeconds`, `sinceTime`, `previous`.
-pub async fn serve_log(app: &Arc<App>, ns: &str, name: &str, q: &HashMap<String, String>) -> ApiResult<Response> {
+pub async fn serve_log(
+    app: &Arc<App>,
+    ns: &str,
+    name: &str,
+    q: &HashMap<String, String>,
+) -> ApiResult<Response> {
     let rt = pod_rt(app);
-    let pod = app.lock().get("/pods", ns, name).cloned().ok_or_else(|| ApiError::not_found(&rt, name))?;
+    let pod = app
+        .lock()
+        .get("/pods", ns, name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(&rt, name))?;
     let names: Vec<String> = ["containers", "initContainers"]
         .iter()
         .flat_map(|l| pod["spec"][*l].as_array().cloned().unwrap_or_default())
         .filter_map(|c| c["name"].as_str().map(String::from))
         .collect();
-    let main: Vec<&Value> = pod["spec"]["containers"].as_array().into_iter().flatten().collect();
+    let main: Vec<&Value> = pod["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
     let container = match q.get("container").filter(|c| !c.is_empty()) {
         Some(c) if names.contains(c) => c.clone(),
-        Some(c) => return Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}"))),
+        Some(c) => {
+            return Err(ApiError::bad_request(format!(
+                "container {c} is not valid for pod {name}"
+            )))
+        }
         None if main.len() == 1 => main[0]["name"].as_str().unwrap_or_default().to_string(),
         None => {
             return Err(ApiError::bad_request(format!(
@@ -106,7 +137,9 @@ pub async fn serve_log(app: &Arc<App>, ns: &str, name: &str, q: &HashMap<String,
         }
     };
     if q.get("previous").is_some_and(|p| p == "true") {
-        return Err(ApiError::bad_request(format!("previous terminated container {container:?} in pod {name:?} not found")));
+        return Err(ApiError::bad_request(format!(
+            "previous terminated container {container:?} in pod {name:?} not found"
+        )));
     }
     let status = ["containerStatuses", "initContainerStatuses"]
         .iter()
@@ -115,7 +148,12 @@ pub async fn serve_log(app: &Arc<App>, ns: &str, name: &str, q: &HashMap<String,
     let waiting = match &status {
         None => Some("ContainerCreating".to_string()),
         Some(s) if s["state"]["waiting"].is_object() && s["lastState"]["terminated"].is_null() => {
-            Some(s["state"]["waiting"]["reason"].as_str().unwrap_or("ContainerCreating").to_string())
+            Some(
+                s["state"]["waiting"]["reason"]
+                    .as_str()
+                    .unwrap_or("ContainerCreating")
+                    .to_string(),
+            )
         }
         _ => None,
     };
@@ -124,16 +162,29 @@ pub async fn serve_log(app: &Arc<App>, ns: &str, name: &str, q: &HashMap<String,
             "ErrImagePull" | "ImagePullBackOff" => "trying and failing to pull image".to_string(),
             other => other.to_string(),
         };
-        return Err(ApiError::bad_request(format!("container {container:?} in pod {name:?} is waiting to start: {why}")));
+        return Err(ApiError::bad_request(format!(
+            "container {container:?} in pod {name:?} is waiting to start: {why}"
+        )));
     }
-    let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+    let uid = pod["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let follow = q.get("follow").is_some_and(|f| f == "true");
     let timestamps = q.get("timestamps").is_some_and(|f| f == "true");
-    let tail: Option<usize> = q.get("tailLines").and_then(|t| t.parse::<i64>().ok()).map(|t| t.max(0) as usize);
+    let tail: Option<usize> = q
+        .get("tailLines")
+        .and_then(|t| t.parse::<i64>().ok())
+        .map(|t| t.max(0) as usize);
     let mut limit: Option<usize> = q.get("limitBytes").and_then(|t| t.parse().ok());
     let since: Option<DateTime<Utc>> = match (q.get("sinceSeconds"), q.get("sinceTime")) {
-        (Some(s), _) => s.parse::<i64>().ok().map(|s| Utc::now() - chrono::Duration::seconds(s)),
-        (None, Some(t)) => DateTime::parse_from_rfc3339(t).ok().map(|t| t.with_timezone(&Utc)),
+        (Some(s), _) => s
+            .parse::<i64>()
+            .ok()
+            .map(|s| Utc::now() - chrono::Duration::seconds(s)),
+        (None, Some(t)) => DateTime::parse_from_rfc3339(t)
+            .ok()
+            .map(|t| t.with_timezone(&Utc)),
         _ => None,
     };
     let render = move |(ts, line): &(DateTime<Utc>, String)| {
@@ -144,7 +195,11 @@ pub async fn serve_log(app: &Arc<App>, ns: &str, name: &str, q: &HashMap<String,
         }
     };
     let buf = app.logs.snapshot(&uid, &container);
-    let mut lines: Vec<&(DateTime<Utc>, String)> = buf.lines.iter().filter(|(ts, _)| since.is_none_or(|s| *ts >= s)).collect();
+    let mut lines: Vec<&(DateTime<Utc>, String)> = buf
+        .lines
+        .iter()
+        .filter(|(ts, _)| since.is_none_or(|s| *ts >= s))
+        .collect();
     if let Some(t) = tail {
         lines = lines.split_off(lines.len().saturating_sub(t));
     }
@@ -180,7 +235,10 @@ pub async fn serve_log(app: &Arc<App>, ns: &str, name: &str, q: &HashMap<String,
             tokio::pin!(notified);
             notified.as_mut().enable();
             let b = app2.logs.snapshot(&uid, &container);
-            let mut chunk: String = b.lines[sent.min(b.lines.len())..].iter().map(&render).collect();
+            let mut chunk: String = b.lines[sent.min(b.lines.len())..]
+                .iter()
+                .map(&render)
+                .collect();
             sent = b.lines.len();
             cap(&mut chunk, &mut limit);
             if !chunk.is_empty() && tx.send(Ok(Bytes::from(chunk))).await.is_err() {
@@ -198,12 +256,21 @@ pub async fn serve_log(app: &Arc<App>, ns: &str, name: &str, q: &HashMap<String,
             }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
-    Ok((StatusCode::OK, [("content-type", "text/plain")], Body::from_stream(stream)).into_response())
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    Ok((
+        StatusCode::OK,
+        [("content-type", "text/plain")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 fn pod_gone(app: &App, uid: &str) -> bool {
-    !app.lock().list("/pods", None).iter().any(|p| p["metadata"]["uid"] == uid)
+    !app.lock()
+        .list("/pods", None)
+        .iter()
+        .any(|p| p["metadata"]["uid"] == uid)
 }
 
 /// The node object the scheduler binds to.
@@ -223,25 +290,35 @@ pub fn node_object() -> Value {
 }
 
 /// Watches pods and gives every new one to a simulated life.
-pub async fn run(app: Arc<App>) {
+pub async fn run(app: Arc<App>, exec: bool) {
     let mut handled: HashSet<String> = HashSet::new();
     loop {
         let (mut rx, pods) = {
             let inner = app.lock();
-            (inner.tx.subscribe(), inner.list("/pods", None).into_iter().cloned().collect::<Vec<_>>())
+            (
+                inner.tx.subscribe(),
+                inner
+                    .list("/pods", None)
+                    .into_iter()
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
         };
         for p in pods {
-            start(&app, &p, &mut handled);
+            start(&app, &p, &mut handled, exec);
         }
         loop {
             match rx.recv().await {
                 Ok(ev) if ev.key == "/pods" => match ev.kind {
                     EventType::Deleted => {
-                        let uid = ev.object["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+                        let uid = ev.object["metadata"]["uid"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string();
                         handled.remove(&uid);
                         app.logs.forget(&uid);
                     }
-                    _ => start(&app, &ev.object, &mut handled),
+                    _ => start(&app, &ev.object, &mut handled, exec),
                 },
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => break,
@@ -251,12 +328,18 @@ pub async fn run(app: Arc<App>) {
     }
 }
 
-fn start(app: &Arc<App>, pod: &Value, handled: &mut HashSet<String>) {
-    let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+fn start(app: &Arc<App>, pod: &Value, handled: &mut HashSet<String>, exec: bool) {
+    let uid = pod["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     if handled.contains(&uid) || !pod["metadata"]["deletionTimestamp"].is_null() {
         return;
     }
-    if matches!(pod["status"]["phase"].as_str(), Some("Succeeded" | "Failed")) {
+    if matches!(
+        pod["status"]["phase"].as_str(),
+        Some("Succeeded" | "Failed")
+    ) {
         return;
     }
     let node = pod["spec"]["nodeName"].as_str().unwrap_or_default();
@@ -264,10 +347,16 @@ fn start(app: &Arc<App>, pod: &Value, handled: &mut HashSet<String>) {
         return;
     }
     handled.insert(uid.clone());
-    let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-    let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let ns = pod["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let name = pod["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let app = app.clone();
-    tokio::spawn(async move { simulate(app, ns, name, uid).await });
+    tokio::spawn(async move { simulate(app, ns, name, uid, exec).await });
 }
 
 fn ts() -> String {
@@ -275,26 +364,61 @@ fn ts() -> String {
 }
 
 /// Applies `f` to the live pod (if it is still the same pod) and writes the result.
-fn with_pod(app: &App, ns: &str, name: &str, uid: &str, status: bool, manager: &str, f: impl FnOnce(&mut Value)) -> Option<Value> {
+fn with_pod(
+    app: &App,
+    ns: &str,
+    name: &str,
+    uid: &str,
+    status: bool,
+    manager: &str,
+    f: impl FnOnce(&mut Value),
+) -> Option<Value> {
     let mut inner = app.lock();
-    let pod = inner.get("/pods", ns, name).filter(|p| p["metadata"]["uid"] == uid)?.clone();
+    let pod = inner
+        .get("/pods", ns, name)
+        .filter(|p| p["metadata"]["uid"] == uid)?
+        .clone();
     let mut new = pod.clone();
     f(&mut new);
     let rt = inner.registry.find("", "v1", "pods").cloned()?;
     let mut ctx = WriteCtx::internal(manager);
-    let r = objects::update(&mut inner, &rt, "v1", ns, name, new, status.then_some("status"), &mut ctx, false).ok();
+    let r = objects::update(
+        &mut inner,
+        &rt,
+        "v1",
+        ns,
+        name,
+        new,
+        status.then_some("status"),
+        &mut ctx,
+        false,
+    )
+    .ok();
     app.wake_gc(&mut inner);
     r
 }
 
 fn live(app: &App, ns: &str, name: &str, uid: &str) -> Option<Value> {
-    app.lock().get("/pods", ns, name).filter(|p| p["metadata"]["uid"] == uid).cloned()
+    app.lock()
+        .get("/pods", ns, name)
+        .filter(|p| p["metadata"]["uid"] == uid)
+        .cloned()
 }
 
 /// Records a core/v1 Event about the pod, as the scheduler and kubelet do.
-fn event(app: &App, pod: &Value, type_: &str, reason: &str, message: &str, component: &str, field_path: Option<&str>) {
+fn event(
+    app: &App,
+    pod: &Value,
+    type_: &str,
+    reason: &str,
+    message: &str,
+    component: &str,
+    field_path: Option<&str>,
+) {
     let mut inner = app.lock();
-    let Some(rt) = inner.registry.find("", "v1", "events").cloned() else { return };
+    let Some(rt) = inner.registry.find("", "v1", "events").cloned() else {
+        return;
+    };
     let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
     let t = ts();
     let mut involved = json!({
@@ -328,11 +452,18 @@ fn ann<'a>(pod: &'a Value, key: &str, container: Option<&str>) -> Option<&'a str
 }
 
 fn ann_ms(pod: &Value, key: &str, default: u64) -> Duration {
-    Duration::from_millis(ann(pod, key, None).and_then(|v| v.parse().ok()).unwrap_or(default))
+    Duration::from_millis(
+        ann(pod, key, None)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
 }
 
 fn containers(pod: &Value) -> Vec<Value> {
-    pod["spec"]["containers"].as_array().cloned().unwrap_or_default()
+    pod["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn condition(type_: &str, status: bool, reason: Option<&str>) -> Value {
@@ -351,7 +482,10 @@ fn container_status(c: &Value, state: Value, ready: bool, restarts: i64, last: V
         "ready": ready, "restartCount": restarts, "started": started, "state": state, "lastState": last,
     });
     if !state["waiting"].is_object() {
-        s["containerID"] = json!(format!("kubesim://{}", &uuid::Uuid::new_v4().simple().to_string()));
+        s["containerID"] = json!(format!(
+            "kubesim://{}",
+            &uuid::Uuid::new_v4().simple().to_string()
+        ));
     }
     s
 }
@@ -368,7 +502,11 @@ enum Outcome {
 }
 
 fn outcome(pod: &Value) -> Outcome {
-    match ann(pod, "outcome", None).unwrap_or("").to_ascii_lowercase().as_str() {
+    match ann(pod, "outcome", None)
+        .unwrap_or("")
+        .to_ascii_lowercase()
+        .as_str()
+    {
         "oomkilled" | "oom" => Outcome::OomKilled,
         "deadlineexceeded" | "deadline" | "hang" => Outcome::Deadline,
         "errimagepull" | "imagepullbackoff" => Outcome::ImagePull,
@@ -382,11 +520,25 @@ fn finish_deletion(app: &App, ns: &str, name: &str, uid: &str) {
     if let Some(pod) = live(app, ns, name, uid) {
         for c in containers(&pod) {
             app.logs.finish(uid, c["name"].as_str().unwrap_or_default());
-            event(app, &pod, "Normal", "Killing", &format!("Stopping container {}", c["name"].as_str().unwrap_or_default()), "kubelet", None);
+            event(
+                app,
+                &pod,
+                "Normal",
+                "Killing",
+                &format!(
+                    "Stopping container {}",
+                    c["name"].as_str().unwrap_or_default()
+                ),
+                "kubelet",
+                None,
+            );
         }
         with_pod(app, ns, name, uid, true, "kubelet", |p| {
             let specs = containers(p);
-            let statuses = p["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
+            let statuses = p["status"]["containerStatuses"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             let new: Vec<Value> = specs
                 .iter()
                 .map(|c| {
@@ -403,32 +555,59 @@ fn finish_deletion(app: &App, ns: &str, name: &str, uid: &str) {
             }
         });
         let mut inner = app.lock();
-        let Some(rt) = inner.registry.find("", "v1", "pods").cloned() else { return };
+        let Some(rt) = inner.registry.find("", "v1", "pods").cloned() else {
+            return;
+        };
         let ctx = WriteCtx::internal("kubelet");
-        let _ = objects::delete(&mut inner, &rt, ns, name, &DeleteOpts { grace: Some(0), ..Default::default() }, &ctx);
+        let _ = objects::delete(
+            &mut inner,
+            &rt,
+            ns,
+            name,
+            &DeleteOpts {
+                grace: Some(0),
+                ..Default::default()
+            },
+            &ctx,
+        );
         app.wake_gc(&mut inner);
     }
+}
+
+/// A Warning event about a pod from the kubelet.
+pub fn warn_event(app: &App, pod: &Value, reason: &str, message: &str) {
+    event(app, pod, "Warning", reason, message, "kubelet", None);
+}
+
+/// Sleeps up to `d`; false when the pod is gone or its deletion was asked for.
+pub async fn wait_pod(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -> bool {
+    wait(app, ns, name, uid, d).await
 }
 
 /// Sleeps up to `d`; returns early with `false` when the pod is gone or its deletion was asked for.
 async fn wait(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -> bool {
     let end = tokio::time::Instant::now() + d;
     loop {
-        match live(app, ns, name, uid) {
-            None => return false,
-            Some(p) if !p["metadata"]["deletionTimestamp"].is_null() => return false,
-            _ => {}
+        // Looked at in place (no copy): many pods poll at once.
+        let running = app.lock().get("/pods", ns, name).is_some_and(|p| {
+            p["metadata"]["uid"] == uid && p["metadata"]["deletionTimestamp"].is_null()
+        });
+        if !running {
+            return false;
         }
         let now = tokio::time::Instant::now();
         if now >= end {
             return true;
         }
-        tokio::time::sleep((end - now).min(Duration::from_millis(20))).await;
+        tokio::time::sleep((end - now).min(Duration::from_millis(25))).await;
     }
 }
 
-async fn simulate(app: Arc<App>, ns: String, name: String, uid: String) {
-    let Some(pod) = live(&app, &ns, &name, &uid) else { return };
+/// A pod's life on the node; `exec` runs the containers for real instead of playing them.
+async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bool) {
+    let Some(pod) = live(&app, &ns, &name, &uid) else {
+        return;
+    };
     // The scheduler binds the pod.
     if pod["spec"]["nodeName"].as_str().is_none_or(str::is_empty) {
         let Some(pod) = with_pod(&app, &ns, &name, &uid, false, "kube-scheduler", |p| {
@@ -437,14 +616,29 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String) {
         }) else {
             return;
         };
-        event(&app, &pod, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {NODE}"), "default-scheduler", None);
+        event(
+            &app,
+            &pod,
+            "Normal",
+            "Scheduled",
+            &format!("Successfully assigned {ns}/{name} to {NODE}"),
+            "default-scheduler",
+            None,
+        );
     }
-    let Some(pod) = live(&app, &ns, &name, &uid) else { return };
-    let out = outcome(&pod);
+    let Some(pod) = live(&app, &ns, &name, &uid) else {
+        return;
+    };
+    let out = if exec { Outcome::Exit } else { outcome(&pod) };
     let specs = containers(&pod);
     let started_at = Utc::now();
-    let deadline = pod["spec"]["activeDeadlineSeconds"].as_i64().map(|s| Duration::from_secs(s.max(0) as u64));
-    let ip = format!("10.244.0.{}", 2 + (uid.as_bytes()[0] as u32 + uid.as_bytes()[1] as u32) % 250);
+    let deadline = pod["spec"]["activeDeadlineSeconds"]
+        .as_i64()
+        .map(|s| Duration::from_secs(s.max(0) as u64));
+    let ip = format!(
+        "10.244.0.{}",
+        2 + (uid.as_bytes()[0] as u32 + uid.as_bytes()[1] as u32) % 250
+    );
     with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
         p["status"]["hostIP"] = json!("127.0.0.1");
         p["status"]["hostIPs"] = json!([{"ip": "127.0.0.1"}]);
@@ -465,7 +659,18 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String) {
             p["status"]["initContainerStatuses"] = Value::Array(inits);
         }
         p["status"]["containerStatuses"] = Value::Array(
-            specs.iter().map(|c| container_status(c, json!({"waiting": {"reason": "ContainerCreating"}}), false, 0, json!({}))).collect(),
+            specs
+                .iter()
+                .map(|c| {
+                    container_status(
+                        c,
+                        json!({"waiting": {"reason": "ContainerCreating"}}),
+                        false,
+                        0,
+                        json!({}),
+                    )
+                })
+                .collect(),
         );
     });
     // A slow start stays in ContainerCreating (and counts against the deadline, as on a node).
@@ -477,90 +682,119 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String) {
     }
     let mut restarts = 0i64;
     loop {
-        let Some(pod) = live(&app, &ns, &name, &uid) else { return };
+        let Some(pod) = live(&app, &ns, &name, &uid) else {
+            return;
+        };
         for c in &specs {
             let cn = c["name"].as_str().unwrap_or_default();
-            event(&app, &pod, "Normal", "Pulled", &format!("Container image {:?} already present on machine", c["image"].as_str().unwrap_or_default()), "kubelet", Some(&format!("spec.containers{{{cn}}}")));
-            event(&app, &pod, "Normal", "Created", &format!("Created container: {cn}"), "kubelet", Some(&format!("spec.containers{{{cn}}}")));
-            event(&app, &pod, "Normal", "Started", &format!("Started container {cn}"), "kubelet", Some(&format!("spec.containers{{{cn}}}")));
+            event(
+                &app,
+                &pod,
+                "Normal",
+                "Pulled",
+                &format!(
+                    "Container image {:?} already present on machine",
+                    c["image"].as_str().unwrap_or_default()
+                ),
+                "kubelet",
+                Some(&format!("spec.containers{{{cn}}}")),
+            );
+            event(
+                &app,
+                &pod,
+                "Normal",
+                "Created",
+                &format!("Created container: {cn}"),
+                "kubelet",
+                Some(&format!("spec.containers{{{cn}}}")),
+            );
+            event(
+                &app,
+                &pod,
+                "Normal",
+                "Started",
+                &format!("Started container {cn}"),
+                "kubelet",
+                Some(&format!("spec.containers{{{cn}}}")),
+            );
         }
         let run_start = ts();
         with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
             p["status"]["phase"] = json!("Running");
-            let prev = p["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
+            let prev = p["status"]["containerStatuses"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             p["status"]["containerStatuses"] = Value::Array(
-                specs.iter().map(|c| {
-                    let last = prev.iter().find(|s| s["name"] == c["name"]).map(|s| s["lastState"].clone()).unwrap_or(json!({}));
-                    container_status(c, json!({"running": {"startedAt": run_start}}), true, restarts, last)
-                }).collect(),
+                specs
+                    .iter()
+                    .map(|c| {
+                        let last = prev
+                            .iter()
+                            .find(|s| s["name"] == c["name"])
+                            .map(|s| s["lastState"].clone())
+                            .unwrap_or(json!({}));
+                        container_status(
+                            c,
+                            json!({"running": {"startedAt": run_start}}),
+                            true,
+                            restarts,
+                            last,
+                        )
+                    })
+                    .collect(),
             );
             set_ready(p, true, None);
         });
-        for c in &specs {
-            let cn = c["name"].as_str().unwrap_or_default();
-            if let Some(text) = ann(&pod, "stdout", Some(cn)) {
-                app.logs.write(&uid, cn, text);
-            }
-        }
-        if out == Outcome::Vanish {
-            wait(&app, &ns, &name, &uid, ann_ms(&pod, "run-ms", 200)).await;
-            let mut inner = app.lock();
-            if live_in(&inner, &ns, &name, &uid) {
-                inner.remove("/pods", &ns, &name);
-                app.wake_gc(&mut inner);
-            }
-            return;
-        }
-        let run_for = if out == Outcome::Deadline { Duration::from_secs(u64::MAX / 4) } else { ann_ms(&pod, "run-ms", 200) };
-        let elapsed = (Utc::now() - started_at).to_std().unwrap_or_default();
-        let (run_for, by_deadline) = match deadline {
-            Some(d) if elapsed + run_for >= d => (d.saturating_sub(elapsed), true),
-            _ => (run_for, false),
+        let remaining = deadline
+            .map(|d| d.saturating_sub((Utc::now() - started_at).to_std().unwrap_or_default()));
+        let end = if exec {
+            crate::exec::run(&app, &pod, &specs, &run_start, remaining).await
+        } else {
+            simulate_run(&app, &pod, &specs, out, &run_start, remaining).await
         };
-        if !wait(&app, &ns, &name, &uid, run_for).await {
-            return finish_deletion(&app, &ns, &name, &uid);
-        }
-        let Some(pod) = live(&app, &ns, &name, &uid) else { return };
-        if by_deadline {
-            for c in &specs {
-                app.logs.finish(&uid, c["name"].as_str().unwrap_or_default());
+        let terminated = match end {
+            RunEnd::Deleted => return finish_deletion(&app, &ns, &name, &uid),
+            RunEnd::Vanished => return,
+            RunEnd::Exited(t) => t,
+            RunEnd::Deadline => {
+                let Some(pod) = live(&app, &ns, &name, &uid) else {
+                    return;
+                };
+                for c in &specs {
+                    app.logs
+                        .finish(&uid, c["name"].as_str().unwrap_or_default());
+                }
+                event(
+                    &app,
+                    &pod,
+                    "Normal",
+                    "DeadlineExceeded",
+                    "Pod was active on the node longer than the specified deadline",
+                    "kubelet",
+                    None,
+                );
+                with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
+                    p["status"]["phase"] = json!("Failed");
+                    p["status"]["reason"] = json!("DeadlineExceeded");
+                    p["status"]["message"] =
+                        json!("Pod was active on the node longer than the specified deadline");
+                    p["status"]["containerStatuses"] = Value::Array(specs.iter().map(|c| {
+                        container_status(c, json!({"terminated": {"exitCode": 137, "reason": "Error", "startedAt": run_start, "finishedAt": ts()}}), false, restarts, json!({}))
+                    }).collect());
+                    set_ready(p, false, Some("PodFailed"));
+                });
+                return wait_for_deletion(&app, &ns, &name, &uid).await;
             }
-            event(&app, &pod, "Normal", "DeadlineExceeded", "Pod was active on the node longer than the specified deadline", "kubelet", None);
-            with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
-                p["status"]["phase"] = json!("Failed");
-                p["status"]["reason"] = json!("DeadlineExceeded");
-                p["status"]["message"] = json!("Pod was active on the node longer than the specified deadline");
-                p["status"]["containerStatuses"] = Value::Array(specs.iter().map(|c| {
-                    container_status(c, json!({"terminated": {"exitCode": 137, "reason": "Error", "startedAt": run_start, "finishedAt": ts()}}), false, restarts, json!({}))
-                }).collect());
-                set_ready(p, false, Some("PodFailed"));
-            });
-            return wait_for_deletion(&app, &ns, &name, &uid).await;
-        }
-        // The containers end.
-        let mut all_zero = true;
-        let mut terminated = vec![];
-        for c in &specs {
-            let cn = c["name"].as_str().unwrap_or_default();
-            let (code, reason) = if out == Outcome::OomKilled {
-                (137, "OOMKilled")
-            } else {
-                let code: i64 = ann(&pod, "exit-code", Some(cn)).and_then(|v| v.parse().ok()).unwrap_or(0);
-                (code, if code == 0 { "Completed" } else { "Error" })
-            };
-            all_zero &= code == 0;
-            let mut term = json!({"exitCode": code, "reason": reason, "startedAt": run_start, "finishedAt": ts()});
-            // What the container wrote to terminationMessagePath, or its log's tail on error.
-            let message = ann(&pod, "termination-message", Some(cn)).map(String::from).or_else(|| {
-                (c["terminationMessagePolicy"] == "FallbackToLogsOnError" && code != 0).then(|| app.logs.tail(&uid, cn, 80, 2048)).filter(|m| !m.is_empty())
-            });
-            if let Some(m) = message {
-                term["message"] = json!(m.chars().take(4096).collect::<String>());
-            }
-            app.logs.finish(&uid, cn);
-            terminated.push(term);
-        }
-        let policy = pod["spec"]["restartPolicy"].as_str().unwrap_or("Always").to_string();
+        };
+        let Some(pod) = live(&app, &ns, &name, &uid) else {
+            return;
+        };
+        let all_zero = terminated.iter().all(|t| t["exitCode"] == 0);
+        let policy = pod["spec"]["restartPolicy"]
+            .as_str()
+            .unwrap_or("Always")
+            .to_string();
         let restart = policy == "Always" || (policy == "OnFailure" && !all_zero);
         if restart {
             restarts += 1;
@@ -575,28 +809,160 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String) {
                 }).collect());
                 set_ready(p, false, Some("ContainersNotReady"));
             });
-            if !wait(&app, &ns, &name, &uid, ann_ms(&pod, "restart-delay-ms", 1000)).await {
+            if !wait(
+                &app,
+                &ns,
+                &name,
+                &uid,
+                ann_ms(&pod, "restart-delay-ms", 1000),
+            )
+            .await
+            {
                 return finish_deletion(&app, &ns, &name, &uid);
             }
             continue;
         }
         with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
             p["status"]["phase"] = json!(if all_zero { "Succeeded" } else { "Failed" });
-            p["status"]["containerStatuses"] = Value::Array(specs.iter().zip(&terminated).map(|(c, t)| {
-                container_status(c, json!({"terminated": t}), false, restarts, json!({}))
-            }).collect());
-            set_ready(p, false, Some(if all_zero { "PodCompleted" } else { "PodFailed" }));
+            p["status"]["containerStatuses"] = Value::Array(
+                specs
+                    .iter()
+                    .zip(&terminated)
+                    .map(|(c, t)| {
+                        container_status(c, json!({"terminated": t}), false, restarts, json!({}))
+                    })
+                    .collect(),
+            );
+            set_ready(
+                p,
+                false,
+                Some(if all_zero {
+                    "PodCompleted"
+                } else {
+                    "PodFailed"
+                }),
+            );
         });
         return wait_for_deletion(&app, &ns, &name, &uid).await;
     }
 }
 
+/// How one run of a pod's containers ended.
+pub enum RunEnd {
+    /// Deletion was asked for while running.
+    Deleted,
+    /// The pod disappeared (a `vanish` simulation).
+    Vanished,
+    /// `activeDeadlineSeconds` ran out.
+    Deadline,
+    /// Every container exited: their `state.terminated`.
+    Exited(Vec<Value>),
+}
+
+/// One simulated run: the annotations say what the containers print, how long they run and how
+/// they end.
+async fn simulate_run(
+    app: &Arc<App>,
+    pod: &Value,
+    specs: &[Value],
+    out: Outcome,
+    run_start: &str,
+    remaining: Option<Duration>,
+) -> RunEnd {
+    let (ns, name, uid) = ids(pod);
+    for c in specs {
+        let cn = c["name"].as_str().unwrap_or_default();
+        if let Some(text) = ann(pod, "stdout", Some(cn)) {
+            app.logs.write(&uid, cn, text);
+        }
+    }
+    if out == Outcome::Vanish {
+        wait(app, &ns, &name, &uid, ann_ms(pod, "run-ms", 200)).await;
+        let mut inner = app.lock();
+        if live_in(&inner, &ns, &name, &uid) {
+            inner.remove("/pods", &ns, &name);
+            app.wake_gc(&mut inner);
+        }
+        return RunEnd::Vanished;
+    }
+    let run_for = if out == Outcome::Deadline {
+        Duration::from_secs(u64::MAX / 4)
+    } else {
+        ann_ms(pod, "run-ms", 200)
+    };
+    let (run_for, by_deadline) = match remaining {
+        Some(d) if run_for >= d => (d, true),
+        _ => (run_for, false),
+    };
+    if !wait(app, &ns, &name, &uid, run_for).await {
+        return RunEnd::Deleted;
+    }
+    if by_deadline {
+        return RunEnd::Deadline;
+    }
+    let mut terminated = vec![];
+    for c in specs {
+        let cn = c["name"].as_str().unwrap_or_default();
+        let (code, reason) = if out == Outcome::OomKilled {
+            (137, "OOMKilled")
+        } else {
+            let code: i64 = ann(pod, "exit-code", Some(cn))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            (code, if code == 0 { "Completed" } else { "Error" })
+        };
+        // What the container wrote to terminationMessagePath, or its log's tail on error.
+        let message = ann(pod, "termination-message", Some(cn)).map(String::from);
+        terminated.push(terminated_state(
+            app, &uid, c, code, reason, run_start, message,
+        ));
+    }
+    RunEnd::Exited(terminated)
+}
+
+/// `state.terminated` of a container that exited; marks its log complete.
+pub fn terminated_state(
+    app: &App,
+    uid: &str,
+    c: &Value,
+    code: i64,
+    reason: &str,
+    run_start: &str,
+    message: Option<String>,
+) -> Value {
+    let cn = c["name"].as_str().unwrap_or_default();
+    let mut term =
+        json!({"exitCode": code, "reason": reason, "startedAt": run_start, "finishedAt": ts()});
+    let message = message.filter(|m| !m.is_empty()).or_else(|| {
+        (c["terminationMessagePolicy"] == "FallbackToLogsOnError" && code != 0)
+            .then(|| app.logs.tail(uid, cn, 80, 2048))
+            .filter(|m| !m.is_empty())
+    });
+    if let Some(m) = message {
+        term["message"] = json!(m.chars().take(4096).collect::<String>());
+    }
+    app.logs.finish(uid, cn);
+    term
+}
+
+/// Namespace, name and uid of a pod.
+pub fn ids(pod: &Value) -> (String, String, String) {
+    let m = &pod["metadata"];
+    let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+    (s("namespace"), s("name"), s("uid"))
+}
+
 fn live_in(inner: &crate::store::Inner, ns: &str, name: &str, uid: &str) -> bool {
-    inner.get("/pods", ns, name).is_some_and(|p| p["metadata"]["uid"] == uid)
+    inner
+        .get("/pods", ns, name)
+        .is_some_and(|p| p["metadata"]["uid"] == uid)
 }
 
 fn set_ready(p: &mut Value, ready: bool, reason: Option<&str>) {
-    let conds = p["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    let conds = p["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let conds: Vec<Value> = conds
         .into_iter()
         .map(|c| {
@@ -617,8 +983,14 @@ fn set_ready(p: &mut Value, ready: bool, reason: Option<&str>) {
 async fn image_pull_failure(app: &Arc<App>, ns: &str, name: &str, uid: &str, specs: &[Value]) {
     let mut backoff = false;
     loop {
-        let Some(pod) = live(app, ns, name, uid) else { return };
-        let (reason, event_reason) = if backoff { ("ImagePullBackOff", "BackOff") } else { ("ErrImagePull", "Failed") };
+        let Some(pod) = live(app, ns, name, uid) else {
+            return;
+        };
+        let (reason, event_reason) = if backoff {
+            ("ImagePullBackOff", "BackOff")
+        } else {
+            ("ErrImagePull", "Failed")
+        };
         for c in specs {
             let image = c["image"].as_str().unwrap_or_default();
             let msg = if backoff {
@@ -627,7 +999,15 @@ async fn image_pull_failure(app: &Arc<App>, ns: &str, name: &str, uid: &str, spe
                 format!("Failed to pull image {image:?}: rpc error: code = NotFound desc = kubesim: image {image:?} is set to fail pulling")
             };
             let cn = c["name"].as_str().unwrap_or_default();
-            event(app, &pod, if backoff { "Normal" } else { "Warning" }, event_reason, &msg, "kubelet", Some(&format!("spec.containers{{{cn}}}")));
+            event(
+                app,
+                &pod,
+                if backoff { "Normal" } else { "Warning" },
+                event_reason,
+                &msg,
+                "kubelet",
+                Some(&format!("spec.containers{{{cn}}}")),
+            );
         }
         with_pod(app, ns, name, uid, true, "kubelet", |p| {
             p["status"]["containerStatuses"] = Value::Array(specs.iter().map(|c| {
@@ -637,7 +1017,15 @@ async fn image_pull_failure(app: &Arc<App>, ns: &str, name: &str, uid: &str, spe
             }).collect());
         });
         backoff = !backoff;
-        if !wait(app, ns, name, uid, Duration::from_millis(if backoff { 500 } else { 1500 })).await {
+        if !wait(
+            app,
+            ns,
+            name,
+            uid,
+            Duration::from_millis(if backoff { 500 } else { 1500 }),
+        )
+        .await
+        {
             return finish_deletion(app, ns, name, uid);
         }
     }

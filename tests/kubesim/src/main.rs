@@ -2,7 +2,7 @@
 //! AgentTask (and `kubectl --server`) can be exercised on a machine without a cluster.
 //!
 //! ```text
-//! agenttask-kubesim --addr 127.0.0.1:PORT [--kubelet simulate|none]
+//! agenttask-kubesim --addr 127.0.0.1:PORT [--kubelet simulate|exec|none]
 //! ```
 //! serves the REST API on plain HTTP, keeps everything in memory, and prints one line with its URL
 //! (`http://127.0.0.1:PORT`) once it accepts connections. Test support only: the service never
@@ -16,15 +16,18 @@
 //!   status subresource rules, finalizers and graceful pod deletion.
 //! - `store`: objects, the global resourceVersion and the bounded change log watches replay.
 //! - `registry`: the served kinds (built-in and CRD-defined) and their discovery documents.
+//! - `admission`: RuntimeClass and Pod Security admission for pods.
 //! - `schema`: CRD structural schemas (pruning, defaulting, validation), unknown-field detection
 //!   for built-ins, metadata validation.
+//! - `protobuf`: decoding the protobuf request bodies of client-go's typed clients.
 //! - `patch`: JSON merge patch, JSON patch, strategic merge patch.
 //! - `ssa`: managedFields and server-side apply.
 //! - `openapi`: the OpenAPI v3 surface kubectl checks for server-side field validation.
 //! - `table`: printer columns.
 //! - `selectors`: label and field selectors, the JSONPath of printer columns.
 //! - `gc`: garbage collector, namespace controller, CRD cleanup.
-//! - `kubelet`: scheduler, the `simulate` kubelet, container logs.
+//! - `kubelet`: scheduler, the pod lifecycle, the `simulate` kubelet, container logs.
+//! - `exec`: the `exec` kubelet: containers run for real under bubblewrap.
 //!
 //! # The simulated kubelet
 //! Every pod is bound to the node `kubesim-node`, then goes Pending (ContainerCreating) → Running
@@ -51,13 +54,16 @@
 //! `POST /kubesim/compact` forgets the change log, so re-watching from an older resourceVersion
 //! gets `410 Gone` (`Expired`), as after an etcd compaction.
 
+mod admission;
 mod api;
 mod errors;
+mod exec;
 mod gc;
 mod kubelet;
 mod objects;
 mod openapi;
 mod patch;
+mod protobuf;
 mod registry;
 mod schema;
 mod selectors;
@@ -81,7 +87,7 @@ use crate::store::Inner;
 enum KubeletMode {
     /// Plays every pod's life from its annotations.
     Simulate,
-    /// Runs containers for real under bubblewrap (not implemented in this version: refused).
+    /// Runs containers for real under bubblewrap as the user agenttask-sandbox.
     Exec,
     /// No node: pods stay Pending and unscheduled.
     None,
@@ -98,7 +104,7 @@ struct Args {
     #[arg(long, value_enum, default_value = "simulate")]
     kubelet: KubeletMode,
     /// How many changes watches can replay; older resourceVersions get 410 Gone.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 10_000)]
     watch_window: usize,
     /// Seconds between watch bookmarks (for watches that allow them).
     #[arg(long, default_value_t = 1.0)]
@@ -107,11 +113,10 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    if args.kubelet == KubeletMode::Exec {
-        eprintln!("agenttask-kubesim: --kubelet exec is not implemented in this version; use --kubelet simulate");
-        return std::process::ExitCode::from(2);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match rt.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -135,20 +140,23 @@ async fn run(args: Args) -> std::io::Result<()> {
     });
     seed(&app);
     tokio::spawn(gc::run(app.clone()));
-    if args.kubelet == KubeletMode::Simulate {
+    if args.kubelet != KubeletMode::None {
         kubelet::register_node(&app);
-        tokio::spawn(kubelet::run(app.clone()));
+        tokio::spawn(kubelet::run(app.clone(), args.kubelet == KubeletMode::Exec));
     }
     let router = axum::Router::new().fallback(api::handle).with_state(app);
     let mut out = std::io::stdout().lock();
     writeln!(out, "{url}")?;
     out.flush()?;
     drop(out);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown()).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown())
+        .await
 }
 
 async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -158,9 +166,21 @@ async fn shutdown() {
 /// The namespaces every cluster has.
 fn seed(app: &App) {
     let mut inner = app.lock();
-    let rt = inner.registry.find("", "v1", "namespaces").cloned().expect("namespaces are built in");
+    let rt = inner
+        .registry
+        .find("", "v1", "namespaces")
+        .cloned()
+        .expect("namespaces are built in");
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let mut ctx = WriteCtx::internal("kube-apiserver");
-        objects::create(&mut inner, &rt, "v1", "", json!({"metadata": {"name": ns}}), &mut ctx).expect("seed namespace");
+        objects::create(
+            &mut inner,
+            &rt,
+            "v1",
+            "",
+            json!({"metadata": {"name": ns}}),
+            &mut ctx,
+        )
+        .expect("seed namespace");
     }
 }

@@ -34,7 +34,13 @@ pub struct WriteCtx {
 
 impl WriteCtx {
     pub fn internal(manager: &str) -> Self {
-        WriteCtx { manager: manager.into(), validation: FieldValidation::Ignore, dry_run: false, internal: true, warnings: vec![] }
+        WriteCtx {
+            manager: manager.into(),
+            validation: FieldValidation::Ignore,
+            dry_run: false,
+            internal: true,
+            warnings: vec![],
+        }
     }
 }
 
@@ -49,6 +55,9 @@ pub fn new_uid() -> String {
 /// The object as served in `version` (custom resources are stored once and served in each version
 /// without conversion, as with `conversion.strategy: None`).
 pub fn present(mut obj: Value, rt: &ResourceType, version: &str) -> Value {
+    if rt.group == "events.k8s.io" {
+        obj = events_from_core(obj);
+    }
     if let Some(m) = obj.as_object_mut() {
         m.insert("apiVersion".into(), json!(rt.api_version(version)));
         m.insert("kind".into(), json!(rt.kind));
@@ -57,12 +66,19 @@ pub fn present(mut obj: Value, rt: &ResourceType, version: &str) -> Value {
 }
 
 fn shape<'a>(rt: &'a ResourceType, version: &str) -> (Option<&'a str>, Option<&'a Value>) {
-    let schema = rt.crd_version(version).map(|v| &v["schema"]["openAPIV3Schema"]);
+    let schema = rt
+        .crd_version(version)
+        .map(|v| &v["schema"]["openAPIV3Schema"]);
     (Some(rt.kind.as_str()), schema)
 }
 
 /// Checks (and for custom resources prunes and defaults) the fields of an incoming object.
-fn check_fields(rt: &ResourceType, version: &str, obj: &mut Value, ctx: &mut WriteCtx) -> ApiResult<Vec<Cause>> {
+fn check_fields(
+    rt: &ResourceType,
+    version: &str,
+    obj: &mut Value,
+    ctx: &mut WriteCtx,
+) -> ApiResult<Vec<Cause>> {
     let mut unknown = schema::unknown_meta_fields(obj);
     let mut causes = vec![];
     if let Some(s) = shape(rt, version).1 {
@@ -78,10 +94,18 @@ fn check_fields(rt: &ResourceType, version: &str, obj: &mut Value, ctx: &mut Wri
     }
     match ctx.validation {
         FieldValidation::Strict if !unknown.is_empty() => {
-            let list: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
-            return Err(ApiError::bad_request(format!("strict decoding error: {}", list.join(", "))));
+            let list: Vec<String> = unknown
+                .iter()
+                .map(|f| format!("unknown field {f:?}"))
+                .collect();
+            return Err(ApiError::bad_request(format!(
+                "strict decoding error: {}",
+                list.join(", ")
+            )));
         }
-        FieldValidation::Warn => ctx.warnings.extend(unknown.iter().map(|f| format!("unknown field {f:?}"))),
+        FieldValidation::Warn => ctx
+            .warnings
+            .extend(unknown.iter().map(|f| format!("unknown field {f:?}"))),
         _ => {}
     }
     Ok(causes)
@@ -97,7 +121,9 @@ fn drop_field(obj: &mut Value, path: &str) {
             Some((n, i)) => (n, i.trim_end_matches(']').parse::<usize>().ok()),
             None => (p, None),
         };
-        let Some(next) = cur.get_mut(name) else { return };
+        let Some(next) = cur.get_mut(name) else {
+            return;
+        };
         cur = match index {
             Some(i) => match next.get_mut(i) {
                 Some(v) => v,
@@ -111,14 +137,65 @@ fn drop_field(obj: &mut Value, path: &str) {
     }
 }
 
+/// `events.k8s.io/v1` field names and their core/v1 (storage) names.
+const EVENT_FIELDS: [(&str, &str); 6] = [
+    ("regarding", "involvedObject"),
+    ("note", "message"),
+    ("deprecatedSource", "source"),
+    ("deprecatedFirstTimestamp", "firstTimestamp"),
+    ("deprecatedLastTimestamp", "lastTimestamp"),
+    ("deprecatedCount", "count"),
+];
+
+fn rename(mut obj: Value, pairs: &[(&str, &str)], forward: bool) -> Value {
+    if let Some(m) = obj.as_object_mut() {
+        for (a, b) in pairs {
+            let (from, to) = if forward { (a, b) } else { (b, a) };
+            if let Some(v) = m.remove(*from) {
+                m.insert(to.to_string(), v);
+            }
+        }
+    }
+    obj
+}
+
+fn events_from_core(obj: Value) -> Value {
+    let mut pairs = EVENT_FIELDS.to_vec();
+    pairs.push(("reportingController", "reportingComponent"));
+    rename(obj, &pairs, false)
+}
+
+fn events_to_core(obj: Value) -> Value {
+    let mut pairs = EVENT_FIELDS.to_vec();
+    pairs.push(("reportingController", "reportingComponent"));
+    let mut o = rename(obj, &pairs, true);
+    o["apiVersion"] = json!("v1");
+    o
+}
+
+/// Checks apiVersion and kind, then brings the object to its storage form.
 fn check_type(rt: &ResourceType, version: &str, obj: &mut Value) -> ApiResult<()> {
+    check_type_only(rt, version, obj)?;
+    if rt.group == "events.k8s.io" {
+        *obj = events_to_core(std::mem::take(obj));
+    }
+    Ok(())
+}
+
+fn check_type_only(rt: &ResourceType, version: &str, obj: &mut Value) -> ApiResult<()> {
     if !obj.is_object() {
-        return Err(ApiError::bad_request("the body of the request must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the body of the request must be a JSON object",
+        ));
     }
     let want = rt.api_version(version);
     match obj["apiVersion"].as_str() {
         None | Some("") if !rt.is_custom() => obj["apiVersion"] = json!(want),
-        None | Some("") => return Err(ApiError::bad_request(format!("Object 'apiVersion' is missing in '{obj}'"))),
+        None | Some("") => {
+            return Err(ApiError::bad_request(format!(
+                "Object 'apiVersion' is missing in '{obj}'"
+            )))
+        }
         Some(v) if v != want => {
             return Err(ApiError::bad_request(format!(
                 "the API version in the data ({v}) does not match the expected API version ({want})"
@@ -128,9 +205,16 @@ fn check_type(rt: &ResourceType, version: &str, obj: &mut Value) -> ApiResult<()
     }
     match obj["kind"].as_str() {
         None | Some("") if !rt.is_custom() => obj["kind"] = json!(rt.kind),
-        None | Some("") => return Err(ApiError::bad_request(format!("Object 'Kind' is missing in '{obj}'"))),
+        None | Some("") => {
+            return Err(ApiError::bad_request(format!(
+                "Object 'Kind' is missing in '{obj}'"
+            )))
+        }
         Some(k) if k != rt.kind => {
-            return Err(ApiError::bad_request(format!("the kind in the data ({k}) does not match the expected kind ({})", rt.kind)))
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                rt.kind
+            )))
         }
         _ => {}
     }
@@ -144,7 +228,14 @@ fn check_type(rt: &ResourceType, version: &str, obj: &mut Value) -> ApiResult<()
     Ok(())
 }
 
-fn check_namespace(inner: &Inner, rt: &ResourceType, ns: &str, obj: &mut Value, name: &str, creating: bool) -> ApiResult<()> {
+fn check_namespace(
+    inner: &Inner,
+    rt: &ResourceType,
+    ns: &str,
+    obj: &mut Value,
+    name: &str,
+    creating: bool,
+) -> ApiResult<()> {
     if !rt.namespaced {
         if let Some(m) = obj["metadata"].as_object_mut() {
             m.remove("namespace");
@@ -152,9 +243,9 @@ fn check_namespace(inner: &Inner, rt: &ResourceType, ns: &str, obj: &mut Value, 
         return Ok(());
     }
     match obj["metadata"]["namespace"].as_str() {
-        Some(n) if !n.is_empty() && n != ns => {
-            return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"))
-        }
+        Some(n) if !n.is_empty() && n != ns => return Err(ApiError::bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request",
+        )),
         _ => obj["metadata"]["namespace"] = json!(ns),
     }
     if creating {
@@ -175,7 +266,10 @@ fn check_namespace(inner: &Inner, rt: &ResourceType, ns: &str, obj: &mut Value, 
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let bytes = uuid::Uuid::new_v4().into_bytes();
-    bytes[..5].iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+    bytes[..5]
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
 }
 
 /// Everything but metadata and status: what a change to bumps `generation`.
@@ -191,30 +285,60 @@ fn spec_part(obj: &Value) -> Value {
 }
 
 fn finalizers(obj: &Value) -> Vec<String> {
-    obj["metadata"]["finalizers"].as_array().into_iter().flatten().filter_map(|f| f.as_str().map(String::from)).collect()
+    obj["metadata"]["finalizers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect()
 }
 
 /// POST to a collection.
-pub fn create(inner: &mut Inner, rt: &ResourceType, version: &str, ns: &str, mut obj: Value, ctx: &mut WriteCtx) -> ApiResult<Value> {
+pub fn create(
+    inner: &mut Inner,
+    rt: &ResourceType,
+    version: &str,
+    ns: &str,
+    mut obj: Value,
+    ctx: &mut WriteCtx,
+) -> ApiResult<Value> {
     check_type(rt, version, &mut obj)?;
     if obj["metadata"]["name"].as_str().is_none_or(str::is_empty) {
         if let Some(g) = obj["metadata"]["generateName"].as_str() {
             obj["metadata"]["name"] = json!(format!("{g}{}", random_suffix()));
         }
     }
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     check_namespace(inner, rt, ns, &mut obj, &name, true)?;
     let mut causes = check_fields(rt, version, &mut obj, ctx)?;
     causes.extend(schema::validate_meta(&obj, rt.resource == "namespaces"));
     prepare_create(rt, &mut obj, ctx, &mut causes);
+    if rt.key() == "/pods" && !ctx.internal {
+        let warnings = crate::admission::admit_pod(inner, rt, ns, &mut obj)?;
+        ctx.warnings.extend(warnings);
+    }
     if !causes.is_empty() {
         return Err(ApiError::invalid(rt, &name, causes));
     }
-    if inner.get(&rt.key(), if rt.namespaced { ns } else { "" }, &name).is_some() {
+    if inner
+        .get(&rt.key(), if rt.namespaced { ns } else { "" }, &name)
+        .is_some()
+    {
         return Err(ApiError::already_exists(rt, &name));
     }
     let meta = obj["metadata"].as_object_mut().unwrap();
-    for k in ["uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"] {
+    for k in [
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "selfLink",
+    ] {
         meta.remove(k);
     }
     meta.insert("uid".into(), json!(new_uid()));
@@ -227,19 +351,41 @@ pub fn create(inner: &mut Inner, rt: &ResourceType, version: &str, ns: &str, mut
             m.remove("status");
         }
     }
-    if obj["metadata"]["managedFields"].as_array().is_none_or(|a| a.is_empty()) {
+    if obj["metadata"]["managedFields"]
+        .as_array()
+        .is_none_or(|a| a.is_empty())
+    {
         let (kind, schema) = shape(rt, version);
-        ssa::record_update(None, &mut obj, Shape { kind, schema }, &ctx.manager, &rt.api_version(version), None, &now());
+        ssa::record_update(
+            None,
+            &mut obj,
+            Shape { kind, schema },
+            &ctx.manager,
+            &rt.api_version(version),
+            None,
+            &now(),
+        );
     }
     store_new(inner, rt, ns, obj, ctx)
 }
 
 /// Stores a new object (used by create and by apply-creates).
-fn store_new(inner: &mut Inner, rt: &ResourceType, ns: &str, obj: Value, ctx: &WriteCtx) -> ApiResult<Value> {
+fn store_new(
+    inner: &mut Inner,
+    rt: &ResourceType,
+    ns: &str,
+    obj: Value,
+    ctx: &WriteCtx,
+) -> ApiResult<Value> {
     if ctx.dry_run {
         return Ok(obj);
     }
-    let stored = inner.put(&rt.key(), if rt.namespaced { ns } else { "" }, obj, EventType::Added);
+    let stored = inner.put(
+        &rt.key(),
+        if rt.namespaced { ns } else { "" },
+        obj,
+        EventType::Added,
+    );
     after_write(inner, rt, &stored);
     if !stored["metadata"]["ownerReferences"].is_null() {
         inner.gc_dirty = true;
@@ -264,9 +410,22 @@ fn prepare_create(rt: &ResourceType, obj: &mut Value, ctx: &WriteCtx, causes: &m
             }
         }
         ("apiextensions.k8s.io", "customresourcedefinitions") => validate_crd(obj, causes),
-        ("", "events") => {
-            if obj["involvedObject"].is_null() {
-                causes.push(Cause::required("involvedObject"));
+        ("", "events") if obj["involvedObject"].is_null() => {
+            causes.push(Cause::required("involvedObject"))
+        }
+        ("events.k8s.io", "events") => {
+            // Stored in the core form already: check the events.k8s.io/v1 required fields.
+            for (field, stored) in [
+                ("eventTime", "eventTime"),
+                ("reportingController", "reportingComponent"),
+                ("reportingInstance", "reportingInstance"),
+                ("action", "action"),
+                ("reason", "reason"),
+                ("regarding", "involvedObject"),
+            ] {
+                if obj[stored].is_null() || obj[stored] == "" {
+                    causes.push(Cause::required(field));
+                }
             }
         }
         _ => {}
@@ -276,13 +435,20 @@ fn prepare_create(rt: &ResourceType, obj: &mut Value, ctx: &WriteCtx, causes: &m
 fn normalize_secret(obj: &mut Value, causes: &mut Vec<Cause>) {
     if let Some(sd) = obj.as_object_mut().and_then(|m| m.remove("stringData")) {
         for (k, v) in sd.as_object().into_iter().flatten() {
-            let enc = base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
+            let enc =
+                base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
             obj["data"][k] = json!(enc);
         }
     }
     for (k, v) in obj["data"].as_object().into_iter().flatten() {
-        if v.as_str().is_none_or(|s| base64::engine::general_purpose::STANDARD.decode(s).is_err()) {
-            causes.push(Cause::invalid(format!("data[{k}]"), v, "must be base64 encoded"));
+        if v.as_str()
+            .is_none_or(|s| base64::engine::general_purpose::STANDARD.decode(s).is_err())
+        {
+            causes.push(Cause::invalid(
+                format!("data[{k}]"),
+                v,
+                "must be base64 encoded",
+            ));
         }
     }
 }
@@ -335,9 +501,16 @@ fn prepare_pod(obj: &mut Value, ctx: &WriteCtx, causes: &mut Vec<Cause>) {
             }
             if c["imagePullPolicy"].is_null() {
                 let image = c["image"].as_str().unwrap_or_default();
-                let tagged = image.rsplit('/').next().is_some_and(|last| last.contains(':') || last.contains('@'));
+                let tagged = image
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|last| last.contains(':') || last.contains('@'));
                 let latest = image.ends_with(":latest");
-                c["imagePullPolicy"] = json!(if !tagged || latest { "Always" } else { "IfNotPresent" });
+                c["imagePullPolicy"] = json!(if !tagged || latest {
+                    "Always"
+                } else {
+                    "IfNotPresent"
+                });
             }
             if c["resources"].is_null() {
                 c["resources"] = json!({});
@@ -360,7 +533,9 @@ fn prepare_pod(obj: &mut Value, ctx: &WriteCtx, causes: &mut Vec<Cause>) {
         }
     }
     // The ServiceAccount admission plugin mounts the API token unless told not to.
-    let automount = spec["automountServiceAccountToken"].as_bool().unwrap_or(true);
+    let automount = spec["automountServiceAccountToken"]
+        .as_bool()
+        .unwrap_or(true);
     if automount && !ctx.internal {
         let vol = format!("kube-api-access-{}", random_suffix());
         let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
@@ -402,25 +577,44 @@ fn validate_crd(obj: &Value, causes: &mut Vec<Cause>) {
     }
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
     if !group.is_empty() && !plural.is_empty() && name != format!("{plural}.{group}") {
-        causes.push(Cause::invalid("metadata.name", &json!(name), "must be spec.names.plural+\".\"+spec.group"));
+        causes.push(Cause::invalid(
+            "metadata.name",
+            &json!(name),
+            "must be spec.names.plural+\".\"+spec.group",
+        ));
     }
     match spec["scope"].as_str() {
         Some("Namespaced" | "Cluster") => {}
         _ => causes.push(Cause::new(
             "FieldValueNotSupported",
             "spec.scope",
-            format!("Unsupported value: {}: supported values: \"Cluster\", \"Namespaced\"", crate::errors::show(&spec["scope"])),
+            format!(
+                "Unsupported value: {}: supported values: \"Cluster\", \"Namespaced\"",
+                crate::errors::show(&spec["scope"])
+            ),
         )),
     }
     let versions = spec["versions"].as_array().cloned().unwrap_or_default();
     if versions.is_empty() {
-        causes.push(Cause::invalid("spec.versions", &json!(null), "must have exactly one version marked as storage version"));
+        causes.push(Cause::invalid(
+            "spec.versions",
+            &json!(null),
+            "must have exactly one version marked as storage version",
+        ));
     } else if versions.iter().filter(|v| v["storage"] == true).count() != 1 {
-        causes.push(Cause::invalid("spec.versions", &spec["versions"], "must have exactly one version marked as storage version"));
+        causes.push(Cause::invalid(
+            "spec.versions",
+            &spec["versions"],
+            "must have exactly one version marked as storage version",
+        ));
     }
     for (i, v) in versions.iter().enumerate() {
         if !v["schema"]["openAPIV3Schema"].is_object() {
-            causes.push(Cause::new("FieldValueRequired", format!("spec.versions[{i}].schema.openAPIV3Schema"), "Required value: schemas are required"));
+            causes.push(Cause::new(
+                "FieldValueRequired",
+                format!("spec.versions[{i}].schema.openAPIV3Schema"),
+                "Required value: schemas are required",
+            ));
         }
     }
 }
@@ -429,12 +623,21 @@ fn validate_crd(obj: &Value, causes: &mut Vec<Cause>) {
 fn after_write(inner: &mut Inner, rt: &ResourceType, stored: &Value) {
     if rt.key() == "apiextensions.k8s.io/customresourcedefinitions" {
         inner.registry.apply_crd(stored);
-        if stored["status"]["conditions"].as_array().is_none_or(|c| !c.iter().any(|c| c["type"] == "Established")) && stored["metadata"]["deletionTimestamp"].is_null() {
+        if stored["status"]["conditions"]
+            .as_array()
+            .is_none_or(|c| !c.iter().any(|c| c["type"] == "Established"))
+            && stored["metadata"]["deletionTimestamp"].is_null()
+        {
             // What the apiextensions controllers do right after a CRD is stored.
             let mut crd = stored.clone();
             let t = now();
-            let storage: Vec<Value> =
-                crd["spec"]["versions"].as_array().into_iter().flatten().filter(|v| v["storage"] == true).map(|v| v["name"].clone()).collect();
+            let storage: Vec<Value> = crd["spec"]["versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| v["storage"] == true)
+                .map(|v| v["name"].clone())
+                .collect();
             crd["status"] = json!({
                 "acceptedNames": crd["spec"]["names"],
                 "conditions": [
@@ -443,19 +646,36 @@ fn after_write(inner: &mut Inner, rt: &ResourceType, stored: &Value) {
                 ],
                 "storedVersions": storage,
             });
-            if finalizers(&crd).iter().all(|f| f != "customresourcecleanup.apiextensions.k8s.io") {
+            if finalizers(&crd)
+                .iter()
+                .all(|f| f != "customresourcecleanup.apiextensions.k8s.io")
+            {
                 let mut f = finalizers(&crd);
                 f.push("customresourcecleanup.apiextensions.k8s.io".into());
                 crd["metadata"]["finalizers"] = json!(f);
             }
-            let shape = Shape { kind: Some("CustomResourceDefinition"), schema: None };
-            ssa::record_update(Some(stored), &mut crd, shape, "kube-apiserver", "apiextensions.k8s.io/v1", Some("status"), &t);
+            let shape = Shape {
+                kind: Some("CustomResourceDefinition"),
+                schema: None,
+            };
+            ssa::record_update(
+                Some(stored),
+                &mut crd,
+                shape,
+                "kube-apiserver",
+                "apiextensions.k8s.io/v1",
+                Some("status"),
+                &t,
+            );
             let crd = inner.put(&rt.key(), "", crd, EventType::Modified);
             inner.registry.apply_crd(&crd);
         }
     }
     if rt.key() == "/namespaces" && stored["metadata"]["deletionTimestamp"].is_null() {
-        let ns = stored["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let ns = stored["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         seed_namespace(inner, &ns);
     }
 }
@@ -497,19 +717,27 @@ pub fn update(
     check_type(rt, version, &mut obj)?;
     match obj["metadata"]["name"].as_str() {
         Some(n) if n != name => {
-            return Err(ApiError::bad_request(format!("the name of the object ({n}) does not match the name on the URL ({name})")))
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({name})"
+            )))
         }
         None | Some("") => obj["metadata"]["name"] = json!(name),
         _ => {}
     }
     check_namespace(inner, rt, ns, &mut obj, name, false)?;
     match obj["metadata"]["resourceVersion"].as_str() {
-        Some(rv) if !rv.is_empty() && rv != old["metadata"]["resourceVersion"] => return Err(ApiError::stale(rt, name)),
+        Some(rv) if !rv.is_empty() && rv != old["metadata"]["resourceVersion"] => {
+            return Err(ApiError::stale(rt, name))
+        }
         None | Some("") if !rt.unconditional_update && !ctx.internal => {
             return Err(ApiError::invalid(
                 rt,
                 name,
-                vec![Cause::invalid("metadata.resourceVersion", &json!(0), "must be specified for an update")],
+                vec![Cause::invalid(
+                    "metadata.resourceVersion",
+                    &json!(0),
+                    "must be specified for an update",
+                )],
             ))
         }
         _ => {}
@@ -520,7 +748,8 @@ pub fn update(
         let mut new = old.clone();
         new["status"] = obj["status"].clone();
         if rt.is_custom() {
-            let out = schema::process_custom(shape(rt, version).1.unwrap_or(&Value::Null), &mut new);
+            let out =
+                schema::process_custom(shape(rt, version).1.unwrap_or(&Value::Null), &mut new);
             causes = out.causes;
         }
         if let Some(m) = obj["metadata"].get("managedFields") {
@@ -549,7 +778,13 @@ pub fn update(
         return Err(ApiError::invalid(rt, name, causes));
     }
     // Metadata the client cannot change.
-    for k in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+    for k in [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "generation",
+    ] {
         match old["metadata"].get(k) {
             Some(v) => obj["metadata"][k] = v.clone(),
             None => {
@@ -560,7 +795,10 @@ pub fn update(
     obj["metadata"].as_object_mut().unwrap().remove("selfLink");
     if !old["metadata"]["deletionTimestamp"].is_null() {
         let before = finalizers(&old);
-        let added: Vec<String> = finalizers(&obj).into_iter().filter(|f| !before.contains(f)).collect();
+        let added: Vec<String> = finalizers(&obj)
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .collect();
         if !added.is_empty() && !ctx.internal {
             return Err(ApiError::invalid(
                 rt,
@@ -575,20 +813,37 @@ pub fn update(
     }
     if !managed {
         normalize_managed_times(&mut obj);
-        let client_set = obj["metadata"].get("managedFields").filter(|m| **m != old["metadata"]["managedFields"]).cloned();
+        let client_set = obj["metadata"]
+            .get("managedFields")
+            .filter(|m| **m != old["metadata"]["managedFields"])
+            .cloned();
         match client_set {
             // A client that sets managedFields replaces them (an empty list clears them).
             Some(m) if m.as_array().is_some_and(|a| a.is_empty()) => {
-                obj["metadata"].as_object_mut().unwrap().remove("managedFields");
+                obj["metadata"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("managedFields");
             }
             Some(_) => {}
             None => {
                 obj["metadata"]["managedFields"] = old["metadata"]["managedFields"].clone();
                 if obj["metadata"]["managedFields"].is_null() {
-                    obj["metadata"].as_object_mut().unwrap().remove("managedFields");
+                    obj["metadata"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("managedFields");
                 }
                 let (kind, schema) = shape(rt, version);
-                ssa::record_update(Some(&old), &mut obj, Shape { kind, schema }, &ctx.manager, &rt.api_version(version), sub, &now());
+                ssa::record_update(
+                    Some(&old),
+                    &mut obj,
+                    Shape { kind, schema },
+                    &ctx.manager,
+                    &rt.api_version(version),
+                    sub,
+                    &now(),
+                );
             }
         }
     }
@@ -598,15 +853,30 @@ pub fn update(
 /// Times in client-sent managedFields as the server writes them (RFC 3339, seconds, `Z`), so a
 /// client that re-sends what it read (in any RFC 3339 spelling) changes nothing.
 fn normalize_managed_times(obj: &mut Value) {
-    for e in obj["metadata"]["managedFields"].as_array_mut().into_iter().flatten() {
-        if let Some(t) = e["time"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) {
-            e["time"] = json!(t.with_timezone(&Utc).to_rfc3339_opts(SecondsFormat::Secs, true));
+    for e in obj["metadata"]["managedFields"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        if let Some(t) = e["time"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        {
+            e["time"] = json!(t
+                .with_timezone(&Utc)
+                .to_rfc3339_opts(SecondsFormat::Secs, true));
         }
     }
 }
 
 /// The rules of `ValidateUpdate` the emulator keeps: immutable pod specs and immutable ConfigMaps/Secrets.
-fn validate_update(rt: &ResourceType, old: &Value, new: &Value, ctx: &WriteCtx, causes: &mut Vec<Cause>) {
+fn validate_update(
+    rt: &ResourceType,
+    old: &Value,
+    new: &Value,
+    ctx: &WriteCtx,
+    causes: &mut Vec<Cause>,
+) {
     match (rt.group.as_str(), rt.resource.as_str()) {
         ("", "pods") if !ctx.internal => {
             let strip = |o: &Value| {
@@ -616,7 +886,12 @@ fn validate_update(rt: &ResourceType, old: &Value, new: &Value, ctx: &WriteCtx, 
                         c["image"] = Value::Null;
                     }
                 }
-                for k in ["activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds", "schedulingGates"] {
+                for k in [
+                    "activeDeadlineSeconds",
+                    "tolerations",
+                    "terminationGracePeriodSeconds",
+                    "schedulingGates",
+                ] {
                     if let Some(m) = s.as_object_mut() {
                         m.remove(k);
                     }
@@ -633,18 +908,32 @@ fn validate_update(rt: &ResourceType, old: &Value, new: &Value, ctx: &WriteCtx, 
         ("", "configmaps" | "secrets") if old["immutable"] == true => {
             for f in ["data", "binaryData"] {
                 if old[f] != new[f] {
-                    causes.push(Cause::forbidden(f, "field is immutable when `immutable` is set"));
+                    causes.push(Cause::forbidden(
+                        f,
+                        "field is immutable when `immutable` is set",
+                    ));
                 }
             }
             if new["immutable"] != true {
-                causes.push(Cause::forbidden("immutable", "field is immutable when `immutable` is set"));
+                causes.push(Cause::forbidden(
+                    "immutable",
+                    "field is immutable when `immutable` is set",
+                ));
             }
         }
         _ => {}
     }
 }
 
-fn store_update(inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, old: Value, mut obj: Value, ctx: &WriteCtx) -> ApiResult<Value> {
+fn store_update(
+    inner: &mut Inner,
+    rt: &ResourceType,
+    ns: &str,
+    name: &str,
+    old: Value,
+    mut obj: Value,
+    ctx: &WriteCtx,
+) -> ApiResult<Value> {
     obj["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
     if obj == old {
         // A no-op write changes nothing, not even the resourceVersion.
@@ -654,9 +943,15 @@ fn store_update(inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, old:
         return Ok(obj);
     }
     let deleting = !obj["metadata"]["deletionTimestamp"].is_null();
-    let grace_left = rt.resource == "pods" && obj["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) > 0;
+    let grace_left = rt.resource == "pods"
+        && obj["metadata"]["deletionGracePeriodSeconds"]
+            .as_i64()
+            .unwrap_or(0)
+            > 0;
     if deleting && finalizers(&obj).is_empty() && !grace_left && rt.resource != "namespaces" {
-        inner.objects.insert((rt.key(), ns.to_string(), name.to_string()), obj);
+        inner
+            .objects
+            .insert((rt.key(), ns.to_string(), name.to_string()), obj);
         let removed = inner.remove(&rt.key(), ns, name).unwrap();
         after_remove(inner, rt, &removed);
         return Ok(removed);
@@ -671,7 +966,9 @@ fn store_update(inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, old:
 
 fn after_remove(inner: &mut Inner, rt: &ResourceType, removed: &Value) {
     if rt.key() == "apiextensions.k8s.io/customresourcedefinitions" {
-        inner.registry.remove_crd(removed["metadata"]["name"].as_str().unwrap_or_default());
+        inner
+            .registry
+            .remove_crd(removed["metadata"]["name"].as_str().unwrap_or_default());
     }
 }
 
@@ -692,19 +989,37 @@ pub enum Deleted {
 }
 
 /// DELETE of one object.
-pub fn delete(inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, opts: &DeleteOpts, ctx: &WriteCtx) -> ApiResult<Deleted> {
+pub fn delete(
+    inner: &mut Inner,
+    rt: &ResourceType,
+    ns: &str,
+    name: &str,
+    opts: &DeleteOpts,
+    ctx: &WriteCtx,
+) -> ApiResult<Deleted> {
     let ns = if rt.namespaced { ns } else { "" };
     let Some(old) = inner.get(&rt.key(), ns, name).cloned() else {
         return Err(ApiError::not_found(rt, name));
     };
-    let uid = old["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+    let uid = old["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     if let Some(u) = &opts.uid {
         if *u != uid {
-            return Err(ApiError::conflict(rt, name, &format!("Precondition failed: UID in precondition: {u}, UID in object meta: {uid}")));
+            return Err(ApiError::conflict(
+                rt,
+                name,
+                &format!(
+                    "Precondition failed: UID in precondition: {u}, UID in object meta: {uid}"
+                ),
+            ));
         }
     }
     if let Some(rv) = &opts.resource_version {
-        let cur = old["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+        let cur = old["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default();
         if rv != cur {
             return Err(ApiError::conflict(
                 rt,
@@ -714,7 +1029,9 @@ pub fn delete(inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, opts: 
         }
     }
     if rt.resource == "namespaces" && ["default", "kube-system", "kube-public"].contains(&name) {
-        return Err(ApiError::forbidden(format!("namespaces {name:?} is forbidden: this namespace may not be deleted")));
+        return Err(ApiError::forbidden(format!(
+            "namespaces {name:?} is forbidden: this namespace may not be deleted"
+        )));
     }
     let mut obj = old.clone();
     let mut fins = finalizers(&obj);
@@ -743,14 +1060,29 @@ pub fn delete(inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, opts: 
     if !fins.is_empty() || !obj["metadata"]["finalizers"].is_null() {
         obj["metadata"]["finalizers"] = json!(fins);
         if fins.is_empty() {
-            obj["metadata"].as_object_mut().unwrap().remove("finalizers");
+            obj["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("finalizers");
         }
     }
     let pod_grace = if rt.resource == "pods" {
-        let bound = obj["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
-        let terminal = matches!(obj["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
-        let g = opts.grace.or(obj["spec"]["terminationGracePeriodSeconds"].as_i64()).unwrap_or(30);
-        if bound && !terminal { g.max(0) } else { 0 }
+        let bound = obj["spec"]["nodeName"]
+            .as_str()
+            .is_some_and(|n| !n.is_empty());
+        let terminal = matches!(
+            obj["status"]["phase"].as_str(),
+            Some("Succeeded" | "Failed")
+        );
+        let g = opts
+            .grace
+            .or(obj["spec"]["terminationGracePeriodSeconds"].as_i64())
+            .unwrap_or(30);
+        if bound && !terminal {
+            g.max(0)
+        } else {
+            0
+        }
     } else {
         0
     };
@@ -761,19 +1093,29 @@ pub fn delete(inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, opts: 
             obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
             obj["status"]["phase"] = json!("Terminating");
         }
-        let stored = if obj != old && !ctx.dry_run { inner.put(&rt.key(), ns, obj, EventType::Modified) } else { obj };
+        let stored = if obj != old && !ctx.dry_run {
+            inner.put(&rt.key(), ns, obj, EventType::Modified)
+        } else {
+            obj
+        };
         inner.gc_dirty = true;
         return Ok(Deleted::Object(stored));
     }
     if !fins.is_empty() || pod_grace > 0 {
         if !already {
             let at = Utc::now() + chrono::Duration::seconds(pod_grace);
-            obj["metadata"]["deletionTimestamp"] = json!(at.to_rfc3339_opts(SecondsFormat::Secs, true));
+            obj["metadata"]["deletionTimestamp"] =
+                json!(at.to_rfc3339_opts(SecondsFormat::Secs, true));
             obj["metadata"]["deletionGracePeriodSeconds"] = json!(pod_grace);
             if let Some(g) = old["metadata"]["generation"].as_i64() {
                 obj["metadata"]["generation"] = json!(g + 1);
             }
-        } else if rt.resource == "pods" && pod_grace < obj["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) {
+        } else if rt.resource == "pods"
+            && pod_grace
+                < obj["metadata"]["deletionGracePeriodSeconds"]
+                    .as_i64()
+                    .unwrap_or(0)
+        {
             obj["metadata"]["deletionGracePeriodSeconds"] = json!(pod_grace);
         }
         if ctx.dry_run || obj == old {
@@ -787,7 +1129,9 @@ pub fn delete(inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, opts: 
         return Ok(Deleted::Object(obj));
     }
     if obj != old {
-        inner.objects.insert((rt.key(), ns.to_string(), name.to_string()), obj);
+        inner
+            .objects
+            .insert((rt.key(), ns.to_string(), name.to_string()), obj);
     }
     let removed = inner.remove(&rt.key(), ns, name).unwrap();
     after_remove(inner, rt, &removed);
@@ -802,6 +1146,7 @@ pub fn delete(inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, opts: 
 }
 
 /// Server-side apply: creates or updates, recording `ctx.manager` as an `Apply` manager.
+#[allow(clippy::too_many_arguments)]
 pub fn apply(
     inner: &mut Inner,
     rt: &ResourceType,
@@ -816,7 +1161,9 @@ pub fn apply(
     check_type(rt, version, &mut applied)?;
     match applied["metadata"]["name"].as_str() {
         Some(n) if n != name => {
-            return Err(ApiError::bad_request(format!("the name of the object ({n}) does not match the name on the URL ({name})")))
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({name})"
+            )))
         }
         _ => applied["metadata"]["name"] = json!(name),
     }
@@ -828,7 +1175,11 @@ pub fn apply(
     if ctx.validation == FieldValidation::Strict {
         // Apply builds a typed object from the configuration first: undeclared fields fail there.
         let mut probe = applied.clone();
-        let mut scratch = WriteCtx { validation: FieldValidation::Warn, warnings: vec![], ..ctx.clone() };
+        let mut scratch = WriteCtx {
+            validation: FieldValidation::Warn,
+            warnings: vec![],
+            ..ctx.clone()
+        };
         check_fields(rt, version, &mut probe, &mut scratch)?;
         if let Some(first) = scratch.warnings.first() {
             let field = first.trim_start_matches("unknown field ").trim_matches('"');
@@ -842,8 +1193,15 @@ pub fn apply(
     }
     let key_ns = if rt.namespaced { ns } else { "" };
     let live = inner.get(&rt.key(), key_ns, name).cloned();
+    if live.is_none() && sub.is_some() {
+        // A subresource of an object that does not exist.
+        return Err(ApiError::not_found(rt, name));
+    }
     if let Some(rv) = applied["metadata"]["resourceVersion"].as_str() {
-        if live.as_ref().is_none_or(|l| l["metadata"]["resourceVersion"] != rv) {
+        if live
+            .as_ref()
+            .is_none_or(|l| l["metadata"]["resourceVersion"] != rv)
+        {
             return Err(ApiError::stale(rt, name));
         }
     }
@@ -870,16 +1228,30 @@ pub fn apply(
         None => {
             let mut obj = merged;
             let managed = obj["metadata"]["managedFields"].clone();
-            obj["metadata"].as_object_mut().unwrap().remove("managedFields");
+            obj["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("managedFields");
             let mut created = create_with_managed(inner, rt, version, ns, obj, managed, ctx)?;
             created = present(created, rt, version);
             Ok((created, true))
         }
-        Some(_) => Ok((update(inner, rt, version, ns, name, merged, sub, ctx, true)?, false)),
+        Some(_) => Ok((
+            update(inner, rt, version, ns, name, merged, sub, ctx, true)?,
+            false,
+        )),
     }
 }
 
-fn create_with_managed(inner: &mut Inner, rt: &ResourceType, version: &str, ns: &str, obj: Value, managed: Value, ctx: &mut WriteCtx) -> ApiResult<Value> {
+fn create_with_managed(
+    inner: &mut Inner,
+    rt: &ResourceType,
+    version: &str,
+    ns: &str,
+    obj: Value,
+    managed: Value,
+    ctx: &mut WriteCtx,
+) -> ApiResult<Value> {
     let mut obj = obj;
     obj["metadata"]["managedFields"] = managed;
     create(inner, rt, version, ns, obj, ctx)

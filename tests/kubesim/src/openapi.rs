@@ -9,10 +9,16 @@ use crate::registry::Registry;
 /// `/openapi/v3`: the group versions and where their documents are.
 pub fn root(reg: &Registry, hash: u64) -> Value {
     let mut paths = Map::new();
-    paths.insert("api/v1".into(), json!({"serverRelativeURL": format!("/openapi/v3/api/v1?hash={hash:016X}")}));
+    paths.insert(
+        "api/v1".into(),
+        json!({"serverRelativeURL": format!("/openapi/v3/api/v1?hash={hash:016X}")}),
+    );
     for (g, vs) in reg.groups() {
         for v in vs {
-            paths.insert(format!("apis/{g}/{v}"), json!({"serverRelativeURL": format!("/openapi/v3/apis/{g}/{v}?hash={hash:016X}")}));
+            paths.insert(
+                format!("apis/{g}/{v}"),
+                json!({"serverRelativeURL": format!("/openapi/v3/apis/{g}/{v}?hash={hash:016X}")}),
+            );
         }
     }
     json!({"paths": paths})
@@ -21,14 +27,22 @@ pub fn root(reg: &Registry, hash: u64) -> Value {
 /// `/openapi/v3/api/v1`, `/openapi/v3/apis/<group>/<version>`.
 pub fn group_version(reg: &Registry, group: &str, version: &str) -> Option<Value> {
     let mut paths = Map::new();
-    let prefix = if group.is_empty() { "/api/v1".to_string() } else { format!("/apis/{group}/{version}") };
+    let prefix = if group.is_empty() {
+        "/api/v1".to_string()
+    } else {
+        format!("/apis/{group}/{version}")
+    };
     let params = json!([
         {"name": "fieldValidation", "in": "query", "description": "fieldValidation instructs the server on how to handle objects in the request containing unknown or duplicate fields.", "schema": {"type": "string", "uniqueItems": true}},
         {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
         {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
         {"name": "force", "in": "query", "schema": {"type": "boolean", "uniqueItems": true}},
     ]);
-    for t in reg.types.iter().filter(|t| t.group == group && t.versions.iter().any(|v| v == version)) {
+    for t in reg
+        .types
+        .iter()
+        .filter(|t| t.group == group && t.versions.iter().any(|v| v == version))
+    {
         let path = if t.namespaced {
             format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", t.resource)
         } else {

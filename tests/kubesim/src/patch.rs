@@ -14,8 +14,14 @@ pub fn merge_key(kind: Option<&str>, field: &str) -> Option<&'static str> {
         return None;
     }
     Some(match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes" | "imagePullSecrets"
-        | "resourceClaims" | "readinessGates" => {
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+        | "resourceClaims"
+        | "readinessGates" => {
             if field == "readinessGates" {
                 "conditionType"
             } else {
@@ -56,16 +62,26 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// Applies an RFC 6902 JSON patch; the error is the message the apiserver would give.
 pub fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
-    let ops = ops.as_array().ok_or("json patch must be an array of operations")?;
+    let ops = ops
+        .as_array()
+        .ok_or("json patch must be an array of operations")?;
     for op in ops {
-        let path = op["path"].as_str().ok_or("missing path in json patch operation")?;
+        let path = op["path"]
+            .as_str()
+            .ok_or("missing path in json patch operation")?;
         match op["op"].as_str().unwrap_or_default() {
-            "add" => add(target, path, op.get("value").ok_or("missing value")?.clone())?,
+            "add" => add(
+                target,
+                path,
+                op.get("value").ok_or("missing value")?.clone(),
+            )?,
             "remove" => {
                 remove(target, path)?;
             }
             "replace" => {
-                let slot = pointer_mut(target, path).ok_or_else(|| format!("replace operation does not apply: doc is missing key: {path}"))?;
+                let slot = pointer_mut(target, path).ok_or_else(|| {
+                    format!("replace operation does not apply: doc is missing key: {path}")
+                })?;
                 *slot = op.get("value").ok_or("missing value")?.clone();
             }
             "move" => {
@@ -75,12 +91,18 @@ pub fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
             }
             "copy" => {
                 let from = op["from"].as_str().ok_or("missing from")?;
-                let v = target.pointer(from).ok_or_else(|| format!("copy operation does not apply: doc is missing from path: {from}"))?.clone();
+                let v = target
+                    .pointer(from)
+                    .ok_or_else(|| {
+                        format!("copy operation does not apply: doc is missing from path: {from}")
+                    })?
+                    .clone();
                 add(target, path, v)?;
             }
             "test" => {
-                let got = target.pointer(path);
-                if got != op.get("value") {
+                // A missing member tests equal to null (as kube-apiserver's JSON patch does).
+                let got = target.pointer(path).unwrap_or(&Value::Null);
+                if Some(got) != op.get("value") {
                     return Err(format!("testing value {path} failed: test failed"));
                 }
             }
@@ -102,7 +124,9 @@ fn pointer_mut<'a>(target: &'a mut Value, path: &str) -> Option<&'a mut Value> {
 }
 
 fn split(path: &str) -> Result<(&str, String), String> {
-    let i = path.rfind('/').ok_or_else(|| format!("invalid path {path:?}"))?;
+    let i = path
+        .rfind('/')
+        .ok_or_else(|| format!("invalid path {path:?}"))?;
     Ok((&path[..i], unescape(&path[i + 1..])))
 }
 
@@ -112,7 +136,8 @@ fn add(target: &mut Value, path: &str, v: Value) -> Result<(), String> {
         return Ok(());
     }
     let (parent, last) = split(path)?;
-    let p = pointer_mut(target, parent).ok_or_else(|| format!("add operation does not apply: doc is missing path: {path:?}"))?;
+    let p = pointer_mut(target, parent)
+        .ok_or_else(|| format!("add operation does not apply: doc is missing path: {path:?}"))?;
     match p {
         Value::Object(m) => {
             m.insert(last, v);
@@ -121,14 +146,22 @@ fn add(target: &mut Value, path: &str, v: Value) -> Result<(), String> {
             if last == "-" {
                 a.push(v);
             } else {
-                let i: usize = last.parse().map_err(|_| format!("invalid array index {last:?}"))?;
+                let i: usize = last
+                    .parse()
+                    .map_err(|_| format!("invalid array index {last:?}"))?;
                 if i > a.len() {
-                    return Err(format!("add operation does not apply: index {i} out of bounds"));
+                    return Err(format!(
+                        "add operation does not apply: index {i} out of bounds"
+                    ));
                 }
                 a.insert(i, v);
             }
         }
-        _ => return Err(format!("add operation does not apply: doc is missing path: {path:?}")),
+        _ => {
+            return Err(format!(
+                "add operation does not apply: doc is missing path: {path:?}"
+            ))
+        }
     }
     Ok(())
 }
@@ -165,7 +198,10 @@ fn strip_directives(v: &Value) -> Value {
                 .collect(),
         ),
         Value::Array(a) => Value::Array(
-            a.iter().filter(|x| x.get("$patch").is_none() || x.as_object().is_some_and(|o| o.len() > 1)).map(strip_directives).collect(),
+            a.iter()
+                .filter(|x| x.get("$patch").is_none() || x.as_object().is_some_and(|o| o.len() > 1))
+                .map(strip_directives)
+                .collect(),
         ),
         other => other.clone(),
     }
@@ -211,8 +247,15 @@ fn smp(target: &mut Value, patch: &Value, kind: Option<&str>) {
         match (t.get_mut(k), v) {
             (Some(cur @ Value::Object(_)), Value::Object(_)) => smp(cur, v, kind),
             (Some(Value::Array(cur)), Value::Array(items)) => {
-                if items.iter().any(|i| i.get("$patch").and_then(|d| d.as_str()) == Some("replace")) {
-                    *cur = items.iter().filter(|i| i.get("$patch").is_none()).map(strip_directives).collect();
+                if items
+                    .iter()
+                    .any(|i| i.get("$patch").and_then(|d| d.as_str()) == Some("replace"))
+                {
+                    *cur = items
+                        .iter()
+                        .filter(|i| i.get("$patch").is_none())
+                        .map(strip_directives)
+                        .collect();
                 } else if let Some(key) = merge_key(kind, k) {
                     merge_list(cur, items, key, kind);
                 } else if is_set_list(k) {
@@ -234,7 +277,9 @@ fn smp(target: &mut Value, patch: &Value, kind: Option<&str>) {
 
 fn merge_list(cur: &mut Vec<Value>, items: &[Value], key: &str, kind: Option<&str>) {
     for item in items {
-        let pos = cur.iter().position(|c| c.get(key).is_some() && c.get(key) == item.get(key));
+        let pos = cur
+            .iter()
+            .position(|c| c.get(key).is_some() && c.get(key) == item.get(key));
         if item.get("$patch").and_then(|d| d.as_str()) == Some("delete") {
             if let Some(i) = pos {
                 cur.remove(i);
@@ -263,15 +308,24 @@ mod tests {
     #[test]
     fn json_patch_ops() {
         let mut t = json!({"metadata": {"labels": {"a/b": "1"}}, "l": [1, 2]});
-        json_patch(&mut t, &json!([
-            {"op": "test", "path": "/l/0", "value": 1},
-            {"op": "add", "path": "/l/-", "value": 3},
-            {"op": "remove", "path": "/metadata/labels/a~1b"},
-            {"op": "replace", "path": "/l/0", "value": 9},
-        ])).unwrap();
+        json_patch(
+            &mut t,
+            &json!([
+                {"op": "test", "path": "/l/0", "value": 1},
+                {"op": "add", "path": "/l/-", "value": 3},
+                {"op": "remove", "path": "/metadata/labels/a~1b"},
+                {"op": "replace", "path": "/l/0", "value": 9},
+            ]),
+        )
+        .unwrap();
         assert_eq!(t, json!({"metadata": {"labels": {}}, "l": [9, 2, 3]}));
         assert!(json_patch(&mut t, &json!([{"op": "test", "path": "/l/0", "value": 1}])).is_err());
         assert!(json_patch(&mut t, &json!([{"op": "remove", "path": "/nope"}])).is_err());
+        json_patch(
+            &mut t,
+            &json!([{"op": "test", "path": "/metadata/finalizers", "value": null}]),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -280,16 +334,27 @@ mod tests {
             {"name": "a", "image": "x", "env": [{"name": "E", "value": "1"}]},
             {"name": "b", "image": "y"},
         ]}});
-        strategic_merge(&mut pod, &json!({"metadata": {"finalizers": ["b"]}, "spec": {"containers": [
-            {"name": "a", "image": "x2", "env": [{"name": "F", "value": "2"}]},
-            {"name": "b", "$patch": "delete"},
-            {"name": "c", "image": "z"},
-        ]}}), "Pod");
-        assert_eq!(pod, json!({"metadata": {"finalizers": ["a", "b"]}, "spec": {"containers": [
-            {"name": "a", "image": "x2", "env": [{"name": "E", "value": "1"}, {"name": "F", "value": "2"}]},
-            {"name": "c", "image": "z"},
-        ]}}));
-        strategic_merge(&mut pod, &json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["a"]}}), "Pod");
+        strategic_merge(
+            &mut pod,
+            &json!({"metadata": {"finalizers": ["b"]}, "spec": {"containers": [
+                {"name": "a", "image": "x2", "env": [{"name": "F", "value": "2"}]},
+                {"name": "b", "$patch": "delete"},
+                {"name": "c", "image": "z"},
+            ]}}),
+            "Pod",
+        );
+        assert_eq!(
+            pod,
+            json!({"metadata": {"finalizers": ["a", "b"]}, "spec": {"containers": [
+                {"name": "a", "image": "x2", "env": [{"name": "E", "value": "1"}, {"name": "F", "value": "2"}]},
+                {"name": "c", "image": "z"},
+            ]}})
+        );
+        strategic_merge(
+            &mut pod,
+            &json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["a"]}}),
+            "Pod",
+        );
         assert_eq!(pod["metadata"]["finalizers"], json!(["b"]));
     }
 }

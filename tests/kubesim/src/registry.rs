@@ -26,6 +26,8 @@ pub struct ResourceType {
     pub unconditional_update: bool,
     /// For custom resources: the CRD that defines it.
     pub crd: Option<Value>,
+    /// Another resource whose objects this one serves (`events.k8s.io` events are core events).
+    pub storage: Option<String>,
 }
 
 impl ResourceType {
@@ -40,7 +42,10 @@ impl ResourceType {
 
     /// The key under which objects of this resource are stored (version independent).
     pub fn key(&self) -> String {
-        format!("{}/{}", self.group, self.resource)
+        match &self.storage {
+            Some(k) => k.clone(),
+            None => format!("{}/{}", self.group, self.resource),
+        }
     }
 
     pub fn api_version(&self, version: &str) -> String {
@@ -57,16 +62,37 @@ impl ResourceType {
 
     /// The CRD's entry in `spec.versions` for `version`.
     pub fn crd_version(&self, version: &str) -> Option<&Value> {
-        self.crd.as_ref()?["spec"]["versions"].as_array()?.iter().find(|v| v["name"] == version)
+        self.crd.as_ref()?["spec"]["versions"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"] == version)
     }
 
     pub fn verbs(&self) -> Vec<&'static str> {
-        vec!["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+        vec![
+            "create",
+            "delete",
+            "deletecollection",
+            "get",
+            "list",
+            "patch",
+            "update",
+            "watch",
+        ]
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn builtin(group: &str, version: &str, resource: &str, singular: &str, kind: &str, namespaced: bool, short: &[&str], status: bool) -> ResourceType {
+fn builtin(
+    group: &str,
+    version: &str,
+    resource: &str,
+    singular: &str,
+    kind: &str,
+    namespaced: bool,
+    short: &[&str],
+    status: bool,
+) -> ResourceType {
     ResourceType {
         group: group.into(),
         versions: vec![version.into()],
@@ -81,6 +107,7 @@ fn builtin(group: &str, version: &str, resource: &str, singular: &str, kind: &st
         return_deleted_object: false,
         unconditional_update: true,
         crd: None,
+        storage: None,
     }
 }
 
@@ -89,7 +116,16 @@ pub fn builtins() -> Vec<ResourceType> {
     let mut pods = builtin("", "v1", "pods", "pod", "Pod", true, &["po"], true);
     pods.categories = vec!["all".into()];
     pods.return_deleted_object = true;
-    let mut netpol = builtin("networking.k8s.io", "v1", "networkpolicies", "networkpolicy", "NetworkPolicy", true, &["netpol"], false);
+    let mut netpol = builtin(
+        "networking.k8s.io",
+        "v1",
+        "networkpolicies",
+        "networkpolicy",
+        "NetworkPolicy",
+        true,
+        &["netpol"],
+        false,
+    );
     netpol.generation = true;
     let mut crd = builtin(
         "apiextensions.k8s.io",
@@ -103,17 +139,74 @@ pub fn builtins() -> Vec<ResourceType> {
     );
     crd.generation = true;
     crd.categories = vec!["api-extensions".into()];
+    let mut events = builtin(
+        "events.k8s.io",
+        "v1",
+        "events",
+        "event",
+        "Event",
+        true,
+        &["ev"],
+        false,
+    );
+    events.storage = Some("/events".into());
     vec![
-        builtin("", "v1", "namespaces", "namespace", "Namespace", false, &["ns"], true),
+        builtin(
+            "",
+            "v1",
+            "namespaces",
+            "namespace",
+            "Namespace",
+            false,
+            &["ns"],
+            true,
+        ),
         pods,
-        builtin("", "v1", "configmaps", "configmap", "ConfigMap", true, &["cm"], false),
+        builtin(
+            "",
+            "v1",
+            "configmaps",
+            "configmap",
+            "ConfigMap",
+            true,
+            &["cm"],
+            false,
+        ),
         builtin("", "v1", "secrets", "secret", "Secret", true, &[], false),
         builtin("", "v1", "events", "event", "Event", true, &["ev"], false),
-        builtin("", "v1", "serviceaccounts", "serviceaccount", "ServiceAccount", true, &["sa"], false),
+        events,
+        builtin(
+            "",
+            "v1",
+            "serviceaccounts",
+            "serviceaccount",
+            "ServiceAccount",
+            true,
+            &["sa"],
+            false,
+        ),
         builtin("", "v1", "nodes", "node", "Node", false, &["no"], true),
         netpol,
-        builtin("coordination.k8s.io", "v1", "leases", "lease", "Lease", true, &[], false),
-        builtin("node.k8s.io", "v1", "runtimeclasses", "runtimeclass", "RuntimeClass", false, &[], false),
+        builtin(
+            "coordination.k8s.io",
+            "v1",
+            "leases",
+            "lease",
+            "Lease",
+            true,
+            &[],
+            false,
+        ),
+        builtin(
+            "node.k8s.io",
+            "v1",
+            "runtimeclasses",
+            "runtimeclass",
+            "RuntimeClass",
+            false,
+            &[],
+            false,
+        ),
         crd,
     ]
 }
@@ -143,12 +236,21 @@ pub fn from_crd(crd: &Value) -> Option<ResourceType> {
         .iter()
         .any(|v| v["subresources"]["status"].is_object());
     let strs = |v: &Value| -> Vec<String> {
-        v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
     };
     Some(ResourceType {
         group: spec["group"].as_str()?.to_string(),
         versions,
-        singular: names["singular"].as_str().map(String::from).unwrap_or_else(|| kind.to_lowercase()),
+        singular: names["singular"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| kind.to_lowercase()),
         resource: plural,
         kind,
         namespaced: spec["scope"] == "Namespaced",
@@ -159,6 +261,7 @@ pub fn from_crd(crd: &Value) -> Option<ResourceType> {
         return_deleted_object: true,
         unconditional_update: false,
         crd: Some(crd.clone()),
+        storage: None,
     })
 }
 
@@ -174,13 +277,16 @@ impl Registry {
     }
 
     pub fn find(&self, group: &str, version: &str, resource: &str) -> Option<&ResourceType> {
-        self.types
-            .iter()
-            .find(|t| t.group == group && t.resource == resource && t.versions.iter().any(|v| v == version))
+        self.types.iter().find(|t| {
+            t.group == group && t.resource == resource && t.versions.iter().any(|v| v == version)
+        })
     }
 
+    /// The resource that owns a storage key (not an alias such as `events.k8s.io` events).
     pub fn by_key(&self, key: &str) -> Option<&ResourceType> {
-        self.types.iter().find(|t| t.key() == key)
+        self.types
+            .iter()
+            .find(|t| t.key() == key && t.storage.is_none())
     }
 
     /// Adds or replaces the kind a CRD defines (or drops it when the CRD no longer serves any version).
@@ -223,7 +329,11 @@ impl Registry {
     /// `APIResourceList` for one group version.
     pub fn resource_list(&self, group: &str, version: &str) -> Option<Value> {
         let mut resources = vec![];
-        for t in self.types.iter().filter(|t| t.group == group && t.versions.iter().any(|v| v == version)) {
+        for t in self
+            .types
+            .iter()
+            .filter(|t| t.group == group && t.versions.iter().any(|v| v == version))
+        {
             let mut r = json!({
                 "name": t.resource,
                 "singularName": t.singular,
@@ -256,7 +366,13 @@ impl Registry {
         if resources.is_empty() {
             return None;
         }
-        let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-        Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+        let gv = if group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{group}/{version}")
+        };
+        Some(
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+        )
     }
 }

@@ -26,7 +26,8 @@ fn join(path: &str, field: &str) -> String {
 pub fn process_custom(schema: &Value, obj: &mut Value) -> Outcome {
     let mut out = Outcome::default();
     let Some(map) = obj.as_object_mut() else {
-        out.causes.push(Cause::invalid("", obj, "must be an object"));
+        out.causes
+            .push(Cause::invalid("", obj, "must be an object"));
         return out;
     };
     let props = &schema["properties"];
@@ -36,6 +37,9 @@ pub fn process_custom(schema: &Value, obj: &mut Value) -> Outcome {
             continue;
         }
         match props.get(&k) {
+            Some(s) if map[&k].is_null() && s["nullable"] != true => {
+                map.remove(&k);
+            }
             Some(s) => walk(s, map.get_mut(&k).unwrap(), &k, &mut out, true),
             None if schema["x-kubernetes-preserve-unknown-fields"] == true => {}
             None => {
@@ -45,7 +49,12 @@ pub fn process_custom(schema: &Value, obj: &mut Value) -> Outcome {
         }
     }
     apply_defaults(schema, map);
-    for r in schema["required"].as_array().into_iter().flatten().filter_map(|r| r.as_str()) {
+    for r in schema["required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_str())
+    {
         if !map.contains_key(r) {
             out.causes.push(Cause::required(r));
         }
@@ -85,7 +94,11 @@ fn type_error(path: &str, v: &Value, want: &str) -> Cause {
     Cause::new(
         "FieldValueTypeInvalid",
         path,
-        format!("Invalid value: {}: {path} in body must be of type {want}: {:?}", show(v), type_of(v)),
+        format!(
+            "Invalid value: {}: {path} in body must be of type {want}: {:?}",
+            show(v),
+            type_of(v)
+        ),
     )
 }
 
@@ -99,7 +112,11 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
     }
     if v.is_null() {
         if schema["nullable"] != true && schema.get("type").is_some() {
-            out.causes.push(type_error(path, v, schema["type"].as_str().unwrap_or("object")));
+            out.causes.push(type_error(
+                path,
+                v,
+                schema["type"].as_str().unwrap_or("object"),
+            ));
         }
         return;
     }
@@ -117,30 +134,56 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
             let keys: Vec<String> = map.keys().cloned().collect();
             for k in keys {
                 let child_path = join(path, &k);
+                // A null for a field that is not nullable is dropped before defaulting.
+                if map[&k].is_null()
+                    && props
+                        .get(&k)
+                        .or(addl.as_object().map(|_| addl))
+                        .is_some_and(|s| s["nullable"] != true)
+                {
+                    map.remove(&k);
+                    continue;
+                }
                 if let Some(s) = props.get(&k) {
                     walk(s, map.get_mut(&k).unwrap(), &child_path, out, prune);
                 } else if addl.is_object() {
                     walk(addl, map.get_mut(&k).unwrap(), &child_path, out, prune);
-                } else if preserve || *addl == true || (embedded && ["apiVersion", "kind", "metadata"].contains(&k.as_str())) {
+                } else if preserve
+                    || *addl == true
+                    || (embedded && ["apiVersion", "kind", "metadata"].contains(&k.as_str()))
+                {
                 } else if prune {
                     map.remove(&k);
                     out.unknown.push(child_path);
                 }
             }
             apply_defaults(schema, map);
-            for r in schema["required"].as_array().into_iter().flatten().filter_map(|r| r.as_str()) {
+            for r in schema["required"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_str())
+            {
                 if !map.contains_key(r) {
                     out.causes.push(Cause::required(join(path, r)));
                 }
             }
             if let Some(n) = schema["maxProperties"].as_u64() {
                 if map.len() as u64 > n {
-                    out.causes.push(Cause::new("FieldValueTooMany", path, format!("Too many: {}: must have at most {n} items", map.len())));
+                    out.causes.push(Cause::new(
+                        "FieldValueTooMany",
+                        path,
+                        format!("Too many: {}: must have at most {n} items", map.len()),
+                    ));
                 }
             }
             if let Some(n) = schema["minProperties"].as_u64() {
                 if (map.len() as u64) < n {
-                    out.causes.push(Cause::invalid(path, &json!(map.len()), format!("{path} in body should have at least {n} properties")));
+                    out.causes.push(Cause::invalid(
+                        path,
+                        &json!(map.len()),
+                        format!("{path} in body should have at least {n} properties"),
+                    ));
                 }
             }
         }
@@ -151,12 +194,20 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
             };
             if let Some(n) = schema["maxItems"].as_u64() {
                 if items.len() as u64 > n {
-                    out.causes.push(Cause::new("FieldValueTooMany", path, format!("Too many: {}: must have at most {n} items", items.len())));
+                    out.causes.push(Cause::new(
+                        "FieldValueTooMany",
+                        path,
+                        format!("Too many: {}: must have at most {n} items", items.len()),
+                    ));
                 }
             }
             if let Some(n) = schema["minItems"].as_u64() {
                 if (items.len() as u64) < n {
-                    out.causes.push(Cause::invalid(path, &json!(items.len()), format!("{path} in body should have at least {n} items")));
+                    out.causes.push(Cause::invalid(
+                        path,
+                        &json!(items.len()),
+                        format!("{path} in body should have at least {n} items"),
+                    ));
                 }
             }
             let item_schema = &schema["items"];
@@ -168,17 +219,33 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
             if schema["x-kubernetes-list-type"] == "set" {
                 for i in 0..items.len() {
                     if items[..i].contains(&items[i]) {
-                        out.causes.push(Cause::new("FieldValueDuplicate", format!("{path}[{i}]"), format!("Duplicate value: {}", show(&items[i]))));
+                        out.causes.push(Cause::new(
+                            "FieldValueDuplicate",
+                            format!("{path}[{i}]"),
+                            format!("Duplicate value: {}", show(&items[i])),
+                        ));
                     }
                 }
             }
             if schema["x-kubernetes-list-type"] == "map" {
-                let keys: Vec<&str> = schema["x-kubernetes-list-map-keys"].as_array().into_iter().flatten().filter_map(|k| k.as_str()).collect();
+                let keys: Vec<&str> = schema["x-kubernetes-list-map-keys"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| k.as_str())
+                    .collect();
                 for i in 0..items.len() {
                     let key_of = |x: &Value| keys.iter().map(|k| x[*k].clone()).collect::<Vec<_>>();
                     if items[..i].iter().any(|o| key_of(o) == key_of(&items[i])) {
-                        let key: Map<String, Value> = keys.iter().map(|k| (k.to_string(), items[i][*k].clone())).collect();
-                        out.causes.push(Cause::new("FieldValueDuplicate", format!("{path}[{i}]"), format!("Duplicate value: {}", Value::Object(key))));
+                        let key: Map<String, Value> = keys
+                            .iter()
+                            .map(|k| (k.to_string(), items[i][*k].clone()))
+                            .collect();
+                        out.causes.push(Cause::new(
+                            "FieldValueDuplicate",
+                            format!("{path}[{i}]"),
+                            format!("Duplicate value: {}", Value::Object(key)),
+                        ));
                     }
                 }
             }
@@ -191,23 +258,39 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
             let len = s.chars().count() as u64;
             if let Some(n) = schema["maxLength"].as_u64() {
                 if len > n {
-                    out.causes.push(Cause::new("FieldValueTooLong", path, format!("Too long: may not be more than {n} bytes")));
+                    out.causes.push(Cause::new(
+                        "FieldValueTooLong",
+                        path,
+                        format!("Too long: may not be more than {n} bytes"),
+                    ));
                 }
             }
             if let Some(n) = schema["minLength"].as_u64() {
                 if len < n {
-                    out.causes.push(Cause::invalid(path, v, format!("{path} in body should be at least {n} chars long")));
+                    out.causes.push(Cause::invalid(
+                        path,
+                        v,
+                        format!("{path} in body should be at least {n} chars long"),
+                    ));
                 }
             }
             if let Some(p) = schema["pattern"].as_str() {
                 if let Ok(re) = Regex::new(p) {
                     if !re.is_match(s) {
-                        out.causes.push(Cause::invalid(path, v, format!("{path} in body should match '{p}'")));
+                        out.causes.push(Cause::invalid(
+                            path,
+                            v,
+                            format!("{path} in body should match '{p}'"),
+                        ));
                     }
                 }
             }
             if schema["format"] == "date-time" && chrono::DateTime::parse_from_rfc3339(s).is_err() {
-                out.causes.push(Cause::invalid(path, v, format!("{path} in body must be of type date-time: {s:?}")));
+                out.causes.push(Cause::invalid(
+                    path,
+                    v,
+                    format!("{path} in body must be of type date-time: {s:?}"),
+                ));
             }
         }
         "integer" => {
@@ -224,11 +307,9 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
             }
             bounds(schema, v, path, out);
         }
-        "boolean" => {
-            if !v.is_boolean() {
-                out.causes.push(type_error(path, v, "boolean"));
-                return;
-            }
+        "boolean" if !v.is_boolean() => {
+            out.causes.push(type_error(path, v, "boolean"));
+            return;
         }
         _ => {}
     }
@@ -238,12 +319,18 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
             out.causes.push(Cause::new(
                 "FieldValueNotSupported",
                 path,
-                format!("Unsupported value: {}: supported values: {}", show(v), list.join(", ")),
+                format!(
+                    "Unsupported value: {}: supported values: {}",
+                    show(v),
+                    list.join(", ")
+                ),
             ));
         }
     }
     for (keyword, need) in [("allOf", 0usize), ("anyOf", 1), ("oneOf", 1)] {
-        let Some(branches) = schema[keyword].as_array() else { continue };
+        let Some(branches) = schema[keyword].as_array() else {
+            continue;
+        };
         let passing = branches
             .iter()
             .filter(|b| {
@@ -263,14 +350,19 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, prune: boo
                 "anyOf" => "must validate at least one schema (anyOf)",
                 _ => "must validate one and only one schema (oneOf)",
             };
-            out.causes.push(Cause::invalid(path, v, format!("{path} in body {what}")));
+            out.causes
+                .push(Cause::invalid(path, v, format!("{path} in body {what}")));
         }
     }
     if schema["not"].is_object() {
         let mut scratch = Outcome::default();
         walk(&schema["not"], &mut v.clone(), path, &mut scratch, false);
         if scratch.causes.is_empty() {
-            out.causes.push(Cause::invalid(path, v, format!("{path} in body must not validate the schema (not)")));
+            out.causes.push(Cause::invalid(
+                path,
+                v,
+                format!("{path} in body must not validate the schema (not)"),
+            ));
         }
     }
 }
@@ -280,20 +372,43 @@ fn bounds(schema: &Value, v: &Value, path: &str, out: &mut Outcome) {
     if let Some(m) = schema["minimum"].as_f64() {
         let excl = schema["exclusiveMinimum"] == true;
         if x < m || (excl && x == m) {
-            let rel = if excl { "greater than" } else { "greater than or equal to" };
-            out.causes.push(Cause::invalid(path, v, format!("{path} in body should be {rel} {}", schema["minimum"])));
+            let rel = if excl {
+                "greater than"
+            } else {
+                "greater than or equal to"
+            };
+            out.causes.push(Cause::invalid(
+                path,
+                v,
+                format!("{path} in body should be {rel} {}", schema["minimum"]),
+            ));
         }
     }
     if let Some(m) = schema["maximum"].as_f64() {
         let excl = schema["exclusiveMaximum"] == true;
         if x > m || (excl && x == m) {
-            let rel = if excl { "less than" } else { "less than or equal to" };
-            out.causes.push(Cause::invalid(path, v, format!("{path} in body should be {rel} {}", schema["maximum"])));
+            let rel = if excl {
+                "less than"
+            } else {
+                "less than or equal to"
+            };
+            out.causes.push(Cause::invalid(
+                path,
+                v,
+                format!("{path} in body should be {rel} {}", schema["maximum"]),
+            ));
         }
     }
     if let Some(m) = schema["multipleOf"].as_f64() {
         if m != 0.0 && (x / m).fract() != 0.0 {
-            out.causes.push(Cause::invalid(path, v, format!("{path} in body should be a multiple of {}", schema["multipleOf"])));
+            out.causes.push(Cause::invalid(
+                path,
+                v,
+                format!(
+                    "{path} in body should be a multiple of {}",
+                    schema["multipleOf"]
+                ),
+            ));
         }
     }
 }
@@ -333,8 +448,12 @@ fn builtin_shape(kind: &str) -> Value {
             "eventTime": any, "series": any, "action": any, "related": any,
             "reportingComponent": any, "reportingInstance": any,
         }),
-        "ServiceAccount" => json!({"secrets": any, "imagePullSecrets": any, "automountServiceAccountToken": any}),
-        "NetworkPolicy" => json!({"spec": {"podSelector": any, "ingress": any, "egress": any, "policyTypes": any}, "status": any}),
+        "ServiceAccount" => {
+            json!({"secrets": any, "imagePullSecrets": any, "automountServiceAccountToken": any})
+        }
+        "NetworkPolicy" => {
+            json!({"spec": {"podSelector": any, "ingress": any, "egress": any, "policyTypes": any}, "status": any})
+        }
         "Lease" => json!({"spec": {
             "holderIdentity": any, "leaseDurationSeconds": any, "acquireTime": any, "renewTime": any,
             "leaseTransitions": any, "strategy": any, "preferredHolder": any,
@@ -394,14 +513,19 @@ pub fn unknown_meta_fields(obj: &Value) -> Vec<String> {
 }
 
 const DNS1123_LABEL: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
-const DNS1123_SUBDOMAIN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+const DNS1123_SUBDOMAIN: &str =
+    "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
 /// Validates the name (a DNS-1123 subdomain, or label for namespaces), labels and annotations.
 pub fn validate_meta(obj: &Value, label_name: bool) -> Vec<Cause> {
     let mut causes = vec![];
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
     if name.is_empty() {
-        causes.push(Cause::new("FieldValueRequired", "metadata.name", "Required value: name or generateName is required"));
+        causes.push(Cause::new(
+            "FieldValueRequired",
+            "metadata.name",
+            "Required value: name or generateName is required",
+        ));
     } else if label_name {
         if name.len() > 63 || !Regex::new(DNS1123_LABEL).unwrap().is_match(name) {
             causes.push(Cause::invalid(
@@ -426,12 +550,20 @@ pub fn validate_meta(obj: &Value, label_name: bool) -> Vec<Cause> {
         };
         n.len() <= 63
             && name_re.is_match(n)
-            && prefix.is_none_or(|p| !p.is_empty() && p.len() <= 253 && Regex::new(DNS1123_SUBDOMAIN).unwrap().is_match(p))
+            && prefix.is_none_or(|p| {
+                !p.is_empty()
+                    && p.len() <= 253
+                    && Regex::new(DNS1123_SUBDOMAIN).unwrap().is_match(p)
+            })
     };
     for (section, check_values) in [("labels", true), ("annotations", false)] {
         let Some(m) = obj["metadata"][section].as_object() else {
             if !obj["metadata"][section].is_null() {
-                causes.push(Cause::invalid(format!("metadata.{section}"), &obj["metadata"][section], "must be a map of strings"));
+                causes.push(Cause::invalid(
+                    format!("metadata.{section}"),
+                    &obj["metadata"][section],
+                    "must be a map of strings",
+                ));
             }
             continue;
         };
@@ -445,7 +577,7 @@ pub fn validate_meta(obj: &Value, label_name: bool) -> Vec<Cause> {
             }
             match v.as_str() {
                 Some(s) if check_values && (s.len() > 63 || !value_re.is_match(s)) => causes.push(Cause::invalid(
-                    format!("metadata.labels"),
+                    "metadata.labels",
                     v,
                     "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')",
                 )),
@@ -485,14 +617,25 @@ mod tests {
         assert!(o["spec"].get("bogus").is_none());
 
         let mut bad = json!({"spec": {"language": "ruby", "timeout": 0, "labels": {"a": 1}}});
-        let texts: Vec<String> = process_custom(&schema(), &mut bad).causes.iter().map(Cause::text).collect();
+        let texts: Vec<String> = process_custom(&schema(), &mut bad)
+            .causes
+            .iter()
+            .map(Cause::text)
+            .collect();
         assert_eq!(texts, vec![
             "spec.labels.a: Invalid value: 1: spec.labels.a in body must be of type string: \"integer\"",
             "spec.language: Unsupported value: \"ruby\": supported values: \"python\", \"r\"",
             "spec.timeout: Invalid value: 0: spec.timeout in body should be greater than or equal to 1",
         ]);
+        let mut nulls = json!({"spec": {"language": "r", "timeout": null}, "status": null});
+        assert!(process_custom(&schema(), &mut nulls).causes.is_empty());
+        assert_eq!(nulls, json!({"spec": {"language": "r", "timeout": 30}}));
         let mut missing = json!({"spec": {}});
-        let texts: Vec<String> = process_custom(&schema(), &mut missing).causes.iter().map(Cause::text).collect();
+        let texts: Vec<String> = process_custom(&schema(), &mut missing)
+            .causes
+            .iter()
+            .map(Cause::text)
+            .collect();
         assert_eq!(texts, vec!["spec.language: Required value"]);
     }
 
@@ -500,14 +643,30 @@ mod tests {
     fn builtin_unknown_fields() {
         let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "bogus": 1},
             "spec": {"containers": [{"name": "c", "image": "i", "imagee": "typo"}], "nodeName": "n"}});
-        assert_eq!(unknown_builtin_fields("Pod", &pod), vec!["metadata.bogus", "spec.containers[0].imagee"]);
+        assert_eq!(
+            unknown_builtin_fields("Pod", &pod),
+            vec!["metadata.bogus", "spec.containers[0].imagee"]
+        );
     }
 
     #[test]
     fn names_and_labels() {
         assert!(validate_meta(&json!({"metadata": {"name": "ok-name.x"}}), false).is_empty());
-        assert_eq!(validate_meta(&json!({"metadata": {"name": "Bad_Name"}}), false).len(), 1);
-        assert_eq!(validate_meta(&json!({"metadata": {"name": "a.b"}}), true).len(), 1);
-        assert_eq!(validate_meta(&json!({"metadata": {"name": "a", "labels": {"k": "bad value"}}}), false).len(), 1);
+        assert_eq!(
+            validate_meta(&json!({"metadata": {"name": "Bad_Name"}}), false).len(),
+            1
+        );
+        assert_eq!(
+            validate_meta(&json!({"metadata": {"name": "a.b"}}), true).len(),
+            1
+        );
+        assert_eq!(
+            validate_meta(
+                &json!({"metadata": {"name": "a", "labels": {"k": "bad value"}}}),
+                false
+            )
+            .len(),
+            1
+        );
     }
 }

@@ -56,7 +56,10 @@ impl LabelSelector {
                 reqs.push((k, Op::NotIn(set(rest).ok_or_else(|| bad(part))?)));
             } else if let Some((k, rest)) = split_word(part, " in ") {
                 reqs.push((k, Op::In(set(rest).ok_or_else(|| bad(part))?)));
-            } else if part.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
+            } else if part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+            {
                 reqs.push((part.to_string(), Op::Exists));
             } else {
                 return Err(bad(part));
@@ -87,12 +90,21 @@ impl LabelSelector {
 
 fn split_word(part: &str, word: &str) -> Option<(String, String)> {
     let i = part.find(word)?;
-    Some((part[..i].trim().to_string(), part[i + word.len()..].trim().to_string()))
+    Some((
+        part[..i].trim().to_string(),
+        part[i + word.len()..].trim().to_string(),
+    ))
 }
 
 fn set(s: String) -> Option<Vec<String>> {
     let inner = s.trim().strip_prefix('(')?.strip_suffix(')')?;
-    Some(inner.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+    Some(
+        inner
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect(),
+    )
 }
 
 /// A parsed field selector (`metadata.name=x,status.phase!=Running`).
@@ -147,7 +159,9 @@ impl FieldSelector {
             } else if let Some((k, v)) = part.split_once('=') {
                 (k, false, v)
             } else {
-                return Err(ApiError::bad_request(format!("invalid selector: '{s}'; can't understand '{part}'")));
+                return Err(ApiError::bad_request(format!(
+                    "invalid selector: '{s}'; can't understand '{part}'"
+                )));
             };
             let k = k.trim();
             let ok = k == "metadata.name"
@@ -155,7 +169,9 @@ impl FieldSelector {
                 || supported_fields(resource).contains(&k)
                 || extra.iter().any(|e| e.trim_start_matches('.') == k);
             if !ok {
-                return Err(ApiError::bad_request(format!("field label not supported: {k}")));
+                return Err(ApiError::bad_request(format!(
+                    "field label not supported: {k}"
+                )));
             }
             reqs.push((k.to_string(), neg, v.trim().to_string()));
         }
@@ -175,7 +191,10 @@ impl FieldSelector {
 
     /// The name this selector pins (`metadata.name=x`), if any.
     pub fn name(&self) -> Option<&str> {
-        self.reqs.iter().find(|(k, neg, _)| k == "metadata.name" && !neg).map(|(_, _, v)| v.as_str())
+        self.reqs
+            .iter()
+            .find(|(k, neg, _)| k == "metadata.name" && !neg)
+            .map(|(_, _, v)| v.as_str())
     }
 }
 
@@ -195,7 +214,11 @@ fn field_str(obj: &Value, path: &str) -> String {
 /// Evaluates the JSONPath subset that printer columns use: `.a.b`, `.a[0]`, `.a[*].b`,
 /// `.a[?(@.type=="Ready")].status`. Returns every match.
 pub fn jsonpath<'a>(obj: &'a Value, path: &str) -> Vec<&'a Value> {
-    let path = path.trim().trim_start_matches('{').trim_end_matches('}').trim_start_matches('$');
+    let path = path
+        .trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .trim_start_matches('$');
     let mut cur: Vec<&Value> = vec![obj];
     let mut rest = path;
     while !rest.is_empty() {
@@ -208,11 +231,16 @@ pub fn jsonpath<'a>(obj: &'a Value, path: &str) -> Vec<&'a Value> {
             }
             cur = cur.into_iter().filter_map(|v| v.get(name)).collect();
         } else if let Some(r) = rest.strip_prefix('[') {
-            let Some(end) = r.find(']') else { return vec![] };
+            let Some(end) = r.find(']') else {
+                return vec![];
+            };
             let inner = &r[..end];
             rest = &r[end + 1..];
             if inner == "*" {
-                cur = cur.into_iter().flat_map(|v| v.as_array().into_iter().flatten()).collect();
+                cur = cur
+                    .into_iter()
+                    .flat_map(|v| v.as_array().into_iter().flatten())
+                    .collect();
             } else if let Ok(i) = inner.parse::<i64>() {
                 cur = cur
                     .into_iter()
@@ -224,7 +252,10 @@ pub fn jsonpath<'a>(obj: &'a Value, path: &str) -> Vec<&'a Value> {
                     .collect();
             } else if let Some(f) = inner.strip_prefix("?(@.").and_then(|f| f.strip_suffix(')')) {
                 let (field, want) = match f.split_once("==") {
-                    Some((a, b)) => (a.trim(), Some(b.trim().trim_matches(|c| c == '"' || c == '\''))),
+                    Some((a, b)) => (
+                        a.trim(),
+                        Some(b.trim().trim_matches(|c| c == '"' || c == '\'')),
+                    ),
                     None => (f.trim(), None),
                 };
                 cur = cur
@@ -239,7 +270,8 @@ pub fn jsonpath<'a>(obj: &'a Value, path: &str) -> Vec<&'a Value> {
                             Some(w) => match x {
                                 Value::String(s) => s == w,
                                 Value::Null => false,
-                                other => other.to_string() == w,
+                                // Numbers and booleans compare by their JSON text.
+                                other => serde_json::to_string(other).is_ok_and(|t| t == w),
                             },
                             None => !x.is_null(),
                         }
@@ -275,24 +307,43 @@ mod tests {
             ("!missing", true),
             ("", true),
         ] {
-            assert_eq!(LabelSelector::parse(sel).unwrap().matches(&o), want, "{sel}");
+            assert_eq!(
+                LabelSelector::parse(sel).unwrap().matches(&o),
+                want,
+                "{sel}"
+            );
         }
     }
 
     #[test]
     fn field_selectors_check_labels() {
-        let o = json!({"metadata": {"name": "x", "namespace": "n"}, "status": {"phase": "Running"}});
-        assert!(FieldSelector::parse("metadata.name=x,status.phase!=Failed", "pods", &[]).unwrap().matches(&o));
-        assert!(!FieldSelector::parse("status.phase=Failed", "pods", &[]).unwrap().matches(&o));
+        let o =
+            json!({"metadata": {"name": "x", "namespace": "n"}, "status": {"phase": "Running"}});
+        assert!(
+            FieldSelector::parse("metadata.name=x,status.phase!=Failed", "pods", &[])
+                .unwrap()
+                .matches(&o)
+        );
+        assert!(!FieldSelector::parse("status.phase=Failed", "pods", &[])
+            .unwrap()
+            .matches(&o));
         let err = FieldSelector::parse("spec.foo=1", "configmaps", &[]).unwrap_err();
-        assert_eq!((err.code, err.message.as_str()), (400, "field label not supported: spec.foo"));
+        assert_eq!(
+            (err.code, err.message.as_str()),
+            (400, "field label not supported: spec.foo")
+        );
     }
 
     #[test]
     fn jsonpath_subset() {
         let o = json!({"status": {"conditions": [{"type": "A", "status": "False"}, {"type": "Ready", "status": "True"}]}, "spec": {"l": [1, 2]}});
-        assert_eq!(jsonpath(&o, ".status.conditions[?(@.type==\"Ready\")].status"), vec![&json!("True")]);
+        assert_eq!(
+            jsonpath(&o, ".status.conditions[?(@.type==\"Ready\")].status"),
+            vec![&json!("True")]
+        );
         assert_eq!(jsonpath(&o, "{.spec.l[1]}"), vec![&json!(2)]);
+        let n = json!({"items": [{"n": 1, "v": "a"}, {"n": 2, "v": "b"}]});
+        assert_eq!(jsonpath(&n, ".items[?(@.n==2)].v"), vec![&json!("b")]);
         assert_eq!(jsonpath(&o, ".spec.l[*]").len(), 2);
         assert!(jsonpath(&o, ".spec.missing").is_empty());
     }

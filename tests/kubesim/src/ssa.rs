@@ -31,7 +31,12 @@ fn list_type(shape: Shape, field: &str, schema: Option<&Value>) -> ListType {
     if let Some(s) = schema {
         return match s["x-kubernetes-list-type"].as_str() {
             Some("map") => ListType::Map(
-                s["x-kubernetes-list-map-keys"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(String::from)).collect(),
+                s["x-kubernetes-list-map-keys"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| k.as_str().map(String::from))
+                    .collect(),
             ),
             Some("set") => ListType::Set,
             _ if field == "finalizers" => ListType::Set,
@@ -53,7 +58,9 @@ fn list_type(shape: Shape, field: &str, schema: Option<&Value>) -> ListType {
 
 fn child_schema<'a>(schema: Option<&'a Value>, field: &str) -> Option<&'a Value> {
     let s = schema?;
-    s["properties"].get(field).or_else(|| s.get("additionalProperties").filter(|a| a.is_object()))
+    s["properties"]
+        .get(field)
+        .or_else(|| s.get("additionalProperties").filter(|a| a.is_object()))
 }
 
 fn item_key(item: &Value, keys: &[String]) -> String {
@@ -71,19 +78,42 @@ pub fn fields_of(obj: &Value, shape: Shape) -> FieldSet {
             "metadata" => {
                 for mk in ["labels", "annotations", "finalizers", "ownerReferences"] {
                     if let Some(mv) = v.get(mk) {
-                        collect(mv, mk, shape, None, vec!["f:metadata".into(), format!("f:{mk}")], &mut out);
+                        collect(
+                            mv,
+                            mk,
+                            shape,
+                            None,
+                            vec!["f:metadata".into(), format!("f:{mk}")],
+                            &mut out,
+                        );
                     }
                 }
             }
-            _ => collect(v, k, shape, child_schema(shape.schema, k), vec![format!("f:{k}")], &mut out),
+            _ => collect(
+                v,
+                k,
+                shape,
+                child_schema(shape.schema, k),
+                vec![format!("f:{k}")],
+                &mut out,
+            ),
         }
     }
     out
 }
 
-fn collect(v: &Value, field: &str, shape: Shape, schema: Option<&Value>, path: Path, out: &mut FieldSet) {
+fn collect(
+    v: &Value,
+    field: &str,
+    shape: Shape,
+    schema: Option<&Value>,
+    path: Path,
+    out: &mut FieldSet,
+) {
     match v {
-        Value::Object(m) if !m.is_empty() && schema.is_none_or(|s| s["x-kubernetes-map-type"] != "atomic") => {
+        Value::Object(m)
+            if !m.is_empty() && schema.is_none_or(|s| s["x-kubernetes-map-type"] != "atomic") =>
+        {
             for (k, child) in m {
                 let mut p = path.clone();
                 p.push(format!("f:{k}"));
@@ -131,7 +161,9 @@ pub fn resolve<'a>(obj: &'a Value, path: &[String]) -> Option<&'a Value> {
             cur.get(f)?
         } else if let Some(k) = el.strip_prefix("k:") {
             let keys: Map<String, Value> = serde_json::from_str(k).ok()?;
-            cur.as_array()?.iter().find(|i| keys.iter().all(|(kk, kv)| &i[kk] == kv))?
+            cur.as_array()?
+                .iter()
+                .find(|i| keys.iter().all(|(kk, kv)| &i[kk] == kv))?
         } else if let Some(v) = el.strip_prefix("v:") {
             let want: Value = serde_json::from_str(v).ok()?;
             cur.as_array()?.iter().find(|i| **i == want)?
@@ -144,14 +176,19 @@ pub fn resolve<'a>(obj: &'a Value, path: &[String]) -> Option<&'a Value> {
 
 /// Removes the field at `path` from `obj` (list items are removed from their list).
 fn remove_path(obj: &mut Value, path: &[String]) {
-    let Some((last, parent)) = path.split_last() else { return };
+    let Some((last, parent)) = path.split_last() else {
+        return;
+    };
     let mut cur = obj;
     for el in parent {
         let next = if let Some(f) = el.strip_prefix("f:") {
             cur.get_mut(f)
         } else if let Some(k) = el.strip_prefix("k:") {
             let keys: Map<String, Value> = serde_json::from_str(k).unwrap_or_default();
-            cur.as_array_mut().and_then(|a| a.iter_mut().find(|i| keys.iter().all(|(kk, kv)| &i[kk] == kv)))
+            cur.as_array_mut().and_then(|a| {
+                a.iter_mut()
+                    .find(|i| keys.iter().all(|(kk, kv)| &i[kk] == kv))
+            })
         } else {
             None
         };
@@ -183,7 +220,11 @@ pub fn to_fields_v1(set: &FieldSet) -> Value {
     for path in set {
         let mut cur = &mut root;
         for el in path {
-            cur = cur.entry(el.clone()).or_insert_with(|| json!({})).as_object_mut().unwrap();
+            cur = cur
+                .entry(el.clone())
+                .or_insert_with(|| json!({}))
+                .as_object_mut()
+                .unwrap();
         }
         // A node that is itself a member and also has children is marked with ".".
         let _ = cur;
@@ -299,7 +340,15 @@ pub fn write_entries(obj: &mut Value, entries: &[Entry]) {
 
 /// Records a non-apply write by `manager`: it takes the fields it changed from everyone else, and
 /// fields that disappeared are nobody's any more.
-pub fn record_update(old: Option<&Value>, new: &mut Value, shape: Shape, manager: &str, api_version: &str, sub: Option<&str>, now: &str) {
+pub fn record_update(
+    old: Option<&Value>,
+    new: &mut Value,
+    shape: Shape,
+    manager: &str,
+    api_version: &str,
+    sub: Option<&str>,
+    now: &str,
+) {
     let mut entries = old.map(read_entries).unwrap_or_default();
     let new_fields = fields_of(new, shape);
     let changed: FieldSet = new_fields
@@ -317,7 +366,10 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, shape: Shape, manager
         .cloned()
         .collect();
     let removed: FieldSet = match old {
-        Some(o) => fields_of(o, shape).into_iter().filter(|p| resolve(new, p).is_none()).collect(),
+        Some(o) => fields_of(o, shape)
+            .into_iter()
+            .filter(|p| resolve(new, p).is_none())
+            .collect(),
         None => FieldSet::new(),
     };
     for e in entries.iter_mut() {
@@ -327,7 +379,9 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, shape: Shape, manager
         }
     }
     if !changed.is_empty() {
-        match entries.iter_mut().find(|e| e.manager == manager && e.operation == "Update" && e.subresource.as_deref() == sub) {
+        match entries.iter_mut().find(|e| {
+            e.manager == manager && e.operation == "Update" && e.subresource.as_deref() == sub
+        }) {
             Some(e) => {
                 e.fields.extend(changed);
                 e.time = now.into();
@@ -368,7 +422,9 @@ pub fn apply(
 ) -> Result<Value, Vec<Conflict>> {
     let applied_set = fields_of(applied, shape);
     let mut entries = live.map(read_entries).unwrap_or_default();
-    let mine = |e: &Entry| e.manager == manager && e.operation == "Apply" && e.subresource.as_deref() == sub;
+    let mine = |e: &Entry| {
+        e.manager == manager && e.operation == "Apply" && e.subresource.as_deref() == sub
+    };
     let mut conflicts = vec![];
     if let Some(live) = live {
         for e in entries.iter().filter(|e| !mine(e) && e.manager != manager) {
@@ -377,7 +433,11 @@ pub fn apply(
                     continue;
                 }
                 if resolve(live, p) != resolve(applied, p) {
-                    conflicts.push(Conflict { field: display(p), manager: e.manager.clone(), api_version: e.api_version.clone() });
+                    conflicts.push(Conflict {
+                        field: display(p),
+                        manager: e.manager.clone(),
+                        api_version: e.api_version.clone(),
+                    });
                 }
             }
         }
@@ -388,15 +448,28 @@ pub fn apply(
     if force {
         if let Some(live) = live {
             for e in entries.iter_mut().filter(|e| !mine(e)) {
-                e.fields.retain(|p| !applied_set.contains(p) || resolve(live, p) == resolve(applied, p));
+                e.fields.retain(|p| {
+                    !applied_set.contains(p) || resolve(live, p) == resolve(applied, p)
+                });
             }
         }
     }
     let mut obj = live.cloned().unwrap_or_else(|| json!({}));
-    let previous: FieldSet = entries.iter().filter(|e| mine(e)).flat_map(|e| e.fields.iter().cloned()).collect();
-    let others: FieldSet = entries.iter().filter(|e| !mine(e)).flat_map(|e| e.fields.iter().cloned()).collect();
+    let previous: FieldSet = entries
+        .iter()
+        .filter(|e| mine(e))
+        .flat_map(|e| e.fields.iter().cloned())
+        .collect();
+    let others: FieldSet = entries
+        .iter()
+        .filter(|e| !mine(e))
+        .flat_map(|e| e.fields.iter().cloned())
+        .collect();
     // Fields this manager applied before and no longer does, and nobody else owns, go away.
-    let mut dropped: Vec<&Path> = previous.iter().filter(|p| !applied_set.contains(*p) && !others.contains(*p)).collect();
+    let mut dropped: Vec<&Path> = previous
+        .iter()
+        .filter(|p| !applied_set.contains(*p) && !others.contains(*p))
+        .collect();
     dropped.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for p in dropped {
         remove_path(&mut obj, p);
@@ -415,7 +488,13 @@ pub fn apply(
     Ok(obj)
 }
 
-fn merge_applied(target: &mut Value, applied: &Value, shape: Shape, schema: Option<&Value>, field: &str) {
+fn merge_applied(
+    target: &mut Value,
+    applied: &Value,
+    shape: Shape,
+    schema: Option<&Value>,
+    field: &str,
+) {
     match applied {
         Value::Object(am) if schema.is_none_or(|s| s["x-kubernetes-map-type"] != "atomic") => {
             if !target.is_object() {
@@ -429,11 +508,24 @@ fn merge_applied(target: &mut Value, applied: &Value, shape: Shape, schema: Opti
                         if mk == "managedFields" || mk == "resourceVersion" {
                             continue;
                         }
-                        merge_applied(tm.as_object_mut().unwrap().entry(mk.clone()).or_insert(Value::Null), mv, shape, None, mk);
+                        merge_applied(
+                            tm.as_object_mut()
+                                .unwrap()
+                                .entry(mk.clone())
+                                .or_insert(Value::Null),
+                            mv,
+                            shape,
+                            None,
+                            mk,
+                        );
                     }
                     continue;
                 }
-                let cs = if field.is_empty() { child_schema(shape.schema, k) } else { child_schema(schema, k) };
+                let cs = if field.is_empty() {
+                    child_schema(shape.schema, k)
+                } else {
+                    child_schema(schema, k)
+                };
                 merge_applied(t.entry(k.clone()).or_insert(Value::Null), v, shape, cs, k);
             }
         }
@@ -449,7 +541,16 @@ fn merge_applied(target: &mut Value, applied: &Value, shape: Shape, schema: Opti
                         Some(x) => {
                             for (k, v) in item.as_object().into_iter().flatten() {
                                 let cs = child_schema(item_schema, k);
-                                merge_applied(x.as_object_mut().unwrap().entry(k.clone()).or_insert(Value::Null), v, shape, cs, k);
+                                merge_applied(
+                                    x.as_object_mut()
+                                        .unwrap()
+                                        .entry(k.clone())
+                                        .or_insert(Value::Null),
+                                    v,
+                                    shape,
+                                    cs,
+                                    k,
+                                );
                             }
                         }
                         None => t.push(item.clone()),
@@ -485,38 +586,116 @@ mod tests {
 
     #[test]
     fn apply_owns_conflicts_and_removes() {
-        let shape = Shape { kind: Some("ConfigMap"), schema: None };
-        let a = apply(None, &cm(json!({"x": "1", "y": "2"})), shape, "a", "v1", None, false, NOW).ok().unwrap();
-        assert_eq!(a["metadata"]["managedFields"][0]["fieldsV1"], json!({"f:data": {"f:x": {}, "f:y": {}}}));
+        let shape = Shape {
+            kind: Some("ConfigMap"),
+            schema: None,
+        };
+        let a = apply(
+            None,
+            &cm(json!({"x": "1", "y": "2"})),
+            shape,
+            "a",
+            "v1",
+            None,
+            false,
+            NOW,
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(
+            a["metadata"]["managedFields"][0]["fieldsV1"],
+            json!({"f:data": {"f:x": {}, "f:y": {}}})
+        );
         // Another manager applying a different value for x conflicts...
-        let err = apply(Some(&a), &cm(json!({"x": "9"})), shape, "b", "v1", None, false, NOW).err().unwrap();
-        assert_eq!((err[0].field.as_str(), err[0].manager.as_str()), (".data.x", "a"));
+        let err = apply(
+            Some(&a),
+            &cm(json!({"x": "9"})),
+            shape,
+            "b",
+            "v1",
+            None,
+            false,
+            NOW,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            (err[0].field.as_str(), err[0].manager.as_str()),
+            (".data.x", "a")
+        );
         // ...unless forced, which moves x to b.
-        let b = apply(Some(&a), &cm(json!({"x": "9"})), shape, "b", "v1", None, true, NOW).ok().unwrap();
+        let b = apply(
+            Some(&a),
+            &cm(json!({"x": "9"})),
+            shape,
+            "b",
+            "v1",
+            None,
+            true,
+            NOW,
+        )
+        .ok()
+        .unwrap();
         assert_eq!(b["data"], json!({"x": "9", "y": "2"}));
         // a now applies without y and x: y is removed, x stays (b owns it).
-        let c = apply(Some(&b), &cm(json!({"z": "3"})), shape, "a", "v1", None, false, NOW).ok().unwrap();
+        let c = apply(
+            Some(&b),
+            &cm(json!({"z": "3"})),
+            shape,
+            "a",
+            "v1",
+            None,
+            false,
+            NOW,
+        )
+        .ok()
+        .unwrap();
         assert_eq!(c["data"], json!({"x": "9", "z": "3"}));
     }
 
     #[test]
     fn containers_are_keyed_by_name() {
-        let shape = Shape { kind: Some("Pod"), schema: None };
+        let shape = Shape {
+            kind: Some("Pod"),
+            schema: None,
+        };
         let pod = json!({"spec": {"containers": [{"name": "main", "image": "a"}]}});
         let set = fields_of(&pod, shape);
         let v1 = to_fields_v1(&set);
-        assert_eq!(v1, json!({"f:spec": {"f:containers": {"k:{\"name\":\"main\"}": {".": {}, "f:image": {}, "f:name": {}}}}}));
+        assert_eq!(
+            v1,
+            json!({"f:spec": {"f:containers": {"k:{\"name\":\"main\"}": {".": {}, "f:image": {}, "f:name": {}}}}})
+        );
         assert_eq!(from_fields_v1(&v1), set);
     }
 
     #[test]
     fn updates_take_ownership() {
-        let shape = Shape { kind: Some("ConfigMap"), schema: None };
-        let a = apply(None, &cm(json!({"x": "1"})), shape, "a", "v1", None, false, NOW).ok().unwrap();
+        let shape = Shape {
+            kind: Some("ConfigMap"),
+            schema: None,
+        };
+        let a = apply(
+            None,
+            &cm(json!({"x": "1"})),
+            shape,
+            "a",
+            "v1",
+            None,
+            false,
+            NOW,
+        )
+        .ok()
+        .unwrap();
         let mut new = a.clone();
         new["data"]["x"] = json!("2");
         record_update(Some(&a), &mut new, shape, "editor", "v1", None, NOW);
-        let managers: Vec<&str> = new["metadata"]["managedFields"].as_array().unwrap().iter().map(|e| e["manager"].as_str().unwrap()).collect();
+        let managers: Vec<&str> = new["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["manager"].as_str().unwrap())
+            .collect();
         assert_eq!(managers, vec!["editor"]);
     }
 }

@@ -67,7 +67,8 @@ impl Inner {
     }
 
     pub fn get(&self, key: &str, ns: &str, name: &str) -> Option<&Value> {
-        self.objects.get(&(key.to_string(), ns.to_string(), name.to_string()))
+        self.objects
+            .get(&(key.to_string(), ns.to_string(), name.to_string()))
     }
 
     /// Objects of one resource, in one namespace or (`None`) in all, ordered by namespace and name.
@@ -84,15 +85,29 @@ impl Inner {
     pub fn put(&mut self, key: &str, ns: &str, mut obj: Value, kind: EventType) -> Value {
         let rv = self.next_rv();
         obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        let prev = self.objects.insert((key.to_string(), ns.to_string(), name), obj.clone());
-        self.record(Event { rv, key: key.into(), namespace: ns.into(), kind, object: obj.clone(), prev });
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let prev = self
+            .objects
+            .insert((key.to_string(), ns.to_string(), name), obj.clone());
+        self.record(Event {
+            rv,
+            key: key.into(),
+            namespace: ns.into(),
+            kind,
+            object: obj.clone(),
+            prev,
+        });
         obj
     }
 
     /// Removes an object; the DELETED event carries its last state under a new resourceVersion.
     pub fn remove(&mut self, key: &str, ns: &str, name: &str) -> Option<Value> {
-        let mut obj = self.objects.remove(&(key.to_string(), ns.to_string(), name.to_string()))?;
+        let mut obj = self
+            .objects
+            .remove(&(key.to_string(), ns.to_string(), name.to_string()))?;
         let prev = obj.clone();
         let rv = self.next_rv();
         obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());

@@ -26,34 +26,55 @@ pub fn human_duration(secs: i64) -> String {
     }
     let m = s / 60;
     if m < 10 {
-        return if s % 60 == 0 { format!("{m}m") } else { format!("{m}m{}s", s % 60) };
+        return if s % 60 == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m{}s", s % 60)
+        };
     }
     if m < 180 {
         return format!("{m}m");
     }
     let h = m / 60;
     if h < 8 {
-        return if m % 60 == 0 { format!("{h}h") } else { format!("{h}h{}m", m % 60) };
+        return if m % 60 == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h{}m", m % 60)
+        };
     }
     if h < 48 {
         return format!("{h}h");
     }
     if h < 24 * 8 {
-        return if h % 24 == 0 { format!("{}d", h / 24) } else { format!("{}d{}h", h / 24, h % 24) };
+        return if h % 24 == 0 {
+            format!("{}d", h / 24)
+        } else {
+            format!("{}d{}h", h / 24, h % 24)
+        };
     }
     if h < 24 * 365 * 2 {
         return format!("{}d", h / 24);
     }
     if h < 24 * 365 * 8 {
         let dy = (h / 24) % 365;
-        return if dy == 0 { format!("{}y", h / 24 / 365) } else { format!("{}y{dy}d", h / 24 / 365) };
+        return if dy == 0 {
+            format!("{}y", h / 24 / 365)
+        } else {
+            format!("{}y{dy}d", h / 24 / 365)
+        };
     }
     format!("{}y", h / 24 / 365)
 }
 
 fn age(ts: &Value) -> Value {
-    match ts.as_str().and_then(|t| DateTime::parse_from_rfc3339(t).ok()) {
-        Some(t) => json!(human_duration((Utc::now() - t.with_timezone(&Utc)).num_seconds())),
+    match ts
+        .as_str()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+    {
+        Some(t) => json!(human_duration(
+            (Utc::now() - t.with_timezone(&Utc)).num_seconds()
+        )),
         None => json!("<unknown>"),
     }
 }
@@ -105,20 +126,49 @@ pub fn columns(rt: &ResourceType, version: &str) -> Vec<Value> {
             return cols;
         }
         "namespaces" => cols.push(s("Status", "The status of the namespace")),
-        "configmaps" => cols.push(col("Data", "integer", "", "Data contains the configuration data.", 0)),
-        "secrets" => cols.extend([s("Type", "The type of the secret"), col("Data", "integer", "", "The number of data fields", 0)]),
-        "serviceaccounts" => cols.push(col("Secrets", "integer", "", "Secrets is a list of the secrets in the same namespace.", 0)),
-        "networkpolicies" => cols.push(s("Pod-Selector", "Selects the pods to which this NetworkPolicy object applies.")),
+        "configmaps" => cols.push(col(
+            "Data",
+            "integer",
+            "",
+            "Data contains the configuration data.",
+            0,
+        )),
+        "secrets" => cols.extend([
+            s("Type", "The type of the secret"),
+            col("Data", "integer", "", "The number of data fields", 0),
+        ]),
+        "serviceaccounts" => cols.push(col(
+            "Secrets",
+            "integer",
+            "",
+            "Secrets is a list of the secrets in the same namespace.",
+            0,
+        )),
+        "networkpolicies" => cols.push(s(
+            "Pod-Selector",
+            "Selects the pods to which this NetworkPolicy object applies.",
+        )),
         "leases" => cols.push(s("Holder", "The holder of the lease")),
-        "runtimeclasses" => cols.push(s("Handler", "The name of the underlying runtime and configuration.")),
-        "nodes" => cols.extend([s("Status", "The status of the node"), s("Roles", "The roles of the node"), age_col(), s("Version", "Kubelet Version reported by the node.")]),
+        "runtimeclasses" => cols.push(s(
+            "Handler",
+            "The name of the underlying runtime and configuration.",
+        )),
+        "nodes" => cols.extend([
+            s("Status", "The status of the node"),
+            s("Roles", "The roles of the node"),
+            age_col(),
+            s("Version", "Kubelet Version reported by the node."),
+        ]),
         "events" => {
             return vec![
                 s("Last Seen", "The time of the last occurrence"),
                 s("Type", "Type of this event"),
                 s("Reason", "Short, machine understandable string"),
                 s("Object", "The object this Event is about"),
-                s("Message", "A human-readable description of the status of this operation."),
+                s(
+                    "Message",
+                    "A human-readable description of the status of this operation.",
+                ),
             ]
         }
         "customresourcedefinitions" => {
@@ -134,27 +184,50 @@ pub fn columns(rt: &ResourceType, version: &str) -> Vec<Value> {
 }
 
 fn pod_cells(o: &Value) -> Vec<Value> {
-    let statuses = o["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
+    let statuses = o["status"]["containerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let total = o["spec"]["containers"].as_array().map_or(0, |c| c.len());
     let ready = statuses.iter().filter(|s| s["ready"] == true).count();
-    let restarts: i64 = statuses.iter().map(|s| s["restartCount"].as_i64().unwrap_or(0)).sum();
-    let mut reason = o["status"]["reason"].as_str().or(o["status"]["phase"].as_str()).unwrap_or("Pending").to_string();
-    for s in &statuses {
-        if let Some(r) = s["state"]["waiting"]["reason"].as_str() {
+    let restarts: i64 = statuses
+        .iter()
+        .map(|s| s["restartCount"].as_i64().unwrap_or(0))
+        .sum();
+    // The logic of kubectl's (server-side) pod printer.
+    let mut reason = o["status"]["reason"]
+        .as_str()
+        .or(o["status"]["phase"].as_str())
+        .unwrap_or("Pending")
+        .to_string();
+    let mut running = false;
+    for s in statuses.iter().rev() {
+        if let Some(r) = s["state"]["waiting"]["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+        {
             reason = r.to_string();
-        } else if let Some(r) = s["state"]["terminated"]["reason"].as_str() {
-            if o["status"]["phase"] != "Succeeded" && o["status"]["phase"] != "Failed" || r != "Completed" {
-                reason = r.to_string();
-            }
+        } else if let Some(r) = s["state"]["terminated"]["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+        {
+            reason = r.to_string();
+        } else if s["state"]["terminated"].is_object() {
+            let t = &s["state"]["terminated"];
+            reason = match t["signal"].as_i64() {
+                Some(sig) if sig != 0 => format!("Signal:{sig}"),
+                _ => format!("ExitCode:{}", t["exitCode"].as_i64().unwrap_or(0)),
+            };
+        } else if s["ready"] == true && s["state"]["running"].is_object() {
+            running = true;
         }
     }
-    if o["status"]["phase"] == "Succeeded" {
-        reason = "Completed".into();
+    if reason == "Completed" && running {
+        reason = "Running".into();
     }
-    if statuses.is_empty() && o["status"]["phase"] == "Pending" && !o["spec"]["nodeName"].is_null() {
-        reason = "ContainerCreating".into();
-    }
-    if !o["metadata"]["deletionTimestamp"].is_null() && !matches!(o["status"]["phase"].as_str(), Some("Succeeded" | "Failed")) {
+    if !o["metadata"]["deletionTimestamp"].is_null()
+        && !matches!(o["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
+    {
         reason = "Terminating".into();
     }
     vec![
@@ -178,7 +251,9 @@ fn cells(rt: &ResourceType, version: &str, o: &Value) -> Vec<Value> {
                     let cell = match found.first() {
                         None => Value::Null,
                         Some(v) if c["type"] == "date" => age(v),
-                        Some(_) if found.len() > 1 => json!(found.iter().map(|x| plain(x)).collect::<Vec<_>>().join(",")),
+                        Some(_) if found.len() > 1 => {
+                            json!(found.iter().map(|x| plain(x)).collect::<Vec<_>>().join(","))
+                        }
                         Some(v) if c["type"] == "string" && !v.is_string() => json!(plain(v)),
                         Some(v) => (*v).clone(),
                     };
@@ -190,7 +265,9 @@ fn cells(rt: &ResourceType, version: &str, o: &Value) -> Vec<Value> {
         return out;
     }
     let created = age(&o["metadata"]["creationTimestamp"]);
-    let count = |v: &Value| json!(v.as_object().map_or(0, |m| m.len()) + v.as_array().map_or(0, |a| a.len()));
+    let count = |v: &Value| {
+        json!(v.as_object().map_or(0, |m| m.len()) + v.as_array().map_or(0, |a| a.len()))
+    };
     let mut out = vec![name];
     match rt.resource.as_str() {
         "pods" => {
@@ -198,29 +275,65 @@ fn cells(rt: &ResourceType, version: &str, o: &Value) -> Vec<Value> {
             return out;
         }
         "namespaces" => out.push(o["status"]["phase"].clone()),
-        "configmaps" => out.push(json!(count(&o["data"]).as_u64().unwrap_or(0) + count(&o["binaryData"]).as_u64().unwrap_or(0))),
+        "configmaps" => out.push(json!(
+            count(&o["data"]).as_u64().unwrap_or(0) + count(&o["binaryData"]).as_u64().unwrap_or(0)
+        )),
         "secrets" => out.extend([o["type"].clone(), count(&o["data"])]),
         "serviceaccounts" => out.push(count(&o["secrets"])),
         "networkpolicies" => {
             let sel = &o["spec"]["podSelector"]["matchLabels"];
-            let s: Vec<String> = sel.as_object().into_iter().flatten().map(|(k, v)| format!("{k}={}", plain(v))).collect();
-            out.push(json!(if s.is_empty() { "<none>".to_string() } else { s.join(",") }));
+            let s: Vec<String> = sel
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", plain(v)))
+                .collect();
+            out.push(json!(if s.is_empty() {
+                "<none>".to_string()
+            } else {
+                s.join(",")
+            }));
         }
-        "leases" => out.push(json!(o["spec"]["holderIdentity"].as_str().unwrap_or_default())),
+        "leases" => out.push(json!(o["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default())),
         "runtimeclasses" => out.push(o["handler"].clone()),
         "nodes" => {
-            out.extend([json!("Ready"), json!("<none>"), created, json!(o["status"]["nodeInfo"]["kubeletVersion"].as_str().unwrap_or(""))]);
+            out.extend([
+                json!("Ready"),
+                json!("<none>"),
+                created,
+                json!(o["status"]["nodeInfo"]["kubeletVersion"]
+                    .as_str()
+                    .unwrap_or("")),
+            ]);
             return out;
         }
         "events" => {
-            let last = if o["lastTimestamp"].is_string() { &o["lastTimestamp"] } else { &o["eventTime"] };
-            let io = &o["involvedObject"];
+            let last = if o["lastTimestamp"].is_string() {
+                &o["lastTimestamp"]
+            } else {
+                &o["eventTime"]
+            };
+            let io = if o["involvedObject"].is_object() {
+                &o["involvedObject"]
+            } else {
+                &o["regarding"]
+            };
             return vec![
                 age(last),
                 o["type"].clone(),
                 o["reason"].clone(),
-                json!(format!("{}/{}", io["kind"].as_str().unwrap_or_default().to_lowercase(), io["name"].as_str().unwrap_or_default())),
-                o["message"].clone(),
+                json!(format!(
+                    "{}/{}",
+                    io["kind"].as_str().unwrap_or_default().to_lowercase(),
+                    io["name"].as_str().unwrap_or_default()
+                )),
+                if o["message"].is_null() {
+                    o["note"].clone()
+                } else {
+                    o["message"].clone()
+                },
             ];
         }
         "customresourcedefinitions" => {
@@ -244,13 +357,22 @@ fn row_object(o: &Value, include: Include) -> Option<Value> {
     match include {
         Include::None => None,
         Include::Object => Some(o.clone()),
-        Include::Metadata => Some(json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]})),
+        Include::Metadata => Some(
+            json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]}),
+        ),
     }
 }
 
 /// A `Table` of `objects`; `headers: false` leaves out the column definitions (watch events after
 /// the first).
-pub fn table(rt: &ResourceType, version: &str, objects: &[Value], include: Include, headers: bool, list_meta: Value) -> Value {
+pub fn table(
+    rt: &ResourceType,
+    version: &str,
+    objects: &[Value],
+    include: Include,
+    headers: bool,
+    list_meta: Value,
+) -> Value {
     let rows: Vec<Value> = objects
         .iter()
         .map(|o| {
@@ -276,7 +398,16 @@ mod tests {
 
     #[test]
     fn human_durations() {
-        for (s, want) in [(5, "5s"), (119, "119s"), (192, "3m12s"), (600, "10m"), (3 * 3600 + 60, "3h1m"), (30 * 3600, "30h"), (3 * 86400 + 3600, "3d1h"), (40 * 86400, "40d")] {
+        for (s, want) in [
+            (5, "5s"),
+            (119, "119s"),
+            (192, "3m12s"),
+            (600, "10m"),
+            (3 * 3600 + 60, "3h1m"),
+            (30 * 3600, "30h"),
+            (3 * 86400 + 3600, "3d1h"),
+            (40 * 86400, "40d"),
+        ] {
             assert_eq!(human_duration(s), want);
         }
     }

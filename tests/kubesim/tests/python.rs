@@ -13,7 +13,10 @@ use common::Sim;
 
 #[test]
 fn official_python_client_suite() {
-    let probe = Command::new("python3").args(["-c", "import kubernetes, kubernetes_validate"]).output().expect("python3");
+    let probe = Command::new("python3")
+        .args(["-c", "import kubernetes, kubernetes_validate"])
+        .output()
+        .expect("python3");
     assert!(
         probe.status.success(),
         "the Python packages `kubernetes` and `kubernetes-validate` are missing: run deploy/local/common.sh's prepare_host (or `python3 -m pip install kubernetes kubernetes-validate`)\n{}",
@@ -29,11 +32,19 @@ fn official_python_client_suite() {
         .output()
         .expect("run python3");
     let report = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "Python client suite failed:\n{report}\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "Python client suite failed:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // The suite really ran (unittest prints the count on stderr).
     let ran: usize = report
         .lines()
-        .find_map(|l| l.strip_prefix("Ran ").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("Ran ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
         .expect("unittest summary");
     assert!(ran >= 25, "only {ran} Python tests ran:\n{report}");
 }

@@ -31,9 +31,14 @@ impl Sim {
             .expect("start agenttask-kubesim");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read the URL line");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the URL line");
         let url = line.trim().to_string();
-        assert!(url.starts_with("http://127.0.0.1:"), "unexpected first line {url:?}");
+        assert!(
+            url.starts_with("http://127.0.0.1:"),
+            "unexpected first line {url:?}"
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("kubeconfig"), kubeconfig(&url)).unwrap();
         Sim { child, url, dir }
@@ -45,7 +50,9 @@ impl Sim {
 
     /// Runs the machine's kubectl against this server.
     pub fn kubectl(&self, args: &[&str]) -> Output {
-        self.kubectl_cmd(args).output().expect("run kubectl")
+        self.kubectl_cmd(args)
+            .output()
+            .expect("run kubectl (deploy/local/common.sh prepare_host installs it)")
     }
 
     pub fn kubectl_cmd(&self, args: &[&str]) -> Command {
@@ -89,8 +96,13 @@ impl Drop for Sim {
     }
 }
 
+/// The machine's kubectl: `/usr/bin/kubectl` (1.32 here), else the one on PATH.
 pub fn kubectl() -> &'static str {
-    "/usr/bin/kubectl"
+    if Path::new("/usr/bin/kubectl").exists() {
+        "/usr/bin/kubectl"
+    } else {
+        "kubectl"
+    }
 }
 
 fn kubeconfig(url: &str) -> String {
@@ -100,7 +112,9 @@ fn kubeconfig(url: &str) -> String {
 }
 
 pub fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
 }
 
 /// Polls `f` until it returns Some, for at most `secs` seconds.
@@ -110,7 +124,10 @@ pub fn eventually<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = f() {
             return v;
         }
-        assert!(std::time::Instant::now() < end, "condition not met within {secs}s");
+        assert!(
+            std::time::Instant::now() < end,
+            "condition not met within {secs}s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
