@@ -221,6 +221,19 @@ fn parse_time(s: Option<&str>) -> Option<DateTime<Utc>> {
     s.and_then(|s| DateTime::parse_from_rfc3339(s).ok()).map(|t| t.with_timezone(&Utc))
 }
 
+impl KubeBackend {
+    async fn apply(&self, namespace: &str, name: &str, task: &AgentTask, inputs: &[ConfigMap]) -> Result<(), BackendError> {
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        for cm in inputs {
+            cms.patch(&cm.name_any(), &pp, &Patch::Apply(cm)).await.map_err(unavailable)?;
+        }
+        let api: Api<AgentTask> = Api::namespaced(self.client.clone(), namespace);
+        api.patch(name, &pp, &Patch::Apply(task)).await.map_err(unavailable)?;
+        Ok(())
+    }
+}
+
 /// The run an AgentTask of ours stands for.
 fn run_key(task: &AgentTask) -> Option<RunKey> {
     let a = task.spec.admission.as_ref()?;
@@ -243,6 +256,11 @@ impl Backend for KubeBackend {
         Capabilities { isolation: BackendIsolation::Any, runs_survive_restart: true, max_runs: self.settings.max_runs }
     }
 
+    /// Registers the run and applies its AgentTask in the background, so that a slow API server
+    /// never holds up the executor's loop (hundreds of launches at once would otherwise delay
+    /// its lease renewals). Server-side apply is idempotent: a failed apply is retried with
+    /// backoff while the run is watched; one the API server refuses ends the run as a
+    /// `BackendError`.
     fn launch(self: Arc<Self>, job: Job, events: EventSink) -> BoxFuture<'static, Result<(), BackendError>> {
         Box::pin(async move {
             self.set_sink(events);
@@ -250,22 +268,40 @@ impl Backend for KubeBackend {
             let backend = if job.isolation == "standard" { TaskBackend::Podjob } else { TaskBackend::Runtimeclass };
             let (task, inputs) = materialize::agent_task(&job, &namespace, backend, self.settings.ttl_seconds_after_finished);
             let name = task.name_any();
-            self.runs.lock().expect("not poisoned").entry(job.key).or_insert(Run { namespace: namespace.clone(), name: name.clone(), reported: 0 });
-            self.ensure_watching();
-            let pp = PatchParams::apply(FIELD_MANAGER).force();
-            let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &namespace);
-            let applied = async {
-                for cm in &inputs {
-                    cms.patch(&cm.name_any(), &pp, &Patch::Apply(cm)).await?;
+            let key = job.key;
+            {
+                let mut runs = self.runs.lock().expect("not poisoned");
+                if runs.contains_key(&key) {
+                    return Ok(());
                 }
-                let api: Api<AgentTask> = Api::namespaced(self.client.clone(), &namespace);
-                api.patch(&name, &pp, &Patch::Apply(&task)).await
+                runs.insert(key, Run { namespace: namespace.clone(), name: name.clone(), reported: 0 });
             }
-            .await;
-            if let Err(e) = applied {
-                self.runs.lock().expect("not poisoned").remove(&job.key);
-                return Err(unavailable(e));
-            }
+            self.ensure_watching();
+            let this = self.clone();
+            tokio::spawn(async move {
+                let mut wait = std::time::Duration::from_millis(200);
+                loop {
+                    match this.apply(&namespace, &name, &task, &inputs).await {
+                        Ok(()) => return,
+                        Err(BackendError::Refused(why)) => {
+                            tracing::error!(run = %key, %why, "the API server refused the AgentTask");
+                            if this.runs.lock().expect("not poisoned").remove(&key).is_some() {
+                                let outcome = Outcome::backend_error(format!("the AgentTask was refused: {why}"), Utc::now());
+                                this.send(key, RunEvent::Finished(outcome));
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            if !this.runs.lock().expect("not poisoned").contains_key(&key) || this.stop.is_cancelled() {
+                                return;
+                            }
+                            tracing::warn!(run = %key, error = %e, "applying the AgentTask failed; retrying");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                        }
+                    }
+                }
+            });
             Ok(())
         })
     }
