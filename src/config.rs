@@ -354,6 +354,22 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_settings_come_from_flags_then_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("agenttask.toml");
+        std::fs::write(&cfg, "[kubernetes]\nnamespace = \"from-file\"\npython_image = \"py:file\"\n").unwrap();
+        let mut args = ServeArgs { config: Some(cfg.clone()), ..Default::default() };
+        args.kube.python_image = Some("py:flag".into());
+        let s = Settings::resolve(args).unwrap();
+        assert_eq!(s.kube.namespaces, crate::kube::Namespaces::Single("from-file".into()));
+        assert_eq!(s.kube.pods.python_image, "py:flag");
+        assert_eq!(s.kube.pods.r_image, crate::kube::PodSettings::default().r_image);
+        let mut args = ServeArgs { config: Some(cfg), ..Default::default() };
+        args.kube.kube_backend = Some(crate::kube::KubeBackendKind::Sandbox);
+        assert!(Settings::resolve(args).unwrap_err().contains("issue 12"));
+    }
+
+    #[test]
     fn bad_settings_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("x.toml");

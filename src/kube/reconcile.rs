@@ -215,7 +215,6 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
         return Ok(Action::requeue(Duration::from_secs(300)));
     };
     let observed = observe(&pod, ctx.settings.image_pull_grace, Utc::now());
-    let timeout = task.spec.timeout_seconds.unwrap_or(ctx.settings.defaults.timeout_seconds);
     let action = match observed {
         Observed::Pending { retry_in } => retry_in.map_or(Action::requeue(Duration::from_secs(300)), Action::requeue),
         Observed::Scheduled => {
@@ -259,7 +258,6 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
             if matches!(outcome.termination, Termination::ImagePullFailed(_)) {
                 delete_ignoring_missing(&pods, &pod_name).await?;
             }
-            let _ = timeout;
             finish(ctx, task, &mut status, &outcome, parsed.as_ref()).await?;
             requeue_for_ttl(task, &status)
         }

@@ -21,7 +21,6 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A running emulator, killed on drop.
 pub struct Sim {
     child: Child,
-    pub url: String,
     pub dir: tempfile::TempDir,
 }
 
@@ -62,7 +61,7 @@ impl Sim {
             format!("apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: {url}\ncontexts:\n- name: sim\n  context:\n    cluster: sim\n    user: sim\n    namespace: agenttask\ncurrent-context: sim\nusers:\n- name: sim\n  user: {{}}\n"),
         )
         .unwrap();
-        let sim = Sim { child, url, dir };
+        let sim = Sim { child, dir };
         // What an operator does: the CRD (as generated), the task namespace, the RuntimeClass.
         let root = env!("CARGO_MANIFEST_DIR");
         sim.kubectl_ok(&["apply", "--server-side", "-f", &format!("{root}/deploy/crd.yaml")]);
