@@ -79,10 +79,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: our error types already quote their cause in their
+/// message (so logs show it), and `{:#}` would print it again after them.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn init_logs(format: Option<LogFormat>) {
@@ -113,4 +127,23 @@ async fn stop_on_signal() {
         _ = int.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot reach X: {0}")]
+    struct Quotes(#[source] std::io::Error);
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        // A cause already in the message is not repeated ...
+        assert_eq!(report(&anyhow::Error::new(Quotes(refused()))), "cannot reach X: refused");
+        // ... one that is not, is added.
+        let e = anyhow::Error::new(refused()).context("starting");
+        assert_eq!(report(&e), "starting: refused");
+    }
 }
