@@ -334,6 +334,16 @@ async fn launched_run(h: &Harness, task: Uuid) -> RunKey {
     *h.backend.launched().iter().find(|k| k.task_id == task).unwrap()
 }
 
+/// A task admitted, launched and reported running: its id and run.
+async fn a_running_task(h: &Harness) -> (Uuid, RunKey) {
+    let task = h.store.admit();
+    h.wake.notify_one();
+    let key = launched_run(h, task).await;
+    h.backend.emit(key, RunEvent::Running { at: Utc::now() });
+    until("Running", || h.store.get(task).phase == Phase::Running).await;
+    (task, key)
+}
+
 #[tokio::test]
 async fn phases_follow_the_backend_and_the_outcome_is_written_once() {
     let h = start(Arc::default(), Arc::default());
@@ -350,9 +360,12 @@ async fn phases_follow_the_backend_and_the_outcome_is_written_once() {
     until("Running", || h.store.get(task).phase == Phase::Running).await;
     h.backend.finish_ok(key);
     until("Succeeded", || h.store.get(task).phase == Phase::Succeeded).await;
-    // A duplicate Finished changes nothing.
+    // A duplicate Finished changes nothing. Events are handled in order, so once a later run's
+    // outcome is written, the duplicate before it has been handled.
     h.backend.finish_ok(key);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (later, later_key) = a_running_task(&h).await;
+    h.backend.finish_ok(later_key);
+    until("the later run is written", || h.store.get(later).phase == Phase::Succeeded).await;
     assert_eq!(h.store.get(task).finishes, 1);
     h.stop().await;
 }
@@ -418,11 +431,7 @@ async fn cancel_stops_a_run_in_every_phase_and_ignores_finished_ones() {
 #[tokio::test]
 async fn a_stale_attempts_late_event_is_ignored() {
     let h = start(Arc::default(), Arc::default());
-    let task = h.store.admit();
-    h.wake.notify_one();
-    let key = launched_run(&h, task).await;
-    h.backend.emit(key, RunEvent::Running { at: Utc::now() });
-    until("Running", || h.store.get(task).phase == Phase::Running).await;
+    let (task, key) = a_running_task(&h).await;
     // An event of attempt 0 (an earlier run) arrives late, on the same channel.
     let stale = RunKey { task_id: task, attempt: key.attempt - 1 };
     let sink = h.backend.sinks.lock().unwrap()[&key].clone();
@@ -445,16 +454,13 @@ async fn runs_that_survive_a_restart_are_adopted_and_stale_ones_stopped() {
     let task = store.admit();
     let old = store.admit();
     let earlier = Uuid::new_v4();
-    store.update(task, |t| {
-        t.phase = Phase::Running;
-        t.attempt = 2;
-        t.owner = Some(earlier);
-    });
-    store.update(old, |t| {
-        t.phase = Phase::Running;
-        t.attempt = 2;
-        t.owner = Some(earlier);
-    });
+    for t in [task, old] {
+        store.update(t, |t| {
+            t.phase = Phase::Running;
+            t.attempt = 2;
+            t.owner = Some(earlier);
+        });
+    }
     let current = RunKey { task_id: task, attempt: 2 };
     let stale = RunKey { task_id: old, attempt: 1 };
     let backend = Arc::new(FakeBackend { survives: true, leftover: vec![current, stale], ..Default::default() });
@@ -473,11 +479,7 @@ async fn runs_that_survive_a_restart_are_adopted_and_stale_ones_stopped() {
 #[tokio::test]
 async fn shutdown_hands_back_runs_that_die_with_the_process_and_keeps_those_that_survive() {
     let h = start(Arc::default(), Arc::default());
-    let task = h.store.admit();
-    h.wake.notify_one();
-    let key = launched_run(&h, task).await;
-    h.backend.emit(key, RunEvent::Running { at: Utc::now() });
-    until("Running", || h.store.get(task).phase == Phase::Running).await;
+    let (task, _) = a_running_task(&h).await;
     let store = h.store.clone();
     h.stop().await;
     assert_eq!(store.get(task).phase, Phase::Pending, "handed back for another attempt");
@@ -485,11 +487,7 @@ async fn shutdown_hands_back_runs_that_die_with_the_process_and_keeps_those_that
 
     let backend = Arc::new(FakeBackend { survives: true, ..Default::default() });
     let h = start(Arc::default(), backend);
-    let task = h.store.admit();
-    h.wake.notify_one();
-    let key = launched_run(&h, task).await;
-    h.backend.emit(key, RunEvent::Running { at: Utc::now() });
-    until("Running", || h.store.get(task).phase == Phase::Running).await;
+    let (task, _) = a_running_task(&h).await;
     let store = h.store.clone();
     h.stop().await;
     assert_eq!(store.get(task).phase, Phase::Running, "left running for the next process");
