@@ -106,15 +106,6 @@ impl InProcessRuns {
         self.tracker.wait().await;
     }
 
-    /// How many runs are alive.
-    pub fn len(&self) -> usize {
-        self.runs.lock().expect("not poisoned").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn stop(&self, key: Option<RunKey>, stop: Stop) {
         let runs = self.runs.lock().expect("not poisoned");
         for (k, (token, why)) in runs.iter() {
