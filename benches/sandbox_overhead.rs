@@ -47,6 +47,7 @@ async fn main() {
         batch_id: None,
         priority: 0,
         artifact_quota_bytes: 1 << 30,
+        kube_object: None,
     };
     // Warm-up (page cache, first cgroup creation).
     for _ in 0..3 {

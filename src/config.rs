@@ -112,6 +112,99 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTTASK_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// `--backend kubernetes` settings; the `[kubernetes]` table of `agenttask.toml`.
+    #[command(flatten)]
+    #[serde(default, rename = "kubernetes")]
+    pub kube: KubeArgs,
+}
+
+/// Settings of `--backend kubernetes` (the README's Kubernetes section lists the defaults).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeArgs {
+    /// kubeconfig file to use [default: as kube-rs finds it: $KUBECONFIG, ~/.kube/config, in-cluster]
+    #[arg(long, env = "AGENTTASK_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes flavour of standard tasks: podjob (a hardened Pod) or sandbox [default: podjob]
+    #[arg(long, env = "AGENTTASK_KUBE_BACKEND", value_enum)]
+    pub kube_backend: Option<crate::kube::KubeBackendKind>,
+    /// Namespace of AgentTasks and their pods [default: agenttask]
+    #[arg(long, env = "AGENTTASK_NAMESPACE", conflicts_with = "namespace_per_tenant")]
+    pub namespace: Option<String>,
+    /// One namespace per tenant, agenttask-<tenant> (they must exist); AgentTasks applied directly
+    /// in such a namespace belong to its tenant
+    #[arg(long, env = "AGENTTASK_NAMESPACE_PER_TENANT")]
+    #[serde(default)]
+    pub namespace_per_tenant: bool,
+    /// Image of Python tasks [default: python:3.12-slim]
+    #[arg(long, env = "AGENTTASK_PYTHON_IMAGE")]
+    pub python_image: Option<String>,
+    /// Image of R tasks [default: r-base:4.4.1]
+    #[arg(long, env = "AGENTTASK_R_IMAGE")]
+    pub r_image: Option<String>,
+    /// Seconds a pod may fail to pull its image before the task fails (ImagePullFailed) [default: 120]
+    #[arg(long, env = "AGENTTASK_IMAGE_PULL_GRACE_SECONDS")]
+    pub image_pull_grace_seconds: Option<u64>,
+    /// Task label prefixes copied to pods as annotations, comma-separated [default: none]
+    #[arg(long, env = "AGENTTASK_POD_ANNOTATION_PREFIXES", value_delimiter = ',')]
+    pub pod_annotation_prefixes: Option<Vec<String>>,
+    /// Seconds a finished AgentTask is kept [default: 3600]
+    #[arg(long, env = "AGENTTASK_TTL_SECONDS_AFTER_FINISHED")]
+    pub ttl_seconds_after_finished: Option<u32>,
+}
+
+impl KubeArgs {
+    fn or(self, file: KubeArgs) -> KubeArgs {
+        KubeArgs {
+            kubeconfig: self.kubeconfig.or(file.kubeconfig),
+            kube_backend: self.kube_backend.or(file.kube_backend),
+            namespace: self.namespace.or(file.namespace),
+            namespace_per_tenant: self.namespace_per_tenant || file.namespace_per_tenant,
+            python_image: self.python_image.or(file.python_image),
+            r_image: self.r_image.or(file.r_image),
+            image_pull_grace_seconds: self.image_pull_grace_seconds.or(file.image_pull_grace_seconds),
+            pod_annotation_prefixes: self.pod_annotation_prefixes.or(file.pod_annotation_prefixes),
+            ttl_seconds_after_finished: self.ttl_seconds_after_finished.or(file.ttl_seconds_after_finished),
+        }
+    }
+
+    fn resolve(self, output_limit_bytes: usize) -> Result<crate::kube::KubeSettings, SettingsError> {
+        use crate::kube::{KubeBackendKind, KubeSettings, Namespaces};
+        if self.kube_backend == Some(KubeBackendKind::Sandbox) {
+            return Err(invalid(
+                "--kube-backend",
+                "sandbox (agent-sandbox Sandboxes) is not available yet; use podjob",
+            ));
+        }
+        if self.namespace_per_tenant && self.namespace.is_some() {
+            return Err(invalid("--namespace", "cannot be combined with --namespace-per-tenant"));
+        }
+        let mut k = KubeSettings::default();
+        if self.namespace_per_tenant {
+            k.namespaces = Namespaces::PerTenant { prefix: crate::kube::TENANT_NAMESPACE_PREFIX.into() };
+        } else if let Some(ns) = self.namespace {
+            crate::kube::check_namespace_name(&ns).map_err(|e| invalid("--namespace", e))?;
+            k.namespaces = Namespaces::Single(ns);
+        }
+        if let Some(i) = self.python_image {
+            k.pods.python_image = i;
+        }
+        if let Some(i) = self.r_image {
+            k.pods.r_image = i;
+        }
+        if let Some(s) = self.image_pull_grace_seconds {
+            k.image_pull_grace = std::time::Duration::from_secs(s);
+        }
+        if let Some(p) = self.pod_annotation_prefixes {
+            k.pods.annotation_prefixes = p.into_iter().filter(|p| !p.is_empty()).collect();
+        }
+        if let Some(t) = self.ttl_seconds_after_finished {
+            k.ttl_seconds_after_finished = t;
+        }
+        k.pods.output_limit_bytes = output_limit_bytes;
+        k.kubeconfig = self.kubeconfig;
+        Ok(k)
+    }
 }
 
 /// Why the settings cannot be resolved; each names the setting or file to fix.
@@ -191,6 +284,8 @@ pub struct Settings {
     pub capacity_memory_bytes: Option<u64>,
     /// Usage-history half-life; zero disables the history term.
     pub usage_half_life: std::time::Duration,
+    /// `--backend kubernetes` settings.
+    pub kube: crate::kube::KubeSettings,
 }
 
 /// This host's CPUs (as far as the process may use them: affinity and cgroup quota), in
@@ -207,7 +302,10 @@ impl Settings {
             let p = PathBuf::from("tenants.toml");
             p.exists().then_some(p)
         });
+        let output_limit_bytes = args.output_limit_bytes.or(file.output_limit_bytes).unwrap_or(1 << 20);
+        let kube = args.kube.or(file.kube).resolve(output_limit_bytes)?;
         let settings = Settings {
+            kube,
             database_url: args.database_url.or(file.database_url).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
             amqp_url: args.amqp_url.or(file.amqp_url).unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned()),
             tenants_path,
@@ -220,7 +318,7 @@ impl Settings {
             max_running: args.max_running.or(file.max_running).unwrap_or(8),
             prefetch: args.prefetch.or(file.prefetch).unwrap_or(16),
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/agenttask")),
-            output_limit_bytes: args.output_limit_bytes.or(file.output_limit_bytes).unwrap_or(1 << 20),
+            output_limit_bytes,
             database_pool_size: args.database_pool_size.or(file.database_pool_size).unwrap_or(32),
             admin_token: args.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             capacity_cpu_millis: args
@@ -314,6 +412,32 @@ mod tests {
         assert_eq!(s.capacity_cpu_millis, Some(cpus * 1000));
         let s = Settings::resolve(ServeArgs { capacity_cpu: Some("64".into()), ..Default::default() }).unwrap();
         assert_eq!(s.capacity_cpu_millis, Some(64_000));
+    }
+
+    #[test]
+    fn kubernetes_settings_come_from_flags_then_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("agenttask.toml");
+        std::fs::write(&cfg, "[kubernetes]\nnamespace = \"from-file\"\npython_image = \"py:file\"\n").unwrap();
+        let mut args = ServeArgs { config: Some(cfg.clone()), ..Default::default() };
+        args.kube.python_image = Some("py:flag".into());
+        let s = Settings::resolve(args).unwrap();
+        assert_eq!(s.kube.namespaces, crate::kube::Namespaces::Single("from-file".into()));
+        assert_eq!(s.kube.pods.python_image, "py:flag");
+        assert_eq!(s.kube.pods.r_image, crate::kube::PodSettings::default().r_image);
+        for (kube, setting) in [
+            (
+                KubeArgs { kube_backend: Some(crate::kube::KubeBackendKind::Sandbox), ..Default::default() },
+                "--kube-backend",
+            ),
+            (KubeArgs { namespace: Some("Not_A_Namespace".into()), ..Default::default() }, "--namespace"),
+        ] {
+            let args = ServeArgs { config: Some(cfg.clone()), kube, ..Default::default() };
+            match Settings::resolve(args) {
+                Err(SettingsError::Invalid { setting: s, .. }) => assert_eq!(s, setting),
+                other => panic!("{setting}: {other:?}"),
+            }
+        }
     }
 
     #[test]

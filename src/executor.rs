@@ -188,6 +188,12 @@ impl Executor {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                // Before events: a steady stream of them (hundreds of pods changing) must not
+                // starve lease renewal, or the scheduler reaps runs that are alive.
+                _ = heartbeat.tick() => {
+                    self.heartbeat(owner, &watched).await;
+                    claim_now = true;
+                }
                 Some(event) = events.recv() => self.on_event(event, &mut watched, &writers, &done_tx).await,
                 Some(task_id) = done.recv() => {
                     watched.remove(&task_id);
@@ -201,10 +207,6 @@ impl Executor {
                 _ = self.wake.notified() => claim_now = true,
                 _ = retry => {
                     retry_claim_at = None;
-                }
-                _ = heartbeat.tick() => {
-                    self.heartbeat(owner, &watched).await;
-                    claim_now = true;
                 }
             }
         }
@@ -485,6 +487,7 @@ fn job_of(task: &ClaimedTask, artifact_quota_bytes: u64) -> Result<Job, String> 
         batch_id: task.batch_id.clone(),
         priority: task.priority,
         artifact_quota_bytes,
+        kube_object: task.kube_object.clone(),
     })
 }
 

@@ -12,6 +12,7 @@
 //! - [`executor`]: claims admitted tasks and runs them on a [`exec::Backend`].
 //! - [`exec`]: the execution seam (launch, observe, cancel, adopt) and its backends: the local
 //!   bubblewrap sandbox and the null backend.
+//! - [`kube`]: the Kubernetes backends: the AgentTask CRD, pod builders, reconciler, backend.
 //! - [`sandbox`]: pure sandbox policy: bubblewrap arguments, seccomp filter, limits, cgroup paths.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the task API.
 //! - [`readiness`]: what each component says about its connections, for `/readyz`.
@@ -28,6 +29,7 @@ pub mod domain;
 pub mod exec;
 pub mod executor;
 pub mod http;
+pub mod kube;
 pub mod metrics;
 pub mod readiness;
 pub mod retry;

@@ -91,7 +91,7 @@ fn isolation_of(kind: BackendKind) -> BackendIsolation {
 /// The backend executors use, and the local one again when it is local (for its housekeeping).
 type Backends = (Arc<dyn Backend>, Option<Arc<LocalBackend>>);
 
-fn build_backend(settings: &Settings) -> anyhow::Result<Backends> {
+async fn build_backend(settings: &Settings, tenants: &watch::Sender<Arc<Tenants>>) -> anyhow::Result<Backends> {
     match settings.backend {
         BackendKind::Local => {
             let mut config = LocalConfig::new(settings.data_dir.clone());
@@ -107,9 +107,16 @@ fn build_backend(settings: &Settings) -> anyhow::Result<Backends> {
             Ok((Arc::new(NullBackend), None))
         }
         BackendKind::Kubernetes => {
-            anyhow::bail!("--backend kubernetes is not available in this build yet; use --backend local")
+            let client = kube_client(settings).await?;
+            let backend = crate::kube::backend::KubeBackend::new(client, settings.kube.clone(), tenants.subscribe());
+            Ok((Arc::new(backend), None))
         }
     }
+}
+
+/// A Kubernetes client (see `--kubeconfig`).
+async fn kube_client(settings: &Settings) -> anyhow::Result<::kube::Client> {
+    crate::kube::client(&settings.kube).await.map_err(|e| anyhow::anyhow!("--backend kubernetes: {e}"))
 }
 
 /// Runs the service until `shutdown` is cancelled, or until a component stops on its own (then
@@ -123,8 +130,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
              or run `agentctl tenant apply -f FILE`"
         );
     }
-    let backend = if settings.runs(Component::Executor) { Some(build_backend(&settings)?) } else { None };
     let tenants = Arc::new(watch::Sender::new(Arc::new(initial)));
+    let backend =
+        if settings.runs(Component::Executor) { Some(build_backend(&settings, &tenants).await?) } else { None };
     let metrics = Metrics::new();
     let wakes = Arc::new(Wakes::default());
     let readiness = Arc::new(crate::readiness::Readiness::new());
@@ -202,6 +210,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         sup.spawn("executor", executor.run(shutdown.clone()));
         if let Some(local) = local {
             sup.spawn("artifact-sweeper", sweep_artifacts(local, shutdown.clone()));
+        }
+        if settings.backend == BackendKind::Kubernetes {
+            // Runs in every executor process; one at a time reconciles (a Postgres lock).
+            let client = kube_client(&settings).await?;
+            let reconciler = crate::kube::reconcile::run(
+                client,
+                settings.kube.clone(),
+                metrics.clone(),
+                store.clone(),
+                tenants.subscribe(),
+                shutdown.clone(),
+            );
+            sup.spawn("reconciler", reconciler);
         }
     }
     if settings.runs(Component::Publisher) {

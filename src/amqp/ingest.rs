@@ -352,6 +352,7 @@ async fn store(
                         reply: reply.as_reply_to(),
                         correlation_id,
                         submitted_at: received_at,
+                        kube_object: None,
                     },
                     fresh,
                 )
@@ -395,6 +396,7 @@ async fn store_rejection(
                 message: &rejection.message,
                 reply: reply.as_reply_to(),
                 correlation_id,
+                kube_object: None,
             },
             fresh,
         )

@@ -36,11 +36,27 @@ enum Command {
     Serve(ServeArgs),
     /// Create the database if needed and apply migrations, then exit.
     Migrate(ServeArgs),
+    /// Print the AgentTask CustomResourceDefinition as YAML (deploy/crd.yaml is this output).
+    ///
+    /// Example: agenttask crd | kubectl apply -f -
+    Crd,
+    /// Print, as YAML, every Kubernetes object a task would become (a dry run; no cluster needed).
+    ///
+    /// Example: agenttask render --backend podjob --tenant acme task.json
+    Render(agenttask::kube::render::RenderArgs),
 }
 
 fn main() -> ExitCode {
     agenttask::amqp::reserve_parser_stack();
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Crd => {
+            print!("{}", agenttask::kube::crd::crd_yaml());
+            return ExitCode::SUCCESS;
+        }
+        Command::Render(args) => return agenttask::kube::render::main(args),
+        Command::Serve(_) | Command::Migrate(_) => {}
+    }
     init_logs(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -74,6 +90,7 @@ fn main() -> ExitCode {
                 eprintln!("migrations applied to {}", agenttask::store::redact(&settings.database_url));
                 Ok(())
             }
+            Command::Crd | Command::Render(_) => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

@@ -73,6 +73,10 @@ pub struct TenantPolicy {
     /// task's artifacts are not stored (the task still succeeds, its result says so).
     #[serde(default = "default_max_artifact_bytes")]
     pub max_artifact_bytes: u64,
+    /// Kubernetes namespaces whose directly applied AgentTasks belong to this tenant (with one
+    /// namespace for every task; `--namespace-per-tenant` maps namespaces by name instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
 }
 
 fn default_max_artifact_bytes() -> u64 {
@@ -97,6 +101,7 @@ impl Default for TenantPolicy {
             max_code_bytes: 1 << 20,
             isolation: vec!["standard".to_owned()],
             max_artifact_bytes: default_max_artifact_bytes(),
+            namespaces: Vec::new(),
         }
     }
 }
@@ -119,6 +124,7 @@ struct PolicyPatch {
     max_code_bytes: Option<u64>,
     isolation: Option<Vec<String>>,
     max_artifact_bytes: Option<u64>,
+    namespaces: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +162,9 @@ impl PolicyPatch {
         p.max_artifact_bytes = self.max_artifact_bytes.unwrap_or(p.max_artifact_bytes);
         if let Some(iso) = &self.isolation {
             p.isolation = iso.clone();
+        }
+        if let Some(ns) = &self.namespaces {
+            p.namespaces = ns.clone();
         }
         // `burst` follows `rate_per_second` unless some table set it explicitly.
         let burst_set = burst_set || self.burst.is_some();
@@ -209,6 +218,11 @@ impl TenantPolicy {
                 return Err(format!("isolation {iso:?} is neither \"standard\" nor a runtime class name"));
             }
         }
+        for ns in &self.namespaces {
+            // A namespace name is an RFC 1123 label, the same shape as a tenant name.
+            TenantName::parse(ns)
+                .map_err(|_| format!("namespaces: {ns:?} is not a valid Kubernetes namespace name"))?;
+        }
         Ok(())
     }
 }
@@ -219,12 +233,21 @@ pub fn parse_tenants(text: &str) -> Result<Tenants, String> {
     let (defaults, burst_set) =
         raw.defaults.apply(&TenantPolicy::default(), false).map_err(|e| format!("[defaults] {e}"))?;
     defaults.check().map_err(|e| format!("[defaults] {e}"))?;
+    if raw.defaults.namespaces.is_some() {
+        return Err("[defaults] namespaces: a namespace belongs to one tenant; set it in that tenant's table".into());
+    }
     let mut tenants = Tenants::new();
+    let mut owners: BTreeMap<String, String> = BTreeMap::new();
     for (name, patch) in raw.tenants {
         let tenant = TenantName::parse(&name).map_err(|e| format!("[tenants.{name}] {e}"))?;
         let (policy, _) =
             patch.unwrap_or_default().apply(&defaults, burst_set).map_err(|e| format!("[tenants.{name}] {e}"))?;
         policy.check().map_err(|e| format!("[tenants.{name}] {e}"))?;
+        for ns in &policy.namespaces {
+            if let Some(other) = owners.insert(ns.clone(), name.clone()) {
+                return Err(format!("[tenants.{name}] namespaces: {ns:?} already belongs to tenant {other}"));
+            }
+        }
         tenants.insert(tenant, policy);
     }
     Ok(tenants)
@@ -257,12 +280,14 @@ mod tests {
             [tenants.acme]
             weight = 3
             max_concurrency = 32
+            namespaces = ["acme-evals"]
 
             [tenants.globex]
         "#;
         let t = parse_tenants(text).unwrap();
         let acme = &t[&TenantName::parse("acme").unwrap()];
         assert_eq!((acme.weight, acme.max_concurrency, acme.burst), (3, 32, 50));
+        assert_eq!(acme.namespaces, ["acme-evals"]);
         let globex = &t[&TenantName::parse("globex").unwrap()];
         assert_eq!(globex.max_concurrency, 8);
         assert_eq!(globex.max_memory_bytes, 1 << 30);
@@ -284,6 +309,9 @@ mod tests {
             ("[tenants.a]\nmax_conccurency = 3", "max_conccurency"),
             ("[defaults]\ndefault_timeout_seconds = 900", "default_timeout_seconds"),
             ("[tenants.a]\nisolation = [\"../x\"]", "isolation"),
+            ("[tenants.a]\nnamespaces = [\"Evals\"]", "namespaces"),
+            ("[tenants.a]\nnamespaces = [\"x\"]\n[tenants.b]\nnamespaces = [\"x\"]", "already belongs to tenant a"),
+            ("[defaults]\nnamespaces = [\"x\"]", "[defaults] namespaces"),
         ];
         for (text, needle) in cases {
             let err = parse_tenants(text).unwrap_err();

@@ -74,6 +74,9 @@ pub struct Job {
     pub priority: i16,
     /// The tenant's artifact storage quota (`max_artifact_bytes`), over everything retained.
     pub artifact_quota_bytes: u64,
+    /// `namespace/name` of the AgentTask a user applied directly (the Kubernetes backend runs
+    /// it in that object instead of making one); `None` for tasks from RabbitMQ.
+    pub kube_object: Option<String>,
 }
 
 impl Job {

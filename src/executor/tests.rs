@@ -100,6 +100,7 @@ impl ExecutorStore for FakeStore {
                     labels: Json(Default::default()),
                     batch_id: None,
                     priority: 0,
+                    kube_object: None,
                 });
             }
         }
@@ -508,6 +509,7 @@ fn a_stored_task_without_its_program_is_refused_not_guessed() {
         labels: Json(Default::default()),
         batch_id: None,
         priority: 0,
+        kube_object: None,
     };
     let err = job_of(&claimed, 1 << 30).unwrap_err();
     assert!(err.contains("no language"), "{err}");

@@ -25,6 +25,9 @@ pub struct NewTask<'a> {
     pub correlation_id: Option<&'a str>,
     /// When ingest received it; orders the tenant's queue.
     pub submitted_at: DateTime<Utc>,
+    /// `namespace/name` of the AgentTask it was applied as, for a task that came from
+    /// Kubernetes instead of RabbitMQ: it has no reply queue (`reply` is empty and unused).
+    pub kube_object: Option<&'a str>,
 }
 
 /// A refused message, stored as a `Rejected` task so it stays queryable and idempotent.
@@ -37,6 +40,8 @@ pub struct NewRejection<'a> {
     pub message: &'a str,
     pub reply: ReplyTo<'a>,
     pub correlation_id: Option<&'a str>,
+    /// As [`NewTask::kube_object`].
+    pub kube_object: Option<&'a str>,
 }
 
 /// What an insert did.
@@ -70,8 +75,8 @@ pub async fn insert_task(conn: &mut PgConnection, t: &NewTask<'_>, replace_rejec
     let inserted = sqlx::query_scalar!(
         "insert into agenttask.tasks (task_id, tenant, client_id, batch_id, language, phase, \
            priority, timeout_seconds, cpu_millis, memory_bytes, isolation, labels, program, \
-           reply_exchange, reply_routing_key, correlation_id, submitted_at) \
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+           reply_exchange, reply_routing_key, correlation_id, submitted_at, kube_object) \
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
          on conflict (tenant, client_id) where client_id is not null do nothing \
          returning task_id",
         Uuid::new_v4(),
@@ -90,7 +95,8 @@ pub async fn insert_task(conn: &mut PgConnection, t: &NewTask<'_>, replace_rejec
         t.reply.exchange,
         t.reply.routing_key,
         correlation_id.as_deref(),
-        t.submitted_at
+        t.submitted_at,
+        t.kube_object
     )
     .fetch_optional(&mut *tx)
     .await?;
@@ -115,8 +121,8 @@ pub async fn insert_rejection(
     }
     let inserted = sqlx::query_scalar!(
         "insert into agenttask.tasks (task_id, tenant, client_id, batch_id, language, phase, \
-           reason, message, reply_exchange, reply_routing_key, correlation_id, finished_at) \
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now()) \
+           reason, message, reply_exchange, reply_routing_key, correlation_id, kube_object, finished_at) \
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now()) \
          on conflict (tenant, client_id) where client_id is not null do nothing \
          returning task_id",
         Uuid::new_v4(),
@@ -129,7 +135,8 @@ pub async fn insert_rejection(
         &*message,
         r.reply.exchange,
         r.reply.routing_key,
-        correlation_id.as_deref()
+        correlation_id.as_deref(),
+        r.kube_object
     )
     .fetch_optional(&mut *tx)
     .await?;

@@ -5,6 +5,7 @@
 //! - one module per consumer: `ingest` (idempotent inserts, backlog), `admission` (the
 //!   scheduler's round), `runs` (executors: claims, leases, transitions, cancellation), `api`
 //!   (reads for the task API), `tenants` (the configured tenants mirrored for the SQL views).
+//! - `kube`: what the Kubernetes reconciler asks about directly applied and admitted AgentTasks.
 //! - `outbox`: results waiting to be published.
 //! - `sql_types`: how `Phase`, `Reason` and `Language` are stored.
 //!
@@ -16,6 +17,7 @@
 mod admission;
 mod api;
 mod ingest;
+mod kube;
 pub mod notify;
 mod outbox;
 mod runs;
@@ -26,6 +28,7 @@ mod tenants;
 pub use admission::{acquire_leadership, reject_queued, AdmissionRound, Admitted, QueuedHead, RunningUsage};
 pub use api::{find_task, position, Position};
 pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, queued_up_to, Inserted, NewRejection, NewTask};
+pub use kube::KubeTask;
 pub use outbox::{OutboxBatch, OutboxMessage};
 pub use runs::{finish, AdoptedRun, CancelOutcome, ClaimedTask};
 pub use tasks::{fetch_row, ReplyTo, TaskRow};

@@ -35,6 +35,8 @@ pub struct ClaimedTask {
     pub labels: Json<std::collections::BTreeMap<String, String>>,
     pub batch_id: Option<String>,
     pub priority: i16,
+    /// `namespace/name` of the AgentTask it was applied as (Kubernetes only), else `None`.
+    pub kube_object: Option<String>,
 }
 
 /// A run that an earlier process launched and this one now watches.
@@ -124,7 +126,7 @@ impl Store {
                  t.program as "program: Json<Program>", t.timeout_seconds, t.cpu_millis,
                  t.memory_bytes, t.isolation,
                  t.labels as "labels: Json<std::collections::BTreeMap<String, String>>",
-                 t.batch_id, t.priority"#,
+                 t.batch_id, t.priority, t.kube_object"#,
             owner,
             limit,
             lease.as_secs_f64()

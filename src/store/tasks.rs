@@ -115,13 +115,21 @@ pub(super) async fn queue_result_of(conn: &mut PgConnection, task_id: Uuid) -> R
     let row = fetch_row(&mut *conn, task_id)
         .await?
         .ok_or_else(|| super::StoreError::Corrupt(format!("task {task_id} vanished inside its own transaction")))?;
-    let route = sqlx::query_as!(
-        ReplyColumns,
-        "select reply_exchange, reply_routing_key, correlation_id from agenttask.tasks where task_id = $1",
+    let route = sqlx::query!(
+        "select reply_exchange, reply_routing_key, correlation_id, kube_object from agenttask.tasks where task_id = $1",
         task_id
     )
     .fetch_one(&mut *conn)
     .await?;
+    if route.kube_object.is_some() {
+        // Applied as an AgentTask: its status is its answer; there is no reply queue.
+        return Ok(());
+    }
+    let route = ReplyColumns {
+        reply_exchange: route.reply_exchange,
+        reply_routing_key: route.reply_routing_key,
+        correlation_id: route.correlation_id,
+    };
     enqueue_result(conn, &row.to_result(), &route).await
 }
 

@@ -28,3 +28,7 @@ mod monitoring;
 
 /// Outages of the broker and the database, through a proxy.
 mod reliability;
+
+/// The Kubernetes backend against the API emulator, and the manifests' schema validation.
+mod kube;
+mod kube_manifests;

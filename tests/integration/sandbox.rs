@@ -56,6 +56,7 @@ fn job(language: Language, code: &str) -> Job {
         batch_id: None,
         priority: 0,
         artifact_quota_bytes: 1 << 30,
+        kube_object: None,
     }
 }
 

@@ -1,0 +1,137 @@
+//! The Kubernetes backends: admitted tasks become `AgentTask` custom resources, and a
+//! controller in the kube-rs `Controller` style turns each into hardened objects (input
+//! ConfigMaps, a default-deny NetworkPolicy, a Pod) and writes what it observes to the
+//! AgentTask's status.
+//!
+//! # Layout
+//! - [`crd`]: the `AgentTask` resource (spec, status, schema validation); `agenttask crd`.
+//! - [`podspec`]: pure builders of every object a task becomes, and the parser of a pod's log;
+//!   `agenttask render` prints their output.
+//! - [`direct`]: pure: AgentTasks users apply themselves: their tenant (from the namespace),
+//!   their validation (the ingest validator), the namespaces to watch.
+//! - [`materialize`]: pure: an admitted [`crate::exec::Job`] → the AgentTask (and, for big
+//!   inputs, the ConfigMaps it refers to).
+//! - [`reconcile`]: the controller (reconcile, error policy, finalizer, Events, TTL and orphan
+//!   cleanup), run by one process at a time under a Postgres advisory lock.
+//! - [`render`]: `agenttask render`, the dry run.
+//! - [`backend`]: the [`crate::exec::Backend`] the executor drives: applies AgentTasks, watches
+//!   their status and reports it as run events; cancels by deleting; adopts after a restart.
+//!
+//! The executor never talks to pods: it only sees the AgentTask's status, so the CR status,
+//! the database row and the result message all come from the same observations.
+
+pub mod backend;
+pub mod crd;
+pub mod direct;
+pub mod materialize;
+pub mod podspec;
+pub mod reconcile;
+pub mod render;
+
+use std::time::Duration;
+
+pub use podspec::{PodSettings, TaskDefaults};
+
+/// Which flavour of the Kubernetes backend runs standard tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KubeBackendKind {
+    /// A hardened Pod and a default-deny NetworkPolicy per task.
+    Podjob,
+    /// kubernetes-sigs agent-sandbox `Sandbox` objects (not available yet).
+    Sandbox,
+}
+
+/// The namespace prefix of `--namespace-per-tenant`: tenant `acme` lives in `agenttask-acme`.
+pub const TENANT_NAMESPACE_PREFIX: &str = "agenttask-";
+
+/// Checks a namespace name as the API server would (an RFC 1123 label).
+pub fn check_namespace_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid namespace name: at most 63 lowercase letters, digits and '-', \
+             starting and ending with a letter or digit"
+        ))
+    }
+}
+
+/// Where AgentTasks live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Namespaces {
+    /// Every task in this namespace.
+    Single(String),
+    /// Each tenant's tasks in `<prefix><tenant>`.
+    PerTenant { prefix: String },
+}
+
+impl Namespaces {
+    pub fn for_tenant(&self, tenant: &str) -> String {
+        match self {
+            Namespaces::Single(ns) => ns.clone(),
+            Namespaces::PerTenant { prefix } => format!("{prefix}{tenant}"),
+        }
+    }
+}
+
+/// Everything the Kubernetes backend and its reconciler need to know.
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    /// A kubeconfig file; without it the client is configured as kube-rs finds it.
+    pub kubeconfig: Option<std::path::PathBuf>,
+    pub namespaces: Namespaces,
+    pub pods: PodSettings,
+    pub defaults: TaskDefaults,
+    /// How long a pod may wait for its image before the task fails with `ImagePullFailed`.
+    pub image_pull_grace: Duration,
+    /// `ttlSecondsAfterFinished` of AgentTasks the service makes.
+    pub ttl_seconds_after_finished: u32,
+    /// How often the reconciler looks for orphaned pods and ConfigMaps.
+    pub orphan_sweep_every: Duration,
+    /// Bound on the runs one executor process watches (bookkeeping only).
+    pub max_runs: usize,
+}
+
+impl Default for KubeSettings {
+    fn default() -> Self {
+        KubeSettings {
+            kubeconfig: None,
+            namespaces: Namespaces::Single("agenttask".into()),
+            pods: PodSettings::default(),
+            defaults: TaskDefaults::default(),
+            image_pull_grace: Duration::from_secs(120),
+            ttl_seconds_after_finished: crd::DEFAULT_TTL_SECONDS,
+            orphan_sweep_every: Duration::from_secs(60),
+            max_runs: 10_000,
+        }
+    }
+}
+
+/// The name of the AgentTask of task `id`.
+pub fn agent_task_name(task_id: uuid::Uuid) -> String {
+    format!("at-{task_id}")
+}
+
+/// A client from `settings.kubeconfig`, or from the kubeconfig or in-cluster configuration as
+/// kube-rs finds it.
+pub async fn client(settings: &KubeSettings) -> Result<::kube::Client, String> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kc = ::kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            ::kube::Config::from_custom_kubeconfig(kc, &::kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => ::kube::Config::infer()
+            .await
+            .map_err(|e| format!("no usable kubeconfig or in-cluster configuration: {e}"))?,
+    };
+    ::kube::Client::try_from(config).map_err(|e| format!("cannot build a Kubernetes client: {e}"))
+}

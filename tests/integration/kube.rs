@@ -1,0 +1,561 @@
+//! The Kubernetes backend against the API emulator (`agenttask-kubesim --kubelet simulate`):
+//! every test has its own emulator on its own port, its own database and its own tenants. The
+//! simulated kubelet takes its script from pod annotations, which reach the pod from the task's
+//! labels because the tests allow the emulator's prefix (`--pod-annotation-prefixes`).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use agenttask::config::{BackendKind, Component, Settings};
+
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A running emulator, killed on drop.
+pub struct Sim {
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+static BUILD: Mutex<()> = Mutex::new(());
+
+/// The emulator binary next to this test's (built by `cargo test --workspace`; built here
+/// when only this package's tests were built).
+fn kubesim_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("agenttask-kubesim");
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "agenttask-kubesim"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building agenttask-kubesim failed");
+    }
+    bin
+}
+
+impl Sim {
+    pub fn start() -> Sim {
+        let mut child = Command::new(kubesim_bin())
+            .args(["--addr", "127.0.0.1:0", "--kubelet", "simulate"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agenttask-kubesim starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line.trim().to_owned();
+        assert!(url.starts_with("http://127.0.0.1:"), "{url:?}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("kubeconfig"),
+            format!("apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: {url}\ncontexts:\n- name: sim\n  context:\n    cluster: sim\n    user: sim\n    namespace: agenttask\ncurrent-context: sim\nusers:\n- name: sim\n  user: {{}}\n"),
+        )
+        .unwrap();
+        let sim = Sim { child, dir };
+        // What an operator does: the CRD (as generated), the task namespace, the RuntimeClass.
+        let root = env!("CARGO_MANIFEST_DIR");
+        sim.kubectl_ok(&["apply", "--server-side", "-f", &format!("{root}/deploy/crd.yaml")]);
+        sim.kubectl_ok(&["apply", "--server-side", "-f", &format!("{root}/deploy/kubernetes/namespaces.yaml")]);
+        sim.kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "-f",
+            &format!("{root}/deploy/kubernetes/runtimeclass-gvisor.yaml"),
+        ]);
+        sim
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// The machine's real kubectl against this emulator.
+    pub fn kubectl(&self, args: &[&str]) -> std::process::Output {
+        Command::new("/usr/bin/kubectl")
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("kubectl runs")
+    }
+
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.kubectl_ok(&a)).unwrap()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kube_settings(env: &Env, sim: &Sim, max_running: u32) -> Settings {
+    let mut s = env.settings(&Component::ALL);
+    s.backend = BackendKind::Kubernetes;
+    s.max_running = max_running;
+    s.kube.kubeconfig = Some(sim.kubeconfig());
+    s.kube.pods.annotation_prefixes = vec!["kubesim.agenttask.io/".into()];
+    s.kube.image_pull_grace = Duration::from_secs(1);
+    s.kube.orphan_sweep_every = Duration::from_secs(1);
+    s
+}
+
+/// A task whose simulated pod does what `script` says (kubesim annotations, without prefix).
+fn task(id: &str, script: &[(&str, &str)]) -> Value {
+    let labels: serde_json::Map<String, Value> =
+        script.iter().map(|(k, v)| (format!("kubesim.agenttask.io/{k}"), json!(v))).collect();
+    json!({"id": id, "language": "python", "code": "print('hi')", "labels": labels, "timeout_seconds": 30})
+}
+
+async fn results(client: &mut Client, n: usize, within: Duration) -> HashMap<String, Value> {
+    let mut out = HashMap::new();
+    let end = Instant::now() + within;
+    while out.len() < n {
+        let left = end.saturating_duration_since(Instant::now());
+        let (r, _) = client.next(left).await;
+        out.insert(r["id"].as_str().unwrap_or_default().to_owned(), r);
+    }
+    out
+}
+
+async fn task_id(pool: &sqlx::PgPool, client_id: &str) -> String {
+    let id: uuid::Uuid = sqlx::query_scalar("select task_id from agenttask.tasks where client_id = $1")
+        .bind(client_id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    id.to_string()
+}
+
+async fn phase(pool: &sqlx::PgPool, client_id: &str) -> String {
+    sqlx::query_scalar("select phase from agenttask.tasks where client_id = $1")
+        .bind(client_id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .unwrap_or_default()
+}
+
+const TENANTS: &str =
+    "[tenants.{t}-a]\nmax_concurrency = 100\nrate_per_second = 1000\nisolation = [\"standard\", \"gvisor\"]\n";
+
+#[tokio::test]
+async fn kube_every_reason_reaches_the_result_the_row_and_the_agenttask_status() {
+    let sim = Sim::start();
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(kube_settings(&env, &sim, 20)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let mut gvisor = task("gvisor", &[("stdout", "sandboxed\n")]);
+    gvisor["isolation"] = json!("gvisor");
+    let mut deadline = task("deadline", &[("outcome", "DeadlineExceeded")]);
+    deadline["timeout_seconds"] = json!(1);
+    let tasks = [
+        task("ok", &[("stdout", "hello\n"), ("termination-message", "{\"answer\": 42}")]),
+        task("stderr", &[("stdout", "out\n==agenttask:stderr==\nerr-text"), ("exit-code", "3")]),
+        task("oom", &[("outcome", "OOMKilled")]),
+        deadline,
+        task("pull", &[("outcome", "ErrImagePull")]),
+        task("vanish", &[("outcome", "vanish"), ("run-ms", "500")]),
+        gvisor,
+    ];
+    for t in &tasks {
+        client.submit(&tenant, t).await;
+    }
+    let r = results(&mut client, tasks.len(), WAIT).await;
+    let expect = [
+        ("ok", "Succeeded", Value::Null),
+        ("stderr", "Failed", json!("NonZeroExit")),
+        ("oom", "Failed", json!("OOMKilled")),
+        ("deadline", "Failed", json!("TimedOut")),
+        ("pull", "Failed", json!("ImagePullFailed")),
+        ("vanish", "Failed", json!("PodMissing")),
+        ("gvisor", "Succeeded", Value::Null),
+    ];
+    for (id, phase, reason) in &expect {
+        let res = &r[*id];
+        assert_eq!((res["phase"].as_str(), &res["reason"]), (Some(*phase), reason), "{id}: {res:#}");
+        let backend = if *id == "gvisor" { "runtimeclass" } else { "podjob" };
+        assert_eq!(res["backend"], backend, "{id}: {res:#}");
+    }
+    assert_eq!(r["ok"]["stdout"], "hello\n");
+    assert_eq!(r["ok"]["result"], json!({"answer": 42}));
+    assert_eq!(r["ok"]["exit_code"], 0);
+    assert_eq!((r["stderr"]["stdout"].as_str(), r["stderr"]["stderr"].as_str()), (Some("out"), Some("err-text")));
+    assert_eq!(r["stderr"]["exit_code"], 3);
+    assert!(r["pull"]["message"].as_str().unwrap().contains("image could not be pulled"), "{:#}", r["pull"]);
+
+    // The AgentTasks' status says the same, and `kubectl get at` shows it.
+    let pool = env.pg().await;
+    for (id, phase, reason) in &expect {
+        let name = format!("at-{}", task_id(&pool, id).await);
+        let at = sim.json(&["get", "agenttask", &name, "-n", "agenttask"]);
+        assert_eq!(at["status"]["phase"], *phase, "{id}: {at:#}");
+        assert_eq!(at["status"]["reason"].as_str(), reason.as_str(), "{id}: {at:#}");
+        assert_eq!(at["status"]["tenant"], tenant.as_str());
+        let conds: Vec<&str> =
+            at["status"]["conditions"].as_array().unwrap().iter().map(|c| c["type"].as_str().unwrap()).collect();
+        assert!(conds.contains(&"Finished"), "{id}: {conds:?}");
+    }
+    let table = sim.kubectl_ok(&["get", "at", "-n", "agenttask"]);
+    assert!(table.contains("TENANT") && table.contains("OOMKilled") && table.contains(&tenant), "{table}");
+
+    // The pod of the gvisor task runs under its RuntimeClass; every pod is hardened, and each
+    // task has its default-deny NetworkPolicy.
+    let gid = task_id(&pool, "gvisor").await;
+    let pod = sim.json(&["get", "pod", &format!("at-{gid}-a1"), "-n", "agenttask"]);
+    assert_eq!(pod["spec"]["runtimeClassName"], "gvisor");
+    assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+    assert_eq!(pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "AgentTask");
+    let np = sim.json(&["get", "networkpolicy", &format!("at-{gid}-deny-all"), "-n", "agenttask"]);
+    assert_eq!(np["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+
+    // Events per transition, and real reconcile metrics.
+    let events = sim.kubectl_ok(&["get", "events", "-n", "agenttask"]);
+    for reason in ["Created", "Running", "OOMKilled", "ImagePullFailed"] {
+        assert!(events.contains(reason), "no {reason} Event:\n{events}");
+    }
+    let metrics = reqwest::get(format!("http://{}/metrics", svc.http_addr)).await.unwrap().text().await.unwrap();
+    let count: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("agenttask_reconcile_duration_seconds_count"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(count >= 7.0, "reconcile count {count}\n{metrics}");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn kube_cancel_through_the_api_and_deleting_the_agenttask_both_end_cancelled() {
+    let sim = Sim::start();
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(kube_settings(&env, &sim, 10)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    client.submit(&tenant, &task("api", &[("run-ms", "60000")])).await;
+    client.submit(&tenant, &task("kubectl", &[("run-ms", "60000")])).await;
+    let pool = env.pg().await;
+    for id in ["api", "kubectl"] {
+        eventually(WAIT, || async { phase(&pool, id).await == "Running" }).await;
+    }
+    let api_id = task_id(&pool, "api").await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/tasks/{api_id}/cancel", svc.http_addr))
+        .bearer_auth("test-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let kubectl_id = task_id(&pool, "kubectl").await;
+    sim.kubectl_ok(&["delete", "at", &format!("at-{kubectl_id}"), "-n", "agenttask", "--wait=false"]);
+    let r = results(&mut client, 2, WAIT).await;
+    for id in ["api", "kubectl"] {
+        assert_eq!(
+            (r[id]["phase"].as_str(), r[id]["reason"].as_str()),
+            (Some("Cancelled"), Some("Cancelled")),
+            "{id}: {:#}",
+            r[id]
+        );
+    }
+    // Both AgentTasks and their pods are gone.
+    for tid in [&api_id, &kubectl_id] {
+        let at = format!("at-{tid}");
+        eventually(WAIT, || async { !sim.kubectl(&["get", "at", &at, "-n", "agenttask"]).status.success() }).await;
+        let pod = format!("at-{tid}-a1");
+        eventually(WAIT, || async { !sim.kubectl(&["get", "pod", &pod, "-n", "agenttask"]).status.success() }).await;
+    }
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn kube_a_restart_mid_task_adopts_the_pod_without_a_second_one() {
+    let sim = Sim::start();
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(kube_settings(&env, &sim, 10)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    client.submit(&tenant, &task("long", &[("run-ms", "6000"), ("stdout", "survived\n")])).await;
+    let pool = env.pg().await;
+    eventually(WAIT, || async { phase(&pool, "long").await == "Running" }).await;
+    let tid = task_id(&pool, "long").await;
+    let before = sim.json(&["get", "pods", "-n", "agenttask", "-l", &format!("agenttask.io/task-id={tid}")]);
+    assert_eq!(before["items"].as_array().unwrap().len(), 1);
+    let uid = before["items"][0]["metadata"]["uid"].clone();
+    svc.stop().await;
+    // The pod keeps running while no service is up.
+    let pod = sim.json(&["get", "pod", &format!("at-{tid}-a1"), "-n", "agenttask"]);
+    assert_eq!(pod["status"]["phase"], "Running");
+    let svc = env.start_with(kube_settings(&env, &sim, 10)).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(
+        (r["id"].as_str(), r["phase"].as_str(), r["stdout"].as_str()),
+        (Some("long"), Some("Succeeded"), Some("survived\n")),
+        "{r:#}"
+    );
+    let attempts: i32 = sqlx::query_scalar("select attempt from agenttask.tasks where client_id = 'long'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1, "adopted, not retried");
+    let after = sim.json(&["get", "pods", "-n", "agenttask", "-l", &format!("agenttask.io/task-id={tid}")]);
+    let items = after["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "no second pod");
+    assert_eq!(items[0]["metadata"]["uid"], uid);
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn kube_finished_agenttasks_expire_and_orphans_are_swept() {
+    let sim = Sim::start();
+    let env = Env::new(TENANTS).await;
+    let mut settings = kube_settings(&env, &sim, 10);
+    settings.kube.ttl_seconds_after_finished = 2;
+    // An orphan: one of our ConfigMaps whose AgentTask does not exist.
+    let cms = sim.dir.path().join("cms.yaml");
+    std::fs::write(&cms, "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: at-ghost-in-00\n  namespace: agenttask\n  labels:\n    app.kubernetes.io/managed-by: agenttask\n    agenttask.io/agenttask: at-ghost\ndata:\n  manifest: \"\"\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: someone-elses\n  namespace: agenttask\ndata:\n  a: b\n").unwrap();
+    // The second one is not ours: it is left alone.
+    sim.kubectl_ok(&["apply", "-f", cms.to_str().unwrap()]);
+    let svc = env.start_with(settings).await;
+    let mut client = Client::new(&env).await;
+    client.submit(&env.tenant("a"), &task("short", &[])).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(r["phase"], "Succeeded", "{r:#}");
+    let pool = env.pg().await;
+    let at = format!("at-{}", task_id(&pool, "short").await);
+    let seen = sim.json(&["get", "at", &at, "-n", "agenttask"]);
+    assert_eq!(seen["status"]["phase"], "Succeeded");
+    assert_eq!(seen["spec"]["ttlSecondsAfterFinished"], 2);
+    eventually(WAIT, || async { !sim.kubectl(&["get", "at", &at, "-n", "agenttask"]).status.success() }).await;
+    eventually(WAIT, || async {
+        !sim.kubectl(&["get", "configmap", "at-ghost-in-00", "-n", "agenttask"]).status.success()
+    })
+    .await;
+    sim.kubectl_ok(&["get", "configmap", "someone-elses", "-n", "agenttask"]);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// An AgentTask manifest in `ns` with this spec (YAML, indented under `spec:`).
+fn agenttask_yaml(name: &str, ns: &str, spec: &str) -> String {
+    format!("apiVersion: agenttask.io/v1alpha1\nkind: AgentTask\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}")
+}
+
+fn status_of(sim: &Sim, name: &str, ns: &str) -> Value {
+    sim.json(&["get", "at", name, "-n", ns])["status"].clone()
+}
+
+async fn ended(sim: &Sim, name: &str, ns: &str) -> Value {
+    eventually(WAIT, || async {
+        status_of(sim, name, ns)["phase"]
+            .as_str()
+            .is_some_and(|p| ["Succeeded", "Failed", "Rejected", "Cancelled"].contains(&p))
+    })
+    .await;
+    status_of(sim, name, ns)
+}
+
+#[tokio::test]
+async fn kube_agenttasks_applied_with_kubectl_run_as_their_namespaces_tenant() {
+    let sim = Sim::start();
+    let env =
+        Env::new(&format!("{TENANTS}namespaces = [\"evals\"]\nmax_timeout_seconds = 60\n[tenants.{{t}}-b]\n")).await;
+    // No publisher: every result queued for publishing stays in the outbox, to be counted.
+    let mut settings = kube_settings(&env, &sim, 10);
+    settings.components = vec![Component::Ingest, Component::Scheduler, Component::Executor, Component::Http];
+    let svc = env.start_with(settings).await;
+    let client = Client::new(&env).await;
+    let pool = env.pg().await;
+    sim.kubectl_ok(&["create", "namespace", "evals"]);
+    let apply = |name: &str, ns: &str, spec: &str| {
+        let path = sim.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, agenttask_yaml(name, ns, spec)).unwrap();
+        sim.kubectl(&["apply", "-f", path.to_str().unwrap()])
+    };
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A valid task in a tenant's namespace runs, and its outcome is in its status and in SQL.
+    ok(apply(
+        "direct",
+        "evals",
+        "  language: python\n  code: print(1)\n  tenant: someone-else\n  labels:\n    kubesim.agenttask.io/stdout: \"hi\\n\"\n",
+    ));
+    let st = ended(&sim, "direct", "evals").await;
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    assert_eq!(st["tenant"], env.tenant("a"), "the namespace decides the tenant, not spec.tenant");
+    // The executor records what the status says, just after it.
+    eventually(WAIT, || async {
+        sqlx::query_scalar::<_, String>("select phase from agenttask.tasks where kube_object = 'evals/direct'")
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .is_some_and(|p| p == "Succeeded")
+    })
+    .await;
+    let row: (String, String, Option<String>) =
+        sqlx::query_as("select tenant, phase, backend from agenttask.tasks where kube_object = 'evals/direct'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(row, (env.tenant("a"), "Succeeded".to_owned(), Some("podjob".to_owned())));
+    let visible: i64 =
+        sqlx::query_scalar("select count(*) from agenttask.task_results where tenant = $1 and phase = 'Succeeded'")
+            .bind(env.tenant("a"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(visible, 1, "queryable like any task");
+    let pods = sim.json(&["get", "pods", "-n", "evals", "-l", "agenttask.io/agenttask=direct"]);
+    assert_eq!(pods["items"].as_array().unwrap().len(), 1, "{pods:#}");
+
+    // A namespace that maps to no tenant.
+    ok(apply("stray", "agenttask", "  language: python\n  code: print(1)\n"));
+    let st = ended(&sim, "stray", "agenttask").await;
+    assert_eq!((st["phase"].as_str(), st["reason"].as_str()), (Some("Rejected"), Some("UnknownTenant")), "{st:#}");
+
+    // The ingest validator applies: over the tenant's max_timeout_seconds, a reserved env name.
+    ok(apply("too-long", "evals", "  language: r\n  code: cat(1)\n  timeoutSeconds: 3600\n"));
+    ok(apply(
+        "reserved",
+        "evals",
+        "  language: python\n  code: print(1)\n  env:\n    AGENTTASK_RESULT_FILE: /etc/passwd\n",
+    ));
+    for name in ["too-long", "reserved"] {
+        let st = ended(&sim, name, "evals").await;
+        assert_eq!(
+            (st["phase"].as_str(), st["reason"].as_str()),
+            (Some("Rejected"), Some("ValidationFailed")),
+            "{name}: {st:#}"
+        );
+        let phase: String = sqlx::query_scalar("select phase from agenttask.tasks where kube_object = $1")
+            .bind(format!("evals/{name}"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(phase, "Rejected");
+    }
+    let st = status_of(&sim, "too-long", "evals");
+    assert!(st["message"].as_str().unwrap().contains("timeout"), "{st:#}");
+
+    // An admission written by hand is no admission: no pod, and the object says why.
+    let forged = format!(
+        "  language: python\n  code: print(1)\n  admission:\n    taskId: {}\n    attempt: 1\n",
+        uuid::Uuid::new_v4()
+    );
+    ok(apply("forged", "evals", &forged));
+    let st = ended(&sim, "forged", "evals").await;
+    assert_eq!((st["phase"].as_str(), st["reason"].as_str()), (Some("Rejected"), Some("ValidationFailed")), "{st:#}");
+    let pods = sim.json(&["get", "pods", "-n", "evals", "-l", "agenttask.io/agenttask=forged"]);
+    assert!(pods["items"].as_array().unwrap().is_empty(), "{pods:#}");
+
+    // kubectl's table shows the tenant, phase and reason columns.
+    let table = sim.kubectl_ok(&["get", "at", "-n", "evals"]);
+    assert!(
+        table.lines().any(|l| l.starts_with("direct") && l.contains(&env.tenant("a")) && l.contains("Succeeded")),
+        "{table}"
+    );
+
+    // No reply queue: nothing is queued for publishing for kubectl's tasks, while a task from
+    // RabbitMQ (the control) has its result waiting in the outbox.
+    client.submit(&env.tenant("a"), &task("control", &[])).await;
+    eventually(WAIT, || async { phase(&pool, "control").await == "Succeeded" }).await;
+    let queued: Vec<(Option<String>,)> = sqlx::query_as(
+        "select t.kube_object from agenttask.outbox o join agenttask.tasks t on t.task_id = o.message_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, vec![(None,)], "only the control's result");
+
+    // The schema refuses at the API server what it can express.
+    let out = apply("bad", "evals", "  language: cobol\n  code: x\n  priority: 1000\n");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("language") && err.contains("priority"), "{err}");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn kube_namespace_per_tenant_maps_namespaces_to_tenants() {
+    let sim = Sim::start();
+    let env = Env::new(TENANTS).await;
+    let mut settings = kube_settings(&env, &sim, 10);
+    settings.kube.namespaces = agenttask::kube::Namespaces::PerTenant { prefix: "agenttask-".into() };
+    let tenant = env.tenant("a");
+    let ns = format!("agenttask-{tenant}");
+    sim.kubectl_ok(&["create", "namespace", &ns]);
+    let svc = env.start_with(settings).await;
+    let mut client = Client::new(&env).await;
+    // From RabbitMQ: the AgentTask and its pod go to the tenant's namespace.
+    client.submit(&tenant, &task("queued", &[("stdout", "q\n")])).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!((r["phase"].as_str(), r["stdout"].as_str()), (Some("Succeeded"), Some("q\n")), "{r:#}");
+    let pool = env.pg().await;
+    let at = format!("at-{}", task_id(&pool, "queued").await);
+    assert_eq!(sim.json(&["get", "at", &at, "-n", &ns])["status"]["phase"], "Succeeded");
+    // Applied directly in that namespace: the same tenant.
+    let path = sim.dir.path().join("d.yaml");
+    std::fs::write(&path, agenttask_yaml("direct", &ns, "  language: python\n  code: print(2)\n")).unwrap();
+    sim.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    let st = ended(&sim, "direct", &ns).await;
+    assert_eq!((st["phase"].as_str(), st["tenant"].as_str()), (Some("Succeeded"), Some(tenant.as_str())), "{st:#}");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn kube_500_tasks_through_the_emulator() {
+    let sim = Sim::start();
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(kube_settings(&env, &sim, 100)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let started = Instant::now();
+    for i in 0..500 {
+        client.submit(&tenant, &task(&format!("n{i}"), &[("run-ms", "20"), ("start-delay-ms", "10")])).await;
+    }
+    let r = results(&mut client, 500, Duration::from_secs(600)).await;
+    let elapsed = started.elapsed();
+    assert_eq!(r.len(), 500);
+    assert!(r.values().all(|v| v["phase"] == "Succeeded"), "{:#?}", r.values().find(|v| v["phase"] != "Succeeded"));
+    eprintln!("500 tasks through the emulator in {elapsed:?} ({:.1} tasks/s)", 500.0 / elapsed.as_secs_f64());
+    let pods = sim.json(&["get", "pods", "-n", "agenttask"]);
+    assert_eq!(pods["items"].as_array().unwrap().len(), 500, "one pod per task");
+    svc.stop().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,128 @@
+//! Every manifest the project emits, checked against the Kubernetes schemas with
+//! `kubernetes-validate --strict` (PyPI; `deploy/local/common.sh` installs it): the objects
+//! `agenttask render` makes for each backend (Pods, NetworkPolicies, ConfigMaps, big inputs
+//! split over several ConfigMaps), the CRD, and everything under deploy/ (also as kustomize
+//! builds it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use agenttask::kube::render::{render, RenderArgs, RenderBackend};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `kubernetes-validate --strict` on `files`; returns its report, failing on any error.
+fn validate(files: &[PathBuf]) -> String {
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .args(files)
+        .output()
+        .expect("python3 runs (deploy/local/common.sh installs kubernetes-validate)");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "kubernetes-validate --strict refused:\n{report}");
+    assert!(!report.contains("ERROR"), "{report}");
+    report
+}
+
+fn rendered(dir: &Path, name: &str, backend: RenderBackend, task: serde_json::Value) -> PathBuf {
+    let input = dir.join(format!("{name}.json"));
+    std::fs::write(&input, serde_json::to_vec(&task).unwrap()).unwrap();
+    let args = RenderArgs {
+        backend,
+        tenant: "acme".into(),
+        tenants: None,
+        namespace: None,
+        namespace_per_tenant: false,
+        task: input,
+    };
+    let yaml = render(&args).unwrap_or_else(|(c, m)| panic!("render {name} failed ({c}): {m}"));
+    let out = dir.join(format!("{name}.yaml"));
+    std::fs::write(&out, yaml).unwrap();
+    out
+}
+
+#[test]
+fn rendered_objects_pass_strict_schema_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = "x".repeat(900 * 1024);
+    let files = [
+        rendered(
+            dir.path(),
+            "podjob",
+            RenderBackend::Podjob,
+            serde_json::json!({
+                "language": "python", "code": "print(1)", "args": ["a"], "env": {"K": "v"}, "stdin": "in",
+                "files": {"data.csv": {"content": "a,b\n"}, "blob": {"content_base64": "AAEC"}},
+                "resources": {"cpu": "250m", "memory": "128Mi"}, "timeout_seconds": 20, "batch_id": "b-1"
+            }),
+        ),
+        rendered(
+            dir.path(),
+            "runtimeclass",
+            RenderBackend::Runtimeclass,
+            serde_json::json!({
+                "language": "r", "code": "cat(1)", "isolation": "gvisor"
+            }),
+        ),
+        rendered(
+            dir.path(),
+            "big",
+            RenderBackend::Podjob,
+            serde_json::json!({
+                "language": "python", "code": "print(1)",
+                "files": {"a.txt": {"content": big}, "b.txt": {"content": big}, "c.txt": {"content": big}}
+            }),
+        ),
+    ];
+    let report = validate(&files);
+    for kind in ["pod/", "networkpolicy/", "configmap/"] {
+        assert!(report.contains(&format!("passed for resource {kind}")), "no {kind} was validated:\n{report}");
+    }
+    // The big task's inputs are split: several ConfigMaps, each under the 1 MiB limit.
+    let big_yaml = std::fs::read_to_string(&files[2]).unwrap();
+    assert!(big_yaml.matches("kind: ConfigMap").count() >= 4, "{}", &big_yaml[..2000]);
+    let pod = std::fs::read_to_string(&files[1]).unwrap();
+    assert!(pod.contains("runtimeClassName: gvisor"), "{pod}");
+}
+
+#[test]
+fn deploy_manifests_pass_strict_schema_validation() {
+    let mut files = vec![root().join("deploy/crd.yaml")];
+    for entry in std::fs::read_dir(root().join("deploy/kubernetes")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "yaml") {
+            files.push(p);
+        }
+    }
+    assert!(files.len() >= 6, "{files:?}");
+    // What `kubectl apply -k deploy/` would apply, built by the machine's kubectl.
+    let built =
+        Command::new("/usr/bin/kubectl").args(["kustomize"]).arg(root().join("deploy")).output().expect("kubectl runs");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let kustomized = dir.path().join("kustomized.yaml");
+    std::fs::write(&kustomized, &built.stdout).unwrap();
+    files.push(kustomized);
+    let report = validate(&files);
+    for kind in [
+        "customresourcedefinition/",
+        "deployment/",
+        "role/",
+        "rolebinding/",
+        "serviceaccount/",
+        "service/",
+        "configmap/",
+        "namespace/",
+    ] {
+        assert!(report.contains(&format!("passed for resource {kind}")), "no {kind} was validated:\n{report}");
+    }
+}
+
+#[test]
+fn rbac_has_no_wildcards() {
+    let rbac = std::fs::read_to_string(root().join("deploy/kubernetes/rbac.yaml")).unwrap();
+    assert!(!rbac.contains('*'), "wildcard in RBAC:\n{rbac}");
+    assert!(!rbac.contains("ClusterRole"), "the default install needs no cluster-wide rights");
+}
