@@ -58,7 +58,7 @@ type Nr = libc::c_long;
 /// absent from its list.
 pub fn denied_syscalls() -> Vec<(&'static str, Nr)> {
     use libc::*;
-    let mut denied = vec![
+    let denied = [
         // Debugging and reading/writing other processes' memory.
         ("ptrace", SYS_ptrace),
         ("process_vm_readv", SYS_process_vm_readv),
@@ -123,7 +123,7 @@ pub fn denied_syscalls() -> Vec<(&'static str, Nr)> {
         ("move_pages", SYS_move_pages),
     ];
     #[cfg(target_arch = "x86_64")]
-    denied.extend([
+    let only_here: &[(&str, Nr)] = &[
         // Removed from the kernel long ago; libc no longer names them, the numbers stay reserved.
         ("create_module", 174),
         ("get_kernel_syms", 177),
@@ -139,8 +139,10 @@ pub fn denied_syscalls() -> Vec<(&'static str, Nr)> {
         ("tuxcall", SYS_tuxcall),
         ("security", SYS_security),
         ("vserver", SYS_vserver),
-    ]);
-    denied
+    ];
+    #[cfg(not(target_arch = "x86_64"))]
+    let only_here: &[(&str, Nr)] = &[];
+    denied.into_iter().chain(only_here.iter().copied()).collect()
 }
 
 /// ioctls that push input into a terminal or drive the Linux console.
