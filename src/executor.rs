@@ -144,8 +144,9 @@ struct Watched {
 }
 
 impl Executor {
-    /// Runs until `shutdown`. Returns an error only when it cannot go on at all.
-    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Runs until `shutdown`. Never gives up on its own: store errors are retried, logged and
+    /// counted, and a backend's failures end the tasks they concern, not the executor.
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let owner = Uuid::new_v4();
         let caps: Capabilities = self.backend.capabilities();
         let (sink, mut events) = EventSink::channel();
@@ -211,7 +212,6 @@ impl Executor {
             }
         }
         self.stop(owner, caps, &mut events, &mut watched, &writers, &done_tx).await;
-        Ok(())
     }
 
     /// Takes over the runs an earlier process left with the backend.

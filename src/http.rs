@@ -29,14 +29,25 @@ pub struct Api {
     pub readiness: Arc<crate::readiness::Readiness>,
 }
 
+/// The HTTP server stopped serving (an I/O error on its listener).
+#[derive(Debug, thiserror::Error)]
+#[error("the HTTP server stopped: {0}")]
+pub struct ServeError(#[source] std::io::Error);
+
+/// Serves the endpoints on `listener` until `shutdown`.
+///
+/// # Errors
+/// [`ServeError`] when the listener fails.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ctx: Arc<Api>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let app = router(ctx);
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
-    Ok(())
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(ServeError)
 }
 
 pub fn router(ctx: Arc<Api>) -> Router {

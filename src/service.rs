@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +18,7 @@ use crate::config::{BackendKind, Component, Settings, TenantsFileError};
 use crate::domain::phase::Phase;
 use crate::domain::tenant::Tenants;
 use crate::domain::validate::BackendIsolation;
-use crate::exec::local::{LocalBackend, LocalConfig};
+use crate::exec::local::{LocalBackend, LocalConfig, SetupError};
 use crate::exec::null::NullBackend;
 use crate::exec::Backend;
 use crate::executor::{Executor, LEASE};
@@ -29,7 +28,7 @@ use crate::retry::Backoff;
 use crate::scheduler::{Capacity, Scheduler};
 use crate::store::notify::{Notification, CHANNELS};
 use crate::store::{Store, StoreError};
-use crate::supervise::Supervisor;
+use crate::supervise::{Stopped, Supervisor};
 
 /// The wake-ups that Postgres notifications (and components in this process) trigger.
 #[derive(Default)]
@@ -79,6 +78,37 @@ impl TenantReloadError {
     }
 }
 
+/// Why the service could not start, or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Postgres is unreachable, the URL is bad or the migrations failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The tenants file is invalid, or the tenants could not be read or stored.
+    #[error(transparent)]
+    Tenants(#[from] TenantReloadError),
+    /// The local sandbox backend cannot run on this host (the message names the fix).
+    #[error(transparent)]
+    LocalBackend(#[from] SetupError),
+    /// `--backend kubernetes` found no usable cluster configuration.
+    #[error("--backend kubernetes: {0}")]
+    Kubernetes(#[from] crate::kube::ClientError),
+    #[error("cannot listen on {addr} (set --http-addr): {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A component stopped while the service was not shutting down.
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+}
+
+/// The SIGHUP handler could not be installed, so tenants could not be reloaded.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot install the SIGHUP handler: {0}")]
+pub struct SighupError(#[source] std::io::Error);
+
 /// Which isolations the configured backend kind can run (ingest may run in a process without
 /// the executor, so this follows the setting, not a backend object).
 fn isolation_of(kind: BackendKind) -> BackendIsolation {
@@ -91,7 +121,7 @@ fn isolation_of(kind: BackendKind) -> BackendIsolation {
 /// The backend executors use, and the local one again when it is local (for its housekeeping).
 type Backends = (Arc<dyn Backend>, Option<Arc<LocalBackend>>);
 
-async fn build_backend(settings: &Settings, tenants: &watch::Sender<Arc<Tenants>>) -> anyhow::Result<Backends> {
+async fn build_backend(settings: &Settings, tenants: &watch::Sender<Arc<Tenants>>) -> Result<Backends, ServiceError> {
     match settings.backend {
         BackendKind::Local => {
             let mut config = LocalConfig::new(settings.data_dir.clone());
@@ -107,21 +137,16 @@ async fn build_backend(settings: &Settings, tenants: &watch::Sender<Arc<Tenants>
             Ok((Arc::new(NullBackend), None))
         }
         BackendKind::Kubernetes => {
-            let client = kube_client(settings).await?;
+            let client = crate::kube::client(&settings.kube).await?;
             let backend = crate::kube::backend::KubeBackend::new(client, settings.kube.clone(), tenants.subscribe());
             Ok((Arc::new(backend), None))
         }
     }
 }
 
-/// A Kubernetes client (see `--kubeconfig`).
-async fn kube_client(settings: &Settings) -> anyhow::Result<::kube::Client> {
-    crate::kube::client(&settings.kube).await.map_err(|e| anyhow::anyhow!("--backend kubernetes: {e}"))
-}
-
 /// Runs the service until `shutdown` is cancelled, or until a component stops on its own (then
 /// the error names it).
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), ServiceError> {
     let store = Store::connect(&settings.database_url, settings.database_pool_size).await?;
     let initial = current_tenants(&settings, &store).await?;
     if initial.is_empty() && (settings.runs(Component::Ingest) || settings.runs(Component::Scheduler)) {
@@ -150,7 +175,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     if settings.runs(Component::Http) {
         let listener = tokio::net::TcpListener::bind(settings.http_addr)
             .await
-            .with_context(|| format!("cannot listen on {} (set --http-addr)", settings.http_addr))?;
+            .map_err(|source| ServiceError::Listen { addr: settings.http_addr, source })?;
         tracing::info!(addr = %settings.http_addr, "http listening");
         let api = Arc::new(Api {
             store: store.clone(),
@@ -171,11 +196,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             readiness: readiness.clone(),
             tracker: sup.tracker().clone(),
         });
-        let stop = shutdown.clone();
-        sup.spawn("ingest", async move {
-            crate::amqp::ingest::run(ingest, stop).await;
-            Ok(())
-        });
+        sup.spawn("ingest", crate::amqp::ingest::run(ingest, shutdown.clone()));
     }
     if settings.runs(Component::Scheduler) {
         let scheduler = Arc::new(Scheduler {
@@ -191,11 +212,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 usage_half_life: settings.usage_half_life,
             },
         });
-        let stop = shutdown.clone();
-        sup.spawn("scheduler", async move {
-            crate::scheduler::run(scheduler, stop).await;
-            Ok(())
-        });
+        sup.spawn("scheduler", crate::scheduler::run(scheduler, shutdown.clone()));
     }
     if let Some((backend, local)) = backend {
         let executor = Executor {
@@ -213,7 +230,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         }
         if settings.backend == BackendKind::Kubernetes {
             // Runs in every executor process; one at a time reconciles (a Postgres lock).
-            let client = kube_client(&settings).await?;
+            let client = crate::kube::client(&settings.kube).await?;
             let reconciler = crate::kube::reconcile::run(
                 client,
                 settings.kube.clone(),
@@ -233,17 +250,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             wake: wakes.publisher.clone(),
             readiness: readiness.clone(),
         });
-        let stop = shutdown.clone();
-        sup.spawn("publisher", async move {
-            crate::amqp::publish::run(publisher, stop).await;
-            Ok(())
-        });
+        sup.spawn("publisher", crate::amqp::publish::run(publisher, shutdown.clone()));
     }
     tracing::info!(components = ?settings.components, backend = ?settings.backend, "agenttask running");
     let result = sup.wait().await;
     // Only now: every component that used the pool has stopped.
     store.pool().close().await;
-    result
+    result.map_err(ServiceError::from)
 }
 
 /// Turns Postgres notifications into in-process wake-ups, tenant reloads and cancel requests
@@ -255,7 +268,7 @@ async fn listen(
     cancels: mpsc::UnboundedSender<uuid::Uuid>,
     metrics: Metrics,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) {
     let mut backoff = Backoff::reconnect();
     while !shutdown.is_cancelled() {
         let mut listener = match sqlx::postgres::PgListener::connect_with(store.pool()).await {
@@ -276,7 +289,7 @@ async fn listen(
         wakes.everything_changed();
         loop {
             let n = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return,
                 n = listener.try_recv() => n,
             };
             let n = match n {
@@ -317,11 +330,10 @@ async fn listen(
             }
         }
     }
-    Ok(())
 }
 
 /// Removes artifacts older than their TTL, now and then.
-async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken) {
     loop {
         let b = backend.clone();
         match tokio::task::spawn_blocking(move || b.sweep_artifacts()).await {
@@ -330,7 +342,7 @@ async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken
             _ => {}
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(600)) => {}
         }
     }
@@ -344,9 +356,8 @@ async fn reload_on_sighup(
     tenants: Arc<watch::Sender<Arc<Tenants>>>,
     metrics: Metrics,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("cannot install the SIGHUP handler")?;
+) -> Result<(), SighupError> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(SighupError)?;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

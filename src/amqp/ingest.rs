@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
-use super::{connect, declare_exchanges, declare_tenant, prop, tasks_queue, TASKS_EXCHANGE, UNROUTED_QUEUE};
+use super::{connect, declare_exchanges, declare_tenant, prop, tasks_queue, AmqpError, TASKS_EXCHANGE, UNROUTED_QUEUE};
 use crate::domain::phase::Reason;
 use crate::domain::result::ResultMessage;
 use crate::domain::tenant::TenantName;
@@ -101,7 +101,24 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
     }
 }
 
-async fn declare_shared(ctx: &Ingest) -> anyhow::Result<()> {
+/// Why a consumer's connection ended; it reconnects with backoff either way.
+#[derive(Debug, thiserror::Error)]
+enum ConsumerEnded {
+    /// The connection could not be opened, or it or its channel failed.
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    /// The broker cancelled the consumer (the queue was deleted, or the node is shutting down).
+    #[error("the broker cancelled the consumer")]
+    Cancelled,
+}
+
+impl From<lapin::Error> for ConsumerEnded {
+    fn from(e: lapin::Error) -> Self {
+        ConsumerEnded::Amqp(e.into())
+    }
+}
+
+async fn declare_shared(ctx: &Ingest) -> Result<(), AmqpError> {
     let conn = connect(&ctx.amqp_url, "agenttask-ingest-setup").await?;
     let ch = conn.create_channel().await?;
     declare_exchanges(&ch).await?;
@@ -112,7 +129,7 @@ async fn declare_shared(ctx: &Ingest) -> anyhow::Result<()> {
 /// A removed tenant's queue keeps what it holds, but new messages for that tenant go to the
 /// alternate exchange and get an UnknownTenant result instead of waiting unanswered.
 async fn unbind_removed(ctx: Arc<Ingest>, tenant: TenantName) {
-    let res: anyhow::Result<()> = async {
+    let res: Result<(), AmqpError> = async {
         let conn = connect(&ctx.amqp_url, "agenttask-ingest-setup").await?;
         let ch = conn.create_channel().await?;
         ch.queue_unbind(
@@ -165,7 +182,7 @@ async fn consume_once(
     queue: &str,
     part: &str,
     stop: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), ConsumerEnded> {
     let name = tenant.map_or("unrouted", |t| t.as_str());
     let conn = connect(&ctx.amqp_url, &format!("agenttask-ingest-{name}")).await?;
     let channel = conn.create_channel().await?;
@@ -204,7 +221,7 @@ async fn consume_once(
     let outcome = tokio::select! {
         _ = stop.cancelled() => Ok(()),
         res = consumed => match res {
-            Ok(()) => Err(anyhow::anyhow!("the broker cancelled the consumer")),
+            Ok(()) => Err(ConsumerEnded::Cancelled),
             Err(e) => Err(e.into()),
         },
     };

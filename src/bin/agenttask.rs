@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
+    let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => {
                 let settings = Settings::resolve(args)?;
@@ -79,10 +79,10 @@ fn main() -> ExitCode {
                 let service = agenttask::service::run(settings, shutdown.clone());
                 tokio::pin!(service);
                 tokio::select! {
-                    result = &mut service => return result,
+                    result = &mut service => return Ok(result?),
                     () = stop_on_signal() => shutdown.cancel(),
                 }
-                service.await
+                Ok(service.await?)
             }
             Command::Migrate(args) => {
                 let settings = Settings::resolve(args)?;

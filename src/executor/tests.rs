@@ -292,7 +292,7 @@ struct Harness {
     wake: Arc<Notify>,
     cancels: mpsc::UnboundedSender<Uuid>,
     shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    handle: tokio::task::JoinHandle<()>,
     metrics: Metrics,
 }
 
@@ -317,7 +317,7 @@ fn start(store: Arc<FakeStore>, backend: Arc<FakeBackend>) -> Harness {
 impl Harness {
     async fn stop(self) {
         self.shutdown.cancel();
-        self.handle.await.unwrap().unwrap();
+        self.handle.await.unwrap();
     }
 }
 

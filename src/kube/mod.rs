@@ -118,20 +118,33 @@ pub fn agent_task_name(task_id: uuid::Uuid) -> String {
     format!("at-{task_id}")
 }
 
+/// Why no Kubernetes client could be made; each says where the configuration came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("kubeconfig {}: {source}", path.display())]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: ::kube::config::KubeconfigError,
+    },
+    #[error("no usable kubeconfig or in-cluster configuration ({0}); pass --kubeconfig FILE or set KUBECONFIG")]
+    Infer(#[source] ::kube::config::InferConfigError),
+    #[error("cannot build a Kubernetes client: {0}")]
+    Build(#[source] ::kube::Error),
+}
+
 /// A client from `settings.kubeconfig`, or from the kubeconfig or in-cluster configuration as
 /// kube-rs finds it.
-pub async fn client(settings: &KubeSettings) -> Result<::kube::Client, String> {
+pub async fn client(settings: &KubeSettings) -> Result<::kube::Client, ClientError> {
     let config = match &settings.kubeconfig {
         Some(path) => {
-            let kc = ::kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            let bad = |source| ClientError::Kubeconfig { path: path.clone(), source };
+            let kc = ::kube::config::Kubeconfig::read_from(path).map_err(bad)?;
             ::kube::Config::from_custom_kubeconfig(kc, &::kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+                .map_err(bad)?
         }
-        None => ::kube::Config::infer()
-            .await
-            .map_err(|e| format!("no usable kubeconfig or in-cluster configuration: {e}"))?,
+        None => ::kube::Config::infer().await.map_err(ClientError::Infer)?,
     };
-    ::kube::Client::try_from(config).map_err(|e| format!("cannot build a Kubernetes client: {e}"))
+    ::kube::Client::try_from(config).map_err(ClientError::Build)
 }

@@ -752,7 +752,7 @@ pub async fn run(
     store: Store,
     mut tenants: tokio::sync::watch::Receiver<Arc<Tenants>>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) {
     while !shutdown.is_cancelled() {
         let mut conn = match store.dedicated_connection().await {
             Ok(c) => c,
@@ -799,7 +799,6 @@ pub async fn run(
         }
         stop.cancel();
     }
-    Ok(())
 }
 
 /// An API over the watched namespaces.

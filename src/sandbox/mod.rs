@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`bwrap`]: the bubblewrap options for one task (namespaces, the minimal root, binds, env).
-//! - [`seccomp`]: the x86_64 deny-list BPF program handed to bubblewrap.
+//! - [`seccomp`]: the deny-list BPF program (x86_64, aarch64) handed to bubblewrap, compiled by seccompiler.
 //! - [`limits`]: rlimits and cgroup numbers for a task, and the verdict on how a run ended.
 //! - [`cgroup`]: where task cgroups go (v1 or v2), parsed from `/proc` text.
 

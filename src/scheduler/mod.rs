@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::fairshare::{self, decide, Policy, Resources, Stop, Tenant};
+use crate::domain::fairshare::{self, decide, FairshareError, Policy, Resources, Stop, Tenant};
 use crate::domain::phase::Reason;
 use crate::domain::quantity::{format_cpu, format_memory};
 use crate::domain::tenant::Tenants;
@@ -38,6 +38,27 @@ pub struct Scheduler {
     /// Notified after admissions, so executors claim at once.
     pub executors: Arc<Notify>,
     pub capacity: Capacity,
+}
+
+/// Why a leader stepped down or its housekeeping failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// A query failed; the session, and with it the leadership, may be gone.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The fair-share decision refused its input: a zero capacity or an invalid tenant weight.
+    #[error("the admission decision refused its input: {0}")]
+    Decision(#[from] FairshareError),
+}
+
+impl SchedulerError {
+    /// A stable, low-cardinality name for `agenttask_errors_total{component="scheduler"}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SchedulerError::Store(e) => e.metric_label(),
+            SchedulerError::Decision(_) => "invalid_admission_input",
+        }
+    }
 }
 
 /// The global capacity admission works within.
@@ -126,6 +147,7 @@ pub async fn run(ctx: Arc<Scheduler>, shutdown: CancellationToken) {
         tracing::info!("scheduler is the leader");
         let err = lead(&ctx, &mut conn, &shutdown).await;
         if let Err(e) = err {
+            ctx.metrics.errors.with_label_values(&["scheduler", e.metric_label()]).inc();
             tracing::warn!(error = %e, "scheduler stepped down");
             backoff.wait(&shutdown).await;
         }
@@ -135,7 +157,11 @@ pub async fn run(ctx: Arc<Scheduler>, shutdown: CancellationToken) {
 
 /// Admits while this session holds the leadership. Returns on shutdown (Ok) or on a database
 /// error (the session, and so the leadership, may be gone).
-async fn lead(ctx: &Scheduler, conn: &mut sqlx::PgConnection, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn lead(
+    ctx: &Scheduler,
+    conn: &mut sqlx::PgConnection,
+    shutdown: &CancellationToken,
+) -> Result<(), SchedulerError> {
     let mut view = View::default();
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
     let mut last_round = Instant::now();
@@ -168,6 +194,7 @@ async fn lead(ctx: &Scheduler, conn: &mut sqlx::PgConnection, shutdown: &Cancell
                 last_gauges = Instant::now();
             }
             if let Err(e) = housekeeping(ctx, gauges).await {
+                ctx.metrics.errors.with_label_values(&["scheduler", e.metric_label()]).inc();
                 tracing::warn!(error = %e, "scheduler housekeeping failed");
             }
         }
@@ -236,7 +263,7 @@ async fn round(
     mut tx: impl RoundStore,
     view: &mut View,
     elapsed: Duration,
-) -> anyhow::Result<RoundOutcome> {
+) -> Result<RoundOutcome, SchedulerError> {
     let config = ctx.tenants.borrow().clone();
     view.sync(&config);
     for tenant in ctx.wake.take_dirty() {
@@ -399,7 +426,7 @@ async fn reject_too_large(ctx: &Scheduler, too_large: &[(uuid::Uuid, u64, u64)])
 }
 
 /// Slow-path duties: fail or requeue tasks of vanished executors, refresh gauges.
-async fn housekeeping(ctx: &Scheduler, gauges: bool) -> anyhow::Result<()> {
+async fn housekeeping(ctx: &Scheduler, gauges: bool) -> Result<(), StoreError> {
     let (requeued, failed) = ctx.store.reap_expired(MAX_ATTEMPTS).await?;
     if requeued + failed > 0 {
         tracing::warn!(requeued, failed, "reaped tasks whose executor stopped responding");

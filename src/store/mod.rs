@@ -30,7 +30,10 @@ pub use api::{find_task, position, Position};
 pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, queued_up_to, Inserted, NewRejection, NewTask};
 pub use kube::KubeTask;
 pub use outbox::{OutboxBatch, OutboxMessage};
-pub use runs::{finish, AdoptedRun, CancelOutcome, ClaimedTask};
+pub use runs::{
+    adopt, cancel_requested, claim, finish, mark_running, mark_scheduled, reap_expired, release, renew_leases,
+    request_cancel, unfinished_in_batch, unstarted_of_other_tenants, AdoptedRun, CancelOutcome, ClaimedTask,
+};
 pub use tasks::{fetch_row, ReplyTo, TaskRow};
 pub use tenants::{load_tenants, phase_counts, sync_tenants, tenant_statuses, TenantStatus};
 

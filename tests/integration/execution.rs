@@ -243,3 +243,53 @@ async fn a_removed_tenants_unstarted_tasks_are_kept_or_cancelled_as_the_operator
     svc.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_executors_store_calls_compose_in_a_callers_transaction() {
+    use agenttask::store::{self, Store};
+    let env = Env::new(ONE_TENANT).await;
+    let tenant = env.tenant("a");
+    let db = Store::connect(&env.database_url, 2).await.unwrap();
+    let pool = db.pool();
+    let id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "insert into agenttask.tasks (task_id, tenant, phase, reply_exchange, reply_routing_key, admitted_at) \
+         values ($1, $2, 'Pending', '', 'x', now())",
+    )
+    .bind(id)
+    .bind(&tenant)
+    .execute(pool)
+    .await
+    .unwrap();
+    let state = || async {
+        sqlx::query_as::<_, (String, i32, Option<uuid::Uuid>)>(
+            "select phase, attempt, lease_owner from agenttask.tasks where task_id = $1",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let owner = uuid::Uuid::new_v4();
+    let lease = Duration::from_secs(30);
+
+    // Claimed and marked running in the caller's transaction, which then rolls back: nothing
+    // of it is left, and the task can still be claimed.
+    let mut tx = pool.begin().await.unwrap();
+    let claimed = store::claim(&mut *tx, owner, 10, lease).await.unwrap();
+    assert_eq!(claimed.iter().map(|c| c.task_id).collect::<Vec<_>>(), [id]);
+    assert!(store::mark_running(&mut *tx, id, claimed[0].attempt, "null", chrono::Utc::now()).await.unwrap());
+    assert_eq!(state().await, ("Pending".into(), 0, None), "uncommitted work is invisible outside");
+    tx.rollback().await.unwrap();
+    assert_eq!(state().await, ("Pending".into(), 0, None));
+
+    // The same calls committed together take effect together.
+    let mut tx = pool.begin().await.unwrap();
+    let claimed = store::claim(&mut *tx, owner, 10, lease).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(store::mark_scheduled(&mut *tx, id, claimed[0].attempt, "null").await.unwrap());
+    tx.commit().await.unwrap();
+    assert_eq!(state().await, ("Scheduled".into(), 1, Some(owner)));
+    pool.close().await;
+    env.cleanup().await;
+}

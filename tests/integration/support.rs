@@ -41,7 +41,7 @@ pub struct Env {
 /// A running service inside the test process.
 pub struct Service {
     pub shutdown: CancellationToken,
-    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub handle: tokio::task::JoinHandle<Result<(), agenttask::service::ServiceError>>,
     pub http_addr: std::net::SocketAddr,
 }
 

@@ -178,9 +178,9 @@ impl Default for LocalConfig {
 /// Why the backend could not be set up. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    /// No seccomp filter is defined for this CPU architecture.
-    #[error("{0}")]
-    UnsupportedArch(seccomp::UnsupportedArch),
+    /// No seccomp filter is defined for this CPU architecture, or it could not be compiled.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error(
         "bubblewrap not found at {}: {INSTALL_HINT} (or `apt-get install -y --no-install-recommends bubblewrap`)",
         path.display()
@@ -238,7 +238,7 @@ impl LocalBackend {
     /// or the architecture has no seccomp filter. Missing Python or R is only logged: those tasks
     /// then end in `BackendError`.
     pub fn new(config: LocalConfig) -> Result<Self, SetupError> {
-        let seccomp = seccomp::to_bytes(&seccomp::program_for_host().map_err(SetupError::UnsupportedArch)?);
+        let seccomp = seccomp::to_bytes(&seccomp::program_for_host()?);
         if !is_executable(&config.bwrap_path) {
             return Err(SetupError::NoBubblewrap { path: config.bwrap_path.clone() });
         }
