@@ -15,6 +15,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+mod logs;
+
 use crate::domain::result::ResultMessage;
 use crate::metrics::Metrics;
 use crate::store::{CancelOutcome, Position, Store, StoreError, TaskRow, TenantStatus};
@@ -27,6 +29,9 @@ pub struct Api {
     pub admin_token: Option<String>,
     /// What the components of this process say about their connections (for `/readyz`).
     pub readiness: Arc<crate::readiness::Readiness>,
+    /// The backend of this process's executor, if it runs one: where running tasks' output is
+    /// read for `logs?follow=true`.
+    pub backend: Option<Arc<dyn crate::exec::Backend>>,
 }
 
 /// The HTTP server stopped serving (an I/O error on its listener).
@@ -57,6 +62,7 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/position", get(get_position))
+        .route("/v1/tasks/{id}/logs", get(logs::get_logs))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
         .route("/v1/batches/{tenant}/{batch}/cancel", post(cancel_batch))
         .route("/v1/tenants", get(list_tenants).put(apply_tenants))

@@ -182,6 +182,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             metrics: metrics.clone(),
             admin_token: settings.admin_token.clone(),
             readiness: readiness.clone(),
+            backend: backend.as_ref().map(|(b, _)| b.clone()),
         });
         sup.spawn("http", crate::http::serve(listener, api, shutdown.clone()));
     }

@@ -591,6 +591,26 @@ async fn kube_exec_kubelet_runs_real_python_and_r_end_to_end() {
         (Some("Failed"), Some("NonZeroExit"), Some(3)),
         "{fails:#}"
     );
+
+    // `logs?follow=true` streams the pod's output while it runs, and ends with the task.
+    let code = "import time\nprint('first', flush=True)\ntime.sleep(4)\nprint('second')\n";
+    client.submit(&tenant, &json!({"id": "talks", "language": "python", "code": code, "timeout_seconds": 60})).await;
+    let pool = env.pg().await;
+    eventually(WAIT, || async { phase(&pool, "talks").await == "Running" }).await;
+    let url = format!("http://{}/v1/tasks/{}/logs?follow=true", svc.http_addr, task_id(&pool, "talks").await);
+    let mut resp = reqwest::Client::new().get(&url).bearer_auth("test-admin-token").send().await.unwrap();
+    assert!(resp.status().is_success());
+    let mut seen = Vec::new();
+    while !seen.starts_with(b"first\n") {
+        let chunk =
+            tokio::time::timeout(WAIT, resp.chunk()).await.expect("output while running").unwrap().expect("more");
+        seen.extend_from_slice(&chunk);
+    }
+    assert_eq!(phase(&pool, "talks").await, "Running", "streamed while the program still sleeps");
+    while let Some(chunk) = tokio::time::timeout(WAIT, resp.chunk()).await.expect("the rest").unwrap() {
+        seen.extend_from_slice(&chunk);
+    }
+    assert_eq!(String::from_utf8_lossy(&seen), "first\nsecond\n");
     svc.stop().await;
     env.cleanup().await;
 }
