@@ -211,6 +211,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             amqp_url: settings.amqp_url.clone(),
             wake: wakes.publisher.clone(),
             readiness: readiness.clone(),
+            retry: crate::store::RetryPolicy::new(settings.outbox_max_attempts),
+            metrics: metrics.clone(),
         });
         let stop = shutdown.clone();
         sup.spawn("publisher", async move {

@@ -405,9 +405,10 @@ async fn housekeeping(ctx: &Scheduler, gauges: bool) -> anyhow::Result<()> {
         tracing::warn!(requeued, failed, "reaped tasks whose executor stopped responding");
     }
     // The outbox is small unless publishing is stuck, and then its lag is what operators need.
-    let (pending, oldest) = ctx.store.outbox_lag().await?;
-    ctx.metrics.outbox_pending.set(pending);
-    ctx.metrics.outbox_oldest_seconds.set(oldest);
+    let lag = ctx.store.outbox_lag().await?;
+    ctx.metrics.outbox_pending.set(lag.pending);
+    ctx.metrics.outbox_oldest_seconds.set(lag.oldest_seconds);
+    ctx.metrics.outbox_parked.set(lag.parked);
     if !gauges {
         return Ok(());
     }

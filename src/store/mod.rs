@@ -26,7 +26,10 @@ mod tenants;
 pub use admission::{acquire_leadership, reject_queued, AdmissionRound, Admitted, QueuedHead, RunningUsage};
 pub use api::{find_task, position, Position};
 pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, queued_up_to, Inserted, NewRejection, NewTask};
-pub use outbox::{OutboxBatch, OutboxMessage};
+pub use outbox::{
+    claim_outbox, delete_published, record_refusals, AfterRefusal, OutboxBatch, OutboxLag, OutboxMessage, Refusal,
+    RetryPolicy,
+};
 pub use runs::{finish, AdoptedRun, CancelOutcome, ClaimedTask};
 pub use tasks::{fetch_row, ReplyTo, TaskRow};
 pub use tenants::{load_tenants, phase_counts, sync_tenants, tenant_statuses, TenantStatus};

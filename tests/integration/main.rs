@@ -28,3 +28,6 @@ mod monitoring;
 
 /// Outages of the broker and the database, through a proxy.
 mod reliability;
+
+/// Results the broker refuses: bounded retry, parking, re-queueing.
+mod outbox;
