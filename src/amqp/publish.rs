@@ -78,12 +78,26 @@ async fn session(ctx: &Publisher, shutdown: &CancellationToken) -> anyhow::Resul
     // time, looking for the culprit (a batch at most, so one bad result cannot slow every
     // later round).
     let mut one_at_a_time: i64 = 0;
+    let mut db_backoff = Backoff::reconnect();
     loop {
         // Idle, it would not notice a lost connection until the next result: check.
         if !conn.status().connected() {
             anyhow::bail!("the RabbitMQ connection was lost");
         }
-        let batch = ctx.store.claim_outbox(if one_at_a_time > 0 { 1 } else { BATCH }).await?;
+        let batch = match ctx.store.claim_outbox(if one_at_a_time > 0 { 1 } else { BATCH }).await {
+            Ok(batch) => {
+                db_backoff.reset();
+                batch
+            }
+            Err(e) => {
+                // The database is away (`/readyz` says so); the broker connection is fine: keep it.
+                tracing::warn!(error = %e, retry_in = ?db_backoff.peek(), "cannot read the outbox; retrying");
+                if !db_backoff.wait(shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
         if batch.messages.is_empty() {
             drop(batch);
             tokio::select! {
@@ -105,8 +119,7 @@ async fn session(ctx: &Publisher, shutdown: &CancellationToken) -> anyhow::Resul
                 tracing::warn!(error = %e, batch = batch.messages.len(), "the broker closed the publishing channel");
                 if let [m] = batch.messages.as_slice() {
                     let refusal = Refusal { message_id: m.message_id, attempts: m.attempts, error: e.to_string() };
-                    let parked = batch.complete(&[], &[refusal], &ctx.retry).await?;
-                    report_parked(ctx, &parked);
+                    record(ctx, batch, Vec::new(), vec![refusal], shutdown).await;
                     one_at_a_time = 0;
                 } else {
                     drop(batch);
@@ -117,9 +130,36 @@ async fn session(ctx: &Publisher, shutdown: &CancellationToken) -> anyhow::Resul
             }
             Err(e) => return Err(e.into()),
         };
-        let parked = batch.complete(&confirmed, &refused, &ctx.retry).await?;
-        report_parked(ctx, &parked);
+        record(ctx, batch, confirmed, refused, shutdown).await;
         one_at_a_time = (one_at_a_time - 1).max(0);
+    }
+}
+
+/// Records what the broker did with a batch: deletes the confirmed results, counts refusals.
+/// The broker's answers are facts, so when the database is away this keeps trying (on a new
+/// transaction: the claim's is gone) until it answers, rather than publish confirmed results
+/// again. Only a shutdown gives up (they are then published again at the next start: the rare
+/// duplicate the module docs describe).
+async fn record(
+    ctx: &Publisher,
+    batch: crate::store::OutboxBatch,
+    confirmed: Vec<uuid::Uuid>,
+    refused: Vec<Refusal>,
+    shutdown: &CancellationToken,
+) {
+    let mut result = batch.complete(&confirmed, &refused, &ctx.retry).await;
+    let mut backoff = Backoff::write();
+    loop {
+        match result {
+            Ok(parked) => return report_parked(ctx, &parked),
+            Err(e) => {
+                tracing::warn!(error = %e, confirmed = confirmed.len(), refused = refused.len(), retry_in = ?backoff.peek(), "cannot record published results; retrying");
+                if !backoff.wait(shutdown).await {
+                    return;
+                }
+            }
+        }
+        result = ctx.store.record_publish_outcome(&confirmed, &refused, &ctx.retry).await;
     }
 }
 

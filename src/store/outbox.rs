@@ -165,6 +165,23 @@ impl OutboxBatch {
     }
 }
 
+impl Store {
+    /// Records what the broker did with results whose claim was lost (the database went away
+    /// after the broker answered), in a transaction of its own. Returns the ids parked now.
+    pub async fn record_publish_outcome(
+        &self,
+        confirmed: &[Uuid],
+        refused: &[Refusal],
+        policy: &RetryPolicy,
+    ) -> Result<Vec<Uuid>> {
+        let mut tx = self.pool.begin().await?;
+        delete_published(&mut *tx, confirmed).await?;
+        let parked = record_refusals(&mut *tx, refused, policy).await?;
+        tx.commit().await?;
+        Ok(parked)
+    }
+}
+
 /// The outbox at a glance, for the gauges.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OutboxLag {
