@@ -29,5 +29,8 @@ mod monitoring;
 /// Outages of the broker and the database, through a proxy.
 mod reliability;
 
+/// Postgres restarted, stopped and its pool exhausted, on a private server per test.
+mod pg_outage;
+
 /// Results the broker refuses: bounded retry, parking, re-queueing.
 mod outbox;
