@@ -190,15 +190,25 @@ async fn publish_batch(
     let mut confirmed = Vec::with_capacity(pending.len());
     let mut refused = Vec::new();
     for (m, confirm) in pending {
-        match confirm.await? {
-            Confirmation::Ack(None) | Confirmation::NotRequested => confirmed.push(m.message_id),
+        // The last stage of the task's life (the outbox does not know the tenant; the task id
+        // joins these lines with the earlier stages').
+        let span = tracing::info_span!("publish", task_id = %m.message_id, queue = %m.routing_key);
+        // Awaited outside the span (a span entered across an await would claim other tasks'
+        // lines); what follows runs in it.
+        let confirmation = confirm.await?;
+        let _in_span = span.enter();
+        match confirmation {
+            Confirmation::Ack(None) | Confirmation::NotRequested => {
+                tracing::debug!("result published");
+                confirmed.push(m.message_id)
+            }
             Confirmation::Ack(Some(_returned)) => {
                 // Nobody listens on that reply queue any more; the result stays in SQL.
-                tracing::warn!(task_id = %m.message_id, queue = %m.routing_key, "result returned as unroutable: the reply queue does not exist");
+                tracing::warn!("result returned as unroutable: the reply queue does not exist");
                 confirmed.push(m.message_id);
             }
             Confirmation::Nack(_) => {
-                tracing::warn!(task_id = %m.message_id, queue = %m.routing_key, attempts = m.attempts + 1, "broker refused a result; will retry");
+                tracing::warn!(attempts = m.attempts + 1, "broker refused a result; will retry");
                 refused.push(Refusal {
                     message_id: m.message_id,
                     attempts: m.attempts,

@@ -357,9 +357,11 @@ async fn round(
     }
     let now_utc = chrono::Utc::now();
     for a in &admitted {
+        let _span = tracing::info_span!("admit", task_id = %a.task_id, tenant = %a.tenant).entered();
         ctx.metrics.admitted.with_label_values(&[&a.tenant]).inc();
         let wait = (now_utc - a.submitted_at).num_milliseconds().max(0) as f64 / 1000.0;
         ctx.metrics.admission_wait.with_label_values(&[&a.tenant]).observe(wait);
+        tracing::debug!(wait_seconds = wait, "task admitted");
     }
     for (i, name) in names.iter().enumerate() {
         let t = &decision.tenants[i];

@@ -32,5 +32,8 @@ mod reliability;
 /// Postgres restarted, stopped and its pool exhausted, on a private server per test.
 mod pg_outage;
 
+/// A task's log lines carry its id through every stage.
+mod logs;
+
 /// Results the broker refuses: bounded retry, parking, re-queueing.
 mod outbox;
