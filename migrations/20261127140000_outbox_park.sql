@@ -3,7 +3,11 @@
 alter table agenttask.outbox
     add column next_attempt_at timestamptz not null default now(),
     add column last_error      text,
-    add column parked_at       timestamptz;
+    add column parked_at       timestamptz,
+    -- For the publisher's logs and for operators; null only for rows older than this column.
+    add column tenant          text;
+
+update agenttask.outbox o set tenant = t.tenant from agenttask.tasks t where t.task_id = o.message_id;
 
 -- The publisher's claim: unparked rows, oldest first.
 drop index agenttask.outbox_created;
@@ -11,7 +15,7 @@ create index outbox_unparked on agenttask.outbox (created_at) where parked_at is
 
 -- What operators look at.
 create view agenttask.parked_results as
-select message_id as task_id, exchange, routing_key, correlation_id, phase, attempts, last_error,
+select message_id as task_id, tenant, exchange, routing_key, correlation_id, phase, attempts, last_error,
        created_at, parked_at
 from agenttask.outbox
 where parked_at is not null;

@@ -190,9 +190,8 @@ async fn publish_batch(
     let mut confirmed = Vec::with_capacity(pending.len());
     let mut refused = Vec::new();
     for (m, confirm) in pending {
-        // The last stage of the task's life (the outbox does not know the tenant; the task id
-        // joins these lines with the earlier stages').
-        let span = tracing::info_span!("publish", task_id = %m.message_id, queue = %m.routing_key);
+        // The last stage of the task's life.
+        let span = tracing::info_span!("publish", task_id = %m.message_id, tenant = m.tenant.as_deref(), queue = %m.routing_key);
         // Awaited outside the span (a span entered across an await would claim other tasks'
         // lines); what follows runs in it.
         let confirmation = confirm.await?;

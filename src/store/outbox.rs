@@ -28,6 +28,8 @@ pub struct OutboxMessage {
     pub body: Vec<u8>,
     /// Refusals so far.
     pub attempts: i32,
+    /// The task's tenant (for logs; absent on rows written before the outbox had it).
+    pub tenant: Option<String>,
 }
 
 /// How often a refused result is retried, and how long apart.
@@ -77,7 +79,7 @@ pub struct Refusal {
 pub async fn claim_outbox(conn: impl PgExecutor<'_>, limit: i64) -> Result<Vec<OutboxMessage>> {
     let messages = sqlx::query_as!(
         OutboxMessage,
-        "select message_id, exchange, routing_key, correlation_id, phase, body, attempts \
+        "select message_id, exchange, routing_key, correlation_id, phase, body, attempts, tenant \
          from agenttask.outbox where parked_at is null and next_attempt_at <= now() \
          order by created_at limit $1 for update skip locked",
         limit
