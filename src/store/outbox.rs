@@ -15,6 +15,7 @@ use sqlx::{PgExecutor, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{Result, Store};
+use crate::domain::result::storable_text;
 use crate::retry::Backoff;
 
 /// A result waiting to be published.
@@ -108,7 +109,8 @@ pub async fn record_refusals(
         return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = refused.iter().map(|r| r.message_id).collect();
-    let errors: Vec<String> = refused.iter().map(|r| r.error.clone()).collect();
+    // Text Postgres can store (no NUL): a refused value would make this write fail forever.
+    let errors: Vec<String> = refused.iter().map(|r| storable_text(&r.error).into_owned()).collect();
     let decisions: Vec<AfterRefusal> = refused.iter().map(|r| policy.after_refusal(r.attempts)).collect();
     let delays: Vec<f64> = decisions
         .iter()
