@@ -53,32 +53,42 @@ async fn a_tasks_json_log_lines_carry_its_task_id_and_tenant_from_ingest_to_its_
     let (result, _) = client.next(WAIT).await;
     let task_id = result["task_id"].as_str().unwrap().to_owned();
 
-    // Every stage logged in its span (the publisher's line follows the broker's confirm).
+    // Every stage logged in its span. The lines of different stages are written by different
+    // components, in no fixed order (the result may be published before the executor logs
+    // "task finished"), so wait for all of them.
     let expected: BTreeSet<String> = ["ingest", "admit", "execute", "publish"].map(String::from).into();
+    let wanted = ["task queued", "task admitted", "run launched", "task finished", "result published"];
+    let messages = |lines: &[Value]| -> BTreeSet<String> {
+        lines.iter().filter_map(|l| l["fields"]["message"].as_str().map(str::to_owned)).collect()
+    };
     let end = tokio::time::Instant::now() + WAIT;
-    while stages(&lines_of(&json_lines(&log), &task_id)) != expected {
+    let mine = loop {
+        let mine = lines_of(&json_lines(&log), &task_id);
+        let seen = messages(&mine);
+        if stages(&mine) == expected && wanted.iter().all(|m| seen.contains(*m)) {
+            break mine;
+        }
         assert!(
             tokio::time::Instant::now() < end,
-            "stages logged for {task_id}: {:?}\n{}",
-            stages(&lines_of(&json_lines(&log), &task_id)),
+            "for {task_id}: stages {:?}, lines {seen:?}\n{}",
+            stages(&mine),
             std::fs::read_to_string(&log).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mine = lines_of(&json_lines(&log), &task_id);
+    };
     for line in &mine {
         assert_eq!(line["span"]["tenant"], tenant.as_str(), "{line}");
-    }
-    let messages: Vec<&str> = mine.iter().filter_map(|l| l["fields"]["message"].as_str()).collect();
-    for m in ["task queued", "task admitted", "run launched", "task finished", "result published"] {
-        assert!(messages.contains(&m), "no {m:?} line for the task: {messages:?}");
     }
     // Another task's lines carry its own id, not this one's.
     client.submit(&tenant, &json!({"id": "other", "language": "python", "code": "1"})).await;
     let (other, _) = client.next(WAIT).await;
     let other_id = other["task_id"].as_str().unwrap().to_owned();
     assert_ne!(other_id, task_id);
-    eventually(WAIT, || async { stages(&lines_of(&json_lines(&log), &other_id)) == expected }).await;
+    eventually(WAIT, || async {
+        let others = lines_of(&json_lines(&log), &other_id);
+        stages(&others) == expected && messages(&others).contains("task finished")
+    })
+    .await;
     assert_eq!(lines_of(&json_lines(&log), &task_id).len(), mine.len(), "another task's lines carried this id");
 
     let _ = conn.close(200, "ok".into()).await;
