@@ -250,6 +250,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             amqp_url: settings.amqp_url.clone(),
             wake: wakes.publisher.clone(),
             readiness: readiness.clone(),
+            retry: crate::store::RetryPolicy::new(settings.outbox_max_attempts),
+            metrics: metrics.clone(),
         });
         sup.spawn("publisher", crate::amqp::publish::run(publisher, shutdown.clone()));
     }

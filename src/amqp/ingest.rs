@@ -15,6 +15,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
@@ -210,7 +211,11 @@ async fn consume_once(
             async move {
                 let delivery = d?;
                 match &tenant {
-                    Some(t) => handle_task(&ctx, t, delivery, received_at).await,
+                    Some(t) => {
+                        // The task's id is known once it is stored; `handle_task` records it.
+                        let span = tracing::info_span!("ingest", tenant = %t, task_id = tracing::field::Empty);
+                        handle_task(&ctx, t, delivery, received_at).instrument(span).await
+                    }
                     None => handle_unrouted(&ctx, delivery).await,
                 };
                 Ok::<(), lapin::Error>(())
@@ -274,12 +279,14 @@ async fn handle_task(ctx: &Ingest, tenant: &TenantName, delivery: Delivery, rece
     };
     match stored {
         (Inserted::New(task_id), None) => {
+            tracing::Span::current().record("task_id", tracing::field::display(task_id));
             ctx.metrics.submitted.with_label_values(&[tenant.as_str()]).inc();
-            tracing::debug!(%tenant, %task_id, "task queued");
+            tracing::debug!("task queued");
         }
         (Inserted::New(task_id), Some(reason)) => {
+            tracing::Span::current().record("task_id", tracing::field::display(task_id));
             ctx.metrics.rejected.with_label_values(&[tenant.as_str(), reason.as_str()]).inc();
-            tracing::info!(%tenant, %task_id, %reason, "task rejected");
+            tracing::info!(%reason, "task rejected");
         }
         (Inserted::Duplicate, _) => {
             tracing::debug!(%tenant, "duplicate submit ignored (same id)");
