@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+mod artifacts;
 mod logs;
 
 use crate::domain::result::ResultMessage;
@@ -32,6 +33,9 @@ pub struct Api {
     /// The backend of this process's executor, if it runs one: where running tasks' output is
     /// read for `logs?follow=true`.
     pub backend: Option<Arc<dyn crate::exec::Backend>>,
+    /// Where collected artifacts are kept (`<data dir>/artifacts`), when this process can read
+    /// them.
+    pub artifacts_root: Option<std::path::PathBuf>,
 }
 
 /// The HTTP server stopped serving (an I/O error on its listener).
@@ -63,6 +67,7 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/position", get(get_position))
         .route("/v1/tasks/{id}/logs", get(logs::get_logs))
+        .route("/v1/tasks/{id}/artifacts/{*name}", get(artifacts::get_artifact))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
         .route("/v1/batches/{tenant}/{batch}/cancel", post(cancel_batch))
         .route("/v1/tenants", get(list_tenants).put(apply_tenants))

@@ -183,6 +183,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             admin_token: settings.admin_token.clone(),
             readiness: readiness.clone(),
             backend: backend.as_ref().map(|(b, _)| b.clone()),
+            artifacts_root: Some(settings.data_dir.join("artifacts")),
         });
         sup.spawn("http", crate::http::serve(listener, api, shutdown.clone()));
     }
