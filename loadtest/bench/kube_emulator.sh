@@ -18,7 +18,8 @@ PORT=19465
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
 export SQLX_OFFLINE=true
-cargo build --release --locked -p agenttask --bin agenttask -p agenttask-kubesim -p agenttask-loadtest >&2
+cargo build --release --locked -p agenttask --bin agenttask >&2
+cargo build --release --locked -p agenttask-kubesim -p agenttask-loadtest >&2
 "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 work="$(mktemp -d)"
 pids=()
