@@ -24,7 +24,11 @@ cargo build --release --locked -p agenttask-kubesim -p agenttask-loadtest >&2
 work="$(mktemp -d)"
 pids=()
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    # The service first (it holds watches on the emulator), then the emulator.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        kill "${pids[$i]}" 2>/dev/null || true
+        wait "${pids[$i]}" 2>/dev/null || true
+    done
     rm -rf "$work"
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 }

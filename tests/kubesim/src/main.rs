@@ -148,7 +148,24 @@ async fn run(args: Args) -> std::io::Result<()> {
     writeln!(out, "{url}")?;
     out.flush()?;
     drop(out);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown()).await
+    // Open watches never end by themselves: after SIGTERM/SIGINT, requests in flight get a
+    // moment to finish, then the process exits as an API server's shutdown closes its watches.
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown().await;
+        let _ = stopping_tx.send(());
+    });
+    let drain = async move {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = server => served,
+        () = drain => Ok(()),
+    }
 }
 
 async fn shutdown() {
