@@ -449,19 +449,32 @@ pub async fn wait_pod(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -
 async fn wait(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -> bool {
     let end = tokio::time::Instant::now() + d;
     loop {
-        // Looked at in place (no copy): many pods poll at once.
-        let running = app
-            .lock()
-            .get("/pods", ns, name)
-            .is_some_and(|p| p["metadata"]["uid"] == uid && p["metadata"]["deletionTimestamp"].is_null());
+        // Woken by a change of this pod only: thousands of pods wait at once.
+        let waker = app.lock().pod_waker(ns, name);
+        let changed = waker.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        // Looked at in place (no copy).
+        let running = {
+            let mut store = app.lock();
+            let pod = store.get("/pods", ns, name);
+            let running =
+                pod.is_some_and(|p| p["metadata"]["uid"] == uid && p["metadata"]["deletionTimestamp"].is_null());
+            if pod.is_none() {
+                store.pod_wakers.remove(&(ns.to_string(), name.to_string()));
+            }
+            running
+        };
         if !running {
             return false;
         }
-        let now = tokio::time::Instant::now();
-        if now >= end {
+        if tokio::time::Instant::now() >= end {
             return true;
         }
-        tokio::time::sleep((end - now).min(Duration::from_millis(25))).await;
+        tokio::select! {
+            () = &mut changed => {}
+            () = tokio::time::sleep_until(end) => return true,
+        }
     }
 }
 

@@ -44,6 +44,9 @@ pub struct Inner {
     pub registry: Registry,
     /// Set by writes that the garbage collector must look at.
     pub gc_dirty: bool,
+    /// Wakes the kubelet's loop of a pod (namespace, name) when that pod is written or removed,
+    /// so a pod's life is followed by its changes instead of by polling every pod.
+    pub pod_wakers: std::collections::HashMap<(String, String), Arc<tokio::sync::Notify>>,
 }
 
 impl Inner {
@@ -58,6 +61,7 @@ impl Inner {
             tx,
             registry: Registry::new(),
             gc_dirty: false,
+            pod_wakers: std::collections::HashMap::new(),
         }
     }
 
@@ -108,7 +112,23 @@ impl Inner {
         Some(obj)
     }
 
+    /// The waker of pod `ns/name` (made on first use; dropped once the pod is gone).
+    pub fn pod_waker(&mut self, ns: &str, name: &str) -> Arc<tokio::sync::Notify> {
+        self.pod_wakers.entry((ns.to_string(), name.to_string())).or_default().clone()
+    }
+
     fn record(&mut self, ev: Event) {
+        if ev.key == "/pods" {
+            let name = ev.object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let pod = (ev.namespace.clone(), name);
+            let waker = match ev.kind {
+                EventType::Deleted => self.pod_wakers.remove(&pod),
+                _ => self.pod_wakers.get(&pod).cloned(),
+            };
+            if let Some(w) = waker {
+                w.notify_waiters();
+            }
+        }
         let ev = Arc::new(ev);
         self.log.push_back(ev.clone());
         while self.log.len() > self.window {
