@@ -85,8 +85,10 @@ pub enum Command {
         /// Task id (uuid)
         #[arg(required_unless_present = "batch", conflicts_with = "batch")]
         id: Option<String>,
-        /// Cancel every unfinished task of this batch (needs --tenant)
-        #[arg(long, requires = "tenant")]
+        /// Cancel every unfinished task of this batch (needs --tenant or AGENTCTL_TENANT)
+        // Not `requires = "tenant"`: clap would not see a global --tenant given before the
+        // subcommand, nor AGENTCTL_TENANT; `cancel` checks it instead.
+        #[arg(long)]
         batch: Option<String>,
     },
     /// Tenants and their quotas (admin token needed).
