@@ -15,8 +15,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_AMQP_URL;
 use crate::domain::quantity::{format_cpu, format_memory};
-use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, ErrorBody, TaskView};
-use crate::store::{Position, TenantStatus};
+use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, CreatedToken, ErrorBody, TaskView};
+use crate::store::{Position, TenantStatus, TokenInfo};
 
 /// agentctl: submit untrusted code to AgentTask and inspect its tasks.
 ///
@@ -27,6 +27,7 @@ use crate::store::{Position, TenantStatus};
 ///   agentctl position 6f1c0e8a-...
 ///   agentctl cancel 6f1c0e8a-...
 ///   agentctl tenant apply -f tenants.toml
+///   agentctl tenant token create acme  (prints acme's new API token once)
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 pub struct Cli {
@@ -120,6 +121,20 @@ pub enum TenantCommand {
     List,
     /// Show one tenant's quotas and load.
     Get { name: String },
+    /// A tenant's API tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create an API token for TENANT and print it. It is shown only this once (only its hash is
+    /// kept): give it to the tenant as their AGENTCTL_TOKEN.
+    Create { tenant: String },
+    /// List tokens (of TENANT, or of every tenant): id, tenant, created, last used, revoked.
+    List { tenant: Option<String> },
+    /// Revoke a token by its id (from `token list`): it authenticates nothing from now on.
+    Revoke { id: String },
 }
 
 /// A failure of agentctl itself (not of a task), with what to do about it.
@@ -334,8 +349,73 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
                 }
             }
         }
+        TenantCommand::Token(cmd) => return token(cli, cmd).await,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<ExitCode, CtlError> {
+    let base = cli.server.trim_end_matches('/');
+    match cmd {
+        TokenCommand::Create { tenant } => {
+            let url = format!("{base}/v1/tenants/{}/tokens", encode(tenant));
+            let created: CreatedToken = api(cli, reqwest::Method::POST, &url, None).await?;
+            match cli.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&created)?),
+                Output::Table => {
+                    // The token alone on stdout (for `$(...)`); the note on stderr.
+                    println!("{}", created.token);
+                    eprintln!(
+                        "token {} for tenant {}: shown only now; use it as AGENTCTL_TOKEN. \
+                         Revoke it with `agentctl tenant token revoke {}`.",
+                        created.info.id,
+                        escape::line(&created.info.tenant),
+                        created.info.id
+                    );
+                }
+            }
+        }
+        TokenCommand::List { tenant } => {
+            let mut url = format!("{base}/v1/tokens");
+            if let Some(t) = tenant {
+                url.push_str(&format!("?tenant={}", encode(t)));
+            }
+            let list: Vec<TokenInfo> = api(cli, reqwest::Method::GET, &url, None).await?;
+            match cli.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Table => println!("{}", token_table(&list)),
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            let url = format!("{base}/v1/tokens/{}", encode(id));
+            let info: TokenInfo = api(cli, reqwest::Method::DELETE, &url, None).await?;
+            match cli.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+                Output::Table => println!("token {} of tenant {} revoked", info.id, escape::line(&info.tenant)),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tenant token list` for people.
+fn token_table(list: &[TokenInfo]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    table.set_header(["ID", "TENANT", "CREATED", "LAST USED", "REVOKED"]);
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into())
+    };
+    for t in list {
+        table.add_row([
+            t.id.to_string(),
+            escape::line(&t.tenant).into_owned(),
+            time(Some(t.created_at)),
+            time(t.last_used_at),
+            time(t.revoked_at),
+        ]);
+    }
+    table
 }
 
 async fn get(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {

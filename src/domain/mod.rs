@@ -10,4 +10,5 @@ pub mod quantity;
 pub mod result;
 pub mod task;
 pub mod tenant;
+pub mod token;
 pub mod validate;

@@ -16,6 +16,9 @@ mod admission;
 /// Messages crafted to break the consumer itself.
 mod poison;
 
+/// The task API: tenants' tokens and what each may see and do.
+mod api;
+
 /// The execution seam: cancel from agentctl, the null backend.
 mod execution;
 

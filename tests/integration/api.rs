@@ -1,0 +1,224 @@
+//! The task API's tokens: two tenants' tokens against every endpoint. A tenant's token sees
+//! and acts on its own tenant only (another tenant's task is a 404, and nothing changes), and
+//! cannot manage tenants or tokens (403).
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use agenttask::config::Component;
+
+use crate::support::*;
+
+const ADMIN: &str = "test-admin-token";
+
+/// Creates a token for `tenant` with agentctl; returns (id, token).
+async fn new_token(svc: &Service, tenant: &str) -> (String, String) {
+    let (code, out, err) = agentctl_as(svc, ADMIN, &["-o", "json", "tenant", "token", "create", tenant]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    (v["id"].as_str().unwrap().to_owned(), v["token"].as_str().unwrap().to_owned())
+}
+
+async fn phase_of(pool: &sqlx::PgPool, id: uuid::Uuid) -> String {
+    sqlx::query_scalar("select phase from agenttask.tasks where task_id = $1").bind(id).fetch_one(pool).await.unwrap()
+}
+
+struct Side {
+    tenant: String,
+    token: String,
+    token_id: String,
+    /// In batch "b", stays queued until the tenant cancels its batch.
+    in_batch: uuid::Uuid,
+    /// Cancelled by its own tenant.
+    single: uuid::Uuid,
+}
+
+#[tokio::test]
+async fn each_tenants_token_sees_and_acts_on_its_own_tasks_only_on_every_endpoint() {
+    let env = Env::new("[tenants.{t}-a]\n[tenants.{t}-b]\n").await;
+    let svc = env.start_with(env.settings(&[Component::Http])).await;
+    let pool = env.pg().await;
+    let now = chrono::Utc::now();
+    let mut sides = Vec::new();
+    for s in ["a", "b"] {
+        let tenant = env.tenant(s);
+        let (token_id, token) = new_token(&svc, &tenant).await;
+        let in_batch = insert_task_row(&pool, &tenant, "one", Some("b"), "Queued", json!({}), now).await;
+        let single = insert_task_row(&pool, &tenant, "two", None, "Queued", json!({}), now).await;
+        sides.push(Side { tenant, token, token_id, in_batch, single });
+    }
+
+    // Across tenants: every task endpoint says 404, exactly as for an unknown task, and nothing
+    // changes; the admin endpoints say 403.
+    for (me, other) in [(&sides[0], &sides[1]), (&sides[1], &sides[0])] {
+        let t = me.token.as_str();
+        let (o, ot) = (other.in_batch, &other.tenant);
+        for (method, path) in [
+            (Method::GET, format!("/v1/tasks/{o}")),
+            (Method::GET, format!("/v1/tasks/one?tenant={ot}")),
+            (Method::GET, format!("/v1/tasks/{o}?tenant={ot}")),
+            (Method::GET, format!("/v1/tasks/{o}/position")),
+            (Method::POST, format!("/v1/tasks/{o}/cancel")),
+            (Method::POST, format!("/v1/tasks/{}/cancel", other.single)),
+            (Method::POST, format!("/v1/batches/{ot}/b/cancel")),
+            (Method::GET, format!("/v1/tasks/{}", uuid::Uuid::new_v4())),
+        ] {
+            let (status, body) = api_call(&svc, method.clone(), &path, t).await;
+            assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{method} {path}: {body}");
+        }
+        for (method, path) in [
+            (Method::GET, "/v1/tenants".to_owned()),
+            (Method::GET, format!("/v1/tenants/{}", me.tenant)),
+            (Method::PUT, "/v1/tenants".to_owned()),
+            (Method::POST, format!("/v1/tenants/{}/tokens", me.tenant)),
+            (Method::POST, format!("/v1/tenants/{ot}/tokens")),
+            (Method::GET, "/v1/tokens".to_owned()),
+            (Method::GET, format!("/v1/tokens?tenant={}", me.tenant)),
+            (Method::DELETE, format!("/v1/tokens/{}", other.token_id)),
+            (Method::DELETE, format!("/v1/tokens/{}", me.token_id)),
+        ] {
+            let (status, body) = api_call(&svc, method.clone(), &path, t).await;
+            assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")), "{method} {path}: {body}");
+        }
+        // And through agentctl: the same answers, exit status 2.
+        let (code, _, err) = agentctl_as(&svc, t, &["get", &o.to_string()]).await;
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("404") && err.contains("no task"), "{err}");
+        let (code, _, err) = agentctl_as(&svc, t, &["tenant", "token", "create", &me.tenant]).await;
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("403") && err.contains("admin token"), "{err}");
+    }
+    for s in &sides {
+        for id in [s.in_batch, s.single] {
+            assert_eq!(phase_of(&pool, id).await, "Queued", "another tenant's token changed nothing");
+        }
+    }
+    let tokens: i64 = sqlx::query_scalar("select count(*) from agenttask.api_tokens").fetch_one(&pool).await.unwrap();
+    assert_eq!(tokens, 2, "a tenant's token created no token");
+
+    // Within its tenant: every endpoint works.
+    for me in &sides {
+        let t = me.token.as_str();
+        let (status, body) = api_call(&svc, Method::GET, &format!("/v1/tasks/{}", me.in_batch), t).await;
+        assert_eq!((status, body["tenant"].as_str()), (200, Some(me.tenant.as_str())), "{body}");
+        // A client id needs no ?tenant= with a tenant's token: it is looked up in its own.
+        let (status, body) = api_call(&svc, Method::GET, "/v1/tasks/one", t).await;
+        assert_eq!((status, body["task_id"].as_str()), (200, Some(me.in_batch.to_string().as_str())), "{body}");
+        let (status, body) = api_call(&svc, Method::GET, &format!("/v1/tasks/{}/position", me.in_batch), t).await;
+        assert_eq!((status, body["queued"].as_i64()), (200, Some(2)), "only its own tenant's queue: {body}");
+        assert!(body["position"].as_i64().is_some_and(|p| p >= 1), "{body}");
+        let (code, out, err) = agentctl_as(&svc, t, &["cancel", &me.single.to_string()]).await;
+        assert_eq!(code, 0, "{out}{err}");
+        let (code, out, err) = agentctl_as(&svc, t, &["--tenant", &me.tenant, "cancel", "--batch", "b"]).await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("1 cancelled"), "{out}");
+        for id in [me.in_batch, me.single] {
+            assert_eq!(phase_of(&pool, id).await, "Cancelled");
+        }
+    }
+
+    // The admin token sees every tenant.
+    for s in &sides {
+        let (status, _) = api_call(&svc, Method::GET, &format!("/v1/tasks/{}", s.in_batch), ADMIN).await;
+        assert_eq!(status, 200);
+    }
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn tokens_are_stored_as_hashes_listed_and_revoked() {
+    let env = Env::new("[tenants.{t}-a]\n").await;
+    let svc = env.start_with(env.settings(&[Component::Http])).await;
+    let pool = env.pg().await;
+    let tenant = env.tenant("a");
+    let task = insert_task_row(&pool, &tenant, "k", None, "Succeeded", json!({}), chrono::Utc::now()).await;
+
+    // Table output: the token alone on stdout, what to do with it on stderr.
+    let (code, out, err) = agentctl_as(&svc, ADMIN, &["tenant", "token", "create", &tenant]).await;
+    assert_eq!(code, 0, "{err}");
+    let token = out.trim().to_owned();
+    assert!(token.starts_with("agt_") && !token.contains(char::is_whitespace), "{out}");
+    assert!(err.contains("shown only now") && err.contains("AGENTCTL_TOKEN"), "{err}");
+    let secret = token.rsplit_once('_').map(|(_, s)| s).unwrap().to_owned();
+
+    // Nothing stored holds the token or its secret.
+    let rows: Vec<String> =
+        sqlx::query_scalar("select row_to_json(t)::text from agenttask.api_tokens t").fetch_all(&pool).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(!rows[0].contains(&secret) && !rows[0].contains(&token), "{}", rows[0]);
+
+    let (status, _) = api_call(&svc, Method::GET, &format!("/v1/tasks/{task}"), &token).await;
+    assert_eq!(status, 200);
+
+    // Wrong, malformed and missing tokens: 401 with a JSON error.
+    let mut wrong = token.clone();
+    let last = wrong.pop().unwrap();
+    wrong.push(if last == 'A' { 'B' } else { 'A' });
+    for bad in [wrong.as_str(), "agt_nothing", "not-the-admin-token", ""] {
+        let (status, body) = api_call(&svc, Method::GET, &format!("/v1/tasks/{task}"), bad).await;
+        assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")), "{bad:?}: {body}");
+    }
+
+    // Listed with its use, never its secret.
+    let (code, out, err) = agentctl_as(&svc, ADMIN, &["-o", "json", "tenant", "token", "list", &tenant]).await;
+    assert_eq!(code, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let listed = &list.as_array().unwrap()[0];
+    assert_eq!(listed["tenant"].as_str(), Some(tenant.as_str()));
+    assert!(listed["last_used_at"].is_string() && listed["revoked_at"].is_null(), "{listed}");
+    assert!(!out.contains(&secret));
+    let id = listed["id"].as_str().unwrap().to_owned();
+    let (code, out, _) = agentctl_as(&svc, ADMIN, &["tenant", "token", "list"]).await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].trim_start().starts_with("ID") && lines[0].contains("LAST USED"), "{out}");
+    assert!(lines[1].contains(&id) && lines[1].contains(&tenant), "{out}");
+
+    // Revoked: it authenticates nothing, and stays listed as revoked.
+    let (code, out, err) = agentctl_as(&svc, ADMIN, &["tenant", "token", "revoke", &id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    let (status, _) = api_call(&svc, Method::GET, &format!("/v1/tasks/{task}"), &token).await;
+    assert_eq!(status, 401);
+    let (status, body) = api_call(&svc, Method::GET, &format!("/v1/tokens?tenant={tenant}"), ADMIN).await;
+    assert_eq!(status, 200);
+    assert!(body[0]["revoked_at"].is_string(), "{body}");
+
+    // Bad input: an unknown tenant, an unknown or malformed token id.
+    let (code, _, err) = agentctl_as(&svc, ADMIN, &["tenant", "token", "create", "no-such-tenant"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("404") && err.contains("no tenant no-such-tenant"), "{err}");
+    let (status, body) = api_call(&svc, Method::DELETE, &format!("/v1/tokens/{}", uuid::Uuid::new_v4()), ADMIN).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{body}");
+    let (status, body) = api_call(&svc, Method::DELETE, "/v1/tokens/not-an-id", ADMIN).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")), "{body}");
+    let tokens: i64 = sqlx::query_scalar("select count(*) from agenttask.api_tokens").fetch_one(&pool).await.unwrap();
+    assert_eq!(tokens, 1, "failed requests stored nothing");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn without_an_admin_token_the_admin_api_is_closed_but_tenant_tokens_work() {
+    let env = Env::new("[tenants.{t}-a]\n").await;
+    // A token made while the service had an admin token...
+    let svc = env.start_with(env.settings(&[Component::Http])).await;
+    let pool = env.pg().await;
+    let tenant = env.tenant("a");
+    let task = insert_task_row(&pool, &tenant, "k", None, "Queued", json!({}), chrono::Utc::now()).await;
+    let (_, token) = new_token(&svc, &tenant).await;
+    svc.stop().await;
+    // ...still works after a restart without one; the admin endpoints are closed.
+    let mut settings = env.settings(&[Component::Http]);
+    settings.admin_token = None;
+    let svc = env.start_with(settings).await;
+    let (status, _) = api_call(&svc, Method::GET, &format!("/v1/tasks/{task}"), &token).await;
+    assert_eq!(status, 200);
+    for t in [ADMIN, ""] {
+        let (status, body) = api_call(&svc, Method::GET, "/v1/tenants", t).await;
+        assert_eq!((status, body["code"].as_str()), (403, Some("api_closed")), "{body}");
+    }
+    svc.stop().await;
+    env.cleanup().await;
+}
