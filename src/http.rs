@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::result::ResultMessage;
 use crate::domain::token;
 use crate::metrics::Metrics;
-use crate::store::{CancelOutcome, Position, Store, StoreError, TaskRow, TenantStatus, TokenInfo};
+use crate::store::{CancelOutcome, Position, Store, StoreError, TaskRow, TaskSummary, TenantStatus, TokenInfo};
 
 /// What the HTTP endpoints need, and nothing else.
 pub struct Api {
@@ -60,6 +60,7 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/tasks", get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/position", get(get_position))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
@@ -327,6 +328,35 @@ async fn get_task(
     };
     let row = found.filter(|r| caller.sees(&r.tenant)).ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
     Ok(Json(TaskView::from(row)))
+}
+
+/// A page of `GET /v1/tasks`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskPage {
+    pub items: Vec<TaskSummary>,
+    /// Pass as `cursor=` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/tasks?tenant=&batch=&phase=&label=KEY=VALUE&since=&until=&cursor=&limit=`: tasks,
+/// newest first, one page at a time (`phase` takes a comma-separated list; `label` repeats).
+/// A tenant's token lists its own tenant only, whatever `tenant=` says.
+async fn list_tasks(
+    caller: Caller,
+    State(ctx): State<Arc<Api>>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<TaskPage>, ApiError> {
+    let mut filter =
+        crate::domain::listing::TaskFilter::from_pairs(&pairs).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if let Caller::Tenant(own) = &caller {
+        match &filter.tenant {
+            // Another tenant's tasks are as absent as unknown ones: an empty list.
+            Some(t) if t != own => return Ok(Json(TaskPage { items: vec![], next_cursor: None })),
+            _ => filter.tenant = Some(own.clone()),
+        }
+    }
+    let (items, next) = ctx.store.list_tasks(&filter).await?;
+    Ok(Json(TaskPage { items, next_cursor: next.map(|c| c.encode()) }))
 }
 
 /// `GET /v1/tasks/{id}/position`: place in the tenant's queue and an estimated wait.

@@ -15,8 +15,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_AMQP_URL;
 use crate::domain::quantity::{format_cpu, format_memory};
-use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, CreatedToken, ErrorBody, TaskView};
-use crate::store::{Position, TenantStatus, TokenInfo};
+use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, CreatedToken, ErrorBody, TaskPage, TaskView};
+use crate::store::{Position, TaskSummary, TenantStatus, TokenInfo};
 
 /// agentctl: submit untrusted code to AgentTask and inspect its tasks.
 ///
@@ -70,6 +70,11 @@ pub enum Command {
         /// Task id (uuid) or client id
         id: String,
     },
+    /// List tasks, newest first (of --tenant; a tenant's token lists its own tenant only).
+    ///
+    /// Examples: agentctl list --tenant acme --batch eval-42 --phase Failed,Cancelled
+    ///           agentctl list --label team=search --since 2026-11-27T00:00:00Z -o json
+    List(ListArgs),
     /// Show a queued task's place in its tenant's queue and an estimate of the wait.
     Position {
         /// Task id (uuid)
@@ -95,6 +100,28 @@ pub enum Command {
     /// Tenants and their quotas (admin token needed).
     #[command(subcommand)]
     Tenant(TenantCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only this batch
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Only these phases (comma-separated, e.g. Failed,Cancelled)
+    #[arg(long)]
+    pub phase: Option<String>,
+    /// Only tasks with this label KEY=VALUE (repeatable: all must match)
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Only tasks submitted at or after this time (RFC 3339)
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only tasks submitted before this time (RFC 3339)
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many tasks [default: all]
+    #[arg(long)]
+    pub limit: Option<u64>,
 }
 
 /// See `agentctl tenant apply --help`.
@@ -213,6 +240,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
     match &cli.command {
         Command::Submit(args) => submit::run(&cli, args).await,
         Command::Get { id } => get(&cli, id).await,
+        Command::List(args) => list(&cli, args).await,
         Command::Position { id } => position(&cli, id).await,
         Command::Cancel { id, batch } => cancel(&cli, id.as_deref(), batch.as_deref()).await,
         Command::Tenant(cmd) => tenant(&cli, cmd).await,
@@ -254,6 +282,73 @@ async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<Exit
         }
         Err(e) => Err(e),
     }
+}
+
+/// Follows the API's cursors until every matching task (or `--limit` of them) is read.
+async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode, CtlError> {
+    let mut query: Vec<(&str, String)> = Vec::new();
+    if let Some(t) = &cli.tenant {
+        query.push(("tenant", t.clone()));
+    }
+    for (k, v) in [("batch", &args.batch), ("phase", &args.phase), ("since", &args.since), ("until", &args.until)] {
+        if let Some(v) = v {
+            query.push((k, v.clone()));
+        }
+    }
+    for l in &args.labels {
+        query.push(("label", l.clone()));
+    }
+    const PAGE: u64 = 500;
+    let mut items: Vec<TaskSummary> = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let want = args.limit.map_or(PAGE, |l| (l - items.len() as u64).min(PAGE));
+        if want == 0 {
+            break;
+        }
+        let mut q = query.clone();
+        q.push(("limit", want.to_string()));
+        if let Some(c) = cursor.take() {
+            q.push(("cursor", c));
+        }
+        let qs: Vec<String> = q.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
+        let url = format!("{}/v1/tasks?{}", cli.server.trim_end_matches('/'), qs.join("&"));
+        let page: TaskPage = api(cli, reqwest::Method::GET, &url, None).await?;
+        items.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    match cli.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&items)?),
+        Output::Table => println!("{}", task_table(&items)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `list` for people: one line per task, kubectl-style.
+fn task_table(items: &[TaskSummary]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    table.set_header(["TASK", "ID", "TENANT", "BATCH", "PHASE", "REASON", "SUBMITTED", "DURATION"]);
+    let opt = |o: &Option<String>| o.as_deref().map_or_else(|| "-".into(), |s| escape::line(s).into_owned());
+    for t in items {
+        table.add_row([
+            t.task_id.to_string(),
+            opt(&t.id),
+            escape::line(&t.tenant).into_owned(),
+            opt(&t.batch_id),
+            t.phase.to_string(),
+            t.reason.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            t.submitted_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            t.duration_ms.map(|ms| format!("{ms}ms")).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    if let Some(c) = table.column_mut(7) {
+        c.set_cell_alignment(comfy_table::CellAlignment::Right);
+    }
+    table
 }
 
 async fn position(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {

@@ -4,6 +4,7 @@
 pub mod fairshare;
 #[cfg(test)]
 mod fuzz;
+pub mod listing;
 pub mod outcome;
 pub mod phase;
 pub mod quantity;

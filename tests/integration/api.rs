@@ -222,3 +222,134 @@ async fn without_an_admin_token_the_admin_api_is_closed_but_tenant_tokens_work()
     svc.stop().await;
     env.cleanup().await;
 }
+
+/// Every page of `GET /v1/tasks?{query}` with `limit`, followed by cursor: the task ids in order.
+async fn all_pages(svc: &Service, token: &str, query: &str, limit: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..100 {
+        let mut path = format!("/v1/tasks?limit={limit}&{query}");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (status, body) = api_call(svc, Method::GET, &path, token).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        let items = body["items"].as_array().unwrap();
+        assert!(items.len() <= limit as usize);
+        for t in items {
+            out.push((t["submitted_at"].as_str().unwrap().to_owned(), t["task_id"].as_str().unwrap().to_owned()));
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return out,
+        }
+    }
+    panic!("more than 100 pages");
+}
+
+#[tokio::test]
+async fn listing_pages_through_every_matching_task_exactly_once() {
+    let env = Env::new("[tenants.{t}-a]\n[tenants.{t}-b]\n").await;
+    let svc = env.start_with(env.settings(&[Component::Http])).await;
+    let pool = env.pg().await;
+    let (a, b) = (env.tenant("a"), env.tenant("b"));
+    let t0 = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&chrono::Utc);
+    let mut ids_a = std::collections::BTreeSet::new();
+    for i in 0..23i64 {
+        // Three tasks per second: ties on submitted_at are broken by task id.
+        let at = t0 + chrono::Duration::seconds(i / 3);
+        let batch = if i % 2 == 0 { "b1" } else { "b2" };
+        let phase = if i % 3 == 0 { "Succeeded" } else { "Queued" };
+        let parity = if i % 2 == 0 { "even" } else { "odd" };
+        let id = insert_task_row(&pool, &a, &format!("a{i}"), Some(batch), phase, json!({"parity": parity}), at).await;
+        ids_a.insert(id.to_string());
+    }
+    for i in 0..5i64 {
+        insert_task_row(&pool, &b, &format!("b{i}"), Some("b1"), "Queued", json!({}), t0).await;
+    }
+
+    // Pages of 4 cover tenant a exactly once, newest first.
+    let listed = all_pages(&svc, ADMIN, &format!("tenant={a}"), 4).await;
+    assert_eq!(listed.len(), 23);
+    let set: std::collections::BTreeSet<String> = listed.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(set, ids_a, "every task once");
+    let keys: Vec<(chrono::DateTime<chrono::Utc>, uuid::Uuid)> =
+        listed.iter().map(|(t, id)| (t.parse().unwrap(), id.parse().unwrap())).collect();
+    assert!(keys.windows(2).all(|w| w[0] > w[1]), "strictly newest first: {keys:?}");
+    assert_eq!(all_pages(&svc, ADMIN, "", 5).await.len(), 28);
+    // A page size that divides the total: the full last page says there is no next one.
+    assert_eq!(all_pages(&svc, ADMIN, &format!("tenant={b}"), 5).await.len(), 5);
+
+    // Each filter, and filters together.
+    for (query, n) in [
+        ("batch=b1".to_owned(), 12),
+        ("phase=Succeeded".to_owned(), 8),
+        ("phase=Succeeded,Queued".to_owned(), 23),
+        ("label=parity%3Deven".to_owned(), 12),
+        ("since=2026-01-01T00:00:05Z".to_owned(), 8),
+        ("until=2026-01-01T00:00:02Z".to_owned(), 6),
+        ("batch=b1&phase=Succeeded&label=parity%3Deven".to_owned(), 4),
+        ("batch=nope".to_owned(), 0),
+    ] {
+        assert_eq!(all_pages(&svc, ADMIN, &format!("tenant={a}&{query}"), 3).await.len(), n, "{query}");
+    }
+
+    // A tenant's token lists its own tenant only.
+    let (_, token_b) = new_token(&svc, &b).await;
+    let mine = all_pages(&svc, &token_b, "", 2).await;
+    assert_eq!(mine.len(), 5);
+    assert!(all_pages(&svc, &token_b, &format!("tenant={a}"), 10).await.is_empty());
+    assert!(all_pages(&svc, &token_b, "batch=b2", 10).await.is_empty());
+
+    // Bad input: a 400 naming the parameter.
+    for (query, param) in [
+        ("phase=Bogus", "phase"),
+        ("limit=0", "limit"),
+        ("limit=many", "limit"),
+        ("since=yesterday", "since"),
+        ("until=2026-01-01", "until"),
+        ("cursor=garbage", "cursor"),
+        ("label=nokey", "label"),
+        ("tenatn=acme", "tenatn"),
+        ("batch=x&batch=y", "batch"),
+    ] {
+        let (status, body) = api_call(&svc, Method::GET, &format!("/v1/tasks?{query}"), ADMIN).await;
+        assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")), "{query}: {body}");
+        assert!(body["message"].as_str().unwrap().contains(&format!("\"{param}\"")), "{query}: {body}");
+    }
+    // A malformed id is a 400, an unknown one a 404, on every endpoint taking one.
+    for (method, path, status) in [
+        (Method::GET, "/v1/tasks/not-a-uuid".to_owned(), 400),
+        (Method::GET, "/v1/tasks/not-a-uuid/position".to_owned(), 400),
+        (Method::POST, "/v1/tasks/not-a-uuid/cancel".to_owned(), 400),
+        (Method::GET, format!("/v1/tasks/{}", uuid::Uuid::new_v4()), 404),
+        (Method::GET, format!("/v1/tasks/{}/position", uuid::Uuid::new_v4()), 404),
+        (Method::POST, format!("/v1/tasks/{}/cancel", uuid::Uuid::new_v4()), 404),
+    ] {
+        let (got, body) = api_call(&svc, method.clone(), &path, ADMIN).await;
+        assert_eq!(got, status, "{method} {path}: {body}");
+        assert!(body["code"].is_string() && body["message"].is_string(), "{body}");
+    }
+
+    // agentctl list: a table for people, JSON for programs, following the cursor.
+    let (code, out, err) =
+        agentctl_as(&svc, ADMIN, &["list", "--tenant", &a, "--batch", "b1", "--phase", "Succeeded"]).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1 + 4, "{out}");
+    assert!(lines[0].trim_start().starts_with("TASK") && lines[0].contains("PHASE"), "{out}");
+    assert!(lines[1..].iter().all(|l| l.contains("Succeeded") && l.contains("b1")), "{out}");
+    let (code, out, err) = agentctl_as(&svc, ADMIN, &["-o", "json", "list", "--tenant", &a]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().len(), 23);
+    let (code, out, _) = agentctl_as(&svc, ADMIN, &["-o", "json", "list", "--limit", "7"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().len(), 7);
+    let (code, out, _) = agentctl_as(&svc, &token_b, &["-o", "json", "list"]).await;
+    assert_eq!((code, serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().len()), (0, 5));
+    let (code, out, err) = agentctl_as(&svc, ADMIN, &["list", "--phase", "Bogus"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(err.contains("400") && err.contains("phase") && err.contains("Bogus"), "{err}");
+    svc.stop().await;
+    env.cleanup().await;
+}
