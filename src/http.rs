@@ -68,6 +68,7 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .route("/v1/tenants", get(list_tenants).put(apply_tenants))
         .route("/v1/tenants/{name}", get(get_tenant))
         .route("/v1/tenants/{name}/tokens", post(create_token))
+        .route("/v1/tenants/{name}/sql-role", post(create_sql_role))
         .route("/v1/tokens", get(list_tokens))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .with_state(ctx)
@@ -563,4 +564,38 @@ async fn revoke_token(
     let parsed =
         uuid::Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest(format!("{id:?} is not a token id (uuid)")))?;
     Ok(Json(ctx.store.revoke_token(parsed).await?.ok_or_else(|| ApiError::NotFound(format!("no token {id}")))?))
+}
+
+/// What `POST /v1/tenants/{name}/sql-role` made.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SqlRole {
+    pub tenant: String,
+    pub role: String,
+    /// With the new password: shown only now.
+    pub connection_string: String,
+}
+
+/// `POST /v1/tenants/{name}/sql-role` (admin): creates the tenant's read-only Postgres role, or
+/// gives the existing one a new password; answers its connection string. The role reads the
+/// views of the contract, through row-level security only its tenant's rows, and no table.
+async fn create_sql_role(
+    _: Admin,
+    State(ctx): State<Arc<Api>>,
+    Path(tenant): Path<String>,
+) -> Result<Json<SqlRole>, ApiError> {
+    let name = crate::domain::tenant::TenantName::parse(&tenant).map_err(ApiError::BadRequest)?;
+    let mut random = [0u8; 24];
+    getrandom::fill(&mut random).map_err(|e| ApiError::Internal(format!("no randomness for a password: {e}")))?;
+    let password = {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)
+    };
+    let role = name.sql_role();
+    if !ctx.store.ensure_sql_role(&tenant, &role, &password).await? {
+        return Err(ApiError::NotFound(format!(
+            "no tenant {tenant}: apply a tenants file that has it first (agentctl tenant apply)"
+        )));
+    }
+    let connection_string = ctx.store.connection_string_for(&role, &password);
+    Ok(Json(SqlRole { tenant, role, connection_string }))
 }

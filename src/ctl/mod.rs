@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_AMQP_URL;
 use crate::domain::quantity::{format_cpu, format_memory};
-use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, CreatedToken, ErrorBody, TaskPage, TaskView};
+use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, CreatedToken, ErrorBody, SqlRole, TaskPage, TaskView};
 use crate::store::{Position, TaskSummary, TenantStatus, TokenInfo};
 
 /// agentctl: submit untrusted code to AgentTask and inspect its tasks.
@@ -148,6 +148,10 @@ pub enum TenantCommand {
     List,
     /// Show one tenant's quotas and load.
     Get { name: String },
+    /// Create TENANT's read-only Postgres role (or give it a new password) and print its
+    /// connection string. The role reads agenttask.task_results, batch_summary and tenant_usage,
+    /// only TENANT's rows (row-level security), and no table.
+    SqlRole { tenant: String },
     /// A tenant's API tokens: create, list, revoke.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -445,6 +449,22 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
             }
         }
         TenantCommand::Token(cmd) => return token(cli, cmd).await,
+        TenantCommand::SqlRole { tenant } => {
+            let url = format!("{base}/{}/sql-role", encode(tenant));
+            let r: SqlRole = api(cli, reqwest::Method::POST, &url, None).await?;
+            match cli.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                Output::Table => {
+                    println!("{}", r.connection_string);
+                    eprintln!(
+                        "role {} of tenant {}: the password is shown only now (running this again sets a new one). \
+                         Try: psql '<that string>' -c 'select * from agenttask.batch_summary'",
+                        r.role,
+                        escape::line(&r.tenant)
+                    );
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
