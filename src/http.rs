@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::result::ResultMessage;
 use crate::domain::token;
 use crate::metrics::Metrics;
-use crate::store::{CancelOutcome, Position, Store, StoreError, TaskRow, TaskSummary, TenantStatus, TokenInfo};
+use crate::store::{
+    BatchStatus, CancelOutcome, Position, Store, StoreError, TaskRow, TaskSummary, TenantStatus, TokenInfo,
+};
 
 /// What the HTTP endpoints need, and nothing else.
 pub struct Api {
@@ -64,6 +66,8 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/position", get(get_position))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/v1/batches/{tenant}/{batch}", get(get_batch))
+        .route("/v1/batches/{tenant}/{batch}/results", get(batch_results))
         .route("/v1/batches/{tenant}/{batch}/cancel", post(cancel_batch))
         .route("/v1/tenants", get(list_tenants).put(apply_tenants))
         .route("/v1/tenants/{name}", get(get_tenant))
@@ -598,4 +602,61 @@ async fn create_sql_role(
     }
     let connection_string = ctx.store.connection_string_for(&role, &password);
     Ok(Json(SqlRole { tenant, role, connection_string }))
+}
+
+/// `GET /v1/batches/{tenant}/{batch}`: counts by phase and duration percentiles (the row of
+/// `agenttask.batch_summary`). 404 for a batch without tasks, or of another tenant.
+async fn get_batch(
+    caller: Caller,
+    State(ctx): State<Arc<Api>>,
+    Path((tenant, batch)): Path<(String, String)>,
+) -> Result<Json<BatchStatus>, ApiError> {
+    let found = if caller.sees(&tenant) { ctx.store.batch_status(&tenant, &batch).await? } else { None };
+    Ok(Json(found.ok_or_else(|| ApiError::NotFound(format!("no batch {batch} of tenant {tenant}")))?))
+}
+
+/// A page of `GET /v1/batches/{tenant}/{batch}/results`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResultPage {
+    /// The contract's result messages, oldest task first.
+    pub items: Vec<ResultMessage>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResultsQuery {
+    cursor: Option<String>,
+    /// Text, so that a bad one gets the API's JSON error rather than axum's plain one.
+    limit: Option<String>,
+}
+
+/// `GET /v1/batches/{tenant}/{batch}/results?cursor=&limit=`: every task's result message (or
+/// where it stands, for unfinished ones), oldest first, a page at a time.
+async fn batch_results(
+    caller: Caller,
+    State(ctx): State<Arc<Api>>,
+    Path((tenant, batch)): Path<(String, String)>,
+    Query(q): Query<ResultsQuery>,
+) -> Result<Json<ResultPage>, ApiError> {
+    use crate::domain::listing::{Cursor, DEFAULT_LIMIT, MAX_LIMIT};
+    let after = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(Cursor::decode(c).ok_or_else(|| {
+            ApiError::BadRequest("bad parameter \"cursor\": pass next_cursor from the previous page as it is".into())
+        })?),
+    };
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_LIMIT,
+        Some(l) => l.parse().ok().filter(|n| (1..=MAX_LIMIT).contains(n)).ok_or_else(|| {
+            ApiError::BadRequest(format!("bad parameter \"limit\": {l:?}: expected a number from 1 to {MAX_LIMIT}"))
+        })?,
+    };
+    if !caller.sees(&tenant) {
+        return Err(ApiError::NotFound(format!("no batch {batch} of tenant {tenant}")));
+    }
+    let (rows, next) = ctx.store.batch_tasks(&tenant, &batch, after, limit).await?;
+    if rows.is_empty() && after.is_none() {
+        return Err(ApiError::NotFound(format!("no batch {batch} of tenant {tenant}")));
+    }
+    Ok(Json(ResultPage { items: rows.iter().map(TaskRow::to_result).collect(), next_cursor: next.map(|c| c.encode()) }))
 }

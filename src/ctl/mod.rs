@@ -6,6 +6,7 @@
 //! (and, with `--wait`, the task succeeded), 1 when a waited-for task did not succeed, 2 for
 //! usage and connection errors.
 
+mod batch;
 mod escape;
 mod submit;
 
@@ -43,7 +44,7 @@ pub struct Cli {
     /// RabbitMQ URL used to submit
     #[arg(long, global = true, env = "AGENTCTL_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_default_value = true)]
     pub amqp_url: String,
-    /// Output format: a table for people, json for programs
+    /// Output format: a table for people, json for programs; jsonl or csv for `batch results`
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     pub output: Output,
     #[command(subcommand)]
@@ -54,6 +55,10 @@ pub struct Cli {
 pub enum Output {
     Table,
     Json,
+    /// One JSON result per line (`batch results` only)
+    Jsonl,
+    /// Comma-separated values with a header (`batch results` only)
+    Csv,
 }
 
 // Parsed once per run of agentctl: the size of the biggest variant does not matter.
@@ -97,6 +102,9 @@ pub enum Command {
         #[arg(long)]
         batch: Option<String>,
     },
+    /// A batch of tasks: its status, its results.
+    #[command(subcommand)]
+    Batch(BatchCommand),
     /// Tenants and their quotas (admin token needed).
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -155,6 +163,15 @@ pub enum TenantCommand {
     /// A tenant's API tokens: create, list, revoke.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+pub enum BatchCommand {
+    /// Counts by phase and duration percentiles of batch BATCH (of --tenant).
+    Status { batch: String },
+    /// Every task's result of batch BATCH (of --tenant), oldest first: -o jsonl (the result
+    /// messages, one per line; the default) or -o csv (one row per task, the result as JSON text).
+    Results { batch: String },
 }
 
 #[derive(Subcommand)]
@@ -241,6 +258,10 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
+    let exports = matches!(cli.command, Command::Batch(BatchCommand::Results { .. }));
+    if matches!(cli.output, Output::Jsonl | Output::Csv) && !exports {
+        return Err(CtlError::Usage("-o jsonl and -o csv are for `batch results`; use -o json or -o table".into()));
+    }
     match &cli.command {
         Command::Submit(args) => submit::run(&cli, args).await,
         Command::Get { id } => get(&cli, id).await,
@@ -248,6 +269,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
         Command::Position { id } => position(&cli, id).await,
         Command::Cancel { id, batch } => cancel(&cli, id.as_deref(), batch.as_deref()).await,
         Command::Tenant(cmd) => tenant(&cli, cmd).await,
+        Command::Batch(cmd) => batch::run(&cli, cmd).await,
     }
 }
 
@@ -261,7 +283,7 @@ async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<Exit
         let url = format!("{base}/v1/batches/{}/{}/cancel", encode(tenant), encode(batch));
         let answer: BatchCancelAnswer = api(cli, reqwest::Method::POST, &url, None).await?;
         match cli.output {
-            Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+            Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&answer)?),
             Output::Table => println!(
                 "batch {batch} of tenant {tenant}: {} cancelled before running, {} being stopped",
                 answer.cancelled, answer.stopping
@@ -274,7 +296,7 @@ async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<Exit
     match api::<CancelAnswer>(cli, reqwest::Method::POST, &url, None).await {
         Ok(answer) => {
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&answer)?),
                 Output::Table => println!("task {}: {}", answer.task_id, answer.message),
             }
             Ok(ExitCode::SUCCESS)
@@ -325,7 +347,7 @@ async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode, CtlError> {
         }
     }
     match cli.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&items)?),
+        Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&items)?),
         Output::Table => println!("{}", task_table(&items)),
     }
     Ok(ExitCode::SUCCESS)
@@ -359,7 +381,7 @@ async fn position(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
     let url = format!("{}/v1/tasks/{}/position", cli.server.trim_end_matches('/'), encode(id));
     let p: Position = api(cli, reqwest::Method::GET, &url, None).await?;
     match cli.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&p)?),
+        Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&p)?),
         Output::Table => match p.position {
             Some(pos) => {
                 let wait = p
@@ -403,7 +425,7 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
             );
             let r: ApplyResult = api(cli, reqwest::Method::PUT, &url, Some(text)).await?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&r)?),
                 Output::Table => {
                     println!("applied {} tenants: {}", r.tenants.len(), r.tenants.join(", "));
                     if *removed == RemovedTasks::Cancel {
@@ -415,14 +437,14 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
         TenantCommand::List => {
             let list: Vec<TenantStatus> = api(cli, reqwest::Method::GET, &base, None).await?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&list)?),
                 Output::Table => println!("{}", tenant_table(&list)),
             }
         }
         TenantCommand::Get { name } => {
             let t: TenantStatus = api(cli, reqwest::Method::GET, &format!("{base}/{}", encode(name)), None).await?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&t)?),
+                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&t)?),
                 Output::Table => {
                     let p = &t.policy;
                     println!("TENANT                  {}", t.tenant);
@@ -453,7 +475,7 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
             let url = format!("{base}/{}/sql-role", encode(tenant));
             let r: SqlRole = api(cli, reqwest::Method::POST, &url, None).await?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&r)?),
                 Output::Table => {
                     println!("{}", r.connection_string);
                     eprintln!(
@@ -476,7 +498,7 @@ async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<ExitCode, CtlError> {
             let url = format!("{base}/v1/tenants/{}/tokens", encode(tenant));
             let created: CreatedToken = api(cli, reqwest::Method::POST, &url, None).await?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&created)?),
+                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&created)?),
                 Output::Table => {
                     // The token alone on stdout (for `$(...)`); the note on stderr.
                     println!("{}", created.token);
@@ -497,7 +519,7 @@ async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<ExitCode, CtlError> {
             }
             let list: Vec<TokenInfo> = api(cli, reqwest::Method::GET, &url, None).await?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&list)?),
                 Output::Table => println!("{}", token_table(&list)),
             }
         }
@@ -505,7 +527,7 @@ async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<ExitCode, CtlError> {
             let url = format!("{base}/v1/tokens/{}", encode(id));
             let info: TokenInfo = api(cli, reqwest::Method::DELETE, &url, None).await?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&info)?),
                 Output::Table => println!("token {} of tenant {} revoked", info.id, escape::line(&info.tenant)),
             }
         }
@@ -540,13 +562,13 @@ async fn get(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
     }
     let view: TaskView = api(cli, reqwest::Method::GET, &url, None).await?;
     match cli.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&view)?),
         Output::Table => print_task(&view),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn api<T: serde::de::DeserializeOwned>(
+pub(crate) async fn api<T: serde::de::DeserializeOwned>(
     cli: &Cli,
     method: reqwest::Method,
     url: &str,
@@ -603,7 +625,7 @@ fn tenant_table(list: &[TenantStatus]) -> comfy_table::Table {
 }
 
 /// Percent-encodes a path or query component.
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),

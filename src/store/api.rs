@@ -187,3 +187,89 @@ impl Store {
         list_tasks(&self.pool, f).await
     }
 }
+
+/// A batch as `GET /v1/batches/{tenant}/{batch}` shows it: the row of `agenttask.batch_summary`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BatchStatus {
+    pub tenant: String,
+    pub batch_id: String,
+    pub total: i64,
+    pub queued: i64,
+    /// Admitted and not finished (Pending, Scheduled or Running).
+    pub running: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub rejected: i64,
+    pub cancelled: i64,
+    pub first_submitted_at: Option<DateTime<Utc>>,
+    pub last_finished_at: Option<DateTime<Utc>>,
+    pub p50_duration_ms: Option<i64>,
+    pub p95_duration_ms: Option<i64>,
+}
+
+/// One batch's counts and percentiles, read from the contract's view; `None` when it has no task.
+pub async fn batch_status(conn: impl PgExecutor<'_>, tenant: &str, batch: &str) -> Result<Option<BatchStatus>> {
+    Ok(sqlx::query_as!(
+        BatchStatus,
+        r#"select tenant as "tenant!", batch_id as "batch_id!", total as "total!", queued as "queued!",
+             running as "running!", succeeded as "succeeded!", failed as "failed!", rejected as "rejected!",
+             cancelled as "cancelled!", first_submitted_at, last_finished_at, p50_duration_ms, p95_duration_ms
+           from agenttask.batch_summary where tenant = $1 and batch_id = $2"#,
+        tenant,
+        batch
+    )
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// A page of a batch's tasks, oldest first, after `after`; and the cursor of the next page.
+pub async fn batch_tasks(
+    conn: impl PgExecutor<'_>,
+    tenant: &str,
+    batch: &str,
+    after: Option<Cursor>,
+    limit: i64,
+) -> Result<(Vec<TaskRow>, Option<Cursor>)> {
+    let mut rows = sqlx::query_as!(
+        TaskRow,
+        r#"select task_id, tenant, client_id, batch_id, language as "language: Language",
+             phase as "phase: Phase", reason as "reason: Reason", message, priority,
+             timeout_seconds, cpu_millis, memory_bytes, isolation,
+             labels as "labels: Json<serde_json::Value>", exit_code,
+             result as "result: Json<serde_json::Value>", stdout, stderr, stdout_truncated,
+             stderr_truncated, artifacts as "artifacts: Json<Vec<Artifact>>", backend, attempt,
+             submitted_at, admitted_at, started_at, finished_at
+           from agenttask.tasks
+           where tenant = $1 and batch_id = $2
+             and ($3::timestamptz is null or (submitted_at, task_id) > ($3, $4::uuid))
+           order by submitted_at, task_id
+           limit $5"#,
+        tenant,
+        batch,
+        after.map(|c| c.submitted_at),
+        after.map(|c| c.task_id),
+        limit + 1
+    )
+    .fetch_all(conn)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next = rows.last().filter(|_| more).map(|r| Cursor { submitted_at: r.submitted_at, task_id: r.task_id });
+    Ok((rows, next))
+}
+
+impl Store {
+    pub async fn batch_status(&self, tenant: &str, batch: &str) -> Result<Option<BatchStatus>> {
+        batch_status(&self.pool, tenant, batch).await
+    }
+
+    pub async fn batch_tasks(
+        &self,
+        tenant: &str,
+        batch: &str,
+        after: Option<Cursor>,
+        limit: i64,
+    ) -> Result<(Vec<TaskRow>, Option<Cursor>)> {
+        batch_tasks(&self.pool, tenant, batch, after, limit).await
+    }
+}

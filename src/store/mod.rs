@@ -28,7 +28,7 @@ mod tenants;
 mod tokens;
 
 pub use admission::{acquire_leadership, reject_queued, AdmissionRound, Admitted, QueuedHead, RunningUsage};
-pub use api::{find_task, list_tasks, position, Position, TaskSummary};
+pub use api::{batch_status, batch_tasks, find_task, list_tasks, position, BatchStatus, Position, TaskSummary};
 pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, queued_up_to, Inserted, NewRejection, NewTask};
 pub use kube::KubeTask;
 pub use outbox::{OutboxBatch, OutboxMessage};

@@ -353,3 +353,113 @@ async fn listing_pages_through_every_matching_task_exactly_once() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn batch_status_and_results_export_every_task_of_the_batch() {
+    let env = Env::new("[tenants.{t}-a]\n[tenants.{t}-b]\n").await;
+    let svc = env.start_with(env.settings(&[Component::Http])).await;
+    let pool = env.pg().await;
+    let (a, b) = (env.tenant("a"), env.tenant("b"));
+    let t0 = chrono::Utc::now() - chrono::Duration::minutes(5);
+    // Tenant a: four succeeded (100..400 ms), one failed (500 ms), one queued; tenant b: two.
+    for (i, (phase, ms)) in
+        [("Succeeded", 100), ("Succeeded", 200), ("Succeeded", 300), ("Succeeded", 400), ("Failed", 500), ("Queued", 0)]
+            .into_iter()
+            .enumerate()
+    {
+        let at = t0 + chrono::Duration::seconds(i as i64);
+        let id = insert_task_row(&pool, &a, &format!("k{i}"), Some("eval"), phase, json!({}), at).await;
+        if phase != "Queued" {
+            sqlx::query(
+                "update agenttask.tasks set started_at = submitted_at, admitted_at = submitted_at, \
+                 finished_at = submitted_at + make_interval(secs => $2::float8 / 1000), exit_code = $3, \
+                 result = $4, stdout = $5 where task_id = $1",
+            )
+            .bind(id)
+            .bind(ms as f64)
+            .bind(if phase == "Failed" { 1 } else { 0 })
+            .bind(json!({"score": i}))
+            .bind(format!("line \"{i}\", done\nsecond line\n"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    }
+    for i in 0..2 {
+        insert_task_row(&pool, &b, &format!("k{i}"), Some("eval"), "Queued", json!({}), t0).await;
+    }
+
+    let (code, out, err) = agentctl_as(&svc, ADMIN, &["--tenant", &a, "batch", "status", "eval"]).await;
+    assert_eq!(code, 0, "{err}");
+    for want in ["TOTAL       6", "SUCCEEDED   4", "FAILED      1", "QUEUED      1", "p50 300 ms, p95 480 ms"] {
+        assert!(out.contains(want), "{want:?} in\n{out}");
+    }
+    let (code, out, _) = agentctl_as(&svc, ADMIN, &["--tenant", &a, "-o", "json", "batch", "status", "eval"]).await;
+    assert_eq!(code, 0);
+    let s: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s["total"].as_i64(), s["succeeded"].as_i64(), s["p50_duration_ms"].as_i64()),
+        (Some(6), Some(4), Some(300))
+    );
+
+    // JSON lines: one result message per task, oldest first.
+    let (code, out, err) = agentctl_as(&svc, ADMIN, &["--tenant", &a, "-o", "jsonl", "batch", "results", "eval"]).await;
+    assert_eq!(code, 0, "{err}");
+    let results: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(results.len(), 6);
+    let keys: Vec<&str> = results.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["k0", "k1", "k2", "k3", "k4", "k5"]);
+    assert!(results.iter().all(|r| r["tenant"].as_str() == Some(a.as_str())));
+    assert_eq!((results[4]["phase"].as_str(), results[4]["exit_code"].as_i64()), (Some("Failed"), Some(1)));
+    assert_eq!(results[2]["result"], json!({"score": 2}));
+
+    // CSV: a header and one record per task; fields with quotes, commas and newlines quoted.
+    let (code, out, err) = agentctl_as(&svc, ADMIN, &["--tenant", &a, "-o", "csv", "batch", "results", "eval"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("task_id,id,tenant,batch_id,phase,reason,message,exit_code,result,stdout,"), "{out}");
+    assert!(out.contains("\"line \"\"0\"\", done\nsecond line\n\""), "{out}");
+    assert!(out.contains(",\"{\"\"score\"\":1}\","), "{out}");
+    assert_eq!(out.matches(&format!(",{a},eval,")).count(), 6, "{out}");
+
+    // The API's pages cover the batch exactly once.
+    let mut seen = Vec::new();
+    let mut path = format!("/v1/batches/{a}/eval/results?limit=4");
+    loop {
+        let (status, body) = api_call(&svc, Method::GET, &path, ADMIN).await;
+        assert_eq!(status, 200, "{body}");
+        seen.extend(body["items"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()));
+        match body["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/batches/{a}/eval/results?limit=4&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["k0", "k1", "k2", "k3", "k4", "k5"]);
+
+    // Tenants: b's token sees its batch, and a's as absent.
+    let (_, token_b) = new_token(&svc, &b).await;
+    for path in [format!("/v1/batches/{a}/eval"), format!("/v1/batches/{a}/eval/results")] {
+        let (status, body) = api_call(&svc, Method::GET, &path, &token_b).await;
+        assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{path}: {body}");
+    }
+    let (code, out, err) =
+        agentctl_as(&svc, &token_b, &["--tenant", &b, "-o", "json", "batch", "status", "eval"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["total"].as_i64(), Some(2));
+
+    // Bad input.
+    let (code, _, err) = agentctl_as(&svc, ADMIN, &["--tenant", &a, "batch", "status", "nope"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("404") && err.contains("no batch nope"), "{err}");
+    let (code, _, err) = agentctl_as(&svc, ADMIN, &["batch", "status", "eval"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("--tenant"), "{err}");
+    let (code, _, err) = agentctl_as(&svc, ADMIN, &["-o", "csv", "get", &uuid::Uuid::new_v4().to_string()]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("batch results"), "{err}");
+    for q in ["cursor=garbage", "limit=0", "limit=x"] {
+        let (status, body) = api_call(&svc, Method::GET, &format!("/v1/batches/{a}/eval/results?{q}"), ADMIN).await;
+        assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")), "{q}: {body}");
+    }
+    svc.stop().await;
+    env.cleanup().await;
+}
