@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use super::{api, encode, escape, BatchCommand, Cli, CtlError, Output};
+use super::{api, encode, escape, print_data, BatchCommand, Cli, CtlError, Output};
 use crate::domain::result::ResultMessage;
 use crate::http::ResultPage;
 use crate::store::BatchStatus;
@@ -21,7 +21,7 @@ pub async fn run(cli: &Cli, cmd: &BatchCommand) -> Result<ExitCode, CtlError> {
             let s: BatchStatus = api(cli, reqwest::Method::GET, &url, None).await?;
             match cli.output {
                 Output::Table => print!("{}", status_text(&s)),
-                _ => println!("{}", serde_json::to_string_pretty(&s)?),
+                _ => print_data(cli, &s)?,
             }
         }
         BatchCommand::Results { batch } => {

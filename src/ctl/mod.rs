@@ -44,7 +44,7 @@ pub struct Cli {
     /// RabbitMQ URL used to submit
     #[arg(long, global = true, env = "AGENTCTL_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_default_value = true)]
     pub amqp_url: String,
-    /// Output format: a table for people, json for programs; jsonl or csv for `batch results`
+    /// Output format: a table for people, json or yaml for programs; jsonl or csv for `batch results`
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     pub output: Output,
     #[command(subcommand)]
@@ -55,6 +55,7 @@ pub struct Cli {
 pub enum Output {
     Table,
     Json,
+    Yaml,
     /// One JSON result per line (`batch results` only)
     Jsonl,
     /// Comma-separated values with a header (`batch results` only)
@@ -260,7 +261,10 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
     let exports = matches!(cli.command, Command::Batch(BatchCommand::Results { .. }));
     if matches!(cli.output, Output::Jsonl | Output::Csv) && !exports {
-        return Err(CtlError::Usage("-o jsonl and -o csv are for `batch results`; use -o json or -o table".into()));
+        return Err(CtlError::Usage("-o jsonl and -o csv are for `batch results`; use -o json, yaml or table".into()));
+    }
+    if matches!(cli.output, Output::Json | Output::Yaml) && exports {
+        return Err(CtlError::Usage("`batch results` writes -o jsonl (the default) or -o csv".into()));
     }
     match &cli.command {
         Command::Submit(args) => submit::run(&cli, args).await,
@@ -283,7 +287,7 @@ async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<Exit
         let url = format!("{base}/v1/batches/{}/{}/cancel", encode(tenant), encode(batch));
         let answer: BatchCancelAnswer = api(cli, reqwest::Method::POST, &url, None).await?;
         match cli.output {
-            Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&answer)?),
+            Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &answer)?,
             Output::Table => println!(
                 "batch {batch} of tenant {tenant}: {} cancelled before running, {} being stopped",
                 answer.cancelled, answer.stopping
@@ -296,7 +300,7 @@ async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<Exit
     match api::<CancelAnswer>(cli, reqwest::Method::POST, &url, None).await {
         Ok(answer) => {
             match cli.output {
-                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&answer)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &answer)?,
                 Output::Table => println!("task {}: {}", answer.task_id, answer.message),
             }
             Ok(ExitCode::SUCCESS)
@@ -347,7 +351,7 @@ async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode, CtlError> {
         }
     }
     match cli.output {
-        Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&items)?),
+        Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &items)?,
         Output::Table => println!("{}", task_table(&items)),
     }
     Ok(ExitCode::SUCCESS)
@@ -381,7 +385,7 @@ async fn position(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
     let url = format!("{}/v1/tasks/{}/position", cli.server.trim_end_matches('/'), encode(id));
     let p: Position = api(cli, reqwest::Method::GET, &url, None).await?;
     match cli.output {
-        Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&p)?),
+        Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &p)?,
         Output::Table => match p.position {
             Some(pos) => {
                 let wait = p
@@ -425,7 +429,7 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
             );
             let r: ApplyResult = api(cli, reqwest::Method::PUT, &url, Some(text)).await?;
             match cli.output {
-                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&r)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &r)?,
                 Output::Table => {
                     println!("applied {} tenants: {}", r.tenants.len(), r.tenants.join(", "));
                     if *removed == RemovedTasks::Cancel {
@@ -437,14 +441,14 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
         TenantCommand::List => {
             let list: Vec<TenantStatus> = api(cli, reqwest::Method::GET, &base, None).await?;
             match cli.output {
-                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &list)?,
                 Output::Table => println!("{}", tenant_table(&list)),
             }
         }
         TenantCommand::Get { name } => {
             let t: TenantStatus = api(cli, reqwest::Method::GET, &format!("{base}/{}", encode(name)), None).await?;
             match cli.output {
-                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&t)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &t)?,
                 Output::Table => {
                     let p = &t.policy;
                     println!("TENANT                  {}", t.tenant);
@@ -475,7 +479,7 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
             let url = format!("{base}/{}/sql-role", encode(tenant));
             let r: SqlRole = api(cli, reqwest::Method::POST, &url, None).await?;
             match cli.output {
-                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&r)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &r)?,
                 Output::Table => {
                     println!("{}", r.connection_string);
                     eprintln!(
@@ -498,7 +502,7 @@ async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<ExitCode, CtlError> {
             let url = format!("{base}/v1/tenants/{}/tokens", encode(tenant));
             let created: CreatedToken = api(cli, reqwest::Method::POST, &url, None).await?;
             match cli.output {
-                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&created)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &created)?,
                 Output::Table => {
                     // The token alone on stdout (for `$(...)`); the note on stderr.
                     println!("{}", created.token);
@@ -519,7 +523,7 @@ async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<ExitCode, CtlError> {
             }
             let list: Vec<TokenInfo> = api(cli, reqwest::Method::GET, &url, None).await?;
             match cli.output {
-                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &list)?,
                 Output::Table => println!("{}", token_table(&list)),
             }
         }
@@ -527,7 +531,7 @@ async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<ExitCode, CtlError> {
             let url = format!("{base}/v1/tokens/{}", encode(id));
             let info: TokenInfo = api(cli, reqwest::Method::DELETE, &url, None).await?;
             match cli.output {
-                Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&info)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &info)?,
                 Output::Table => println!("token {} of tenant {} revoked", info.id, escape::line(&info.tenant)),
             }
         }
@@ -562,7 +566,7 @@ async fn get(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
     }
     let view: TaskView = api(cli, reqwest::Method::GET, &url, None).await?;
     match cli.output {
-        Output::Json | Output::Jsonl | Output::Csv => println!("{}", serde_json::to_string_pretty(&view)?),
+        Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &view)?,
         Output::Table => print_task(&view),
     }
     Ok(ExitCode::SUCCESS)
@@ -622,6 +626,17 @@ fn tenant_table(list: &[TenantStatus]) -> comfy_table::Table {
         }
     }
     table
+}
+
+/// Prints what a command answered for programs: pretty JSON, or YAML with `-o yaml`.
+pub(crate) fn print_data<T: serde::Serialize>(cli: &Cli, value: &T) -> Result<(), CtlError> {
+    match cli.output {
+        Output::Yaml => {
+            print!("{}", serde_saphyr::to_string(value).map_err(|e| CtlError::Unexpected(e.to_string()))?)
+        }
+        _ => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
 }
 
 /// Percent-encodes a path or query component.

@@ -208,6 +208,7 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
     let Some(replies) = replies.as_mut() else {
         match cli.output {
             Output::Json | Output::Jsonl | Output::Csv => println!("{}", json!({"id": id, "tenant": tenant})),
+            Output::Yaml => super::print_data(cli, &json!({"id": id, "tenant": tenant}))?,
             Output::Table => {
                 println!("submitted {id} to tenant {tenant}; the result goes to agenttask.results.{tenant}")
             }
@@ -233,6 +234,7 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
         .map_err(|e| CtlError::Unexpected(format!("unexpected result message: {e}")))?;
     match cli.output {
         Output::Json | Output::Jsonl | Output::Csv => println!("{}", String::from_utf8_lossy(&delivery.data)),
+        Output::Yaml => super::print_data(cli, &result)?,
         Output::Table => print_result(&result),
     }
     Ok(if result.phase == Phase::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })

@@ -401,6 +401,13 @@ async fn batch_status_and_results_export_every_task_of_the_batch() {
         (s["total"].as_i64(), s["succeeded"].as_i64(), s["p50_duration_ms"].as_i64()),
         (Some(6), Some(4), Some(300))
     );
+    let (code, out, err) = agentctl_as(&svc, ADMIN, &["--tenant", &a, "-o", "yaml", "batch", "status", "eval"]).await;
+    assert_eq!(code, 0, "{err}");
+    let y: Value = serde_saphyr::from_str(&out).unwrap();
+    assert_eq!(y, s, "YAML says what JSON says");
+    let (code, _, err) = agentctl_as(&svc, ADMIN, &["--tenant", &a, "-o", "yaml", "batch", "results", "eval"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("jsonl") && err.contains("csv"), "{err}");
 
     // JSON lines: one result message per task, oldest first.
     let (code, out, err) = agentctl_as(&svc, ADMIN, &["--tenant", &a, "-o", "jsonl", "batch", "results", "eval"]).await;
