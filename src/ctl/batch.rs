@@ -137,6 +137,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn batch_status_for_people_is_exactly_this() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let s = BatchStatus {
+            tenant: "acme".into(),
+            batch_id: "eval-42".into(),
+            total: 10,
+            queued: 1,
+            running: 2,
+            succeeded: 4,
+            failed: 1,
+            rejected: 1,
+            cancelled: 1,
+            first_submitted_at: Some(at),
+            last_finished_at: None,
+            p50_duration_ms: Some(300),
+            p95_duration_ms: Some(480),
+        };
+        assert_eq!(
+            status_text(&s),
+            "BATCH       eval-42 (tenant acme)\n\
+             TOTAL       10\n\
+             QUEUED      1\n\
+             RUNNING     2\n\
+             SUCCEEDED   4\n\
+             FAILED      1\n\
+             REJECTED    1\n\
+             CANCELLED   1\n\
+             DURATION    p50 300 ms, p95 480 ms\n\
+             SUBMITTED   2026-11-27T12:00:00+00:00 (first)\n\
+             FINISHED    - (last)\n"
+        );
+    }
+
+    #[test]
     fn csv_fields_are_quoted_only_when_they_must_be() {
         assert_eq!(csv_field("plain"), "plain");
         assert_eq!(csv_field("a,b"), "\"a,b\"");

@@ -721,4 +721,40 @@ mod tests {
         assert_eq!((h.len(), r1.len(), r2.len()), (6, 6, 6), "{text}");
         assert_eq!((&h[1..], &r1[1..]), (&r2[1..], &r2[1..]), "{text}");
     }
+
+    #[test]
+    fn the_task_list_table_is_exactly_this() {
+        use crate::domain::phase::{Phase, Reason};
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let task = |n: u128, id: Option<&str>, phase, reason, duration_ms| TaskSummary {
+            task_id: uuid::Uuid::from_u128(n),
+            id: id.map(str::to_owned),
+            tenant: "acme".into(),
+            batch_id: Some("eval-42".into()),
+            language: Some("python".into()),
+            phase,
+            reason,
+            exit_code: None,
+            labels: serde_json::json!({}),
+            submitted_at: at,
+            started_at: None,
+            finished_at: None,
+            duration_ms,
+        };
+        let table = task_table(&[
+            task(1, Some("k1"), Phase::Succeeded, None, Some(1234)),
+            task(2, None, Phase::Failed, Some(Reason::NonZeroExit), Some(5)),
+            task(3, Some("evil\x1b[2J"), Phase::Queued, None, None),
+        ]);
+        let text: Vec<String> = table.to_string().lines().map(|l| l.trim_end().to_owned()).collect();
+        assert_eq!(
+            text,
+            [
+                " TASK                                  ID           TENANT  BATCH    PHASE      REASON       SUBMITTED            DURATION",
+                " 00000000-0000-0000-0000-000000000001  k1           acme    eval-42  Succeeded  -            2026-11-27 12:00:00    1234ms",
+                " 00000000-0000-0000-0000-000000000002  -            acme    eval-42  Failed     NonZeroExit  2026-11-27 12:00:00       5ms",
+                " 00000000-0000-0000-0000-000000000003  evil\\x1b[2J  acme    eval-42  Queued     -            2026-11-27 12:00:00         -",
+            ]
+        );
+    }
 }
