@@ -108,6 +108,11 @@ pub struct ServeArgs {
     /// Half-life of the usage history that breaks fair-share ties; 0 turns it off [default: 60]
     #[arg(long, env = "AGENTTASK_USAGE_HALF_LIFE_SECONDS")]
     pub usage_half_life_seconds: Option<u64>,
+    /// Times the broker may refuse a result before it is parked (kept in the outbox, shown in
+    /// agenttask.parked_results, no longer retried until re-queued); retries back off from 1 s
+    /// to 60 s [default: 10]
+    #[arg(long, env = "AGENTTASK_OUTBOX_MAX_ATTEMPTS")]
+    pub outbox_max_attempts: Option<u32>,
     /// Settings file [default: ./agenttask.toml when it exists]
     #[arg(long, env = "AGENTTASK_CONFIG")]
     #[serde(skip)]
@@ -286,6 +291,8 @@ pub struct Settings {
     pub usage_half_life: std::time::Duration,
     /// `--backend kubernetes` settings.
     pub kube: crate::kube::KubeSettings,
+    /// Refusals of a result by the broker before it is parked.
+    pub outbox_max_attempts: u32,
 }
 
 /// This host's CPUs (as far as the process may use them: affinity and cgroup quota), in
@@ -335,6 +342,10 @@ impl Settings {
             usage_half_life: std::time::Duration::from_secs(
                 args.usage_half_life_seconds.or(file.usage_half_life_seconds).unwrap_or(60),
             ),
+            outbox_max_attempts: args
+                .outbox_max_attempts
+                .or(file.outbox_max_attempts)
+                .unwrap_or(crate::store::RetryPolicy::DEFAULT_MAX_ATTEMPTS),
         };
         if settings.capacity_cpu_millis == Some(0) {
             return Err(invalid("--capacity-cpu", "must be greater than 0"));
@@ -350,6 +361,9 @@ impl Settings {
         }
         if settings.database_pool_size == 0 {
             return Err(invalid("--database-pool-size", "must be at least 1"));
+        }
+        if settings.outbox_max_attempts == 0 {
+            return Err(invalid("--outbox-max-attempts", "must be at least 1"));
         }
         if settings.components.is_empty() {
             return Err(invalid("--components", "must name at least one component"));
@@ -464,7 +478,7 @@ mod tests {
              http_addr = \"127.0.0.1:1\"\nbackend = \"null\"\ncomponents = [\"http\"]\nmax_running = 2\n\
              prefetch = 3\ndata_dir = \"/d\"\noutput_limit_bytes = 4\nadmin_token = \"t\"\n\
              capacity_cpu = \"2\"\ncapacity_memory = \"1Gi\"\nusage_half_life_seconds = 5\n\
-             database_pool_size = 6\n",
+             database_pool_size = 6\noutbox_max_attempts = 7\n",
         )
         .unwrap();
         let s = Settings::resolve(ServeArgs { config: Some(cfg.clone()), ..Default::default() }).unwrap();
@@ -473,6 +487,7 @@ mod tests {
         assert_eq!(s.components, vec![Component::Http]);
         assert_eq!((s.max_running, s.prefetch, s.output_limit_bytes, s.database_pool_size), (2, 3, 4, 6));
         assert_eq!((s.capacity_cpu_millis, s.capacity_memory_bytes), (Some(2000), Some(1 << 30)));
+        assert_eq!(s.outbox_max_attempts, 7);
         std::fs::write(&cfg, "config = \"other.toml\"\n").unwrap();
         let err = Settings::resolve(ServeArgs { config: Some(cfg), ..Default::default() }).unwrap_err();
         assert!(matches!(err, SettingsError::ParseFile { .. }), "{err:?}");
@@ -491,6 +506,7 @@ mod tests {
             (ServeArgs { capacity_cpu: Some("0".into()), ..Default::default() }, "--capacity-cpu"),
             (ServeArgs { capacity_memory: Some("lots".into()), ..Default::default() }, "--capacity-memory"),
             (ServeArgs { components: Some(vec![]), ..Default::default() }, "--components"),
+            (ServeArgs { outbox_max_attempts: Some(0), ..Default::default() }, "--outbox-max-attempts"),
         ] {
             let args = ServeArgs { config: Some(cfg.clone()), ..args };
             match Settings::resolve(args) {

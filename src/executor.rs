@@ -20,6 +20,7 @@ use chrono::Utc;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::domain::task::Language;
@@ -143,6 +144,13 @@ struct Watched {
     finishing: bool,
 }
 
+impl Watched {
+    /// The span of this run's log lines (the `execute` stage of the task's life).
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("execute", task_id = %self.key.task_id, tenant = %self.tenant, attempt = self.key.attempt)
+    }
+}
+
 impl Executor {
     /// Runs until `shutdown`. Never gives up on its own: store errors are retried, logged and
     /// counted, and a backend's failures end the tasks they concern, not the executor.
@@ -169,7 +177,8 @@ impl Executor {
                         // A full claim means more may be waiting.
                         claim_now = claimed.len() == room;
                         for task in claimed {
-                            self.launch(task, &sink, &mut watched, &writers, &done_tx).await;
+                            let span = tracing::info_span!("execute", task_id = %task.task_id, tenant = %task.tenant, attempt = task.attempt);
+                            self.launch(task, &sink, &mut watched, &writers, &done_tx).instrument(span).await;
                         }
                     }
                     Err(e) => {
@@ -292,11 +301,14 @@ impl Executor {
                 return;
             }
         };
-        if let Err(e) = self.backend.clone().launch(job, sink.clone()).await {
-            // Not renewed from now on: the claim expires and the task is retried (or failed
-            // once its attempts are used), so a backend outage does not lose it.
-            tracing::warn!(run = %key, error = %e, "launch failed; the task is retried when its claim expires");
-            watched.remove(&key.task_id);
+        match self.backend.clone().launch(job, sink.clone()).await {
+            Ok(()) => tracing::debug!(backend, "run launched"),
+            Err(e) => {
+                // Not renewed from now on: the claim expires and the task is retried (or failed
+                // once its attempts are used), so a backend outage does not lose it.
+                tracing::warn!(run = %key, error = %e, "launch failed; the task is retried when its claim expires");
+                watched.remove(&key.task_id);
+            }
         }
     }
 
@@ -316,9 +328,13 @@ impl Executor {
             return;
         }
         let key = w.key;
+        let span = w.span();
         let written = match event.event {
-            RunEvent::Scheduled { .. } => self.store.mark_scheduled(key, w.backend).await,
-            RunEvent::Running { at } => self.store.mark_running(key, w.backend, at).await,
+            RunEvent::Scheduled { .. } => self.store.mark_scheduled(key, w.backend).instrument(span.clone()).await,
+            RunEvent::Running { at } => {
+                span.in_scope(|| tracing::debug!("run running"));
+                self.store.mark_running(key, w.backend, at).instrument(span.clone()).await
+            }
             RunEvent::Finished(outcome) => {
                 w.finishing = true;
                 self.write_finish(w.clone(), outcome, writers, done);
@@ -335,7 +351,9 @@ impl Executor {
             // counted. Tested by `a_failed_running_mark_is_counted_and_the_run_still_finishes`.
             Err(e) => {
                 self.metrics.errors.with_label_values(&["executor", e.metric_label()]).inc();
-                tracing::warn!(run = %key, error = %e, "cannot record a run's progress; the run continues");
+                span.in_scope(
+                    || tracing::warn!(run = %key, error = %e, "cannot record a run's progress; the run continues"),
+                );
             }
         }
     }
@@ -346,10 +364,14 @@ impl Executor {
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let done = done.clone();
-        writers.spawn(async move {
-            finish_with_retries(store.as_ref(), &metrics, &w, outcome).await;
-            let _ = done.send(w.key.task_id);
-        });
+        let span = w.span();
+        writers.spawn(
+            async move {
+                finish_with_retries(store.as_ref(), &metrics, &w, outcome).await;
+                let _ = done.send(w.key.task_id);
+            }
+            .instrument(span),
+        );
     }
 
     async fn cancel(&self, key: RunKey) {

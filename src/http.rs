@@ -19,6 +19,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+mod artifacts;
+mod logs;
+
 use crate::domain::result::ResultMessage;
 use crate::domain::token;
 use crate::metrics::Metrics;
@@ -34,6 +37,12 @@ pub struct Api {
     pub admin_token: Option<String>,
     /// What the components of this process say about their connections (for `/readyz`).
     pub readiness: Arc<crate::readiness::Readiness>,
+    /// The backend of this process's executor, if it runs one: where running tasks' output is
+    /// read for `logs?follow=true`.
+    pub backend: Option<Arc<dyn crate::exec::Backend>>,
+    /// Where collected artifacts are kept (`<data dir>/artifacts`), when this process can read
+    /// them.
+    pub artifacts_root: Option<std::path::PathBuf>,
 }
 
 /// The HTTP server stopped serving (an I/O error on its listener).
@@ -65,6 +74,8 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .route("/v1/tasks", get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/position", get(get_position))
+        .route("/v1/tasks/{id}/logs", get(logs::get_logs))
+        .route("/v1/tasks/{id}/artifacts/{*name}", get(artifacts::get_artifact))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
         .route("/v1/batches/{tenant}/{batch}", get(get_batch))
         .route("/v1/batches/{tenant}/{batch}/results", get(batch_results))

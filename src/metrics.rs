@@ -29,6 +29,8 @@ pub struct Metrics {
     pub outbox_pending: prometheus::IntGauge,
     /// Age of the oldest unpublished result (0 when the outbox is empty).
     pub outbox_oldest_seconds: Gauge,
+    /// Results parked after the broker refused them too often (see `agenttask.parked_results`).
+    pub outbox_parked: prometheus::IntGauge,
     /// 1 when `/readyz` would answer 200, evaluated at every scrape.
     pub ready: prometheus::IntGauge,
     /// Errors a component handled without stopping (logged and counted, never silent), by the
@@ -137,6 +139,15 @@ impl Metrics {
                 Gauge::new(
                     "agenttask_outbox_oldest_seconds",
                     "Age of the oldest unpublished result; 0 when the outbox is empty.",
+                )
+                .expect("valid metric"),
+            ),
+            outbox_parked: reg(
+                &registry,
+                &names,
+                prometheus::IntGauge::new(
+                    "agenttask_outbox_parked",
+                    "Results parked after the broker refused them too often; see agenttask.parked_results.",
                 )
                 .expect("valid metric"),
             ),

@@ -32,6 +32,18 @@ impl Backoff {
         Backoff::new(Duration::from_millis(200), Duration::from_secs(5))
     }
 
+    /// For republishing a result the broker refused: 1 s doubling to 60 s.
+    pub const fn publish() -> Backoff {
+        Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
+    /// The delay after the `failures`-th failure in a row (1 is the first), for state kept
+    /// outside this type, e.g. a row's attempt counter.
+    pub fn delay_after(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.initial.saturating_mul(1 << doublings).min(self.max)
+    }
+
     /// The delay before the next attempt (what to log as `retry_in`).
     pub fn peek(&self) -> Duration {
         self.next
@@ -75,6 +87,10 @@ mod tests {
         assert_eq!(seen, [100, 200, 400, 500, 500]);
         b.reset();
         assert_eq!(b.peek(), Duration::from_millis(100));
+        let after: Vec<u64> = (1..=5).map(|n| b.delay_after(n).as_millis() as u64).collect();
+        assert_eq!(after, seen, "a counter of failures gives the same delays as a streak");
+        assert_eq!(b.delay_after(0), Duration::from_millis(100));
+        assert_eq!(b.delay_after(u32::MAX), Duration::from_millis(500));
     }
 
     #[tokio::test]

@@ -182,6 +182,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             metrics: metrics.clone(),
             admin_token: settings.admin_token.clone(),
             readiness: readiness.clone(),
+            backend: backend.as_ref().map(|(b, _)| b.clone()),
+            artifacts_root: Some(settings.data_dir.join("artifacts")),
         });
         sup.spawn("http", crate::http::serve(listener, api, shutdown.clone()));
     }
@@ -249,6 +251,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             amqp_url: settings.amqp_url.clone(),
             wake: wakes.publisher.clone(),
             readiness: readiness.clone(),
+            retry: crate::store::RetryPolicy::new(settings.outbox_max_attempts),
+            metrics: metrics.clone(),
         });
         sup.spawn("publisher", crate::amqp::publish::run(publisher, shutdown.clone()));
     }

@@ -15,6 +15,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
@@ -210,7 +211,11 @@ async fn consume_once(
             async move {
                 let delivery = d?;
                 match &tenant {
-                    Some(t) => handle_task(&ctx, t, delivery, received_at).await,
+                    Some(t) => {
+                        // The task's id is known once it is stored; `handle_task` records it.
+                        let span = tracing::info_span!("ingest", tenant = %t, task_id = tracing::field::Empty);
+                        handle_task(&ctx, t, delivery, received_at).instrument(span).await
+                    }
                     None => handle_unrouted(&ctx, delivery).await,
                 };
                 Ok::<(), lapin::Error>(())
@@ -252,26 +257,13 @@ async fn handle_task(ctx: &Ingest, tenant: &TenantName, delivery: Delivery, rece
 
     // A database outage is retried here, holding the message, rather than nacked: every
     // redelivery counts against the queue's delivery limit, which is meant for poison only. The
-    // backlog count is part of the attempt: when it cannot be read, the message waits (it is
+    // backlog check is part of the insert: when it cannot be made, the message waits (it is
     // neither admitted past the cap nor refused for a full queue it may not have).
     let mut backoff = Backoff::write();
     let stored = loop {
-        let attempt = async {
-            let full = match (&verdict, &policy) {
-                (Ok(sub), Some(policy)) => {
-                    let queued = ctx.store.queued_up_to(tenant.as_str(), policy.max_queued as i64).await?;
-                    backlog_full(tenant, sub, policy.max_queued, queued)
-                }
-                _ => None,
-            };
-            match full {
-                Some(rejection) => {
-                    store(ctx, tenant, &Err(rejection), &reply, correlation_id, received_at, !delivery.redelivered)
-                        .await
-                }
-                None => store(ctx, tenant, &verdict, &reply, correlation_id, received_at, !delivery.redelivered).await,
-            }
-        };
+        let max_queued = policy.as_ref().map(|p| p.max_queued);
+        let attempt =
+            store(ctx, tenant, &verdict, max_queued, &reply, correlation_id, received_at, !delivery.redelivered);
         match attempt.await {
             Ok(done) => break done,
             Err(e) => {
@@ -287,12 +279,14 @@ async fn handle_task(ctx: &Ingest, tenant: &TenantName, delivery: Delivery, rece
     };
     match stored {
         (Inserted::New(task_id), None) => {
+            tracing::Span::current().record("task_id", tracing::field::display(task_id));
             ctx.metrics.submitted.with_label_values(&[tenant.as_str()]).inc();
-            tracing::debug!(%tenant, %task_id, "task queued");
+            tracing::debug!("task queued");
         }
         (Inserted::New(task_id), Some(reason)) => {
+            tracing::Span::current().record("task_id", tracing::field::display(task_id));
             ctx.metrics.rejected.with_label_values(&[tenant.as_str(), reason.as_str()]).inc();
-            tracing::info!(%tenant, %task_id, %reason, "task rejected");
+            tracing::info!(%reason, "task rejected");
         }
         (Inserted::Duplicate, _) => {
             tracing::debug!(%tenant, "duplicate submit ignored (same id)");
@@ -330,28 +324,14 @@ fn decide(
     }
 }
 
-/// The backlog cap: a full queue refuses new work instead of growing without bound. `queued` is
-/// the tenant's queue length, counted up to `max_queued`.
-fn backlog_full(
-    tenant: &TenantName,
-    sub: &validate::Submission,
-    max_queued: u64,
-    queued: i64,
-) -> Option<validate::Rejection> {
-    (queued >= max_queued as i64).then(|| validate::Rejection {
-        reason: Reason::BacklogFull,
-        message: format!("tenant {tenant} already has {max_queued} tasks queued (max_queued); retry later"),
-        client_id: sub.client_id.clone(),
-        batch_id: sub.spec.batch_id.clone(),
-        language: Some(sub.spec.language),
-    })
-}
-
-/// Stores a task or its rejection. `Some(reason)` in the answer when it was a rejection.
+/// Stores a task or its rejection. `Some(reason)` in the answer when it was a rejection (also
+/// when the backlog was full).
+#[allow(clippy::too_many_arguments)]
 async fn store(
     ctx: &Ingest,
     tenant: &TenantName,
     verdict: &Result<validate::Submission, validate::Rejection>,
+    max_queued: Option<u64>,
     reply: &ReplyRoute,
     correlation_id: Option<&str>,
     received_at: chrono::DateTime<Utc>,
@@ -370,6 +350,7 @@ async fn store(
                         correlation_id,
                         submitted_at: received_at,
                         kube_object: None,
+                        max_queued,
                     },
                     fresh,
                 )
@@ -386,7 +367,13 @@ async fn store(
                     };
                     store_rejection(ctx, tenant, &rejection, reply, correlation_id, fresh).await
                 }
-                other => other.map(|ins| (ins, None)),
+                Ok(Err(crate::store::BacklogFull { queued })) => {
+                    tracing::debug!(%tenant, queued, "backlog full");
+                    let rejection = validate::backlog_full(tenant, sub, max_queued.unwrap_or_default());
+                    store_rejection(ctx, tenant, &rejection, reply, correlation_id, fresh).await
+                }
+                Ok(Ok(ins)) => Ok((ins, None)),
+                Err(e) => Err(e),
             }
         }
         Err(rej) => store_rejection(ctx, tenant, rej, reply, correlation_id, fresh).await,
@@ -581,14 +568,12 @@ mod tests {
     }
 
     #[test]
-    fn a_full_backlog_refuses_with_backlog_full_and_only_when_full() {
+    fn a_full_backlog_refuses_with_backlog_full_naming_the_setting() {
         let p = TenantPolicy::default();
         let (_, v) = decided(Some(&p), BackendIsolation::Any, &env(GOOD, None), None);
-        let sub = v.unwrap();
-        assert!(backlog_full(&tenant(), &sub, 3, 2).is_none());
-        let r = backlog_full(&tenant(), &sub, 3, 3).expect("3 of 3 queued is full");
+        let r = validate::backlog_full(&tenant(), &v.unwrap(), 3);
         assert_eq!(r.reason, Reason::BacklogFull);
         assert_eq!((r.client_id.as_deref(), r.batch_id.as_deref()), (Some("k1"), Some("b")));
-        assert!(r.message.contains("max_queued"));
+        assert!(r.message.contains("3 tasks queued (max_queued)"), "{}", r.message);
     }
 }

@@ -167,6 +167,18 @@ pub enum BackendIsolation {
     Any,
 }
 
+/// The answer to a valid task whose tenant already has `max_queued` tasks queued: a full queue
+/// refuses new work instead of growing without bound.
+pub fn backlog_full(tenant: &TenantName, sub: &Submission, max_queued: u64) -> Rejection {
+    Rejection {
+        reason: Reason::BacklogFull,
+        message: format!("tenant {tenant} already has {max_queued} tasks queued (max_queued); retry later"),
+        client_id: sub.client_id.clone(),
+        batch_id: sub.spec.batch_id.clone(),
+        language: Some(sub.spec.language),
+    }
+}
+
 /// Validates one message for `tenant`.
 pub fn validate(
     tenant: &TenantName,

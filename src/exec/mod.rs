@@ -172,4 +172,10 @@ pub trait Backend: Send + Sync + 'static {
     /// The process is stopping: runs that die with it are stopped now (without reporting);
     /// runs that survive are left alone.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+    /// What a running task has written to stdout so far (capped as its result is), for
+    /// following its output; `None` when this process sees no live output of it (it is not
+    /// running here, or it ended: then its stored output is the answer).
+    fn live_output(&self, _task_id: Uuid) -> BoxFuture<'_, Option<Vec<u8>>> {
+        Box::pin(async { None })
+    }
 }

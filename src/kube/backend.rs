@@ -404,4 +404,28 @@ impl Backend for KubeBackend {
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move { self.stop.cancel() })
     }
+
+    /// The pod's log up to the stderr section the entry script writes at the end.
+    fn live_output(&self, task_id: uuid::Uuid) -> BoxFuture<'_, Option<Vec<u8>>> {
+        Box::pin(async move {
+            let (key, run) = {
+                let runs = self.runs.lock().expect("not poisoned");
+                let (key, run) = runs.iter().find(|(k, _)| k.task_id == task_id)?;
+                (*key, run.clone())
+            };
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &run.namespace);
+            let limit = self.settings.pods.output_limit_bytes as i64 + 1;
+            let lp = LogParams { container: Some(CONTAINER.into()), limit_bytes: Some(limit), ..LogParams::default() };
+            let pod = podspec::pod_name(&run.name, key.attempt);
+            let log = match pods.logs(&pod, &lp).await {
+                Ok(log) => log,
+                Err(e) => {
+                    tracing::debug!(%pod, error = %e, "cannot read a running task's log");
+                    return None;
+                }
+            };
+            let stdout = log.split(podspec::STDERR_MARK).next().unwrap_or_default();
+            Some(stdout.as_bytes().to_vec())
+        })
+    }
 }

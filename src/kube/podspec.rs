@@ -49,9 +49,9 @@ pub const SCRATCH: &str = "/agenttask/scratch";
 /// Settings of the pods the reconciler makes. Defaults are documented in the README.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodSettings {
-    /// Image for `python` tasks; must have `/bin/sh`, `head` and `python3`.
+    /// Image for `python` tasks; must have `/bin/sh`, `dd`, `head` and `python3`.
     pub python_image: String,
-    /// Image for `r` tasks; must have `/bin/sh`, `head` and `Rscript`.
+    /// Image for `r` tasks; must have `/bin/sh`, `dd`, `head` and `Rscript`.
     pub r_image: String,
     /// The fixed non-root uid and gid every task runs as.
     pub uid: i64,
@@ -297,7 +297,8 @@ pub fn network_policy(task: &AgentTask, name: &str) -> NetworkPolicy {
 }
 
 /// The entry script: puts the inputs together in the scratch directory, runs the program with
-/// stdout capped, then appends the stderr section and the result.
+/// stdout capped, then appends the stderr section and the result. The cap is `dd`, not `head`:
+/// `head` buffers what it passes on until it exits, and the pod's log is followed live.
 fn entry_script(cap: usize, result_max: usize) -> String {
     let stderr_mark = STDERR_MARK.trim_matches('\n');
     let result_mark = RESULT_MARK.trim_matches('\n');
@@ -313,7 +314,7 @@ for d in /agenttask/in/*/; do
 done
 [ -f "$S/stdin" ] || : > "$S/stdin"
 cd "$S/work" || exit 125
-{{ "$@" < "$S/stdin" 2> "$S/stderr"; echo $? > "$S/exit"; }} | head -c {out}
+{{ "$@" < "$S/stdin" 2> "$S/stderr"; echo $? > "$S/exit"; }} | dd bs=65536 iflag=count_bytes count={out} status=none
 code=$(cat "$S/exit" 2>/dev/null || echo 141)
 printf '\n{stderr_mark}\n'
 head -c {out} "$S/stderr"

@@ -372,7 +372,8 @@ async fn record(
         Some((t, policy)) => direct::validate_applied(&task.spec, t, policy),
         None => Err(direct::unknown_tenant(&task.spec, ns)),
     };
-    let (task_id, rejection) = match (&tenant, verdict) {
+    let max_queued = tenant.as_ref().and_then(|t| tenants.get(t)).map(|p| p.max_queued);
+    let verdict = match (&tenant, verdict) {
         (Some(tenant), Ok(sub)) => {
             let new = NewTask {
                 tenant: tenant.as_str(),
@@ -382,12 +383,20 @@ async fn record(
                 correlation_id: None,
                 submitted_at: Utc::now(),
                 kube_object: Some(key),
+                max_queued,
             };
             match ctx.store.insert_task(&new, false).await? {
-                Inserted::New(id) => (Some(id), None),
-                Inserted::Duplicate => return Ok(Action::requeue(Duration::from_secs(1))),
+                Ok(Inserted::New(id)) => Ok(id),
+                Ok(Inserted::Duplicate) => return Ok(Action::requeue(Duration::from_secs(1))),
+                Err(_full) => Err(crate::domain::validate::backlog_full(tenant, &sub, max_queued.unwrap_or_default())),
             }
         }
+        (_, Err(rej)) => Err(rej),
+        // Without a tenant the verdict is always the UnknownTenant rejection.
+        (None, Ok(_)) => Err(direct::unknown_tenant(&task.spec, ns)),
+    };
+    let (task_id, rejection) = match (&tenant, verdict) {
+        (Some(_), Ok(id)) => (Some(id), None),
         (Some(tenant), Err(rej)) => {
             let new = NewRejection {
                 tenant: tenant.as_str(),
@@ -406,8 +415,7 @@ async fn record(
             };
             (id, Some(rej))
         }
-        // No tenant to record it under: the status is its only answer. (Without a tenant the
-        // verdict is always the UnknownTenant rejection.)
+        // No tenant to record it under: the status is its only answer.
         (None, verdict) => (None, verdict.err()),
     };
     if let (Some(tenant), Some(id)) = (&tenant, task_id) {

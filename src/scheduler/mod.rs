@@ -384,9 +384,11 @@ async fn round(
     }
     let now_utc = chrono::Utc::now();
     for a in &admitted {
+        let _span = tracing::info_span!("admit", task_id = %a.task_id, tenant = %a.tenant).entered();
         ctx.metrics.admitted.with_label_values(&[&a.tenant]).inc();
         let wait = (now_utc - a.submitted_at).num_milliseconds().max(0) as f64 / 1000.0;
         ctx.metrics.admission_wait.with_label_values(&[&a.tenant]).observe(wait);
+        tracing::debug!(wait_seconds = wait, "task admitted");
     }
     for (i, name) in names.iter().enumerate() {
         let t = &decision.tenants[i];
@@ -432,9 +434,10 @@ async fn housekeeping(ctx: &Scheduler, gauges: bool) -> Result<(), StoreError> {
         tracing::warn!(requeued, failed, "reaped tasks whose executor stopped responding");
     }
     // The outbox is small unless publishing is stuck, and then its lag is what operators need.
-    let (pending, oldest) = ctx.store.outbox_lag().await?;
-    ctx.metrics.outbox_pending.set(pending);
-    ctx.metrics.outbox_oldest_seconds.set(oldest);
+    let lag = ctx.store.outbox_lag().await?;
+    ctx.metrics.outbox_pending.set(lag.pending);
+    ctx.metrics.outbox_oldest_seconds.set(lag.oldest_seconds);
+    ctx.metrics.outbox_parked.set(lag.parked);
     if !gauges {
         return Ok(());
     }

@@ -1,5 +1,5 @@
-//! Ingest's half of the store: idempotent inserts of accepted and rejected messages, and the
-//! backlog count that enforces `max_queued`.
+//! Ingest's half of the store: idempotent inserts of accepted and rejected messages, with the
+//! exact `max_queued` check (a per-tenant counter kept by triggers, locked by the insert).
 //!
 //! The functions take a connection or a pool (`impl PgExecutor`, `&mut PgConnection`), so a
 //! caller can put them inside its own transaction; the `Store` methods are the pool-backed
@@ -28,6 +28,8 @@ pub struct NewTask<'a> {
     /// `namespace/name` of the AgentTask it was applied as, for a task that came from
     /// Kubernetes instead of RabbitMQ: it has no reply queue (`reply` is empty and unused).
     pub kube_object: Option<&'a str>,
+    /// The tenant's `max_queued`: the task is not inserted when that many are queued already.
+    pub max_queued: Option<u64>,
 }
 
 /// A refused message, stored as a `Rejected` task so it stays queryable and idempotent.
@@ -53,6 +55,12 @@ pub enum Inserted {
     Duplicate,
 }
 
+/// The tenant already had `max_queued` tasks queued: nothing was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BacklogFull {
+    pub queued: i64,
+}
+
 fn route_of(reply: ReplyTo<'_>, correlation_id: Option<&str>) -> ReplyColumns {
     ReplyColumns {
         reply_exchange: reply.exchange.to_owned(),
@@ -65,10 +73,28 @@ fn route_of(reply: ReplyTo<'_>, correlation_id: Option<&str>) -> ReplyColumns {
 ///
 /// With `replace_rejected` (a fresh publish, not a broker redelivery), an earlier *rejection*
 /// under the same key gives way: the client fixed its message and tries again.
-pub async fn insert_task(conn: &mut PgConnection, t: &NewTask<'_>, replace_rejected: bool) -> Result<Inserted> {
+pub async fn insert_task(
+    conn: &mut PgConnection,
+    t: &NewTask<'_>,
+    replace_rejected: bool,
+) -> Result<Result<Inserted, BacklogFull>> {
     let spec = t.spec;
     let correlation_id = t.correlation_id.map(storable_text);
     let mut tx = conn.begin().await?;
+    if let Some(cap) = t.max_queued {
+        // The tenant's counter row is locked until commit: concurrent inserts of the tenant
+        // take turns, so the cap holds exactly.
+        sqlx::query!("insert into agenttask.queued_counts (tenant) values ($1) on conflict do nothing", t.tenant)
+            .execute(&mut *tx)
+            .await?;
+        let queued =
+            sqlx::query_scalar!("select queued from agenttask.queued_counts where tenant = $1 for update", t.tenant)
+                .fetch_one(&mut *tx)
+                .await?;
+        if queued >= i64::try_from(cap).unwrap_or(i64::MAX) {
+            return Ok(Err(BacklogFull { queued }));
+        }
+    }
     if replace_rejected {
         forget_rejection(&mut *tx, t.tenant, t.client_id).await?;
     }
@@ -101,7 +127,7 @@ pub async fn insert_task(conn: &mut PgConnection, t: &NewTask<'_>, replace_rejec
     .fetch_optional(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(inserted.map_or(Inserted::Duplicate, Inserted::New))
+    Ok(Ok(inserted.map_or(Inserted::Duplicate, Inserted::New)))
 }
 
 /// Stores a rejection and its result message in one transaction, unless the client key was
@@ -158,21 +184,8 @@ pub async fn enqueue_orphan_result(
     enqueue_result(conn, result, &route_of(reply, correlation_id)).await
 }
 
-/// Queued tasks of `tenant`, counting at most to `cap` (enough to enforce a backlog cap
-/// without scanning a huge queue).
-pub async fn queued_up_to(conn: impl PgExecutor<'_>, tenant: &str, cap: i64) -> Result<i64> {
-    Ok(sqlx::query_scalar!(
-        r#"select count(*) as "n!" from (select 1 from agenttask.tasks
-           where tenant = $1 and phase = 'Queued' limit $2) q"#,
-        tenant,
-        cap
-    )
-    .fetch_one(conn)
-    .await?)
-}
-
 impl Store {
-    pub async fn insert_task(&self, t: &NewTask<'_>, replace_rejected: bool) -> Result<Inserted> {
+    pub async fn insert_task(&self, t: &NewTask<'_>, replace_rejected: bool) -> Result<Result<Inserted, BacklogFull>> {
         insert_task(&mut *self.pool.acquire().await?, t, replace_rejected).await
     }
 
@@ -187,9 +200,5 @@ impl Store {
         correlation_id: Option<&str>,
     ) -> Result<()> {
         enqueue_orphan_result(&self.pool, result, reply, correlation_id).await
-    }
-
-    pub async fn queued_up_to(&self, tenant: &str, cap: i64) -> Result<i64> {
-        queued_up_to(&self.pool, tenant, cap).await
     }
 }

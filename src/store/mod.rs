@@ -29,9 +29,12 @@ mod tokens;
 
 pub use admission::{acquire_leadership, reject_queued, AdmissionRound, Admitted, QueuedHead, RunningUsage};
 pub use api::{batch_status, batch_tasks, find_task, list_tasks, position, BatchStatus, Position, TaskSummary};
-pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, queued_up_to, Inserted, NewRejection, NewTask};
+pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, BacklogFull, Inserted, NewRejection, NewTask};
 pub use kube::KubeTask;
-pub use outbox::{OutboxBatch, OutboxMessage};
+pub use outbox::{
+    claim_outbox, delete_published, record_refusals, AfterRefusal, OutboxBatch, OutboxLag, OutboxMessage, Refusal,
+    RetryPolicy,
+};
 pub use runs::{
     adopt, cancel_requested, claim, finish, mark_running, mark_scheduled, reap_expired, release, renew_leases,
     request_cancel, unfinished_in_batch, unstarted_of_other_tenants, AdoptedRun, CancelOutcome, ClaimedTask,

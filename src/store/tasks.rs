@@ -155,14 +155,15 @@ pub(super) async fn enqueue_result(
 ) -> Result<()> {
     let body = result_body(result);
     sqlx::query!(
-        "insert into agenttask.outbox (message_id, exchange, routing_key, correlation_id, phase, body) \
-         values ($1, $2, $3, $4, $5, $6) on conflict (message_id) do nothing",
+        "insert into agenttask.outbox (message_id, exchange, routing_key, correlation_id, phase, body, tenant) \
+         values ($1, $2, $3, $4, $5, $6, $7) on conflict (message_id) do nothing",
         result.task_id,
         route.reply_exchange,
         route.reply_routing_key,
         route.correlation_id,
         result.phase as _,
-        body
+        body,
+        result.tenant
     )
     .execute(conn)
     .await?;

@@ -433,3 +433,55 @@ async fn a_task_larger_than_the_whole_service_is_rejected() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+/// `max_queued` holds exactly while 64 publishers race and ingest stores many messages at once:
+/// the count and the insert are one step (a locked per-tenant counter), not two.
+#[tokio::test]
+async fn the_backlog_cap_is_exact_under_64_concurrent_publishers() {
+    let env = Env::new("[tenants.{t}-a]\nmax_queued = 5\nrate_per_second = 100000\n").await;
+    // No scheduler: nothing leaves the queue, so every insert past the fifth must be refused.
+    let mut settings = env.settings(&[Component::Ingest, Component::Http]);
+    settings.prefetch = 256;
+    let svc = env.start_with(settings).await;
+    let tenant = env.tenant("a");
+    let pool = env.pg().await;
+    let conn = env.connect().await;
+    let mut publishers = Vec::new();
+    for p in 0..64 {
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
+        let tenant = tenant.clone();
+        publishers.push(tokio::spawn(async move {
+            for i in 0..4 {
+                let id = format!("p{p}-{i}");
+                crate::support::publish_plain(
+                    &ch,
+                    &tenant,
+                    &json!({"id": id, "language": "python", "code": "print(1)"}),
+                )
+                .await;
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    // A positive end: every one of the 256 messages is stored, as a task or as a rejection.
+    eventually(WAIT, || {
+        let pool = pool.clone();
+        async move { count(&pool, "select count(*) from agenttask.tasks").await == 256 }
+    })
+    .await;
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks where phase = 'Queued'").await, 5);
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks where reason = 'BacklogFull'").await, 251);
+    // The counter agrees with the rows it counts.
+    let counted: i64 = sqlx::query_scalar("select queued from agenttask.queued_counts where tenant = $1")
+        .bind(&tenant)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(counted, 5);
+    let _ = conn.close(200, "ok".into()).await;
+    svc.stop().await;
+    env.cleanup().await;
+}

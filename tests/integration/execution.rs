@@ -293,3 +293,53 @@ async fn the_executors_store_calls_compose_in_a_callers_transaction() {
     pool.close().await;
     env.cleanup().await;
 }
+
+/// A program that prints a line, then keeps running for `secs` before printing another.
+fn two_lines(id: &str, secs: f64) -> Value {
+    let code = format!("import time\nprint('first', flush=True)\ntime.sleep({secs})\nprint('second')\n");
+    json!({"id": id, "language": "python", "code": code, "timeout_seconds": 60})
+}
+
+#[tokio::test]
+async fn agentctl_logs_follows_a_running_task_to_its_end() {
+    use tokio::io::AsyncBufReadExt as _;
+    let env = Env::new("[tenants.{t}-a]\n").await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let pool = env.pg().await;
+    client.submit(&env.tenant("a"), &two_lines("talks", 4.0)).await;
+    // Generous: on a loaded 2-core host a sandbox may wait for a free uid slot.
+    eventually(Duration::from_secs(90), || async { phase(&pool, "talks").await == "Running" }).await;
+    let id = task_id(&pool, "talks").await;
+    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["--server", &format!("http://{}", svc.http_addr), "--token", "test-admin-token"])
+        .args(["logs", "-f", &id])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("agentctl runs");
+    let mut lines = tokio::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, lines.next_line()).await.expect("a first line").unwrap();
+    assert_eq!(first.as_deref(), Some("first"));
+    // The first line came while the program was still sleeping: it was streamed, not replayed.
+    assert_eq!(phase(&pool, "talks").await, "Running");
+    let second = tokio::time::timeout(WAIT, lines.next_line()).await.expect("a second line").unwrap();
+    assert_eq!(second.as_deref(), Some("second"));
+    assert_eq!(tokio::time::timeout(WAIT, lines.next_line()).await.expect("the end").unwrap(), None);
+    let status = tokio::time::timeout(WAIT, follow.wait()).await.expect("agentctl ends with the task").unwrap();
+    assert!(status.success());
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(r["phase"], "Succeeded", "{r:#}");
+
+    // Without -f: the stored output of a finished task.
+    let (code, out, err) = agentctl(&svc, &["logs", &id]).await;
+    assert_eq!((code, out.as_str()), (0, "first\nsecond\n"), "{err}");
+    // Unknown and malformed ids: an error that says so, exit 2.
+    let (code, _, err) = agentctl(&svc, &["logs", &uuid::Uuid::new_v4().to_string()]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no task"), "{err}");
+    let (code, _, err) = agentctl(&svc, &["logs", "not-a-uuid"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a task id"), "{err}");
+    svc.stop().await;
+    env.cleanup().await;
+}

@@ -44,9 +44,15 @@ fn kubesim_bin() -> PathBuf {
 }
 
 impl Sim {
+    /// An emulator whose kubelet plays each pod's script (annotations).
     pub fn start() -> Sim {
+        Sim::start_with("simulate")
+    }
+
+    /// An emulator with the given kubelet: `simulate`, or `exec` (runs the containers for real).
+    pub fn start_with(kubelet: &str) -> Sim {
         let mut child = Command::new(kubesim_bin())
-            .args(["--addr", "127.0.0.1:0", "--kubelet", "simulate"])
+            .args(["--addr", "127.0.0.1:0", "--kubelet", kubelet])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -534,6 +540,77 @@ async fn kube_namespace_per_tenant_maps_namespaces_to_tenants() {
     sim.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
     let st = ended(&sim, "direct", &ns).await;
     assert_eq!((st["phase"].as_str(), st["tenant"].as_str()), (Some("Succeeded"), Some(tenant.as_str())), "{st:#}");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// From a RabbitMQ message to the reply, with real Python and R in the pods (the emulator's
+/// `exec` kubelet runs the pod's command under bubblewrap), through the hardened pod's entry
+/// script, its ConfigMap inputs, its log and its termination message.
+#[tokio::test]
+async fn kube_exec_kubelet_runs_real_python_and_r_end_to_end() {
+    let sim = Sim::start_with("exec");
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(kube_settings(&env, &sim, 10)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let py = "import json, os, sys\n\
+              data = open('numbers.txt').read().split()\n\
+              total = sum(int(x) for x in data)\n\
+              print('total', total)\n\
+              print('to stderr', file=sys.stderr)\n\
+              json.dump({'total': total, 'argv': sys.argv[1:]}, open(os.environ['AGENTTASK_RESULT_FILE'], 'w'))\n";
+    client
+        .submit(
+            &tenant,
+            &json!({"id": "py", "language": "python", "code": py, "args": ["x"], "timeout_seconds": 60,
+                    "files": {"numbers.txt": {"content": "1 2 3 4"}}}),
+        )
+        .await;
+    let r_code = "x <- c(2, 3, 5)\ncat('sum', sum(x), '\\n')\nwriteLines('{\"ok\": true}', Sys.getenv('AGENTTASK_RESULT_FILE'))\n";
+    client.submit(&tenant, &json!({"id": "r", "language": "r", "code": r_code, "timeout_seconds": 60})).await;
+    client
+        .submit(
+            &tenant,
+            &json!({"id": "fails", "language": "python", "code": "raise SystemExit(3)", "timeout_seconds": 60}),
+        )
+        .await;
+    let got = results(&mut client, 3, Duration::from_secs(180)).await;
+    let py = &got["py"];
+    assert_eq!((py["phase"].as_str(), py["backend"].as_str()), (Some("Succeeded"), Some("podjob")), "{py:#}");
+    assert_eq!(py["stdout"], "total 10\n", "{py:#}");
+    assert_eq!(py["stderr"], "to stderr\n", "{py:#}");
+    assert_eq!(py["result"], json!({"total": 10, "argv": ["x"]}), "{py:#}");
+    let r = &got["r"];
+    assert_eq!(r["phase"], "Succeeded", "{r:#}");
+    assert_eq!(r["stdout"], "sum 10 \n", "{r:#}");
+    assert_eq!(r["result"], json!({"ok": true}), "{r:#}");
+    let fails = &got["fails"];
+    assert_eq!(
+        (fails["phase"].as_str(), fails["reason"].as_str(), fails["exit_code"].as_i64()),
+        (Some("Failed"), Some("NonZeroExit"), Some(3)),
+        "{fails:#}"
+    );
+
+    // `logs?follow=true` streams the pod's output while it runs, and ends with the task.
+    let code = "import time\nprint('first', flush=True)\ntime.sleep(4)\nprint('second')\n";
+    client.submit(&tenant, &json!({"id": "talks", "language": "python", "code": code, "timeout_seconds": 60})).await;
+    let pool = env.pg().await;
+    eventually(WAIT, || async { phase(&pool, "talks").await == "Running" }).await;
+    let url = format!("http://{}/v1/tasks/{}/logs?follow=true", svc.http_addr, task_id(&pool, "talks").await);
+    let mut resp = reqwest::Client::new().get(&url).bearer_auth("test-admin-token").send().await.unwrap();
+    assert!(resp.status().is_success());
+    let mut seen = Vec::new();
+    while !seen.starts_with(b"first\n") {
+        let chunk =
+            tokio::time::timeout(WAIT, resp.chunk()).await.expect("output while running").unwrap().expect("more");
+        seen.extend_from_slice(&chunk);
+    }
+    assert_eq!(phase(&pool, "talks").await, "Running", "streamed while the program still sleeps");
+    while let Some(chunk) = tokio::time::timeout(WAIT, resp.chunk()).await.expect("the rest").unwrap() {
+        seen.extend_from_slice(&chunk);
+    }
+    assert_eq!(String::from_utf8_lossy(&seen), "first\nsecond\n");
     svc.stop().await;
     env.cleanup().await;
 }

@@ -125,4 +125,12 @@ fn rbac_has_no_wildcards() {
     let rbac = std::fs::read_to_string(root().join("deploy/kubernetes/rbac.yaml")).unwrap();
     assert!(!rbac.contains('*'), "wildcard in RBAC:\n{rbac}");
     assert!(!rbac.contains("ClusterRole"), "the default install needs no cluster-wide rights");
+    // The cluster-wide variant grants exactly the same rules.
+    let cluster = std::fs::read_to_string(root().join("deploy/kubernetes/rbac-cluster.yaml")).unwrap();
+    assert!(!cluster.contains('*'), "wildcard in RBAC:\n{cluster}");
+    let rules = |text: &str| {
+        let start = text.find("rules:").expect("rules");
+        text[start..text[start..].find("---").map_or(text.len(), |e| start + e)].to_owned()
+    };
+    assert_eq!(rules(&cluster), rules(&rbac));
 }

@@ -38,3 +38,12 @@ mod reliability;
 /// The Kubernetes backend against the API emulator, and the manifests' schema validation.
 mod kube;
 mod kube_manifests;
+
+/// Postgres restarted, stopped and its pool exhausted, on a private server per test.
+mod pg_outage;
+
+/// A task's log lines carry its id through every stage.
+mod logs;
+
+/// Results the broker refuses: bounded retry, parking, re-queueing.
+mod outbox;

@@ -86,7 +86,7 @@ fn the_alert_rules_use_exported_metrics_and_pass_promtool() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(promtool(&["check", "rules", "alerts.yml"]).contains("6 rules found"));
+    assert!(promtool(&["check", "rules", "alerts.yml"]).contains("7 rules found"));
     // The rules fire (and stay quiet) as alerts.test.yml says.
     assert!(promtool(&["test", "rules", "alerts.test.yml"]).contains("SUCCESS"));
 }

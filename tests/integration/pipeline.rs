@@ -541,3 +541,46 @@ async fn artifacts_past_the_tenants_quota_are_not_stored_and_the_result_says_so(
     svc.stop().await;
     env.cleanup().await;
 }
+
+/// `GET /v1/tasks/{id}/artifacts/{name}` serves exactly the files collection recorded, byte for
+/// byte, and nothing else.
+#[tokio::test]
+async fn artifacts_are_downloaded_by_their_recorded_names_only() {
+    use sha2::Digest as _;
+    let env = Env::new("[tenants.{t}-a]\n").await;
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let code = "import os\nd = os.environ['AGENTTASK_ARTIFACTS_DIR']\nos.makedirs(os.path.join(d, 'plots'))\n\
+                open(os.path.join(d, 'plots', 'fig.bin'), 'wb').write(bytes(range(256)) * 40)\n\
+                open(os.path.join(d, 'notes.txt'), 'w').write('hello')\n";
+    client.submit(&env.tenant("a"), &json!({"id": "art", "language": "python", "code": code})).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(r["phase"], "Succeeded", "{r:#}");
+    let id = r["task_id"].as_str().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let http = http.clone();
+        let url = format!("http://{}/v1/tasks/{id}/artifacts/{path}", svc.http_addr);
+        async move { http.get(url).bearer_auth("test-admin-token").send().await.unwrap() }
+    };
+    let resp = get("plots/fig.bin".into()).await;
+    assert_eq!(resp.status(), 200);
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    let body = resp.bytes().await.unwrap();
+    let want: Vec<u8> = (0..40).flat_map(|_| 0u8..=255).collect();
+    assert_eq!(body.as_ref(), want.as_slice());
+    assert_eq!(etag, format!("\"sha256:{:x}\"", sha2::Sha256::digest(&want)));
+    let listed: Vec<&str> = r["artifacts"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert!(listed.contains(&"plots/fig.bin") && listed.contains(&"notes.txt"), "{listed:?}");
+    assert_eq!(get("notes.txt".into()).await.text().await.unwrap(), "hello");
+    // Anything not recorded is a 404 with a JSON error, however it is spelled.
+    // (Encoded, so that no client normalizes the dots away before the service sees them.)
+    for bad in ["missing.txt", "plots%2F..%2Fnotes.txt", "..%2F..%2Fetc%2Fpasswd", "plots"] {
+        let resp = get(bad.into()).await;
+        assert_eq!(resp.status(), 404, "{bad}");
+        let e: Value = resp.json().await.unwrap();
+        assert_eq!(e["code"], "not_found", "{bad}: {e}");
+    }
+    svc.stop().await;
+    env.cleanup().await;
+}

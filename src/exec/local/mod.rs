@@ -216,6 +216,8 @@ pub struct LocalBackend {
     scratch_tmpfs: AtomicBool,
     /// Runs in flight; they die with this process.
     runs: InProcessRuns,
+    /// The stdout buffers of running tasks, for following their output.
+    live: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, spawn::Captured>>,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -273,6 +275,7 @@ impl LocalBackend {
             seccomp,
             scratch_tmpfs: AtomicBool::new(scratch_tmpfs),
             runs: InProcessRuns::new(),
+            live: std::sync::Mutex::default(),
         })
     }
 
@@ -479,5 +482,10 @@ impl Backend for LocalBackend {
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.runs.shutdown())
+    }
+
+    fn live_output(&self, task_id: uuid::Uuid) -> BoxFuture<'_, Option<Vec<u8>>> {
+        let buf = self.live.lock().unwrap_or_else(|p| p.into_inner()).get(&task_id).cloned();
+        Box::pin(async move { buf.map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).0.clone()) })
     }
 }

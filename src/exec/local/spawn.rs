@@ -86,6 +86,7 @@ impl LocalBackend {
         // a shutdown) drops this set, which aborts them.
         let mut io = tokio::task::JoinSet::new();
         let stdout = spawn_reader(&mut io, child.stdout.take(), cap, overflow.clone());
+        let live = LiveOutput::register(self, job.key.task_id, &stdout);
         let stderr = spawn_reader(&mut io, child.stderr.take(), cap, overflow.clone());
         let stdin_task = match (child.stdin.take(), job.stdin.clone()) {
             (Some(mut pipe), Some(data)) => Some(io.spawn(async move {
@@ -124,6 +125,7 @@ impl LocalBackend {
         if tokio::time::timeout(Duration::from_secs(2), drained).await.is_err() {
             io.abort_all();
         }
+        drop(live);
         let stdout = take(&stdout);
         let stderr = take(&stderr);
         let status_text = read_nonblocking(status_read, 64 * 1024);
@@ -142,6 +144,26 @@ impl LocalBackend {
             setup_failure,
             emptied,
         })
+    }
+}
+
+/// A running task's stdout, visible to `live_output` until the run is over (dropped on every
+/// way out of `spawn_and_watch`).
+struct LiveOutput<'a> {
+    backend: &'a LocalBackend,
+    task_id: uuid::Uuid,
+}
+
+impl<'a> LiveOutput<'a> {
+    fn register(backend: &'a LocalBackend, task_id: uuid::Uuid, stdout: &Captured) -> Self {
+        backend.live.lock().unwrap_or_else(|p| p.into_inner()).insert(task_id, stdout.clone());
+        LiveOutput { backend, task_id }
+    }
+}
+
+impl Drop for LiveOutput<'_> {
+    fn drop(&mut self) {
+        self.backend.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.task_id);
     }
 }
 
@@ -226,7 +248,7 @@ impl ChildSetup {
 }
 
 /// What a capped reader read, and whether its stream went over the cap.
-type Captured = Arc<Mutex<(Vec<u8>, bool)>>;
+pub(super) type Captured = Arc<Mutex<(Vec<u8>, bool)>>;
 
 /// Reads one output stream into a buffer of at most `cap` bytes, on the run's task set; the
 /// first byte over the cap stops it and has the task killed.

@@ -5,7 +5,7 @@
 //! runs `python3` for a Python image and `R` for an R image; `python`, `python3`, `R` and
 //! `Rscript` commands run the host's `/usr/bin` ones. The host's `/usr` is mounted read-only with
 //! the few `/etc` files the runtimes read; `emptyDir` volumes are per-pod directories,
-//! `configMap` and `secret` volumes are their files (read-only); `env` (values, `fieldRef`,
+//! `configMap` (`data` and `binaryData`) and `secret` volumes are their files (read-only); `env` (values, `fieldRef`,
 //! `configMapKeyRef`, `secretKeyRef`, `envFrom`) and `$(VAR)` references in command and args are
 //! resolved as the kubelet resolves them; `workingDir` is the working directory;
 //! `terminationMessagePath` is a writable file whose content becomes `state.terminated.message`.
@@ -405,7 +405,20 @@ fn prepare_volumes(
                 if secret { "secret" } else { "configmap" }
             ));
         };
-        let data = obj["data"].as_object().cloned().unwrap_or_default();
+        // A ConfigMap's files are its `data` (text) and its `binaryData` (base64) keys, as the
+        // kubelet projects them; a Secret's `data` is base64.
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut data: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for (k, v) in obj["data"].as_object().into_iter().flatten() {
+            let text = v.as_str().unwrap_or_default();
+            let bytes = if secret { b64.decode(text).unwrap_or_default() } else { text.as_bytes().to_vec() };
+            data.insert(k.clone(), bytes);
+        }
+        if !secret {
+            for (k, v) in obj["binaryData"].as_object().into_iter().flatten() {
+                data.insert(k.clone(), b64.decode(v.as_str().unwrap_or_default()).unwrap_or_default());
+            }
+        }
         let items: Vec<(String, String)> = match source["items"].as_array() {
             Some(items) => items
                 .iter()
@@ -427,12 +440,7 @@ fn prepare_volumes(
             if let Some(parent) = file.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
             }
-            let content = if secret {
-                base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default()).unwrap_or_default()
-            } else {
-                v.as_str().unwrap_or_default().as_bytes().to_vec()
-            };
-            std::fs::write(&file, content).map_err(|e| e.to_string())?;
+            std::fs::write(&file, v).map_err(|e| e.to_string())?;
         }
         out.insert(name.to_string(), Volume { host: dir, read_only: true });
     }

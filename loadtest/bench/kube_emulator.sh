@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The Kubernetes backend's control plane through the API emulator: tasks per second from publish
+# to result, and the latency from a task's admission (Postgres `admitted_at`) to its pod's
+# creation (the reconciler's `Created` Event, whose `eventTime` has microseconds), with
+# `agenttask-kubesim --kubelet simulate` (no code runs; each pod is played in a few ms).
+#
+#   loadtest/bench/kube_emulator.sh [tasks] [in-flight]
+#
+# Uses a scratch database (agenttask_bench_kube, dropped at the end), a tenant of its own and an
+# emulator on a free port; everything it starts is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+TASKS="${1:-1000}"
+INFLIGHT="${2:-200}"
+DB=agenttask_bench_kube
+URL="postgres://postgres@127.0.0.1:5432/$DB"
+PORT=19465
+PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
+
+export SQLX_OFFLINE=true
+cargo build --release --locked -p agenttask --bin agenttask >&2
+cargo build --release --locked -p agenttask-kubesim -p agenttask-loadtest >&2
+"${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+}
+trap cleanup EXIT
+
+target/release/agenttask-kubesim --addr 127.0.0.1:0 --kubelet simulate >"$work/sim.url" 2>"$work/sim.log" &
+pids+=($!)
+for _ in $(seq 1 100); do [ -s "$work/sim.url" ] && break; sleep 0.1; done
+server="$(head -n1 "$work/sim.url")"
+cat >"$work/kubeconfig" <<YAML
+apiVersion: v1
+kind: Config
+clusters: [{name: sim, cluster: {server: $server}}]
+contexts: [{name: sim, context: {cluster: sim, user: sim, namespace: agenttask}}]
+current-context: sim
+users: [{name: sim, user: {}}]
+YAML
+kc=(kubectl --kubeconfig "$work/kubeconfig" --cache-dir "$work/cache")
+"${kc[@]}" apply --server-side -f deploy/crd.yaml >/dev/null
+"${kc[@]}" apply --server-side -f deploy/kubernetes/namespaces.yaml >/dev/null
+
+cat >"$work/tenants.toml" <<TOML
+[tenants.benchkube]
+max_concurrency = 1000
+max_queued = 1000000
+rate_per_second = 1000000
+TOML
+AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
+    AGENTTASK_MAX_RUNNING=1000 AGENTTASK_CAPACITY_CPU=1000 AGENTTASK_LOG=warn \
+    target/release/agenttask serve --backend kubernetes --kubeconfig "$work/kubeconfig" 2>"$work/service.log" &
+pids+=($!)
+for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+sleep 1 # the tenant's consumer starts right after readiness
+
+echo "== the service, --backend kubernetes (podjob) against agenttask-kubesim --kubelet simulate, $INFLIGHT in flight"
+target/release/agenttask-loadtest --tenant benchkube --count "$TASKS" --concurrency "$INFLIGHT"
+
+echo "== admitted -> pod created (the reconciler's Created Event), over $TASKS tasks"
+"${kc[@]}" get events.events.k8s.io -n agenttask -o json |
+    jq -r '.items[] | select(.reason == "Created") | [(.regarding.name | ltrimstr("at-")), .eventTime] | @tsv' \
+        >"$work/created.tsv"
+"${PSQL[@]}" -At -F $'\t' -c "select task_id, to_char(admitted_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') from agenttask.tasks" "$URL" \
+    >"$work/admitted.tsv"
+python3 - "$work/admitted.tsv" "$work/created.tsv" <<'PY'
+import sys
+from datetime import datetime
+def parse(t):
+    t = t.replace("Z", "+00:00")
+    return datetime.fromisoformat(t)
+admitted = dict(l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip())
+lat = []
+for line in open(sys.argv[2]):
+    tid, created = line.rstrip("\n").split("\t")
+    if tid in admitted:
+        lat.append((parse(created) - parse(admitted[tid])).total_seconds() * 1000)
+lat.sort()
+if not lat:
+    sys.exit("no Created events matched admitted tasks")
+pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+print(f"tasks {len(lat)}  p50 {pick(0.50):.1f} ms  p99 {pick(0.99):.1f} ms  max {lat[-1]:.1f} ms")
+PY
