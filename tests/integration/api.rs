@@ -58,6 +58,11 @@ async fn each_tenants_token_sees_and_acts_on_its_own_tasks_only_on_every_endpoin
             (Method::GET, format!("/v1/tasks/one?tenant={ot}")),
             (Method::GET, format!("/v1/tasks/{o}?tenant={ot}")),
             (Method::GET, format!("/v1/tasks/{o}/position")),
+            (Method::GET, format!("/v1/tasks/{o}/logs")),
+            (Method::GET, format!("/v1/tasks/{o}/logs?follow=true")),
+            (Method::GET, format!("/v1/tasks/{o}/artifacts/out.txt")),
+            (Method::GET, format!("/v1/batches/{ot}/b")),
+            (Method::GET, format!("/v1/batches/{ot}/b/results")),
             (Method::POST, format!("/v1/tasks/{o}/cancel")),
             (Method::POST, format!("/v1/tasks/{}/cancel", other.single)),
             (Method::POST, format!("/v1/batches/{ot}/b/cancel")),
@@ -104,6 +109,10 @@ async fn each_tenants_token_sees_and_acts_on_its_own_tasks_only_on_every_endpoin
         // A client id needs no ?tenant= with a tenant's token: it is looked up in its own.
         let (status, body) = api_call(&svc, Method::GET, "/v1/tasks/one", t).await;
         assert_eq!((status, body["task_id"].as_str()), (200, Some(me.in_batch.to_string().as_str())), "{body}");
+        let (status, _) = api_call(&svc, Method::GET, &format!("/v1/tasks/{}/logs", me.in_batch), t).await;
+        assert_eq!(status, 200, "its own task's logs");
+        let (status, body) = api_call(&svc, Method::GET, &format!("/v1/batches/{}/b", me.tenant), t).await;
+        assert_eq!((status, body["total"].as_i64()), (200, Some(1)), "{body}");
         let (status, body) = api_call(&svc, Method::GET, &format!("/v1/tasks/{}/position", me.in_batch), t).await;
         assert_eq!((status, body["queued"].as_i64()), (200, Some(2)), "only its own tenant's queue: {body}");
         assert!(body["position"].as_i64().is_some_and(|p| p >= 1), "{body}");
