@@ -33,7 +33,8 @@ use crate::store::{
 pub struct Api {
     pub store: Store,
     pub metrics: Metrics,
-    /// Opens the task and admin API; without it those endpoints are closed.
+    /// The admin token: opens the admin API (without it those endpoints are closed; tenants' tokens
+    /// still work).
     pub admin_token: Option<String>,
     /// What the components of this process say about their connections (for `/readyz`).
     pub readiness: Arc<crate::readiness::Readiness>,
