@@ -557,8 +557,15 @@ async fn expire(task: &AgentTask, ctx: &Ctx, phase: TaskPhase, status: &AgentTas
 }
 
 /// The finalizer's part: an AgentTask deleted before it finished is `Cancelled`, its pod goes.
+/// A user's own AgentTask that was still waiting for admission has no run to report that: its
+/// task is cancelled in the store (one `Cancelled` end, as `agentctl cancel` gives).
 async fn cleanup(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
     let ns = task.namespace().ok_or(Error::NoNamespace)?;
+    if let Some(recorded) = ctx.store.kube_task_of_object(&object_key(&ns, &task.name_any())).await? {
+        if !recorded.phase.is_terminal() {
+            ctx.store.request_cancel(recorded.task_id).await?;
+        }
+    }
     let mut status = task.status.clone().unwrap_or_default();
     if !status.phase.is_some_and(|p| p.is_terminal()) {
         let started = parse_time(status.start_time.as_deref()).unwrap_or_else(Utc::now);

@@ -516,6 +516,44 @@ async fn kube_agenttasks_applied_with_kubectl_run_as_their_namespaces_tenant() {
     env.cleanup().await;
 }
 
+/// Deleting a user's AgentTask that still waits for admission cancels its task in SQL too.
+#[tokio::test]
+async fn kube_deleting_a_queued_kubectl_agenttask_cancels_its_task() {
+    let sim = Sim::start();
+    let env = Env::new("[tenants.{t}-a]\nmax_concurrency = 1\nnamespaces = [\"evals\"]\n").await;
+    let svc = env.start_with(kube_settings(&env, &sim, 10)).await;
+    let pool = env.pg().await;
+    sim.kubectl_ok(&["create", "namespace", "evals"]);
+    let apply = |name: &str, spec: &str| {
+        let path = sim.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, agenttask_yaml(name, "evals", spec)).unwrap();
+        sim.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    };
+    // The first holds the tenant's only slot for a while; the second waits behind it.
+    apply("long", "  language: python\n  code: print(1)\n  labels:\n    kubesim.agenttask.io/run-ms: \"20000\"\n");
+    eventually(WAIT, || async { status_of(&sim, "long", "evals")["phase"] == "Running" }).await;
+    apply("waits", "  language: python\n  code: print(2)\n");
+    eventually(WAIT, || async { status_of(&sim, "waits", "evals")["phase"] == "Queued" }).await;
+    let row = |name: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("select phase from agenttask.tasks where kube_object = $1")
+                .bind(format!("evals/{name}"))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(row("waits").await, "Queued");
+    sim.kubectl_ok(&["delete", "at", "waits", "-n", "evals", "--wait=false"]);
+    eventually(WAIT, || async { row("waits").await == "Cancelled" }).await;
+    eventually(WAIT, || async { !sim.kubectl(&["get", "at", "waits", "-n", "evals"]).status.success() }).await;
+    // The running one is untouched.
+    assert_eq!(status_of(&sim, "long", "evals")["phase"], "Running");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn kube_namespace_per_tenant_maps_namespaces_to_tenants() {
     let sim = Sim::start();
