@@ -1,7 +1,11 @@
 //! HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and the task API used by `agentctl`.
 //!
-//! The task API is closed unless the service has an admin token (`AGENTTASK_ADMIN_TOKEN`);
-//! requests must then carry it as `Authorization: Bearer <token>`.
+//! Every task API request carries a token as `Authorization: Bearer <token>`: the service's
+//! admin token (`AGENTTASK_ADMIN_TOKEN`; without it the admin endpoints are closed), or a
+//! tenant's token (`agentctl tenant token create T`). A tenant's token sees and acts on its own
+//! tenant's tasks only: another tenant's task is answered exactly like a task that does not
+//! exist (404), so a token cannot even learn which ids exist elsewhere. Managing tenants and
+//! tokens needs the admin token (403 for a tenant's).
 
 use std::sync::Arc;
 
@@ -19,14 +23,18 @@ mod artifacts;
 mod logs;
 
 use crate::domain::result::ResultMessage;
+use crate::domain::token;
 use crate::metrics::Metrics;
-use crate::store::{CancelOutcome, Position, Store, StoreError, TaskRow, TenantStatus};
+use crate::store::{
+    BatchStatus, CancelOutcome, Position, Store, StoreError, TaskRow, TaskSummary, TenantStatus, TokenInfo,
+};
 
 /// What the HTTP endpoints need, and nothing else.
 pub struct Api {
     pub store: Store,
     pub metrics: Metrics,
-    /// Opens the task and admin API; without it those endpoints are closed.
+    /// The admin token: opens the admin API (without it those endpoints are closed; tenants' tokens
+    /// still work).
     pub admin_token: Option<String>,
     /// What the components of this process say about their connections (for `/readyz`).
     pub readiness: Arc<crate::readiness::Readiness>,
@@ -64,14 +72,21 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/tasks", get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/position", get(get_position))
         .route("/v1/tasks/{id}/logs", get(logs::get_logs))
         .route("/v1/tasks/{id}/artifacts/{*name}", get(artifacts::get_artifact))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/v1/batches/{tenant}/{batch}", get(get_batch))
+        .route("/v1/batches/{tenant}/{batch}/results", get(batch_results))
         .route("/v1/batches/{tenant}/{batch}/cancel", post(cancel_batch))
         .route("/v1/tenants", get(list_tenants).put(apply_tenants))
         .route("/v1/tenants/{name}", get(get_tenant))
+        .route("/v1/tenants/{name}/tokens", post(create_token))
+        .route("/v1/tenants/{name}/sql-role", post(create_sql_role))
+        .route("/v1/tokens", get(list_tokens))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .with_state(ctx)
 }
 
@@ -125,12 +140,16 @@ pub struct ErrorBody {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(
-        "the task API is closed: start the service with AGENTTASK_ADMIN_TOKEN set, and pass \
-         that token to agentctl as AGENTCTL_TOKEN"
+        "the service has no admin token, so the admin API is closed: start it with \
+         AGENTTASK_ADMIN_TOKEN set and pass that token to agentctl as AGENTCTL_TOKEN, or use a \
+         tenant's token"
     )]
     Closed,
-    #[error("missing or wrong token: set AGENTCTL_TOKEN")]
+    #[error("missing, wrong or revoked token: set AGENTCTL_TOKEN to the admin token or a tenant's token")]
     Unauthorized,
+    /// A tenant's token asked for something only the admin may do.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -143,6 +162,9 @@ pub enum ApiError {
     Invalid(String),
     #[error("database error: {0}")]
     Store(#[from] StoreError),
+    /// The service itself failed (no randomness for a token).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -151,11 +173,13 @@ impl ApiError {
         match self {
             ApiError::Closed => "api_closed",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::Invalid(_) => "invalid",
             ApiError::Store(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
         }
     }
 
@@ -163,11 +187,13 @@ impl ApiError {
         match self {
             ApiError::Closed => StatusCode::FORBIDDEN,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -182,33 +208,75 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Who a request comes from, by its bearer token. Taking `Caller` as a handler argument is what
+/// closes the handler to requests without a valid token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The service's admin token: sees every tenant.
+    Admin,
+    /// A tenant's token: sees this tenant's tasks only.
+    Tenant(String),
+}
+
+impl Caller {
+    /// Whether this caller may see and act on `tenant`'s tasks.
+    pub fn sees(&self, tenant: &str) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Tenant(own) => own == tenant,
+        }
+    }
+}
+
+impl FromRequestParts<Arc<Api>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Api>) -> Result<Caller, ApiError> {
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let Some(given) = given.filter(|g| !g.is_empty()) else {
+            return Err(if ctx.admin_token.is_some() { ApiError::Unauthorized } else { ApiError::Closed });
+        };
+        if let Some(presented) = token::parse(given) {
+            // The id finds the row; the secret's hash is compared in constant time.
+            let Some((tenant, stored)) = ctx.store.live_token(presented.id).await? else {
+                return Err(ApiError::Unauthorized);
+            };
+            if !token::digests_equal(&presented.secret_sha256, &stored) {
+                return Err(ApiError::Unauthorized);
+            }
+            if let Err(e) = ctx.store.touch_token(presented.id).await {
+                tracing::warn!(error = %e, "task API: could not record a token's use");
+            }
+            return Ok(Caller::Tenant(tenant));
+        }
+        match ctx.admin_token.as_deref() {
+            None => Err(ApiError::Closed),
+            Some(expected) if token::is_admin_token(given, expected) => Ok(Caller::Admin),
+            Some(_) => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
 /// Proof that a request carries the admin token: taking `Admin` as a handler argument is what
-/// closes the handler to everyone else.
+/// closes the handler to everyone else (a tenant's token gets 403).
 pub struct Admin;
 
 impl FromRequestParts<Arc<Api>> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Api>) -> Result<Admin, ApiError> {
-        let Some(expected) = ctx.admin_token.as_deref() else {
-            return Err(ApiError::Closed);
-        };
-        let given = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            Ok(Admin)
-        } else {
-            Err(ApiError::Unauthorized)
+        match Caller::from_request_parts(parts, ctx).await? {
+            Caller::Admin => Ok(Admin),
+            Caller::Tenant(_) => Err(ApiError::Forbidden(
+                "this needs the admin token: a tenant's token cannot manage tenants or tokens".into(),
+            )),
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn task_id(id: &str) -> Result<uuid::Uuid, ApiError> {
@@ -249,12 +317,17 @@ impl From<TaskRow> for TaskView {
 
 /// `GET /v1/tasks/{id}`: `id` is a task id (uuid), or a client id with `?tenant=`.
 async fn get_task(
-    _: Admin,
+    caller: Caller,
     State(ctx): State<Arc<Api>>,
     Path(id): Path<String>,
     Query(q): Query<TaskQuery>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let found = match (uuid::Uuid::parse_str(&id), q.tenant.as_deref()) {
+    // A tenant's token looks client ids up in its own tenant.
+    let tenant = match (&caller, q.tenant) {
+        (Caller::Tenant(own), None) => Some(own.clone()),
+        (_, tenant) => tenant,
+    };
+    let found = match (uuid::Uuid::parse_str(&id), tenant.as_deref()) {
         // With a tenant, the id is first the client's key (agentctl's keys are uuids too).
         (parsed, Some(tenant)) => match ctx.store.find_task(tenant, &id).await? {
             None => match parsed {
@@ -270,18 +343,47 @@ async fn get_task(
             )))
         }
     };
-    let row = found.ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
+    let row = found.filter(|r| caller.sees(&r.tenant)).ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
     Ok(Json(TaskView::from(row)))
+}
+
+/// A page of `GET /v1/tasks`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskPage {
+    pub items: Vec<TaskSummary>,
+    /// Pass as `cursor=` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/tasks?tenant=&batch=&phase=&label=KEY=VALUE&since=&until=&cursor=&limit=`: tasks,
+/// newest first, one page at a time (`phase` takes a comma-separated list; `label` repeats).
+/// A tenant's token lists its own tenant only, whatever `tenant=` says.
+async fn list_tasks(
+    caller: Caller,
+    State(ctx): State<Arc<Api>>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<TaskPage>, ApiError> {
+    let mut filter =
+        crate::domain::listing::TaskFilter::from_pairs(&pairs).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if let Caller::Tenant(own) = &caller {
+        match &filter.tenant {
+            // Another tenant's tasks are as absent as unknown ones: an empty list.
+            Some(t) if t != own => return Ok(Json(TaskPage { items: vec![], next_cursor: None })),
+            _ => filter.tenant = Some(own.clone()),
+        }
+    }
+    let (items, next) = ctx.store.list_tasks(&filter).await?;
+    Ok(Json(TaskPage { items, next_cursor: next.map(|c| c.encode()) }))
 }
 
 /// `GET /v1/tasks/{id}/position`: place in the tenant's queue and an estimated wait.
 async fn get_position(
-    _: Admin,
+    caller: Caller,
     State(ctx): State<Arc<Api>>,
     Path(id): Path<String>,
 ) -> Result<Json<Position>, ApiError> {
     let p = ctx.store.position(task_id(&id)?).await?;
-    Ok(Json(p.ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?))
+    Ok(Json(p.filter(|p| caller.sees(&p.tenant)).ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?))
 }
 
 async fn list_tenants(_: Admin, State(ctx): State<Arc<Api>>) -> Result<Json<Vec<TenantStatus>>, ApiError> {
@@ -364,8 +466,18 @@ pub struct CancelAnswer {
 /// `POST /v1/tasks/{id}/cancel`: a queued or admitted task ends `Cancelled` without running; a
 /// running one is killed. Either way it gets exactly one result. A finished task is left alone
 /// (409), an unknown one is a 404.
-async fn cancel_task(_: Admin, State(ctx): State<Arc<Api>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn cancel_task(
+    caller: Caller,
+    State(ctx): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let task_id = task_id(&id)?;
+    // A task's tenant never changes, so checking it before the cancel is enough.
+    if let Caller::Tenant(own) = &caller {
+        if ctx.store.get_task(task_id).await?.is_none_or(|r| &r.tenant != own) {
+            return Err(ApiError::NotFound(format!("no task {task_id}")));
+        }
+    }
     Ok(match ctx.store.request_cancel(task_id).await? {
         CancelOutcome::Cancelled => {
             Json(CancelAnswer { task_id, outcome: "cancelled".into(), message: "cancelled before it ran".into() })
@@ -398,10 +510,13 @@ pub struct BatchCancelAnswer {
 
 /// `POST /v1/batches/{tenant}/{batch}/cancel`: cancels every unfinished task of a batch.
 async fn cancel_batch(
-    _: Admin,
+    caller: Caller,
     State(ctx): State<Arc<Api>>,
     Path((tenant, batch)): Path<(String, String)>,
 ) -> Result<Json<BatchCancelAnswer>, ApiError> {
+    if !caller.sees(&tenant) {
+        return Err(ApiError::NotFound(format!("no batch {batch} of tenant {tenant}")));
+    }
     let ids = ctx.store.unfinished_in_batch(&tenant, &batch).await?;
     let mut answer = BatchCancelAnswer { cancelled: 0, stopping: 0 };
     for id in ids {
@@ -413,4 +528,147 @@ async fn cancel_batch(
         }
     }
     Ok(Json(answer))
+}
+
+/// A token just created, as `POST /v1/tenants/{name}/tokens` answers it: the only time its
+/// text is ever shown.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    pub info: TokenInfo,
+    pub token: String,
+}
+
+/// `POST /v1/tenants/{name}/tokens` (admin): a new API token for a configured tenant.
+async fn create_token(
+    _: Admin,
+    State(ctx): State<Arc<Api>>,
+    Path(tenant): Path<String>,
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| ApiError::Internal(format!("no randomness for a token: {e}")))?;
+    let new = token::NewToken::from_random(uuid::Uuid::new_v4(), secret);
+    let info = ctx.store.create_token(&tenant, &new).await?.ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no tenant {tenant}: apply a tenants file that has it first (agentctl tenant apply)"
+        ))
+    })?;
+    Ok((StatusCode::CREATED, Json(CreatedToken { info, token: new.token })))
+}
+
+#[derive(Debug, Deserialize)]
+struct TokensQuery {
+    tenant: Option<String>,
+}
+
+/// `GET /v1/tokens?tenant=` (admin): every token (or one tenant's), revoked ones too; never a
+/// secret.
+async fn list_tokens(
+    _: Admin,
+    State(ctx): State<Arc<Api>>,
+    Query(q): Query<TokensQuery>,
+) -> Result<Json<Vec<TokenInfo>>, ApiError> {
+    Ok(Json(ctx.store.list_tokens(q.tenant.as_deref()).await?))
+}
+
+/// `DELETE /v1/tokens/{id}` (admin): the token authenticates nothing from now on.
+async fn revoke_token(
+    _: Admin,
+    State(ctx): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Result<Json<TokenInfo>, ApiError> {
+    let parsed =
+        uuid::Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest(format!("{id:?} is not a token id (uuid)")))?;
+    Ok(Json(ctx.store.revoke_token(parsed).await?.ok_or_else(|| ApiError::NotFound(format!("no token {id}")))?))
+}
+
+/// What `POST /v1/tenants/{name}/sql-role` made.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SqlRole {
+    pub tenant: String,
+    pub role: String,
+    /// With the new password: shown only now.
+    pub connection_string: String,
+}
+
+/// `POST /v1/tenants/{name}/sql-role` (admin): creates the tenant's read-only Postgres role, or
+/// gives the existing one a new password; answers its connection string. The role reads the
+/// views of the contract, through row-level security only its tenant's rows, and no table.
+async fn create_sql_role(
+    _: Admin,
+    State(ctx): State<Arc<Api>>,
+    Path(tenant): Path<String>,
+) -> Result<Json<SqlRole>, ApiError> {
+    let name = crate::domain::tenant::TenantName::parse(&tenant).map_err(ApiError::BadRequest)?;
+    let mut random = [0u8; 24];
+    getrandom::fill(&mut random).map_err(|e| ApiError::Internal(format!("no randomness for a password: {e}")))?;
+    let password = {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)
+    };
+    let role = name.sql_role();
+    if !ctx.store.ensure_sql_role(&tenant, &role, &password).await? {
+        return Err(ApiError::NotFound(format!(
+            "no tenant {tenant}: apply a tenants file that has it first (agentctl tenant apply)"
+        )));
+    }
+    let connection_string = ctx.store.connection_string_for(&role, &password);
+    Ok(Json(SqlRole { tenant, role, connection_string }))
+}
+
+/// `GET /v1/batches/{tenant}/{batch}`: counts by phase and duration percentiles (the row of
+/// `agenttask.batch_summary`). 404 for a batch without tasks, or of another tenant.
+async fn get_batch(
+    caller: Caller,
+    State(ctx): State<Arc<Api>>,
+    Path((tenant, batch)): Path<(String, String)>,
+) -> Result<Json<BatchStatus>, ApiError> {
+    let found = if caller.sees(&tenant) { ctx.store.batch_status(&tenant, &batch).await? } else { None };
+    Ok(Json(found.ok_or_else(|| ApiError::NotFound(format!("no batch {batch} of tenant {tenant}")))?))
+}
+
+/// A page of `GET /v1/batches/{tenant}/{batch}/results`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResultPage {
+    /// The contract's result messages, oldest task first.
+    pub items: Vec<ResultMessage>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResultsQuery {
+    cursor: Option<String>,
+    /// Text, so that a bad one gets the API's JSON error rather than axum's plain one.
+    limit: Option<String>,
+}
+
+/// `GET /v1/batches/{tenant}/{batch}/results?cursor=&limit=`: every task's result message (or
+/// where it stands, for unfinished ones), oldest first, a page at a time.
+async fn batch_results(
+    caller: Caller,
+    State(ctx): State<Arc<Api>>,
+    Path((tenant, batch)): Path<(String, String)>,
+    Query(q): Query<ResultsQuery>,
+) -> Result<Json<ResultPage>, ApiError> {
+    use crate::domain::listing::{Cursor, DEFAULT_LIMIT, MAX_LIMIT};
+    let after = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(Cursor::decode(c).ok_or_else(|| {
+            ApiError::BadRequest("bad parameter \"cursor\": pass next_cursor from the previous page as it is".into())
+        })?),
+    };
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_LIMIT,
+        Some(l) => l.parse().ok().filter(|n| (1..=MAX_LIMIT).contains(n)).ok_or_else(|| {
+            ApiError::BadRequest(format!("bad parameter \"limit\": {l:?}: expected a number from 1 to {MAX_LIMIT}"))
+        })?,
+    };
+    if !caller.sees(&tenant) {
+        return Err(ApiError::NotFound(format!("no batch {batch} of tenant {tenant}")));
+    }
+    let (rows, next) = ctx.store.batch_tasks(&tenant, &batch, after, limit).await?;
+    if rows.is_empty() && after.is_none() {
+        return Err(ApiError::NotFound(format!("no batch {batch} of tenant {tenant}")));
+    }
+    Ok(Json(ResultPage { items: rows.iter().map(TaskRow::to_result).collect(), next_cursor: next.map(|c| c.encode()) }))
 }

@@ -6,6 +6,7 @@
 //! (and, with `--wait`, the task succeeded), 1 when a waited-for task did not succeed, 2 for
 //! usage and connection errors.
 
+mod batch;
 mod escape;
 mod submit;
 
@@ -15,8 +16,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_AMQP_URL;
 use crate::domain::quantity::{format_cpu, format_memory};
-use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, ErrorBody, TaskView};
-use crate::store::{Position, TenantStatus};
+use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, CreatedToken, ErrorBody, SqlRole, TaskPage, TaskView};
+use crate::store::{Position, TaskSummary, TenantStatus, TokenInfo};
 
 /// agentctl: submit untrusted code to AgentTask and inspect its tasks.
 ///
@@ -27,6 +28,7 @@ use crate::store::{Position, TenantStatus};
 ///   agentctl position 6f1c0e8a-...
 ///   agentctl cancel 6f1c0e8a-...
 ///   agentctl tenant apply -f tenants.toml
+///   agentctl tenant token create acme  (prints acme's new API token once)
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 pub struct Cli {
@@ -42,7 +44,7 @@ pub struct Cli {
     /// RabbitMQ URL used to submit
     #[arg(long, global = true, env = "AGENTCTL_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_default_value = true)]
     pub amqp_url: String,
-    /// Output format: a table for people, json for programs
+    /// Output format: a table for people, json or yaml for programs; jsonl or csv for `batch results`
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     pub output: Output,
     #[command(subcommand)]
@@ -53,6 +55,11 @@ pub struct Cli {
 pub enum Output {
     Table,
     Json,
+    Yaml,
+    /// One JSON result per line (`batch results` only)
+    Jsonl,
+    /// Comma-separated values with a header (`batch results` only)
+    Csv,
 }
 
 // Parsed once per run of agentctl: the size of the biggest variant does not matter.
@@ -69,6 +76,11 @@ pub enum Command {
         /// Task id (uuid) or client id
         id: String,
     },
+    /// List tasks, newest first (of --tenant; a tenant's token lists its own tenant only).
+    ///
+    /// Examples: agentctl list --tenant acme --batch eval-42 --phase Failed,Cancelled
+    ///           agentctl list --label team=search --since 2026-11-27T00:00:00Z -o json
+    List(ListArgs),
     /// Show a queued task's place in its tenant's queue and an estimate of the wait.
     Position {
         /// Task id (uuid)
@@ -98,13 +110,40 @@ pub enum Command {
         /// Task id (uuid)
         #[arg(required_unless_present = "batch", conflicts_with = "batch")]
         id: Option<String>,
-        /// Cancel every unfinished task of this batch (needs --tenant)
-        #[arg(long, requires = "tenant")]
+        /// Cancel every unfinished task of this batch (needs --tenant or AGENTCTL_TENANT)
+        // Not `requires = "tenant"`: clap would not see a global --tenant given before the
+        // subcommand, nor AGENTCTL_TENANT; `cancel` checks it instead.
+        #[arg(long)]
         batch: Option<String>,
     },
+    /// A batch of tasks: its status, its results.
+    #[command(subcommand)]
+    Batch(BatchCommand),
     /// Tenants and their quotas (admin token needed).
     #[command(subcommand)]
     Tenant(TenantCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only this batch
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Only these phases (comma-separated, e.g. Failed,Cancelled)
+    #[arg(long)]
+    pub phase: Option<String>,
+    /// Only tasks with this label KEY=VALUE (repeatable: all must match)
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Only tasks submitted at or after this time (RFC 3339)
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only tasks submitted before this time (RFC 3339)
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many tasks [default: all]
+    #[arg(long)]
+    pub limit: Option<u64>,
 }
 
 /// See `agentctl tenant apply --help`.
@@ -131,6 +170,33 @@ pub enum TenantCommand {
     List,
     /// Show one tenant's quotas and load.
     Get { name: String },
+    /// Create TENANT's read-only Postgres role (or give it a new password) and print its
+    /// connection string. The role reads agenttask.task_results, batch_summary and tenant_usage,
+    /// only TENANT's rows (row-level security), and no table.
+    SqlRole { tenant: String },
+    /// A tenant's API tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+pub enum BatchCommand {
+    /// Counts by phase and duration percentiles of batch BATCH (of --tenant).
+    Status { batch: String },
+    /// Every task's result of batch BATCH (of --tenant), oldest first: -o jsonl (the result
+    /// messages, one per line; the default) or -o csv (one row per task, the result as JSON text).
+    Results { batch: String },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create an API token for TENANT and print it. It is shown only this once (only its hash is
+    /// kept): give it to the tenant as their AGENTCTL_TOKEN.
+    Create { tenant: String },
+    /// List tokens (of TENANT, or of every tenant): id, tenant, created, last used, revoked.
+    List { tenant: Option<String> },
+    /// Revoke a token by its id (from `token list`): it authenticates nothing from now on.
+    Revoke { id: String },
 }
 
 /// A failure of agentctl itself (not of a task), with what to do about it.
@@ -206,13 +272,22 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
+    let exports = matches!(cli.command, Command::Batch(BatchCommand::Results { .. }));
+    if matches!(cli.output, Output::Jsonl | Output::Csv) && !exports {
+        return Err(CtlError::Usage("-o jsonl and -o csv are for `batch results`; use -o json, yaml or table".into()));
+    }
+    if matches!(cli.output, Output::Json | Output::Yaml) && exports {
+        return Err(CtlError::Usage("`batch results` writes -o jsonl (the default) or -o csv".into()));
+    }
     match &cli.command {
         Command::Submit(args) => submit::run(&cli, args).await,
         Command::Get { id } => get(&cli, id).await,
+        Command::List(args) => list(&cli, args).await,
         Command::Position { id } => position(&cli, id).await,
         Command::Logs { id, follow } => logs(&cli, id, *follow).await,
         Command::Cancel { id, batch } => cancel(&cli, id.as_deref(), batch.as_deref()).await,
         Command::Tenant(cmd) => tenant(&cli, cmd).await,
+        Command::Batch(cmd) => batch::run(&cli, cmd).await,
     }
 }
 
@@ -226,7 +301,7 @@ async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<Exit
         let url = format!("{base}/v1/batches/{}/{}/cancel", encode(tenant), encode(batch));
         let answer: BatchCancelAnswer = api(cli, reqwest::Method::POST, &url, None).await?;
         match cli.output {
-            Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+            Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &answer)?,
             Output::Table => println!(
                 "batch {batch} of tenant {tenant}: {} cancelled before running, {} being stopped",
                 answer.cancelled, answer.stopping
@@ -239,7 +314,7 @@ async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<Exit
     match api::<CancelAnswer>(cli, reqwest::Method::POST, &url, None).await {
         Ok(answer) => {
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &answer)?,
                 Output::Table => println!("task {}: {}", answer.task_id, answer.message),
             }
             Ok(ExitCode::SUCCESS)
@@ -251,6 +326,49 @@ async fn cancel(cli: &Cli, id: Option<&str>, batch: Option<&str>) -> Result<Exit
         }
         Err(e) => Err(e),
     }
+}
+
+/// Follows the API's cursors until every matching task (or `--limit` of them) is read.
+async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode, CtlError> {
+    let mut query: Vec<(&str, String)> = Vec::new();
+    if let Some(t) = &cli.tenant {
+        query.push(("tenant", t.clone()));
+    }
+    for (k, v) in [("batch", &args.batch), ("phase", &args.phase), ("since", &args.since), ("until", &args.until)] {
+        if let Some(v) = v {
+            query.push((k, v.clone()));
+        }
+    }
+    for l in &args.labels {
+        query.push(("label", l.clone()));
+    }
+    const PAGE: u64 = 500;
+    let mut items: Vec<TaskSummary> = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let want = args.limit.map_or(PAGE, |l| (l - items.len() as u64).min(PAGE));
+        if want == 0 {
+            break;
+        }
+        let mut q = query.clone();
+        q.push(("limit", want.to_string()));
+        if let Some(c) = cursor.take() {
+            q.push(("cursor", c));
+        }
+        let qs: Vec<String> = q.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
+        let url = format!("{}/v1/tasks?{}", cli.server.trim_end_matches('/'), qs.join("&"));
+        let page: TaskPage = api(cli, reqwest::Method::GET, &url, None).await?;
+        items.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    match cli.output {
+        Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &items)?,
+        Output::Table => println!("{}", task_table(&items)),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn logs(cli: &Cli, id: &str, follow: bool) -> Result<ExitCode, CtlError> {
@@ -284,11 +402,35 @@ async fn logs(cli: &Cli, id: &str, follow: bool) -> Result<ExitCode, CtlError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `list` for people: one line per task, kubectl-style.
+fn task_table(items: &[TaskSummary]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    table.set_header(["TASK", "ID", "TENANT", "BATCH", "PHASE", "REASON", "SUBMITTED", "DURATION"]);
+    let opt = |o: &Option<String>| o.as_deref().map_or_else(|| "-".into(), |s| escape::line(s).into_owned());
+    for t in items {
+        table.add_row([
+            t.task_id.to_string(),
+            opt(&t.id),
+            escape::line(&t.tenant).into_owned(),
+            opt(&t.batch_id),
+            t.phase.to_string(),
+            t.reason.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            t.submitted_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            t.duration_ms.map(|ms| format!("{ms}ms")).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    if let Some(c) = table.column_mut(7) {
+        c.set_cell_alignment(comfy_table::CellAlignment::Right);
+    }
+    table
+}
+
 async fn position(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
     let url = format!("{}/v1/tasks/{}/position", cli.server.trim_end_matches('/'), encode(id));
     let p: Position = api(cli, reqwest::Method::GET, &url, None).await?;
     match cli.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&p)?),
+        Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &p)?,
         Output::Table => match p.position {
             Some(pos) => {
                 let wait = p
@@ -332,7 +474,7 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
             );
             let r: ApplyResult = api(cli, reqwest::Method::PUT, &url, Some(text)).await?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &r)?,
                 Output::Table => {
                     println!("applied {} tenants: {}", r.tenants.len(), r.tenants.join(", "));
                     if *removed == RemovedTasks::Cancel {
@@ -344,14 +486,14 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
         TenantCommand::List => {
             let list: Vec<TenantStatus> = api(cli, reqwest::Method::GET, &base, None).await?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &list)?,
                 Output::Table => println!("{}", tenant_table(&list)),
             }
         }
         TenantCommand::Get { name } => {
             let t: TenantStatus = api(cli, reqwest::Method::GET, &format!("{base}/{}", encode(name)), None).await?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&t)?),
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &t)?,
                 Output::Table => {
                     let p = &t.policy;
                     println!("TENANT                  {}", t.tenant);
@@ -377,8 +519,89 @@ async fn tenant(cli: &Cli, cmd: &TenantCommand) -> Result<ExitCode, CtlError> {
                 }
             }
         }
+        TenantCommand::Token(cmd) => return token(cli, cmd).await,
+        TenantCommand::SqlRole { tenant } => {
+            let url = format!("{base}/{}/sql-role", encode(tenant));
+            let r: SqlRole = api(cli, reqwest::Method::POST, &url, None).await?;
+            match cli.output {
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &r)?,
+                Output::Table => {
+                    println!("{}", r.connection_string);
+                    eprintln!(
+                        "role {} of tenant {}: the password is shown only now (running this again sets a new one). \
+                         Try: psql '<that string>' -c 'select * from agenttask.batch_summary'",
+                        r.role,
+                        escape::line(&r.tenant)
+                    );
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<ExitCode, CtlError> {
+    let base = cli.server.trim_end_matches('/');
+    match cmd {
+        TokenCommand::Create { tenant } => {
+            let url = format!("{base}/v1/tenants/{}/tokens", encode(tenant));
+            let created: CreatedToken = api(cli, reqwest::Method::POST, &url, None).await?;
+            match cli.output {
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &created)?,
+                Output::Table => {
+                    // The token alone on stdout (for `$(...)`); the note on stderr.
+                    println!("{}", created.token);
+                    eprintln!(
+                        "token {} for tenant {}: shown only now; use it as AGENTCTL_TOKEN. \
+                         Revoke it with `agentctl tenant token revoke {}`.",
+                        created.info.id,
+                        escape::line(&created.info.tenant),
+                        created.info.id
+                    );
+                }
+            }
+        }
+        TokenCommand::List { tenant } => {
+            let mut url = format!("{base}/v1/tokens");
+            if let Some(t) = tenant {
+                url.push_str(&format!("?tenant={}", encode(t)));
+            }
+            let list: Vec<TokenInfo> = api(cli, reqwest::Method::GET, &url, None).await?;
+            match cli.output {
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &list)?,
+                Output::Table => println!("{}", token_table(&list)),
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            let url = format!("{base}/v1/tokens/{}", encode(id));
+            let info: TokenInfo = api(cli, reqwest::Method::DELETE, &url, None).await?;
+            match cli.output {
+                Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &info)?,
+                Output::Table => println!("token {} of tenant {} revoked", info.id, escape::line(&info.tenant)),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tenant token list` for people.
+fn token_table(list: &[TokenInfo]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    table.set_header(["ID", "TENANT", "CREATED", "LAST USED", "REVOKED"]);
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into())
+    };
+    for t in list {
+        table.add_row([
+            t.id.to_string(),
+            escape::line(&t.tenant).into_owned(),
+            time(Some(t.created_at)),
+            time(t.last_used_at),
+            time(t.revoked_at),
+        ]);
+    }
+    table
 }
 
 async fn get(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
@@ -388,7 +611,7 @@ async fn get(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
     }
     let view: TaskView = api(cli, reqwest::Method::GET, &url, None).await?;
     match cli.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &view)?,
         Output::Table => print_task(&view),
     }
     Ok(ExitCode::SUCCESS)
@@ -427,7 +650,7 @@ async fn send(
     Ok(resp)
 }
 
-async fn api<T: serde::de::DeserializeOwned>(
+pub(crate) async fn api<T: serde::de::DeserializeOwned>(
     cli: &Cli,
     method: reqwest::Method,
     url: &str,
@@ -461,8 +684,19 @@ fn tenant_table(list: &[TenantStatus]) -> comfy_table::Table {
     table
 }
 
+/// Prints what a command answered for programs: pretty JSON, or YAML with `-o yaml`.
+pub(crate) fn print_data<T: serde::Serialize>(cli: &Cli, value: &T) -> Result<(), CtlError> {
+    match cli.output {
+        Output::Yaml => {
+            print!("{}", serde_saphyr::to_string(value).map_err(|e| CtlError::Unexpected(e.to_string()))?)
+        }
+        _ => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
 /// Percent-encodes a path or query component.
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
@@ -542,5 +776,41 @@ mod tests {
         let (h, r1, r2) = (ends(lines[0]), ends(lines[1]), ends(lines[2]));
         assert_eq!((h.len(), r1.len(), r2.len()), (6, 6, 6), "{text}");
         assert_eq!((&h[1..], &r1[1..]), (&r2[1..], &r2[1..]), "{text}");
+    }
+
+    #[test]
+    fn the_task_list_table_is_exactly_this() {
+        use crate::domain::phase::{Phase, Reason};
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let task = |n: u128, id: Option<&str>, phase, reason, duration_ms| TaskSummary {
+            task_id: uuid::Uuid::from_u128(n),
+            id: id.map(str::to_owned),
+            tenant: "acme".into(),
+            batch_id: Some("eval-42".into()),
+            language: Some("python".into()),
+            phase,
+            reason,
+            exit_code: None,
+            labels: serde_json::json!({}),
+            submitted_at: at,
+            started_at: None,
+            finished_at: None,
+            duration_ms,
+        };
+        let table = task_table(&[
+            task(1, Some("k1"), Phase::Succeeded, None, Some(1234)),
+            task(2, None, Phase::Failed, Some(Reason::NonZeroExit), Some(5)),
+            task(3, Some("evil\x1b[2J"), Phase::Queued, None, None),
+        ]);
+        let text: Vec<String> = table.to_string().lines().map(|l| l.trim_end().to_owned()).collect();
+        assert_eq!(
+            text,
+            [
+                " TASK                                  ID           TENANT  BATCH    PHASE      REASON       SUBMITTED            DURATION",
+                " 00000000-0000-0000-0000-000000000001  k1           acme    eval-42  Succeeded  -            2026-11-27 12:00:00    1234ms",
+                " 00000000-0000-0000-0000-000000000002  -            acme    eval-42  Failed     NonZeroExit  2026-11-27 12:00:00       5ms",
+                " 00000000-0000-0000-0000-000000000003  evil\\x1b[2J  acme    eval-42  Queued     -            2026-11-27 12:00:00         -",
+            ]
+        );
     }
 }

@@ -207,7 +207,8 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
 
     let Some(replies) = replies.as_mut() else {
         match cli.output {
-            Output::Json => println!("{}", json!({"id": id, "tenant": tenant})),
+            Output::Json | Output::Jsonl | Output::Csv => println!("{}", json!({"id": id, "tenant": tenant})),
+            Output::Yaml => super::print_data(cli, &json!({"id": id, "tenant": tenant}))?,
             Output::Table => {
                 println!("submitted {id} to tenant {tenant}; the result goes to agenttask.results.{tenant}")
             }
@@ -232,7 +233,8 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
     let result: ResultMessage = serde_json::from_slice(&delivery.data)
         .map_err(|e| CtlError::Unexpected(format!("unexpected result message: {e}")))?;
     match cli.output {
-        Output::Json => println!("{}", String::from_utf8_lossy(&delivery.data)),
+        Output::Json | Output::Jsonl | Output::Csv => println!("{}", String::from_utf8_lossy(&delivery.data)),
+        Output::Yaml => super::print_data(cli, &result)?,
         Output::Table => print_result(&result),
     }
     Ok(if result.phase == Phase::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })

@@ -4,10 +4,12 @@
 pub mod fairshare;
 #[cfg(test)]
 mod fuzz;
+pub mod listing;
 pub mod outcome;
 pub mod phase;
 pub mod quantity;
 pub mod result;
 pub mod task;
 pub mod tenant;
+pub mod token;
 pub mod validate;

@@ -38,6 +38,20 @@ impl TenantName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name of this tenant's read-only Postgres role: `agenttask_tenant_<name>`, with `-` as
+    /// `_`. Postgres cuts names at 63 bytes, so a long tenant name is shortened and ends in a hash
+    /// of the whole name, keeping distinct tenants' roles distinct.
+    pub fn sql_role(&self) -> String {
+        const PREFIX: &str = "agenttask_tenant_";
+        let name = self.0.replace('-', "_");
+        if PREFIX.len() + name.len() <= 63 {
+            return format!("{PREFIX}{name}");
+        }
+        let hash = crate::domain::token::sha256(self.0.as_bytes());
+        let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{PREFIX}{}_{hex}", &name[..63 - PREFIX.len() - 9])
+    }
 }
 
 impl fmt::Display for TenantName {
@@ -317,5 +331,17 @@ mod tests {
             let err = parse_tenants(text).unwrap_err();
             assert!(err.contains(needle), "{text:?} gave {err:?}");
         }
+    }
+
+    #[test]
+    fn sql_role_names_fit_postgres_and_stay_distinct() {
+        let role = |s: &str| TenantName::parse(s).unwrap().sql_role();
+        assert_eq!(role("acme-evals"), "agenttask_tenant_acme_evals");
+        let long_a = format!("{}a", "x".repeat(62));
+        let long_b = format!("{}b", "x".repeat(62));
+        let (a, b) = (role(&long_a), role(&long_b));
+        assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+        assert_ne!(a, b);
+        assert_eq!(role(&"y".repeat(46)).len(), 63, "the longest that needs no hash");
     }
 }

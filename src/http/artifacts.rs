@@ -11,15 +11,20 @@ use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::{Admin, Api, ApiError};
+use super::{Api, ApiError, Caller};
 
 pub(super) async fn get_artifact(
-    _: Admin,
+    caller: Caller,
     State(api): State<Arc<Api>>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let id = uuid::Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest(format!("{id:?} is not a task id (uuid)")))?;
-    let row = api.store.get_task(id).await?.ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
+    let row = api
+        .store
+        .get_task(id)
+        .await?
+        .filter(|r| caller.sees(&r.tenant))
+        .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
     let artifact = row
         .artifacts
         .0

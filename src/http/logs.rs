@@ -15,7 +15,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{Admin, Api, ApiError};
+use super::{Api, ApiError, Caller};
 use crate::store::TaskRow;
 
 /// How often a followed task's output is looked at.
@@ -45,13 +45,17 @@ async fn output_now(api: &Api, row: &TaskRow) -> (Vec<u8>, bool) {
 }
 
 pub(super) async fn get_logs(
-    _: Admin,
+    caller: Caller,
     State(api): State<Arc<Api>>,
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let id = uuid::Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest(format!("{id:?} is not a task id (uuid)")))?;
     let first = row(&api, id).await?;
+    // Another tenant's task is as absent as an unknown one.
+    if !caller.sees(&first.tenant) {
+        return Err(ApiError::NotFound(format!("no task {id}")));
+    }
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if !q.follow {
         let (out, _) = output_now(&api, &first).await;

@@ -6,6 +6,7 @@
 //!   scheduler's round), `runs` (executors: claims, leases, transitions, cancellation), `api`
 //!   (reads for the task API), `tenants` (the configured tenants mirrored for the SQL views).
 //! - `kube`: what the Kubernetes reconciler asks about directly applied and admitted AgentTasks.
+//! - `tokens`: tenants' API tokens (hashes only).
 //! - `outbox`: results waiting to be published.
 //! - `sql_types`: how `Phase`, `Reason` and `Language` are stored.
 //!
@@ -24,9 +25,10 @@ mod runs;
 mod sql_types;
 mod tasks;
 mod tenants;
+mod tokens;
 
 pub use admission::{acquire_leadership, reject_queued, AdmissionRound, Admitted, QueuedHead, RunningUsage};
-pub use api::{find_task, position, Position};
+pub use api::{batch_status, batch_tasks, find_task, list_tasks, position, BatchStatus, Position, TaskSummary};
 pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, BacklogFull, Inserted, NewRejection, NewTask};
 pub use kube::KubeTask;
 pub use outbox::{
@@ -39,6 +41,7 @@ pub use runs::{
 };
 pub use tasks::{fetch_row, ReplyTo, TaskRow};
 pub use tenants::{load_tenants, phase_counts, sync_tenants, tenant_statuses, TenantStatus};
+pub use tokens::{create_token, list_tokens, live_token, revoke_token, touch_token, TokenInfo};
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -337,8 +337,11 @@ pub async fn request_cancel(conn: &mut PgConnection, task_id: Uuid) -> Result<Ca
 /// The unfinished tasks of a batch, to cancel them one by one.
 pub async fn unfinished_in_batch(conn: impl PgExecutor<'_>, tenant: &str, batch_id: &str) -> Result<Vec<Uuid>> {
     Ok(sqlx::query_scalar!(
+        // Unstarted tasks first: stopping a running one frees a slot, and the scheduler could
+        // admit a queued task of the batch into it before its turn in the caller's loop.
         "select task_id from agenttask.tasks where tenant = $1 and batch_id = $2 \
-         and phase = any(agenttask.unfinished_phases()) order by submitted_at",
+         and phase = any(agenttask.unfinished_phases()) \
+         order by array_position(array['Queued', 'Pending', 'Scheduled', 'Running'], phase), submitted_at",
         tenant,
         batch_id
     )

@@ -107,3 +107,34 @@ impl Store {
         tenant_statuses(&self.pool).await
     }
 }
+
+/// Creates (or resets the password of) `tenant`'s read-only SQL role `role`; see the migration
+/// `tenant_sql_roles`. `Ok(false)` when there is no such tenant.
+pub async fn ensure_sql_role(conn: impl PgExecutor<'_>, tenant: &str, role: &str, password: &str) -> Result<bool> {
+    match sqlx::query!("select agenttask.ensure_tenant_sql_role($1, $2, $3)", tenant, role, password)
+        .execute(conn)
+        .await
+    {
+        Ok(_) => Ok(true),
+        // no_data_found, raised for an unknown tenant.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("P0002") => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Store {
+    pub async fn ensure_sql_role(&self, tenant: &str, role: &str, password: &str) -> Result<bool> {
+        ensure_sql_role(&self.pool, tenant, role, password).await
+    }
+
+    /// `postgres://ROLE:PASSWORD@HOST:PORT/DATABASE` for the database this store uses.
+    pub fn connection_string_for(&self, role: &str, password: &str) -> String {
+        let host = self.opts.get_host();
+        let host = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
+        format!(
+            "postgres://{role}:{password}@{host}:{}/{}",
+            self.opts.get_port(),
+            self.opts.get_database().unwrap_or(role)
+        )
+    }
+}

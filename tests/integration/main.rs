@@ -16,6 +16,12 @@ mod admission;
 /// Messages crafted to break the consumer itself.
 mod poison;
 
+/// The task API: tenants' tokens and what each may see and do.
+mod api;
+
+/// Tenant-safe SQL: each tenant's read-only role sees only its rows in the views.
+mod tenant_sql;
+
 /// The execution seam: cancel from agentctl, the null backend.
 mod execution;
 

@@ -525,3 +525,67 @@ pub async fn settled(env: &Env, pool: &sqlx::PgPool, tenant: &str) {
     eventually(Duration::from_secs(60), || async { count(pool, "select count(*) from agenttask.outbox").await == 0 })
         .await;
 }
+
+/// Runs the real agentctl binary against the service with `token` (none when empty); returns
+/// (exit code, stdout, stderr).
+pub async fn agentctl_as(svc: &Service, token: &str, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"));
+    cmd.args(["--server", &format!("http://{}", svc.http_addr)]);
+    if !token.is_empty() {
+        cmd.args(["--token", token]);
+    }
+    let out = cmd
+        .args(args)
+        .env_remove("AGENTCTL_TENANT")
+        .env_remove("AGENTCTL_TOKEN")
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("agentctl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One task API request with `token` (none when empty): (status, JSON body or Null).
+pub async fn api_call(svc: &Service, method: reqwest::Method, path: &str, token: &str) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, format!("http://{}{path}", svc.http_addr));
+    if !token.is_empty() {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.expect("the API answers");
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// Stores a task row directly (for API tests that need no ingest); returns its task id.
+pub async fn insert_task_row(
+    pool: &sqlx::PgPool,
+    tenant: &str,
+    client_id: &str,
+    batch: Option<&str>,
+    phase: &str,
+    labels: Value,
+    submitted_at: chrono::DateTime<chrono::Utc>,
+) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "insert into agenttask.tasks (task_id, tenant, client_id, batch_id, language, phase, labels, \
+           timeout_seconds, reply_exchange, reply_routing_key, submitted_at) \
+         values ($1, $2, $3, $4, 'python', $5, $6, 30, '', 'nowhere', $7)",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(client_id)
+    .bind(batch)
+    .bind(phase)
+    .bind(labels)
+    .bind(submitted_at)
+    .execute(pool)
+    .await
+    .unwrap();
+    id
+}
