@@ -13,9 +13,13 @@ use crate::objects::{self, DeleteOpts, WriteCtx};
 use crate::store::{Inner, Key};
 
 /// Runs the controllers whenever a write asks for it, and every 100 ms while work is pending.
+/// A pass looks at every object, so passes are at least [`MIN_GAP`] apart: the writes of a busy
+/// moment are taken together (as the real garbage collector works from a queue, eventually)
+/// instead of costing a full pass each.
 pub async fn run(app: Arc<App>) {
     let mut pending = false;
     loop {
+        tokio::time::sleep(MIN_GAP).await;
         if pending {
             tokio::select! {
                 _ = app.gc_wake.notified() => {}
@@ -34,6 +38,9 @@ pub async fn run(app: Arc<App>) {
         inner.gc_dirty = false;
     }
 }
+
+/// The least time between two passes.
+const MIN_GAP: Duration = Duration::from_millis(50);
 
 enum Action {
     Delete(Key, Option<&'static str>),
