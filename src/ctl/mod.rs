@@ -44,15 +44,20 @@ pub struct Cli {
     /// RabbitMQ URL used to submit
     #[arg(long, global = true, env = "AGENTCTL_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_default_value = true)]
     pub amqp_url: String,
-    /// Output format: a table for people, json or yaml for programs; jsonl or csv for `batch results`
-    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    /// Output format: table (for people, the default), json or yaml (for programs); jsonl or csv
+    /// for `batch results`; for `artifacts`, the directory to write into
+    #[arg(short = 'o', long = "output", global = true, value_name = "FORMAT|DIR")]
+    pub output_arg: Option<String>,
+    /// The format `-o` names (resolved once the command is known: `artifacts` takes a directory).
+    #[arg(skip)]
     pub output: Output,
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum Output {
+    #[default]
     Table,
     Json,
     Yaml,
@@ -98,6 +103,14 @@ pub enum Command {
         /// Keep printing the output as the task writes it, until it ends
         #[arg(short = 'f', long)]
         follow: bool,
+    },
+    /// Download a finished task's artifacts into the directory given with -o, checking each
+    /// one's sha256; prints what it wrote.
+    ///
+    /// Example: agentctl artifacts 6f1c0e8a-... -o ./out
+    Artifacts {
+        /// Task id (uuid)
+        id: String,
     },
     /// Cancel a task, or with --batch every unfinished task of a batch (of --tenant).
     ///
@@ -271,7 +284,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
+async fn run(mut cli: Cli) -> Result<ExitCode, CtlError> {
+    if let (Some(raw), false) = (&cli.output_arg, matches!(cli.command, Command::Artifacts { .. })) {
+        cli.output = <Output as ValueEnum>::from_str(raw, false).map_err(|_| {
+            CtlError::Usage(format!(
+                "-o {raw:?}: use table, json or yaml (jsonl or csv for `batch results`; a directory for `artifacts`)"
+            ))
+        })?;
+    }
     let exports = matches!(cli.command, Command::Batch(BatchCommand::Results { .. }));
     if matches!(cli.output, Output::Jsonl | Output::Csv) && !exports {
         return Err(CtlError::Usage("-o jsonl and -o csv are for `batch results`; use -o json, yaml or table".into()));
@@ -285,6 +305,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
         Command::List(args) => list(&cli, args).await,
         Command::Position { id } => position(&cli, id).await,
         Command::Logs { id, follow } => logs(&cli, id, *follow).await,
+        Command::Artifacts { id } => artifacts(&cli, id).await,
         Command::Cancel { id, batch } => cancel(&cli, id.as_deref(), batch.as_deref()).await,
         Command::Tenant(cmd) => tenant(&cli, cmd).await,
         Command::Batch(cmd) => batch::run(&cli, cmd).await,
@@ -424,6 +445,75 @@ fn task_table(items: &[TaskSummary]) -> comfy_table::Table {
         c.set_cell_alignment(comfy_table::CellAlignment::Right);
     }
     table
+}
+
+/// Where artifact `name` goes under `dir`, if it is a plain relative path (the service records
+/// only such names; this does not trust it to).
+fn artifact_path(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    use std::path::Component;
+    let rel = std::path::Path::new(name);
+    let plain = !name.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+    plain.then(|| dir.join(rel))
+}
+
+async fn artifacts(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
+    use sha2::Digest as _;
+    use std::io::Write as _;
+    let dir = cli
+        .output_arg
+        .as_deref()
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| CtlError::Usage("say where to put the artifacts: agentctl artifacts ID -o DIR".into()))?;
+    let base = cli.server.trim_end_matches('/');
+    let view: TaskView = api(cli, reqwest::Method::GET, &format!("{base}/v1/tasks/{}", encode(id)), None).await?;
+    let task_id = view.result.task_id;
+    if view.result.artifacts.is_empty() {
+        eprintln!("task {task_id} has no artifacts");
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| CtlError::Usage(format!("cannot create {}: {e}", dir.display())))?;
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    table.set_header(["NAME", "SIZE", "PATH"]);
+    for a in &view.result.artifacts {
+        let Some(path) = artifact_path(&dir, &a.name) else {
+            return Err(CtlError::Unexpected(format!(
+                "refusing artifact name {:?}: not a plain relative path",
+                a.name
+            )));
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let segments: Vec<String> = a.name.split('/').map(encode).collect();
+        let url = format!("{base}/v1/tasks/{task_id}/artifacts/{}", segments.join("/"));
+        let mut resp = send(cli, reqwest::Method::GET, &url, None).await?;
+        // Written beside its place and renamed once whole and checked: no half file is left.
+        let partial = path.with_extension("agentctl-partial");
+        let mut file = std::fs::File::create(&partial)?;
+        let mut hash = sha2::Sha256::new();
+        while let Some(chunk) = resp.chunk().await? {
+            hash.update(&chunk);
+            file.write_all(&chunk)?;
+        }
+        file.sync_all()?;
+        let got = format!("{:x}", hash.finalize());
+        if got != a.sha256 {
+            let _ = std::fs::remove_file(&partial);
+            return Err(CtlError::Unexpected(format!(
+                "artifact {:?} arrived with sha256 {got}, not {}; nothing was kept",
+                a.name, a.sha256
+            )));
+        }
+        std::fs::rename(&partial, &path)?;
+        table.add_row([
+            escape::line(&a.name).into_owned(),
+            a.size.to_string(),
+            escape::line(&path.display().to_string()).into_owned(),
+        ]);
+    }
+    println!("{table}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn position(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {

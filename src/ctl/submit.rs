@@ -26,7 +26,7 @@ pub struct SubmitArgs {
     #[arg(short = 'c', long = "code", conflicts_with = "file")]
     pub code: Option<String>,
     /// python or r [default: from the file extension, else python]
-    #[arg(long = "lang")]
+    #[arg(long = "lang", visible_alias = "language")]
     pub language: Option<String>,
     /// Wait for the result and print it
     #[arg(long)]

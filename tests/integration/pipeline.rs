@@ -581,6 +581,28 @@ async fn artifacts_are_downloaded_by_their_recorded_names_only() {
         let e: Value = resp.json().await.unwrap();
         assert_eq!(e["code"], "not_found", "{bad}: {e}");
     }
+
+    // agentctl artifacts ID -o DIR: the same bytes, in the same tree, checked by sha256.
+    let out_dir = tempfile::tempdir().unwrap();
+    let dest = out_dir.path().join("out");
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["--server", &format!("http://{}", svc.http_addr), "--token", "test-admin-token"])
+        .args(["artifacts", &id, "-o", dest.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(std::fs::read(dest.join("plots/fig.bin")).unwrap(), want);
+    assert_eq!(std::fs::read_to_string(dest.join("notes.txt")).unwrap(), "hello");
+    assert!(String::from_utf8_lossy(&run.stdout).contains("plots/fig.bin"));
+    // Without -o it says what to do; a format name is still a format for other commands.
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["--server", &format!("http://{}", svc.http_addr), "--token", "test-admin-token", "artifacts", &id])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("-o DIR"));
     svc.stop().await;
     env.cleanup().await;
 }
