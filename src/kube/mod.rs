@@ -14,6 +14,8 @@
 //! - [`reconcile`]: the controller (reconcile, error policy, finalizer, Events, TTL and orphan
 //!   cleanup), run by one process at a time under a Postgres advisory lock.
 //! - [`render`]: `agenttask render`, the dry run.
+//! - [`sandbox`]: pure builders of the agent-sandbox objects (`Sandbox`, `SandboxClaim`) of
+//!   `--kube-backend sandbox`, and their statuses (not wired into the backend yet).
 //! - [`backend`]: the [`crate::exec::Backend`] the executor drives: applies AgentTasks, watches
 //!   their status and reports it as run events; cancels by deleting; adopts after a restart.
 //!
@@ -27,6 +29,7 @@ pub mod materialize;
 pub mod podspec;
 pub mod reconcile;
 pub mod render;
+pub mod sandbox;
 
 use std::time::Duration;
 
