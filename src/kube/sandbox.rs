@@ -37,6 +37,12 @@ pub const GROUP: &str = "agents.x-k8s.io";
 /// API group of `SandboxTemplate`, `SandboxClaim` and `SandboxWarmPool`.
 pub const EXTENSIONS_GROUP: &str = "extensions.agents.x-k8s.io";
 
+/// How long after a task's deadline its Sandbox or claim is shut down by agent-sandbox itself:
+/// room for scheduling, the image pull and the pod's own `activeDeadlineSeconds` (counted from
+/// the pod's start), so that agent-sandbox only ever removes what the service failed to.
+/// (To become a setting with the backend.)
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(300);
+
 /// Which agent-sandbox API version the backend speaks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -653,6 +653,65 @@ async fn kube_exec_kubelet_runs_real_python_and_r_end_to_end() {
     env.cleanup().await;
 }
 
+/// The cold path's Sandbox, as `agenttask render --backend sandbox` prints it, applied to the
+/// emulator playing agent-sandbox (its CRDs installed) with the `exec` kubelet: the controller's
+/// pod passes the namespace's "restricted" Pod Security admission, the hardened entry script
+/// runs the program for real, and the Sandbox ends `Finished` (`PodSucceeded`). The backend that
+/// does this by itself is still to come (issue 12).
+#[tokio::test]
+async fn kube_rendered_sandbox_runs_under_the_emulated_agent_sandbox_controller() {
+    use agenttask::kube::render::{render, RenderArgs, RenderBackend};
+    let sim = Sim::start_with("exec");
+    let root = env!("CARGO_MANIFEST_DIR");
+    sim.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &format!("{root}/tests/kubesim/tests/data/agent-sandbox-crds.yaml"),
+    ]);
+    sim.kubectl_ok(&["wait", "--for=condition=Established", "crd/sandboxes.agents.x-k8s.io", "--timeout=10s"]);
+    let task = sim.dir.path().join("task.json");
+    std::fs::write(
+        &task,
+        json!({"language": "python", "code": "print('hello from a sandbox')", "timeout_seconds": 60}).to_string(),
+    )
+    .unwrap();
+    let args = RenderArgs {
+        backend: RenderBackend::Sandbox,
+        tenant: "acme".into(),
+        tenants: None,
+        namespace: None,
+        namespace_per_tenant: false,
+        task,
+    };
+    let yaml = render(&args).unwrap_or_else(|(c, m)| panic!("render failed ({c}): {m}"));
+    let file = sim.dir.path().join("rendered.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    sim.kubectl_ok(&["apply", "--server-side", "-f", file.to_str().unwrap()]);
+    let name = sim.json(&["get", "sandboxes", "-n", "agenttask"])["items"][0]["metadata"]["name"]
+        .as_str()
+        .expect("the Sandbox was applied")
+        .to_owned();
+    let start = Instant::now();
+    let sb = loop {
+        let sb = sim.json(&["get", "sandbox", &name, "-n", "agenttask"]);
+        let finished =
+            sb["status"]["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "Finished").cloned();
+        if let Some(f) = finished {
+            assert_eq!(f["reason"], "PodSucceeded", "{sb:#}");
+            break sb;
+        }
+        assert!(start.elapsed() < WAIT, "the Sandbox did not finish: {sb:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(sb["spec"]["shutdownPolicy"], "Delete");
+    let pod = sim.json(&["get", "pod", &name, "-n", "agenttask"]);
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "Sandbox");
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+    let log = sim.kubectl_ok(&["logs", &name, "-n", "agenttask"]);
+    assert!(log.starts_with("hello from a sandbox\n"), "{log:?}");
+}
+
 #[tokio::test]
 async fn kube_500_tasks_through_the_emulator() {
     let sim = Sim::start();
