@@ -16,14 +16,16 @@
 //! The objects are [`DynamicObject`]s because the API version is a setting (v1beta1, the
 //! storage version, or v1alpha1); the typed structs here are their `spec`s and `status`. No I/O.
 //!
-//! Not here yet (issue 12): handing code and inputs to a claimed warm sandbox, the NetworkPolicy
-//! that covers claimed pods, and reading a phase from a Sandbox's status.
+//! [`observe`] reads a run's state from a Sandbox's status and its pod, for the reconciler.
+//!
+//! Not here yet (issue 12): handing code and inputs to a claimed warm sandbox, and the
+//! NetworkPolicy that covers claimed pods.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use k8s_openapi::api::core::v1::{ConfigMap, PodSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
@@ -31,6 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use super::crd::AgentTask;
 use super::podspec::{self, BuildError, PodSettings, TaskDefaults};
+use super::reconcile::{observe as observe_pod, Observed};
+use crate::domain::outcome::Termination;
 
 /// API group of `Sandbox`.
 pub const GROUP: &str = "agents.x-k8s.io";
@@ -155,6 +159,45 @@ pub struct ClaimedSandbox {
     pub name: Option<String>,
     #[serde(default, rename = "podIPs")]
     pub pod_ips: Vec<String>,
+}
+
+impl SandboxStatus {
+    /// The condition of `type_`, if the controller wrote it.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+/// Pure: what a cold-path Sandbox says about its run. The pod, when there is one, says most
+/// (exit code, OOM, deadline, image pulls: [`observe_pod`]); the Sandbox's conditions say the
+/// rest:
+/// - `Ready=False`, `SandboxExpired`: agent-sandbox removed the pod at `shutdownTime` (the
+///   deadline plus grace), so the run timed out;
+/// - no pod, but `Finished`: the pod ended and is gone; its exit and log are lost (`PodMissing`);
+/// - no pod and `Ready=False`, `ReconcilerError`: the controller could not create it (e.g. Pod
+///   Security admission refused it), a backend error;
+/// - otherwise no pod yet: `Pending`.
+pub fn observe(status: &SandboxStatus, pod: Option<&Pod>, pull_grace: Duration, now: DateTime<Utc>) -> Observed {
+    let ended = |termination| Observed::Ended { termination, exit_code: None, termination_message: None };
+    let ready = status.condition("Ready");
+    if ready.is_some_and(|c| c.status == "False" && c.reason == "SandboxExpired") {
+        return ended(Termination::TimedOut);
+    }
+    if let Some(pod) = pod {
+        return observe_pod(pod, pull_grace, now);
+    }
+    if let Some(f) = status.condition("Finished") {
+        return ended(Termination::PodMissing(format!(
+            "the Sandbox's pod ended ({}) and is gone, with its exit code and log",
+            f.reason
+        )));
+    }
+    match ready {
+        Some(c) if c.status == "False" && c.reason == "ReconcilerError" => {
+            ended(Termination::BackendError(format!("agent-sandbox could not create the pod: {}", c.message)))
+        }
+        _ => Observed::Pending { retry_in: None },
+    }
 }
 
 /// The `shutdownTime` of a task's Sandbox or claim: its deadline plus `grace`, in RFC 3339
@@ -357,5 +400,64 @@ mod tests {
         let c: SandboxClaimStatus =
             serde_json::from_value(serde_json::json!({"sandbox": {"name": "pool-abcde"}})).unwrap();
         assert_eq!(c.sandbox.name.as_deref(), Some("pool-abcde"));
+    }
+    fn status(conditions: &[(&str, &str, &str, &str)]) -> SandboxStatus {
+        let conditions = conditions
+            .iter()
+            .map(|(t, s, r, m)| {
+                serde_json::json!({"type": t, "status": s, "reason": r, "message": m,
+                "lastTransitionTime": "2026-11-27T12:00:00Z"})
+            })
+            .collect::<Vec<_>>();
+        serde_json::from_value(serde_json::json!({ "conditions": conditions })).unwrap()
+    }
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "status": status})).unwrap()
+    }
+
+    #[test]
+    fn observe_follows_the_pod_then_the_conditions() {
+        let grace = Duration::from_secs(60);
+        let now = deadline();
+        let running = pod(serde_json::json!({"phase": "Running", "containerStatuses": [{
+            "name": podspec::CONTAINER, "image": "i", "imageID": "", "ready": true, "restartCount": 0,
+            "state": {"running": {"startedAt": "2026-11-27T11:59:00Z"}}}]}));
+        let ready = status(&[("Ready", "True", "DependenciesReady", "Pod is Ready")]);
+        assert!(matches!(observe(&ready, Some(&running), grace, now), Observed::Running { started: Some(_) }));
+        let exited = pod(serde_json::json!({"phase": "Failed", "containerStatuses": [{
+            "name": podspec::CONTAINER, "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 3, "reason": "Error"}}}]}));
+        let finished =
+            status(&[("Ready", "False", "PodFailed", "Pod failed"), ("Finished", "True", "PodFailed", "Pod failed")]);
+        assert_eq!(
+            observe(&finished, Some(&exited), grace, now),
+            Observed::Ended { termination: Termination::Exited, exit_code: Some(3), termination_message: None }
+        );
+        // Expired by agent-sandbox: timed out, whatever the pod last said.
+        let expired = status(&[("Ready", "False", "SandboxExpired", "")]);
+        assert!(matches!(
+            observe(&expired, Some(&running), grace, now),
+            Observed::Ended { termination: Termination::TimedOut, .. }
+        ));
+        assert!(matches!(
+            observe(&expired, None, grace, now),
+            Observed::Ended { termination: Termination::TimedOut, .. }
+        ));
+        // Finished but the pod is gone.
+        assert!(matches!(
+            observe(&finished, None, grace, now),
+            Observed::Ended { termination: Termination::PodMissing(m), .. } if m.contains("PodFailed")
+        ));
+        // The controller cannot make the pod.
+        let refused = status(&[("Ready", "False", "ReconcilerError", "Error seen: pods \"p\" is forbidden")]);
+        assert!(matches!(
+            observe(&refused, None, grace, now),
+            Observed::Ended { termination: Termination::BackendError(m), .. } if m.contains("forbidden")
+        ));
+        // Nothing yet.
+        let fresh = status(&[("Ready", "False", "DependenciesNotReady", "Pod does not exist")]);
+        assert_eq!(observe(&fresh, None, grace, now), Observed::Pending { retry_in: None });
+        assert_eq!(observe(&SandboxStatus::default(), None, grace, now), Observed::Pending { retry_in: None });
     }
 }
