@@ -175,12 +175,6 @@ impl KubeArgs {
 
     fn resolve(self, output_limit_bytes: usize) -> Result<crate::kube::KubeSettings, SettingsError> {
         use crate::kube::{KubeBackendKind, KubeSettings, Namespaces};
-        if self.kube_backend == Some(KubeBackendKind::Sandbox) {
-            return Err(invalid(
-                "--kube-backend",
-                "sandbox (agent-sandbox Sandboxes) is not available yet; use podjob",
-            ));
-        }
         if self.namespace_per_tenant && self.namespace.is_some() {
             return Err(invalid("--namespace", "cannot be combined with --namespace-per-tenant"));
         }
@@ -206,6 +200,7 @@ impl KubeArgs {
         if let Some(t) = self.ttl_seconds_after_finished {
             k.ttl_seconds_after_finished = t;
         }
+        k.backend = self.kube_backend.unwrap_or(KubeBackendKind::Podjob);
         k.pods.output_limit_bytes = output_limit_bytes;
         k.kubeconfig = self.kubeconfig;
         Ok(k)
@@ -439,18 +434,17 @@ mod tests {
         assert_eq!(s.kube.namespaces, crate::kube::Namespaces::Single("from-file".into()));
         assert_eq!(s.kube.pods.python_image, "py:flag");
         assert_eq!(s.kube.pods.r_image, crate::kube::PodSettings::default().r_image);
-        for (kube, setting) in [
-            (
-                KubeArgs { kube_backend: Some(crate::kube::KubeBackendKind::Sandbox), ..Default::default() },
-                "--kube-backend",
-            ),
-            (KubeArgs { namespace: Some("Not_A_Namespace".into()), ..Default::default() }, "--namespace"),
-        ] {
-            let args = ServeArgs { config: Some(cfg.clone()), kube, ..Default::default() };
-            match Settings::resolve(args) {
-                Err(SettingsError::Invalid { setting: s, .. }) => assert_eq!(s, setting),
-                other => panic!("{setting}: {other:?}"),
-            }
+        let args = ServeArgs {
+            config: Some(cfg.clone()),
+            kube: KubeArgs { kube_backend: Some(crate::kube::KubeBackendKind::Sandbox), ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(Settings::resolve(args).unwrap().kube.backend, crate::kube::KubeBackendKind::Sandbox);
+        let kube = KubeArgs { namespace: Some("Not_A_Namespace".into()), ..Default::default() };
+        let args = ServeArgs { config: Some(cfg.clone()), kube, ..Default::default() };
+        match Settings::resolve(args) {
+            Err(SettingsError::Invalid { setting: s, .. }) => assert_eq!(s, "--namespace"),
+            other => panic!("--namespace: {other:?}"),
         }
     }
 

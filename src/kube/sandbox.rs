@@ -16,7 +16,8 @@
 //! The objects are [`DynamicObject`]s because the API version is a setting (v1beta1, the
 //! storage version, or v1alpha1); the typed structs here are their `spec`s and `status`. No I/O.
 //!
-//! [`observe`] reads a run's state from a Sandbox's status and its pod, for the reconciler.
+//! [`observe`] reads a run's state from a Sandbox's status and its pod; the reconciler uses it
+//! for tasks whose backend is `sandbox`.
 //!
 //! Not here yet (issue 12): handing code and inputs to a claimed warm sandbox, and the
 //! NetworkPolicy that covers claimed pods.

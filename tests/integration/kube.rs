@@ -712,6 +712,79 @@ async fn kube_rendered_sandbox_runs_under_the_emulated_agent_sandbox_controller(
     assert!(log.starts_with("hello from a sandbox\n"), "{log:?}");
 }
 
+/// `--kube-backend sandbox`, the cold path: every task becomes an agent-sandbox Sandbox (the
+/// emulator plays agent-sandbox's controller, its CRDs installed as an operator would) whose pod
+/// is podjob's; results, reasons and the backend name come through it as for podjob. (A pod that
+/// vanishes is made again by agent-sandbox, so that case is not here.)
+#[tokio::test]
+async fn kube_sandbox_backend_runs_every_reason_through_sandboxes() {
+    let sim = Sim::start();
+    let root = env!("CARGO_MANIFEST_DIR");
+    sim.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &format!("{root}/tests/kubesim/tests/data/agent-sandbox-crds.yaml"),
+    ]);
+    sim.kubectl_ok(&["wait", "--for=condition=Established", "crd/sandboxes.agents.x-k8s.io", "--timeout=10s"]);
+    let env = Env::new(TENANTS).await;
+    let mut settings = kube_settings(&env, &sim, 20);
+    settings.kube.backend = agenttask::kube::KubeBackendKind::Sandbox;
+    let svc = env.start_with(settings).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let mut gvisor = task("gvisor", &[("stdout", "sandboxed\n")]);
+    gvisor["isolation"] = json!("gvisor");
+    let mut deadline = task("deadline", &[("outcome", "DeadlineExceeded")]);
+    deadline["timeout_seconds"] = json!(1);
+    let tasks = [
+        task("ok", &[("stdout", "hello\n"), ("termination-message", "{\"answer\": 42}")]),
+        task("stderr", &[("stdout", "out\n==agenttask:stderr==\nerr-text"), ("exit-code", "3")]),
+        task("oom", &[("outcome", "OOMKilled")]),
+        deadline,
+        task("pull", &[("outcome", "ErrImagePull")]),
+        gvisor,
+    ];
+    for t in &tasks {
+        client.submit(&tenant, t).await;
+    }
+    let r = results(&mut client, tasks.len(), WAIT).await;
+    let expect = [
+        ("ok", "Succeeded", Value::Null),
+        ("stderr", "Failed", json!("NonZeroExit")),
+        ("oom", "Failed", json!("OOMKilled")),
+        ("deadline", "Failed", json!("TimedOut")),
+        ("pull", "Failed", json!("ImagePullFailed")),
+        ("gvisor", "Succeeded", Value::Null),
+    ];
+    for (id, phase, reason) in &expect {
+        let res = &r[*id];
+        assert_eq!((res["phase"].as_str(), &res["reason"]), (Some(*phase), reason), "{id}: {res:#}");
+        assert_eq!(res["backend"], "sandbox", "{id}: {res:#}");
+    }
+    assert_eq!(r["ok"]["stdout"], "hello\n");
+    assert_eq!(r["ok"]["result"], json!({"answer": 42}));
+    assert_eq!((r["stderr"]["stdout"].as_str(), r["stderr"]["stderr"].as_str()), (Some("out"), Some("err-text")));
+
+    // Each task was a Sandbox owned by its AgentTask, shut down by agent-sandbox at the deadline
+    // plus grace with policy Delete; its pod is the controller's, hardened, under the RuntimeClass.
+    let pool = env.pg().await;
+    let gid = task_id(&pool, "gvisor").await;
+    let sb = sim.json(&["get", "sandbox", &format!("at-{gid}-a1"), "-n", "agenttask"]);
+    assert_eq!(sb["metadata"]["ownerReferences"][0]["kind"], "AgentTask");
+    assert_eq!(sb["spec"]["shutdownPolicy"], "Delete");
+    assert!(sb["spec"]["shutdownTime"].is_string(), "{sb:#}");
+    let pod = sim.json(&["get", "pod", &format!("at-{gid}-a1"), "-n", "agenttask"]);
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "Sandbox");
+    assert_eq!(pod["spec"]["runtimeClassName"], "gvisor");
+    assert_eq!(pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"], true);
+    // The image pull failure took its Sandbox away (agent-sandbox would make the pod again).
+    let pid = task_id(&pool, "pull").await;
+    assert!(!sim.kubectl(&["get", "sandbox", &format!("at-{pid}-a1"), "-n", "agenttask"]).status.success());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn kube_500_tasks_through_the_emulator() {
     let sim = Sim::start();
