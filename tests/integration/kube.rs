@@ -712,12 +712,8 @@ async fn kube_rendered_sandbox_runs_under_the_emulated_agent_sandbox_controller(
     assert!(log.starts_with("hello from a sandbox\n"), "{log:?}");
 }
 
-/// `--kube-backend sandbox`, the cold path: every task becomes an agent-sandbox Sandbox (the
-/// emulator plays agent-sandbox's controller, its CRDs installed as an operator would) whose pod
-/// is podjob's; results, reasons and the backend name come through it as for podjob. (A pod that
-/// vanishes is made again by agent-sandbox, so that case is not here.)
-#[tokio::test]
-async fn kube_sandbox_backend_runs_every_reason_through_sandboxes() {
+/// An emulator with agent-sandbox installed (its CRDs applied, as an operator would).
+fn sandbox_sim() -> Sim {
     let sim = Sim::start();
     let root = env!("CARGO_MANIFEST_DIR");
     sim.kubectl_ok(&[
@@ -727,10 +723,82 @@ async fn kube_sandbox_backend_runs_every_reason_through_sandboxes() {
         &format!("{root}/tests/kubesim/tests/data/agent-sandbox-crds.yaml"),
     ]);
     sim.kubectl_ok(&["wait", "--for=condition=Established", "crd/sandboxes.agents.x-k8s.io", "--timeout=10s"]);
+    sim
+}
+
+fn sandbox_settings(env: &Env, sim: &Sim, max_running: u32) -> Settings {
+    let mut s = kube_settings(env, sim, max_running);
+    s.kube.backend = agenttask::kube::KubeBackendKind::Sandbox;
+    s
+}
+
+/// `--kube-backend sandbox`: a cancelled task's Sandbox and pod go; a restart mid-task adopts the
+/// running Sandbox (one attempt, the same pod).
+#[tokio::test]
+async fn kube_sandbox_backend_cancel_and_restart_mid_task() {
+    let sim = sandbox_sim();
     let env = Env::new(TENANTS).await;
-    let mut settings = kube_settings(&env, &sim, 20);
-    settings.kube.backend = agenttask::kube::KubeBackendKind::Sandbox;
-    let svc = env.start_with(settings).await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 10)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    client.submit(&tenant, &task("cancel", &[("run-ms", "60000")])).await;
+    client.submit(&tenant, &task("long", &[("run-ms", "6000"), ("stdout", "survived\n")])).await;
+    let pool = env.pg().await;
+    for id in ["cancel", "long"] {
+        eventually(WAIT, || async { phase(&pool, id).await == "Running" }).await;
+    }
+    let cid = task_id(&pool, "cancel").await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/tasks/{cid}/cancel", svc.http_addr))
+        .bearer_auth("test-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(
+        (r["id"].as_str(), r["reason"].as_str(), r["backend"].as_str()),
+        (Some("cancel"), Some("Cancelled"), Some("sandbox")),
+        "{r:#}"
+    );
+    for kind in ["sandbox", "pod"] {
+        let name = format!("at-{cid}-a1");
+        eventually(WAIT, || async { !sim.kubectl(&["get", kind, &name, "-n", "agenttask"]).status.success() }).await;
+    }
+
+    let lid = task_id(&pool, "long").await;
+    let name = format!("at-{lid}-a1");
+    let sandbox_uid = sim.json(&["get", "sandbox", &name, "-n", "agenttask"])["metadata"]["uid"].clone();
+    let pod_uid = sim.json(&["get", "pod", &name, "-n", "agenttask"])["metadata"]["uid"].clone();
+    svc.stop().await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 10)).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(
+        (r["id"].as_str(), r["phase"].as_str(), r["stdout"].as_str()),
+        (Some("long"), Some("Succeeded"), Some("survived\n")),
+        "{r:#}"
+    );
+    let attempts: i32 = sqlx::query_scalar("select attempt from agenttask.tasks where client_id = 'long'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1, "adopted, not retried");
+    assert_eq!(sim.json(&["get", "sandbox", &name, "-n", "agenttask"])["metadata"]["uid"], sandbox_uid);
+    assert_eq!(sim.json(&["get", "pod", &name, "-n", "agenttask"])["metadata"]["uid"], pod_uid);
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// `--kube-backend sandbox`, the cold path: every task becomes an agent-sandbox Sandbox (the
+/// emulator plays agent-sandbox's controller, its CRDs installed as an operator would) whose pod
+/// is podjob's; results, reasons and the backend name come through it as for podjob. (A pod that
+/// vanishes is made again by agent-sandbox, so that case is not here.)
+#[tokio::test]
+async fn kube_sandbox_backend_runs_every_reason_through_sandboxes() {
+    let sim = sandbox_sim();
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 20)).await;
     let mut client = Client::new(&env).await;
     let tenant = env.tenant("a");
     let mut gvisor = task("gvisor", &[("stdout", "sandboxed\n")]);
