@@ -251,7 +251,10 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
     };
     let Some(observed) = observed else {
         if status.pod_name.as_deref() == Some(pod_name.as_str()) {
-            let message = format!("pod {pod_name} disappeared before it reported an ending");
+            let message = match &sandboxes {
+                Some(_) => format!("Sandbox {pod_name} disappeared before its pod reported an ending"),
+                None => format!("pod {pod_name} disappeared before it reported an ending"),
+            };
             let outcome = Outcome::bare(Termination::PodMissing(message), Utc::now(), Utc::now());
             finish(ctx, task, &mut status, &outcome, None).await?;
             return Ok(requeue_for_ttl(task, &status));

@@ -790,6 +790,32 @@ async fn kube_sandbox_backend_cancel_and_restart_mid_task() {
     env.cleanup().await;
 }
 
+/// `--kube-backend sandbox`: a Sandbox deleted under a running task (by someone else) ends it as
+/// `PodMissing`, once.
+#[tokio::test]
+async fn kube_sandbox_backend_a_deleted_sandbox_is_pod_missing() {
+    let sim = sandbox_sim();
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 10)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    client.submit(&tenant, &task("gone", &[("run-ms", "60000")])).await;
+    let pool = env.pg().await;
+    eventually(WAIT, || async { phase(&pool, "gone").await == "Running" }).await;
+    let name = format!("at-{}-a1", task_id(&pool, "gone").await);
+    sim.kubectl_ok(&["delete", "sandbox", &name, "-n", "agenttask", "--wait=true", "--timeout=20s"]);
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(
+        (r["id"].as_str(), r["phase"].as_str(), r["reason"].as_str()),
+        (Some("gone"), Some("Failed"), Some("PodMissing")),
+        "{r:#}"
+    );
+    assert!(r["message"].as_str().unwrap().contains(&format!("Sandbox {name} disappeared")), "{r:#}");
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
 /// `--kube-backend sandbox`, the cold path: every task becomes an agent-sandbox Sandbox (the
 /// emulator plays agent-sandbox's controller, its CRDs installed as an operator would) whose pod
 /// is podjob's; results, reasons and the backend name come through it as for podjob. (A pod that
