@@ -156,6 +156,12 @@ pub struct KubeArgs {
     /// Seconds a finished AgentTask is kept [default: 3600]
     #[arg(long, env = "AGENTTASK_TTL_SECONDS_AFTER_FINISHED")]
     pub ttl_seconds_after_finished: Option<u32>,
+    /// agent-sandbox API version of --kube-backend sandbox: v1beta1 or v1alpha1 [default: v1beta1]
+    #[arg(long, env = "AGENTTASK_SANDBOX_API_VERSION", value_enum)]
+    pub sandbox_api_version: Option<crate::kube::sandbox::SandboxApiVersion>,
+    /// Seconds after a task's deadline at which agent-sandbox shuts its Sandbox down [default: 300]
+    #[arg(long, env = "AGENTTASK_SANDBOX_SHUTDOWN_GRACE_SECONDS")]
+    pub sandbox_shutdown_grace_seconds: Option<u64>,
 }
 
 impl KubeArgs {
@@ -170,17 +176,13 @@ impl KubeArgs {
             image_pull_grace_seconds: self.image_pull_grace_seconds.or(file.image_pull_grace_seconds),
             pod_annotation_prefixes: self.pod_annotation_prefixes.or(file.pod_annotation_prefixes),
             ttl_seconds_after_finished: self.ttl_seconds_after_finished.or(file.ttl_seconds_after_finished),
+            sandbox_api_version: self.sandbox_api_version.or(file.sandbox_api_version),
+            sandbox_shutdown_grace_seconds: self.sandbox_shutdown_grace_seconds.or(file.sandbox_shutdown_grace_seconds),
         }
     }
 
     fn resolve(self, output_limit_bytes: usize) -> Result<crate::kube::KubeSettings, SettingsError> {
         use crate::kube::{KubeBackendKind, KubeSettings, Namespaces};
-        if self.kube_backend == Some(KubeBackendKind::Sandbox) {
-            return Err(invalid(
-                "--kube-backend",
-                "sandbox (agent-sandbox Sandboxes) is not available yet; use podjob",
-            ));
-        }
         if self.namespace_per_tenant && self.namespace.is_some() {
             return Err(invalid("--namespace", "cannot be combined with --namespace-per-tenant"));
         }
@@ -205,6 +207,13 @@ impl KubeArgs {
         }
         if let Some(t) = self.ttl_seconds_after_finished {
             k.ttl_seconds_after_finished = t;
+        }
+        k.backend = self.kube_backend.unwrap_or(KubeBackendKind::Podjob);
+        if let Some(v) = self.sandbox_api_version {
+            k.sandbox_version = v;
+        }
+        if let Some(g) = self.sandbox_shutdown_grace_seconds {
+            k.sandbox_shutdown_grace = std::time::Duration::from_secs(g);
         }
         k.pods.output_limit_bytes = output_limit_bytes;
         k.kubeconfig = self.kubeconfig;
@@ -439,18 +448,17 @@ mod tests {
         assert_eq!(s.kube.namespaces, crate::kube::Namespaces::Single("from-file".into()));
         assert_eq!(s.kube.pods.python_image, "py:flag");
         assert_eq!(s.kube.pods.r_image, crate::kube::PodSettings::default().r_image);
-        for (kube, setting) in [
-            (
-                KubeArgs { kube_backend: Some(crate::kube::KubeBackendKind::Sandbox), ..Default::default() },
-                "--kube-backend",
-            ),
-            (KubeArgs { namespace: Some("Not_A_Namespace".into()), ..Default::default() }, "--namespace"),
-        ] {
-            let args = ServeArgs { config: Some(cfg.clone()), kube, ..Default::default() };
-            match Settings::resolve(args) {
-                Err(SettingsError::Invalid { setting: s, .. }) => assert_eq!(s, setting),
-                other => panic!("{setting}: {other:?}"),
-            }
+        let args = ServeArgs {
+            config: Some(cfg.clone()),
+            kube: KubeArgs { kube_backend: Some(crate::kube::KubeBackendKind::Sandbox), ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(Settings::resolve(args).unwrap().kube.backend, crate::kube::KubeBackendKind::Sandbox);
+        let kube = KubeArgs { namespace: Some("Not_A_Namespace".into()), ..Default::default() };
+        let args = ServeArgs { config: Some(cfg.clone()), kube, ..Default::default() };
+        match Settings::resolve(args) {
+            Err(SettingsError::Invalid { setting: s, .. }) => assert_eq!(s, "--namespace"),
+            other => panic!("--namespace: {other:?}"),
         }
     }
 

@@ -291,10 +291,10 @@ fn unavailable(e: kube::Error) -> BackendError {
 
 impl Backend for KubeBackend {
     fn name_for(&self, isolation: &str) -> &'static str {
-        if isolation == "standard" {
-            "podjob"
-        } else {
-            "runtimeclass"
+        match self.settings.backend {
+            super::KubeBackendKind::Sandbox => "sandbox",
+            super::KubeBackendKind::Podjob if isolation == "standard" => "podjob",
+            super::KubeBackendKind::Podjob => "runtimeclass",
         }
     }
 
@@ -310,7 +310,11 @@ impl Backend for KubeBackend {
     fn launch(self: Arc<Self>, job: Job, events: EventSink) -> BoxFuture<'static, Result<(), BackendError>> {
         Box::pin(async move {
             self.set_sink(events);
-            let backend = if job.isolation == "standard" { TaskBackend::Podjob } else { TaskBackend::Runtimeclass };
+            let backend = match self.settings.backend {
+                super::KubeBackendKind::Sandbox => TaskBackend::Sandbox,
+                super::KubeBackendKind::Podjob if job.isolation == "standard" => TaskBackend::Podjob,
+                super::KubeBackendKind::Podjob => TaskBackend::Runtimeclass,
+            };
             let key = job.key;
             let (namespace, name, launch) = match job.kube_object.as_deref().and_then(|o| o.split_once('/')) {
                 Some((ns, name)) => {

@@ -14,6 +14,9 @@
 //! - [`reconcile`]: the controller (reconcile, error policy, finalizer, Events, TTL and orphan
 //!   cleanup), run by one process at a time under a Postgres advisory lock.
 //! - [`render`]: `agenttask render`, the dry run.
+//! - [`sandbox`]: pure builders of the agent-sandbox objects (`Sandbox`, `SandboxClaim`) of
+//!   `--kube-backend sandbox`, and what their statuses say (the reconciler applies and reads
+//!   Sandboxes for the cold path; claims are not used yet).
 //! - [`backend`]: the [`crate::exec::Backend`] the executor drives: applies AgentTasks, watches
 //!   their status and reports it as run events; cancels by deleting; adopts after a restart.
 //!
@@ -27,6 +30,7 @@ pub mod materialize;
 pub mod podspec;
 pub mod reconcile;
 pub mod render;
+pub mod sandbox;
 
 use std::time::Duration;
 
@@ -38,7 +42,7 @@ pub use podspec::{PodSettings, TaskDefaults};
 pub enum KubeBackendKind {
     /// A hardened Pod and a default-deny NetworkPolicy per task.
     Podjob,
-    /// kubernetes-sigs agent-sandbox `Sandbox` objects (not available yet).
+    /// kubernetes-sigs agent-sandbox `Sandbox` objects (the cold path; warm pools to come).
     Sandbox,
 }
 
@@ -96,6 +100,12 @@ pub struct KubeSettings {
     pub orphan_sweep_every: Duration,
     /// Bound on the runs one executor process watches (bookkeeping only).
     pub max_runs: usize,
+    /// What tasks become: podjob's Pod, or an agent-sandbox Sandbox.
+    pub backend: KubeBackendKind,
+    /// The agent-sandbox API version spoken with `backend: sandbox`.
+    pub sandbox_version: sandbox::SandboxApiVersion,
+    /// How long after a task's deadline agent-sandbox itself shuts its Sandbox down.
+    pub sandbox_shutdown_grace: Duration,
 }
 
 impl Default for KubeSettings {
@@ -109,6 +119,9 @@ impl Default for KubeSettings {
             ttl_seconds_after_finished: crd::DEFAULT_TTL_SECONDS,
             orphan_sweep_every: Duration::from_secs(60),
             max_runs: 10_000,
+            backend: KubeBackendKind::Podjob,
+            sandbox_version: sandbox::SandboxApiVersion::default(),
+            sandbox_shutdown_grace: sandbox::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }

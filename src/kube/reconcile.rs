@@ -37,12 +37,12 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::crd::{
-    AgentTask, AgentTaskStatus, TaskCondition, TaskPhase, FINALIZER, LABEL_AGENTTASK, LABEL_MANAGED_BY, LABEL_TASK_ID,
-    LABEL_TENANT, MANAGER, MAX_STATUS_RESULT_BYTES,
+    AgentTask, AgentTaskStatus, TaskBackend, TaskCondition, TaskPhase, FINALIZER, LABEL_AGENTTASK, LABEL_MANAGED_BY,
+    LABEL_TASK_ID, LABEL_TENANT, MANAGER, MAX_STATUS_RESULT_BYTES,
 };
 use super::direct::{self, Scope};
 use super::podspec::{self, BuildError, CONTAINER};
-use super::KubeSettings;
+use super::{sandbox, KubeBackendKind, KubeSettings};
 use crate::domain::outcome::{Outcome, Termination};
 use crate::domain::phase::Phase;
 use crate::domain::tenant::Tenants;
@@ -220,10 +220,15 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pod_name = podspec::pod_name(&name, admission.attempt);
+    // With agent-sandbox, the pod is the controller's, made from a Sandbox of the pod's name.
+    let sandboxes = (task.spec.backend == Some(TaskBackend::Sandbox)).then(|| sandbox_api(ctx, &ns));
     if status.attempt.is_some_and(|a| a != admission.attempt) {
-        // A newer attempt: the old run's pod goes, the status starts over.
+        // A newer attempt: the old run's pod (or Sandbox) goes, the status starts over.
         if let Some(old_pod) = status.pod_name.take() {
-            delete_ignoring_missing(&pods, &old_pod).await?;
+            match &sandboxes {
+                Some(api) => delete_sandbox(api, &old_pod).await?,
+                None => delete_ignoring_missing(&pods, &old_pod).await?,
+            }
         }
         status = AgentTaskStatus {
             tenant: status.tenant,
@@ -231,9 +236,25 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
             ..Default::default()
         };
     }
-    let Some(pod) = pods.get_opt(&pod_name).await? else {
+    let mut sandbox_status = None;
+    if let Some(api) = &sandboxes {
+        if let Some(sb) = api.get_opt(&pod_name).await? {
+            sandbox_status =
+                Some(serde_json::from_value::<sandbox::SandboxStatus>(sb.data["status"].clone()).unwrap_or_default());
+        }
+    }
+    let pod = pods.get_opt(&pod_name).await?;
+    let observed = match (&sandbox_status, &pod) {
+        (Some(st), pod) => Some(sandbox::observe(st, pod.as_ref(), ctx.settings.image_pull_grace, Utc::now())),
+        (None, Some(p)) if sandboxes.is_none() => Some(observe(p, ctx.settings.image_pull_grace, Utc::now())),
+        _ => None,
+    };
+    let Some(observed) = observed else {
         if status.pod_name.as_deref() == Some(pod_name.as_str()) {
-            let message = format!("pod {pod_name} disappeared before it reported an ending");
+            let message = match &sandboxes {
+                Some(_) => format!("Sandbox {pod_name} disappeared before its pod reported an ending"),
+                None => format!("pod {pod_name} disappeared before it reported an ending"),
+            };
             let outcome = Outcome::bare(Termination::PodMissing(message), Utc::now(), Utc::now());
             finish(ctx, task, &mut status, &outcome, None).await?;
             return Ok(requeue_for_ttl(task, &status));
@@ -245,12 +266,14 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
         status.reason = None;
         status.message = None;
         patch_status(ctx, task, &status).await?;
-        publish(ctx, task, EventType::Normal, "Created", format!("created pod {pod_name}")).await;
+        let what = if sandboxes.is_some() { "Sandbox" } else { "pod" };
+        publish(ctx, task, EventType::Normal, "Created", format!("created {what} {pod_name}")).await;
         return Ok(Action::requeue(Duration::from_secs(300)));
     };
-    let observed = observe(&pod, ctx.settings.image_pull_grace, Utc::now());
+    // Sandbox conditions (expiry, a pod the controller cannot make) do not wake the controller.
+    let idle = if sandboxes.is_some() { Duration::from_secs(5) } else { Duration::from_secs(300) };
     let action = match observed {
-        Observed::Pending { retry_in } => retry_in.map_or(Action::requeue(Duration::from_secs(300)), Action::requeue),
+        Observed::Pending { retry_in } => retry_in.map_or(Action::requeue(idle), Action::requeue),
         Observed::Scheduled => {
             if status.phase == Some(TaskPhase::Pending) {
                 status.phase = Some(TaskPhase::Scheduled);
@@ -258,12 +281,15 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
                     &mut status,
                     "Scheduled",
                     None,
-                    pod.spec.as_ref().and_then(|s| s.node_name.clone()).map(|n| format!("on {n}")),
+                    pod.as_ref()
+                        .and_then(|p| p.spec.as_ref())
+                        .and_then(|s| s.node_name.clone())
+                        .map(|n| format!("on {n}")),
                 );
                 patch_status(ctx, task, &status).await?;
                 publish(ctx, task, EventType::Normal, "Scheduled", format!("pod {pod_name} placed")).await;
             }
-            Action::requeue(Duration::from_secs(300))
+            Action::requeue(idle)
         }
         Observed::Running { started } => {
             if matches!(status.phase, Some(TaskPhase::Pending | TaskPhase::Scheduled)) {
@@ -275,14 +301,16 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
                 patch_status(ctx, task, &status).await?;
                 publish(ctx, task, EventType::Normal, "Running", format!("pod {pod_name} started")).await;
             }
-            Action::requeue(Duration::from_secs(300))
+            Action::requeue(idle)
         }
         Observed::Ended { termination, exit_code, termination_message } => {
             let started = parse_time(status.start_time.as_deref()).unwrap_or_else(Utc::now);
             let mut outcome = Outcome::bare(termination, started, Utc::now());
             outcome.exit_code = exit_code;
             let log = match outcome.termination {
-                Termination::Exited | Termination::OomKilled => read_log(&pods, &pod_name, &ctx.settings.pods).await,
+                Termination::Exited | Termination::OomKilled if pod.is_some() => {
+                    read_log(&pods, &pod_name, &ctx.settings.pods).await
+                }
                 _ => None,
             };
             let parsed = log.as_deref().map(|l| {
@@ -301,7 +329,11 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
                 }
             }
             if matches!(outcome.termination, Termination::ImagePullFailed(_)) {
-                delete_ignoring_missing(&pods, &pod_name).await?;
+                // agent-sandbox would make the pod again: its Sandbox goes instead.
+                match &sandboxes {
+                    Some(api) => delete_sandbox(api, &pod_name).await?,
+                    None => delete_ignoring_missing(&pods, &pod_name).await?,
+                }
             }
             finish(ctx, task, &mut status, &outcome, parsed.as_ref()).await?;
             requeue_for_ttl(task, &status)
@@ -574,9 +606,26 @@ async fn cleanup(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(pod) = &status.pod_name {
+        if task.spec.backend == Some(TaskBackend::Sandbox) {
+            delete_sandbox(&sandbox_api(ctx, &ns), pod).await?;
+        }
         delete_ignoring_missing(&pods, pod).await?;
     }
     Ok(Action::await_change())
+}
+
+/// The Sandboxes of namespace `ns`, in the configured agent-sandbox version.
+fn sandbox_api(ctx: &Ctx, ns: &str) -> Api<kube::core::DynamicObject> {
+    let ar = sandbox::api_resource(sandbox::Kind::Sandbox, ctx.settings.sandbox_version);
+    Api::namespaced_with(ctx.client.clone(), ns, &ar)
+}
+
+async fn delete_sandbox(api: &Api<kube::core::DynamicObject>, name: &str) -> Result<(), Error> {
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn delete_ignoring_missing(pods: &Api<Pod>, name: &str) -> Result<(), Error> {
@@ -612,8 +661,23 @@ async fn create_objects(task: &AgentTask, ctx: &Ctx, ns: &str, attempt: i32) -> 
     }
     let nps: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
     nps.patch(&objects.network_policy.name_any(), &pp, &Patch::Apply(&objects.network_policy)).await?;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     debug_assert_eq!(objects.pod.name_any(), podspec::pod_name(&task.name_any(), attempt));
+    if task.spec.backend == Some(TaskBackend::Sandbox) {
+        let timeout = task.spec.timeout_seconds.unwrap_or(ctx.settings.defaults.timeout_seconds);
+        let deadline = Utc::now() + chrono::Duration::seconds(i64::from(timeout));
+        let sb = sandbox::build(
+            task,
+            &ctx.settings.pods,
+            &ctx.settings.defaults,
+            ctx.settings.sandbox_version,
+            deadline,
+            ctx.settings.sandbox_shutdown_grace,
+        )?
+        .sandbox;
+        sandbox_api(ctx, ns).patch(&sb.name_any(), &pp, &Patch::Apply(&sb)).await?;
+        return Ok(());
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     pods.patch(&objects.pod.name_any(), &pp, &Patch::Apply(&objects.pod)).await?;
     Ok(())
 }
@@ -832,9 +896,16 @@ async fn controller(ctx: Arc<Ctx>, scope: Scope, stop: CancellationToken) {
     let client = ctx.client.clone();
     let (tasks, pods): (Api<AgentTask>, Api<Pod>) = (scoped(&client, &scope), scoped(&client, &scope));
     let pod_cfg = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
-    Controller::new(tasks, watcher::Config::default())
-        .owns(pods, pod_cfg)
-        .graceful_shutdown_on(async move { stop.cancelled().await })
+    let mut ctl = Controller::new(tasks, watcher::Config::default()).owns(pods.clone(), pod_cfg.clone());
+    if ctx.settings.backend == KubeBackendKind::Sandbox {
+        // A Sandbox's pod is owned by the Sandbox: it names its AgentTask by label.
+        ctl = ctl.watches(pods, pod_cfg, |pod| {
+            let ns = pod.metadata.namespace.clone()?;
+            let name = pod.metadata.labels.as_ref()?.get(LABEL_AGENTTASK)?.clone();
+            Some(kube::runtime::reflector::ObjectRef::new(&name).within(&ns))
+        });
+    }
+    ctl.graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {

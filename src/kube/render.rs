@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use super::crd::TaskBackend;
-use super::{materialize, podspec, KubeSettings, Namespaces};
+use super::{materialize, podspec, sandbox, KubeSettings, Namespaces};
 use crate::domain::tenant::{TenantName, TenantPolicy};
 use crate::domain::validate::{validate, BackendIsolation, Envelope};
 use crate::exec::{Job, RunKey};
@@ -69,12 +69,7 @@ fn yaml_doc<T: Serialize>(out: &mut String, obj: &T) {
 /// The YAML, or an exit code and a message.
 pub fn render(args: &RenderArgs) -> Result<String, (u8, String)> {
     let backend = match args.backend {
-        RenderBackend::Sandbox => {
-            return Err((
-                2,
-                "--backend sandbox (agent-sandbox Sandboxes) comes with issue 12; it cannot be rendered yet".into(),
-            ))
-        }
+        RenderBackend::Sandbox => TaskBackend::Sandbox,
         RenderBackend::Podjob => TaskBackend::Podjob,
         RenderBackend::Runtimeclass => TaskBackend::Runtimeclass,
     };
@@ -151,9 +146,29 @@ pub fn render(args: &RenderArgs) -> Result<String, (u8, String)> {
     }
     let ns = settings.namespaces.for_tenant(tenant.as_str());
     let (task, external) = materialize::agent_task(&job, &ns, backend, settings.ttl_seconds_after_finished);
-    let objects = podspec::build(&task, &settings.pods, &settings.defaults).map_err(|e| (1, e.to_string()))?;
     let mut out = String::from("# Rendered by `agenttask render`: the objects this task becomes (dry run).\n");
     yaml_doc(&mut out, &task);
+    if backend == TaskBackend::Sandbox {
+        // The cold path (a Sandbox; warm pools are not rendered yet), shut down as if it were
+        // created now.
+        let deadline = chrono::Utc::now() + chrono::Duration::seconds(i64::from(spec.timeout_seconds));
+        let objects = sandbox::build(
+            &task,
+            &settings.pods,
+            &settings.defaults,
+            sandbox::SandboxApiVersion::default(),
+            deadline,
+            sandbox::DEFAULT_SHUTDOWN_GRACE,
+        )
+        .map_err(|e| (1, e.to_string()))?;
+        for cm in external.iter().chain(&objects.config_maps) {
+            yaml_doc(&mut out, cm);
+        }
+        yaml_doc(&mut out, &objects.network_policy);
+        yaml_doc(&mut out, &objects.sandbox);
+        return Ok(out);
+    }
+    let objects = podspec::build(&task, &settings.pods, &settings.defaults).map_err(|e| (1, e.to_string()))?;
     for cm in external.iter().chain(&objects.config_maps) {
         yaml_doc(&mut out, cm);
     }

@@ -653,6 +653,232 @@ async fn kube_exec_kubelet_runs_real_python_and_r_end_to_end() {
     env.cleanup().await;
 }
 
+/// The cold path's Sandbox, as `agenttask render --backend sandbox` prints it, applied to the
+/// emulator playing agent-sandbox (its CRDs installed) with the `exec` kubelet: the controller's
+/// pod passes the namespace's "restricted" Pod Security admission, the hardened entry script
+/// runs the program for real, and the Sandbox ends `Finished` (`PodSucceeded`). The backend that
+/// does this by itself is still to come (issue 12).
+#[tokio::test]
+async fn kube_rendered_sandbox_runs_under_the_emulated_agent_sandbox_controller() {
+    use agenttask::kube::render::{render, RenderArgs, RenderBackend};
+    let sim = Sim::start_with("exec");
+    let root = env!("CARGO_MANIFEST_DIR");
+    sim.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &format!("{root}/tests/kubesim/tests/data/agent-sandbox-crds.yaml"),
+    ]);
+    sim.kubectl_ok(&["wait", "--for=condition=Established", "crd/sandboxes.agents.x-k8s.io", "--timeout=10s"]);
+    let task = sim.dir.path().join("task.json");
+    std::fs::write(
+        &task,
+        json!({"language": "python", "code": "print('hello from a sandbox')", "timeout_seconds": 60}).to_string(),
+    )
+    .unwrap();
+    let args = RenderArgs {
+        backend: RenderBackend::Sandbox,
+        tenant: "acme".into(),
+        tenants: None,
+        namespace: None,
+        namespace_per_tenant: false,
+        task,
+    };
+    let yaml = render(&args).unwrap_or_else(|(c, m)| panic!("render failed ({c}): {m}"));
+    let file = sim.dir.path().join("rendered.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    sim.kubectl_ok(&["apply", "--server-side", "-f", file.to_str().unwrap()]);
+    let name = sim.json(&["get", "sandboxes", "-n", "agenttask"])["items"][0]["metadata"]["name"]
+        .as_str()
+        .expect("the Sandbox was applied")
+        .to_owned();
+    let start = Instant::now();
+    let sb = loop {
+        let sb = sim.json(&["get", "sandbox", &name, "-n", "agenttask"]);
+        let finished =
+            sb["status"]["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "Finished").cloned();
+        if let Some(f) = finished {
+            assert_eq!(f["reason"], "PodSucceeded", "{sb:#}");
+            break sb;
+        }
+        assert!(start.elapsed() < WAIT, "the Sandbox did not finish: {sb:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(sb["spec"]["shutdownPolicy"], "Delete");
+    let pod = sim.json(&["get", "pod", &name, "-n", "agenttask"]);
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "Sandbox");
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+    let log = sim.kubectl_ok(&["logs", &name, "-n", "agenttask"]);
+    assert!(log.starts_with("hello from a sandbox\n"), "{log:?}");
+}
+
+/// An emulator with agent-sandbox installed (its CRDs applied, as an operator would).
+fn sandbox_sim() -> Sim {
+    let sim = Sim::start();
+    let root = env!("CARGO_MANIFEST_DIR");
+    sim.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &format!("{root}/tests/kubesim/tests/data/agent-sandbox-crds.yaml"),
+    ]);
+    sim.kubectl_ok(&["wait", "--for=condition=Established", "crd/sandboxes.agents.x-k8s.io", "--timeout=10s"]);
+    sim
+}
+
+fn sandbox_settings(env: &Env, sim: &Sim, max_running: u32) -> Settings {
+    let mut s = kube_settings(env, sim, max_running);
+    s.kube.backend = agenttask::kube::KubeBackendKind::Sandbox;
+    s
+}
+
+/// `--kube-backend sandbox`: a cancelled task's Sandbox and pod go; a restart mid-task adopts the
+/// running Sandbox (one attempt, the same pod).
+#[tokio::test]
+async fn kube_sandbox_backend_cancel_and_restart_mid_task() {
+    let sim = sandbox_sim();
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 10)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    client.submit(&tenant, &task("cancel", &[("run-ms", "60000")])).await;
+    client.submit(&tenant, &task("long", &[("run-ms", "6000"), ("stdout", "survived\n")])).await;
+    let pool = env.pg().await;
+    for id in ["cancel", "long"] {
+        eventually(WAIT, || async { phase(&pool, id).await == "Running" }).await;
+    }
+    let cid = task_id(&pool, "cancel").await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/tasks/{cid}/cancel", svc.http_addr))
+        .bearer_auth("test-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(
+        (r["id"].as_str(), r["reason"].as_str(), r["backend"].as_str()),
+        (Some("cancel"), Some("Cancelled"), Some("sandbox")),
+        "{r:#}"
+    );
+    for kind in ["sandbox", "pod"] {
+        let name = format!("at-{cid}-a1");
+        eventually(WAIT, || async { !sim.kubectl(&["get", kind, &name, "-n", "agenttask"]).status.success() }).await;
+    }
+
+    let lid = task_id(&pool, "long").await;
+    let name = format!("at-{lid}-a1");
+    let sandbox_uid = sim.json(&["get", "sandbox", &name, "-n", "agenttask"])["metadata"]["uid"].clone();
+    let pod_uid = sim.json(&["get", "pod", &name, "-n", "agenttask"])["metadata"]["uid"].clone();
+    svc.stop().await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 10)).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(
+        (r["id"].as_str(), r["phase"].as_str(), r["stdout"].as_str()),
+        (Some("long"), Some("Succeeded"), Some("survived\n")),
+        "{r:#}"
+    );
+    let attempts: i32 = sqlx::query_scalar("select attempt from agenttask.tasks where client_id = 'long'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1, "adopted, not retried");
+    assert_eq!(sim.json(&["get", "sandbox", &name, "-n", "agenttask"])["metadata"]["uid"], sandbox_uid);
+    assert_eq!(sim.json(&["get", "pod", &name, "-n", "agenttask"])["metadata"]["uid"], pod_uid);
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// `--kube-backend sandbox`: a Sandbox deleted under a running task (by someone else) ends it as
+/// `PodMissing`, once.
+#[tokio::test]
+async fn kube_sandbox_backend_a_deleted_sandbox_is_pod_missing() {
+    let sim = sandbox_sim();
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 10)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    client.submit(&tenant, &task("gone", &[("run-ms", "60000")])).await;
+    let pool = env.pg().await;
+    eventually(WAIT, || async { phase(&pool, "gone").await == "Running" }).await;
+    let name = format!("at-{}-a1", task_id(&pool, "gone").await);
+    sim.kubectl_ok(&["delete", "sandbox", &name, "-n", "agenttask", "--wait=true", "--timeout=20s"]);
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(
+        (r["id"].as_str(), r["phase"].as_str(), r["reason"].as_str()),
+        (Some("gone"), Some("Failed"), Some("PodMissing")),
+        "{r:#}"
+    );
+    assert!(r["message"].as_str().unwrap().contains(&format!("Sandbox {name} disappeared")), "{r:#}");
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// `--kube-backend sandbox`, the cold path: every task becomes an agent-sandbox Sandbox (the
+/// emulator plays agent-sandbox's controller, its CRDs installed as an operator would) whose pod
+/// is podjob's; results, reasons and the backend name come through it as for podjob. (A pod that
+/// vanishes is made again by agent-sandbox, so that case is not here.)
+#[tokio::test]
+async fn kube_sandbox_backend_runs_every_reason_through_sandboxes() {
+    let sim = sandbox_sim();
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 20)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let mut gvisor = task("gvisor", &[("stdout", "sandboxed\n")]);
+    gvisor["isolation"] = json!("gvisor");
+    let mut deadline = task("deadline", &[("outcome", "DeadlineExceeded")]);
+    deadline["timeout_seconds"] = json!(1);
+    let tasks = [
+        task("ok", &[("stdout", "hello\n"), ("termination-message", "{\"answer\": 42}")]),
+        task("stderr", &[("stdout", "out\n==agenttask:stderr==\nerr-text"), ("exit-code", "3")]),
+        task("oom", &[("outcome", "OOMKilled")]),
+        deadline,
+        task("pull", &[("outcome", "ErrImagePull")]),
+        gvisor,
+    ];
+    for t in &tasks {
+        client.submit(&tenant, t).await;
+    }
+    let r = results(&mut client, tasks.len(), WAIT).await;
+    let expect = [
+        ("ok", "Succeeded", Value::Null),
+        ("stderr", "Failed", json!("NonZeroExit")),
+        ("oom", "Failed", json!("OOMKilled")),
+        ("deadline", "Failed", json!("TimedOut")),
+        ("pull", "Failed", json!("ImagePullFailed")),
+        ("gvisor", "Succeeded", Value::Null),
+    ];
+    for (id, phase, reason) in &expect {
+        let res = &r[*id];
+        assert_eq!((res["phase"].as_str(), &res["reason"]), (Some(*phase), reason), "{id}: {res:#}");
+        assert_eq!(res["backend"], "sandbox", "{id}: {res:#}");
+    }
+    assert_eq!(r["ok"]["stdout"], "hello\n");
+    assert_eq!(r["ok"]["result"], json!({"answer": 42}));
+    assert_eq!((r["stderr"]["stdout"].as_str(), r["stderr"]["stderr"].as_str()), (Some("out"), Some("err-text")));
+
+    // Each task was a Sandbox owned by its AgentTask, shut down by agent-sandbox at the deadline
+    // plus grace with policy Delete; its pod is the controller's, hardened, under the RuntimeClass.
+    let pool = env.pg().await;
+    let gid = task_id(&pool, "gvisor").await;
+    let sb = sim.json(&["get", "sandbox", &format!("at-{gid}-a1"), "-n", "agenttask"]);
+    assert_eq!(sb["metadata"]["ownerReferences"][0]["kind"], "AgentTask");
+    assert_eq!(sb["spec"]["shutdownPolicy"], "Delete");
+    assert!(sb["spec"]["shutdownTime"].is_string(), "{sb:#}");
+    let pod = sim.json(&["get", "pod", &format!("at-{gid}-a1"), "-n", "agenttask"]);
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "Sandbox");
+    assert_eq!(pod["spec"]["runtimeClassName"], "gvisor");
+    assert_eq!(pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"], true);
+    // The image pull failure took its Sandbox away (agent-sandbox would make the pod again).
+    let pid = task_id(&pool, "pull").await;
+    assert!(!sim.kubectl(&["get", "sandbox", &format!("at-{pid}-a1"), "-n", "agenttask"]).status.success());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn kube_500_tasks_through_the_emulator() {
     let sim = Sim::start();

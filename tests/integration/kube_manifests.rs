@@ -87,6 +87,48 @@ fn rendered_objects_pass_strict_schema_validation() {
     assert!(pod.contains("runtimeClassName: gvisor"), "{pod}");
 }
 
+/// `render --backend sandbox`: the cold path's Sandbox. kubernetes-validate has no schema for
+/// agent-sandbox's kinds, so its pod template is checked as the Pod the controller makes of it.
+#[test]
+fn rendered_sandbox_pod_template_passes_strict_schema_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = rendered(
+        dir.path(),
+        "sandbox",
+        RenderBackend::Sandbox,
+        serde_json::json!({"language": "python", "code": "print(1)", "isolation": "gvisor", "timeout_seconds": 20}),
+    );
+    let yaml = std::fs::read_to_string(&file).unwrap();
+    let docs: Vec<serde_json::Value> = yaml
+        .split("\n---\n")
+        .skip(1)
+        .map(|d| serde_saphyr::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["AgentTask", "ConfigMap", "NetworkPolicy", "Sandbox"], "{yaml}");
+    assert_eq!(docs[0]["spec"]["backend"], "sandbox");
+    let sb = &docs[3];
+    assert_eq!(sb["apiVersion"], "agents.x-k8s.io/v1beta1");
+    assert_eq!(sb["spec"]["shutdownPolicy"], "Delete");
+    let shutdown = chrono::DateTime::parse_from_rfc3339(sb["spec"]["shutdownTime"].as_str().unwrap()).unwrap();
+    let after = shutdown.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    assert!(after > chrono::Duration::seconds(300) && after <= chrono::Duration::seconds(321), "{after}");
+    let template = &sb["spec"]["podTemplate"];
+    assert_eq!(template["spec"]["runtimeClassName"], "gvisor");
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": sb["metadata"]["name"], "namespace": sb["metadata"]["namespace"],
+            "labels": template["metadata"]["labels"]},
+        "spec": template["spec"],
+    });
+    let pod_file = dir.path().join("sandbox-pod.json");
+    std::fs::write(&pod_file, serde_json::to_vec(&pod).unwrap()).unwrap();
+    let report = validate(&[file, pod_file]);
+    for kind in ["pod/", "networkpolicy/", "configmap/"] {
+        assert!(report.contains(&format!("passed for resource {kind}")), "no {kind} was validated:\n{report}");
+    }
+}
+
 #[test]
 fn deploy_manifests_pass_strict_schema_validation() {
     let mut files = vec![root().join("deploy/crd.yaml")];

@@ -29,6 +29,8 @@
 //! - `gc`: garbage collector, namespace controller, CRD cleanup.
 //! - `kubelet`: scheduler, the pod lifecycle, the `simulate` kubelet, container logs.
 //! - `exec`: the `exec` kubelet: containers run for real under bubblewrap.
+//! - `agent_sandbox`: the kubernetes-sigs/agent-sandbox controllers (Sandbox, SandboxWarmPool,
+//!   SandboxClaim), active once their CRDs are applied, with its failure switches.
 //!
 //! # The simulated kubelet
 //! Every pod is bound to the node `kubesim-node`, then goes Pending (ContainerCreating) → Running
@@ -56,6 +58,7 @@
 //! gets `410 Gone` (`Expired`), as after an etcd compaction.
 
 mod admission;
+mod agent_sandbox;
 mod api;
 mod errors;
 mod exec;
@@ -142,6 +145,7 @@ async fn run(args: Args) -> std::io::Result<()> {
     if args.kubelet != KubeletMode::None {
         kubelet::register_node(&app);
         tokio::spawn(kubelet::run(app.clone(), args.kubelet == KubeletMode::Exec));
+        tokio::spawn(agent_sandbox::run(app.clone()));
     }
     let router = axum::Router::new().fallback(api::handle).with_state(app);
     let mut out = std::io::stdout().lock();
