@@ -1,5 +1,5 @@
 //! Pure builders of the kubernetes-sigs/agent-sandbox objects a task becomes with
-//! `--kube-backend sandbox` (docs/agent-sandbox.md says what agent-sandbox does with them).
+//! `--kube-backend sandbox` (src/kube/agent-sandbox.md says what agent-sandbox does with them).
 //!
 //! - The cold path: a `Sandbox` (`agents.x-k8s.io`) whose `podTemplate` is the very pod podjob
 //!   would create ([`podspec::build`]: hardened, `runtimeClassName` from the task's isolation,

@@ -1,4 +1,4 @@
-//! The kubernetes-sigs/agent-sandbox controllers, played by the emulator (docs/agent-sandbox.md
+//! The kubernetes-sigs/agent-sandbox controllers, played by the emulator (src/kube/agent-sandbox.md
 //! says what the real ones do and where that was read).
 //!
 //! Active once the agent-sandbox CRDs are served (an operator installs them; the tests apply
