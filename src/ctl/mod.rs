@@ -55,6 +55,14 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The shells `agentctl completion` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     #[default]
@@ -103,6 +111,15 @@ pub enum Command {
         /// Keep printing the output as the task writes it, until it ends
         #[arg(short = 'f', long)]
         follow: bool,
+    },
+    /// Print a shell completion script.
+    ///
+    /// Examples: agentctl completion bash > ~/.local/share/bash-completion/completions/agentctl
+    ///           agentctl completion zsh > "${fpath[1]}/_agentctl"
+    ///           agentctl completion fish > ~/.config/fish/completions/agentctl.fish
+    Completion {
+        /// bash, zsh or fish
+        shell: CompletionShell,
     },
     /// Download a finished task's artifacts into the directory given with -o, checking each
     /// one's sha256; prints what it wrote.
@@ -300,6 +317,16 @@ async fn run(mut cli: Cli) -> Result<ExitCode, CtlError> {
         return Err(CtlError::Usage("`batch results` writes -o jsonl (the default) or -o csv".into()));
     }
     match &cli.command {
+        Command::Completion { shell } => {
+            use clap::CommandFactory as _;
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "agentctl", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Submit(args) => submit::run(&cli, args).await,
         Command::Get { id } => get(&cli, id).await,
         Command::List(args) => list(&cli, args).await,
@@ -841,6 +868,27 @@ fn print_task(v: &TaskView) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn completion_scripts_know_every_command_and_bash_parses_its_own() {
+        use clap::CommandFactory as _;
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "agentctl", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for cmd in ["submit", "logs", "artifacts", "cancel", "tenant", "batch", "completion"] {
+                assert!(text.contains(cmd), "{shell:?} completion lacks {cmd}");
+            }
+            if shell == clap_complete::Shell::Bash {
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("agentctl.bash");
+                std::fs::write(&file, &text).unwrap();
+                let status = std::process::Command::new("bash").arg("-n").arg(&file).status().unwrap();
+                assert!(status.success(), "bash -n refused the bash completion");
+            }
+        }
+    }
+
     use super::*;
     use crate::domain::tenant::TenantPolicy;
 
