@@ -27,25 +27,6 @@ async fn agentctl(svc: &Service, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-async fn task_id(pool: &sqlx::PgPool, client_id: &str) -> String {
-    let id: uuid::Uuid = sqlx::query_scalar("select task_id from agenttask.tasks where client_id = $1")
-        .bind(client_id)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    id.to_string()
-}
-
-/// The task's phase, or "" while it is not stored yet.
-async fn phase(pool: &sqlx::PgPool, client_id: &str) -> String {
-    sqlx::query_scalar("select phase from agenttask.tasks where client_id = $1")
-        .bind(client_id)
-        .fetch_optional(pool)
-        .await
-        .unwrap()
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn agentctl_cancels_a_queued_and_a_running_task_each_with_exactly_one_result() {
     let env = Env::new("[tenants.{t}-a]\nmax_concurrency = 1\n").await;

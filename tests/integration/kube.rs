@@ -152,24 +152,6 @@ async fn results(client: &mut Client, n: usize, within: Duration) -> HashMap<Str
     out
 }
 
-async fn task_id(pool: &sqlx::PgPool, client_id: &str) -> String {
-    let id: uuid::Uuid = sqlx::query_scalar("select task_id from agenttask.tasks where client_id = $1")
-        .bind(client_id)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    id.to_string()
-}
-
-async fn phase(pool: &sqlx::PgPool, client_id: &str) -> String {
-    sqlx::query_scalar("select phase from agenttask.tasks where client_id = $1")
-        .bind(client_id)
-        .fetch_optional(pool)
-        .await
-        .unwrap()
-        .unwrap_or_default()
-}
-
 const TENANTS: &str =
     "[tenants.{t}-a]\nmax_concurrency = 100\nrate_per_second = 1000\nisolation = [\"standard\", \"gvisor\"]\n";
 

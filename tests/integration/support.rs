@@ -389,6 +389,26 @@ impl Drop for Process {
 }
 
 /// Counts rows of a query returning one bigint.
+/// The task id stored for the client's id.
+pub async fn task_id(pool: &sqlx::PgPool, client_id: &str) -> String {
+    let id: uuid::Uuid = sqlx::query_scalar("select task_id from agenttask.tasks where client_id = $1")
+        .bind(client_id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    id.to_string()
+}
+
+/// The task's phase, or "" while it is not stored yet.
+pub async fn phase(pool: &sqlx::PgPool, client_id: &str) -> String {
+    sqlx::query_scalar("select phase from agenttask.tasks where client_id = $1")
+        .bind(client_id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .unwrap_or_default()
+}
+
 pub async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
