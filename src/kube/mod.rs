@@ -51,19 +51,13 @@ pub const TENANT_NAMESPACE_PREFIX: &str = "agenttask-";
 
 /// Checks a namespace name as the API server would (an RFC 1123 label).
 pub fn check_namespace_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
+    // A tenant name has exactly a namespace name's shape (an RFC 1123 label).
+    crate::domain::tenant::TenantName::parse(name).map(drop).map_err(|_| {
+        format!(
             "{name:?} is not a valid namespace name: at most 63 lowercase letters, digits and '-', \
              starting and ending with a letter or digit"
-        ))
-    }
+        )
+    })
 }
 
 /// Where AgentTasks live.
