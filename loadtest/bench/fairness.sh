@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Fairness and latency under a backlog: the service with `--backend null` (no code runs, so the
+# control plane is what is measured) and TENANTS tenants of weights 1 to 4, offered TASKS tasks
+# at once by agenttask-loadtest, first spread evenly, then Zipf-skewed. Prints each run's report
+# and writes its charts and JSON next to each other.
+#
+#   loadtest/bench/fairness.sh [tasks] [tenants] [out-dir]
+#
+# Uses a scratch database (agenttask_bench_fair, dropped at the end) and tenants of its own.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+TASKS="${1:-20000}"
+TENANTS="${2:-100}"
+OUT="${3:-target/bench-fairness}"
+DB=agenttask_bench_fair
+URL="postgres://postgres@127.0.0.1:5432/$DB"
+PORT=19465
+PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
+
+cargo build --release --locked -p agenttask --bin agenttask >&2
+cargo build --release --locked -p agenttask-loadtest >&2
+mkdir -p "$OUT"
+work="$(mktemp -d)"
+{
+    printf '[defaults]\nmax_concurrency = 1000\nmax_queued = 1000000\nrate_per_second = 1000000\nburst = 1000000\n\n'
+    for i in $(seq 0 $((TENANTS - 1))); do printf '[tenants.fair-%03d]\nweight = %d\n\n' "$i" $((1 + i % 4)); done
+} > "$work/tenants.toml"
+svc=
+stop() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
+trap 'stop; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
+for spread in even zipf; do
+    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+    AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
+        AGENTTASK_MAX_RUNNING=64 AGENTTASK_LOG=warn \
+        target/release/agenttask serve --backend null 2>"$OUT/service-$spread.log" &
+    svc=$!
+    for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+    sleep 1 # the tenants' consumers start right after readiness
+    echo "== $TASKS tasks over $TENANTS tenants, spread $spread, all published at once"
+    target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --count "$TASKS" --concurrency "$TASKS" \
+        --spread "$spread" --mix print=1 --svg "$OUT/shares-$spread.svg" -o json > "$OUT/report-$spread.json"
+    python3 - "$OUT/report-$spread.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+f, l, a = r["fairness"], r["latency_ms"], r["admission_wait_ms"]
+print(f'{r["tasks"]} tasks in {r["seconds"]:.2f} s: {r["tasks_per_second"]:.0f} tasks/s')
+print(f'publish->result p50 {l["p50"]:.0f} ms, p99 {l["p99"]:.0f} ms; admission wait p50 {a["p50"]:.0f} ms, p99 {a["p99"]:.0f} ms')
+if f["windows_measured"]:
+    print(f'Jain per 1 s window: {f["windows_measured"]} windows, min {f["min"]:.3f}, mean {f["mean"]:.3f}, '
+          f'{100 * f["at_least_0_98"]:.0f}% >= 0.98; whole run {f["whole_run"]:.3f}')
+PY
+    stop
+done
+echo "charts and reports in $OUT"
