@@ -33,6 +33,8 @@ pub struct Metrics {
     pub outbox_parked: prometheus::IntGauge,
     /// 1 when `/readyz` would answer 200, evaluated at every scrape.
     pub ready: prometheus::IntGauge,
+    /// Messages per ingest group commit.
+    pub ingest_group_size: prometheus::Histogram,
     /// Errors a component handled without stopping (logged and counted, never silent), by the
     /// component and the error's `metric_label()`.
     pub errors: IntCounterVec,
@@ -157,6 +159,18 @@ impl Metrics {
                 prometheus::IntGauge::new(
                     "agenttask_ready",
                     "1 when /readyz answers 200 (database and broker reachable), evaluated at each scrape.",
+                )
+                .expect("valid metric"),
+            ),
+            ingest_group_size: reg(
+                &registry,
+                &names,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "agenttask_ingest_group_size",
+                        "Messages stored by one ingest transaction (group commit).",
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
                 )
                 .expect("valid metric"),
             ),

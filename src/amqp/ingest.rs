@@ -4,6 +4,11 @@
 //! so a crash at any point leads to a redelivery, and redeliveries are idempotent on
 //! `(tenant, client id)`. Database outages are retried while the message is held; they never
 //! drop a message and never stop the consumer.
+//!
+//! Writes are group-committed: every consumer hands its message's write to a few group writers,
+//! and each writer commits whatever is waiting in one transaction, one savepoint per message.
+//! A commit costs a WAL flush, so a group of a hundred costs about what one message did; each
+//! message is still acked only after the commit that holds it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +32,8 @@ use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::domain::validate::{self, BackendIsolation, Envelope};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
-use crate::store::{Inserted, NewRejection, NewTask, Store, StoreError};
+use crate::store::{insert_rejection, insert_task, Inserted, NewRejection, NewTask, Store, StoreError};
+use sqlx::PgConnection;
 
 /// What ingest needs, and nothing else.
 pub struct Ingest {
@@ -70,6 +76,11 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
         }
     }
     ctx.readiness.up(TOPOLOGY_PART);
+    let (writes, queue) = tokio::sync::mpsc::channel::<Write>(GROUP_QUEUE);
+    let queue = Arc::new(tokio::sync::Mutex::new(queue));
+    for _ in 0..GROUP_WRITERS {
+        ctx.tracker.spawn(group_writer(ctx.clone(), queue.clone()));
+    }
     let mut tenants_rx = ctx.tenants.clone();
     let mut consumers: HashMap<Option<TenantName>, CancellationToken> = HashMap::new();
     loop {
@@ -78,7 +89,7 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
         for queue in &wanted {
             if !consumers.contains_key(queue) {
                 let stop = shutdown.child_token();
-                ctx.tracker.spawn(consume_queue(ctx.clone(), queue.clone(), stop.clone()));
+                ctx.tracker.spawn(consume_queue(ctx.clone(), writes.clone(), queue.clone(), stop.clone()));
                 consumers.insert(queue.clone(), stop);
             }
         }
@@ -151,14 +162,19 @@ async fn unbind_removed(ctx: Arc<Ingest>, tenant: TenantName) {
 }
 
 /// Keeps one queue consumed until `stop`, reconnecting with backoff.
-async fn consume_queue(ctx: Arc<Ingest>, tenant: Option<TenantName>, stop: CancellationToken) {
+async fn consume_queue(
+    ctx: Arc<Ingest>,
+    writes: tokio::sync::mpsc::Sender<Write>,
+    tenant: Option<TenantName>,
+    stop: CancellationToken,
+) {
     let queue = tenant.as_ref().map_or_else(|| UNROUTED_QUEUE.to_owned(), tasks_queue);
     let part = format!("rabbitmq consumer of {queue}");
     ctx.readiness.down(&part, "starting");
     let mut backoff = Backoff::reconnect();
     while !stop.is_cancelled() {
         let started = std::time::Instant::now();
-        let res = consume_once(&ctx, tenant.as_ref(), &queue, &part, &stop).await;
+        let res = consume_once(&ctx, &writes, tenant.as_ref(), &queue, &part, &stop).await;
         // A session that lasted is not part of a failure streak.
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
@@ -179,6 +195,7 @@ async fn consume_queue(ctx: Arc<Ingest>, tenant: Option<TenantName>, stop: Cance
 /// consumer ended.
 async fn consume_once(
     ctx: &Arc<Ingest>,
+    writes: &tokio::sync::mpsc::Sender<Write>,
     tenant: Option<&TenantName>,
     queue: &str,
     part: &str,
@@ -204,6 +221,7 @@ async fn consume_once(
     let consumed = consumer
         .map(|d| {
             let ctx = ctx.clone();
+            let writes = writes.clone();
             let tenant = tenant.cloned();
             // Stamped here, in delivery order, before messages are handled concurrently:
             // this is what keeps a tenant's queue FIFO.
@@ -214,7 +232,7 @@ async fn consume_once(
                     Some(t) => {
                         // The task's id is known once it is stored; `handle_task` records it.
                         let span = tracing::info_span!("ingest", tenant = %t, task_id = tracing::field::Empty);
-                        handle_task(&ctx, t, delivery, received_at).instrument(span).await
+                        handle_task(&ctx, &writes, t, delivery, received_at).instrument(span).await
                     }
                     None => handle_unrouted(&ctx, delivery).await,
                 };
@@ -247,13 +265,28 @@ fn receipt_stamp() -> chrono::DateTime<Utc> {
     chrono::DateTime::from_timestamp_micros(stamp).unwrap_or_else(Utc::now)
 }
 
-async fn handle_task(ctx: &Ingest, tenant: &TenantName, delivery: Delivery, received_at: chrono::DateTime<Utc>) {
+async fn handle_task(
+    ctx: &Ingest,
+    writes: &tokio::sync::mpsc::Sender<Write>,
+    tenant: &TenantName,
+    delivery: Delivery,
+    received_at: chrono::DateTime<Utc>,
+) {
     let props = &delivery.properties;
     let message_id = prop(props.message_id());
     let correlation_id = prop(props.correlation_id()).or(message_id);
     let policy = ctx.tenants.borrow().get(tenant).cloned();
     let envelope = Envelope { body: &delivery.data, message_id, content_type: prop(props.content_type()) };
     let (reply, verdict) = decide(tenant, policy.as_ref(), ctx.isolation, &envelope, prop(props.reply_to()));
+    let write = Arc::new(WriteSpec {
+        tenant: tenant.clone(),
+        verdict,
+        max_queued: policy.as_ref().map(|p| p.max_queued),
+        reply,
+        correlation_id: correlation_id.map(str::to_owned),
+        received_at,
+        fresh: !delivery.redelivered,
+    });
 
     // A database outage is retried here, holding the message, rather than nacked: every
     // redelivery counts against the queue's delivery limit, which is meant for poison only. The
@@ -261,20 +294,22 @@ async fn handle_task(ctx: &Ingest, tenant: &TenantName, delivery: Delivery, rece
     // neither admitted past the cap nor refused for a full queue it may not have).
     let mut backoff = Backoff::write();
     let stored = loop {
-        let max_queued = policy.as_ref().map(|p| p.max_queued);
-        let attempt =
-            store(ctx, tenant, &verdict, max_queued, &reply, correlation_id, received_at, !delivery.redelivered);
-        match attempt.await {
-            Ok(done) => break done,
-            Err(e) => {
-                ctx.metrics.errors.with_label_values(&["ingest", e.metric_label()]).inc();
-                tracing::warn!(%tenant, error = %e, retry_in = ?backoff.peek(), "cannot store task; retrying");
+        let (done, answer) = tokio::sync::oneshot::channel();
+        if writes.send(Write { spec: write.clone(), done }).await.is_err() {
+            // Ingest is stopping: the message stays unacked and is redelivered.
+            return;
+        }
+        match answer.await {
+            Ok(Ok(done)) => break done,
+            Ok(Err(GroupFailed)) => {
+                tracing::warn!(%tenant, retry_in = ?backoff.peek(), "cannot store task; retrying");
                 if !delivery.acker.usable() {
                     // The channel is gone: the broker redelivers the message elsewhere.
                     return;
                 }
                 backoff.sleep().await;
             }
+            Err(_) => return,
         }
     };
     match stored {
@@ -324,37 +359,108 @@ fn decide(
     }
 }
 
-/// Stores a task or its rejection. `Some(reason)` in the answer when it was a rejection (also
-/// when the backlog was full).
-#[allow(clippy::too_many_arguments)]
-async fn store(
-    ctx: &Ingest,
-    tenant: &TenantName,
-    verdict: &Result<validate::Submission, validate::Rejection>,
+/// Writers committing groups at once: one can collect while another waits for its commit.
+const GROUP_WRITERS: usize = 2;
+/// Messages in one group at most; a larger group only makes its first message wait longer.
+const GROUP_MAX: usize = 256;
+/// Writes waiting for a writer; consumers wait (holding their messages) when it is full.
+const GROUP_QUEUE: usize = 4096;
+
+/// One message's write, as ingest decided it before touching the database.
+struct WriteSpec {
+    tenant: TenantName,
+    verdict: Result<validate::Submission, validate::Rejection>,
     max_queued: Option<u64>,
-    reply: &ReplyRoute,
-    correlation_id: Option<&str>,
+    reply: ReplyRoute,
+    correlation_id: Option<String>,
     received_at: chrono::DateTime<Utc>,
+    /// A first delivery rather than a redelivery: an earlier rejection under its key gives way.
     fresh: bool,
-) -> Result<(Inserted, Option<Reason>), StoreError> {
-    match verdict {
+}
+
+/// A write handed to a group writer, and where its outcome goes once its group has committed.
+struct Write {
+    spec: Arc<WriteSpec>,
+    done: tokio::sync::oneshot::Sender<Result<(Inserted, Option<Reason>), GroupFailed>>,
+}
+
+/// The group this write was in did not commit; the writer has logged why.
+#[derive(Debug)]
+struct GroupFailed;
+
+/// Takes whatever writes are waiting (at least one, at most [`GROUP_MAX`]) and commits them in
+/// one transaction. Ends when every consumer has stopped.
+async fn group_writer(ctx: Arc<Ingest>, queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Write>>>) {
+    loop {
+        let mut group = Vec::new();
+        {
+            let mut queue = queue.lock().await;
+            match queue.recv().await {
+                Some(w) => group.push(w),
+                None => return,
+            }
+            while group.len() < GROUP_MAX {
+                match queue.try_recv() {
+                    Ok(w) => group.push(w),
+                    Err(_) => break,
+                }
+            }
+        }
+        // The same order of tenants' counter-row locks in every group, so two writers (or two
+        // service processes) never wait on each other in a cycle. Stable: a tenant's messages
+        // keep their order.
+        group.sort_by(|a, b| a.spec.tenant.cmp(&b.spec.tenant));
+        match commit_group(&ctx, &group).await {
+            Ok(outcomes) => {
+                ctx.metrics.ingest_group_size.observe(group.len() as f64);
+                for (w, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = w.done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                ctx.metrics.errors.with_label_values(&["ingest", e.metric_label()]).inc();
+                tracing::warn!(error = %e, messages = group.len(), "cannot store a group of tasks; each is retried");
+                for w in group {
+                    let _ = w.done.send(Err(GroupFailed));
+                }
+            }
+        }
+    }
+}
+
+async fn commit_group(ctx: &Ingest, group: &[Write]) -> Result<Vec<(Inserted, Option<Reason>)>, StoreError> {
+    let mut tx = ctx.store.pool().begin().await?;
+    let mut outcomes = Vec::with_capacity(group.len());
+    for w in group {
+        outcomes.push(store(&mut tx, &w.spec).await?);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// Stores a task or its rejection inside the group's transaction (each insert is its own
+/// savepoint, so one refused value does not undo the others). `Some(reason)` in the answer
+/// when it was a rejection (also when the backlog was full).
+async fn store(conn: &mut PgConnection, w: &WriteSpec) -> Result<(Inserted, Option<Reason>), StoreError> {
+    let tenant = &w.tenant;
+    let correlation_id = w.correlation_id.as_deref();
+    match &w.verdict {
         Ok(sub) => {
-            let res = ctx
-                .store
-                .insert_task(
-                    &NewTask {
-                        tenant: tenant.as_str(),
-                        client_id: sub.client_id.as_deref(),
-                        spec: &sub.spec,
-                        reply: reply.as_reply_to(),
-                        correlation_id,
-                        submitted_at: received_at,
-                        kube_object: None,
-                        max_queued,
-                    },
-                    fresh,
-                )
-                .await;
+            let res = insert_task(
+                &mut *conn,
+                &NewTask {
+                    tenant: tenant.as_str(),
+                    client_id: sub.client_id.as_deref(),
+                    spec: &sub.spec,
+                    reply: w.reply.as_reply_to(),
+                    correlation_id,
+                    submitted_at: w.received_at,
+                    kube_object: None,
+                    max_queued: w.max_queued,
+                },
+                w.fresh,
+            )
+            .await;
             match res {
                 // A value Postgres refuses is the message's fault: reject it instead of looping.
                 Err(e) if e.is_bad_value() => {
@@ -365,46 +471,42 @@ async fn store(
                         batch_id: sub.spec.batch_id.clone(),
                         language: Some(sub.spec.language),
                     };
-                    store_rejection(ctx, tenant, &rejection, reply, correlation_id, fresh).await
+                    store_rejection(conn, w, &rejection).await
                 }
                 Ok(Err(crate::store::BacklogFull { queued })) => {
                     tracing::debug!(%tenant, queued, "backlog full");
-                    let rejection = validate::backlog_full(tenant, sub, max_queued.unwrap_or_default());
-                    store_rejection(ctx, tenant, &rejection, reply, correlation_id, fresh).await
+                    let rejection = validate::backlog_full(tenant, sub, w.max_queued.unwrap_or_default());
+                    store_rejection(conn, w, &rejection).await
                 }
                 Ok(Ok(ins)) => Ok((ins, None)),
                 Err(e) => Err(e),
             }
         }
-        Err(rej) => store_rejection(ctx, tenant, rej, reply, correlation_id, fresh).await,
+        Err(rej) => store_rejection(conn, w, rej).await,
     }
 }
 
 async fn store_rejection(
-    ctx: &Ingest,
-    tenant: &TenantName,
+    conn: &mut PgConnection,
+    w: &WriteSpec,
     rejection: &validate::Rejection,
-    reply: &ReplyRoute,
-    correlation_id: Option<&str>,
-    fresh: bool,
 ) -> Result<(Inserted, Option<Reason>), StoreError> {
-    let ins = ctx
-        .store
-        .insert_rejection(
-            &NewRejection {
-                tenant: tenant.as_str(),
-                client_id: rejection.client_id.as_deref(),
-                batch_id: rejection.batch_id.as_deref(),
-                language: rejection.language,
-                reason: rejection.reason,
-                message: &rejection.message,
-                reply: reply.as_reply_to(),
-                correlation_id,
-                kube_object: None,
-            },
-            fresh,
-        )
-        .await?;
+    let ins = insert_rejection(
+        conn,
+        &NewRejection {
+            tenant: w.tenant.as_str(),
+            client_id: rejection.client_id.as_deref(),
+            batch_id: rejection.batch_id.as_deref(),
+            language: rejection.language,
+            reason: rejection.reason,
+            message: &rejection.message,
+            reply: w.reply.as_reply_to(),
+            correlation_id: w.correlation_id.as_deref(),
+            kube_object: None,
+        },
+        w.fresh,
+    )
+    .await?;
     Ok((ins, Some(rejection.reason)))
 }
 
