@@ -35,6 +35,7 @@ fn rendered(dir: &Path, name: &str, backend: RenderBackend, task: serde_json::Va
         tenants: None,
         namespace: None,
         namespace_per_tenant: false,
+        artifacts_pvc: None,
         task: input,
     };
     let yaml = render(&args).unwrap_or_else(|(c, m)| panic!("render {name} failed ({c}): {m}"));
