@@ -645,6 +645,27 @@ async fn kube_exec_kubelet_runs_real_python_and_r_end_to_end() {
     env.cleanup().await;
 }
 
+/// An `exec` emulator keeping claims under `pv_root`, with the claim `task-artifacts` in the
+/// tasks' namespace; returns it and the claim's directory, which the service mounts.
+fn sim_with_claim(pv_root: &std::path::Path) -> (Sim, PathBuf) {
+    let sim = Sim::start_with_args("exec", &["--pv-root", pv_root.to_str().unwrap()]);
+    let claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: task-artifacts\n  namespace: agenttask\nspec:\n  accessModes: [ReadWriteMany]\n  resources:\n    requests: {storage: 1Gi}\n";
+    let claim_file = sim.dir.path().join("claim.yaml");
+    std::fs::write(&claim_file, claim).unwrap();
+    sim.kubectl_ok(&["apply", "-f", claim_file.to_str().unwrap()]);
+    // What the service's Deployment mounts: the same volume.
+    let mount = pv_root.join("agenttask/task-artifacts");
+    std::fs::create_dir_all(&mount).unwrap();
+    (sim, mount)
+}
+
+fn claim_settings(env: &Env, sim: &Sim, mount: &std::path::Path) -> Settings {
+    let mut settings = kube_settings(env, sim, 10);
+    settings.kube.pods.artifacts_claim = Some("task-artifacts".into());
+    settings.kube.artifacts_pvc_mount = mount.to_path_buf();
+    settings
+}
+
 /// With `--artifacts-pvc`, a pod's artifacts directory is its sub-path of the claim (the
 /// emulator keeps claims under `--pv-root`, as a shared volume would be), and what it writes
 /// there is kept as the local backend keeps it: the same caps, link, hard-link and sparse
@@ -654,18 +675,9 @@ async fn kube_exec_kubelet_runs_real_python_and_r_end_to_end() {
 async fn kube_pod_artifacts_are_kept_on_the_claim_with_the_local_rules() {
     use sha2::Digest as _;
     let pv = tempfile::tempdir().unwrap();
-    let sim = Sim::start_with_args("exec", &["--pv-root", pv.path().to_str().unwrap()]);
-    let claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: task-artifacts\n  namespace: agenttask\nspec:\n  accessModes: [ReadWriteMany]\n  resources:\n    requests: {storage: 1Gi}\n";
-    let claim_file = sim.dir.path().join("claim.yaml");
-    std::fs::write(&claim_file, claim).unwrap();
-    sim.kubectl_ok(&["apply", "-f", claim_file.to_str().unwrap()]);
-    // What the service's Deployment mounts: the same volume.
-    let mount = pv.path().join("agenttask/task-artifacts");
-    std::fs::create_dir_all(&mount).unwrap();
+    let (sim, mount) = sim_with_claim(pv.path());
     let env = Env::new(&format!("{TENANTS}[tenants.{{t}}-small]\nmax_artifact_bytes = 16384\n")).await;
-    let mut settings = kube_settings(&env, &sim, 10);
-    settings.kube.pods.artifacts_claim = Some("task-artifacts".into());
-    settings.kube.artifacts_pvc_mount = mount.clone();
+    let settings = claim_settings(&env, &sim, &mount);
     let svc = env.start_with(settings).await;
     let mut client = Client::new(&env).await;
     let (a, small) = (env.tenant("a"), env.tenant("small"));
@@ -727,6 +739,60 @@ async fn kube_pod_artifacts_are_kept_on_the_claim_with_the_local_rules() {
     assert!(message.contains("not stored") && message.contains("max_artifact_bytes = 16384"), "{message}");
     let qid = task_id(&pool, "quota").await;
     assert!(!mount.join(format!("runs/{small}/{qid}")).exists(), "refused artifacts leave nothing behind");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A service restarted while a pod runs adopts it and still stores what it wrote; a cancelled
+/// task's pod keeps nothing, and its run directory goes.
+#[tokio::test]
+async fn kube_pod_artifacts_survive_a_restart_and_a_cancelled_pod_keeps_none() {
+    let pv = tempfile::tempdir().unwrap();
+    let (sim, mount) = sim_with_claim(pv.path());
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(claim_settings(&env, &sim, &mount)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let code = |secs: u32| {
+        format!(
+            "import os, time\nd = os.environ['AGENTTASK_ARTIFACTS_DIR']\n\
+             open(os.path.join(d, 'early.txt'), 'w').write('early')\ntime.sleep({secs})\n\
+             open(os.path.join(d, 'late.txt'), 'w').write('late')\n"
+        )
+    };
+    for (id, secs) in [("adopted", 4), ("cancelled", 60)] {
+        client
+            .submit(&tenant, &json!({"id": id, "language": "python", "code": code(secs), "timeout_seconds": 90}))
+            .await;
+    }
+    let pool = env.pg().await;
+    for id in ["adopted", "cancelled"] {
+        eventually(WAIT, || async { phase(&pool, id).await == "Running" }).await;
+    }
+    let (adopted, cancelled) = (task_id(&pool, "adopted").await, task_id(&pool, "cancelled").await);
+    svc.stop().await;
+    let svc = env.start_with(claim_settings(&env, &sim, &mount)).await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/tasks/{cancelled}/cancel", svc.http_addr))
+        .bearer_auth("test-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let got = results(&mut client, 2, Duration::from_secs(120)).await;
+    let a = &got["adopted"];
+    assert_eq!(a["phase"], "Succeeded", "{a:#}");
+    let mut names: Vec<&str> = a["artifacts"].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["early.txt", "late.txt"], "{a:#}");
+    let url = format!("http://{}/v1/tasks/{adopted}/artifacts/late.txt", svc.http_addr);
+    let body = reqwest::Client::new().get(url).bearer_auth("test-admin-token").send().await.unwrap().text().await;
+    assert_eq!(body.unwrap(), "late");
+    let c = &got["cancelled"];
+    assert_eq!((c["phase"].as_str(), c["artifacts"].clone()), (Some("Cancelled"), json!([])), "{c:#}");
+    eventually(WAIT, || async { !mount.join(format!("runs/{tenant}/{cancelled}")).exists() }).await;
+    assert!(!mount.join(format!("artifacts/{tenant}/{cancelled}")).exists());
+    assert!(!mount.join(format!("runs/{tenant}/{adopted}")).exists());
     svc.stop().await;
     env.cleanup().await;
 }
