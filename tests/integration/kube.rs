@@ -724,6 +724,17 @@ async fn kube_pod_artifacts_are_kept_on_the_claim_with_the_local_rules() {
     for bad in ["passwd", "twice", "sparse", "..%2F..%2Fetc%2Fpasswd"] {
         assert_eq!(get(bad).await.status(), 404, "{bad}");
     }
+    // agentctl downloads them as it does a local task's, checking each sha256.
+    let out = tempfile::tempdir().unwrap();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["--server", &format!("http://{}", svc.http_addr), "--token", "test-admin-token"])
+        .args(["artifacts", &id, "-o", out.path().join("got").to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(std::fs::read(out.path().join("got/plots/fig.bin")).unwrap(), want);
+    assert_eq!(std::fs::read_to_string(out.path().join("got/notes.txt")).unwrap(), "hello");
     // Stored on the claim, in the data directory's layout; the pod's run directory is gone.
     assert!(mount.join(format!("artifacts/{a}/{id}/plots/fig.bin")).is_file());
     assert!(!mount.join(format!("runs/{a}/{id}")).exists());
