@@ -3,7 +3,8 @@
 //!
 //! Artifacts are walked relative to directory descriptors (`openat`/`fstatat` with
 //! `O_NOFOLLOW`), never by path, so even a symlink swapped in mid-walk could not redirect the
-//! walk (and nothing can swap: collection starts once the task's cgroup is empty).
+//! walk (and nothing can swap: collection starts once the task's cgroup is empty, or once its
+//! pod has finished).
 //!
 //! What a file costs is what it occupies: `max(allocated, apparent size)`. A file whose apparent
 //! size exceeds its allocated blocks by more than [`SPARSE_SLACK_BYTES`] (a sparse file, written
@@ -345,9 +346,10 @@ pub fn tree_cost(path: &Path) -> u64 {
     own + children
 }
 
-/// Artifact storage used per tenant under `<data_dir>/artifacts/<tenant>/`, counted once from
-/// disk when a tenant is first seen (or after a sweep), then kept up to date as tasks store.
-/// The data directory belongs to one service process, so this count is the truth.
+/// Artifact storage used per tenant under `<root>/artifacts/<tenant>/`, counted once from disk
+/// when a tenant is first seen (or after a sweep), then kept up to date as tasks store. A data
+/// directory belongs to one service process, so there this count is the truth; storage shared
+/// by several processes (a claim) is recounted before each store ([`TenantUsage::forget`]).
 #[derive(Debug, Default)]
 pub struct TenantUsage {
     bytes: Mutex<HashMap<String, u64>>,
