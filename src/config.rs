@@ -162,6 +162,14 @@ pub struct KubeArgs {
     /// Seconds after a task's deadline at which agent-sandbox shuts its Sandbox down [default: 300]
     #[arg(long, env = "AGENTTASK_SANDBOX_SHUTDOWN_GRACE_SECONDS")]
     pub sandbox_shutdown_grace_seconds: Option<u64>,
+    /// PersistentVolumeClaim (ReadWriteMany) that keeps task pods' artifacts; it must exist in
+    /// the tasks' namespaces and be mounted in the service at --artifacts-pvc-mount [default:
+    /// none: Kubernetes tasks keep no artifacts]
+    #[arg(long, env = "AGENTTASK_ARTIFACTS_PVC")]
+    pub artifacts_pvc: Option<String>,
+    /// Where the service's own pod mounts the --artifacts-pvc claim [default: /var/lib/agenttask/artifacts-pvc]
+    #[arg(long, env = "AGENTTASK_ARTIFACTS_PVC_MOUNT")]
+    pub artifacts_pvc_mount: Option<PathBuf>,
 }
 
 impl KubeArgs {
@@ -178,6 +186,8 @@ impl KubeArgs {
             ttl_seconds_after_finished: self.ttl_seconds_after_finished.or(file.ttl_seconds_after_finished),
             sandbox_api_version: self.sandbox_api_version.or(file.sandbox_api_version),
             sandbox_shutdown_grace_seconds: self.sandbox_shutdown_grace_seconds.or(file.sandbox_shutdown_grace_seconds),
+            artifacts_pvc: self.artifacts_pvc.or(file.artifacts_pvc),
+            artifacts_pvc_mount: self.artifacts_pvc_mount.or(file.artifacts_pvc_mount),
         }
     }
 
@@ -214,6 +224,16 @@ impl KubeArgs {
         }
         if let Some(g) = self.sandbox_shutdown_grace_seconds {
             k.sandbox_shutdown_grace = std::time::Duration::from_secs(g);
+        }
+        if let Some(claim) = self.artifacts_pvc {
+            crate::kube::check_claim_name(&claim).map_err(|e| invalid("--artifacts-pvc", e))?;
+            k.pods.artifacts_claim = Some(claim);
+        }
+        if let Some(mount) = self.artifacts_pvc_mount {
+            if !mount.is_absolute() {
+                return Err(invalid("--artifacts-pvc-mount", format!("{} is not an absolute path", mount.display())));
+            }
+            k.artifacts_pvc_mount = mount;
         }
         k.pods.output_limit_bytes = output_limit_bytes;
         k.kubeconfig = self.kubeconfig;
@@ -459,6 +479,29 @@ mod tests {
         match Settings::resolve(args) {
             Err(SettingsError::Invalid { setting: s, .. }) => assert_eq!(s, "--namespace"),
             other => panic!("--namespace: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_artifacts_claim_is_off_by_default_and_checked() {
+        let s = Settings::resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.kube.pods.artifacts_claim, None);
+        assert_eq!(s.kube.artifacts_pvc_mount, PathBuf::from(crate::kube::DEFAULT_ARTIFACTS_PVC_MOUNT));
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("agenttask.toml");
+        std::fs::write(&cfg, "[kubernetes]\nartifacts_pvc = \"task-artifacts\"\nartifacts_pvc_mount = \"/pvc\"\n")
+            .unwrap();
+        let s = Settings::resolve(ServeArgs { config: Some(cfg), ..Default::default() }).unwrap();
+        assert_eq!(s.kube.pods.artifacts_claim.as_deref(), Some("task-artifacts"));
+        assert_eq!(s.kube.artifacts_pvc_mount, PathBuf::from("/pvc"));
+        for (kube, setting) in [
+            (KubeArgs { artifacts_pvc: Some("Bad_Claim".into()), ..Default::default() }, "--artifacts-pvc"),
+            (KubeArgs { artifacts_pvc_mount: Some("relative".into()), ..Default::default() }, "--artifacts-pvc-mount"),
+        ] {
+            match Settings::resolve(ServeArgs { kube, ..Default::default() }) {
+                Err(SettingsError::Invalid { setting: s, .. }) => assert_eq!(s, setting),
+                other => panic!("{setting}: {other:?}"),
+            }
         }
     }
 

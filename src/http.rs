@@ -41,9 +41,9 @@ pub struct Api {
     /// The backend of this process's executor, if it runs one: where running tasks' output is
     /// read for `logs?follow=true`.
     pub backend: Option<Arc<dyn crate::exec::Backend>>,
-    /// Where collected artifacts are kept (`<data dir>/artifacts`), when this process can read
-    /// them.
-    pub artifacts_root: Option<std::path::PathBuf>,
+    /// Where collected artifacts are kept (the data directory, or the artifacts claim of the
+    /// Kubernetes backend), when this process can read them.
+    pub artifacts: Option<Arc<dyn crate::exec::artifacts::ArtifactSink>>,
 }
 
 /// The HTTP server stopped serving (an I/O error on its listener).

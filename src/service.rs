@@ -18,6 +18,7 @@ use crate::config::{BackendKind, Component, Settings, TenantsFileError};
 use crate::domain::phase::Phase;
 use crate::domain::tenant::Tenants;
 use crate::domain::validate::BackendIsolation;
+use crate::exec::artifacts::{ArtifactSink, DataDirSink, SinkConfig};
 use crate::exec::local::{LocalBackend, LocalConfig, SetupError};
 use crate::exec::null::NullBackend;
 use crate::exec::Backend;
@@ -99,6 +100,9 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    /// `--artifacts-pvc` cannot work as configured (the message names the fix).
+    #[error("--artifacts-pvc: {0}")]
+    Artifacts(String),
     /// A component stopped while the service was not shutting down.
     #[error(transparent)]
     Stopped(#[from] Stopped),
@@ -137,6 +141,9 @@ async fn build_backend(settings: &Settings, tenants: &watch::Sender<Arc<Tenants>
             Ok((Arc::new(NullBackend), None))
         }
         BackendKind::Kubernetes => {
+            if let Some(pvc) = settings.kube.artifact_sink() {
+                pvc.check_owner(settings.kube.pods.uid).map_err(ServiceError::Artifacts)?;
+            }
             let client = crate::kube::client(&settings.kube).await?;
             let backend = crate::kube::backend::KubeBackend::new(client, settings.kube.clone(), tenants.subscribe());
             Ok((Arc::new(backend), None))
@@ -183,7 +190,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             admin_token: settings.admin_token.clone(),
             readiness: readiness.clone(),
             backend: backend.as_ref().map(|(b, _)| b.clone()),
-            artifacts_root: Some(settings.data_dir.join("artifacts")),
+            artifacts: Some(artifact_store(&settings)),
         });
         sup.spawn("http", crate::http::serve(listener, api, shutdown.clone()));
     }
@@ -228,7 +235,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         };
         sup.spawn("executor", executor.run(shutdown.clone()));
         if let Some(local) = local {
-            sup.spawn("artifact-sweeper", sweep_artifacts(local, shutdown.clone()));
+            sup.spawn("artifact-sweeper", sweep_artifacts(local.artifact_sink(), shutdown.clone()));
+        } else if let Some(pvc) = settings.kube.artifact_sink().filter(|_| settings.backend == BackendKind::Kubernetes)
+        {
+            sup.spawn("artifact-sweeper", sweep_artifacts(Arc::new(pvc), shutdown.clone()));
         }
         if settings.backend == BackendKind::Kubernetes {
             // Runs in every executor process; one at a time reconciles (a Postgres lock).
@@ -336,11 +346,20 @@ async fn listen(
     }
 }
 
+/// Where this process's HTTP API reads artifacts: the Kubernetes backend's claim when one is
+/// configured, else the data directory.
+fn artifact_store(settings: &Settings) -> Arc<dyn ArtifactSink> {
+    match settings.kube.artifact_sink() {
+        Some(pvc) if settings.backend == BackendKind::Kubernetes => Arc::new(pvc),
+        _ => Arc::new(DataDirSink::new(settings.data_dir.clone(), SinkConfig::default())),
+    }
+}
+
 /// Removes artifacts older than their TTL, now and then.
-async fn sweep_artifacts(backend: Arc<LocalBackend>, shutdown: CancellationToken) {
+async fn sweep_artifacts(sink: Arc<dyn ArtifactSink>, shutdown: CancellationToken) {
     loop {
-        let b = backend.clone();
-        match tokio::task::spawn_blocking(move || b.sweep_artifacts()).await {
+        let s = sink.clone();
+        match tokio::task::spawn_blocking(move || s.sweep()).await {
             Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired artifacts removed"),
             Ok(Err(e)) => tracing::warn!(error = %e, "sweeping artifacts failed"),
             _ => {}

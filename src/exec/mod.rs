@@ -16,6 +16,7 @@
 //! - runs that live elsewhere (Kubernetes pods): they outlive a restart, [`Backend::adopt`] lists
 //!   them to the next process, which goes on observing them.
 
+pub mod artifacts;
 pub mod local;
 pub mod null;
 mod runs;

@@ -2,7 +2,8 @@
 //!
 //! Only names the service recorded for the task are served (collection already refused links,
 //! special files and anything past the caps), so a request cannot reach any other file: the
-//! name is looked up in the task's row, never joined to a path as given.
+//! name is looked up in the task's row, never joined to a path as given. The bytes come from
+//! the process's artifact sink, whichever backend ran the task.
 
 use std::sync::Arc;
 
@@ -31,13 +32,15 @@ pub(super) async fn get_artifact(
         .iter()
         .find(|a| a.name == name)
         .ok_or_else(|| ApiError::NotFound(format!("task {id} has no artifact {name:?}")))?;
-    let Some(root) = &api.artifacts_root else {
+    let Some(sink) = api.artifacts.clone() else {
         return Err(ApiError::NotFound(format!("artifacts are not kept where this process can read them ({name:?})")));
     };
-    let path = root.join(&row.tenant).join(id.to_string()).join(&artifact.name);
-    let file = tokio::fs::File::open(&path)
+    let (tenant, stored) = (row.tenant.clone(), artifact.name.clone());
+    let file = tokio::task::spawn_blocking(move || sink.open(&tenant, id, &stored))
         .await
+        .map_err(|e| ApiError::Internal(format!("opening an artifact failed: {e}")))?
         .map_err(|_| ApiError::NotFound(format!("artifact {name:?} of task {id} is no longer kept (expired)")))?;
+    let file = tokio::fs::File::from_std(file);
     let stream = tokio_util::io::ReaderStream::new(file);
     Ok((
         [

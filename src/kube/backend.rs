@@ -6,6 +6,10 @@
 //! process holds its lock) does the rest. `cancel` deletes the AgentTask; its finalizer marks
 //! it `Cancelled` and the watcher reports that. Pods outlive this process, so a restarted one
 //! `adopt`s the AgentTasks it finds and goes on watching them.
+//!
+//! With an artifacts claim, a finished run's artifacts are stored from the pod's sub-path of
+//! the claim (see [`crate::exec::artifacts::PvcSink`]) before the run is reported finished, so
+//! an adopted run is collected like any other; a cancelled run's are discarded.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,8 +28,9 @@ use super::direct::{self, Scope};
 use super::podspec::{self, CONTAINER};
 use super::reconcile::FIELD_MANAGER;
 use super::{materialize, KubeSettings};
-use crate::domain::tenant::Tenants;
+use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::domain::validate::BackendIsolation;
+use crate::exec::artifacts::PvcSink;
 use crate::exec::{
     Backend, BackendError, BoxFuture, Capabilities, Captured, EventSink, Job, Outcome, ProgramResult, RunEvent, RunKey,
     Termination,
@@ -51,11 +56,14 @@ pub struct KubeBackend {
     /// Stops the watcher at shutdown; pods keep running.
     stop: CancellationToken,
     watching: std::sync::atomic::AtomicBool,
+    /// Where pods' artifacts are collected from and kept, with `--artifacts-pvc`.
+    artifacts: Option<Arc<PvcSink>>,
 }
 
 impl KubeBackend {
     pub fn new(client: Client, settings: KubeSettings, tenants: tokio::sync::watch::Receiver<Arc<Tenants>>) -> Self {
         KubeBackend {
+            artifacts: settings.artifact_sink().map(Arc::new),
             client,
             settings,
             tenants,
@@ -155,11 +163,52 @@ impl KubeBackend {
         if phase.is_some_and(|p| p.is_terminal()) {
             let this = self.clone();
             tokio::spawn(async move {
-                let outcome = this.outcome_of(&task).await;
+                let mut outcome = this.outcome_of(&task).await;
+                this.keep_artifacts(&task, &mut outcome).await;
                 this.send(key, RunEvent::Finished(outcome));
             });
         } else if deleted {
             self.send(key, RunEvent::Finished(Outcome::cancelled(started.unwrap_or(now))));
+            if let (Some(sink), Some((tenant, task_id))) = (self.artifacts.clone(), podspec::run_of(&task)) {
+                tokio::task::spawn_blocking(move || sink.discard_run(&tenant, task_id));
+            }
+        }
+    }
+
+    /// Stores what the finished pod left in its artifacts directory (with a claim), or says
+    /// that nothing is kept (without one). A cancelled run's directory is discarded.
+    async fn keep_artifacts(&self, task: &AgentTask, outcome: &mut Outcome) {
+        let ran = matches!(
+            outcome.termination,
+            Termination::Exited | Termination::OomKilled | Termination::OutputLimitExceeded | Termination::TimedOut
+        );
+        let Some(sink) = self.artifacts.clone() else {
+            if ran {
+                outcome.artifacts_note = Some(
+                    "files under AGENTTASK_ARTIFACTS_DIR are not kept: the Kubernetes backend keeps them only \
+                     with --artifacts-pvc"
+                        .into(),
+                );
+            }
+            return;
+        };
+        let Some((tenant, task_id)) = podspec::run_of(task) else { return };
+        if outcome.termination == Termination::Cancelled {
+            let _ = tokio::task::spawn_blocking(move || sink.discard_run(&tenant, task_id)).await;
+            return;
+        }
+        let quota = self
+            .tenants
+            .borrow()
+            .iter()
+            .find(|(name, _)| name.as_str() == tenant)
+            .map_or(TenantPolicy::default().max_artifact_bytes, |(_, p)| p.max_artifact_bytes);
+        match tokio::task::spawn_blocking(move || sink.collect_run(&tenant, task_id, quota)).await {
+            Ok(collected) => {
+                outcome.artifacts = collected.artifacts;
+                outcome.artifacts_note = collected.note;
+            }
+            Err(e) => outcome.artifacts_note = Some(format!("artifacts not stored: collecting them failed: {e}")),
         }
     }
 

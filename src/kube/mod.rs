@@ -46,6 +46,9 @@ pub enum KubeBackendKind {
     Sandbox,
 }
 
+/// Where the service's pod mounts the artifacts claim unless told otherwise.
+pub const DEFAULT_ARTIFACTS_PVC_MOUNT: &str = "/var/lib/agenttask/artifacts-pvc";
+
 /// The namespace prefix of `--namespace-per-tenant`: tenant `acme` lives in `agenttask-acme`.
 pub const TENANT_NAMESPACE_PREFIX: &str = "agenttask-";
 
@@ -58,6 +61,23 @@ pub fn check_namespace_name(name: &str) -> Result<(), String> {
              starting and ending with a letter or digit"
         )
     })
+}
+
+/// Checks a PersistentVolumeClaim name as the API server would (an RFC 1123 subdomain).
+pub fn check_claim_name(name: &str) -> Result<(), String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() <= 253 && name.split('.').all(label_ok) {
+        return Ok(());
+    }
+    Err(format!(
+        "{name:?} is not a valid claim name: at most 253 lowercase letters, digits, '-' and '.', \
+         starting and ending with a letter or digit"
+    ))
 }
 
 /// Where AgentTasks live.
@@ -100,6 +120,8 @@ pub struct KubeSettings {
     pub sandbox_version: sandbox::SandboxApiVersion,
     /// How long after a task's deadline agent-sandbox itself shuts its Sandbox down.
     pub sandbox_shutdown_grace: Duration,
+    /// Where the service's pod mounts the artifacts claim (`pods.artifacts_claim`), if any.
+    pub artifacts_pvc_mount: std::path::PathBuf,
 }
 
 impl Default for KubeSettings {
@@ -116,7 +138,20 @@ impl Default for KubeSettings {
             backend: KubeBackendKind::Podjob,
             sandbox_version: sandbox::SandboxApiVersion::default(),
             sandbox_shutdown_grace: sandbox::DEFAULT_SHUTDOWN_GRACE,
+            artifacts_pvc_mount: DEFAULT_ARTIFACTS_PVC_MOUNT.into(),
         }
+    }
+}
+
+impl KubeSettings {
+    /// The artifacts claim's sink as the service's mount sees it, when a claim is configured.
+    /// Cheap and without I/O; every instance counts usage from the claim itself, so the
+    /// backend, the reconciler and the HTTP API may each hold their own.
+    pub fn artifact_sink(&self) -> Option<crate::exec::artifacts::PvcSink> {
+        self.pods
+            .artifacts_claim
+            .as_ref()
+            .map(|_| crate::exec::artifacts::PvcSink::new(self.artifacts_pvc_mount.clone(), Default::default()))
     }
 }
 

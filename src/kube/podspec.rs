@@ -6,7 +6,9 @@
 //! non-root uid/gid, a read-only root filesystem, no privilege escalation, every capability
 //! dropped, the runtime's default seccomp profile, no service-account token, no service links,
 //! no host namespaces or hostPath, requests equal to limits, `activeDeadlineSeconds` from the
-//! timeout, and a size-limited scratch `emptyDir` as the only writable place.
+//! timeout, and a size-limited scratch `emptyDir` as the only writable place, except for the
+//! artifacts directory when an artifacts claim is configured: then it is the task's own
+//! sub-path of that PersistentVolumeClaim (see [`crate::exec::artifacts::PvcSink`]).
 //!
 //! Inputs (code, files, stdin) travel in ConfigMaps of at most [`CONFIGMAP_CHUNK_BYTES`] each:
 //! a file larger than that is split into parts over several ConfigMaps and put back together
@@ -19,8 +21,9 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, Pod, PodSecurityContext,
-    PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -45,6 +48,11 @@ pub const RESULT_MARK: &str = "\n==agenttask:result==\n";
 pub const CONTAINER: &str = "task";
 /// Where the scratch volume is mounted; the working directory is `work/` below it.
 pub const SCRATCH: &str = "/agenttask/scratch";
+/// The task's artifacts directory (`$AGENTTASK_ARTIFACTS_DIR`), on the scratch or, with an
+/// artifacts claim, the claim's per-task sub-path mounted there.
+pub const ARTIFACTS_DIR: &str = "/agenttask/scratch/artifacts";
+/// The name of the artifacts claim's volume in a task pod.
+pub const ARTIFACTS_VOLUME: &str = "artifacts";
 
 /// Settings of the pods the reconciler makes. Defaults are documented in the README.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +76,9 @@ pub struct PodSettings {
     pub annotation_prefixes: Vec<String>,
     /// `imagePullPolicy` of task pods.
     pub image_pull_policy: String,
+    /// The PersistentVolumeClaim whose per-task sub-path is the artifacts directory; `None`
+    /// keeps artifacts on the scratch, where they are lost with the pod.
+    pub artifacts_claim: Option<String>,
 }
 
 impl Default for PodSettings {
@@ -82,6 +93,7 @@ impl Default for PodSettings {
             result_max_bytes: 1 << 20,
             annotation_prefixes: Vec::new(),
             image_pull_policy: "IfNotPresent".into(),
+            artifacts_claim: None,
         }
     }
 }
@@ -335,6 +347,21 @@ exit "$code"
     )
 }
 
+/// The artifacts claim and the task's sub-path of it, when a claim is configured and the task
+/// is an admitted one of a known tenant (only those have a run to collect).
+pub fn artifacts_mount(task: &AgentTask, settings: &PodSettings) -> Option<(String, String)> {
+    let claim = settings.artifacts_claim.clone()?;
+    let (tenant, task_id) = run_of(task)?;
+    Some((claim, crate::exec::artifacts::run_sub_path(&tenant, task_id)?))
+}
+
+/// The tenant and task id of an admitted AgentTask.
+pub fn run_of(task: &AgentTask) -> Option<(String, uuid::Uuid)> {
+    let tenant = task.status.as_ref().and_then(|s| s.tenant.clone()).or_else(|| task.spec.tenant.clone())?;
+    let task_id = task.spec.admission.as_ref()?.task_id.parse().ok()?;
+    Some((tenant, task_id))
+}
+
 /// The hardened pod.
 pub fn pod(
     task: &AgentTask,
@@ -365,7 +392,7 @@ pub fn pod(
         .collect();
     for (k, v) in [
         ("AGENTTASK_RESULT_FILE", format!("{SCRATCH}/result.json")),
-        ("AGENTTASK_ARTIFACTS_DIR", format!("{SCRATCH}/artifacts")),
+        ("AGENTTASK_ARTIFACTS_DIR", ARTIFACTS_DIR.to_owned()),
         ("HOME", format!("{SCRATCH}/tmp")),
         ("TMPDIR", format!("{SCRATCH}/tmp")),
     ] {
@@ -397,6 +424,21 @@ pub fn pod(
                 optional: Some(false),
                 ..ConfigMapVolumeSource::default()
             }),
+            ..Volume::default()
+        });
+    }
+    if let Some((claim, sub_path)) = artifacts_mount(task, settings) {
+        // Mounted over the scratch's `artifacts/` (mounts nest by path): the program's view
+        // and the entry script are the same with and without a claim.
+        mounts.push(VolumeMount {
+            name: ARTIFACTS_VOLUME.into(),
+            mount_path: ARTIFACTS_DIR.into(),
+            sub_path: Some(sub_path),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: ARTIFACTS_VOLUME.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name: claim, read_only: None }),
             ..Volume::default()
         });
     }
@@ -599,6 +641,38 @@ mod tests {
         let ann = objs.pod.metadata.annotations.unwrap();
         assert_eq!(ann.len(), 1);
         assert_eq!(ann["kubesim.agenttask.io/outcome"], "OOMKilled");
+    }
+
+    #[test]
+    fn an_artifacts_claim_is_mounted_with_the_tasks_sub_path_and_nothing_else_changes() {
+        let mut t = task();
+        let id = uuid::Uuid::new_v4();
+        t.spec.admission = Some(crate::kube::crd::Admission { task_id: id.to_string(), attempt: 2 });
+        let without = build(&t, &PodSettings::default(), &TaskDefaults::default()).unwrap().pod.spec.unwrap();
+        assert!(without.volumes.as_ref().unwrap().iter().all(|v| v.persistent_volume_claim.is_none()));
+        let settings = PodSettings { artifacts_claim: Some("task-artifacts".into()), ..PodSettings::default() };
+        let with = build(&t, &settings, &TaskDefaults::default()).unwrap().pod.spec.unwrap();
+        let vol = with.volumes.as_ref().unwrap().iter().find(|v| v.name == ARTIFACTS_VOLUME).unwrap();
+        let pvc = vol.persistent_volume_claim.as_ref().unwrap();
+        assert_eq!((pvc.claim_name.as_str(), pvc.read_only), ("task-artifacts", None));
+        let c = &with.containers[0];
+        let m = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == ARTIFACTS_VOLUME).unwrap();
+        assert_eq!(m.mount_path, ARTIFACTS_DIR);
+        assert_eq!(m.sub_path.as_deref(), Some(format!("runs/acme/{id}").as_str()));
+        let env = c.env.as_ref().unwrap();
+        assert_eq!(
+            env.iter().find(|e| e.name == "AGENTTASK_ARTIFACTS_DIR").unwrap().value.as_deref(),
+            Some(ARTIFACTS_DIR)
+        );
+        // Still restricted: the same security contexts, one more volume and mount, no hostPath.
+        assert_eq!(with.security_context, without.security_context);
+        assert_eq!(c.security_context, without.containers[0].security_context);
+        assert_eq!(with.volumes.as_ref().unwrap().len(), without.volumes.as_ref().unwrap().len() + 1);
+        assert!(with.volumes.unwrap().iter().all(|v| v.host_path.is_none()));
+        // An AgentTask not admitted yet has no run, so no sub-path.
+        t.spec.admission = None;
+        let pending = build(&t, &settings, &TaskDefaults::default()).unwrap().pod.spec.unwrap();
+        assert!(pending.volumes.unwrap().iter().all(|v| v.persistent_volume_claim.is_none()));
     }
 
     #[test]

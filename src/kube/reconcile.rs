@@ -67,6 +67,8 @@ pub struct Ctx {
     pub tenants: tokio::sync::watch::Receiver<Arc<Tenants>>,
     /// Consecutive failures per object, for the error policy's backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// With `--artifacts-pvc`: prepares each pod's directory on the claim.
+    artifacts: Option<Arc<crate::exec::artifacts::PvcSink>>,
 }
 
 impl Ctx {
@@ -79,6 +81,7 @@ impl Ctx {
     ) -> Self {
         let reporter = Reporter { controller: "agenttask".into(), instance: std::env::var("HOSTNAME").ok() };
         Ctx {
+            artifacts: settings.artifact_sink().map(Arc::new),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
@@ -104,6 +107,8 @@ pub enum Error {
     NoNamespace,
     #[error("Postgres: {0}")]
     Store(#[from] StoreError),
+    #[error("the task's artifacts directory on the claim cannot be prepared: {0}")]
+    Artifacts(String),
 }
 
 impl From<kube::Error> for Error {
@@ -124,6 +129,7 @@ impl Error {
             Error::Build(_) => "BuildError",
             Error::NoNamespace => "NoNamespace",
             Error::Store(_) => "StoreError",
+            Error::Artifacts(_) => "ArtifactsError",
         }
     }
 }
@@ -599,7 +605,8 @@ async fn cleanup(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
         }
     }
     let mut status = task.status.clone().unwrap_or_default();
-    if !status.phase.is_some_and(|p| p.is_terminal()) {
+    let cancelled = !status.phase.is_some_and(|p| p.is_terminal());
+    if cancelled {
         let started = parse_time(status.start_time.as_deref()).unwrap_or_else(Utc::now);
         let outcome = Outcome::cancelled(started);
         finish(ctx, task, &mut status, &outcome, None).await?;
@@ -610,6 +617,10 @@ async fn cleanup(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
             delete_sandbox(&sandbox_api(ctx, &ns), pod).await?;
         }
         delete_ignoring_missing(&pods, pod).await?;
+    }
+    // A cancelled run keeps no artifacts (a finished one's are the executor's to collect).
+    if let (true, Some(sink), Some((tenant, task_id))) = (cancelled, ctx.artifacts.clone(), podspec::run_of(task)) {
+        let _ = tokio::task::spawn_blocking(move || sink.discard_run(&tenant, task_id)).await;
     }
     Ok(Action::await_change())
 }
@@ -661,6 +672,13 @@ async fn create_objects(task: &AgentTask, ctx: &Ctx, ns: &str, attempt: i32) -> 
     }
     let nps: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
     nps.patch(&objects.network_policy.name_any(), &pp, &Patch::Apply(&objects.network_policy)).await?;
+    if let (Some(sink), Some((tenant, task_id))) = (ctx.artifacts.clone(), podspec::run_of(task)) {
+        // Before the pod exists: a kubelet would make a missing sub-path root-owned.
+        tokio::task::spawn_blocking(move || sink.prepare_run(&tenant, task_id))
+            .await
+            .map_err(|e| Error::Artifacts(e.to_string()))?
+            .map_err(|e| Error::Artifacts(e.to_string()))?;
+    }
     debug_assert_eq!(objects.pod.name_any(), podspec::pod_name(&task.name_any(), attempt));
     if task.spec.backend == Some(TaskBackend::Sandbox) {
         let timeout = task.spec.timeout_seconds.unwrap_or(ctx.settings.defaults.timeout_seconds);
@@ -1000,5 +1018,6 @@ mod tests {
         assert_eq!(Error::Build(BuildError::NoCode).metric_label(), "BuildError");
         let nested = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(Error::NoNamespace)));
         assert_eq!(nested.metric_label(), "NoNamespace");
+        assert_eq!(Error::Artifacts("full".into()).metric_label(), "ArtifactsError");
     }
 }

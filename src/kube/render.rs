@@ -43,6 +43,10 @@ pub struct RenderArgs {
     /// Put them in agenttask-<tenant>
     #[arg(long)]
     pub namespace_per_tenant: bool,
+    /// The artifacts claim the service is configured with (--artifacts-pvc): the pod mounts
+    /// its sub-path for the task [default: none]
+    #[arg(long, env = "AGENTTASK_ARTIFACTS_PVC")]
+    pub artifacts_pvc: Option<String>,
     /// The task message body (JSON), or - for stdin
     pub task: PathBuf,
 }
@@ -143,6 +147,10 @@ pub fn render(args: &RenderArgs) -> Result<String, (u8, String)> {
         settings.namespaces = Namespaces::PerTenant { prefix: super::TENANT_NAMESPACE_PREFIX.into() };
     } else if let Some(ns) = &args.namespace {
         settings.namespaces = Namespaces::Single(ns.clone());
+    }
+    if let Some(claim) = &args.artifacts_pvc {
+        super::check_claim_name(claim).map_err(|e| (2, format!("--artifacts-pvc: {e}")))?;
+        settings.pods.artifacts_claim = Some(claim.clone());
     }
     let ns = settings.namespaces.for_tenant(tenant.as_str());
     let (task, external) = materialize::agent_task(&job, &ns, backend, settings.ttl_seconds_after_finished);

@@ -51,8 +51,14 @@ impl Sim {
 
     /// An emulator with the given kubelet: `simulate`, or `exec` (runs the containers for real).
     pub fn start_with(kubelet: &str) -> Sim {
+        Sim::start_with_args(kubelet, &[])
+    }
+
+    /// An emulator with the given kubelet and more of its flags.
+    pub fn start_with_args(kubelet: &str, more: &[&str]) -> Sim {
         let mut child = Command::new(kubesim_bin())
             .args(["--addr", "127.0.0.1:0", "--kubelet", kubelet])
+            .args(more)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -611,6 +617,10 @@ async fn kube_exec_kubelet_runs_real_python_and_r_end_to_end() {
         (Some("Failed"), Some("NonZeroExit"), Some(3)),
         "{fails:#}"
     );
+    // Without an artifacts claim nothing under AGENTTASK_ARTIFACTS_DIR is kept, and the
+    // result says so.
+    assert_eq!(py["artifacts"], json!([]), "{py:#}");
+    assert!(py["message"].as_str().unwrap().contains("only with --artifacts-pvc"), "{py:#}");
 
     // `logs?follow=true` streams the pod's output while it runs, and ends with the task.
     let code = "import time\nprint('first', flush=True)\ntime.sleep(4)\nprint('second')\n";
@@ -631,6 +641,169 @@ async fn kube_exec_kubelet_runs_real_python_and_r_end_to_end() {
         seen.extend_from_slice(&chunk);
     }
     assert_eq!(String::from_utf8_lossy(&seen), "first\nsecond\n");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// An `exec` emulator keeping claims under `pv_root`, with the claim `task-artifacts` in the
+/// tasks' namespace; returns it and the claim's directory, which the service mounts.
+fn sim_with_claim(pv_root: &std::path::Path) -> (Sim, PathBuf) {
+    let sim = Sim::start_with_args("exec", &["--pv-root", pv_root.to_str().unwrap()]);
+    let claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: task-artifacts\n  namespace: agenttask\nspec:\n  accessModes: [ReadWriteMany]\n  resources:\n    requests: {storage: 1Gi}\n";
+    let claim_file = sim.dir.path().join("claim.yaml");
+    std::fs::write(&claim_file, claim).unwrap();
+    sim.kubectl_ok(&["apply", "-f", claim_file.to_str().unwrap()]);
+    // What the service's Deployment mounts: the same volume.
+    let mount = pv_root.join("agenttask/task-artifacts");
+    std::fs::create_dir_all(&mount).unwrap();
+    (sim, mount)
+}
+
+fn claim_settings(env: &Env, sim: &Sim, mount: &std::path::Path) -> Settings {
+    let mut settings = kube_settings(env, sim, 10);
+    settings.kube.pods.artifacts_claim = Some("task-artifacts".into());
+    settings.kube.artifacts_pvc_mount = mount.to_path_buf();
+    settings
+}
+
+/// With `--artifacts-pvc`, a pod's artifacts directory is its sub-path of the claim (the
+/// emulator keeps claims under `--pv-root`, as a shared volume would be), and what it writes
+/// there is kept as the local backend keeps it: the same caps, link, hard-link and sparse
+/// rules, the tenant's quota, downloads by recorded name with the sha256 ETag, and no run
+/// directory left on the claim.
+#[tokio::test]
+async fn kube_pod_artifacts_are_kept_on_the_claim_with_the_local_rules() {
+    use sha2::Digest as _;
+    let pv = tempfile::tempdir().unwrap();
+    let (sim, mount) = sim_with_claim(pv.path());
+    let env = Env::new(&format!("{TENANTS}[tenants.{{t}}-small]\nmax_artifact_bytes = 16384\n")).await;
+    let settings = claim_settings(&env, &sim, &mount);
+    let svc = env.start_with(settings).await;
+    let mut client = Client::new(&env).await;
+    let (a, small) = (env.tenant("a"), env.tenant("small"));
+    let rules = "import os\n\
+                 d = os.environ['AGENTTASK_ARTIFACTS_DIR']\n\
+                 os.makedirs(os.path.join(d, 'plots'))\n\
+                 open(os.path.join(d, 'plots', 'fig.bin'), 'wb').write(bytes(range(256)) * 40)\n\
+                 open(os.path.join(d, 'notes.txt'), 'w').write('hello')\n\
+                 os.symlink('/etc/passwd', os.path.join(d, 'passwd'))\n\
+                 open(os.path.join(d, 'twice'), 'w').write('x')\n\
+                 os.link(os.path.join(d, 'twice'), os.path.join(d, 'twice2'))\n\
+                 with open(os.path.join(d, 'sparse'), 'wb') as f:\n    f.truncate(64 << 20)\n\
+                 print('wrote')\n";
+    client.submit(&a, &json!({"id": "rules", "language": "python", "code": rules, "timeout_seconds": 60})).await;
+    let many = "import os\nd = os.environ['AGENTTASK_ARTIFACTS_DIR']\n\
+                for i in range(120):\n    open(os.path.join(d, 'f%03d' % i), 'w').write(str(i))\n";
+    client.submit(&a, &json!({"id": "many", "language": "python", "code": many, "timeout_seconds": 60})).await;
+    let big = "import os\nopen(os.path.join(os.environ['AGENTTASK_ARTIFACTS_DIR'], 'big.bin'), 'wb').write(os.urandom(64 * 1024))\n";
+    client.submit(&small, &json!({"id": "quota", "language": "python", "code": big, "timeout_seconds": 60})).await;
+    let got = results(&mut client, 3, Duration::from_secs(180)).await;
+
+    let r = &got["rules"];
+    assert_eq!((r["phase"].as_str(), r["stdout"].as_str()), (Some("Succeeded"), Some("wrote\n")), "{r:#}");
+    let mut names: Vec<&str> = r["artifacts"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    names.sort_unstable();
+    // The link, both names of the hard-linked file and the sparse file are not kept.
+    assert_eq!(names, ["notes.txt", "plots/fig.bin"], "{r:#}");
+    assert!(r["message"].as_str().unwrap().contains("1 sparse artifact file(s) not stored"), "{r:#}");
+    let pool = env.pg().await;
+    let id = task_id(&pool, "rules").await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let url = format!("http://{}/v1/tasks/{id}/artifacts/{path}", svc.http_addr);
+        let http = http.clone();
+        async move { http.get(url).bearer_auth("test-admin-token").send().await.unwrap() }
+    };
+    let resp = get("plots/fig.bin").await;
+    assert_eq!(resp.status(), 200);
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    let want: Vec<u8> = (0..40).flat_map(|_| 0u8..=255).collect();
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), want.as_slice());
+    assert_eq!(etag, format!("\"sha256:{:x}\"", sha2::Sha256::digest(&want)));
+    assert_eq!(get("notes.txt").await.text().await.unwrap(), "hello");
+    for bad in ["passwd", "twice", "sparse", "..%2F..%2Fetc%2Fpasswd"] {
+        assert_eq!(get(bad).await.status(), 404, "{bad}");
+    }
+    // agentctl downloads them as it does a local task's, checking each sha256.
+    let out = tempfile::tempdir().unwrap();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["--server", &format!("http://{}", svc.http_addr), "--token", "test-admin-token"])
+        .args(["artifacts", &id, "-o", out.path().join("got").to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(std::fs::read(out.path().join("got/plots/fig.bin")).unwrap(), want);
+    assert_eq!(std::fs::read_to_string(out.path().join("got/notes.txt")).unwrap(), "hello");
+    // Stored on the claim, in the data directory's layout; the pod's run directory is gone.
+    assert!(mount.join(format!("artifacts/{a}/{id}/plots/fig.bin")).is_file());
+    assert!(!mount.join(format!("runs/{a}/{id}")).exists());
+
+    let many = &got["many"];
+    assert_eq!(many["phase"], "Succeeded", "{many:#}");
+    assert_eq!(many["artifacts"].as_array().unwrap().len(), 100, "the file cap applies");
+
+    let q = &got["quota"];
+    assert_eq!(q["phase"], "Succeeded", "{q:#}");
+    assert_eq!(q["artifacts"], json!([]), "{q:#}");
+    let message = q["message"].as_str().unwrap();
+    assert!(message.contains("not stored") && message.contains("max_artifact_bytes = 16384"), "{message}");
+    let qid = task_id(&pool, "quota").await;
+    assert!(!mount.join(format!("runs/{small}/{qid}")).exists(), "refused artifacts leave nothing behind");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A service restarted while a pod runs adopts it and still stores what it wrote; a cancelled
+/// task's pod keeps nothing, and its run directory goes.
+#[tokio::test]
+async fn kube_pod_artifacts_survive_a_restart_and_a_cancelled_pod_keeps_none() {
+    let pv = tempfile::tempdir().unwrap();
+    let (sim, mount) = sim_with_claim(pv.path());
+    let env = Env::new(TENANTS).await;
+    let svc = env.start_with(claim_settings(&env, &sim, &mount)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let code = |secs: u32| {
+        format!(
+            "import os, time\nd = os.environ['AGENTTASK_ARTIFACTS_DIR']\n\
+             open(os.path.join(d, 'early.txt'), 'w').write('early')\ntime.sleep({secs})\n\
+             open(os.path.join(d, 'late.txt'), 'w').write('late')\n"
+        )
+    };
+    for (id, secs) in [("adopted", 4), ("cancelled", 60)] {
+        client
+            .submit(&tenant, &json!({"id": id, "language": "python", "code": code(secs), "timeout_seconds": 90}))
+            .await;
+    }
+    let pool = env.pg().await;
+    for id in ["adopted", "cancelled"] {
+        eventually(WAIT, || async { phase(&pool, id).await == "Running" }).await;
+    }
+    let (adopted, cancelled) = (task_id(&pool, "adopted").await, task_id(&pool, "cancelled").await);
+    svc.stop().await;
+    let svc = env.start_with(claim_settings(&env, &sim, &mount)).await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/tasks/{cancelled}/cancel", svc.http_addr))
+        .bearer_auth("test-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let got = results(&mut client, 2, Duration::from_secs(120)).await;
+    let a = &got["adopted"];
+    assert_eq!(a["phase"], "Succeeded", "{a:#}");
+    let mut names: Vec<&str> = a["artifacts"].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["early.txt", "late.txt"], "{a:#}");
+    let url = format!("http://{}/v1/tasks/{adopted}/artifacts/late.txt", svc.http_addr);
+    let body = reqwest::Client::new().get(url).bearer_auth("test-admin-token").send().await.unwrap().text().await;
+    assert_eq!(body.unwrap(), "late");
+    let c = &got["cancelled"];
+    assert_eq!((c["phase"].as_str(), c["artifacts"].clone()), (Some("Cancelled"), json!([])), "{c:#}");
+    eventually(WAIT, || async { !mount.join(format!("runs/{tenant}/{cancelled}")).exists() }).await;
+    assert!(!mount.join(format!("artifacts/{tenant}/{cancelled}")).exists());
+    assert!(!mount.join(format!("runs/{tenant}/{adopted}")).exists());
     svc.stop().await;
     env.cleanup().await;
 }
@@ -664,6 +837,7 @@ async fn kube_rendered_sandbox_runs_under_the_emulated_agent_sandbox_controller(
         tenants: None,
         namespace: None,
         namespace_per_tenant: false,
+        artifacts_pvc: None,
         task,
     };
     let yaml = render(&args).unwrap_or_else(|(c, m)| panic!("render failed ({c}): {m}"));

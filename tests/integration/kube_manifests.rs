@@ -35,6 +35,7 @@ fn rendered(dir: &Path, name: &str, backend: RenderBackend, task: serde_json::Va
         tenants: None,
         namespace: None,
         namespace_per_tenant: false,
+        artifacts_pvc: None,
         task: input,
     };
     let yaml = render(&args).unwrap_or_else(|(c, m)| panic!("render {name} failed ({c}): {m}"));
@@ -158,6 +159,48 @@ fn deploy_manifests_pass_strict_schema_validation() {
         "configmap/",
         "namespace/",
     ] {
+        assert!(report.contains(&format!("passed for resource {kind}")), "no {kind} was validated:\n{report}");
+    }
+}
+
+/// The artifacts claim: the component deploy/artifacts-pvc (claims, and the Deployment mounting
+/// one), as kustomize builds deploy/ with it, and a pod rendered with `--artifacts-pvc`.
+#[test]
+fn the_artifacts_claim_component_and_pod_pass_strict_schema_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    // An overlay of deploy/ with the component, as an operator's kustomization would be (kustomize
+    // refuses absolute roots and overlays inside their base, so it reaches deploy/ by a link).
+    std::os::unix::fs::symlink(root().join("deploy"), dir.path().join("deploy")).unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "resources:\n  - deploy\ncomponents:\n  - deploy/artifacts-pvc\n",
+    )
+    .unwrap();
+    let built = Command::new("/usr/bin/kubectl").args(["kustomize"]).arg(dir.path()).output().expect("kubectl runs");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let kustomized = dir.path().join("kustomized.yaml");
+    std::fs::write(&kustomized, &built.stdout).unwrap();
+    let yaml = String::from_utf8_lossy(&built.stdout).into_owned();
+    assert!(yaml.contains("claimName: task-artifacts") && yaml.contains("value: task-artifacts"), "{yaml}");
+
+    let input = dir.path().join("task.json");
+    std::fs::write(&input, br#"{"language": "python", "code": "print(1)"}"#).unwrap();
+    let args = RenderArgs {
+        backend: RenderBackend::Podjob,
+        tenant: "acme".into(),
+        tenants: None,
+        namespace: None,
+        namespace_per_tenant: false,
+        artifacts_pvc: Some("task-artifacts".into()),
+        task: input,
+    };
+    let pod = render(&args).unwrap_or_else(|(c, m)| panic!("render failed ({c}): {m}"));
+    assert!(pod.contains("claimName: task-artifacts") && pod.contains("subPath: runs/acme/"), "{pod}");
+    let rendered = dir.path().join("rendered.yaml");
+    std::fs::write(&rendered, pod).unwrap();
+
+    let report = validate(&[kustomized, rendered]);
+    for kind in ["persistentvolume/", "persistentvolumeclaim/", "deployment/", "pod/"] {
         assert!(report.contains(&format!("passed for resource {kind}")), "no {kind} was validated:\n{report}");
     }
 }

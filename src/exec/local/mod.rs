@@ -6,7 +6,8 @@
 //! watch the clock and the output, collect the result and artifacts, and clean up whatever
 //! happened. Modules: `host` (probing and preparing the host once), `uids` (the per-task uid
 //! leases), `scratch`, `cgroups`, `spawn` (the child's setup, watching, output readers) and
-//! `collect` (result file, artifacts, quota, sweep).
+//! `result` (the result file). Artifacts are stored by a [`DataDirSink`] (see
+//! [`crate::exec::artifacts`]).
 //!
 //! # One run
 //! 0. **Uid**: a free uid of the range `agenttask-sandbox-<i>` is leased with a host-wide
@@ -52,18 +53,18 @@ use crate::sandbox::limits::{self, Limits};
 use crate::sandbox::{captured_text, seccomp};
 
 mod cgroups;
-mod collect;
 mod host;
+mod result;
 mod scratch;
 mod spawn;
 mod uids;
 
-pub use collect::{
-    collect_artifacts, collect_artifacts_within, read_result, sweep_artifacts, ArtifactCaps, Collected,
-    SPARSE_SLACK_BYTES,
+pub use crate::exec::artifacts::{
+    collect_artifacts, collect_artifacts_within, sweep_artifacts, ArtifactCaps, Collected, SPARSE_SLACK_BYTES,
 };
+pub use result::read_result;
 
-use collect::{check_free_space, TenantUsage};
+use crate::exec::artifacts::{ArtifactSink, DataDirSink, SinkConfig};
 use host::{
     detect_host_layout, is_executable, own_owner, prepare_cgroups, prepare_data_dir, probe_tmpfs, sweep_stale_cgroups,
     sweep_stale_runs,
@@ -166,6 +167,20 @@ impl LocalConfig {
             extra_ro_binds: Vec::new(),
         }
     }
+
+    /// The artifact limits above, as the data directory's sink takes them.
+    pub fn sink_config(&self) -> SinkConfig {
+        SinkConfig {
+            caps: ArtifactCaps {
+                max_files: self.artifact_max_files,
+                max_bytes: self.artifact_max_bytes,
+                max_depth: self.artifact_max_depth,
+            },
+            min_free_bytes: self.artifact_min_free_bytes,
+            min_free_percent: self.artifact_min_free_percent,
+            ttl: self.artifact_ttl,
+        }
+    }
 }
 
 impl Default for LocalConfig {
@@ -208,7 +223,8 @@ pub struct LocalBackend {
     /// This process, as the owner named in its task cgroups.
     owner: cgroup::Owner,
     /// Artifact bytes retained per tenant.
-    usage: Arc<TenantUsage>,
+    /// Where collected artifacts go: `<data_dir>/artifacts/`.
+    artifacts: Arc<DataDirSink>,
     host: HostLayout,
     cgroups: CgroupHost,
     seccomp: Vec<u8>,
@@ -265,11 +281,12 @@ impl LocalBackend {
             tracing::warn!("cannot mount tmpfs scratch dirs; task scratch is a plain directory bounded only by RLIMIT_FSIZE per file");
         }
         tracing::info!(slots = uids.len(), gid = uids.gid(), ?cgroups, scratch_tmpfs, "local sandbox backend ready");
+        let artifacts = Arc::new(DataDirSink::new(config.data_dir.clone(), config.sink_config()));
         Ok(Self {
             config,
             uids,
             owner: own_owner(),
-            usage: Arc::default(),
+            artifacts,
             host,
             cgroups,
             seccomp,
@@ -304,13 +321,14 @@ impl LocalBackend {
             .unwrap_or_else(|| root.join(id))
     }
 
+    /// The sink this backend stores artifacts in (`<data_dir>/artifacts/`).
+    pub fn artifact_sink(&self) -> Arc<DataDirSink> {
+        self.artifacts.clone()
+    }
+
     /// Removes artifacts older than the configured TTL; see [`sweep_artifacts`].
     pub fn sweep_artifacts(&self) -> io::Result<usize> {
-        let removed = sweep_artifacts(&self.config.data_dir, self.config.artifact_ttl)?;
-        if removed > 0 {
-            self.usage.invalidate();
-        }
-        Ok(removed)
+        self.artifacts.sweep()
     }
 
     /// Runs one job to completion (what [`Backend::launch`] does in the background). Dropping
@@ -381,33 +399,16 @@ impl LocalBackend {
         let (termination, exit_code) = limits::verdict(&facts);
 
         let out = run.scratch.out();
-        let caps = ArtifactCaps {
-            max_files: self.config.artifact_max_files,
-            max_bytes: self.config.artifact_max_bytes,
-            max_depth: self.config.artifact_max_depth,
-        };
         let result_max = self.config.result_max_bytes;
-        let data_dir = self.config.data_dir.clone();
-        let tenant_dir = data_dir.join("artifacts").join(&job.tenant);
-        let dest = tenant_dir.join(job.key.task_id.to_string());
-        let usage = self.usage.clone();
-        let (tenant, quota) = (job.tenant.clone(), job.artifact_quota_bytes);
-        let (min_free, min_free_percent) = (self.config.artifact_min_free_bytes, self.config.artifact_min_free_percent);
+        let sink = self.artifacts.clone();
+        let (tenant, task_id, quota) = (job.tenant.clone(), job.key.task_id, job.artifact_quota_bytes);
         let collected = tokio::task::spawn_blocking(move || {
             if !collectable {
                 let note = "the result file and artifacts were not collected: a process of the task did not exit";
                 return (ProgramResult::Missing, Collected { note: Some(note.into()), ..Collected::default() });
             }
             let result = read_result(&out.join(ScratchLayout::RESULT_FILE), result_max);
-            let mut admitted = 0;
-            let collected = collect_artifacts_within(&out.join(ScratchLayout::ARTIFACTS), &dest, &caps, |cost| {
-                check_free_space(&data_dir, cost, min_free, min_free_percent)?;
-                usage.admit(&tenant_dir, &tenant, cost, quota)?;
-                admitted = cost;
-                Ok(())
-            });
-            // Whatever was admitted but not copied (a file that vanished) is given back.
-            usage.release(&tenant, admitted.saturating_sub(collected.stored_bytes));
+            let collected = sink.collect(&tenant, task_id, &out.join(ScratchLayout::ARTIFACTS), quota);
             (result, collected)
         })
         .await;

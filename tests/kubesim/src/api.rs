@@ -33,6 +33,9 @@ pub struct App {
     pub url: String,
     /// How often watches that asked for bookmarks get one.
     pub bookmark_interval: Duration,
+    /// Where the `exec` kubelet keeps PersistentVolumeClaims' data: claim `NAME` of namespace
+    /// `NS` is the directory `<pv_root>/NS/NAME` (`--pv-root`).
+    pub pv_root: Option<std::path::PathBuf>,
 }
 
 impl App {

@@ -5,7 +5,13 @@
 //! runs `python3` for a Python image and `R` for an R image; `python`, `python3`, `R` and
 //! `Rscript` commands run the host's `/usr/bin` ones. The host's `/usr` is mounted read-only with
 //! the few `/etc` files the runtimes read; `emptyDir` volumes are per-pod directories,
-//! `configMap` (`data` and `binaryData`) and `secret` volumes are their files (read-only); `env` (values, `fieldRef`,
+//! `configMap` (`data` and `binaryData`) and `secret` volumes are their files (read-only);
+//! `persistentVolumeClaim` volumes are the claim's directory under `--pv-root` (`<root>/NS/NAME`,
+//! shared by every pod mounting the claim, created root-owned as a provisioner would; the
+//! scheduler does not bind a pod whose claim does not exist). A
+//! `subPath` mounts that directory of the volume, created (root-owned, 0755, as the kubelet
+//! does) when missing; one that leaves the volume (absolute, `..`, or through a symbolic
+//! link) fails the container with `CreateContainerConfigError`. `env` (values, `fieldRef`,
 //! `configMapKeyRef`, `secretKeyRef`, `envFrom`) and `$(VAR)` references in command and args are
 //! resolved as the kubelet resolves them; `workingDir` is the working directory;
 //! `terminationMessagePath` is a writable file whose content becomes `state.terminated.message`.
@@ -390,6 +396,19 @@ fn prepare_volumes(
             chown(&dir, ids);
             out.insert(name.to_string(), Volume { host: dir, read_only: false });
             continue;
+        } else if v["persistentVolumeClaim"].is_object() {
+            let source = &v["persistentVolumeClaim"];
+            let claim = source["claimName"].as_str().unwrap_or_default();
+            let Some(root) = &app.pv_root else {
+                return Err(format!("volume {name:?}: kubesim has no --pv-root, so claims cannot be mounted"));
+            };
+            if app.lock().get("/persistentvolumeclaims", ns, claim).is_none() {
+                return Err(format!("persistentvolumeclaim {claim:?} not found"));
+            }
+            let host = root.join(ns).join(claim);
+            std::fs::create_dir_all(&host).map_err(|e| format!("volume {name:?}: {e}"))?;
+            out.insert(name.to_string(), Volume { host, read_only: source["readOnly"] == true });
+            continue;
         } else {
             // Projected service account tokens, hostPath, ...: not provided.
             continue;
@@ -454,11 +473,49 @@ fn chown(path: &Path, (uid, gid): (u32, u32)) {
     }
 }
 
+/// One container mount: where, the host directory, read-only.
+type Mount = (String, PathBuf, bool);
+
+/// The container's volume mounts as host directories, `subPath` resolved as the kubelet does:
+/// below the volume, never through a symbolic link, created (root-owned, 0755) when missing.
+fn container_mounts(c: &Value, volumes: &BTreeMap<String, Volume>) -> Result<Vec<Mount>, String> {
+    let mut out = Vec::new();
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let (Some(name), Some(path)) = (m["name"].as_str(), m["mountPath"].as_str()) else { continue };
+        let Some(v) = volumes.get(name) else { continue };
+        let ro = v.read_only || m["readOnly"] == true;
+        let sub = m["subPath"].as_str().unwrap_or_default();
+        if sub.is_empty() {
+            out.push((path.to_string(), v.host.clone(), ro));
+            continue;
+        }
+        let bad = |why: &str| format!("failed to prepare subPath for volumeMount {name:?}: {sub:?} {why}");
+        if sub.starts_with('/') || sub.split('/').any(|p| p == "..") {
+            return Err(bad("must be a relative path without '..'"));
+        }
+        let mut host = v.host.clone();
+        for part in sub.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            host.push(part);
+            match std::fs::symlink_metadata(&host) {
+                Ok(meta) if meta.file_type().is_symlink() => return Err(bad("goes through a symbolic link")),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new().mode(0o755).create(&host).map_err(|e| bad(&e.to_string()))?;
+                }
+                Err(e) => return Err(bad(&e.to_string())),
+            }
+        }
+        out.push((path.to_string(), host, ro));
+    }
+    Ok(out)
+}
+
 /// The bubblewrap arguments for one container.
 fn bwrap_args(
     pod: &Value,
     c: &Value,
-    volumes: &BTreeMap<String, Volume>,
+    mounts: &[Mount],
     term_file: &Path,
     env: &BTreeMap<String, String>,
     argv: &[String],
@@ -470,19 +527,12 @@ fn bwrap_args(
         a.extend(["--ro-bind-try".into(), etc.into(), etc.into()]);
     }
     a.extend(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"].iter().map(|s| s.to_string()));
-    let mut mounts: Vec<(String, &Volume, bool)> = c["volumeMounts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| {
-            let v = volumes.get(m["name"].as_str()?)?;
-            Some((m["mountPath"].as_str()?.to_string(), v, m["readOnly"] == true))
-        })
-        .collect();
+    let mut mounts: Vec<&Mount> = mounts.iter().collect();
+    // Outer mounts first, so a mount nested in another volume's path lands on top of it.
     mounts.sort_by_key(|(p, _, _)| p.len());
-    for (path, v, ro) in mounts {
-        let flag = if v.read_only || ro { "--ro-bind" } else { "--bind" };
-        a.extend([flag.into(), v.host.to_string_lossy().into_owned(), path]);
+    for (path, host, ro) in mounts {
+        let flag = if *ro { "--ro-bind" } else { "--bind" };
+        a.extend([flag.into(), host.to_string_lossy().into_owned(), path.clone()]);
     }
     let term_path = c["terminationMessagePath"].as_str().unwrap_or("/dev/termination-log");
     a.extend(["--bind".into(), term_file.to_string_lossy().into_owned(), term_path.into()]);
@@ -543,6 +593,10 @@ async fn run_container(
         Ok(a) => a,
         Err(e) => return fail(&app, "StartError", e),
     };
+    let mounts = match container_mounts(&c, &volumes) {
+        Ok(m) => m,
+        Err(e) => return fail(&app, "CreateContainerConfigError", e),
+    };
     let term_file = scratch.join(format!("termination-{cn}"));
     if std::fs::write(&term_file, b"").is_err() {
         return fail(&app, "StartError", "cannot create the termination message file".into());
@@ -555,7 +609,7 @@ async fn run_container(
     // Without a memory cgroup, the address-space rlimit is the memory limit.
     let rlimit_as = if cgroups.memory.is_none() { memory.map(|m| m.saturating_add(256 << 20)) } else { None };
     let mut cmd = Command::new(BWRAP);
-    cmd.args(bwrap_args(&pod, &c, &volumes, &term_file, &env, &argv))
+    cmd.args(bwrap_args(&pod, &c, &mounts, &term_file, &env, &argv))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

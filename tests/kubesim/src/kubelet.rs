@@ -478,12 +478,49 @@ async fn wait(app: &App, ns: &str, name: &str, uid: &str, d: Duration) -> bool {
     }
 }
 
+/// The first PersistentVolumeClaim the pod mounts that does not exist in its namespace.
+fn missing_claim(app: &App, pod: &Value) -> Option<String> {
+    let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let inner = app.lock();
+    pod["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
+        .find(|claim| inner.get("/persistentvolumeclaims", ns, claim).is_none())
+        .map(str::to_owned)
+}
+
 /// A pod's life on the node; `exec` runs the containers for real instead of playing them.
 async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bool) {
     let Some(pod) = live(&app, &ns, &name, &uid) else {
         return;
     };
-    // The scheduler binds the pod.
+    // The scheduler binds the pod, once every claim it mounts exists (else it stays Pending,
+    // unschedulable, as the volume binding plugin keeps it).
+    let mut pod = pod;
+    let mut warned = false;
+    while pod["spec"]["nodeName"].as_str().is_none_or(str::is_empty) {
+        let Some(claim) = missing_claim(&app, &pod) else { break };
+        if !warned {
+            let message = format!("0/1 nodes are available: persistentvolumeclaim \"{claim}\" not found.");
+            let Some(p) = with_pod(&app, &ns, &name, &uid, true, "kube-scheduler", |p| {
+                let mut c = condition("PodScheduled", false, Some("Unschedulable"));
+                c["message"] = json!(message);
+                p["status"]["phase"] = json!("Pending");
+                p["status"]["conditions"] = json!([c]);
+            }) else {
+                return;
+            };
+            event(&app, &p, "Warning", "FailedScheduling", &message, "default-scheduler", None);
+            warned = true;
+        }
+        if !wait(&app, &ns, &name, &uid, Duration::from_secs(1)).await {
+            return finish_deletion(&app, &ns, &name, &uid);
+        }
+        let Some(p) = live(&app, &ns, &name, &uid) else { return };
+        pod = p;
+    }
     if pod["spec"]["nodeName"].as_str().is_none_or(str::is_empty) {
         let Some(pod) = with_pod(&app, &ns, &name, &uid, false, "kube-scheduler", |p| {
             p["spec"]["nodeName"] = json!(NODE);

@@ -2,7 +2,7 @@
 //! AgentTask (and `kubectl --server`) can be exercised on a machine without a cluster.
 //!
 //! ```text
-//! agenttask-kubesim --addr 127.0.0.1:PORT [--kubelet simulate|exec|none]
+//! agenttask-kubesim --addr 127.0.0.1:PORT [--kubelet simulate|exec|none] [--pv-root DIR]
 //! ```
 //! serves the REST API on plain HTTP, keeps everything in memory, and prints one line with its URL
 //! (`http://127.0.0.1:PORT`) once it accepts connections. Test support only: the service never
@@ -114,6 +114,11 @@ struct Args {
     /// Seconds between watch bookmarks (for watches that allow them).
     #[arg(long, default_value_t = 1.0)]
     bookmark_interval: f64,
+    /// Directory holding PersistentVolumeClaims' data for the exec kubelet: claim NAME in
+    /// namespace NS is DIR/NS/NAME, created when a pod first mounts it [default: claims cannot be
+    /// mounted]
+    #[arg(long)]
+    pv_root: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -139,6 +144,7 @@ async fn run(args: Args) -> std::io::Result<()> {
         logs: Default::default(),
         url: url.clone(),
         bookmark_interval: Duration::from_secs_f64(args.bookmark_interval.max(0.05)),
+        pv_root: args.pv_root,
     });
     seed(&app);
     tokio::spawn(gc::run(app.clone()));

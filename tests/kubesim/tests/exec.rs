@@ -194,3 +194,78 @@ spec:
         assert!(wall >= 0.3, "{wall}");
     }
 }
+
+/// A claim under `--pv-root` is shared by the pods that mount it; a `subPath` is made
+/// root-owned when missing (as the kubelet makes it), so a pod's non-root user can only write
+/// one prepared for it; a pod whose claim does not exist waits with an Event naming it.
+#[test]
+fn claims_are_shared_directories_and_sub_paths_behave_as_the_kubelets() {
+    let pv = tempfile::tempdir().unwrap();
+    let sim = Sim::start_with(&["--kubelet", "exec", "--pv-root", pv.path().to_str().unwrap()]);
+    let claim_dir = pv.path().join("default/data");
+    std::fs::create_dir_all(claim_dir.join("ready")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(claim_dir.join("ready"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pod = |name: &str, claim: &str, sub: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: python:3.12
+    command: ["python3", "-c", "import sys; open('/out/f.txt', 'w').write(sys.argv[1])", "{name}"]
+    volumeMounts:
+    - {{name: out, mountPath: /out, subPath: "{sub}"}}
+  volumes:
+  - name: out
+    persistentVolumeClaim: {{claimName: {claim}}}
+"#
+        )
+    };
+    let claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: data\nspec:\n  accessModes: [ReadWriteMany]\n  resources:\n    requests: {storage: 1Gi}\n";
+    sim.kubectl_ok(&["apply", "-f", sim.write("claim.yaml", claim).to_str().unwrap()]);
+    assert_eq!(sim.kubectl_ok(&["get", "pvc", "data", "-o", "name"]).trim(), "persistentvolumeclaim/data");
+    for (name, claim, sub) in [
+        ("prepared", "data", "ready"),
+        ("unprepared", "data", "fresh/dir"),
+        ("escape", "data", "../x"),
+        ("nope", "missing", "a"),
+    ] {
+        sim.kubectl_ok(&["apply", "-f", sim.write(&format!("{name}.yaml"), &pod(name, claim, sub)).to_str().unwrap()]);
+    }
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/prepared", "--timeout=30s"]);
+    assert_eq!(std::fs::read_to_string(claim_dir.join("ready/f.txt")).unwrap(), "prepared");
+    // The kubelet made the missing sub-path as root, 0755: the pod's user cannot write it.
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Failed", "pod/unprepared", "--timeout=30s"]);
+    let made = std::fs::metadata(claim_dir.join("fresh/dir")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((made.uid(), made.mode() & 0o777), (0, 0o755));
+    assert!(sim.kubectl_ok(&["logs", "unprepared"]).contains("PermissionError"));
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Failed", "pod/escape", "--timeout=30s"]);
+    let t = &pod_state(&sim, "escape")["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!(t["reason"], "CreateContainerConfigError", "{t}");
+    // A missing claim: the pod stays Pending, unscheduled, and says why; the claim lets it run.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let st = pod_state(&sim, "nope");
+    assert_eq!(
+        (st["phase"].as_str(), st["conditions"][0]["reason"].as_str()),
+        (Some("Pending"), Some("Unschedulable"))
+    );
+    let events = sim.kubectl_ok(&["get", "events", "--field-selector", "involvedObject.name=nope"]);
+    assert!(
+        events.contains("FailedScheduling") && events.contains(r#"persistentvolumeclaim "missing" not found"#),
+        "{events}"
+    );
+    std::fs::create_dir_all(pv.path().join("default/missing/a")).unwrap();
+    std::fs::set_permissions(pv.path().join("default/missing/a"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    sim.kubectl_ok(&[
+        "apply",
+        "-f",
+        sim.write("missing.yaml", &claim.replace("name: data", "name: missing")).to_str().unwrap(),
+    ]);
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/nope", "--timeout=30s"]);
+}

@@ -1,8 +1,10 @@
-//! What a finished task leaves: its result file and artifacts, and the sweep of old artifacts.
+//! The artifact walk every sink stores with: caps, link and sparse rules, the storage budget
+//! (tenant quota, free-space floor), and the sweep of expired artifacts.
 //!
 //! Artifacts are walked relative to directory descriptors (`openat`/`fstatat` with
 //! `O_NOFOLLOW`), never by path, so even a symlink swapped in mid-walk could not redirect the
-//! walk (and nothing can swap: collection starts once the task's cgroup is empty).
+//! walk (and nothing can swap: collection starts once the task's cgroup is empty, or once its
+//! pod has finished).
 //!
 //! What a file costs is what it occupies: `max(allocated, apparent size)`. A file whose apparent
 //! size exceeds its allocated blocks by more than [`SPARSE_SLACK_BYTES`] (a sparse file, written
@@ -23,8 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
-use super::scratch::remove_tree;
-use crate::exec::{Artifact, ProgramResult};
+use crate::exec::Artifact;
 
 /// Caps on what is collected from a task's artifacts directory.
 #[derive(Debug, Clone)]
@@ -111,6 +112,36 @@ pub fn collect_artifacts_within(
         collected.note = Some(notes.join("; "));
     }
     collected
+}
+
+/// Removes a tree written by a task, whatever modes the task left on it: a directory it made
+/// unreadable or unwritable (its owner, the service on a cluster, may always change that) is
+/// opened up before it is emptied. Symbolic links are removed, never followed. Missing is fine.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            open_up(path);
+            match fs::remove_dir_all(path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        }
+        other => other,
+    }
+}
+
+/// Gives every directory of the tree at `path` mode 0700 (not following links), so that its
+/// owner can list and empty it.
+fn open_up(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if !fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return;
+    }
+    let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o700));
+    for entry in fs::read_dir(path).into_iter().flatten().flatten() {
+        open_up(&entry.path());
+    }
 }
 
 fn cstring(name: &str) -> io::Result<CString> {
@@ -315,9 +346,10 @@ pub fn tree_cost(path: &Path) -> u64 {
     own + children
 }
 
-/// Artifact storage used per tenant under `<data_dir>/artifacts/<tenant>/`, counted once from
-/// disk when a tenant is first seen (or after a sweep), then kept up to date as tasks store.
-/// The data directory belongs to one service process, so this count is the truth.
+/// Artifact storage used per tenant under `<root>/artifacts/<tenant>/`, counted once from disk
+/// when a tenant is first seen (or after a sweep), then kept up to date as tasks store. A data
+/// directory belongs to one service process, so there this count is the truth; storage shared
+/// by several processes (a claim) is recounted before each store ([`TenantUsage::forget`]).
 #[derive(Debug, Default)]
 pub struct TenantUsage {
     bytes: Mutex<HashMap<String, u64>>,
@@ -348,6 +380,12 @@ impl TenantUsage {
         }
     }
 
+    /// Forgets one tenant's count: recounted from disk on its next admission (storage shared
+    /// with other processes, whose stores this one does not see).
+    pub fn forget(&self, tenant: &str) {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+    }
+
     /// Forgets every count (after a sweep removed something): recounted from disk on next use.
     pub fn invalidate(&self) {
         self.bytes.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -376,37 +414,6 @@ pub fn check_free_space(dir: &Path, cost: u64, min_free_bytes: u64, min_free_per
     Ok(())
 }
 
-/// Reads the program's result file: missing, valid JSON, or invalid with the reason.
-pub fn read_result(path: &Path, max_bytes: u64) -> ProgramResult {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return ProgramResult::Missing,
-        Err(e) => return ProgramResult::Invalid(format!("result file could not be read: {e}")),
-    };
-    if meta.file_type().is_symlink() {
-        return ProgramResult::Invalid("result file is a symbolic link; it was not followed".into());
-    }
-    if !meta.file_type().is_file() {
-        return ProgramResult::Invalid("result file is not a regular file".into());
-    }
-    if meta.len() > max_bytes {
-        return ProgramResult::Invalid(format!("result file is {} bytes, over the {max_bytes}-byte limit", meta.len()));
-    }
-    let file =
-        OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path);
-    let mut bytes = Vec::new();
-    if let Err(e) = file.and_then(|f| f.take(max_bytes + 1).read_to_end(&mut bytes)) {
-        return ProgramResult::Invalid(format!("result file could not be read: {e}"));
-    }
-    if bytes.len() as u64 > max_bytes {
-        return ProgramResult::Invalid(format!("result file is over the {max_bytes}-byte limit"));
-    }
-    match serde_json::from_slice(&bytes) {
-        Ok(v) => ProgramResult::Json(v),
-        Err(e) => ProgramResult::Invalid(format!("result file is not valid JSON: {e}")),
-    }
-}
-
 /// Removes task artifact directories, `<data_dir>/artifacts/<tenant>/<task id>/` (and the
 /// older `<data_dir>/artifacts/<task id>/`), last modified more than `ttl` ago. Returns how many
 /// were removed. Call it periodically (e.g. every few minutes).
@@ -415,8 +422,16 @@ pub fn read_result(path: &Path, max_bytes: u64) -> ProgramResult {
 /// Only when the artifacts directory cannot be listed; a directory that cannot be removed is
 /// logged and skipped.
 pub fn sweep_artifacts(data_dir: &Path, ttl: Duration) -> io::Result<usize> {
-    let root = data_dir.join("artifacts");
-    let entries = match fs::read_dir(&root) {
+    sweep_tree(&data_dir.join("artifacts"), ttl)
+}
+
+/// Removes `<root>/<tenant>/<task id>/` directories (and legacy `<root>/<task id>/`) last
+/// modified more than `ttl` ago; see [`sweep_artifacts`].
+///
+/// # Errors
+/// Only when `root` cannot be listed.
+pub fn sweep_tree(root: &Path, ttl: Duration) -> io::Result<usize> {
+    let entries = match fs::read_dir(root) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
@@ -447,7 +462,7 @@ fn sweep_one(path: &Path, now: SystemTime, ttl: Duration) -> usize {
     if age < ttl {
         return 0;
     }
-    let res = if meta.file_type().is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
+    let res = if meta.file_type().is_dir() { remove_tree(path) } else { fs::remove_file(path) };
     match res {
         Ok(()) => 1,
         Err(e) => {
@@ -618,23 +633,6 @@ mod tests {
         let err = check_free_space(tmp.path(), 0, u64::MAX / 2, 0).unwrap_err();
         assert!(err.contains("free-space floor"), "{err}");
         assert!(check_free_space(tmp.path(), u64::MAX / 2, 0, 0).is_err());
-    }
-
-    #[test]
-    fn result_file_missing_valid_invalid_oversized_and_symlinked() {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = tmp.path().join("result.json");
-        assert_eq!(read_result(&p, 100), ProgramResult::Missing);
-        fs::write(&p, br#"{"a": [1, 2]}"#).unwrap();
-        assert_eq!(read_result(&p, 100), ProgramResult::Json(serde_json::json!({"a": [1, 2]})));
-        fs::write(&p, b"{not json").unwrap();
-        assert!(matches!(read_result(&p, 100), ProgramResult::Invalid(m) if m.contains("not valid JSON")));
-        fs::write(&p, vec![b' '; 101]).unwrap();
-        assert!(matches!(read_result(&p, 100), ProgramResult::Invalid(m) if m.contains("over the 100-byte limit")));
-        fs::remove_file(&p).unwrap();
-        fs::write(tmp.path().join("target"), b"1").unwrap();
-        symlink(tmp.path().join("target"), &p).unwrap();
-        assert!(matches!(read_result(&p, 100), ProgramResult::Invalid(m) if m.contains("symbolic link")));
     }
 
     #[test]
