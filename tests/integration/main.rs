@@ -50,3 +50,6 @@ mod outbox;
 
 /// agentctl's batch commands, `wait` and its settings, against a running service.
 mod ctl;
+
+/// The evaluation pipeline of examples/eval, scored with its SQL query.
+mod eval_example;
