@@ -135,7 +135,7 @@ pub async fn run(cli: &Cli, args: &SubmitArgs) -> Result<ExitCode, CtlError> {
             .map_err(|e| CtlError::Unreachable(format!("{e} (set AGENTCTL_AMQP_URL)")))?;
         let channel = conn.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        let bar = style::progress_bar(todo.len() as u64);
+        let bar = style::progress_bar(Some(todo.len() as u64));
         bar.set_message(format!("publishing batch {}", escape::line(batch)));
         let mut in_flight = FuturesUnordered::new();
         let mut next = todo.iter();

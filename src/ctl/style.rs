@@ -51,12 +51,13 @@ pub fn phase_header(text: &str, colour: bool) -> String {
     }
 }
 
-/// A progress bar of `total` on stderr, or a hidden one when stderr is not a terminal.
-pub fn progress_bar(total: u64) -> ProgressBar {
+/// A progress bar of `total` (`None` until it is known) on stderr, or a hidden one when stderr
+/// is not a terminal.
+pub fn progress_bar(total: Option<u64>) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(total);
+    let bar = total.map_or_else(ProgressBar::no_length, ProgressBar::new);
     let template = if no_color() {
         "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} {msg}"
     } else {

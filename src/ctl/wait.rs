@@ -210,7 +210,7 @@ async fn wait_batch(
     let base = cli.server.trim_end_matches('/');
     let url = format!("{base}/v1/batches/{}/{}", encode(tenant), encode(batch));
     let started = Instant::now();
-    let bar = style::progress_bar(expect.unwrap_or(0).max(0) as u64);
+    let bar = style::progress_bar(expect.filter(|n| *n > 0).map(|n| n as u64));
     bar.set_message(format!("waiting for batch {}", escape::line(batch)));
     let mut interval = FIRST_INTERVAL;
     let mut last: Option<BatchStatus> = None;
@@ -285,7 +285,7 @@ async fn wait_task(cli: &Cli, id: &str, deadline: Option<Instant>) -> Result<Exi
         url.push_str(&format!("?tenant={}", encode(t)));
     }
     let started = Instant::now();
-    let bar = style::progress_bar(1);
+    let bar = style::progress_bar(Some(1));
     bar.set_message(format!("waiting for task {}", escape::line(id)));
     let mut interval = FIRST_INTERVAL;
     let mut last: Option<TaskView> = None;
