@@ -348,13 +348,14 @@ async fn a_connection_lost_halfway_says_how_far_it_got_and_running_again_complet
     let t = env.tenant("a");
     let home = env.dir.path().join("config");
     let file = env.dir.path().join("many.jsonl");
-    const N: usize = 3000;
+    const N: usize = 1200;
     let text: String = (0..N).map(|i| format!("{{\"code\": \"print({i})\"}}\n")).collect();
     std::fs::write(&file, text).unwrap();
     let path = file.to_str().unwrap();
 
-    // About a third of the way through (each message is a few hundred bytes on the wire).
-    let port = breaking_proxy(300_000).await;
+    // Well past the first window of unconfirmed publishes (each message is about 200 bytes on
+    // the wire), before the end.
+    let port = breaking_proxy(180_000).await;
     let broken = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let (code, out, err) =
         ctl(&svc, &broken, &home, &[], &["--tenant", &t, "batch", "submit", path, "--batch", "big"]).await;
