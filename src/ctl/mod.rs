@@ -173,7 +173,7 @@ pub enum Command {
         #[arg(long)]
         batch: Option<String>,
     },
-    /// A batch of tasks: its status, its results.
+    /// A batch of tasks: submit one from a JSONL file, its status, its results.
     #[command(subcommand)]
     Batch(BatchCommand),
     /// Tenants and their quotas (admin token needed).

@@ -44,7 +44,7 @@ pub struct WaitArgs {
     /// With --batch: also wait until the batch has at least N tasks (those just published may
     /// not all be ingested yet)
     #[arg(long, value_name = "N", requires = "batch")]
-    pub expect: Option<i64>,
+    pub expect: Option<u64>,
     /// Give up after this many seconds (exit status 3) [default: wait as long as it takes]
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<u64>,
@@ -61,8 +61,8 @@ pub enum BatchState {
 }
 
 /// Whether batch `s` is done: nothing queued or running, and at least `expect` tasks.
-pub fn batch_state(s: &BatchStatus, expect: Option<i64>) -> BatchState {
-    let finished = s.queued == 0 && s.running == 0 && s.total >= expect.unwrap_or(1);
+pub fn batch_state(s: &BatchStatus, expect: Option<u64>) -> BatchState {
+    let finished = s.queued == 0 && s.running == 0 && s.total >= expect.unwrap_or(1).max(1) as i64;
     match (finished, s.failed + s.rejected + s.cancelled) {
         (false, _) => BatchState::Waiting,
         (true, 0) => BatchState::Succeeded,
@@ -200,7 +200,7 @@ async fn pause(interval: Duration, deadline: Option<Instant>) -> bool {
 async fn wait_batch(
     cli: &Cli,
     batch: &str,
-    expect: Option<i64>,
+    expect: Option<u64>,
     deadline: Option<Instant>,
 ) -> Result<ExitCode, CtlError> {
     let tenant = cli
@@ -210,14 +210,14 @@ async fn wait_batch(
     let base = cli.server.trim_end_matches('/');
     let url = format!("{base}/v1/batches/{}/{}", encode(tenant), encode(batch));
     let started = Instant::now();
-    let bar = style::progress_bar(expect.filter(|n| *n > 0).map(|n| n as u64));
+    let bar = style::progress_bar(expect.filter(|n| *n > 0));
     bar.set_message(format!("waiting for batch {}", escape::line(batch)));
     let mut interval = FIRST_INTERVAL;
     let mut last: Option<BatchStatus> = None;
     let outcome = loop {
         match poll::<BatchStatus>(cli, &url).await? {
             Poll::Found(s) => {
-                bar.set_length(s.total.max(expect.unwrap_or(0)) as u64);
+                bar.set_length((s.total.max(0) as u64).max(expect.unwrap_or(0)));
                 bar.set_position(done(&s) as u64);
                 bar.set_message(phase_counts(&s));
                 let state = batch_state(&s, expect);

@@ -486,3 +486,74 @@ async fn settings_come_from_flags_then_env_then_the_config_file() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+/// Runs agentctl on a terminal (a pseudo-terminal from util-linux `script`), typing `input`;
+/// returns (exit code, everything the terminal showed).
+async fn on_terminal(svc: &Service, env: &Env, extra: &[(&str, &str)], args: &[&str], input: &str) -> (i32, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut line = env!("CARGO_BIN_EXE_agentctl").to_owned();
+    for a in args {
+        line.push_str(&format!(" '{a}'"));
+    }
+    let mut cmd = tokio::process::Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"])
+        .env("AGENTCTL_SERVER", format!("http://{}", svc.http_addr))
+        .env("AGENTCTL_AMQP_URL", &env.amqp_url)
+        .env("AGENTCTL_TOKEN", ADMIN)
+        .env("XDG_CONFIG_HOME", env.dir.path().join("config"))
+        .env_remove("NO_COLOR")
+        .env_remove("AGENTCTL_TENANT")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("script runs");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn on_a_terminal_many_tasks_are_confirmed_first_and_phases_are_coloured_unless_no_color() {
+    let env = Env::new("[tenants.{t}-a]\n").await;
+    let mut settings = env.settings(&Component::ALL);
+    settings.backend = BackendKind::Null;
+    let svc = env.start_with(settings).await;
+    let pool = env.pg().await;
+    let t = env.tenant("a");
+    let file = env.dir.path().join("many.jsonl");
+    std::fs::write(&file, (0..101).map(|i| format!("{{\"code\": \"print({i})\"}}\n")).collect::<String>()).unwrap();
+    let submit = ["--tenant", t.as_str(), "batch", "submit", file.to_str().unwrap(), "--batch", "b"];
+
+    let (code, shown) = on_terminal(&svc, &env, &[], &submit, "n\n").await;
+    assert_eq!(code, 1, "{shown}");
+    assert!(shown.contains(&format!("Submit 101 tasks to tenant {t} as batch b? [y/N]")), "{shown}");
+    assert!(shown.contains("nothing was submitted"), "{shown}");
+    assert_eq!(queue_messages(&env, &format!("agenttask.tasks.{t}")).await, Some(0));
+    assert_eq!(stored(&pool, &t, "b").await.0, 0);
+
+    let (code, shown) = on_terminal(&svc, &env, &[], &submit, "y\n").await;
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.contains(&format!("batch b of tenant {t}: submitted 101 (101 lines)")), "{shown}");
+    let home = env.dir.path().join("config");
+    let (code, _, err) =
+        ctl(&svc, &env.amqp_url, &home, &[], &["--tenant", &t, "wait", "--batch", "b", "--expect", "101"]).await;
+    assert_eq!(code, 0, "{err}");
+    settled(&env, &pool, &t).await;
+    assert_eq!(stored(&pool, &t, "b").await, (101, 101));
+
+    // Phases in colour on a terminal; not with NO_COLOR.
+    let list = ["--tenant", t.as_str(), "list", "--limit", "1"];
+    let (code, shown) = on_terminal(&svc, &env, &[], &list, "").await;
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.contains("\x1b[32mSucceeded\x1b[0m"), "{shown:?}");
+    let (code, shown) = on_terminal(&svc, &env, &[("NO_COLOR", "1")], &list, "").await;
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.contains("Succeeded") && !shown.contains('\x1b'), "{shown:?}");
+
+    svc.stop().await;
+    env.cleanup().await;
+}
