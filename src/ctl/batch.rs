@@ -1,5 +1,5 @@
 //! `agentctl batch status|results`: a batch's counts and percentiles, and every result of it
-//! exported as JSON lines or CSV.
+//! exported as JSON lines or CSV. (`batch submit` is in `batch_submit`.)
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -16,6 +16,7 @@ pub async fn run(cli: &Cli, cmd: &BatchCommand) -> Result<ExitCode, CtlError> {
         .ok_or_else(|| CtlError::Usage("a batch belongs to a tenant: pass --tenant (or set AGENTCTL_TENANT)".into()))?;
     let base = cli.server.trim_end_matches('/');
     match cmd {
+        BatchCommand::Submit(args) => return super::batch_submit::run(cli, args).await,
         BatchCommand::Status { batch } => {
             let url = format!("{base}/v1/batches/{}/{}", encode(tenant), encode(batch));
             let s: BatchStatus = api(cli, reqwest::Method::GET, &url, None).await?;

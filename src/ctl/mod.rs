@@ -4,17 +4,27 @@
 //! `--wait` listens on RabbitMQ's direct reply-to. Reading tasks goes through the service's HTTP
 //! API (`AGENTCTL_SERVER`, `AGENTCTL_TOKEN`). Exit status: 0 when the command did what it said
 //! (and, with `--wait`, the task succeeded), 1 when a waited-for task did not succeed, 2 for
-//! usage and connection errors.
+//! usage and connection errors, 3 when `wait --timeout` passed first.
+//!
+//! # Layout
+//! - `settings`: flags, then env, then the config file (pure precedence, thin file reading).
+//! - `submit`, `batch_submit` (with the pure `jsonl`): publishing tasks over AMQP.
+//! - `wait`, `batch`: polling and exporting through the task API.
+//! - `style`, `escape`: what reaches a terminal: colours, progress bars, escaped tenant text.
 
 mod batch;
+mod batch_submit;
 mod escape;
+mod jsonl;
+mod settings;
+mod style;
 mod submit;
+mod wait;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::DEFAULT_AMQP_URL;
 use crate::domain::quantity::{format_cpu, format_memory};
 use crate::http::{ApplyResult, BatchCancelAnswer, CancelAnswer, CreatedToken, ErrorBody, SqlRole, TaskPage, TaskView};
 use crate::store::{Position, TaskSummary, TenantStatus, TokenInfo};
@@ -25,15 +35,24 @@ use crate::store::{Position, TaskSummary, TenantStatus, TokenInfo};
 ///   agentctl submit --tenant acme -c 'print(1)' --wait
 ///   agentctl submit --tenant acme analysis.R --wait -o json
 ///   agentctl get 6f1c0e8a-...            (needs AGENTCTL_TOKEN)
+///   agentctl batch submit tasks.jsonl --tenant acme --batch eval-42
+///   agentctl wait --tenant acme --batch eval-42
 ///   agentctl position 6f1c0e8a-...
 ///   agentctl cancel 6f1c0e8a-...
 ///   agentctl tenant apply -f tenants.toml
 ///   agentctl tenant token create acme  (prints acme's new API token once)
+///
+/// Settings: a flag, else its AGENTCTL_* variable, else the same key (server, token, tenant,
+/// amqp_url) in $XDG_CONFIG_HOME/agentctl/config.toml (~/.config/agentctl/config.toml).
+/// NO_COLOR=1 turns colours off.
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 pub struct Cli {
-    /// Base URL of the service's HTTP API
-    #[arg(long, global = true, env = "AGENTCTL_SERVER", default_value = "http://127.0.0.1:9464")]
+    /// Base URL of the service's HTTP API [default: http://127.0.0.1:9464]
+    #[arg(long = "server", global = true, env = "AGENTCTL_SERVER", value_name = "URL")]
+    pub server_arg: Option<String>,
+    /// The API's base URL in effect (from `--server`, the env, the config file or the default).
+    #[arg(skip)]
     pub server: String,
     /// API token (a tenant's, or the service's admin token)
     #[arg(long, global = true, env = "AGENTCTL_TOKEN", hide_env_values = true)]
@@ -41,8 +60,11 @@ pub struct Cli {
     /// Tenant to act as
     #[arg(long, global = true, env = "AGENTCTL_TENANT")]
     pub tenant: Option<String>,
-    /// RabbitMQ URL used to submit
-    #[arg(long, global = true, env = "AGENTCTL_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_default_value = true)]
+    /// RabbitMQ URL used to submit [default: the service's default]
+    #[arg(long = "amqp-url", global = true, env = "AGENTCTL_AMQP_URL", value_name = "URL")]
+    pub amqp_url_arg: Option<String>,
+    /// The RabbitMQ URL in effect (from `--amqp-url`, the env, the config file or the default).
+    #[arg(skip)]
     pub amqp_url: String,
     /// Output format: table (for people, the default), json or yaml (for programs); jsonl or csv
     /// for `batch results`; for `artifacts`, the directory to write into
@@ -94,6 +116,11 @@ pub enum Command {
     /// Examples: agentctl list --tenant acme --batch eval-42 --phase Failed,Cancelled
     ///           agentctl list --label team=search --since 2026-11-27T00:00:00Z -o json
     List(ListArgs),
+    /// Wait until a task, or every task of a batch, is finished (polling the API; a progress
+    /// bar on a terminal). -o json prints the final status.
+    ///
+    /// Examples: agentctl wait 6f1c0e8a-...    agentctl wait --tenant acme --batch eval-42 --timeout 600
+    Wait(wait::WaitArgs),
     /// Show a queued task's place in its tenant's queue and an estimate of the wait.
     Position {
         /// Task id (uuid)
@@ -146,7 +173,7 @@ pub enum Command {
         #[arg(long)]
         batch: Option<String>,
     },
-    /// A batch of tasks: its status, its results.
+    /// A batch of tasks: submit one from a JSONL file, its status, its results.
     #[command(subcommand)]
     Batch(BatchCommand),
     /// Tenants and their quotas (admin token needed).
@@ -211,6 +238,12 @@ pub enum TenantCommand {
 
 #[derive(Subcommand)]
 pub enum BatchCommand {
+    /// Submit every line of a JSONL file as a task of batch --batch (of --tenant), over AMQP with
+    /// publisher confirms. The whole file is checked first. Running it again resumes: tasks
+    /// already accepted are skipped.
+    ///
+    /// Example: agentctl batch submit tasks.jsonl --tenant acme --batch eval-42
+    Submit(batch_submit::SubmitArgs),
     /// Counts by phase and duration percentiles of batch BATCH (of --tenant).
     Status { batch: String },
     /// Every task's result of batch BATCH (of --tenant), oldest first: -o jsonl (the result
@@ -302,6 +335,19 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(mut cli: Cli) -> Result<ExitCode, CtlError> {
+    if !matches!(cli.command, Command::Completion { .. }) {
+        let resolved = settings::load(settings::Layer {
+            server: cli.server_arg.take(),
+            token: cli.token.take(),
+            tenant: cli.tenant.take(),
+            amqp_url: cli.amqp_url_arg.take(),
+        })
+        .map_err(CtlError::Usage)?;
+        cli.server = resolved.server;
+        cli.token = resolved.token;
+        cli.tenant = resolved.tenant;
+        cli.amqp_url = resolved.amqp_url;
+    }
     if let (Some(raw), false) = (&cli.output_arg, matches!(cli.command, Command::Artifacts { .. })) {
         cli.output = <Output as ValueEnum>::from_str(raw, false).map_err(|_| {
             CtlError::Usage(format!(
@@ -330,6 +376,7 @@ async fn run(mut cli: Cli) -> Result<ExitCode, CtlError> {
         Command::Submit(args) => submit::run(&cli, args).await,
         Command::Get { id } => get(&cli, id).await,
         Command::List(args) => list(&cli, args).await,
+        Command::Wait(args) => wait::run(&cli, args).await,
         Command::Position { id } => position(&cli, id).await,
         Command::Logs { id, follow } => logs(&cli, id, *follow).await,
         Command::Artifacts { id } => artifacts(&cli, id).await,
@@ -390,15 +437,29 @@ async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode, CtlError> {
     for l in &args.labels {
         query.push(("label", l.clone()));
     }
+    let items = list_all(cli, &query, args.limit).await?;
+    match cli.output {
+        Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &items)?,
+        Output::Table => println!("{}", task_table(&items, style::stdout_colour())),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every task `GET /v1/tasks` lists for `query` (or the first `limit`), following its cursors.
+pub(crate) async fn list_all(
+    cli: &Cli,
+    query: &[(&str, String)],
+    limit: Option<u64>,
+) -> Result<Vec<TaskSummary>, CtlError> {
     const PAGE: u64 = 500;
     let mut items: Vec<TaskSummary> = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let want = args.limit.map_or(PAGE, |l| (l - items.len() as u64).min(PAGE));
+        let want = limit.map_or(PAGE, |l| (l - items.len() as u64).min(PAGE));
         if want == 0 {
             break;
         }
-        let mut q = query.clone();
+        let mut q = query.to_vec();
         q.push(("limit", want.to_string()));
         if let Some(c) = cursor.take() {
             q.push(("cursor", c));
@@ -412,11 +473,7 @@ async fn list(cli: &Cli, args: &ListArgs) -> Result<ExitCode, CtlError> {
             None => break,
         }
     }
-    match cli.output {
-        Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &items)?,
-        Output::Table => println!("{}", task_table(&items)),
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(items)
 }
 
 async fn logs(cli: &Cli, id: &str, follow: bool) -> Result<ExitCode, CtlError> {
@@ -451,10 +508,16 @@ async fn logs(cli: &Cli, id: &str, follow: bool) -> Result<ExitCode, CtlError> {
 }
 
 /// `list` for people: one line per task, kubectl-style.
-fn task_table(items: &[TaskSummary]) -> comfy_table::Table {
+fn task_table(items: &[TaskSummary], colour: bool) -> comfy_table::Table {
     let mut table = comfy_table::Table::new();
     table.load_style(comfy_table::presets::NOTHING);
-    table.set_header(["TASK", "ID", "TENANT", "BATCH", "PHASE", "REASON", "SUBMITTED", "DURATION"]);
+    table.set_header(["TASK", "ID", "TENANT", "BATCH", "PHASE", "REASON", "SUBMITTED", "DURATION"].map(|h| {
+        if h == "PHASE" {
+            style::phase_header(h, colour)
+        } else {
+            h.to_owned()
+        }
+    }));
     let opt = |o: &Option<String>| o.as_deref().map_or_else(|| "-".into(), |s| escape::line(s).into_owned());
     for t in items {
         table.add_row([
@@ -462,7 +525,7 @@ fn task_table(items: &[TaskSummary]) -> comfy_table::Table {
             opt(&t.id),
             escape::line(&t.tenant).into_owned(),
             opt(&t.batch_id),
-            t.phase.to_string(),
+            style::phase(t.phase, colour),
             t.reason.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
             t.submitted_at.format("%Y-%m-%d %H:%M:%S").to_string(),
             t.duration_ms.map(|ms| format!("{ms}ms")).unwrap_or_else(|| "-".into()),
@@ -729,7 +792,7 @@ async fn get(cli: &Cli, id: &str) -> Result<ExitCode, CtlError> {
     let view: TaskView = api(cli, reqwest::Method::GET, &url, None).await?;
     match cli.output {
         Output::Json | Output::Jsonl | Output::Csv | Output::Yaml => print_data(cli, &view)?,
-        Output::Table => print_task(&view),
+        Output::Table => print_task(&view, style::stdout_colour()),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -822,7 +885,7 @@ pub(crate) fn encode(s: &str) -> String {
         .collect()
 }
 
-fn print_task(v: &TaskView) {
+fn print_task(v: &TaskView, colour: bool) {
     let r = &v.result;
     // Everything a tenant's message or program can set is escaped for the terminal.
     let opt = |o: &Option<String>| o.as_deref().map_or_else(|| "-".into(), |s| escape::line(s).into_owned());
@@ -832,7 +895,7 @@ fn print_task(v: &TaskView) {
     println!("TENANT      {}", escape::line(&r.tenant));
     println!("BATCH       {}", opt(&r.batch_id));
     println!("LANGUAGE    {}", opt(&v.language));
-    println!("PHASE       {}", r.phase);
+    println!("PHASE       {}", style::phase(r.phase, colour));
     println!("REASON      {}", r.reason.map(|r| r.to_string()).unwrap_or_else(|| "-".into()));
     println!("MESSAGE     {}", opt(&r.message));
     println!("EXIT CODE   {}", r.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()));
@@ -876,7 +939,7 @@ mod tests {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "agentctl", &mut out);
             let text = String::from_utf8(out).unwrap();
-            for cmd in ["submit", "logs", "artifacts", "cancel", "tenant", "batch", "completion"] {
+            for cmd in ["submit", "wait", "logs", "artifacts", "cancel", "tenant", "batch", "completion"] {
                 assert!(text.contains(cmd), "{shell:?} completion lacks {cmd}");
             }
             if shell == clap_complete::Shell::Bash {
@@ -935,11 +998,14 @@ mod tests {
             finished_at: None,
             duration_ms,
         };
-        let table = task_table(&[
-            task(1, Some("k1"), Phase::Succeeded, None, Some(1234)),
-            task(2, None, Phase::Failed, Some(Reason::NonZeroExit), Some(5)),
-            task(3, Some("evil\x1b[2J"), Phase::Queued, None, None),
-        ]);
+        let table = task_table(
+            &[
+                task(1, Some("k1"), Phase::Succeeded, None, Some(1234)),
+                task(2, None, Phase::Failed, Some(Reason::NonZeroExit), Some(5)),
+                task(3, Some("evil\x1b[2J"), Phase::Queued, None, None),
+            ],
+            false,
+        );
         let text: Vec<String> = table.to_string().lines().map(|l| l.trim_end().to_owned()).collect();
         assert_eq!(
             text,

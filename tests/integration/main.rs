@@ -47,3 +47,9 @@ mod logs;
 
 /// Results the broker refuses: bounded retry, parking, re-queueing.
 mod outbox;
+
+/// agentctl's batch commands, `wait` and its settings, against a running service.
+mod ctl;
+
+/// The evaluation pipeline of examples/eval, scored with its SQL query.
+mod eval_example;
