@@ -53,3 +53,6 @@ mod ctl;
 
 /// The evaluation pipeline of examples/eval, scored with its SQL query.
 mod eval_example;
+
+/// Ingest's group commit: exactly one result per message, duplicates, bad messages, SIGKILL.
+mod group_commit;

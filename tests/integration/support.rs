@@ -351,6 +351,18 @@ pub struct Process {
 
 impl Env {
     pub fn spawn_process(&self, name: &str, components: &str, http_port: u16, max_running: u32) -> Process {
+        self.spawn_process_with(name, components, http_port, max_running, &[])
+    }
+
+    /// [`Env::spawn_process`] with more settings, e.g. `("AGENTTASK_BACKEND", "null")`.
+    pub fn spawn_process_with(
+        &self,
+        name: &str,
+        components: &str,
+        http_port: u16,
+        max_running: u32,
+        extra_env: &[(&str, &str)],
+    ) -> Process {
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenttask"))
@@ -363,6 +375,7 @@ impl Env {
             .env("AGENTTASK_MAX_RUNNING", max_running.to_string())
             .env("AGENTTASK_ADMIN_TOKEN", "test-admin-token")
             .env("AGENTTASK_LOG", "info,agenttask=debug")
+            .envs(extra_env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(file)
             .kill_on_drop(true)

@@ -1,0 +1,204 @@
+//! Ingest's group commit keeps every guarantee of one transaction per message: each message gets
+//! exactly one result, duplicates and bad messages included, and a SIGKILL while groups are
+//! being committed loses nothing and duplicates nothing. The null backend runs the tasks, so
+//! the control plane is what is tested.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use agenttask::config::BackendKind;
+use futures_util::future::join_all;
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// Publishes every message with pipelined confirms (all in flight, then every confirm checked).
+async fn publish_all(client: &Client, messages: &[(String, Vec<u8>, BasicProperties)]) {
+    let mut confirms = Vec::with_capacity(messages.len());
+    for (tenant, body, props) in messages {
+        let confirm = client
+            .channel
+            .basic_publish(
+                "agenttask.tasks".into(),
+                tenant.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props.clone(),
+            )
+            .await
+            .unwrap();
+        confirms.push(confirm);
+    }
+    for c in join_all(confirms).await {
+        assert!(c.unwrap().is_ack(), "publish not confirmed");
+    }
+}
+
+/// The messages of one run: for every unit of 10, six valid tasks with ids, two duplicates of
+/// them, one invalid message with an id and one valid task without an id; returned with the
+/// distinct correlation ids that must each get exactly one result.
+fn mixed_messages(
+    client: &Client,
+    tenants: &[String],
+    units: usize,
+) -> (Vec<(String, Vec<u8>, BasicProperties)>, Vec<String>) {
+    let mut messages = Vec::new();
+    let mut expected = Vec::new();
+    for u in 0..units {
+        let tenant = &tenants[u % tenants.len()];
+        for k in 0..6 {
+            let id = format!("ok-{u}-{k}");
+            let body = serde_json::to_vec(&json!({"id": id, "language": "python", "code": "print(1)"})).unwrap();
+            messages.push((tenant.clone(), body, client.props(&id)));
+            expected.push(id);
+        }
+        for k in [0, 3] {
+            // The same message again, as a client retrying after a lost confirm would send it.
+            let id = format!("ok-{u}-{k}");
+            let body = serde_json::to_vec(&json!({"id": id, "language": "python", "code": "print(1)"})).unwrap();
+            messages.push((tenant.clone(), body, client.props(&id)));
+        }
+        let bad = format!("bad-{u}");
+        let body = if u % 2 == 0 {
+            serde_json::to_vec(&json!({"id": bad, "language": "cobol", "code": "DISPLAY 1."})).unwrap()
+        } else {
+            b"{\"id\": \"not json".to_vec()
+        };
+        messages.push((tenant.clone(), body, client.props(&bad).with_message_id(bad.as_str().into())));
+        expected.push(bad);
+        let anon = format!("anon-{u}");
+        let body = serde_json::to_vec(&json!({"language": "python", "code": "print(2)"})).unwrap();
+        messages.push((tenant.clone(), body, client.props(&anon)));
+        expected.push(anon);
+    }
+    (messages, expected)
+}
+
+/// Results read until every keyed message and `anonymous` messages without a key have one,
+/// then two quiet seconds more (a second result would follow its first closely): for each key
+/// (or `task:<id>` for a task without one), the task ids its results carried.
+async fn collect_results(
+    client: &mut Client,
+    keyed: &[String],
+    anonymous: usize,
+    within: Duration,
+) -> HashMap<String, Vec<String>> {
+    let mut got: HashMap<String, Vec<String>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let anon = |got: &HashMap<String, Vec<String>>| got.keys().filter(|k| k.starts_with("task:")).count();
+    while keyed.iter().any(|k| !got.contains_key(k)) || anon(&got) < anonymous {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(result) = client.more(left.max(Duration::from_millis(1))).await else {
+            let missing = keyed.iter().filter(|k| !got.contains_key(*k)).count();
+            panic!(
+                "no result within {within:?} for {missing} keyed messages; {} of {anonymous} anonymous results",
+                anon(&got)
+            );
+        };
+        record(&mut got, &result);
+    }
+    while let Some(result) = client.more(Duration::from_secs(2)).await {
+        record(&mut got, &result);
+    }
+    got
+}
+
+fn record(got: &mut HashMap<String, Vec<String>>, result: &Value) {
+    let task_id = result["task_id"].as_str().expect("a result has a task id").to_owned();
+    let key = result["id"].as_str().map(str::to_owned).unwrap_or_else(|| format!("task:{task_id}"));
+    got.entry(key).or_default().push(task_id);
+}
+
+#[tokio::test]
+async fn every_message_gets_exactly_one_result_with_duplicates_and_bad_messages_mixed_in() {
+    let env = Env::new("[defaults]\nmax_concurrency = 256\nmax_queued = 100000\nrate_per_second = 100000\nburst = 100000\n[tenants.{t}-a]\n[tenants.{t}-b]\n[tenants.{t}-c]\n").await;
+    let tenants = vec![env.tenant("a"), env.tenant("b"), env.tenant("c")];
+    let mut settings = env.settings(&agenttask::config::Component::ALL);
+    settings.backend = BackendKind::Null;
+    settings.max_running = 256;
+    let svc = env.start_with(settings).await;
+    let mut client = Client::new(&env).await;
+    let pool = env.pg().await;
+
+    // 2,000 units: 20,000 messages, of which 4,000 duplicates and 2,000 invalid.
+    let (messages, expected_keys) = mixed_messages(&client, &tenants, 2_000);
+    assert_eq!(messages.len(), 20_000);
+    publish_all(&client, &messages).await;
+    let anonymous = expected_keys.iter().filter(|k| k.starts_with("anon-")).count();
+    let keyed: Vec<String> = expected_keys.iter().filter(|k| !k.starts_with("anon-")).cloned().collect();
+    let got = collect_results(&mut client, &keyed, anonymous, Duration::from_secs(600)).await;
+    // No crash here, so not even a redelivered result: exactly one each.
+    let more: Vec<_> = got.iter().filter(|(_, r)| r.len() != 1).collect();
+    assert!(more.is_empty(), "more than one result: {:?}", &more[..more.len().min(10)]);
+    assert_eq!(got.len(), keyed.len() + anonymous, "a result for something that was not sent");
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks").await, 16_000);
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks where phase = 'Rejected'").await, 2_000);
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks where phase = 'Succeeded'").await, 14_000);
+    assert_eq!(count(&pool, "select count(*) from agenttask.outbox").await, 0);
+
+    pool.close().await;
+    let _ = client.conn.close(200, "ok".into()).await;
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_sigkill_while_groups_commit_loses_nothing_and_duplicates_nothing() {
+    let env = Env::new("[defaults]\nmax_concurrency = 256\nmax_queued = 100000\nrate_per_second = 100000\nburst = 100000\n[tenants.{t}-a]\n[tenants.{t}-b]\n").await;
+    let tenants = vec![env.tenant("a"), env.tenant("b")];
+    let null = [("AGENTTASK_BACKEND", "null")];
+    let mut first = env.spawn_process_with("first", "ingest,scheduler,executor,publisher", free_port(), 256, &null);
+    let conn = env.connect().await;
+    for t in &tenants {
+        let queue = format!("agenttask.tasks.{t}");
+        eventually(Duration::from_secs(30), || queue_has_consumer(&conn, &queue)).await;
+    }
+    let mut client = Client::new(&env).await;
+    let pool = env.pg().await;
+
+    // Only keyed, valid tasks and duplicates here: every distinct id must end as one row and
+    // one result across the kill.
+    let mut messages = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..6_000 {
+        let id = format!("k-{i}");
+        let body = serde_json::to_vec(&json!({"id": id, "language": "python", "code": "print(1)"})).unwrap();
+        messages.push((tenants[i % 2].clone(), body.clone(), client.props(&id)));
+        if i % 5 == 0 {
+            messages.push((tenants[i % 2].clone(), body, client.props(&id)));
+        }
+        ids.push(id);
+    }
+    publish_all(&client, &messages).await;
+    // Killed once ingest is well under way, so groups are being committed at that moment.
+    eventually(Duration::from_secs(120), || {
+        let pool = pool.clone();
+        async move { count(&pool, "select count(*) from agenttask.tasks").await >= 1_500 }
+    })
+    .await;
+    first.child.start_kill().unwrap();
+    first.child.wait().await.unwrap();
+    let stored_at_kill = count(&pool, "select count(*) from agenttask.tasks").await;
+    assert!(stored_at_kill < 6_000, "the kill came after everything was stored; nothing was tested");
+
+    let mut second = env.spawn_process_with("second", "ingest,scheduler,executor,publisher", free_port(), 256, &null);
+    let got = collect_results(&mut client, &ids, 0, Duration::from_secs(600)).await;
+    assert_eq!(got.len(), ids.len());
+    // A result confirmed by the broker just before the kill, whose outbox row was not yet
+    // deleted, is published again (same task, same message_id, which consumers dedup on); a
+    // second *task* for one message would be a loss of idempotency.
+    for (id, task_ids) in &got {
+        assert!(task_ids.iter().all(|t| t == &task_ids[0]), "{id} got results of different tasks: {task_ids:?}");
+    }
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks").await, 6_000);
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks where phase = 'Succeeded'").await, 6_000);
+
+    pool.close().await;
+    let _ = client.conn.close(200, "ok".into()).await;
+    let _ = conn.close(200, "ok".into()).await;
+    unsafe { libc::kill(second.child.id().unwrap() as i32, libc::SIGTERM) };
+    let _ = tokio::time::timeout(Duration::from_secs(20), second.child.wait()).await;
+    env.cleanup().await;
+}
