@@ -4,8 +4,9 @@
 //! admin token (`AGENTTASK_ADMIN_TOKEN`; without it the admin endpoints are closed), or a
 //! tenant's token (`agentctl tenant token create T`). A tenant's token sees and acts on its own
 //! tenant's tasks only: another tenant's task is answered exactly like a task that does not
-//! exist (404), so a token cannot even learn which ids exist elsewhere. Managing tenants and
-//! tokens needs the admin token (403 for a tenant's).
+//! exist (404), so a token cannot even learn which ids exist elsewhere. A tenant's token may
+//! read its own tenant (`GET /v1/tenants/{name}`); listing and changing tenants and managing
+//! tokens need the admin token (403 for a tenant's).
 
 use std::sync::Arc;
 
@@ -390,11 +391,17 @@ async fn list_tenants(_: Admin, State(ctx): State<Arc<Api>>) -> Result<Json<Vec<
     Ok(Json(ctx.store.tenant_statuses().await?))
 }
 
+/// `GET /v1/tenants/{name}`: a tenant's configuration and load. The admin token reads any
+/// tenant; a tenant's token reads its own (another tenant is a 404, as for tasks, so a token
+/// cannot learn which tenants exist).
 async fn get_tenant(
-    _: Admin,
+    caller: Caller,
     State(ctx): State<Arc<Api>>,
     Path(name): Path<String>,
 ) -> Result<Json<TenantStatus>, ApiError> {
+    if !caller.sees(&name) {
+        return Err(ApiError::NotFound(format!("no tenant {name}")));
+    }
     let list = ctx.store.tenant_statuses().await?;
     let t = list.into_iter().find(|t| t.tenant == name);
     Ok(Json(t.ok_or_else(|| ApiError::NotFound(format!("no tenant {name}")))?))

@@ -67,13 +67,15 @@ async fn each_tenants_token_sees_and_acts_on_its_own_tasks_only_on_every_endpoin
             (Method::POST, format!("/v1/tasks/{}/cancel", other.single)),
             (Method::POST, format!("/v1/batches/{ot}/b/cancel")),
             (Method::GET, format!("/v1/tasks/{}", uuid::Uuid::new_v4())),
+            // A tenant's token reads its own tenant only: another is as absent as an unknown one.
+            (Method::GET, format!("/v1/tenants/{ot}")),
+            (Method::GET, "/v1/tenants/no-such-tenant".to_owned()),
         ] {
             let (status, body) = api_call(&svc, method.clone(), &path, t).await;
             assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{method} {path}: {body}");
         }
         for (method, path) in [
             (Method::GET, "/v1/tenants".to_owned()),
-            (Method::GET, format!("/v1/tenants/{}", me.tenant)),
             (Method::PUT, "/v1/tenants".to_owned()),
             (Method::POST, format!("/v1/tenants/{}/tokens", me.tenant)),
             (Method::POST, format!("/v1/tenants/{ot}/tokens")),
@@ -111,6 +113,10 @@ async fn each_tenants_token_sees_and_acts_on_its_own_tasks_only_on_every_endpoin
         assert_eq!((status, body["task_id"].as_str()), (200, Some(me.in_batch.to_string().as_str())), "{body}");
         let (status, _) = api_call(&svc, Method::GET, &format!("/v1/tasks/{}/logs", me.in_batch), t).await;
         assert_eq!(status, 200, "its own task's logs");
+        let (status, body) = api_call(&svc, Method::GET, &format!("/v1/tenants/{}", me.tenant), t).await;
+        assert_eq!((status, body["tenant"].as_str()), (200, Some(me.tenant.as_str())), "its own tenant: {body}");
+        let (code, out, err) = agentctl_as(&svc, t, &["-o", "json", "tenant", "get", &me.tenant]).await;
+        assert_eq!(code, 0, "agentctl tenant get with its own token: {out}{err}");
         let (status, body) = api_call(&svc, Method::GET, &format!("/v1/batches/{}/b", me.tenant), t).await;
         assert_eq!((status, body["total"].as_i64()), (200, Some(1)), "{body}");
         let (status, body) = api_call(&svc, Method::GET, &format!("/v1/tasks/{}/position", me.in_batch), t).await;
