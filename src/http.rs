@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 mod artifacts;
 mod logs;
+pub mod openapi;
 
 use crate::domain::result::ResultMessage;
 use crate::domain::token;
@@ -70,7 +71,8 @@ pub async fn serve(
 
 pub fn router(ctx: Arc<Api>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi::serve))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/tasks", get(list_tasks))
@@ -91,6 +93,12 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .with_state(ctx)
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is up", body = String, content_type = "text/plain; charset=utf-8")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
 /// What is down in this process, and why: the components' connections, the database, the
 /// migrations. Empty when ready.
 async fn down_parts(ctx: &Api) -> std::collections::BTreeMap<String, String> {
@@ -108,7 +116,7 @@ async fn down_parts(ctx: &Api) -> std::collections::BTreeMap<String, String> {
 }
 
 /// `/readyz`'s answer.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReadyAnswer {
     pub ready: bool,
     /// What is down, and why.
@@ -117,12 +125,19 @@ pub struct ReadyAnswer {
 
 /// `/readyz`: 200 when the database answers, the migrations are applied and every consumer and
 /// the publisher of this process are connected; otherwise 503 naming what is down.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = ReadyAnswer),
+        (status = 503, description = "Not ready: `down` names what is down, and why", body = ReadyAnswer),
+    ))]
 async fn readyz(State(ctx): State<Arc<Api>>) -> Response {
     let down = down_parts(&ctx).await;
     let status = if down.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(ReadyAnswer { ready: down.is_empty(), down })).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(ctx): State<Arc<Api>>) -> Response {
     // Prometheus scrapes /metrics, not /readyz: readiness is evaluated here too, so alerts see it.
     ctx.metrics.ready.set(i64::from(down_parts(&ctx).await.is_empty()));
@@ -131,7 +146,7 @@ async fn metrics(State(ctx): State<Arc<Api>>) -> Response {
 
 /// The body of every API error, as the contract says: `{"code", "message"}`. `code` is a stable
 /// machine-readable name; `message` is a sentence that says what to do.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
@@ -290,7 +305,7 @@ struct TaskQuery {
 }
 
 /// A task as the API shows it: the result message's fields plus what was asked for.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskView {
     #[serde(flatten)]
     pub result: ResultMessage,
@@ -317,6 +332,16 @@ impl From<TaskRow> for TaskView {
 }
 
 /// `GET /v1/tasks/{id}`: `id` is a task id (uuid), or a client id with `?tenant=`.
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
+    params(
+        ("id" = String, Path, description = "A task id (uuid), or a client id (idempotency key) of the tenant"),
+        ("tenant" = Option<String>, Query, description = "Look `id` up as this tenant's client id first (a tenant's token always looks in its own tenant)"),
+    ),
+    responses(
+        (status = 200, description = "The task", body = TaskView),
+        (status = 400, description = "`id` is not a uuid and no tenant was given", body = ErrorBody),
+        (status = 404, description = "No such task, or another tenant's", body = ErrorBody),
+    ))]
 async fn get_task(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -349,7 +374,7 @@ async fn get_task(
 }
 
 /// A page of `GET /v1/tasks`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskPage {
     pub items: Vec<TaskSummary>,
     /// Pass as `cursor=` for the next page; null on the last page.
@@ -359,6 +384,21 @@ pub struct TaskPage {
 /// `GET /v1/tasks?tenant=&batch=&phase=&label=KEY=VALUE&since=&until=&cursor=&limit=`: tasks,
 /// newest first, one page at a time (`phase` takes a comma-separated list; `label` repeats).
 /// A tenant's token lists its own tenant only, whatever `tenant=` says.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
+    params(
+        ("tenant" = Option<String>, Query, description = "Only this tenant's tasks (a tenant's token always lists its own)"),
+        ("batch" = Option<String>, Query, description = "Only this batch's tasks"),
+        ("phase" = Option<String>, Query, description = "Only tasks in one of these phases, comma-separated (e.g. `Failed,Cancelled`)"),
+        ("label" = Option<Vec<String>>, Query, description = "Only tasks with this label, `KEY=VALUE`; repeat for several (all must match)"),
+        ("since" = Option<String>, Query, format = DateTime, description = "Submitted at or after (RFC 3339)"),
+        ("until" = Option<String>, Query, format = DateTime, description = "Submitted before (RFC 3339)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page, as it is"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Tasks per page [default: 100]"),
+    ),
+    responses(
+        (status = 200, description = "One page of tasks, newest first", body = TaskPage),
+        (status = 400, description = "A parameter that cannot be used (named in the message)", body = ErrorBody),
+    ))]
 async fn list_tasks(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -378,6 +418,13 @@ async fn list_tasks(
 }
 
 /// `GET /v1/tasks/{id}/position`: place in the tenant's queue and an estimated wait.
+#[utoipa::path(get, path = "/v1/tasks/{id}/position", tag = "tasks",
+    params(("id" = String, Path, description = "The task id (uuid)")),
+    responses(
+        (status = 200, description = "Its place in its tenant's queue and an estimated wait", body = Position),
+        (status = 400, description = "Not a task id", body = ErrorBody),
+        (status = 404, description = "No such task, or another tenant's", body = ErrorBody),
+    ))]
 async fn get_position(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -387,6 +434,12 @@ async fn get_position(
     Ok(Json(p.filter(|p| caller.sees(&p.tenant)).ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?))
 }
 
+/// `GET /v1/tenants` (admin): every configured tenant, its quotas and load.
+#[utoipa::path(get, path = "/v1/tenants", tag = "tenants",
+    responses(
+        (status = 200, description = "Every configured tenant, its quotas and load", body = Vec<TenantStatus>),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+    ))]
 async fn list_tenants(_: Admin, State(ctx): State<Arc<Api>>) -> Result<Json<Vec<TenantStatus>>, ApiError> {
     Ok(Json(ctx.store.tenant_statuses().await?))
 }
@@ -394,6 +447,12 @@ async fn list_tenants(_: Admin, State(ctx): State<Arc<Api>>) -> Result<Json<Vec<
 /// `GET /v1/tenants/{name}`: a tenant's configuration and load. The admin token reads any
 /// tenant; a tenant's token reads its own (another tenant is a 404, as for tasks, so a token
 /// cannot learn which tenants exist).
+#[utoipa::path(get, path = "/v1/tenants/{name}", tag = "tenants",
+    params(("name" = String, Path, description = "The tenant")),
+    responses(
+        (status = 200, description = "The tenant's quotas and load", body = TenantStatus),
+        (status = 404, description = "No such tenant, or (for a tenant's token) another tenant", body = ErrorBody),
+    ))]
 async fn get_tenant(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -408,7 +467,7 @@ async fn get_tenant(
 }
 
 /// What `PUT /v1/tenants` did.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplyResult {
     pub tenants: Vec<String>,
     /// Unstarted tasks of removed tenants that were cancelled (with `?removed=cancel`).
@@ -417,7 +476,7 @@ pub struct ApplyResult {
 }
 
 /// What happens to the unstarted tasks of tenants that a tenants file no longer has.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Removed {
     /// They stay queued (and their queue keeps its messages) until the tenant comes back.
@@ -436,6 +495,15 @@ struct ApplyQuery {
 /// `PUT /v1/tenants?removed=keep|cancel` with a tenants file (TOML) as the body: validates it
 /// whole, then makes it the configuration of every process, without a restart. Queued tasks of
 /// tenants that stay are untouched; those of removed tenants are kept (default) or cancelled.
+#[utoipa::path(put, path = "/v1/tenants", tag = "tenants",
+    params(("removed" = Option<Removed>, Query, description = "What happens to unstarted tasks of tenants the file no longer has [default: keep]")),
+    request_body(content = String, content_type = "application/toml", description = "A tenants file (TOML)"),
+    responses(
+        (status = 200, description = "The file is in force in every process", body = ApplyResult),
+        (status = 400, description = "The body is not UTF-8", body = ErrorBody),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+        (status = 422, description = "The file does not validate (the message names the tenant and field)", body = ErrorBody),
+    ))]
 async fn apply_tenants(
     _: Admin,
     State(ctx): State<Arc<Api>>,
@@ -461,7 +529,7 @@ async fn apply_tenants(
 }
 
 /// What a cancel request did, as `POST /v1/tasks/{id}/cancel` answers it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CancelAnswer {
     pub task_id: uuid::Uuid,
     /// `cancelled` (it had not started; its result is out) or `stopping` (it was running; it is
@@ -473,6 +541,15 @@ pub struct CancelAnswer {
 /// `POST /v1/tasks/{id}/cancel`: a queued or admitted task ends `Cancelled` without running; a
 /// running one is killed. Either way it gets exactly one result. A finished task is left alone
 /// (409), an unknown one is a 404.
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = String, Path, description = "The task id (uuid)")),
+    responses(
+        (status = 200, description = "It had not started and is `Cancelled` now", body = CancelAnswer),
+        (status = 202, description = "It is running and is being stopped; its result will say `Cancelled`", body = CancelAnswer),
+        (status = 400, description = "Not a task id", body = ErrorBody),
+        (status = 404, description = "No such task, or another tenant's", body = ErrorBody),
+        (status = 409, description = "It already finished", body = ErrorBody),
+    ))]
 async fn cancel_task(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -507,7 +584,7 @@ async fn cancel_task(
 }
 
 /// What `POST /v1/batches/{tenant}/{batch}/cancel` did.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BatchCancelAnswer {
     /// Tasks that had not started and are `Cancelled` now.
     pub cancelled: u64,
@@ -516,6 +593,12 @@ pub struct BatchCancelAnswer {
 }
 
 /// `POST /v1/batches/{tenant}/{batch}/cancel`: cancels every unfinished task of a batch.
+#[utoipa::path(post, path = "/v1/batches/{tenant}/{batch}/cancel", tag = "batches",
+    params(("tenant" = String, Path, description = "The batch's tenant"), ("batch" = String, Path, description = "The batch id")),
+    responses(
+        (status = 200, description = "What was cancelled, and what is being stopped", body = BatchCancelAnswer),
+        (status = 404, description = "Another tenant's batch", body = ErrorBody),
+    ))]
 async fn cancel_batch(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -539,7 +622,7 @@ async fn cancel_batch(
 
 /// A token just created, as `POST /v1/tenants/{name}/tokens` answers it: the only time its
 /// text is ever shown.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreatedToken {
     #[serde(flatten)]
     pub info: TokenInfo,
@@ -547,6 +630,13 @@ pub struct CreatedToken {
 }
 
 /// `POST /v1/tenants/{name}/tokens` (admin): a new API token for a configured tenant.
+#[utoipa::path(post, path = "/v1/tenants/{name}/tokens", tag = "tokens",
+    params(("name" = String, Path, description = "The tenant")),
+    responses(
+        (status = 201, description = "The new token; its text is shown only now", body = CreatedToken),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+    ))]
 async fn create_token(
     _: Admin,
     State(ctx): State<Arc<Api>>,
@@ -570,6 +660,12 @@ struct TokensQuery {
 
 /// `GET /v1/tokens?tenant=` (admin): every token (or one tenant's), revoked ones too; never a
 /// secret.
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    params(("tenant" = Option<String>, Query, description = "Only this tenant's tokens")),
+    responses(
+        (status = 200, description = "Tokens, revoked ones too; never a secret", body = Vec<TokenInfo>),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+    ))]
 async fn list_tokens(
     _: Admin,
     State(ctx): State<Arc<Api>>,
@@ -579,6 +675,14 @@ async fn list_tokens(
 }
 
 /// `DELETE /v1/tokens/{id}` (admin): the token authenticates nothing from now on.
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "The token id (uuid)")),
+    responses(
+        (status = 200, description = "The token, revoked (again is a no-op)", body = TokenInfo),
+        (status = 400, description = "Not a token id", body = ErrorBody),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+        (status = 404, description = "No such token", body = ErrorBody),
+    ))]
 async fn revoke_token(
     _: Admin,
     State(ctx): State<Arc<Api>>,
@@ -590,7 +694,7 @@ async fn revoke_token(
 }
 
 /// What `POST /v1/tenants/{name}/sql-role` made.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SqlRole {
     pub tenant: String,
     pub role: String,
@@ -601,6 +705,14 @@ pub struct SqlRole {
 /// `POST /v1/tenants/{name}/sql-role` (admin): creates the tenant's read-only Postgres role, or
 /// gives the existing one a new password; answers its connection string. The role reads the
 /// views of the contract, through row-level security only its tenant's rows, and no table.
+#[utoipa::path(post, path = "/v1/tenants/{name}/sql-role", tag = "tenants",
+    params(("name" = String, Path, description = "The tenant")),
+    responses(
+        (status = 200, description = "The role and its connection string, with a new password shown only now", body = SqlRole),
+        (status = 400, description = "Not a tenant name", body = ErrorBody),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+    ))]
 async fn create_sql_role(
     _: Admin,
     State(ctx): State<Arc<Api>>,
@@ -625,6 +737,12 @@ async fn create_sql_role(
 
 /// `GET /v1/batches/{tenant}/{batch}`: counts by phase and duration percentiles (the row of
 /// `agenttask.batch_summary`). 404 for a batch without tasks, or of another tenant.
+#[utoipa::path(get, path = "/v1/batches/{tenant}/{batch}", tag = "batches",
+    params(("tenant" = String, Path, description = "The batch's tenant"), ("batch" = String, Path, description = "The batch id")),
+    responses(
+        (status = 200, description = "Counts by phase and duration percentiles", body = BatchStatus),
+        (status = 404, description = "No task in this batch, or another tenant's batch", body = ErrorBody),
+    ))]
 async fn get_batch(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -635,7 +753,7 @@ async fn get_batch(
 }
 
 /// A page of `GET /v1/batches/{tenant}/{batch}/results`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResultPage {
     /// The contract's result messages, oldest task first.
     pub items: Vec<ResultMessage>,
@@ -651,6 +769,18 @@ struct ResultsQuery {
 
 /// `GET /v1/batches/{tenant}/{batch}/results?cursor=&limit=`: every task's result message (or
 /// where it stands, for unfinished ones), oldest first, a page at a time.
+#[utoipa::path(get, path = "/v1/batches/{tenant}/{batch}/results", tag = "batches",
+    params(
+        ("tenant" = String, Path, description = "The batch's tenant"),
+        ("batch" = String, Path, description = "The batch id"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page, as it is"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Results per page [default: 100]"),
+    ),
+    responses(
+        (status = 200, description = "One page of result messages, oldest task first", body = ResultPage),
+        (status = 400, description = "A bad cursor or limit", body = ErrorBody),
+        (status = 404, description = "No task in this batch, or another tenant's batch", body = ErrorBody),
+    ))]
 async fn batch_results(
     caller: Caller,
     State(ctx): State<Arc<Api>>,

@@ -13,7 +13,7 @@ use crate::domain::task::Language;
 use sqlx::types::Json;
 
 /// A queued task's place in its tenant's queue.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Position {
     pub task_id: Uuid,
     pub tenant: String,
@@ -110,7 +110,7 @@ impl Store {
 
 /// A task as `GET /v1/tasks` lists it: what identifies it and how it ended, without its code
 /// or output (`GET /v1/tasks/{id}` has those).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct TaskSummary {
     pub task_id: Uuid,
     /// The client's idempotency key.
@@ -189,7 +189,7 @@ impl Store {
 }
 
 /// A batch as `GET /v1/batches/{tenant}/{batch}` shows it: the row of `agenttask.batch_summary`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct BatchStatus {
     pub tenant: String,
     pub batch_id: String,

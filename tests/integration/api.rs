@@ -485,3 +485,42 @@ async fn batch_status_and_results_export_every_task_of_the_batch() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_served_without_a_token_and_describes_what_the_server_does() {
+    let env = Env::new("[tenants.{t}-a]\n").await;
+    let svc = env.start_with(env.settings(&[Component::Http])).await;
+    let resp = reqwest::get(format!("http://{}/openapi.json", svc.http_addr)).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()[reqwest::header::CONTENT_TYPE], "application/json");
+    let served = resp.text().await.unwrap();
+    // The same text `agenttask openapi` prints and deploy/openapi.json holds (a unit test
+    // compares those two).
+    assert_eq!(served, agenttask::http::openapi::json());
+
+    // Every documented operation exists, and needs a token exactly where the document says:
+    // without one, each `/v1` operation answers the JSON 401 (an unrouted path or method would
+    // get axum's bare 404 or 405), and the others answer without it.
+    let doc: Value = serde_json::from_str(&served).unwrap();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{id}", &uuid::Uuid::new_v4().to_string())
+            .replace("{name}", "nobody")
+            .replace("{tenant}", "nobody")
+            .replace("{batch}", "b");
+        for method in item.as_object().unwrap().keys() {
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (status, body) = api_call(&svc, method.clone(), &concrete, "").await;
+            if item[method.as_str().to_lowercase()]["security"].is_array() {
+                assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")), "{method} {path}: {body}");
+            } else {
+                assert_eq!(status, 200, "{method} {path} needs no token");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked} operations");
+    svc.stop().await;
+    env.cleanup().await;
+}
