@@ -126,6 +126,10 @@ async fn build_backend(settings: &Settings, tenants: &watch::Sender<Arc<Tenants>
         BackendKind::Local => {
             let mut config = LocalConfig::new(settings.data_dir.clone());
             config.output_limit_bytes = settings.output_limit_bytes;
+            // Artifact files go with the rest of a task's outputs (see `crate::retention`).
+            if let Some(r) = settings.retention {
+                config.artifact_ttl = r.keep_for;
+            }
             let b = Arc::new(LocalBackend::new(config)?);
             Ok((b.clone(), Some(b)))
         }
@@ -215,6 +219,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             },
         });
         sup.spawn("scheduler", crate::scheduler::run(scheduler, shutdown.clone()));
+        // Beside the scheduler, which every deployment runs somewhere; one process at a time
+        // sweeps (an advisory lock).
+        if let Some(policy) = settings.retention {
+            let sweep = crate::retention::run(store.clone(), policy, metrics.clone(), shutdown.clone());
+            sup.spawn("retention", sweep);
+        }
     }
     if let Some((backend, local)) = backend {
         let executor = Executor {
@@ -227,7 +237,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             tenants: tenants.subscribe(),
         };
         sup.spawn("executor", executor.run(shutdown.clone()));
-        if let Some(local) = local {
+        // Without retention, artifacts are kept like the rest of the outputs: forever.
+        if let (Some(local), Some(_)) = (local, settings.retention) {
             sup.spawn("artifact-sweeper", sweep_artifacts(local, shutdown.clone()));
         }
         if settings.backend == BackendKind::Kubernetes {

@@ -47,3 +47,6 @@ mod logs;
 
 /// Results the broker refuses: bounded retry, parking, re-queueing.
 mod outbox;
+
+/// Retention: old finished tasks' outputs, then rows, removed; the views keep answering.
+mod retention;
