@@ -172,6 +172,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// What was asked for existed and was removed for good (retention).
+    #[error("{0}")]
+    Gone(String),
     /// The request was understood but its content is refused (a tenants file that does not
     /// validate).
     #[error("{0}")]
@@ -193,6 +196,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Gone(_) => "gone",
             ApiError::Invalid(_) => "invalid",
             ApiError::Store(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -207,6 +211,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -315,6 +320,10 @@ pub struct TaskView {
     pub labels: serde_json::Value,
     pub timeout_seconds: Option<i32>,
     pub attempt: i32,
+    /// When retention removed the task's stdout, stderr and artifacts (they read as empty from
+    /// then on); absent while they are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs_removed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl From<TaskRow> for TaskView {
@@ -327,6 +336,7 @@ impl From<TaskRow> for TaskView {
             labels: row.labels.0,
             timeout_seconds: row.timeout_seconds,
             attempt: row.attempt,
+            outputs_removed_at: row.outputs_removed_at,
         }
     }
 }

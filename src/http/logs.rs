@@ -52,9 +52,10 @@ async fn output_now(api: &Api, row: &TaskRow) -> (Vec<u8>, bool) {
         ("follow" = Option<bool>, Query, description = "Stream the output while the task runs; the response ends when the task does"),
     ),
     responses(
-        (status = 200, description = "The task's stdout (empty once retention removed it)", body = String, content_type = "text/plain; charset=utf-8"),
+        (status = 200, description = "The task's stdout", body = String, content_type = "text/plain; charset=utf-8"),
         (status = 400, description = "Not a task id, or an unknown parameter", body = ErrorBody),
         (status = 404, description = "No such task, or another tenant's", body = ErrorBody),
+        (status = 410, description = "`gone`: retention removed the task's output", body = ErrorBody),
     ))]
 pub(super) async fn get_logs(
     caller: Caller,
@@ -67,6 +68,13 @@ pub(super) async fn get_logs(
     // Another tenant's task is as absent as an unknown one.
     if !caller.sees(&first.tenant) {
         return Err(ApiError::NotFound(format!("no task {id}")));
+    }
+    if let Some(at) = first.outputs_removed_at {
+        return Err(ApiError::Gone(format!(
+            "the output of task {id} was removed by retention on {}; its result, exit code and \
+             timings are kept (agentctl get {id})",
+            at.format("%Y-%m-%d")
+        )));
     }
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if !q.follow {

@@ -205,8 +205,14 @@ async fn the_service_sweeps_with_its_scheduler_and_the_api_shows_what_is_kept() 
     assert_eq!(status, 200, "{body}");
     assert_eq!((body["stdout"].as_str(), body["stderr"].as_str()), (Some(""), Some("")), "{body}");
     assert_eq!((body["artifacts"].clone(), body["result"].clone()), (json!([]), json!({"score": 1})), "{body}");
+    assert!(body["outputs_removed_at"].is_string(), "{body}");
+    let (status, body) =
+        api_call(&svc, reqwest::Method::GET, &format!("/v1/tasks/{old}/logs"), "test-admin-token").await;
+    assert_eq!((status, body["code"].as_str()), (410, Some("gone")), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("removed by retention")), "{body}");
     let (_, body) = api_call(&svc, reqwest::Method::GET, &format!("/v1/tasks/{recent}"), "test-admin-token").await;
     assert_eq!(body["stdout"].as_str(), Some("out"), "a recent task keeps its outputs: {body}");
+    assert!(body.get("outputs_removed_at").is_none(), "{body}");
     let metrics = reqwest::get(format!("http://{}/metrics", svc.http_addr)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("agenttask_retention_tasks_total{action=\"outputs_removed\"} 1"), "{metrics}");
 
