@@ -125,7 +125,14 @@ async fn old_finished_tasks_lose_their_outputs_then_their_rows_and_the_views_kee
         .unwrap();
     assert_eq!(sweep(&store, &metrics, false).await, None);
     assert_eq!(outputs(&pool, old_ok).await.0.as_deref(), Some("out"));
-    drop(other);
+    // Given back explicitly: a dropped connection's lock is released only once the server
+    // notices, which a test must not race.
+    sqlx::query("select pg_advisory_unlock($1)")
+        .bind(agenttask::store::retention::RETENTION_LOCK)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::Connection::close(other).await.unwrap();
 
     let swept = sweep(&store, &metrics, false).await.unwrap();
     assert_eq!(swept, Swept { outputs_removed: 2502, deleted: 0 });
