@@ -1,4 +1,5 @@
-//! HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and the task API used by `agentctl`.
+//! HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, the task API used by `agentctl`, and its
+//! OpenAPI document at `/openapi.json` (see [`openapi`]).
 //!
 //! Every task API request carries a token as `Authorization: Bearer <token>`: the service's
 //! admin token (`AGENTTASK_ADMIN_TOKEN`; without it the admin endpoints are closed), or a
@@ -148,6 +149,8 @@ async fn metrics(State(ctx): State<Arc<Api>>) -> Response {
 /// machine-readable name; `message` is a sentence that says what to do.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
+    /// One of `unauthorized`, `api_closed`, `forbidden`, `bad_request`, `not_found`, `conflict`,
+    /// `gone`, `invalid`, `unavailable`, `internal`.
     pub code: String,
     pub message: String,
 }

@@ -229,6 +229,44 @@ mod tests {
         }
     }
 
+    /// The codes `ErrorBody` documents are the codes the API answers.
+    #[test]
+    fn the_documented_error_codes_are_the_api_errors_codes() {
+        let doc: serde_json::Value = serde_json::from_str(&json()).unwrap();
+        let said = doc["components"]["schemas"]["ErrorBody"]["properties"]["code"]["description"].as_str().unwrap();
+        let documented: BTreeSet<&str> = said.split('`').skip(1).step_by(2).collect();
+        let e = || String::new();
+        let all = [
+            ApiError::Closed,
+            ApiError::Unauthorized,
+            ApiError::Forbidden(e()),
+            ApiError::BadRequest(e()),
+            ApiError::NotFound(e()),
+            ApiError::Conflict(e()),
+            ApiError::Gone(e()),
+            ApiError::Invalid(e()),
+            ApiError::Store(crate::store::StoreError::Corrupt(e())),
+            ApiError::Internal(e()),
+        ];
+        // A new variant must be added above (and to the documentation): this match says so.
+        for a in &all {
+            match a {
+                ApiError::Closed
+                | ApiError::Unauthorized
+                | ApiError::Forbidden(_)
+                | ApiError::BadRequest(_)
+                | ApiError::NotFound(_)
+                | ApiError::Conflict(_)
+                | ApiError::Gone(_)
+                | ApiError::Invalid(_)
+                | ApiError::Store(_)
+                | ApiError::Internal(_) => {}
+            }
+        }
+        let answered: BTreeSet<&str> = all.iter().map(ApiError::code).collect();
+        assert_eq!(documented, answered);
+    }
+
     #[test]
     fn page_limits_are_the_listing_limits() {
         use crate::domain::listing::MAX_LIMIT;
