@@ -494,13 +494,11 @@ mod tests {
 
     #[test]
     fn retention_defaults_to_thirty_days_of_outputs_and_zero_keeps_everything() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = Some(dir.path().join("none.toml")).filter(|p| p.exists());
-        let s = Settings::resolve(ServeArgs { config: cfg.clone(), ..Default::default() }).unwrap();
+        let s = Settings::resolve(ServeArgs::default()).unwrap();
         let thirty =
             crate::retention::Retention { keep_for: std::time::Duration::from_secs(30 * 86_400), delete_rows: false };
         assert_eq!(s.retention, Some(thirty));
-        let s = Settings::resolve(ServeArgs { config: cfg, retention_days: Some(0), ..Default::default() }).unwrap();
+        let s = Settings::resolve(ServeArgs { retention_days: Some(0), ..Default::default() }).unwrap();
         assert_eq!(s.retention, None);
     }
 
