@@ -524,3 +524,20 @@ async fn the_openapi_document_is_served_without_a_token_and_describes_what_the_s
     svc.stop().await;
     env.cleanup().await;
 }
+
+/// The document is valid OpenAPI 3.1, as an independent validator reads it (not just what
+/// utoipa meant to write).
+#[test]
+fn the_openapi_document_is_valid_openapi_3_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("openapi.json");
+    std::fs::write(&path, agenttask::http::openapi::json()).unwrap();
+    let out = std::process::Command::new("python3")
+        .args(["-m", "openapi_spec_validator", "--schema", "3.1"])
+        .arg(&path)
+        .output()
+        .expect("python3 runs (deploy/local/common.sh installs openapi-spec-validator)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}", text.chars().take(2000).collect::<String>());
+    assert!(text.contains("OK"), "{text}");
+}
