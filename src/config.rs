@@ -113,6 +113,15 @@ pub struct ServeArgs {
     /// to 60 s [default: 10]
     #[arg(long, env = "AGENTTASK_OUTBOX_MAX_ATTEMPTS")]
     pub outbox_max_attempts: Option<u32>,
+    /// Days after which finished tasks' stdout, stderr and artifacts are removed (the rest of
+    /// the row stays, see --retention-delete-rows); 0 keeps them forever [default: 30]
+    #[arg(long, env = "AGENTTASK_RETENTION_DAYS")]
+    pub retention_days: Option<u32>,
+    /// With retention, delete finished tasks' rows once past it instead of keeping them without
+    /// their outputs (their client ids can then be used again)
+    #[arg(long, env = "AGENTTASK_RETENTION_DELETE_ROWS")]
+    #[serde(default)]
+    pub retention_delete_rows: bool,
     /// Settings file [default: ./agenttask.toml when it exists]
     #[arg(long, env = "AGENTTASK_CONFIG")]
     #[serde(skip)]
@@ -322,6 +331,8 @@ pub struct Settings {
     pub kube: crate::kube::KubeSettings,
     /// Refusals of a result by the broker before it is parked.
     pub outbox_max_attempts: u32,
+    /// When finished tasks' outputs (or rows) are removed; `None` keeps them forever.
+    pub retention: Option<crate::retention::Retention>,
 }
 
 /// This host's CPUs (as far as the process may use them: affinity and cgroup quota), in
@@ -375,6 +386,10 @@ impl Settings {
                 .outbox_max_attempts
                 .or(file.outbox_max_attempts)
                 .unwrap_or(crate::store::RetryPolicy::DEFAULT_MAX_ATTEMPTS),
+            retention: resolve_retention(
+                args.retention_days.or(file.retention_days).unwrap_or(DEFAULT_RETENTION_DAYS),
+                args.retention_delete_rows || file.retention_delete_rows,
+            )?,
         };
         if settings.capacity_cpu_millis == Some(0) {
             return Err(invalid("--capacity-cpu", "must be greater than 0"));
@@ -411,6 +426,21 @@ impl Settings {
         };
         load_tenants_file(path)
     }
+}
+
+/// Finished tasks keep their outputs this many days unless set otherwise.
+pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+
+/// `--retention-days` and `--retention-delete-rows` as a policy; 0 days keeps everything.
+fn resolve_retention(days: u32, delete_rows: bool) -> Result<Option<crate::retention::Retention>, SettingsError> {
+    if days == 0 {
+        return match delete_rows {
+            true => Err(invalid("--retention-delete-rows", "needs a retention period: set --retention-days above 0")),
+            false => Ok(None),
+        };
+    }
+    let keep_for = std::time::Duration::from_secs(u64::from(days) * 86_400);
+    Ok(Some(crate::retention::Retention { keep_for, delete_rows }))
 }
 
 pub fn load_tenants_file(path: &Path) -> Result<Tenants, TenantsFileError> {
@@ -506,6 +536,16 @@ mod tests {
     }
 
     #[test]
+    fn retention_defaults_to_thirty_days_of_outputs_and_zero_keeps_everything() {
+        let s = Settings::resolve(ServeArgs::default()).unwrap();
+        let thirty =
+            crate::retention::Retention { keep_for: std::time::Duration::from_secs(30 * 86_400), delete_rows: false };
+        assert_eq!(s.retention, Some(thirty));
+        let s = Settings::resolve(ServeArgs { retention_days: Some(0), ..Default::default() }).unwrap();
+        assert_eq!(s.retention, None);
+    }
+
+    #[test]
     fn bad_settings_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("x.toml");
@@ -529,7 +569,8 @@ mod tests {
              http_addr = \"127.0.0.1:1\"\nbackend = \"null\"\ncomponents = [\"http\"]\nmax_running = 2\n\
              prefetch = 3\ndata_dir = \"/d\"\noutput_limit_bytes = 4\nadmin_token = \"t\"\n\
              capacity_cpu = \"2\"\ncapacity_memory = \"1Gi\"\nusage_half_life_seconds = 5\n\
-             database_pool_size = 6\noutbox_max_attempts = 7\n",
+             database_pool_size = 6\noutbox_max_attempts = 7\nretention_days = 8\n\
+             retention_delete_rows = true\n",
         )
         .unwrap();
         let s = Settings::resolve(ServeArgs { config: Some(cfg.clone()), ..Default::default() }).unwrap();
@@ -539,6 +580,9 @@ mod tests {
         assert_eq!((s.max_running, s.prefetch, s.output_limit_bytes, s.database_pool_size), (2, 3, 4, 6));
         assert_eq!((s.capacity_cpu_millis, s.capacity_memory_bytes), (Some(2000), Some(1 << 30)));
         assert_eq!(s.outbox_max_attempts, 7);
+        let retention =
+            crate::retention::Retention { keep_for: std::time::Duration::from_secs(8 * 86_400), delete_rows: true };
+        assert_eq!(s.retention, Some(retention));
         std::fs::write(&cfg, "config = \"other.toml\"\n").unwrap();
         let err = Settings::resolve(ServeArgs { config: Some(cfg), ..Default::default() }).unwrap_err();
         assert!(matches!(err, SettingsError::ParseFile { .. }), "{err:?}");
@@ -558,6 +602,10 @@ mod tests {
             (ServeArgs { capacity_memory: Some("lots".into()), ..Default::default() }, "--capacity-memory"),
             (ServeArgs { components: Some(vec![]), ..Default::default() }, "--components"),
             (ServeArgs { outbox_max_attempts: Some(0), ..Default::default() }, "--outbox-max-attempts"),
+            (
+                ServeArgs { retention_days: Some(0), retention_delete_rows: true, ..Default::default() },
+                "--retention-delete-rows",
+            ),
         ] {
             let args = ServeArgs { config: Some(cfg.clone()), ..args };
             match Settings::resolve(args) {

@@ -1,11 +1,13 @@
-//! HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and the task API used by `agentctl`.
+//! HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, the task API used by `agentctl`, and its
+//! OpenAPI document at `/openapi.json` (see [`openapi`]).
 //!
 //! Every task API request carries a token as `Authorization: Bearer <token>`: the service's
 //! admin token (`AGENTTASK_ADMIN_TOKEN`; without it the admin endpoints are closed), or a
 //! tenant's token (`agentctl tenant token create T`). A tenant's token sees and acts on its own
 //! tenant's tasks only: another tenant's task is answered exactly like a task that does not
-//! exist (404), so a token cannot even learn which ids exist elsewhere. Managing tenants and
-//! tokens needs the admin token (403 for a tenant's).
+//! exist (404), so a token cannot even learn which ids exist elsewhere. A tenant's token may
+//! read its own tenant (`GET /v1/tenants/{name}`); listing and changing tenants and managing
+//! tokens need the admin token (403 for a tenant's).
 
 use std::sync::Arc;
 
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 mod artifacts;
 mod logs;
+pub mod openapi;
 
 use crate::domain::result::ResultMessage;
 use crate::domain::token;
@@ -69,7 +72,8 @@ pub async fn serve(
 
 pub fn router(ctx: Arc<Api>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi::serve))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/tasks", get(list_tasks))
@@ -90,6 +94,12 @@ pub fn router(ctx: Arc<Api>) -> Router {
         .with_state(ctx)
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is up", body = String, content_type = "text/plain; charset=utf-8")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
 /// What is down in this process, and why: the components' connections, the database, the
 /// migrations. Empty when ready.
 async fn down_parts(ctx: &Api) -> std::collections::BTreeMap<String, String> {
@@ -107,7 +117,7 @@ async fn down_parts(ctx: &Api) -> std::collections::BTreeMap<String, String> {
 }
 
 /// `/readyz`'s answer.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReadyAnswer {
     pub ready: bool,
     /// What is down, and why.
@@ -116,12 +126,19 @@ pub struct ReadyAnswer {
 
 /// `/readyz`: 200 when the database answers, the migrations are applied and every consumer and
 /// the publisher of this process are connected; otherwise 503 naming what is down.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = ReadyAnswer),
+        (status = 503, description = "Not ready: `down` names what is down, and why", body = ReadyAnswer),
+    ))]
 async fn readyz(State(ctx): State<Arc<Api>>) -> Response {
     let down = down_parts(&ctx).await;
     let status = if down.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(ReadyAnswer { ready: down.is_empty(), down })).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(ctx): State<Arc<Api>>) -> Response {
     // Prometheus scrapes /metrics, not /readyz: readiness is evaluated here too, so alerts see it.
     ctx.metrics.ready.set(i64::from(down_parts(&ctx).await.is_empty()));
@@ -130,8 +147,10 @@ async fn metrics(State(ctx): State<Arc<Api>>) -> Response {
 
 /// The body of every API error, as the contract says: `{"code", "message"}`. `code` is a stable
 /// machine-readable name; `message` is a sentence that says what to do.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
+    /// One of `unauthorized`, `api_closed`, `forbidden`, `bad_request`, `not_found`, `conflict`,
+    /// `gone`, `invalid`, `unavailable`, `internal`.
     pub code: String,
     pub message: String,
 }
@@ -156,6 +175,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// What was asked for existed and was removed for good (retention).
+    #[error("{0}")]
+    Gone(String),
     /// The request was understood but its content is refused (a tenants file that does not
     /// validate).
     #[error("{0}")]
@@ -177,6 +199,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Gone(_) => "gone",
             ApiError::Invalid(_) => "invalid",
             ApiError::Store(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -191,6 +214,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -289,7 +313,7 @@ struct TaskQuery {
 }
 
 /// A task as the API shows it: the result message's fields plus what was asked for.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskView {
     #[serde(flatten)]
     pub result: ResultMessage,
@@ -299,6 +323,10 @@ pub struct TaskView {
     pub labels: serde_json::Value,
     pub timeout_seconds: Option<i32>,
     pub attempt: i32,
+    /// When retention removed the task's stdout, stderr and artifacts (they read as empty from
+    /// then on); absent while they are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs_removed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl From<TaskRow> for TaskView {
@@ -311,11 +339,22 @@ impl From<TaskRow> for TaskView {
             labels: row.labels.0,
             timeout_seconds: row.timeout_seconds,
             attempt: row.attempt,
+            outputs_removed_at: row.outputs_removed_at,
         }
     }
 }
 
 /// `GET /v1/tasks/{id}`: `id` is a task id (uuid), or a client id with `?tenant=`.
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
+    params(
+        ("id" = String, Path, description = "A task id (uuid), or a client id (idempotency key) of the tenant"),
+        ("tenant" = Option<String>, Query, description = "Look `id` up as this tenant's client id first (a tenant's token always looks in its own tenant)"),
+    ),
+    responses(
+        (status = 200, description = "The task", body = TaskView),
+        (status = 400, description = "`id` is not a uuid and no tenant was given", body = ErrorBody),
+        (status = 404, description = "No such task, or another tenant's", body = ErrorBody),
+    ))]
 async fn get_task(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -348,7 +387,7 @@ async fn get_task(
 }
 
 /// A page of `GET /v1/tasks`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskPage {
     pub items: Vec<TaskSummary>,
     /// Pass as `cursor=` for the next page; null on the last page.
@@ -358,6 +397,21 @@ pub struct TaskPage {
 /// `GET /v1/tasks?tenant=&batch=&phase=&label=KEY=VALUE&since=&until=&cursor=&limit=`: tasks,
 /// newest first, one page at a time (`phase` takes a comma-separated list; `label` repeats).
 /// A tenant's token lists its own tenant only, whatever `tenant=` says.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
+    params(
+        ("tenant" = Option<String>, Query, description = "Only this tenant's tasks (a tenant's token always lists its own)"),
+        ("batch" = Option<String>, Query, description = "Only this batch's tasks"),
+        ("phase" = Option<String>, Query, description = "Only tasks in one of these phases, comma-separated (e.g. `Failed,Cancelled`)"),
+        ("label" = Option<Vec<String>>, Query, description = "Only tasks with this label, `KEY=VALUE`; repeat for several (all must match)"),
+        ("since" = Option<String>, Query, format = DateTime, description = "Submitted at or after (RFC 3339)"),
+        ("until" = Option<String>, Query, format = DateTime, description = "Submitted before (RFC 3339)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page, as it is"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Tasks per page [default: 100]"),
+    ),
+    responses(
+        (status = 200, description = "One page of tasks, newest first", body = TaskPage),
+        (status = 400, description = "A parameter that cannot be used (named in the message)", body = ErrorBody),
+    ))]
 async fn list_tasks(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -377,6 +431,13 @@ async fn list_tasks(
 }
 
 /// `GET /v1/tasks/{id}/position`: place in the tenant's queue and an estimated wait.
+#[utoipa::path(get, path = "/v1/tasks/{id}/position", tag = "tasks",
+    params(("id" = String, Path, description = "The task id (uuid)")),
+    responses(
+        (status = 200, description = "Its place in its tenant's queue and an estimated wait", body = Position),
+        (status = 400, description = "Not a task id", body = ErrorBody),
+        (status = 404, description = "No such task, or another tenant's", body = ErrorBody),
+    ))]
 async fn get_position(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -386,22 +447,40 @@ async fn get_position(
     Ok(Json(p.filter(|p| caller.sees(&p.tenant)).ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?))
 }
 
+/// `GET /v1/tenants` (admin): every configured tenant, its quotas and load.
+#[utoipa::path(get, path = "/v1/tenants", tag = "tenants",
+    responses(
+        (status = 200, description = "Every configured tenant, its quotas and load", body = Vec<TenantStatus>),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+    ))]
 async fn list_tenants(_: Admin, State(ctx): State<Arc<Api>>) -> Result<Json<Vec<TenantStatus>>, ApiError> {
     Ok(Json(ctx.store.tenant_statuses().await?))
 }
 
+/// `GET /v1/tenants/{name}`: a tenant's configuration and load. The admin token reads any
+/// tenant; a tenant's token reads its own (another tenant is a 404, as for tasks, so a token
+/// cannot learn which tenants exist).
+#[utoipa::path(get, path = "/v1/tenants/{name}", tag = "tenants",
+    params(("name" = String, Path, description = "The tenant")),
+    responses(
+        (status = 200, description = "The tenant's quotas and load", body = TenantStatus),
+        (status = 404, description = "No such tenant, or (for a tenant's token) another tenant", body = ErrorBody),
+    ))]
 async fn get_tenant(
-    _: Admin,
+    caller: Caller,
     State(ctx): State<Arc<Api>>,
     Path(name): Path<String>,
 ) -> Result<Json<TenantStatus>, ApiError> {
+    if !caller.sees(&name) {
+        return Err(ApiError::NotFound(format!("no tenant {name}")));
+    }
     let list = ctx.store.tenant_statuses().await?;
     let t = list.into_iter().find(|t| t.tenant == name);
     Ok(Json(t.ok_or_else(|| ApiError::NotFound(format!("no tenant {name}")))?))
 }
 
 /// What `PUT /v1/tenants` did.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplyResult {
     pub tenants: Vec<String>,
     /// Unstarted tasks of removed tenants that were cancelled (with `?removed=cancel`).
@@ -410,7 +489,7 @@ pub struct ApplyResult {
 }
 
 /// What happens to the unstarted tasks of tenants that a tenants file no longer has.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Removed {
     /// They stay queued (and their queue keeps its messages) until the tenant comes back.
@@ -429,6 +508,15 @@ struct ApplyQuery {
 /// `PUT /v1/tenants?removed=keep|cancel` with a tenants file (TOML) as the body: validates it
 /// whole, then makes it the configuration of every process, without a restart. Queued tasks of
 /// tenants that stay are untouched; those of removed tenants are kept (default) or cancelled.
+#[utoipa::path(put, path = "/v1/tenants", tag = "tenants",
+    params(("removed" = Option<Removed>, Query, description = "What happens to unstarted tasks of tenants the file no longer has [default: keep]")),
+    request_body(content = String, content_type = "application/toml", description = "A tenants file (TOML)"),
+    responses(
+        (status = 200, description = "The file is in force in every process", body = ApplyResult),
+        (status = 400, description = "The body is not UTF-8", body = ErrorBody),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+        (status = 422, description = "The file does not validate (the message names the tenant and field)", body = ErrorBody),
+    ))]
 async fn apply_tenants(
     _: Admin,
     State(ctx): State<Arc<Api>>,
@@ -454,7 +542,7 @@ async fn apply_tenants(
 }
 
 /// What a cancel request did, as `POST /v1/tasks/{id}/cancel` answers it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CancelAnswer {
     pub task_id: uuid::Uuid,
     /// `cancelled` (it had not started; its result is out) or `stopping` (it was running; it is
@@ -466,6 +554,15 @@ pub struct CancelAnswer {
 /// `POST /v1/tasks/{id}/cancel`: a queued or admitted task ends `Cancelled` without running; a
 /// running one is killed. Either way it gets exactly one result. A finished task is left alone
 /// (409), an unknown one is a 404.
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = String, Path, description = "The task id (uuid)")),
+    responses(
+        (status = 200, description = "It had not started and is `Cancelled` now", body = CancelAnswer),
+        (status = 202, description = "It is running and is being stopped; its result will say `Cancelled`", body = CancelAnswer),
+        (status = 400, description = "Not a task id", body = ErrorBody),
+        (status = 404, description = "No such task, or another tenant's", body = ErrorBody),
+        (status = 409, description = "It already finished", body = ErrorBody),
+    ))]
 async fn cancel_task(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -500,7 +597,7 @@ async fn cancel_task(
 }
 
 /// What `POST /v1/batches/{tenant}/{batch}/cancel` did.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BatchCancelAnswer {
     /// Tasks that had not started and are `Cancelled` now.
     pub cancelled: u64,
@@ -509,6 +606,12 @@ pub struct BatchCancelAnswer {
 }
 
 /// `POST /v1/batches/{tenant}/{batch}/cancel`: cancels every unfinished task of a batch.
+#[utoipa::path(post, path = "/v1/batches/{tenant}/{batch}/cancel", tag = "batches",
+    params(("tenant" = String, Path, description = "The batch's tenant"), ("batch" = String, Path, description = "The batch id")),
+    responses(
+        (status = 200, description = "What was cancelled, and what is being stopped", body = BatchCancelAnswer),
+        (status = 404, description = "Another tenant's batch", body = ErrorBody),
+    ))]
 async fn cancel_batch(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -532,7 +635,7 @@ async fn cancel_batch(
 
 /// A token just created, as `POST /v1/tenants/{name}/tokens` answers it: the only time its
 /// text is ever shown.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreatedToken {
     #[serde(flatten)]
     pub info: TokenInfo,
@@ -540,6 +643,13 @@ pub struct CreatedToken {
 }
 
 /// `POST /v1/tenants/{name}/tokens` (admin): a new API token for a configured tenant.
+#[utoipa::path(post, path = "/v1/tenants/{name}/tokens", tag = "tokens",
+    params(("name" = String, Path, description = "The tenant")),
+    responses(
+        (status = 201, description = "The new token; its text is shown only now", body = CreatedToken),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+    ))]
 async fn create_token(
     _: Admin,
     State(ctx): State<Arc<Api>>,
@@ -563,6 +673,12 @@ struct TokensQuery {
 
 /// `GET /v1/tokens?tenant=` (admin): every token (or one tenant's), revoked ones too; never a
 /// secret.
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    params(("tenant" = Option<String>, Query, description = "Only this tenant's tokens")),
+    responses(
+        (status = 200, description = "Tokens, revoked ones too; never a secret", body = Vec<TokenInfo>),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+    ))]
 async fn list_tokens(
     _: Admin,
     State(ctx): State<Arc<Api>>,
@@ -572,6 +688,14 @@ async fn list_tokens(
 }
 
 /// `DELETE /v1/tokens/{id}` (admin): the token authenticates nothing from now on.
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "The token id (uuid)")),
+    responses(
+        (status = 200, description = "The token, revoked (again is a no-op)", body = TokenInfo),
+        (status = 400, description = "Not a token id", body = ErrorBody),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+        (status = 404, description = "No such token", body = ErrorBody),
+    ))]
 async fn revoke_token(
     _: Admin,
     State(ctx): State<Arc<Api>>,
@@ -583,7 +707,7 @@ async fn revoke_token(
 }
 
 /// What `POST /v1/tenants/{name}/sql-role` made.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SqlRole {
     pub tenant: String,
     pub role: String,
@@ -594,6 +718,14 @@ pub struct SqlRole {
 /// `POST /v1/tenants/{name}/sql-role` (admin): creates the tenant's read-only Postgres role, or
 /// gives the existing one a new password; answers its connection string. The role reads the
 /// views of the contract, through row-level security only its tenant's rows, and no table.
+#[utoipa::path(post, path = "/v1/tenants/{name}/sql-role", tag = "tenants",
+    params(("name" = String, Path, description = "The tenant")),
+    responses(
+        (status = 200, description = "The role and its connection string, with a new password shown only now", body = SqlRole),
+        (status = 400, description = "Not a tenant name", body = ErrorBody),
+        (status = 403, description = "a tenant's token: this needs the admin token", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+    ))]
 async fn create_sql_role(
     _: Admin,
     State(ctx): State<Arc<Api>>,
@@ -618,6 +750,12 @@ async fn create_sql_role(
 
 /// `GET /v1/batches/{tenant}/{batch}`: counts by phase and duration percentiles (the row of
 /// `agenttask.batch_summary`). 404 for a batch without tasks, or of another tenant.
+#[utoipa::path(get, path = "/v1/batches/{tenant}/{batch}", tag = "batches",
+    params(("tenant" = String, Path, description = "The batch's tenant"), ("batch" = String, Path, description = "The batch id")),
+    responses(
+        (status = 200, description = "Counts by phase and duration percentiles", body = BatchStatus),
+        (status = 404, description = "No task in this batch, or another tenant's batch", body = ErrorBody),
+    ))]
 async fn get_batch(
     caller: Caller,
     State(ctx): State<Arc<Api>>,
@@ -628,7 +766,7 @@ async fn get_batch(
 }
 
 /// A page of `GET /v1/batches/{tenant}/{batch}/results`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResultPage {
     /// The contract's result messages, oldest task first.
     pub items: Vec<ResultMessage>,
@@ -644,6 +782,18 @@ struct ResultsQuery {
 
 /// `GET /v1/batches/{tenant}/{batch}/results?cursor=&limit=`: every task's result message (or
 /// where it stands, for unfinished ones), oldest first, a page at a time.
+#[utoipa::path(get, path = "/v1/batches/{tenant}/{batch}/results", tag = "batches",
+    params(
+        ("tenant" = String, Path, description = "The batch's tenant"),
+        ("batch" = String, Path, description = "The batch id"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page, as it is"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Results per page [default: 100]"),
+    ),
+    responses(
+        (status = 200, description = "One page of result messages, oldest task first", body = ResultPage),
+        (status = 400, description = "A bad cursor or limit", body = ErrorBody),
+        (status = 404, description = "No task in this batch, or another tenant's batch", body = ErrorBody),
+    ))]
 async fn batch_results(
     caller: Caller,
     State(ctx): State<Arc<Api>>,

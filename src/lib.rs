@@ -17,6 +17,7 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the task API.
 //! - [`readiness`]: what each component says about its connections, for `/readyz`.
 //! - [`metrics`]: the contract's Prometheus metrics.
+//! - [`retention`]: removing old finished tasks' outputs (or rows), one process at a time.
 //! - [`retry`]: the one backoff policy of every loop that waits out an outage.
 //! - [`service`]: wiring for `agenttask serve`.
 //! - [`supervise`]: runs the components; one that stops takes the process down with it.
@@ -32,6 +33,7 @@ pub mod http;
 pub mod kube;
 pub mod metrics;
 pub mod readiness;
+pub mod retention;
 pub mod retry;
 pub mod sandbox;
 pub mod scheduler;

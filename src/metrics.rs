@@ -35,6 +35,9 @@ pub struct Metrics {
     pub ready: prometheus::IntGauge,
     /// Messages per ingest group commit.
     pub ingest_group_size: prometheus::Histogram,
+    /// Finished tasks retention removed the outputs of (`action="outputs_removed"`) or deleted
+    /// (`action="deleted"`).
+    pub retention: IntCounterVec,
     /// Errors a component handled without stopping (logged and counted, never silent), by the
     /// component and the error's `metric_label()`.
     pub errors: IntCounterVec,
@@ -124,6 +127,11 @@ impl Metrics {
                 &["reason"],
             ),
             build_info: igauge("agenttask_build_info", "Build of this process.", &["version"]),
+            retention: counter(
+                "agenttask_retention_tasks_total",
+                "Finished tasks whose outputs retention removed, or that it deleted, by action.",
+                &["action"],
+            ),
             errors: counter(
                 "agenttask_errors_total",
                 "Errors handled without stopping, by component and kind.",

@@ -130,6 +130,10 @@ async fn build_backend(settings: &Settings, tenants: &watch::Sender<Arc<Tenants>
         BackendKind::Local => {
             let mut config = LocalConfig::new(settings.data_dir.clone());
             config.output_limit_bytes = settings.output_limit_bytes;
+            // Artifact files go with the rest of a task's outputs (see `crate::retention`).
+            if let Some(r) = settings.retention {
+                config.artifact_ttl = r.keep_for;
+            }
             let b = Arc::new(LocalBackend::new(config)?);
             Ok((b.clone(), Some(b)))
         }
@@ -222,6 +226,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             },
         });
         sup.spawn("scheduler", crate::scheduler::run(scheduler, shutdown.clone()));
+        // Beside the scheduler, which every deployment runs somewhere; one process at a time
+        // sweeps (an advisory lock).
+        if let Some(policy) = settings.retention {
+            let sweep = crate::retention::run(store.clone(), policy, metrics.clone(), shutdown.clone());
+            sup.spawn("retention", sweep);
+        }
     }
     if let Some((backend, local)) = backend {
         let executor = Executor {
@@ -234,11 +244,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             tenants: tenants.subscribe(),
         };
         sup.spawn("executor", executor.run(shutdown.clone()));
-        if let Some(local) = local {
-            sup.spawn("artifact-sweeper", sweep_artifacts(local.artifact_sink(), shutdown.clone()));
-        } else if let Some(pvc) = settings.kube.artifact_sink().filter(|_| settings.backend == BackendKind::Kubernetes)
-        {
-            sup.spawn("artifact-sweeper", sweep_artifacts(Arc::new(pvc), shutdown.clone()));
+        // Artifacts go with the rest of a task's outputs (see `crate::retention`): without
+        // retention they are kept forever.
+        if let Some(retention) = settings.retention {
+            if let Some(local) = local {
+                sup.spawn("artifact-sweeper", sweep_artifacts(local.artifact_sink(), shutdown.clone()));
+            } else if let (Some(_), BackendKind::Kubernetes) = (settings.kube.artifact_sink(), settings.backend) {
+                let config = SinkConfig { ttl: retention.keep_for, ..SinkConfig::default() };
+                let pvc = crate::exec::artifacts::PvcSink::new(settings.kube.artifacts_pvc_mount.clone(), config);
+                sup.spawn("artifact-sweeper", sweep_artifacts(Arc::new(pvc), shutdown.clone()));
+            }
         }
         if settings.backend == BackendKind::Kubernetes {
             // Runs in every executor process; one at a time reconciles (a Postgres lock).

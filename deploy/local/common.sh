@@ -67,6 +67,12 @@ ensure_python_tools() {
         python3 -m pip install --quiet kubernetes kubernetes-validate \
             || die "could not install the Python packages kubernetes and kubernetes-validate"
     fi
+    # Checks deploy/openapi.json against the OpenAPI 3.1 schema (tests/integration/api.rs).
+    if ! python3 -c 'import openapi_spec_validator' 2>/dev/null; then
+        log "installing the Python package openapi-spec-validator"
+        python3 -m pip install --quiet openapi-spec-validator \
+            || die "could not install the Python package openapi-spec-validator"
+    fi
 }
 
 # kubectl, which the tests of the Kubernetes API emulator drive (written against kubectl 1.32; the

@@ -40,6 +40,11 @@ enum Command {
     ///
     /// Example: agenttask crd | kubectl apply -f -
     Crd,
+    /// Print the OpenAPI document of the HTTP API as JSON (deploy/openapi.json is this output;
+    /// the service serves the same at /openapi.json).
+    ///
+    /// Example: agenttask openapi > deploy/openapi.json
+    Openapi,
     /// Print, as YAML, every Kubernetes object a task would become (a dry run; no cluster needed).
     ///
     /// Example: agenttask render --backend podjob --tenant acme task.json
@@ -52,6 +57,10 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Crd => {
             print!("{}", agenttask::kube::crd::crd_yaml());
+            return ExitCode::SUCCESS;
+        }
+        Command::Openapi => {
+            print!("{}", agenttask::http::openapi::json());
             return ExitCode::SUCCESS;
         }
         Command::Render(args) => return agenttask::kube::render::main(args),
@@ -90,7 +99,7 @@ fn main() -> ExitCode {
                 eprintln!("migrations applied to {}", agenttask::store::redact(&settings.database_url));
                 Ok(())
             }
-            Command::Crd | Command::Render(_) => unreachable!("handled before the runtime starts"),
+            Command::Crd | Command::Openapi | Command::Render(_) => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::phase::{Phase, Reason};
 
 /// An artifact as listed in results.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Artifact {
     pub name: String,
     pub size: u64,
@@ -16,7 +16,7 @@ pub struct Artifact {
 }
 
 /// The result message body, field for field as in the contract.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResultMessage {
     pub task_id: Uuid,
     pub id: Option<String>,

@@ -68,7 +68,7 @@ impl<'de> Deserialize<'de> for TenantName {
 }
 
 /// One tenant's resolved quotas (defaults applied, quantities parsed).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TenantPolicy {
     pub weight: u32,
     pub max_concurrency: u32,

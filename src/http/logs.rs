@@ -15,7 +15,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{Api, ApiError, Caller};
+use super::{Api, ApiError, Caller, ErrorBody};
 use crate::store::TaskRow;
 
 /// How often a followed task's output is looked at.
@@ -44,6 +44,19 @@ async fn output_now(api: &Api, row: &TaskRow) -> (Vec<u8>, bool) {
     (live.unwrap_or_default(), false)
 }
 
+/// `GET /v1/tasks/{id}/logs?follow=`: the task's stdout; with `follow=true`, streamed until the
+/// task ends.
+#[utoipa::path(get, path = "/v1/tasks/{id}/logs", tag = "tasks",
+    params(
+        ("id" = String, Path, description = "The task id (uuid)"),
+        ("follow" = Option<bool>, Query, description = "Stream the output while the task runs; the response ends when the task does"),
+    ),
+    responses(
+        (status = 200, description = "The task's stdout", body = String, content_type = "text/plain; charset=utf-8"),
+        (status = 400, description = "Not a task id, or an unknown parameter", body = ErrorBody),
+        (status = 404, description = "No such task, or another tenant's", body = ErrorBody),
+        (status = 410, description = "`gone`: retention removed the task's output", body = ErrorBody),
+    ))]
 pub(super) async fn get_logs(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -55,6 +68,13 @@ pub(super) async fn get_logs(
     // Another tenant's task is as absent as an unknown one.
     if !caller.sees(&first.tenant) {
         return Err(ApiError::NotFound(format!("no task {id}")));
+    }
+    if let Some(at) = first.outputs_removed_at {
+        return Err(ApiError::Gone(format!(
+            "the output of task {id} was removed by retention on {}; its result, exit code and \
+             timings are kept (agentctl get {id})",
+            at.format("%Y-%m-%d")
+        )));
     }
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if !q.follow {

@@ -13,7 +13,7 @@ use crate::domain::task::Language;
 use sqlx::types::Json;
 
 /// A queued task's place in its tenant's queue.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Position {
     pub task_id: Uuid,
     pub tenant: String,
@@ -36,7 +36,7 @@ pub async fn find_task(conn: impl PgExecutor<'_>, tenant: &str, client_id: &str)
              labels as "labels: Json<serde_json::Value>", exit_code,
              result as "result: Json<serde_json::Value>", stdout, stderr, stdout_truncated,
              stderr_truncated, artifacts as "artifacts: Json<Vec<Artifact>>", backend, attempt,
-             submitted_at, admitted_at, started_at, finished_at
+             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at
            from agenttask.tasks where tenant = $1 and client_id = $2"#,
         tenant,
         client_id
@@ -110,7 +110,7 @@ impl Store {
 
 /// A task as `GET /v1/tasks` lists it: what identifies it and how it ended, without its code
 /// or output (`GET /v1/tasks/{id}` has those).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct TaskSummary {
     pub task_id: Uuid,
     /// The client's idempotency key.
@@ -189,7 +189,7 @@ impl Store {
 }
 
 /// A batch as `GET /v1/batches/{tenant}/{batch}` shows it: the row of `agenttask.batch_summary`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct BatchStatus {
     pub tenant: String,
     pub batch_id: String,
@@ -238,7 +238,7 @@ pub async fn batch_tasks(
              labels as "labels: Json<serde_json::Value>", exit_code,
              result as "result: Json<serde_json::Value>", stdout, stderr, stdout_truncated,
              stderr_truncated, artifacts as "artifacts: Json<Vec<Artifact>>", backend, attempt,
-             submitted_at, admitted_at, started_at, finished_at
+             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at
            from agenttask.tasks
            where tenant = $1 and batch_id = $2
              and ($3::timestamptz is null or (submitted_at, task_id) > ($3, $4::uuid))

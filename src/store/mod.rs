@@ -8,6 +8,7 @@
 //! - `kube`: what the Kubernetes reconciler asks about directly applied and admitted AgentTasks.
 //! - `tokens`: tenants' API tokens (hashes only).
 //! - `outbox`: results waiting to be published.
+//! - `retention`: removing old finished tasks' outputs, or the rows, in bounded batches.
 //! - `sql_types`: how `Phase`, `Reason` and `Language` are stored.
 //!
 //! Every static query is checked against the schema at compile time (`sqlx::query!` and
@@ -21,6 +22,7 @@ mod ingest;
 mod kube;
 pub mod notify;
 mod outbox;
+pub mod retention;
 mod runs;
 mod sql_types;
 mod tasks;

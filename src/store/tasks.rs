@@ -45,6 +45,8 @@ pub struct TaskRow {
     pub admitted_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// When retention removed stdout, stderr and artifacts (see `crate::retention`).
+    pub outputs_removed_at: Option<DateTime<Utc>>,
 }
 
 impl TaskRow {
@@ -87,7 +89,7 @@ pub async fn fetch_row(conn: impl PgExecutor<'_>, task_id: Uuid) -> Result<Optio
              labels as "labels: Json<serde_json::Value>", exit_code,
              result as "result: Json<serde_json::Value>", stdout, stderr, stdout_truncated,
              stderr_truncated, artifacts as "artifacts: Json<Vec<Artifact>>", backend, attempt,
-             submitted_at, admitted_at, started_at, finished_at
+             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at
            from agenttask.tasks where task_id = $1"#,
         task_id
     )
@@ -205,6 +207,7 @@ mod tests {
             admitted_at: Some(submitted + Duration::milliseconds(250)),
             started_at: Some(submitted + Duration::seconds(1)),
             finished_at: Some(submitted + Duration::milliseconds(3500)),
+            outputs_removed_at: None,
         }
     }
 

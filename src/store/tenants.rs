@@ -8,7 +8,7 @@ use super::{Result, Store, StoreError};
 use crate::domain::tenant::{TenantName, TenantPolicy, Tenants};
 
 /// A tenant's configuration and load, as `agentctl tenant list|get` shows it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct TenantStatus {
     pub tenant: String,
     pub policy: TenantPolicy,

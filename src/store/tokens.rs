@@ -8,7 +8,7 @@ use super::{Result, Store};
 use crate::domain::token::{Digest32, NewToken};
 
 /// A token as listed: never its secret.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub id: Uuid,
     pub tenant: String,

@@ -67,13 +67,15 @@ async fn each_tenants_token_sees_and_acts_on_its_own_tasks_only_on_every_endpoin
             (Method::POST, format!("/v1/tasks/{}/cancel", other.single)),
             (Method::POST, format!("/v1/batches/{ot}/b/cancel")),
             (Method::GET, format!("/v1/tasks/{}", uuid::Uuid::new_v4())),
+            // A tenant's token reads its own tenant only: another is as absent as an unknown one.
+            (Method::GET, format!("/v1/tenants/{ot}")),
+            (Method::GET, "/v1/tenants/no-such-tenant".to_owned()),
         ] {
             let (status, body) = api_call(&svc, method.clone(), &path, t).await;
             assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{method} {path}: {body}");
         }
         for (method, path) in [
             (Method::GET, "/v1/tenants".to_owned()),
-            (Method::GET, format!("/v1/tenants/{}", me.tenant)),
             (Method::PUT, "/v1/tenants".to_owned()),
             (Method::POST, format!("/v1/tenants/{}/tokens", me.tenant)),
             (Method::POST, format!("/v1/tenants/{ot}/tokens")),
@@ -111,6 +113,10 @@ async fn each_tenants_token_sees_and_acts_on_its_own_tasks_only_on_every_endpoin
         assert_eq!((status, body["task_id"].as_str()), (200, Some(me.in_batch.to_string().as_str())), "{body}");
         let (status, _) = api_call(&svc, Method::GET, &format!("/v1/tasks/{}/logs", me.in_batch), t).await;
         assert_eq!(status, 200, "its own task's logs");
+        let (status, body) = api_call(&svc, Method::GET, &format!("/v1/tenants/{}", me.tenant), t).await;
+        assert_eq!((status, body["tenant"].as_str()), (200, Some(me.tenant.as_str())), "its own tenant: {body}");
+        let (code, out, err) = agentctl_as(&svc, t, &["-o", "json", "tenant", "get", &me.tenant]).await;
+        assert_eq!(code, 0, "agentctl tenant get with its own token: {out}{err}");
         let (status, body) = api_call(&svc, Method::GET, &format!("/v1/batches/{}/b", me.tenant), t).await;
         assert_eq!((status, body["total"].as_i64()), (200, Some(1)), "{body}");
         let (status, body) = api_call(&svc, Method::GET, &format!("/v1/tasks/{}/position", me.in_batch), t).await;
@@ -478,4 +484,60 @@ async fn batch_status_and_results_export_every_task_of_the_batch() {
     }
     svc.stop().await;
     env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_without_a_token_and_describes_what_the_server_does() {
+    let env = Env::new("[tenants.{t}-a]\n").await;
+    let svc = env.start_with(env.settings(&[Component::Http])).await;
+    let resp = reqwest::get(format!("http://{}/openapi.json", svc.http_addr)).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()[reqwest::header::CONTENT_TYPE], "application/json");
+    let served = resp.text().await.unwrap();
+    // The same text `agenttask openapi` prints and deploy/openapi.json holds (a unit test
+    // compares those two).
+    assert_eq!(served, agenttask::http::openapi::json());
+
+    // Every documented operation exists, and needs a token exactly where the document says:
+    // without one, each `/v1` operation answers the JSON 401 (an unrouted path or method would
+    // get axum's bare 404 or 405), and the others answer without it.
+    let doc: Value = serde_json::from_str(&served).unwrap();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{id}", &uuid::Uuid::new_v4().to_string())
+            .replace("{name}", "nobody")
+            .replace("{tenant}", "nobody")
+            .replace("{batch}", "b");
+        for method in item.as_object().unwrap().keys() {
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (status, body) = api_call(&svc, method.clone(), &concrete, "").await;
+            if item[method.as_str().to_lowercase()]["security"].is_array() {
+                assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")), "{method} {path}: {body}");
+            } else {
+                assert_eq!(status, 200, "{method} {path} needs no token");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked} operations");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// The document is valid OpenAPI 3.1, as an independent validator reads it (not just what
+/// utoipa meant to write).
+#[test]
+fn the_openapi_document_is_valid_openapi_3_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("openapi.json");
+    std::fs::write(&path, agenttask::http::openapi::json()).unwrap();
+    let out = std::process::Command::new("python3")
+        .args(["-m", "openapi_spec_validator", "--schema", "3.1"])
+        .arg(&path)
+        .output()
+        .expect("python3 runs (deploy/local/common.sh installs openapi-spec-validator)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}", text.chars().take(2000).collect::<String>());
+    assert!(text.contains("OK"), "{text}");
 }

@@ -14,8 +14,11 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
+/// A message to publish: the tenant (routing key), the body and its properties.
+type Message = (String, Vec<u8>, BasicProperties);
+
 /// Publishes every message with pipelined confirms (all in flight, then every confirm checked).
-async fn publish_all(client: &Client, messages: &[(String, Vec<u8>, BasicProperties)]) {
+async fn publish_all(client: &Client, messages: &[Message]) {
     let mut confirms = Vec::with_capacity(messages.len());
     for (tenant, body, props) in messages {
         let confirm = client
@@ -39,11 +42,7 @@ async fn publish_all(client: &Client, messages: &[(String, Vec<u8>, BasicPropert
 /// The messages of one run: for every unit of 10, six valid tasks with ids, two duplicates of
 /// them, one invalid message with an id and one valid task without an id; returned with the
 /// distinct correlation ids that must each get exactly one result.
-fn mixed_messages(
-    client: &Client,
-    tenants: &[String],
-    units: usize,
-) -> (Vec<(String, Vec<u8>, BasicProperties)>, Vec<String>) {
+fn mixed_messages(client: &Client, tenants: &[String], units: usize) -> (Vec<Message>, Vec<String>) {
     let mut messages = Vec::new();
     let mut expected = Vec::new();
     for u in 0..units {

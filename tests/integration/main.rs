@@ -56,3 +56,6 @@ mod eval_example;
 
 /// Ingest's group commit: exactly one result per message, duplicates, bad messages, SIGKILL.
 mod group_commit;
+
+/// Retention: old finished tasks' outputs, then rows, removed; the views keep answering.
+mod retention;
