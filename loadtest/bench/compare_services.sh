@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Two builds of the service side by side: each serves the same load with `--backend null`, in
+# turns (A, B, A, B), so the machine's noise falls on both alike. For a before/after of a change:
+#
+#   git worktree add /tmp/agenttask-before <rev> && (cd /tmp/agenttask-before && cargo build --release --locked --bin agenttask)
+#   cargo build --release --locked --bin agenttask
+#   loadtest/bench/compare_services.sh /tmp/agenttask-before/target/release/agenttask target/release/agenttask [tasks] [tenants] [rounds]
+#
+# Each turn gets a fresh scratch database (agenttask_bench_cmp, dropped at the end) and the same
+# TENANTS tenants of weights 1 to 4; the load is agenttask-loadtest with every task published at once.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+A="$1"
+B="$2"
+TASKS="${3:-5000}"
+TENANTS="${4:-100}"
+ROUNDS="${5:-2}"
+DB=agenttask_bench_cmp
+URL="postgres://postgres@127.0.0.1:5432/$DB"
+PORT=19466
+PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
+[ -x "$A" ] && [ -x "$B" ] || { echo "usage: $0 SERVICE_BINARY_A SERVICE_BINARY_B [tasks] [tenants] [rounds]" >&2; exit 2; }
+
+cargo build --release --locked -p agenttask-loadtest >&2
+work="$(mktemp -d)"
+{
+    printf '[defaults]\nmax_concurrency = 1000\nmax_queued = 1000000\nrate_per_second = 1000000\nburst = 1000000\n\n'
+    for i in $(seq 0 $((TENANTS - 1))); do printf '[tenants.cmp-%03d]\nweight = %d\n\n' "$i" $((1 + i % 4)); done
+} > "$work/tenants.toml"
+svc=
+stop() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
+trap 'stop; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
+turn() {
+    local label="$1" bin="$2"
+    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres 2>/dev/null
+    AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
+        AGENTTASK_MAX_RUNNING=256 AGENTTASK_LOG=warn "$bin" serve --backend null 2>"$work/service.log" &
+    svc=$!
+    for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+    sleep 2 # the tenants' consumers start right after readiness
+    target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --count "$TASKS" --concurrency "$TASKS" \
+        -o json > "$work/report.json"
+    stop
+    python3 - "$label" "$work/report.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[2]))
+l, a, f = r["latency_ms"], r["admission_wait_ms"], r["fairness"]
+print(f'{sys.argv[1]}: {r["tasks_per_second"]:7.0f} tasks/s; publish->result p50 {l["p50"]:7.0f} ms, p99 {l["p99"]:7.0f} ms; '
+      f'admission wait p50 {a["p50"]:7.0f} ms; Jain whole run {f["whole_run"] or float("nan"):.3f}')
+PY
+}
+echo "$TASKS tasks over $TENANTS tenants, all published at once, --backend null; A=$A B=$B"
+for _ in $(seq 1 "$ROUNDS"); do
+    turn A "$A"
+    turn B "$B"
+done
