@@ -29,7 +29,13 @@ work="$(mktemp -d)"
 } > "$work/tenants.toml"
 svc=
 stop() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
-trap 'stop; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
+cleanup() {
+    stop
+    target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --delete-tenant-queues || true
+    rm -rf "$work"
+    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+}
+trap cleanup EXIT
 turn() {
     local label="$1" bin="$2"
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres 2>/dev/null

@@ -27,7 +27,13 @@ work="$(mktemp -d)"
 } > "$work/tenants.toml"
 svc=
 stop() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
-trap 'stop; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
+cleanup() {
+    stop
+    target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --delete-tenant-queues || true
+    rm -rf "$work"
+    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+}
+trap cleanup EXIT
 for spread in even zipf; do
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
     AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \

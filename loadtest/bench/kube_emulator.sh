@@ -29,6 +29,7 @@ cleanup() {
         kill "${pids[$i]}" 2>/dev/null || true
         wait "${pids[$i]}" 2>/dev/null || true
     done
+    target/release/agenttask-loadtest --tenant benchkube --delete-tenant-queues || true
     rm -rf "$work"
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 }

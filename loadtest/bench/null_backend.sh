@@ -29,7 +29,7 @@ AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_H
     AGENTTASK_MAX_RUNNING=1024 AGENTTASK_LOG=warn \
     target/release/agenttask serve --backend null 2>"$work/service.log" &
 svc=$!
-trap 'kill $svc 2>/dev/null; wait $svc 2>/dev/null; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
+trap 'kill $svc 2>/dev/null; wait $svc 2>/dev/null; target/release/agenttask-loadtest --tenant benchnull --delete-tenant-queues || true; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
 for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
 sleep 1 # the tenant's consumer starts right after readiness
 

@@ -102,6 +102,11 @@ struct Args {
     /// The machine's own ceiling for the same messages, to read service figures against.
     #[arg(long)]
     raw: bool,
+    /// Delete the task and result queues of every tenant of --tenants-file (or of --tenant) and
+    /// exit: what a benchmark leaves behind. Each is a quorum queue, which the broker keeps
+    /// (and recovers at every start) until it is deleted.
+    #[arg(long)]
+    delete_tenant_queues: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -217,6 +222,9 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     loopback_host(&args.amqp_url)?;
     if args.raw {
         return raw(args).await;
+    }
+    if args.delete_tenant_queues {
+        return delete_tenant_queues(&args).await;
     }
     let valid = |v: f64, min: f64| v.is_finite() && v >= min;
     if !(valid(args.window, 0.01) && valid(args.rate, f64::MIN_POSITIVE) && valid(args.zipf_exponent, 0.0)) {
@@ -349,6 +357,26 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         eprintln!("chart written to {}", path.display());
     }
     Ok(if report.unexpected == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+async fn delete_tenant_queues(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use lapin::options::QueueDeleteOptions;
+    let conn = connect(&args.amqp_url, "agenttask-loadtest-cleanup").await?;
+    let mut deleted = 0;
+    for (name, _) in tenants(args)? {
+        let tenant = agenttask::domain::tenant::TenantName::parse(&name)?;
+        for queue in [agenttask::amqp::tasks_queue(&tenant), agenttask::amqp::results_queue(&tenant)] {
+            // A channel per queue: deleting one that does not exist closes its channel.
+            let channel = conn.create_channel().await?;
+            if channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.is_ok() {
+                deleted += 1;
+                let _ = channel.close(200, "deleted".into()).await;
+            }
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    eprintln!("deleted {deleted} queues");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The broker alone: publish with confirms, then consume, the same number of task-sized messages.
