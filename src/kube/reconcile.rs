@@ -16,7 +16,7 @@
 //! - finished: deletes the AgentTask `ttlSecondsAfterFinished` after its completion;
 //! - deleted: the finalizer marks an unfinished task `Cancelled` and deletes its pod.
 //!
-//! Pods and ConfigMaps of ours whose AgentTask is gone are swept by [`sweep_orphans`]. Only
+//! Sandboxes, pods and ConfigMaps of ours whose AgentTask is gone are swept by [`sweep_orphans`]. Only
 //! one process reconciles at a time: [`run`] holds a Postgres advisory lock while it does.
 
 use std::collections::{BTreeSet, HashMap};
@@ -307,6 +307,20 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
                 patch_status(ctx, task, &status).await?;
                 publish(ctx, task, EventType::Normal, "Running", format!("pod {pod_name} started")).await;
             }
+            if let Some(st) = &sandbox_status {
+                // The run goes on whatever the Sandbox's readiness; the status says when it is
+                // not Ready, and stops saying so once it is.
+                let since = started.or_else(|| parse_time(status.start_time.as_deref())).unwrap_or_else(Utc::now);
+                let note = sandbox::not_ready_note(st, since, Utc::now());
+                if status.message != note {
+                    if let Some(n) = &note {
+                        publish(ctx, task, EventType::Warning, "SandboxNotReady", format!("Sandbox {pod_name}: {n}"))
+                            .await;
+                    }
+                    status.message = note;
+                    patch_status(ctx, task, &status).await?;
+                }
+            }
             Action::requeue(idle)
         }
         Observed::Ended { termination, exit_code, termination_message } => {
@@ -334,8 +348,11 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
                     outcome.termination = Termination::OutputLimitExceeded;
                 }
             }
-            if matches!(outcome.termination, Termination::ImagePullFailed(_)) {
-                // agent-sandbox would make the pod again: its Sandbox goes instead.
+            let refused_sandbox_pod =
+                sandboxes.is_some() && matches!(outcome.termination, Termination::BackendError(_));
+            if matches!(outcome.termination, Termination::ImagePullFailed(_)) || refused_sandbox_pod {
+                // agent-sandbox would make the pod again (or keep trying to, when admission
+                // refused it): its Sandbox goes instead.
                 match &sandboxes {
                     Some(api) => delete_sandbox(api, &pod_name).await?,
                     None => delete_ignoring_missing(&pods, &pod_name).await?,
@@ -799,9 +816,21 @@ pub fn observe(pod: &Pod, pull_grace: Duration, now: DateTime<Utc>) -> Observed 
     }
 }
 
-/// Deletes our pods and ConfigMaps whose AgentTask no longer exists (older than `min_age`,
-/// so objects made just before their AgentTask are not taken for orphans). Returns how many.
-pub async fn sweep_orphans(client: &Client, scope: &Scope, min_age: Duration) -> Result<usize, kube::Error> {
+/// Deletes our Sandboxes (when `sandboxes` names the agent-sandbox version the backend speaks),
+/// pods and ConfigMaps whose AgentTask no longer exists (older than `min_age`, so objects made
+/// just before their AgentTask are not taken for orphans). Returns how many.
+///
+/// A Sandbox is owned by its AgentTask, so the garbage collector normally takes it; the sweep
+/// covers what the collector cannot see: a Sandbox that only our labels tie to a task (its
+/// ownerReference removed, or made by hand from `agenttask render`), or one left behind when
+/// the collector did not run. A pod controlled by a Sandbox is left to it: deleted alone, it
+/// would be made again by agent-sandbox; it goes with its Sandbox.
+pub async fn sweep_orphans(
+    client: &Client,
+    scope: &Scope,
+    min_age: Duration,
+    sandboxes: Option<sandbox::SandboxApiVersion>,
+) -> Result<usize, kube::Error> {
     let (tasks, pods, cms): (Api<AgentTask>, Api<Pod>, Api<ConfigMap>) =
         (scoped(client, scope), scoped(client, scope), scoped(client, scope));
     let live: BTreeSet<(String, String)> = tasks
@@ -823,7 +852,32 @@ pub async fn sweep_orphans(client: &Client, scope: &Scope, min_age: Duration) ->
         old && meta.deletion_timestamp.is_none() && !live.contains(&(meta.namespace.clone().unwrap_or_default(), owner))
     };
     let mut removed = 0;
-    for p in pods.list_metadata(&lp).await?.items.iter().filter(|p| orphan(&p.metadata)) {
+    if let Some(version) = sandboxes {
+        let ar = sandbox::api_resource(sandbox::Kind::Sandbox, version);
+        let all: Api<kube::core::DynamicObject> = match scope {
+            Scope::Namespace(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+            Scope::All => Api::all_with(client.clone(), &ar),
+        };
+        let found = match all.list_metadata(&lp).await {
+            Ok(list) => list.items,
+            // agent-sandbox is not installed (yet): there is nothing of its kinds to sweep.
+            Err(kube::Error::Api(e)) if e.code == 404 => vec![],
+            Err(e) => return Err(e),
+        };
+        for sb in found.iter().filter(|s| orphan(&s.metadata)) {
+            let api: Api<kube::core::DynamicObject> =
+                Api::namespaced_with(client.clone(), &sb.namespace().unwrap_or_default(), &ar);
+            if api.delete(&sb.name_any(), &DeleteParams::background()).await.is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    let sandbox_controlled = |p: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        p.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.kind == "Sandbox")
+    };
+    for p in
+        pods.list_metadata(&lp).await?.items.iter().filter(|p| orphan(&p.metadata) && !sandbox_controlled(&p.metadata))
+    {
         let api: Api<Pod> = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
         if api.delete(&p.name_any(), &DeleteParams::default()).await.is_ok() {
             removed += 1;
@@ -935,8 +989,9 @@ async fn controller(ctx: Arc<Ctx>, scope: Scope, stop: CancellationToken) {
 
 async fn sweep_loop(client: Client, settings: KubeSettings, scope: Scope, stop: CancellationToken) {
     loop {
-        match sweep_orphans(&client, &scope, settings.orphan_sweep_every).await {
-            Ok(n) if n > 0 => tracing::info!(removed = n, "orphaned pods and ConfigMaps removed"),
+        let sandboxes = (settings.backend == KubeBackendKind::Sandbox).then_some(settings.sandbox_version);
+        match sweep_orphans(&client, &scope, settings.orphan_sweep_every, sandboxes).await {
+            Ok(n) if n > 0 => tracing::info!(removed = n, "orphaned Sandboxes, pods and ConfigMaps removed"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "orphan sweep failed"),
         }

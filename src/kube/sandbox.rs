@@ -8,7 +8,8 @@
 //!   and `shutdownPolicy` is `Delete` (agent-sandbox's default is `Retain`): a Sandbox left behind
 //!   by a crashed service still goes away. The input ConfigMaps and the default-deny
 //!   NetworkPolicy are podjob's, unchanged (the policy selects the pod by the task's label,
-//!   which the pod template carries).
+//!   which the pod template carries). The Sandbox carries the pod's labels and its allowed
+//!   annotations on its own metadata as well.
 //! - The warm path: a `SandboxClaim` (`extensions.agents.x-k8s.io`) on a tenant's warm pool, with
 //!   a `lifecycle` whose `shutdownTime` bounds the claim like the cold Sandbox's and whose
 //!   `shutdownPolicy` is `Delete`.
@@ -201,6 +202,33 @@ pub fn observe(status: &SandboxStatus, pod: Option<&Pod>, pull_grace: Duration, 
     }
 }
 
+/// How long a cold task's pod may run before its Sandbox's `Ready=False` is taken as more than
+/// the controller catching up with the pod (agent-sandbox writes the Sandbox's status after the
+/// pod's, so a fresh pod's Sandbox is briefly not Ready).
+pub const READY_LAG: Duration = Duration::from_secs(3);
+
+/// Pure: what the AgentTask's status message says while a cold task's pod runs but its Sandbox
+/// is not `Ready` (`None` when it is, when the controller has not written `Ready` yet, or while
+/// the pod has run for less than [`READY_LAG`]).
+///
+/// A cold task's outcome is its pod's: agent-sandbox makes the pod whatever the Sandbox's
+/// readiness, and `Ready` only says whether the sandbox can take traffic (the pod Ready, with
+/// IPs, its Service made). So a Sandbox that never becomes Ready does not end the run; the note
+/// says why `kubectl get sandbox` shows it not Ready. (A warm claim must wait for `Ready`: that
+/// is where the never-Ready case ends a task.)
+pub fn not_ready_note(status: &SandboxStatus, running_since: DateTime<Utc>, now: DateTime<Utc>) -> Option<String> {
+    let ready = status.condition("Ready")?;
+    let lag = chrono::Duration::from_std(READY_LAG).unwrap_or_default();
+    if ready.status == "True" || now - running_since < lag {
+        return None;
+    }
+    Some(format!(
+        "the pod runs but its Sandbox is not Ready ({}: {}); a cold task runs to its own end whatever the \
+         Sandbox's readiness",
+        ready.reason, ready.message
+    ))
+}
+
 /// The `shutdownTime` of a task's Sandbox or claim: its deadline plus `grace`, in RFC 3339
 /// seconds (rounded up, so it is never before the deadline plus grace).
 pub fn shutdown_time(deadline: DateTime<Utc>, grace: Duration) -> String {
@@ -244,11 +272,14 @@ pub fn build(
         shutdown_time: Some(shutdown_time(deadline, grace)),
         shutdown_policy: Some(ShutdownPolicy::Delete),
     };
-    // Named like podjob's pod, labelled and owned like it.
+    // Named like podjob's pod, labelled and owned like it. The pod's annotations (only task
+    // labels under the operator's allowed prefixes) go on the Sandbox too: what reads a
+    // Sandbox's own metadata (policy engines, the emulator's failure switches) sees them there.
     let meta = ObjectMeta {
         name: pod.metadata.name.clone(),
         namespace: pod.metadata.namespace.clone(),
         labels: pod.metadata.labels.clone(),
+        annotations: pod.metadata.annotations.clone(),
         owner_references: pod.metadata.owner_references.clone(),
         ..ObjectMeta::default()
     };
@@ -345,6 +376,26 @@ mod tests {
         assert_eq!(objs.config_maps.len(), podjob.config_maps.len());
         // No metadata beyond labels and annotations in the template.
         assert!(sb.data["spec"]["podTemplate"]["metadata"].get("name").is_none());
+        // No allowed prefixes: no annotations anywhere.
+        assert!(sb.metadata.annotations.is_none());
+    }
+
+    #[test]
+    fn allowed_annotations_reach_the_sandbox_and_its_pod_template() {
+        let mut t = task(None);
+        t.spec.labels = BTreeMap::from([
+            ("kubesim.agenttask.io/sandbox-ready".to_string(), "never".to_string()),
+            ("team".to_string(), "evals".to_string()),
+        ]);
+        let settings =
+            PodSettings { annotation_prefixes: vec!["kubesim.agenttask.io/".into()], ..PodSettings::default() };
+        let objs =
+            build(&t, &settings, &TaskDefaults::default(), SandboxApiVersion::V1beta1, deadline(), Duration::ZERO)
+                .unwrap();
+        let want = BTreeMap::from([("kubesim.agenttask.io/sandbox-ready".to_string(), "never".to_string())]);
+        assert_eq!(objs.sandbox.metadata.annotations.as_ref(), Some(&want));
+        let spec: SandboxSpec = serde_json::from_value(objs.sandbox.data["spec"].clone()).unwrap();
+        assert_eq!(spec.pod_template.metadata.annotations, want);
     }
 
     #[test]
@@ -456,6 +507,15 @@ mod tests {
             observe(&refused, None, grace, now),
             Observed::Ended { termination: Termination::BackendError(m), .. } if m.contains("forbidden")
         ));
+        // Running but never Ready: noted once the controller has had time to catch up.
+        let not_ready = status(&[("Ready", "False", "DependenciesNotReady", "Pod is Running but not Ready")]);
+        let since = now - chrono::Duration::seconds(1);
+        assert_eq!(not_ready_note(&not_ready, since, now), None, "the controller may lag the pod");
+        let note = not_ready_note(&not_ready, since, now + chrono::Duration::seconds(5)).unwrap();
+        assert!(note.contains("DependenciesNotReady: Pod is Running but not Ready"), "{note}");
+        let later = now + chrono::Duration::seconds(5);
+        assert_eq!(not_ready_note(&ready, since, later), None);
+        assert_eq!(not_ready_note(&SandboxStatus::default(), since, later), None);
         // Nothing yet.
         let fresh = status(&[("Ready", "False", "DependenciesNotReady", "Pod does not exist")]);
         assert_eq!(observe(&fresh, None, grace, now), Observed::Pending { retry_in: None });

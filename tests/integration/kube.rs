@@ -16,7 +16,7 @@ use agenttask::config::{BackendKind, Component, Settings};
 
 use crate::support::*;
 
-const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
 /// A running emulator, killed on drop.
 pub struct Sim {
@@ -129,7 +129,7 @@ impl Drop for Sim {
     }
 }
 
-fn kube_settings(env: &Env, sim: &Sim, max_running: u32) -> Settings {
+pub(crate) fn kube_settings(env: &Env, sim: &Sim, max_running: u32) -> Settings {
     let mut s = env.settings(&Component::ALL);
     s.backend = BackendKind::Kubernetes;
     s.max_running = max_running;
@@ -141,13 +141,13 @@ fn kube_settings(env: &Env, sim: &Sim, max_running: u32) -> Settings {
 }
 
 /// A task whose simulated pod does what `script` says (kubesim annotations, without prefix).
-fn task(id: &str, script: &[(&str, &str)]) -> Value {
+pub(crate) fn task(id: &str, script: &[(&str, &str)]) -> Value {
     let labels: serde_json::Map<String, Value> =
         script.iter().map(|(k, v)| (format!("kubesim.agenttask.io/{k}"), json!(v))).collect();
     json!({"id": id, "language": "python", "code": "print('hi')", "labels": labels, "timeout_seconds": 30})
 }
 
-async fn results(client: &mut Client, n: usize, within: Duration) -> HashMap<String, Value> {
+pub(crate) async fn results(client: &mut Client, n: usize, within: Duration) -> HashMap<String, Value> {
     let mut out = HashMap::new();
     let end = Instant::now() + within;
     while out.len() < n {
@@ -158,7 +158,7 @@ async fn results(client: &mut Client, n: usize, within: Duration) -> HashMap<Str
     out
 }
 
-const TENANTS: &str =
+pub(crate) const TENANTS: &str =
     "[tenants.{t}-a]\nmax_concurrency = 100\nrate_per_second = 1000\nisolation = [\"standard\", \"gvisor\"]\n";
 
 #[tokio::test]
@@ -365,15 +365,15 @@ async fn kube_finished_agenttasks_expire_and_orphans_are_swept() {
 }
 
 /// An AgentTask manifest in `ns` with this spec (YAML, indented under `spec:`).
-fn agenttask_yaml(name: &str, ns: &str, spec: &str) -> String {
+pub(crate) fn agenttask_yaml(name: &str, ns: &str, spec: &str) -> String {
     format!("apiVersion: agenttask.io/v1alpha1\nkind: AgentTask\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}")
 }
 
-fn status_of(sim: &Sim, name: &str, ns: &str) -> Value {
+pub(crate) fn status_of(sim: &Sim, name: &str, ns: &str) -> Value {
     sim.json(&["get", "at", name, "-n", ns])["status"].clone()
 }
 
-async fn ended(sim: &Sim, name: &str, ns: &str) -> Value {
+pub(crate) async fn ended(sim: &Sim, name: &str, ns: &str) -> Value {
     eventually(WAIT, || async {
         status_of(sim, name, ns)["phase"]
             .as_str()
@@ -869,7 +869,7 @@ async fn kube_rendered_sandbox_runs_under_the_emulated_agent_sandbox_controller(
 }
 
 /// An emulator with agent-sandbox installed (its CRDs applied, as an operator would).
-fn sandbox_sim() -> Sim {
+pub(crate) fn sandbox_sim() -> Sim {
     let sim = Sim::start();
     let root = env!("CARGO_MANIFEST_DIR");
     sim.kubectl_ok(&[
@@ -882,7 +882,7 @@ fn sandbox_sim() -> Sim {
     sim
 }
 
-fn sandbox_settings(env: &Env, sim: &Sim, max_running: u32) -> Settings {
+pub(crate) fn sandbox_settings(env: &Env, sim: &Sim, max_running: u32) -> Settings {
     let mut s = kube_settings(env, sim, max_running);
     s.kube.backend = agenttask::kube::KubeBackendKind::Sandbox;
     s

@@ -38,6 +38,7 @@ mod reliability;
 /// The Kubernetes backend against the API emulator, and the manifests' schema validation.
 mod kube;
 mod kube_manifests;
+mod kube_sandbox;
 
 /// Postgres restarted, stopped and its pool exhausted, on a private server per test.
 mod pg_outage;

@@ -16,6 +16,10 @@
 //!   controller does; its status names the Sandbox and forwards `Ready` and `Finished`; at its
 //!   `lifecycle` end it expires (`Delete`, `DeleteForeground` or `Retain`).
 //!
+//! The controller reads and writes every object in the storage version (v1beta1), whichever
+//! version a client wrote it in: the real controller speaks v1beta1 only and the API server
+//! converts, so the ownerReferences it writes name `v1beta1` even for a Sandbox made as v1alpha1.
+//!
 //! Failure switches, annotations in the style of the kubelet's (pools and claims copy their
 //! `kubesim.agenttask.io/` annotations onto the Sandboxes they create):
 //! - `kubesim.agenttask.io/sandbox-ready: never` on a Sandbox: it never becomes Ready, as with a
@@ -359,7 +363,7 @@ fn reconcile_pool(inner: &mut Inner, kinds: &Kinds, pools: &ResourceType, pool: 
 fn pool_template(inner: &Inner, kinds: &Kinds, pool: &Value) -> Option<Value> {
     let t = kinds.templates.as_ref()?;
     let name = pool["spec"]["sandboxTemplateRef"]["name"].as_str()?;
-    inner.get(&t.key(), namespace(pool), name).cloned()
+    inner.get(&t.key(), namespace(pool), name).map(|o| stored(t, o))
 }
 
 /// Live Sandboxes whose controller is `owner`.
@@ -368,7 +372,7 @@ fn owned_sandboxes(inner: &Inner, kinds: &Kinds, owner: &Value) -> Vec<Value> {
         .list(&kinds.sandboxes.key(), Some(namespace(owner)))
         .into_iter()
         .filter(|s| controlled_by(s, owner) && s["metadata"]["deletionTimestamp"].is_null())
-        .cloned()
+        .map(|s| stored(&kinds.sandboxes, s))
         .collect()
 }
 
@@ -412,9 +416,10 @@ fn claim_source(inner: &Inner, kinds: &Kinds, claim: &Value) -> Source {
     let ns = namespace(claim);
     let pools = kinds.pools.as_ref().map(|p| p.key()).unwrap_or_default();
     let templates = kinds.templates.as_ref().map(|t| t.key()).unwrap_or_default();
-    let template_named = |n: &str| inner.get(&templates, ns, n).cloned();
+    let template_named = |n: &str| Some(stored(kinds.templates.as_ref()?, inner.get(&templates, ns, n)?));
+    let pool_stored = |p: &Value| kinds.pools.as_ref().map(|rt| stored(rt, p));
     if let Some(p) = claim["spec"]["warmPoolRef"]["name"].as_str() {
-        let Some(pool) = inner.get(&pools, ns, p).cloned() else {
+        let Some(pool) = inner.get(&pools, ns, p).and_then(pool_stored) else {
             return Source {
                 pool: None,
                 template: None,
@@ -436,8 +441,8 @@ fn claim_source(inner: &Inner, kinds: &Kinds, claim: &Value) -> Source {
             .list(&pools, Some(ns))
             .into_iter()
             .find(|p| p["spec"]["sandboxTemplateRef"]["name"] == t.as_str())
-            .cloned(),
-        named => inner.get(&pools, ns, named).cloned(),
+            .and_then(pool_stored),
+        named => inner.get(&pools, ns, named).and_then(pool_stored),
     };
     let missing = template.is_none().then(|| ("TemplateNotFound", format!("SandboxTemplate {t:?} not found")));
     Source { pool, template, missing }
@@ -541,7 +546,7 @@ fn reconcile_claim(
         }
     }
     // The claim may be gone by now if the writes above deleted it; write_status then does nothing.
-    let live = inner.get(&claims.key(), ns, cname).cloned();
+    let live = inner.get(&claims.key(), ns, cname).map(|c| stored(claims, c));
     if let Some(c) = live {
         write_status(inner, claims, &c, st);
     }
@@ -577,7 +582,14 @@ fn cold_start(inner: &mut Inner, kinds: &Kinds, template: &Value, claim: &Value)
 // Helpers
 
 fn all(inner: &Inner, rt: &ResourceType) -> Vec<Value> {
-    inner.list(&rt.key(), None).into_iter().cloned().collect()
+    inner.list(&rt.key(), None).into_iter().map(|o| stored(rt, o)).collect()
+}
+
+/// An object as the controller reads it: in the storage version (v1beta1), whichever version it
+/// was written in. The real controller speaks only v1beta1 and the API server converts; so the
+/// ownerReferences it writes name v1beta1, and its status writes go through v1beta1.
+fn stored(rt: &ResourceType, o: &Value) -> Value {
+    objects::present(o.clone(), rt, &rt.versions[0])
 }
 
 fn name(o: &Value) -> &str {

@@ -184,6 +184,36 @@ fn sandbox_gets_a_pod_and_its_conditions_follow_it() {
     eventually(10, || get(&sim, &["pod", "task-1"]).is_none().then_some(()));
 }
 
+/// A Sandbox written as v1alpha1 is played like any other: the controller works in the storage
+/// version (as the real one, behind the API server's conversion), so the pod's ownerReference
+/// names v1beta1, and the object reads in either version.
+#[test]
+fn a_v1alpha1_sandbox_runs_and_the_controller_speaks_v1beta1() {
+    let sim = sim();
+    apply(
+        &sim,
+        "sb.yaml",
+        &format!(
+            "apiVersion: agents.x-k8s.io/v1alpha1\nkind: Sandbox\nmetadata:\n  name: old\nspec:\n  shutdownPolicy: Delete\n{}",
+            pod_template("  ", "kubesim.agenttask.io/stdout: \"alpha\\n\"")
+        ),
+    );
+    sim.kubectl_ok(&["wait", "--for=condition=Finished", "sandboxes.v1alpha1.agents.x-k8s.io/old", "--timeout=10s"]);
+    let alpha = get(&sim, &["sandboxes.v1alpha1.agents.x-k8s.io", "old"]).unwrap();
+    assert_eq!(alpha["apiVersion"], "agents.x-k8s.io/v1alpha1");
+    assert!(cond_is(&alpha, "Finished", "True", "PodSucceeded"), "{alpha}");
+    let beta = get(&sim, &["sandboxes.v1beta1.agents.x-k8s.io", "old"]).unwrap();
+    assert_eq!(beta["apiVersion"], "agents.x-k8s.io/v1beta1");
+    assert_eq!(beta["metadata"]["uid"], alpha["metadata"]["uid"]);
+    let pod = get(&sim, &["pod", "old"]).unwrap();
+    let owner = &pod["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (owner["apiVersion"].as_str(), owner["kind"].as_str()),
+        (Some("agents.x-k8s.io/v1beta1"), Some("Sandbox"))
+    );
+    assert_eq!(sim.kubectl_ok(&["logs", "old"]), "alpha\n");
+}
+
 #[test]
 fn sandbox_that_never_becomes_ready() {
     let sim = sim();
