@@ -10,6 +10,7 @@
 # TENANTS tenants of weights 1 to 4; the load is agenttask-loadtest with every task published at once.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source loadtest/bench/common.sh
 A="$1"
 B="$2"
 TASKS="${3:-5000}"
@@ -23,19 +24,10 @@ PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
 cargo build --release --locked -p agenttask-loadtest >&2
 work="$(mktemp -d)"
-{
-    printf '[defaults]\nmax_concurrency = 1000\nmax_queued = 1000000\nrate_per_second = 1000000\nburst = 1000000\n\n'
-    for i in $(seq 0 $((TENANTS - 1))); do printf '[tenants.cmp-%03d]\nweight = %d\n\n' "$i" $((1 + i % 4)); done
-} > "$work/tenants.toml"
+bench_tenants cmp "$TENANTS" > "$work/tenants.toml"
 svc=
 stop() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
-cleanup() {
-    stop
-    target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --delete-tenant-queues || true
-    rm -rf "$work"
-    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
-}
-trap cleanup EXIT
+trap 'stop; bench_cleanup' EXIT
 turn() {
     local label="$1" bin="$2"
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres 2>/dev/null

@@ -9,6 +9,7 @@
 # Uses a scratch database (agenttask_bench_fair, dropped at the end) and tenants of its own.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source loadtest/bench/common.sh
 TASKS="${1:-20000}"
 TENANTS="${2:-100}"
 OUT="${3:-target/bench-fairness}"
@@ -21,19 +22,10 @@ cargo build --release --locked -p agenttask --bin agenttask >&2
 cargo build --release --locked -p agenttask-loadtest >&2
 mkdir -p "$OUT"
 work="$(mktemp -d)"
-{
-    printf '[defaults]\nmax_concurrency = 1000\nmax_queued = 1000000\nrate_per_second = 1000000\nburst = 1000000\n\n'
-    for i in $(seq 0 $((TENANTS - 1))); do printf '[tenants.fair-%03d]\nweight = %d\n\n' "$i" $((1 + i % 4)); done
-} > "$work/tenants.toml"
+bench_tenants fair "$TENANTS" > "$work/tenants.toml"
 svc=
 stop() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
-cleanup() {
-    stop
-    target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --delete-tenant-queues || true
-    rm -rf "$work"
-    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
-}
-trap cleanup EXIT
+trap 'stop; bench_cleanup' EXIT
 for spread in even zipf; do
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
     AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \

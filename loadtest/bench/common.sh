@@ -1,0 +1,16 @@
+# Shared by the bench scripts that offer load to many tenants (sourced, not run).
+
+# Prints a tenants file of N tenants PREFIX-000.. with weights 1 to 4 and quotas that never bind.
+bench_tenants() {
+    local prefix="$1" n="$2"
+    printf '[defaults]\nmax_concurrency = 1000\nmax_queued = 1000000\nrate_per_second = 1000000\nburst = 1000000\n\n'
+    for i in $(seq 0 $((n - 1))); do printf '[tenants.%s-%03d]\nweight = %d\n\n' "$prefix" "$i" $((1 + i % 4)); done
+}
+
+# Deletes the tenants' quorum queues (the broker keeps, and recovers at every start, each one until
+# it is deleted), then the work directory and the scratch database. Needs $work, $DB and PSQL.
+bench_cleanup() {
+    target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --delete-tenant-queues || true
+    rm -rf "$work"
+    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+}
