@@ -302,7 +302,8 @@ async fn handle_task(
         match answer.await {
             Ok(Ok(done)) => break done,
             Ok(Err(GroupFailed)) => {
-                tracing::warn!(%tenant, retry_in = ?backoff.peek(), "cannot store task; retrying");
+                // The group writer has logged why, once for the whole group.
+                tracing::debug!(%tenant, retry_in = ?backoff.peek(), "cannot store task; retrying");
                 if !delivery.acker.usable() {
                     // The channel is gone: the broker redelivers the message elsewhere.
                     return;
