@@ -122,6 +122,19 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTTASK_RETENTION_DELETE_ROWS")]
     #[serde(default)]
     pub retention_delete_rows: bool,
+    /// Pre-started Python sandboxes the local backend keeps ready, so a Python task does not wait
+    /// for its interpreter to start; each holds a sandbox uid and about 10 MiB; 0 turns them off
+    /// [default: 2]
+    #[arg(long, env = "AGENTTASK_WARM_PYTHON")]
+    pub warm_python: Option<usize>,
+    /// Pre-started R sandboxes the local backend keeps ready (each about 60 MiB); 0 turns them
+    /// off [default: 1]
+    #[arg(long, env = "AGENTTASK_WARM_R")]
+    pub warm_r: Option<usize>,
+    /// A warm sandbox idle this long is replaced by a fresh one (which also picks up upgraded
+    /// runtimes) [default: 600]
+    #[arg(long, env = "AGENTTASK_WARM_MAX_IDLE_SECONDS")]
+    pub warm_max_idle_seconds: Option<u64>,
     /// Settings file [default: ./agenttask.toml when it exists]
     #[arg(long, env = "AGENTTASK_CONFIG")]
     #[serde(skip)]
@@ -333,6 +346,8 @@ pub struct Settings {
     pub outbox_max_attempts: u32,
     /// When finished tasks' outputs (or rows) are removed; `None` keeps them forever.
     pub retention: Option<crate::retention::Retention>,
+    /// The local backend's warm sandboxes.
+    pub warm: crate::exec::local::WarmConfig,
 }
 
 /// This host's CPUs (as far as the process may use them: affinity and cgroup quota), in
@@ -390,7 +405,24 @@ impl Settings {
                 args.retention_days.or(file.retention_days).unwrap_or(DEFAULT_RETENTION_DAYS),
                 args.retention_delete_rows || file.retention_delete_rows,
             )?,
+            warm: {
+                let d = crate::exec::local::WarmConfig::default();
+                crate::exec::local::WarmConfig {
+                    python: args.warm_python.or(file.warm_python).unwrap_or(d.python),
+                    r: args.warm_r.or(file.warm_r).unwrap_or(d.r),
+                    max_idle: args
+                        .warm_max_idle_seconds
+                        .or(file.warm_max_idle_seconds)
+                        .map_or(d.max_idle, std::time::Duration::from_secs),
+                }
+            },
         };
+        if settings.warm.python > 64 || settings.warm.r > 64 {
+            return Err(invalid("--warm-python/--warm-r", "at most 64 warm sandboxes per language"));
+        }
+        if settings.warm.max_idle.is_zero() {
+            return Err(invalid("--warm-max-idle-seconds", "must be at least 1"));
+        }
         if settings.capacity_cpu_millis == Some(0) {
             return Err(invalid("--capacity-cpu", "must be greater than 0"));
         }

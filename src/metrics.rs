@@ -38,9 +38,20 @@ pub struct Metrics {
     /// Finished tasks retention removed the outputs of (`action="outputs_removed"`) or deleted
     /// (`action="deleted"`).
     pub retention: IntCounterVec,
+    /// The local backend's warm sandboxes (see `exec::local::warm`).
+    pub warm: WarmMetrics,
     /// Errors a component handled without stopping (logged and counted, never silent), by the
     /// component and the error's `metric_label()`.
     pub errors: IntCounterVec,
+}
+
+/// The warm pool's metrics, handed to the local backend.
+#[derive(Clone, Debug)]
+pub struct WarmMetrics {
+    pub idle: IntGaugeVec,
+    pub hits: IntCounterVec,
+    pub misses: IntCounterVec,
+    pub warmup: HistogramVec,
 }
 
 impl Default for Metrics {
@@ -182,6 +193,38 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            warm: WarmMetrics {
+                idle: igauge(
+                    "agenttask_warm_pool_size",
+                    "Warm sandboxes started and waiting for a task, by language.",
+                    &["language"],
+                ),
+                hits: counter(
+                    "agenttask_warm_pool_hits_total",
+                    "Tasks that ran in a warm sandbox, by language.",
+                    &["language"],
+                ),
+                misses: counter(
+                    "agenttask_warm_pool_misses_total",
+                    "Tasks of a language with a warm pool that started cold, by language and why \
+                     (empty: none was ready; env: the task sets a start-up variable; failed: handing \
+                     it over failed).",
+                    &["language", "reason"],
+                ),
+                warmup: reg(
+                    &registry,
+                    &names,
+                    HistogramVec::new(
+                        HistogramOpts::new(
+                            "agenttask_warm_pool_warmup_seconds",
+                            "Time from starting a warm sandbox to its interpreter waiting for a task.",
+                        )
+                        .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                        &["language"],
+                    )
+                    .expect("valid metric"),
+                ),
+            },
             registry,
             names: names.into_inner(),
         };

@@ -134,6 +134,7 @@ async fn build_backend(settings: &Settings, tenants: &watch::Sender<Arc<Tenants>
             if let Some(r) = settings.retention {
                 config.artifact_ttl = r.keep_for;
             }
+            config.warm = settings.warm.clone();
             let b = Arc::new(LocalBackend::new(config)?);
             Ok((b.clone(), Some(b)))
         }
@@ -170,6 +171,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let backend =
         if settings.runs(Component::Executor) { Some(build_backend(&settings, &tenants).await?) } else { None };
     let metrics = Metrics::new();
+    if let Some((_, Some(local))) = &backend {
+        local.set_warm_metrics(metrics.warm.clone());
+        local.start_warm_pool();
+    }
     let wakes = Arc::new(Wakes::default());
     let readiness = Arc::new(crate::readiness::Readiness::new());
 

@@ -63,6 +63,9 @@ pub struct Outcome {
     pub artifacts_note: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+    /// Whether the run took a pre-started (warm) sandbox: `Some(false)` when its language has a
+    /// warm pool but the task started cold; `None` where there is no pool.
+    pub warm: Option<bool>,
 }
 
 impl Outcome {
@@ -78,6 +81,7 @@ impl Outcome {
             artifacts_note: None,
             started_at,
             finished_at,
+            warm: None,
         }
     }
 

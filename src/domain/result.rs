@@ -39,6 +39,10 @@ pub struct ResultMessage {
     pub finished_at: Option<DateTime<Utc>>,
     pub queue_wait_ms: Option<i64>,
     pub duration_ms: Option<i64>,
+    /// Whether the task ran in a pre-started (warm) sandbox of the local backend: `false` when
+    /// its language has a warm pool but it waited for a cold start; null without a pool.
+    #[serde(default)]
+    pub warm: Option<bool>,
 }
 
 /// Milliseconds between two instants, when both are known.
@@ -82,6 +86,7 @@ impl ResultMessage {
             finished_at: Some(at),
             queue_wait_ms: None,
             duration_ms: None,
+            warm: None,
         }
     }
 }

@@ -87,6 +87,9 @@ impl Job {
 }
 
 /// What a backend observed about one run.
+// A run sends at most three of these, once each, so the size of `Finished` costs nothing worth
+// a box at every construction and match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEvent {
     /// The run was placed: a sandbox prepared, a pod bound to a node.

@@ -7,11 +7,13 @@
 //! - [`seccomp`]: the deny-list BPF program (x86_64, aarch64) handed to bubblewrap, compiled by seccompiler.
 //! - [`limits`]: rlimits and cgroup numbers for a task, and the verdict on how a run ended.
 //! - [`cgroup`]: where task cgroups go (v1 or v2), parsed from `/proc` text.
+//! - [`warm`]: how a pre-started interpreter waits in its sandbox and takes one task.
 
 pub mod bwrap;
 pub mod cgroup;
 pub mod limits;
 pub mod seccomp;
+pub mod warm;
 
 use std::ffi::OsString;
 use std::path::Path;

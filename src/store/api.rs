@@ -36,7 +36,7 @@ pub async fn find_task(conn: impl PgExecutor<'_>, tenant: &str, client_id: &str)
              labels as "labels: Json<serde_json::Value>", exit_code,
              result as "result: Json<serde_json::Value>", stdout, stderr, stdout_truncated,
              stderr_truncated, artifacts as "artifacts: Json<Vec<Artifact>>", backend, attempt,
-             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at
+             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at, warm
            from agenttask.tasks where tenant = $1 and client_id = $2"#,
         tenant,
         client_id
@@ -238,7 +238,7 @@ pub async fn batch_tasks(
              labels as "labels: Json<serde_json::Value>", exit_code,
              result as "result: Json<serde_json::Value>", stdout, stderr, stdout_truncated,
              stderr_truncated, artifacts as "artifacts: Json<Vec<Artifact>>", backend, attempt,
-             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at
+             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at, warm
            from agenttask.tasks
            where tenant = $1 and batch_id = $2
              and ($3::timestamptz is null or (submitted_at, task_id) > ($3, $4::uuid))

@@ -82,7 +82,7 @@ pub async fn finish(
            result = $7, stdout = $8, stderr = $9, stdout_truncated = $10, \
            stderr_truncated = $11, artifacts = $12, started_at = coalesce(started_at, $13), \
            finished_at = $14, backend = coalesce($15, backend), lease_owner = null, \
-           lease_expires_at = null, program = null \
+           lease_expires_at = null, program = null, warm = $16 \
          where task_id = $1 and attempt = $2 and phase = any(agenttask.active_phases())",
         task_id,
         attempt,
@@ -98,7 +98,8 @@ pub async fn finish(
         Json(&outcome.artifacts) as _,
         outcome.started_at,
         outcome.finished_at,
-        backend
+        backend,
+        outcome.warm
     )
     .execute(&mut *tx)
     .await?

@@ -47,6 +47,8 @@ pub struct TaskRow {
     pub finished_at: Option<DateTime<Utc>>,
     /// When retention removed stdout, stderr and artifacts (see `crate::retention`).
     pub outputs_removed_at: Option<DateTime<Utc>>,
+    /// See [`ResultMessage::warm`].
+    pub warm: Option<bool>,
 }
 
 impl TaskRow {
@@ -75,6 +77,7 @@ impl TaskRow {
             finished_at: self.finished_at,
             queue_wait_ms: millis_between(Some(self.submitted_at), self.admitted_at),
             duration_ms: millis_between(self.started_at, self.finished_at),
+            warm: self.warm,
         }
     }
 }
@@ -89,7 +92,7 @@ pub async fn fetch_row(conn: impl PgExecutor<'_>, task_id: Uuid) -> Result<Optio
              labels as "labels: Json<serde_json::Value>", exit_code,
              result as "result: Json<serde_json::Value>", stdout, stderr, stdout_truncated,
              stderr_truncated, artifacts as "artifacts: Json<Vec<Artifact>>", backend, attempt,
-             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at
+             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at, warm
            from agenttask.tasks where task_id = $1"#,
         task_id
     )
@@ -208,6 +211,7 @@ mod tests {
             started_at: Some(submitted + Duration::seconds(1)),
             finished_at: Some(submitted + Duration::milliseconds(3500)),
             outputs_removed_at: None,
+            warm: None,
         }
     }
 

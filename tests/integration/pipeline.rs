@@ -606,3 +606,58 @@ async fn artifacts_are_downloaded_by_their_recorded_names_only() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+/// Reads one sample of the service's `/metrics` (0 when the series does not exist yet).
+async fn metric(svc: &Service, series: &str) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", svc.http_addr)).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn warm_sandboxes_run_python_and_r_and_every_result_says_whether_it_was_warm() {
+    let env = Env::new(ONE_TENANT).await;
+    // The defaults: two warm Python sandboxes and one R.
+    let svc = env.start().await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    eventually(Duration::from_secs(60), || async {
+        metric(&svc, "agenttask_warm_pool_size{language=\"python\"}").await == 2.0
+            && metric(&svc, "agenttask_warm_pool_size{language=\"r\"}").await == 1.0
+    })
+    .await;
+    client.submit(&tenant, &json!({"id": "warm-py", "language": "python", "code": "print(6 * 7)"})).await;
+    let (py, _) = client.next(WAIT).await;
+    assert_eq!(
+        (&py["phase"], &py["stdout"], &py["warm"]),
+        (&json!("Succeeded"), &json!("42\n"), &json!(true)),
+        "{py:#}"
+    );
+    client.submit(&tenant, &json!({"id": "warm-r", "language": "r", "code": "cat(6 * 7)"})).await;
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!((&r["phase"], &r["stdout"], &r["warm"]), (&json!("Succeeded"), &json!("42"), &json!(true)), "{r:#}");
+    // A task that sets a variable only a fresh interpreter reads starts cold, and says so.
+    client
+        .submit(&tenant, &json!({"id": "cold-py", "language": "python", "code": "print(1)", "env": {"TZ": "UTC"}}))
+        .await;
+    let (cold, _) = client.next(WAIT).await;
+    assert_eq!((&cold["phase"], &cold["warm"]), (&json!("Succeeded"), &json!(false)), "{cold:#}");
+    // The stored rows say the same.
+    let pool = env.pg().await;
+    let rows: Vec<(String, Option<bool>)> =
+        sqlx::query_as("select client_id, warm from agenttask.tasks order by client_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [("cold-py".to_string(), Some(false)), ("warm-py".to_string(), Some(true)), ("warm-r".to_string(), Some(true))]
+    );
+    assert_eq!(metric(&svc, "agenttask_warm_pool_hits_total{language=\"python\"}").await, 1.0);
+    assert_eq!(metric(&svc, "agenttask_warm_pool_hits_total{language=\"r\"}").await, 1.0);
+    assert_eq!(metric(&svc, "agenttask_warm_pool_misses_total{language=\"python\",reason=\"env\"}").await, 1.0);
+    assert!(metric(&svc, "agenttask_warm_pool_warmup_seconds_count{language=\"r\"}").await >= 1.0);
+    pool.close().await;
+    svc.stop().await;
+}

@@ -92,12 +92,45 @@ impl TaskCgroups {
         Ok(dir)
     }
 
+    /// Sets a task's own memory and CPU limits on cgroups that a warm sandbox's waiting
+    /// interpreter already runs in (created with [`Limits`] for the warm-up). Lowering a memory
+    /// limit below what is in use fails (`EBUSY`): the caller then starts the task cold.
+    pub(super) fn set_limits(&self, limits: &Limits) -> io::Result<()> {
+        let (quota, period) = limits.cpu_quota();
+        let memory = limits.memory_bytes.to_string();
+        if self.v2 {
+            if let Some(dir) = &self.memory {
+                write_file(&dir.join("memory.max"), &memory)?;
+                write_file(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+            }
+            return Ok(());
+        }
+        if let Some(dir) = &self.memory {
+            // memsw may never be below the memory limit: lower the memory limit first.
+            write_file(&dir.join("memory.limit_in_bytes"), &memory)?;
+            let _ = write_file(&dir.join("memory.memsw.limit_in_bytes"), &memory);
+            let tcp = dir.join("memory.kmem.tcp.limit_in_bytes");
+            if tcp.exists() {
+                write_file(&tcp, &memory)?;
+            }
+        }
+        for dir in &self.dirs {
+            let quota_file = dir.join("cpu.cfs_quota_us");
+            if quota_file.exists() {
+                write_file(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
+                write_file(&quota_file, &quota.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether there is a cgroup listing the task's processes.
     pub(super) fn is_tracked(&self) -> bool {
         self.procs_dir.is_some()
     }
 
-    fn members(&self) -> Vec<i32> {
+    /// The pids of the task's processes, as the host sees them.
+    pub(super) fn members(&self) -> Vec<i32> {
         self.procs_dir
             .as_ref()
             .and_then(|d| fs::read_to_string(d.join("cgroup.procs")).ok())

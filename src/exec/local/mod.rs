@@ -58,6 +58,9 @@ mod result;
 mod scratch;
 mod spawn;
 mod uids;
+mod warm;
+
+pub use warm::WarmConfig;
 
 pub use crate::exec::artifacts::{
     collect_artifacts, collect_artifacts_within, sweep_artifacts, ArtifactCaps, Collected, SPARSE_SLACK_BYTES,
@@ -135,6 +138,8 @@ pub struct LocalConfig {
     pub max_runs: usize,
     /// Extra host paths bound read-only at the same place in the sandbox. Default none.
     pub extra_ro_binds: Vec<PathBuf>,
+    /// Pre-started sandboxes per language (see `warm`). Default 2 for Python, 1 for R.
+    pub warm: WarmConfig,
 }
 
 impl LocalConfig {
@@ -165,6 +170,7 @@ impl LocalConfig {
             artifact_ttl: Duration::from_secs(24 * 3600),
             max_runs: 64,
             extra_ro_binds: Vec::new(),
+            warm: WarmConfig::default(),
         }
     }
 
@@ -234,6 +240,8 @@ pub struct LocalBackend {
     runs: InProcessRuns,
     /// The stdout buffers of running tasks, for following their output.
     live: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, spawn::Captured>>,
+    /// Idle warm sandboxes (started by [`LocalBackend::start_warm_pool`]).
+    warm: warm::WarmPool,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -282,6 +290,7 @@ impl LocalBackend {
         }
         tracing::info!(slots = uids.len(), gid = uids.gid(), ?cgroups, scratch_tmpfs, "local sandbox backend ready");
         let artifacts = Arc::new(DataDirSink::new(config.data_dir.clone(), config.sink_config()));
+        let warm = warm::WarmPool::new(config.warm.clone());
         Ok(Self {
             config,
             uids,
@@ -293,7 +302,17 @@ impl LocalBackend {
             scratch_tmpfs: AtomicBool::new(scratch_tmpfs),
             runs: InProcessRuns::new(),
             live: std::sync::Mutex::default(),
+            warm,
         })
+    }
+
+    /// Counts the warm pool's size, hits, misses and warm-up times in `metrics`.
+    pub fn set_warm_metrics(&self, metrics: crate::metrics::WarmMetrics) {
+        self.warm.set_metrics(metrics);
+    }
+
+    fn cgroups_usable(&self) -> bool {
+        !matches!(self.cgroups, CgroupHost::None)
     }
 
     pub fn config(&self) -> &LocalConfig {
@@ -354,20 +373,60 @@ impl LocalBackend {
         if !bwrap::is_plain_name(&job.tenant) {
             return fail(format!("tenant name {:?} is not a plain name", job.tenant));
         }
-        // Declared before `run`, so dropped after it: the uid is given back only once the
-        // task's cgroups are emptied and removed.
-        let mut lease = match self.uids.acquire(self.config.uid_wait).await {
-            Ok(lease) => lease,
-            Err(e) => return fail(format!("no sandbox uid: {e}")),
+        // A warm sandbox when the language has a pool and one is ready; otherwise a cold start.
+        let pooled = self.warm.config().target(job.language) > 0;
+        let claimed = if pooled {
+            match self.claim_warm(&job) {
+                Ok(c) => {
+                    self.warm.record_hit(job.language);
+                    Some(c)
+                }
+                Err(miss) => {
+                    self.warm.record_miss(job.language, miss);
+                    None
+                }
+            }
+        } else {
+            None
         };
-        let mut run = match self.prepare(&job, lease.uid, lease.gid) {
-            Ok(run) => run,
-            Err(e) => return fail(format!("could not prepare the sandbox: {e}")),
+        let warm = pooled.then_some(claimed.is_some());
+        // `lease` is declared before `run`, so dropped after it: the uid is given back only once
+        // the task's cgroups are emptied and removed.
+        let (mut lease, run, watched) = match claimed {
+            Some((w, handoff)) => {
+                let warm::WarmSandbox { started, run, lease, .. } = w;
+                let mut run = run;
+                if let Some(p) = progress {
+                    p.scheduled();
+                }
+                let watched = self.watch(&job, &mut run, started, Some(handoff), progress).await;
+                (lease, run, watched)
+            }
+            None => {
+                let lease = match self.uids.try_acquire() {
+                    Ok(Some(lease)) => Ok(lease),
+                    // Every uid is leased: an idle warm sandbox gives its own back.
+                    _ => {
+                        self.warm.evict_one();
+                        self.uids.acquire(self.config.uid_wait).await
+                    }
+                };
+                let lease = match lease {
+                    Ok(lease) => lease,
+                    Err(e) => return fail(format!("no sandbox uid: {e}")),
+                };
+                let mut run = match self.prepare(&job, lease.uid, lease.gid) {
+                    Ok(run) => run,
+                    Err(e) => return fail(format!("could not prepare the sandbox: {e}")),
+                };
+                if let Some(p) = progress {
+                    p.scheduled();
+                }
+                let watched = self.spawn_and_watch(&job, &mut run, progress).await;
+                (lease, run, watched)
+            }
         };
-        if let Some(p) = progress {
-            p.scheduled();
-        }
-        let watched = match self.spawn_and_watch(&job, &mut run, progress).await {
+        let watched = match watched {
             Ok(w) => w,
             Err(e) => return fail(format!("could not run the sandbox: {e}")),
         };
@@ -427,6 +486,7 @@ impl LocalBackend {
             artifacts_note: collected.note,
             started_at,
             finished_at: Utc::now(),
+            warm,
         };
         // Unmounting a big scratch can take a moment; keep it off the async workers. Awaited, so
         // that when a run returns nothing of it is left on the host.
@@ -482,7 +542,10 @@ impl Backend for LocalBackend {
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.runs.shutdown())
+        Box::pin(async move {
+            self.warm.close().await;
+            self.runs.shutdown().await;
+        })
     }
 
     fn live_output(&self, task_id: uuid::Uuid) -> BoxFuture<'_, Option<Vec<u8>>> {

@@ -16,12 +16,20 @@ use crate::exec::Job;
 use crate::sandbox::bwrap::{self, ScratchLayout};
 use crate::sandbox::cgroup;
 use crate::sandbox::code_file_name;
+use crate::sandbox::limits::Limits;
 
 impl LocalBackend {
     /// Creates the scratch (owned by the task's `uid`), writes the inputs and creates the
     /// cgroups.
     pub(super) fn prepare(&self, job: &Job, uid: u32, gid: u32) -> io::Result<PreparedRun> {
-        let name = format!("{}-{}", job.key.task_id, &Uuid::new_v4().simple().to_string()[..8]);
+        let run = self.prepare_empty(&job.key.task_id.to_string(), uid, gid, &self.limits(job))?;
+        write_inputs(&run.scratch.inputs(), job)?;
+        Ok(run)
+    }
+
+    /// A scratch without inputs and cgroups with `limits`, named `<label>-<nonce>`.
+    pub(super) fn prepare_empty(&self, label: &str, uid: u32, gid: u32, limits: &Limits) -> io::Result<PreparedRun> {
+        let name = format!("{label}-{}", &Uuid::new_v4().simple().to_string()[..8]);
         let root = self.config.data_dir.join("run").join(&name);
         fs::DirBuilder::new().mode(0o711).create(&root)?;
         let mut run = PreparedRun {
@@ -49,24 +57,29 @@ impl LocalBackend {
             fs::DirBuilder::new().mode(0o700).create(&dir)?;
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
         }
-        for (name, content) in job.files.iter().map(|(n, c)| (n.as_str(), c.as_slice())) {
-            if !bwrap::is_plain_name(name) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("input file name {name:?} is not a plain name"),
-                ));
-            }
-            write_read_only(&s.inputs().join(name), content)?;
-        }
-        let code = code_file_name(job.language, job.files.keys().map(String::as_str));
-        write_read_only(&s.inputs().join(code), job.code.as_bytes())?;
         for (name, content) in bwrap::synthetic_etc(uid, gid) {
             write_read_only(&s.internal().join(name), content.as_bytes())?;
         }
         let cgroup_name = cgroup::task_name(self.owner, &name);
-        run.cgroups = TaskCgroups::create(&self.cgroups, &cgroup_name, &self.limits(job));
+        run.cgroups = TaskCgroups::create(&self.cgroups, &cgroup_name, limits);
         Ok(run)
     }
+}
+
+/// Writes the job's input files and its code file into `dir`: read-only, owned by root, never
+/// through a link, never over an existing name.
+pub(super) fn write_inputs(dir: &Path, job: &Job) -> io::Result<()> {
+    for (name, content) in job.files.iter().map(|(n, c)| (n.as_str(), c.as_slice())) {
+        if !bwrap::is_plain_name(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("input file name {name:?} is not a plain name"),
+            ));
+        }
+        write_read_only(&dir.join(name), content)?;
+    }
+    let code = code_file_name(job.language, job.files.keys().map(String::as_str));
+    write_read_only(&dir.join(code), job.code.as_bytes())
 }
 
 /// A task's scratch and cgroups; dropping it removes both, whatever happened.

@@ -16,10 +16,39 @@ use super::LocalBackend;
 use crate::exec::{Job, Progress};
 use crate::sandbox::bwrap::{self, BwrapPlan};
 use crate::sandbox::code_file_name;
-use crate::sandbox::limits::{self, KillReason, Resource, RunFacts};
+use crate::sandbox::limits::{self, KillReason, Limits, Resource, RunFacts};
 use crate::sandbox::runtime_command;
 
+/// What bubblewrap is started with: the program, its environment and binds, its limits.
+pub(super) struct SpawnSpec {
+    /// The runtime's argv inside the sandbox.
+    pub(super) command: Vec<OsString>,
+    /// The whole environment (see [`bwrap::sandbox_env`]).
+    pub(super) env: Vec<(String, String)>,
+    /// Names in the scratch's `in/` bound read-only into `/work`.
+    pub(super) work_files: Vec<String>,
+    pub(super) limits: Limits,
+    /// Whether stdin is a pipe (a warm sandbox always has one: its task may bring stdin).
+    pub(super) stdin_piped: bool,
+    /// Scheduling niceness of the sandbox's processes (warm-ups run at low priority).
+    pub(super) nice: i32,
+}
+
+/// A started sandbox: bubblewrap and, inside it, the program.
+pub(super) struct Started {
+    pub(super) child: tokio::process::Child,
+    /// bubblewrap's `--json-status-fd`: it names the child's pid once the sandbox is set up.
+    status_read: OwnedFd,
+}
+
+/// Bytes for a warm sandbox's hand-off FIFO, written once the output readers run.
+pub(super) struct Handoff {
+    pub(super) fifo: OwnedFd,
+    pub(super) bytes: Vec<u8>,
+}
+
 impl LocalBackend {
+    /// The cold path: start the task's own program in its sandbox and watch it.
     pub(super) async fn spawn_and_watch(
         &self,
         job: &Job,
@@ -29,29 +58,47 @@ impl LocalBackend {
         let code = code_file_name(job.language, job.files.keys().map(String::as_str));
         let mut work_files: Vec<String> = job.files.keys().cloned().collect();
         work_files.push(code.to_string());
+        let spec = SpawnSpec {
+            command: runtime_command(
+                job.language,
+                &self.config.python_path,
+                &self.config.rscript_path,
+                code,
+                &job.args,
+            ),
+            env: bwrap::sandbox_env(&job.env, &job.key.task_id.to_string()),
+            work_files,
+            limits: self.limits(job),
+            stdin_piped: job.stdin.is_some(),
+            nice: 0,
+        };
+        let started = self.spawn_sandbox(run, spec)?;
+        self.watch(job, run, started, None, progress).await
+    }
+
+    /// Starts bubblewrap as the run's uid, inside its cgroups, with the spec's program.
+    pub(super) fn spawn_sandbox(&self, run: &PreparedRun, spec: SpawnSpec) -> io::Result<Started> {
         let seccomp_fd = memfd(c"agenttask-seccomp", &self.seccomp)?;
-        let command =
-            runtime_command(job.language, &self.config.python_path, &self.config.rscript_path, code, &job.args);
         let plan = BwrapPlan {
             host: &self.host,
             scratch: &run.scratch,
-            work_files,
-            env: bwrap::sandbox_env(&job.env, &job.key.task_id.to_string()),
+            work_files: spec.work_files,
+            env: spec.env,
             seccomp_fd: seccomp_fd.as_raw_fd(),
-            command,
+            command: spec.command,
         };
         let invalid = |e: bwrap::PlanError| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
         let args_fd = memfd(c"agenttask-args", &plan.options_blob().map_err(invalid)?)?;
         let argv = plan.argv(args_fd.as_raw_fd()).map_err(invalid)?;
         let (status_read, status_write) = pipe()?;
 
-        let limits = self.limits(job);
         let setup = ChildSetup {
             cgroup_procs: run.cgroups.procs_fds.iter().map(|f| f.as_raw_fd()).collect(),
             inherit: vec![seccomp_fd.as_raw_fd(), args_fd.as_raw_fd(), status_write.as_raw_fd()],
-            rlimits: limits.rlimits(run.cgroups.has_memory).into_iter().map(to_libc_rlimit).collect(),
+            rlimits: spec.limits.rlimits(run.cgroups.has_memory).into_iter().map(to_libc_rlimit).collect(),
             uid: run.uid,
             gid: run.gid,
+            nice: spec.nice,
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
         };
@@ -62,7 +109,7 @@ impl LocalBackend {
         cmd.args(&status_args)
             .env_clear()
             .current_dir("/")
-            .stdin(if job.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if spec.stdin_piped { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -72,13 +119,27 @@ impl LocalBackend {
         unsafe {
             cmd.pre_exec(move || setup.apply());
         }
-        let mut child = cmd.spawn()?;
+        let child = cmd.spawn()?;
+        // Only bubblewrap may hold these now.
+        drop((seccomp_fd, args_fd, status_write));
+        Ok(Started { child, status_read })
+    }
+
+    /// Watches a started sandbox to its end: output caps, the deadline (counted from here), a
+    /// warm sandbox's hand-off and the task's stdin.
+    pub(super) async fn watch(
+        &self,
+        job: &Job,
+        run: &mut PreparedRun,
+        started: Started,
+        handoff: Option<Handoff>,
+        progress: Option<&Progress>,
+    ) -> io::Result<Watched> {
+        let Started { mut child, status_read } = started;
         if let Some(p) = progress {
             p.running();
         }
-        // Only bubblewrap may hold these now.
-        drop((seccomp_fd, args_fd, status_write));
-        tracing::debug!(task_id = %job.key.task_id, pid = ?child.id(), "sandbox started");
+        tracing::debug!(task_id = %job.key.task_id, pid = ?child.id(), warm = handoff.is_some(), "sandbox started");
 
         let cap = self.config.output_limit_bytes;
         let overflow = Arc::new(Notify::new());
@@ -88,11 +149,20 @@ impl LocalBackend {
         let stdout = spawn_reader(&mut io, child.stdout.take(), cap, overflow.clone());
         let live = LiveOutput::register(self, job.key.task_id, &stdout);
         let stderr = spawn_reader(&mut io, child.stderr.take(), cap, overflow.clone());
+        if let Some(Handoff { fifo, bytes }) = handoff {
+            let mut fifo = tokio::net::unix::pipe::Sender::from_owned_fd(fifo)?;
+            io.spawn(async move {
+                // Closing the FIFO after the bytes is the interpreter's end of input. A program
+                // that is killed before reading all of it is fine.
+                let _ = fifo.write_all(&bytes).await;
+            });
+        }
         let stdin_task = match (child.stdin.take(), job.stdin.clone()) {
             (Some(mut pipe), Some(data)) => Some(io.spawn(async move {
                 // The program may never read its stdin, or exit early: errors are fine.
                 let _ = pipe.write_all(data.as_bytes()).await;
             })),
+            // No stdin for the task: a warm sandbox's pipe is closed here, so reads see its end.
             _ => None,
         };
 
@@ -188,13 +258,14 @@ struct ChildSetup {
     rlimits: Vec<(RlimitResource, libc::rlimit)>,
     uid: u32,
     gid: u32,
+    nice: i32,
     parent: libc::pid_t,
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-type RlimitResource = libc::__rlimit_resource_t;
+pub(super) type RlimitResource = libc::__rlimit_resource_t;
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-type RlimitResource = libc::c_int;
+pub(super) type RlimitResource = libc::c_int;
 
 fn to_libc_rlimit((resource, soft, hard): limits::Rlimit) -> (RlimitResource, libc::rlimit) {
     let r = match resource {
@@ -232,6 +303,9 @@ impl ChildSetup {
             }
             for (resource, limit) in &self.rlimits {
                 check(libc::setrlimit(*resource, limit))?;
+            }
+            if self.nice != 0 {
+                check(libc::setpriority(libc::PRIO_PROCESS, 0, self.nice))?;
             }
             check(libc::setgroups(0, std::ptr::null()))?;
             check(libc::setresgid(self.gid, self.gid, self.gid))?;

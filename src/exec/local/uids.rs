@@ -106,7 +106,7 @@ impl UidPool {
     }
 
     /// Takes a free uid without waiting, if there is one.
-    fn try_acquire(&self) -> io::Result<Option<UidLease>> {
+    pub(super) fn try_acquire(&self) -> io::Result<Option<UidLease>> {
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for k in 0..n {
