@@ -66,11 +66,18 @@ fn backend(dir: &std::path::Path, warm: WarmConfig) -> Arc<LocalBackend> {
 }
 
 async fn sandboxed(b: &LocalBackend, language: Language, warm: bool) -> Duration {
+    sandboxed_at(b, language, warm, 1000).await
+}
+
+/// As [`sandboxed`], with the task asking for `cpu_millis` (its CFS quota).
+async fn sandboxed_at(b: &LocalBackend, language: Language, warm: bool, cpu_millis: u64) -> Duration {
     if warm {
         assert!(b.wait_warm(Duration::from_secs(60)).await, "the warm pool did not fill");
     }
+    let mut j = job(language);
+    j.cpu_millis = cpu_millis;
     let t = Instant::now();
-    let o = b.run(job(language)).await;
+    let o = b.run(j).await;
     let d = t.elapsed();
     let want = if language == Language::Python { "1\n" } else { "1" };
     assert_eq!((&o.termination, o.stdout.text.as_str()), (&Termination::Exited, want), "{o:?}");
@@ -110,16 +117,22 @@ async fn main() {
 
     println!("latency, interleaved one for one ({n} rounds):");
     let (mut pp, mut pc, mut pw, mut rp, mut rc, mut rw) = Default::default();
+    // A cold start under the tenants' default CPU request (500m): the interpreter starts at half
+    // a core.
+    let (mut pc5, mut rc5, mut rw5): (Vec<Duration>, Vec<Duration>, Vec<Duration>) = Default::default();
     let push = |v: &mut Vec<Duration>, d| v.push(d);
     for _ in 0..n {
         push(&mut pp, plain(PLAIN_PY, b"1\n").await);
         push(&mut pc, sandboxed(&cold, Language::Python, false).await);
         push(&mut pw, sandboxed(&warm, Language::Python, true).await);
+        push(&mut pc5, sandboxed_at(&cold, Language::Python, false, 500).await);
     }
     for _ in 0..n.div_ceil(3) {
         push(&mut rp, plain(PLAIN_R, b"1").await);
         push(&mut rc, sandboxed(&cold, Language::R, false).await);
         push(&mut rw, sandboxed(&warm, Language::R, true).await);
+        push(&mut rc5, sandboxed_at(&cold, Language::R, false, 500).await);
+        push(&mut rw5, sandboxed_at(&warm, Language::R, true, 500).await);
     }
     let (a, b, c): (Duration, Duration, Duration) =
         (stats("python plain", &mut pp), stats("python cold", &mut pc), stats("python warm", &mut pw));
@@ -127,6 +140,10 @@ async fn main() {
     let (a, b, c): (Duration, Duration, Duration) =
         (stats("R plain", &mut rp), stats("R cold", &mut rc), stats("R warm", &mut rw));
     println!("  cold overhead {:.2} ms; warm / plain {:.2}", ms(b) - ms(a), ms(c) / ms(a));
+    println!("at the tenants' default CPU request, 500m:");
+    stats("python cold", &mut pc5);
+    stats("R cold", &mut rc5);
+    stats("R warm", &mut rw5);
 
     // Throughput: as many at once as there are cores, for `secs` seconds each, alternately.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

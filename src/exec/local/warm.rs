@@ -591,12 +591,37 @@ fn lower_rlimits_as(uid: u32, gid: u32, limits: Vec<(i32, RlimitResource, libc::
 /// User plus system CPU seconds a process has used, rounded up.
 fn cpu_seconds_used(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces and parentheses): utime and stime
-    // are the 12th and 13th.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(ticks.div_ceil(hz))
+    Some(cpu_ticks(&stat)?.div_ceil(hz))
+}
+
+/// utime + stime from a `/proc/<pid>/stat` line: the 14th and 15th fields, counted after the
+/// command name, which may hold spaces and parentheses.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split(' ').skip(11);
+    Some(fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_an_awkward_command_name() {
+        let stat = "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 37 5 0 0 20 0 1 0 99 0 0";
+        assert_eq!(cpu_ticks(stat), Some(42));
+        assert_eq!(cpu_ticks("4242 (python3"), None);
+        assert_eq!(cpu_ticks("1 (x) S 1"), None);
+    }
+
+    #[test]
+    fn the_pool_targets_each_language_and_can_be_off() {
+        let c = WarmConfig::default();
+        assert_eq!((c.target(Language::Python), c.target(Language::R)), (2, 1));
+        let off = WarmConfig::off();
+        assert_eq!(off.target(Language::Python) + off.target(Language::R), 0);
+        assert_eq!(Miss::Empty.label(), "empty");
+    }
 }
