@@ -215,7 +215,12 @@ impl KubeBackend {
     /// The outcome a terminal AgentTask describes, with the output read from its pod's log.
     async fn outcome_of(&self, task: &AgentTask) -> Outcome {
         let status = task.status.clone().unwrap_or_default();
-        let message = status.message.clone().unwrap_or_default();
+        let launch_note = super::reconcile::launch_note(task);
+        let mut message = status.message.clone().unwrap_or_default();
+        if let Some(note) = &launch_note {
+            // The reconciler's message ends with the note; the outcome's message adds it again.
+            message = message.strip_suffix(&format!("; {note}")).unwrap_or(&message).to_owned();
+        }
         let termination = match status.reason.as_deref() {
             None | Some("NonZeroExit") => Termination::Exited,
             Some("OOMKilled") => Termination::OomKilled,
@@ -233,6 +238,7 @@ impl KubeBackend {
         let finished = parse_time(status.completion_time.as_deref()).unwrap_or(now);
         let mut outcome = Outcome::bare(termination, started, finished.max(started));
         outcome.exit_code = status.exit_code;
+        outcome.launch_note = launch_note;
         if let Some(v) = &status.result {
             outcome.result = ProgramResult::Json(v.clone());
         }

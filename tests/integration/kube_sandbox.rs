@@ -273,3 +273,257 @@ async fn kube_sandbox_a_kubectl_agenttask_runs_through_a_sandbox() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The warm path: claims on a SandboxWarmPool, the task handed to the claimed pod's agent.
+
+/// Tenants of the warm tests: `a` waits for a ready replica, `b` falls back to cold, `c` names a
+/// pool that does not exist.
+const WARM_TENANTS: &str = "[defaults]\nmax_concurrency = 100\nrate_per_second = 1000\nwarm_pool = \"py\"\n\
+     [tenants.{t}-a]\nwarm_pool_empty = \"wait\"\n[tenants.{t}-b]\nwarm_pool_empty = \"cold\"\n\
+     [tenants.{t}-c]\nwarm_pool = \"nope\"\n";
+
+/// An `exec` emulator playing agent-sandbox with warm pool `py` of `replicas` (its token Secret,
+/// the template and the pool as `agenttask render` prints them for the operator), once every
+/// replica is ready.
+fn warm_sim(replicas: u32) -> Sim {
+    use agenttask::kube::{sandbox, PodSettings};
+    let sim = Sim::start_with("exec");
+    let root = env!("CARGO_MANIFEST_DIR");
+    sim.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &format!("{root}/tests/kubesim/tests/data/agent-sandbox-crds.yaml"),
+    ]);
+    sim.kubectl_ok(&["wait", "--for=condition=Established", "crd/sandboxwarmpools.extensions.agents.x-k8s.io"]);
+    let token = format!("{:032x}", rand_u128());
+    sim.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "py-agent-token",
+        "-n",
+        "agenttask",
+        &format!("--from-literal=token={token}"),
+    ]);
+    let version = sandbox::SandboxApiVersion::V1beta1;
+    let resources = sandbox::PoolResources { cpu_millis: 500, memory_bytes: 256 << 20 };
+    let template = sandbox::warm_template("py", "agenttask", &PodSettings::default(), &resources, version);
+    let pool = sandbox::warm_pool("py", "agenttask", replicas, version);
+    for (i, obj) in [template, pool].iter().enumerate() {
+        let file = sim.dir.path().join(format!("pool-{i}.json"));
+        std::fs::write(&file, serde_json::to_string(obj).unwrap()).unwrap();
+        sim.kubectl_ok(&["apply", "--server-side", "-f", file.to_str().unwrap()]);
+    }
+    wait_ready_replicas(&sim, i64::from(replicas));
+    sim
+}
+
+fn rand_u128() -> u128 {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).unwrap();
+    u128::from_le_bytes(b)
+}
+
+fn ready_replicas(sim: &Sim) -> i64 {
+    sim.json(&["get", "sandboxwarmpools", "py", "-n", "agenttask"])["status"]["readyReplicas"].as_i64().unwrap_or(0)
+}
+
+fn wait_ready_replicas(sim: &Sim, n: i64) {
+    let start = std::time::Instant::now();
+    while ready_replicas(sim) != n {
+        assert!(start.elapsed() < WAIT, "warm pool py never had {n} ready replicas");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn warm_settings(env: &Env, sim: &Sim) -> agenttask::config::Settings {
+    let mut s = sandbox_settings(env, sim, 20);
+    // Finished AgentTasks (and with them their claims, Sandboxes and pods) go soon.
+    s.kube.ttl_seconds_after_finished = 2;
+    s
+}
+
+/// The program of the warm tests: reads an input file, stdin, its args and env, writes a result.
+const PROGRAM: &str = "import json, os, sys\n\
+    total = sum(int(x) for x in open('numbers.txt').read().split())\n\
+    print('total', total, sys.stdin.read().strip(), os.environ['GREETING'])\n\
+    print('to stderr', file=sys.stderr)\n\
+    json.dump({'total': total, 'argv': sys.argv[1:], 'token': os.environ.get('AGENTTASK_AGENT_TOKEN')},\n\
+              open(os.environ['AGENTTASK_RESULT_FILE'], 'w'))\n";
+
+fn program(id: &str, sleep_s: f64) -> Value {
+    json!({"id": id, "language": "python", "code": format!("import time\ntime.sleep({sleep_s})\n{PROGRAM}"),
+           "files": {"numbers.txt": {"content": "1 2 3 4"}}, "stdin": "from stdin", "args": ["x", "y"],
+           "env": {"GREETING": "hello"}, "timeout_seconds": 60})
+}
+
+fn assert_ran(r: &Value) {
+    assert_eq!((r["phase"].as_str(), r["backend"].as_str()), (Some("Succeeded"), Some("sandbox")), "{r:#}");
+    assert_eq!(r["stdout"], "total 10 from stdin hello\n", "{r:#}");
+    assert_eq!(r["stderr"], "to stderr\n", "{r:#}");
+    // The agent's token never reaches the task.
+    assert_eq!(r["result"], json!({"total": 10, "argv": ["x", "y"], "token": null}), "{r:#}");
+}
+
+/// The warm path with real Python: a task claims a pre-warmed sandbox of pool `py`, its code,
+/// file, stdin, args and env are handed to the claimed pod's agent, and it runs and returns as a
+/// cold one does. The claimed Sandbox served that one task: it goes with the task's AgentTask
+/// and the pool refills with new ones. A tenant whose pool does not exist fails clearly; an R task
+/// (which no pool pod can run) runs cold and says why.
+#[tokio::test]
+async fn kube_sandbox_warm_pool_runs_real_python_once_per_claimed_sandbox() {
+    let sim = warm_sim(2);
+    let warm_before: Vec<String> = pool_sandboxes(&sim);
+    assert_eq!(warm_before.len(), 2);
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = env.start_with(warm_settings(&env, &sim)).await;
+    let mut client = Client::new(&env).await;
+    client.submit(&env.tenant("a"), &program("warm", 0.0)).await;
+    client.submit(&env.tenant("c"), &program("nopool", 0.0)).await;
+    client
+        .submit(&env.tenant("a"), &json!({"id": "r", "language": "r", "code": "cat('from R\\n')", "timeout_seconds": 60}))
+        .await;
+    let pool = env.pg().await;
+    let r = results(&mut client, 3, Duration::from_secs(120)).await;
+    assert_ran(&r["warm"]);
+    let message = r["warm"]["message"].as_str().unwrap();
+    assert!(message.ends_with("; launched warm (pool py)"), "{message}");
+
+    let id = task_id(&pool, "warm").await;
+    let at = sim.json(&["get", "at", &format!("at-{id}"), "-n", "agenttask"]);
+    let pod_name = at["status"]["podName"].as_str().unwrap().to_owned();
+    assert!(warm_before.contains(&pod_name), "ran in a pre-warmed sandbox: {pod_name} of {warm_before:?}");
+    let claim = sim.json(&["get", "sandboxclaims", &format!("at-{id}-a1"), "-n", "agenttask"]);
+    assert_eq!(claim["status"]["sandbox"]["name"], pod_name.as_str(), "{claim:#}");
+    assert!(claim["metadata"]["annotations"]["agenttask.io/handoff"].as_str().unwrap().starts_with("done "));
+    assert_eq!(claim["spec"]["lifecycle"]["shutdownPolicy"], "Delete");
+    assert_eq!(claim["metadata"]["ownerReferences"][0]["kind"], "AgentTask");
+    let np = sim.json(&["get", "networkpolicy", "agenttask-warm-py", "-n", "agenttask"]);
+    assert_eq!(np["spec"]["policyTypes"], json!(["Ingress", "Egress"]), "{np:#}");
+    assert!(np["spec"].get("egress").is_none(), "{np:#}");
+
+    let nopool = &r["nopool"];
+    assert_eq!((nopool["phase"].as_str(), nopool["reason"].as_str()), (Some("Failed"), Some("BackendError")), "{nopool:#}");
+    assert!(nopool["message"].as_str().unwrap().contains("warm pool nope not found (WarmPoolNotFound)"), "{nopool:#}");
+    let rt = &r["r"];
+    assert_eq!((rt["phase"].as_str(), rt["stdout"].as_str()), (Some("Succeeded"), Some("from R\n")), "{rt:#}");
+    assert!(rt["message"].as_str().unwrap().contains("launched cold (warm pool py: the warm pool runs Python tasks only)"));
+
+    // Used once: the claim, its Sandbox and pod go with the AgentTask (TTL), the pool refills.
+    eventually(WAIT, || async {
+        !sim.kubectl(&["get", "sandbox", &pod_name, "-n", "agenttask"]).status.success()
+            && !sim.kubectl(&["get", "pod", &pod_name, "-n", "agenttask"]).status.success()
+    })
+    .await;
+    wait_ready_replicas(&sim, 2);
+    assert!(!pool_sandboxes(&sim).contains(&pod_name), "never handed out again");
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// The Sandboxes the pool `py` holds (not claimed).
+fn pool_sandboxes(sim: &Sim) -> Vec<String> {
+    sim.json(&["get", "sandboxes", "-n", "agenttask"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["metadata"]["ownerReferences"][0]["kind"] == "SandboxWarmPool")
+        .map(|s| s["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A pool with no ready replica (`kubesim.agenttask.io/pool: exhausted` once its one replica is
+/// claimed): a `wait` tenant's task stays `Pending` and says it waits, then runs once the pool
+/// makes a replica again; a `cold` tenant's task runs at once as its own Sandbox, and its status
+/// and result message say so.
+#[tokio::test]
+async fn kube_sandbox_warm_pool_exhausted_waits_or_falls_back_to_cold() {
+    let sim = warm_sim(1);
+    sim.kubectl_ok(&["annotate", "sandboxwarmpools", "py", "-n", "agenttask", "kubesim.agenttask.io/pool=exhausted"]);
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = env.start_with(warm_settings(&env, &sim)).await;
+    let mut client = Client::new(&env).await;
+    let pool = env.pg().await;
+    client.submit(&env.tenant("a"), &program("first", 4.0)).await;
+    eventually(WAIT, || async { phase(&pool, "first").await == "Running" }).await;
+    assert_eq!(ready_replicas(&sim), 0);
+    client.submit(&env.tenant("a"), &program("waits", 0.0)).await;
+    client.submit(&env.tenant("b"), &program("cold", 0.0)).await;
+    let waits = format!("at-{}", task_id(&pool, "waits").await);
+    eventually(WAIT, || async {
+        status_of(&sim, &waits, "agenttask")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("waiting for a ready replica of warm pool py"))
+    })
+    .await;
+    assert_eq!(status_of(&sim, &waits, "agenttask")["phase"], "Pending");
+    let (r, _) = client.next(Duration::from_secs(60)).await;
+    let (r2, _) = client.next(Duration::from_secs(60)).await;
+    let by_id: std::collections::HashMap<&str, &Value> =
+        [(r["id"].as_str().unwrap(), &r), (r2["id"].as_str().unwrap(), &r2)].into_iter().collect();
+    let cold = by_id["cold"];
+    assert_ran(cold);
+    let message = cold["message"].as_str().unwrap();
+    assert!(message.contains("launched cold (warm pool py had no ready replica (0 ready"), "{message}");
+    let cold_at = sim.json(&["get", "at", &format!("at-{}", task_id(&pool, "cold").await), "-n", "agenttask"]);
+    assert_eq!(cold_at["metadata"]["annotations"]["agenttask.io/launch"].as_str().map(|l| l.starts_with("cold")), Some(true));
+    assert_ran(by_id["first"]);
+    assert_eq!(phase(&pool, "waits").await, "Pending", "still waiting: the pool makes no replica");
+
+    sim.kubectl_ok(&["annotate", "sandboxwarmpools", "py", "-n", "agenttask", "kubesim.agenttask.io/pool-"]);
+    let (r, _) = client.next(Duration::from_secs(60)).await;
+    assert_eq!(r["id"], "waits");
+    assert_ran(&r);
+    let message = r["message"].as_str().unwrap();
+    assert!(message.contains("launched warm (pool py, after waiting"), "{message}");
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A claim that expires under its task (`kubesim.agenttask.io/expire-after-ms`, which reaches the
+/// claim from the task's labels) takes its Sandbox and pod with it: the task ends `PodMissing`,
+/// saying so. A restart mid-task adopts the running claim: one attempt, the same pod, the output.
+#[tokio::test]
+async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
+    let sim = warm_sim(2);
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = env.start_with(warm_settings(&env, &sim)).await;
+    let mut client = Client::new(&env).await;
+    let pool = env.pg().await;
+    let mut expires = program("expires", 30.0);
+    expires["labels"] = json!({"kubesim.agenttask.io/expire-after-ms": "3000"});
+    client.submit(&env.tenant("a"), &expires).await;
+    client.submit(&env.tenant("a"), &program("long", 6.0)).await;
+    for id in ["expires", "long"] {
+        eventually(WAIT, || async { phase(&pool, id).await == "Running" }).await;
+    }
+    let lid = task_id(&pool, "long").await;
+    let pod_name = status_of(&sim, &format!("at-{lid}"), "agenttask")["podName"].as_str().unwrap().to_owned();
+    let pod_uid = sim.json(&["get", "pod", &pod_name, "-n", "agenttask"])["metadata"]["uid"].clone();
+    svc.stop().await;
+    let svc = env.start_with(warm_settings(&env, &sim)).await;
+    let r = results(&mut client, 2, Duration::from_secs(60)).await;
+    let e = &r["expires"];
+    assert_eq!((e["phase"].as_str(), e["reason"].as_str()), (Some("Failed"), Some("PodMissing")), "{e:#}");
+    assert!(e["message"].as_str().unwrap().contains("disappeared (expired or deleted)"), "{e:#}");
+    assert_ran(&r["long"]);
+    let attempts: i32 = sqlx::query_scalar("select attempt from agenttask.tasks where client_id = 'long'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1, "adopted, not retried");
+    let st = status_of(&sim, &format!("at-{lid}"), "agenttask");
+    assert_eq!(st["podName"], pod_name.as_str());
+    if let Some(p) = sim.kubectl(&["get", "pod", &pod_name, "-n", "agenttask", "-o", "json"]).status.success().then(|| {
+        sim.json(&["get", "pod", &pod_name, "-n", "agenttask"])
+    }) {
+        assert_eq!(p["metadata"]["uid"], pod_uid, "the same pod");
+    }
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
+    svc.stop().await;
+    env.cleanup().await;
+}

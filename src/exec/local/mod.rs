@@ -425,6 +425,7 @@ impl LocalBackend {
             result,
             artifacts: collected.artifacts,
             artifacts_note: collected.note,
+            launch_note: None,
             started_at,
             finished_at: Utc::now(),
         };
