@@ -93,8 +93,9 @@ pub enum RunEvent {
     Scheduled { at: DateTime<Utc> },
     /// The program started.
     Running { at: DateTime<Utc> },
-    /// The run ended; nothing more will be reported for this key.
-    Finished(Outcome),
+    /// The run ended; nothing more will be reported for this key. (Boxed: an outcome carries
+    /// output and notes, far larger than the other events.)
+    Finished(Box<Outcome>),
 }
 
 /// An observation with the run it belongs to.

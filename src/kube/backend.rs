@@ -165,10 +165,10 @@ impl KubeBackend {
             tokio::spawn(async move {
                 let mut outcome = this.outcome_of(&task).await;
                 this.keep_artifacts(&task, &mut outcome).await;
-                this.send(key, RunEvent::Finished(outcome));
+                this.send(key, RunEvent::Finished(Box::new(outcome)));
             });
         } else if deleted {
-            self.send(key, RunEvent::Finished(Outcome::cancelled(started.unwrap_or(now))));
+            self.send(key, RunEvent::Finished(Box::new(Outcome::cancelled(started.unwrap_or(now)))));
             if let (Some(sink), Some((tenant, task_id))) = (self.artifacts.clone(), podspec::run_of(&task)) {
                 tokio::task::spawn_blocking(move || sink.discard_run(&tenant, task_id));
             }
@@ -402,7 +402,7 @@ impl Backend for KubeBackend {
                             if this.runs.lock().expect("not poisoned").remove(&key).is_some() {
                                 let outcome =
                                     Outcome::backend_error(format!("the AgentTask was refused: {why}"), Utc::now());
-                                this.send(key, RunEvent::Finished(outcome));
+                                this.send(key, RunEvent::Finished(Box::new(outcome)));
                             }
                             return;
                         }
@@ -430,7 +430,7 @@ impl Backend for KubeBackend {
                 Err(kube::Error::Api(e)) if e.code == 404 => {
                     // Nothing is left to report it: the run ends here.
                     if self.runs.lock().expect("not poisoned").remove(&key).is_some() {
-                        self.send(key, RunEvent::Finished(Outcome::cancelled(Utc::now())));
+                        self.send(key, RunEvent::Finished(Box::new(Outcome::cancelled(Utc::now()))));
                     }
                     Ok(())
                 }

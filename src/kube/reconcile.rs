@@ -364,9 +364,7 @@ pub(super) async fn follow(
                     status,
                     "Scheduled",
                     None,
-                    pod.and_then(|p| p.spec.as_ref())
-                        .and_then(|s| s.node_name.clone())
-                        .map(|n| format!("on {n}")),
+                    pod.and_then(|p| p.spec.as_ref()).and_then(|s| s.node_name.clone()).map(|n| format!("on {n}")),
                 );
                 patch_status(ctx, task, status).await?;
                 publish(ctx, task, EventType::Normal, "Scheduled", format!("pod {pod_name} placed")).await;

@@ -18,7 +18,9 @@ use kube::ResourceExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::crd::{AgentTask, AgentTaskStatus, TaskPhase, LABEL_AGENTTASK, LABEL_MANAGED_BY, LABEL_TASK_ID, LABEL_TENANT, MANAGER};
+use super::crd::{
+    AgentTask, AgentTaskStatus, TaskPhase, LABEL_AGENTTASK, LABEL_MANAGED_BY, LABEL_TASK_ID, LABEL_TENANT, MANAGER,
+};
 use super::podspec;
 use super::reconcile::{self, Ctx, Error, Followed, Remove};
 use super::sandbox::{self, Kind, PoolDecision, PoolResources};
@@ -102,7 +104,8 @@ pub(super) async fn step(
         .iter()
         .filter(|c| c.metadata.deletion_timestamp.is_none() && c.data["status"]["sandbox"]["name"].as_str().is_none())
         .count();
-    let waiting_since = task.annotations().get(sandbox::ANNOTATION_WAITING_SINCE).and_then(|t| reconcile::parse_time(Some(t.as_str())));
+    let waiting_since =
+        task.annotations().get(sandbox::ANNOTATION_WAITING_SINCE).and_then(|t| reconcile::parse_time(Some(t.as_str())));
     match sandbox::pool_decision(&pool, ready, unbound, policy.warm_pool_empty) {
         PoolDecision::Claim => {
             let value = match waiting_since {
@@ -120,8 +123,14 @@ pub(super) async fn step(
             status.reason = None;
             status.message = Some(format!("claimed a sandbox of warm pool {pool} (SandboxClaim {claim_name})"));
             reconcile::patch_status(ctx, task, status).await?;
-            reconcile::publish(ctx, task, EventType::Normal, "Claimed", format!("SandboxClaim {claim_name} on warm pool {pool}"))
-                .await;
+            reconcile::publish(
+                ctx,
+                task,
+                EventType::Normal,
+                "Claimed",
+                format!("SandboxClaim {claim_name} on warm pool {pool}"),
+            )
+            .await;
             Ok(Step::Done(Action::requeue(CLAIM_POLL)))
         }
         PoolDecision::Cold(why) => {
@@ -185,7 +194,9 @@ async fn claim(
         .spec
         .labels
         .iter()
-        .filter(|(k, _)| ctx.settings.pods.annotation_prefixes.iter().any(|p| !p.is_empty() && k.starts_with(p.as_str())))
+        .filter(|(k, _)| {
+            ctx.settings.pods.annotation_prefixes.iter().any(|p| !p.is_empty() && k.starts_with(p.as_str()))
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
@@ -298,7 +309,8 @@ async fn follow_claim(
             return end(task, ctx, status, t, Some((claims, &claim_name))).await;
         }
     }
-    let created = claim.metadata.creation_timestamp.as_ref().and_then(|t| DateTime::from_timestamp_millis(t.0.as_millisecond()));
+    let created =
+        claim.metadata.creation_timestamp.as_ref().and_then(|t| DateTime::from_timestamp_millis(t.0.as_millisecond()));
     let timeout = chrono::Duration::seconds(i64::from(timeout_of(ctx, task)));
     let out_of_time = created.is_some_and(|c| Utc::now() >= c + timeout);
     let Some(sb_name) = st.sandbox.name.clone() else {
@@ -404,8 +416,13 @@ async fn hand_over(
         );
         return end(task, ctx, status, Termination::BackendError(why), Some((claims, claim_name))).await;
     };
-    let (body, signature) = sandbox::handoff_request(task, &ctx.settings.pods, &ctx.settings.defaults, pod_name, &token)?;
-    let addr = if pod_ip.contains(':') { format!("[{pod_ip}]:{}", sandbox::AGENT_PORT) } else { format!("{pod_ip}:{}", sandbox::AGENT_PORT) };
+    let (body, signature) =
+        sandbox::handoff_request(task, &ctx.settings.pods, &ctx.settings.defaults, pod_name, &token)?;
+    let addr = if pod_ip.contains(':') {
+        format!("[{pod_ip}]:{}", sandbox::AGENT_PORT)
+    } else {
+        format!("{pod_ip}:{}", sandbox::AGENT_PORT)
+    };
     let stream = match tokio::time::timeout(AGENT_CONNECT, tokio::net::TcpStream::connect(&addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(_)) | Err(_) if handoff == Handoff::Connected => {
@@ -427,7 +444,14 @@ async fn hand_over(
     match tokio::time::timeout(AGENT_ANSWER, send(stream, &body, &signature)).await {
         Ok(Ok((204, _))) => {
             mark(claims, claim_name, &format!("done {}", now_millis())).await?;
-            reconcile::publish(ctx, task, EventType::Normal, "HandedOver", format!("task handed over to pod {pod_name}")).await;
+            reconcile::publish(
+                ctx,
+                task,
+                EventType::Normal,
+                "HandedOver",
+                format!("task handed over to pod {pod_name}"),
+            )
+            .await;
             Ok(Action::requeue(Duration::ZERO))
         }
         Ok(Ok((code, text))) => {

@@ -383,7 +383,10 @@ async fn kube_sandbox_warm_pool_runs_real_python_once_per_claimed_sandbox() {
     client.submit(&env.tenant("a"), &program("warm", 0.0)).await;
     client.submit(&env.tenant("c"), &program("nopool", 0.0)).await;
     client
-        .submit(&env.tenant("a"), &json!({"id": "r", "language": "r", "code": "cat('from R\\n')", "timeout_seconds": 60}))
+        .submit(
+            &env.tenant("a"),
+            &json!({"id": "r", "language": "r", "code": "cat('from R\\n')", "timeout_seconds": 60}),
+        )
         .await;
     let pool = env.pg().await;
     let r = results(&mut client, 3, Duration::from_secs(120)).await;
@@ -405,11 +408,18 @@ async fn kube_sandbox_warm_pool_runs_real_python_once_per_claimed_sandbox() {
     assert!(np["spec"].get("egress").is_none(), "{np:#}");
 
     let nopool = &r["nopool"];
-    assert_eq!((nopool["phase"].as_str(), nopool["reason"].as_str()), (Some("Failed"), Some("BackendError")), "{nopool:#}");
+    assert_eq!(
+        (nopool["phase"].as_str(), nopool["reason"].as_str()),
+        (Some("Failed"), Some("BackendError")),
+        "{nopool:#}"
+    );
     assert!(nopool["message"].as_str().unwrap().contains("warm pool nope not found (WarmPoolNotFound)"), "{nopool:#}");
     let rt = &r["r"];
     assert_eq!((rt["phase"].as_str(), rt["stdout"].as_str()), (Some("Succeeded"), Some("from R\n")), "{rt:#}");
-    assert!(rt["message"].as_str().unwrap().contains("launched cold (warm pool py: the warm pool runs Python tasks only)"));
+    assert!(rt["message"]
+        .as_str()
+        .unwrap()
+        .contains("launched cold (warm pool py: the warm pool runs Python tasks only)"));
 
     // Used once: the claim, its Sandbox and pod go with the AgentTask (TTL), the pool refills.
     eventually(WAIT, || async {
@@ -469,7 +479,10 @@ async fn kube_sandbox_warm_pool_exhausted_waits_or_falls_back_to_cold() {
     let message = cold["message"].as_str().unwrap();
     assert!(message.contains("launched cold (warm pool py had no ready replica (0 ready"), "{message}");
     let cold_at = sim.json(&["get", "at", &format!("at-{}", task_id(&pool, "cold").await), "-n", "agenttask"]);
-    assert_eq!(cold_at["metadata"]["annotations"]["agenttask.io/launch"].as_str().map(|l| l.starts_with("cold")), Some(true));
+    assert_eq!(
+        cold_at["metadata"]["annotations"]["agenttask.io/launch"].as_str().map(|l| l.starts_with("cold")),
+        Some(true)
+    );
     assert_ran(by_id["first"]);
     assert_eq!(phase(&pool, "waits").await, "Pending", "still waiting: the pool makes no replica");
 
@@ -518,9 +531,12 @@ async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
     assert_eq!(attempts, 1, "adopted, not retried");
     let st = status_of(&sim, &format!("at-{lid}"), "agenttask");
     assert_eq!(st["podName"], pod_name.as_str());
-    if let Some(p) = sim.kubectl(&["get", "pod", &pod_name, "-n", "agenttask", "-o", "json"]).status.success().then(|| {
-        sim.json(&["get", "pod", &pod_name, "-n", "agenttask"])
-    }) {
+    if let Some(p) = sim
+        .kubectl(&["get", "pod", &pod_name, "-n", "agenttask", "-o", "json"])
+        .status
+        .success()
+        .then(|| sim.json(&["get", "pod", &pod_name, "-n", "agenttask"]))
+    {
         assert_eq!(p["metadata"]["uid"], pod_uid, "the same pod");
     }
     assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");

@@ -518,9 +518,11 @@ fn container_mounts(c: &Value, volumes: &BTreeMap<String, Volume>) -> Result<Vec
 /// Whether a pod declares a `containerPort` (it serves something, so it gets a reachable IP).
 pub fn serves_network(pod: &Value) -> bool {
     let declares = |key: &str| {
-        pod["spec"][key].as_array().into_iter().flatten().any(|c| {
-            c["ports"].as_array().is_some_and(|p| p.iter().any(|p| p["containerPort"].as_i64().is_some()))
-        })
+        pod["spec"][key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["ports"].as_array().is_some_and(|p| p.iter().any(|p| p["containerPort"].as_i64().is_some())))
     };
     declares("containers") || declares("initContainers")
 }
@@ -818,7 +820,8 @@ mod tests {
         let task = serde_json::json!({"spec": {"containers": [{"name": "a"}]}});
         assert!(serves_network(&server) && !serves_network(&task));
         let mounts: Vec<Mount> = vec![];
-        let args = |p: &Value| bwrap_args(p, &p["spec"]["containers"][0], &mounts, Path::new("/t"), &BTreeMap::new(), &[]);
+        let args =
+            |p: &Value| bwrap_args(p, &p["spec"]["containers"][0], &mounts, Path::new("/t"), &BTreeMap::new(), &[]);
         assert_eq!(&args(&server)[..2], ["--unshare-all", "--share-net"]);
         assert!(!args(&task).contains(&"--share-net".to_string()));
         let ip = loopback_ip("6f1c1f0e-1111-4222-8333-444455556666");
