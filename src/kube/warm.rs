@@ -37,7 +37,7 @@ pub(super) enum Step {
 
 /// How often a claim that is not bound, not Ready or whose agent does not listen yet is looked at
 /// again (claims do not wake the controller).
-const CLAIM_POLL: Duration = Duration::from_millis(250);
+const CLAIM_POLL: Duration = Duration::from_millis(50);
 /// How long the service waits for the agent to connect and to answer.
 const AGENT_CONNECT: Duration = Duration::from_secs(3);
 const AGENT_ANSWER: Duration = Duration::from_secs(30);
