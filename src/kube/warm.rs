@@ -157,6 +157,7 @@ pub(super) async fn step(
                 return end(&task, ctx, status, Termination::TimedOut, None).await.map(Step::Done);
             }
             if status.message.as_deref() != Some(why.as_str()) || status.phase != Some(TaskPhase::Pending) {
+                status.attempt = task.spec.admission.as_ref().map(|a| a.attempt).or(status.attempt);
                 status.phase = Some(TaskPhase::Pending);
                 status.message = Some(why);
                 reconcile::patch_status(ctx, task, status).await?;
@@ -234,6 +235,11 @@ async fn end(
 ) -> Result<Action, Error> {
     if let Some((api, name)) = claim {
         reconcile::delete_sandbox(api, name).await?;
+    }
+    // The executor takes a status for the run it describes only: say which, also when the run
+    // ends before anything was made for it (no pool, no replica within the timeout).
+    if let Some(a) = &task.spec.admission {
+        status.attempt = Some(a.attempt);
     }
     let started = reconcile::parse_time(status.start_time.as_deref()).unwrap_or_else(Utc::now);
     let outcome = Outcome::bare(termination, started, Utc::now());
