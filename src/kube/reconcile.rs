@@ -637,7 +637,8 @@ async fn check_admission(
 /// What the AgentTask's launch annotation says about how its task was launched, as the note
 /// its status and result messages end with.
 pub(super) fn launch_note(task: &AgentTask) -> Option<String> {
-    task.annotations().get(sandbox::ANNOTATION_LAUNCH).map(|v| format!("launched {v}"))
+    let v = task.annotations().get(sandbox::ANNOTATION_LAUNCH)?;
+    Some(if v.starts_with("warm") || v.starts_with("cold") { format!("launched {v}") } else { v.clone() })
 }
 
 /// Writes a terminal status and its Event.

@@ -152,7 +152,8 @@ pub(super) async fn step(
             };
             let timeout = timeout_of(ctx, task);
             if Utc::now() >= since + chrono::Duration::seconds(i64::from(timeout)) {
-                let value = format!("never: no replica of warm pool {pool} was ready within the task's timeout");
+                let value =
+                    format!("never launched: no replica of warm pool {pool} was ready within the task's timeout");
                 let task = annotate(ctx, task, ns, &[(sandbox::ANNOTATION_LAUNCH, Some(value.as_str()))]).await?;
                 return end(&task, ctx, status, Termination::TimedOut, None).await.map(Step::Done);
             }

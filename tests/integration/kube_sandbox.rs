@@ -439,7 +439,11 @@ async fn kube_sandbox_warm_pool_runs_real_python_once_per_claimed_sandbox() {
     assert!(np["spec"].get("egress").is_none(), "{np:#}");
 
     let nopool = row(&pool, "warm-c", "nopool").await;
-    assert_eq!((nopool["phase"].as_str(), nopool["reason"].as_str()), (Some("Failed"), Some("BackendError")), "{nopool:#}");
+    assert_eq!(
+        (nopool["phase"].as_str(), nopool["reason"].as_str()),
+        (Some("Failed"), Some("BackendError")),
+        "{nopool:#}"
+    );
     assert!(nopool["message"].as_str().unwrap().contains("warm pool nope not found (WarmPoolNotFound)"), "{nopool:#}");
     let rt = row(&pool, "agenttask", "r").await;
     assert_eq!((rt["phase"].as_str(), rt["stdout"].as_str()), (Some("Succeeded"), Some("from R\n")), "{rt:#}");
@@ -481,6 +485,10 @@ async fn kube_sandbox_warm_pool_exhausted_waits_or_falls_back_to_cold() {
     }
     apply_program(&sim, "waits", "agenttask", "0", "");
     apply_program(&sim, "cold", "warm-b", "0", "");
+    let gives_up = "  language: python\n  code: print(1)\n  timeoutSeconds: 2\n";
+    let path = sim.dir.path().join("gives-up.yaml");
+    std::fs::write(&path, agenttask_yaml("gives-up", "agenttask", gives_up)).unwrap();
+    sim.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
     eventually(WAIT, || async {
         status_of(&sim, "waits", "agenttask")["message"]
             .as_str()
@@ -500,6 +508,18 @@ async fn kube_sandbox_warm_pool_exhausted_waits_or_falls_back_to_cold() {
         assert_ran(&row(&pool, ns, "first").await, "4");
     }
     assert_eq!(status_of(&sim, "waits", "agenttask")["phase"], "Pending", "still waiting: the pool makes no replica");
+    // A task that waits longer than its timeout ends `TimedOut`, never launched.
+    let gave_up = row(&pool, "agenttask", "gives-up").await;
+    assert_eq!(
+        (gave_up["phase"].as_str(), gave_up["reason"].as_str()),
+        (Some("Failed"), Some("TimedOut")),
+        "{gave_up:#}"
+    );
+    let message = gave_up["message"].as_str().unwrap();
+    assert!(
+        message.ends_with("; never launched: no replica of warm pool py was ready within the task's timeout"),
+        "{message}"
+    );
 
     sim.kubectl_ok(&["annotate", "sandboxwarmpools", "py", "-n", "agenttask", "kubesim.agenttask.io/pool-"]);
     let waits = row(&pool, "agenttask", "waits").await;
@@ -519,7 +539,13 @@ async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
     let env = Env::new(WARM_TENANTS).await;
     let svc = start_warm(&env, &sim).await;
     let pool = env.pg().await;
-    apply_program(&sim, "expires", "agenttask", "30", "  labels: {\"kubesim.agenttask.io/expire-after-ms\": \"3000\"}\n");
+    apply_program(
+        &sim,
+        "expires",
+        "agenttask",
+        "30",
+        "  labels: {\"kubesim.agenttask.io/expire-after-ms\": \"3000\"}\n",
+    );
     apply_program(&sim, "long", "agenttask", "6", "");
     for name in ["expires", "long"] {
         eventually(WAIT, || async { status_of(&sim, name, "agenttask")["phase"] == "Running" }).await;
