@@ -1,7 +1,9 @@
 //! `agenttask render`: a task message in, every Kubernetes object it would become out, as YAML,
 //! from the same validator and builders the service uses (a dry run, like `helm template`).
 //! Rendered objects are not stored anywhere, so they carry no ownerReferences (those need the
-//! AgentTask's uid) and the task id is the nil uuid.
+//! AgentTask's uid) and the task id is the nil uuid. With `--backend sandbox` and a tenant whose
+//! `warm_pool` is set, an eligible task renders as its claim and the pool's NetworkPolicy, followed
+//! by the pool's template and pool, which an operator applies once.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
