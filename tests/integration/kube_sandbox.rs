@@ -342,10 +342,39 @@ fn wait_ready_replicas(sim: &Sim, ns: &str, n: i64) {
 
 /// The service without ingest and publisher: AgentTasks come in through kubectl.
 async fn start_warm(env: &Env, sim: &Sim) -> Service {
+    start_warm_with(env, sim, SandboxApiVersion::V1beta1).await
+}
+
+async fn start_warm_with(env: &Env, sim: &Sim, version: SandboxApiVersion) -> Service {
     use agenttask::config::Component;
     let mut s = sandbox_settings(env, sim, 20);
     s.components = vec![Component::Scheduler, Component::Executor, Component::Http];
+    s.kube.sandbox_version = version;
     env.start_with(s).await
+}
+
+/// `--sandbox-api-version v1alpha1`: the claim names the pool's template (`sandboxTemplateRef`)
+/// and the pool (`warmpool`), and the task runs warm as with v1beta1.
+#[tokio::test]
+async fn kube_sandbox_warm_pool_with_v1alpha1_claims() {
+    let sim = warm_sim(1, &["agenttask"]);
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = start_warm_with(&env, &sim, SandboxApiVersion::V1alpha1).await;
+    let pool = env.pg().await;
+    apply_program(&sim, "alpha", "agenttask", "0", "");
+    let r = row(&pool, "agenttask", "alpha").await;
+    assert_ran(&r, "0");
+    assert!(r["message"].as_str().unwrap().ends_with("; launched warm (pool py)"), "{r:#}");
+    let claim = sim.json(&["get", "sandboxclaims.v1alpha1.extensions.agents.x-k8s.io", "alpha-a1", "-n", "agenttask"]);
+    assert_eq!(claim["apiVersion"], "extensions.agents.x-k8s.io/v1alpha1", "{claim:#}");
+    assert_eq!(
+        (&claim["spec"]["sandboxTemplateRef"]["name"], &claim["spec"]["warmpool"]),
+        (&json!("py"), &json!("py")),
+        "{claim:#}"
+    );
+    assert_eq!(claim["status"]["sandbox"]["name"], status_of(&sim, "alpha", "agenttask")["podName"], "{claim:#}");
+    svc.stop().await;
+    env.cleanup().await;
 }
 
 /// The program of the warm tests: reads an input file, stdin, its args and env, writes a result.
