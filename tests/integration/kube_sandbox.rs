@@ -387,11 +387,12 @@ const PROGRAM: &str = "import json, os, sys, time\n\
               open(os.environ['AGENTTASK_RESULT_FILE'], 'w'))\n";
 
 /// Applies the AgentTask `name` in `ns` running [`PROGRAM`] after `sleep` seconds; `extra` is
-/// more of its spec (YAML, two-space indented).
+/// more of its spec (YAML, two-space indented), `timeoutSeconds` 60 unless it says otherwise.
 fn apply_program(sim: &Sim, name: &str, ns: &str, sleep: &str, extra: &str) {
+    let timeout = if extra.contains("timeoutSeconds") { "" } else { "  timeoutSeconds: 60\n" };
     let spec = format!(
         "  language: python\n  code: {PROGRAM:?}\n  files:\n    numbers.txt: {{content: \"1 2 3 4\"}}\n  \
-         stdin: from stdin\n  args: [\"{sleep}\", \"y\"]\n  env: {{GREETING: hello}}\n  timeoutSeconds: 60\n{extra}"
+         stdin: from stdin\n  args: [\"{sleep}\", \"y\"]\n  env: {{GREETING: hello}}\n{timeout}{extra}"
     );
     let path = sim.dir.path().join(format!("{ns}-{name}.yaml"));
     std::fs::write(&path, agenttask_yaml(name, ns, &spec)).unwrap();
@@ -562,9 +563,11 @@ async fn kube_sandbox_warm_pool_exhausted_waits_or_falls_back_to_cold() {
 /// A claim that expires under its task (`kubesim.agenttask.io/expire-after-ms`, which reaches the
 /// claim from the task's labels) takes its Sandbox and pod with it: the task ends `PodMissing`,
 /// saying so. A restart mid-task adopts the running claim: one attempt, the same pod, the output.
+/// A warm task past its timeout (counted from the hand-over: the pool's pod has no deadline of its
+/// own) ends `TimedOut`, and a cancelled one `Cancelled`; both claims go, with their pods.
 #[tokio::test]
 async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
-    let sim = warm_sim(2, &["agenttask"]);
+    let sim = warm_sim(4, &["agenttask"]);
     let env = Env::new(WARM_TENANTS).await;
     let svc = start_warm(&env, &sim).await;
     let pool = env.pg().await;
@@ -591,6 +594,25 @@ async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
     assert_eq!(long["attempt"], 1, "adopted, not retried");
     assert_eq!(status_of(&sim, "long", "agenttask")["podName"], pod_name.as_str());
     assert_eq!(sim.json(&["get", "pod", &pod_name, "-n", "agenttask"])["metadata"]["uid"], pod_uid, "the same pod");
+
+    apply_program(&sim, "slow", "agenttask", "30", "  timeoutSeconds: 2\n");
+    apply_program(&sim, "cancel", "agenttask", "30", "");
+    eventually(WAIT, || async { status_of(&sim, "cancel", "agenttask")["phase"] == "Running" }).await;
+    let cancel_pod = status_of(&sim, "cancel", "agenttask")["podName"].as_str().unwrap().to_owned();
+    sim.kubectl_ok(&["delete", "at", "cancel", "-n", "agenttask", "--wait=false"]);
+    let cancelled = row(&pool, "agenttask", "cancel").await;
+    assert_eq!(cancelled["phase"], "Cancelled", "{cancelled:#}");
+    eventually(WAIT, || async { !sim.kubectl(&["get", "at", "cancel", "-n", "agenttask"]).status.success() }).await;
+    let slow = row(&pool, "agenttask", "slow").await;
+    assert_eq!((slow["phase"].as_str(), slow["reason"].as_str()), (Some("Failed"), Some("TimedOut")), "{slow:#}");
+    let slow_pod = status_of(&sim, "slow", "agenttask")["podName"].as_str().unwrap().to_owned();
+    for (claim, pod) in [("cancel-a1", cancel_pod), ("slow-a1", slow_pod)] {
+        eventually(WAIT, || async {
+            !sim.kubectl(&["get", "sandboxclaim", claim, "-n", "agenttask"]).status.success()
+                && !sim.kubectl(&["get", "pod", &pod, "-n", "agenttask"]).status.success()
+        })
+        .await;
+    }
     svc.stop().await;
     env.cleanup().await;
 }
