@@ -637,6 +637,10 @@ async fn check_admission(
 /// What the AgentTask's launch annotation says about how its task was launched, as the note
 /// its status and result messages end with.
 pub(super) fn launch_note(task: &AgentTask) -> Option<String> {
+    let attempt = task.spec.admission.as_ref().map(|a| a.attempt.to_string()).unwrap_or_default();
+    if task.annotations().get(sandbox::ANNOTATION_LAUNCH_ATTEMPT) != Some(&attempt) {
+        return None;
+    }
     let v = task.annotations().get(sandbox::ANNOTATION_LAUNCH)?;
     Some(if v.starts_with("warm") || v.starts_with("cold") { format!("launched {v}") } else { v.clone() })
 }
@@ -1158,6 +1162,26 @@ mod tests {
         assert!(
             matches!(observe(&p, Duration::from_secs(5), now), Observed::Ended { termination: Termination::ImagePullFailed(m), .. } if m.contains("ImagePullBackOff"))
         );
+    }
+
+    #[test]
+    fn the_launch_note_is_the_current_attempts() {
+        use crate::kube::crd::{Admission, AgentTaskSpec};
+        let mut t = AgentTask::new("at-1", AgentTaskSpec::default());
+        t.spec.admission = Some(Admission { task_id: uuid::Uuid::nil().to_string(), attempt: 2 });
+        assert_eq!(launch_note(&t), None);
+        let ann = |attempt: &str, launch: &str| {
+            std::collections::BTreeMap::from([
+                (sandbox::ANNOTATION_LAUNCH_ATTEMPT.to_owned(), attempt.to_owned()),
+                (sandbox::ANNOTATION_LAUNCH.to_owned(), launch.to_owned()),
+            ])
+        };
+        t.metadata.annotations = Some(ann("1", "warm (pool py)"));
+        assert_eq!(launch_note(&t), None, "a retry does not inherit the last attempt's note");
+        t.metadata.annotations = Some(ann("2", "warm (pool py)"));
+        assert_eq!(launch_note(&t).as_deref(), Some("launched warm (pool py)"));
+        t.metadata.annotations = Some(ann("2", "never launched: no replica"));
+        assert_eq!(launch_note(&t).as_deref(), Some("never launched: no replica"));
     }
 
     #[test]

@@ -329,6 +329,8 @@ pub const AGENT_PORT: i32 = 8470;
 pub const LABEL_WARM_POOL: &str = "agenttask.io/warm-pool";
 /// Annotation on an AgentTask: how its task was launched (`warm POOL`, or `cold: WHY`).
 pub const ANNOTATION_LAUNCH: &str = "agenttask.io/launch";
+/// Annotation on an AgentTask: the attempt its launch annotations describe (a retry starts afresh).
+pub const ANNOTATION_LAUNCH_ATTEMPT: &str = "agenttask.io/launch-attempt";
 /// Annotation on an AgentTask waiting for a ready replica: since when (RFC 3339).
 pub const ANNOTATION_WAITING_SINCE: &str = "agenttask.io/warm-waiting-since";
 /// Annotation on a claim: how far the hand-over got (`connected`, or `done` and its time).

@@ -61,7 +61,11 @@ pub(super) async fn step(
     claim_name: &str,
     status: &mut AgentTaskStatus,
 ) -> Result<Step, Error> {
-    let launched = task.annotations().get(sandbox::ANNOTATION_LAUNCH).cloned();
+    // The annotations describe one attempt: a newer one (a retry) starts afresh.
+    let attempt = task.spec.admission.as_ref().map(|a| a.attempt.to_string()).unwrap_or_default();
+    let this_attempt = task.annotations().get(sandbox::ANNOTATION_LAUNCH_ATTEMPT) == Some(&attempt);
+    let annotation = |key: &str| task.annotations().get(key).filter(|_| this_attempt).cloned();
+    let launched = annotation(sandbox::ANNOTATION_LAUNCH);
     let policy = policy_of(ctx, status, task);
     let pool = policy.as_ref().and_then(|p| p.warm_pool.clone());
     let went_warm = launched.as_deref().is_some_and(|l| l.starts_with("warm"));
@@ -105,7 +109,7 @@ pub(super) async fn step(
         .filter(|c| c.metadata.deletion_timestamp.is_none() && c.data["status"]["sandbox"]["name"].as_str().is_none())
         .count();
     let waiting_since =
-        task.annotations().get(sandbox::ANNOTATION_WAITING_SINCE).and_then(|t| reconcile::parse_time(Some(t.as_str())));
+        annotation(sandbox::ANNOTATION_WAITING_SINCE).and_then(|t| reconcile::parse_time(Some(t.as_str())));
     match sandbox::pool_decision(&pool, ready, unbound, policy.warm_pool_empty) {
         PoolDecision::Claim => {
             let value = match waiting_since {
@@ -217,11 +221,20 @@ async fn claim(
     Ok(())
 }
 
-/// Merge-patches annotations of the AgentTask (`None` removes one); returns it as patched.
+/// Merge-patches annotations of the AgentTask (`None` removes one), with the attempt they
+/// describe; returns it as patched.
 async fn annotate(ctx: &Ctx, task: &AgentTask, ns: &str, pairs: &[(&str, Option<&str>)]) -> Result<AgentTask, Error> {
     let api: Api<AgentTask> = Api::namespaced(ctx.client.clone(), ns);
-    let map: serde_json::Map<String, serde_json::Value> =
+    let mut map: serde_json::Map<String, serde_json::Value> =
         pairs.iter().map(|(k, v)| ((*k).to_owned(), v.map_or(serde_json::Value::Null, |v| json!(v)))).collect();
+    let attempt = task.spec.admission.as_ref().map(|a| a.attempt.to_string()).unwrap_or_default();
+    if task.annotations().get(sandbox::ANNOTATION_LAUNCH_ATTEMPT) != Some(&attempt) {
+        // A newer attempt: what the annotations said of the last one no longer holds.
+        for key in [sandbox::ANNOTATION_LAUNCH, sandbox::ANNOTATION_WAITING_SINCE] {
+            map.entry(key.to_owned()).or_insert(serde_json::Value::Null);
+        }
+    }
+    map.insert(sandbox::ANNOTATION_LAUNCH_ATTEMPT.to_owned(), json!(attempt));
     let body = json!({"metadata": {"annotations": map}});
     Ok(api.patch(&task.name_any(), &PatchParams::default(), &Patch::Merge(&body)).await?)
 }
