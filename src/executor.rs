@@ -337,7 +337,7 @@ impl Executor {
             }
             RunEvent::Finished(outcome) => {
                 w.finishing = true;
-                self.write_finish(w.clone(), outcome, writers, done);
+                self.write_finish(w.clone(), *outcome, writers, done);
                 return;
             }
         };

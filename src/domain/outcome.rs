@@ -61,6 +61,9 @@ pub struct Outcome {
     pub artifacts: Vec<Artifact>,
     /// Why some or all artifacts were not kept (a quota, disk space), for the result message.
     pub artifacts_note: Option<String>,
+    /// How the backend launched the run when that is worth telling (e.g. a warm pool that had
+    /// no ready replica, so the task ran cold), for the result message.
+    pub launch_note: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
     /// Whether the run took a pre-started (warm) sandbox: `Some(false)` when its language has a
@@ -79,6 +82,7 @@ impl Outcome {
             result: ProgramResult::Missing,
             artifacts: Vec::new(),
             artifacts_note: None,
+            launch_note: None,
             started_at,
             finished_at,
             warm: None,
@@ -138,6 +142,9 @@ impl Outcome {
             message.push_str(&format!("; AGENTTASK_RESULT_FILE ignored: {why}"));
         }
         if let Some(note) = &self.artifacts_note {
+            message.push_str(&format!("; {note}"));
+        }
+        if let Some(note) = &self.launch_note {
             message.push_str(&format!("; {note}"));
         }
         message
@@ -200,6 +207,8 @@ mod tests {
         o.artifacts_note = Some("artifacts not stored: quota full".into());
         let m = o.message(5);
         assert!(m.contains("AGENTTASK_RESULT_FILE ignored: not JSON") && m.contains("quota full"), "{m}");
+        o.launch_note = Some("warm pool py had no ready replica: ran cold".into());
+        assert!(o.message(5).ends_with("; warm pool py had no ready replica: ran cold"));
         assert_eq!(o.stored_result(), None);
     }
 

@@ -91,6 +91,33 @@ pub struct TenantPolicy {
     /// namespace for every task; `--namespace-per-tenant` maps namespaces by name instead).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
+    /// `--kube-backend sandbox`: the agent-sandbox `SandboxWarmPool` (in the task namespace)
+    /// whose pre-warmed sandboxes run this tenant's eligible tasks (src/kube/agent-sandbox.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool: Option<String>,
+    /// What a task does when `warm_pool` has no ready replica.
+    #[serde(default)]
+    pub warm_pool_empty: WarmPoolEmpty,
+}
+
+/// What a task for a warm pool with no ready replica does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmPoolEmpty {
+    /// Runs at once on the cold path (its own Sandbox), and says so.
+    #[default]
+    Cold,
+    /// Stays admitted and `Pending` until a replica is ready (at most its timeout).
+    Wait,
+}
+
+impl WarmPoolEmpty {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WarmPoolEmpty::Cold => "cold",
+            WarmPoolEmpty::Wait => "wait",
+        }
+    }
 }
 
 fn default_max_artifact_bytes() -> u64 {
@@ -116,6 +143,8 @@ impl Default for TenantPolicy {
             isolation: vec!["standard".to_owned()],
             max_artifact_bytes: default_max_artifact_bytes(),
             namespaces: Vec::new(),
+            warm_pool: None,
+            warm_pool_empty: WarmPoolEmpty::default(),
         }
     }
 }
@@ -139,6 +168,8 @@ struct PolicyPatch {
     isolation: Option<Vec<String>>,
     max_artifact_bytes: Option<u64>,
     namespaces: Option<Vec<String>>,
+    warm_pool: Option<String>,
+    warm_pool_empty: Option<WarmPoolEmpty>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +211,11 @@ impl PolicyPatch {
         if let Some(ns) = &self.namespaces {
             p.namespaces = ns.clone();
         }
+        if let Some(pool) = &self.warm_pool {
+            // An empty name turns a pool set in `[defaults]` off for one tenant.
+            p.warm_pool = Some(pool.clone()).filter(|p| !p.is_empty());
+        }
+        p.warm_pool_empty = self.warm_pool_empty.unwrap_or(p.warm_pool_empty);
         // `burst` follows `rate_per_second` unless some table set it explicitly.
         let burst_set = burst_set || self.burst.is_some();
         p.burst = match self.burst {
@@ -236,6 +272,15 @@ impl TenantPolicy {
             // A namespace name is an RFC 1123 label, the same shape as a tenant name.
             TenantName::parse(ns)
                 .map_err(|_| format!("namespaces: {ns:?} is not a valid Kubernetes namespace name"))?;
+        }
+        if let Some(pool) = &self.warm_pool {
+            // The pool's name is also a label value and part of its Secret's and policy's names.
+            TenantName::parse(pool).map_err(|_| {
+                format!(
+                    "warm_pool: {pool:?} is not a usable SandboxWarmPool name: at most 63 lowercase letters, \
+                     digits and '-', starting and ending with a letter or digit"
+                )
+            })?;
         }
         Ok(())
     }
@@ -326,11 +371,26 @@ mod tests {
             ("[tenants.a]\nnamespaces = [\"Evals\"]", "namespaces"),
             ("[tenants.a]\nnamespaces = [\"x\"]\n[tenants.b]\nnamespaces = [\"x\"]", "already belongs to tenant a"),
             ("[defaults]\nnamespaces = [\"x\"]", "[defaults] namespaces"),
+            ("[tenants.a]\nwarm_pool = \"Py.Pool\"", "warm_pool"),
+            ("[tenants.a]\nwarm_pool_empty = \"later\"", "warm_pool_empty"),
         ];
         for (text, needle) in cases {
             let err = parse_tenants(text).unwrap_err();
             assert!(err.contains(needle), "{text:?} gave {err:?}");
         }
+    }
+
+    #[test]
+    fn warm_pool_settings_layer_and_default_to_cold() {
+        let t = parse_tenants(
+            "[defaults]\nwarm_pool = \"py\"\n[tenants.a]\nwarm_pool_empty = \"wait\"\n[tenants.b]\nwarm_pool = \"\"\n[tenants.c]",
+        )
+        .unwrap();
+        let get = |n: &str| t[&TenantName::parse(n).unwrap()].clone();
+        assert_eq!((get("a").warm_pool.as_deref(), get("a").warm_pool_empty), (Some("py"), WarmPoolEmpty::Wait));
+        assert_eq!(get("b").warm_pool, None);
+        assert_eq!((get("c").warm_pool.as_deref(), get("c").warm_pool_empty), (Some("py"), WarmPoolEmpty::Cold));
+        assert_eq!(TenantPolicy::default().warm_pool, None);
     }
 
     #[test]

@@ -87,17 +87,15 @@ impl Job {
 }
 
 /// What a backend observed about one run.
-// A run sends at most three of these, once each, so the size of `Finished` costs nothing worth
-// a box at every construction and match.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEvent {
     /// The run was placed: a sandbox prepared, a pod bound to a node.
     Scheduled { at: DateTime<Utc> },
     /// The program started.
     Running { at: DateTime<Utc> },
-    /// The run ended; nothing more will be reported for this key.
-    Finished(Outcome),
+    /// The run ended; nothing more will be reported for this key. (Boxed: an outcome carries
+    /// output and notes, far larger than the other events.)
+    Finished(Box<Outcome>),
 }
 
 /// An observation with the run it belongs to.

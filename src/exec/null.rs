@@ -34,7 +34,7 @@ impl Backend for NullBackend {
             events.send(job.key, RunEvent::Running { at });
             let mut outcome = Outcome::bare(Termination::Exited, at, at);
             outcome.exit_code = Some(0);
-            events.send(job.key, RunEvent::Finished(outcome));
+            events.send(job.key, RunEvent::Finished(Box::new(outcome)));
             Ok(())
         })
     }

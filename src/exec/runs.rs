@@ -89,7 +89,7 @@ impl InProcessRuns {
             };
             runs.lock().expect("not poisoned").remove(&key);
             if let Some(outcome) = outcome {
-                events.send(key, RunEvent::Finished(outcome));
+                events.send(key, RunEvent::Finished(Box::new(outcome)));
             }
         });
     }

@@ -240,7 +240,7 @@ impl FakeBackend {
     fn finish_ok(&self, key: RunKey) {
         let mut o = Outcome::bare(Termination::Exited, Utc::now(), Utc::now());
         o.exit_code = Some(0);
-        self.emit(key, RunEvent::Finished(o));
+        self.emit(key, RunEvent::Finished(Box::new(o)));
     }
 }
 
@@ -267,7 +267,7 @@ impl Backend for FakeBackend {
     fn cancel(&self, key: RunKey) -> BoxFuture<'_, Result<(), BackendError>> {
         self.cancelled.lock().unwrap().push(key);
         if let Some(sink) = self.sinks.lock().unwrap().remove(&key) {
-            sink.send(key, RunEvent::Finished(Outcome::cancelled(Utc::now())));
+            sink.send(key, RunEvent::Finished(Box::new(Outcome::cancelled(Utc::now()))));
         }
         Box::pin(async { Ok(()) })
     }
@@ -438,7 +438,7 @@ async fn a_stale_attempts_late_event_is_ignored() {
     let sink = h.backend.sinks.lock().unwrap()[&key].clone();
     let mut o = Outcome::bare(Termination::Exited, Utc::now(), Utc::now());
     o.exit_code = Some(3);
-    sink.send(stale, RunEvent::Finished(o));
+    sink.send(stale, RunEvent::Finished(Box::new(o)));
     // The current run finishes afterwards, through the same channel: once it is recorded, the
     // stale event before it has been handled too.
     h.backend.finish_ok(key);

@@ -165,10 +165,10 @@ impl KubeBackend {
             tokio::spawn(async move {
                 let mut outcome = this.outcome_of(&task).await;
                 this.keep_artifacts(&task, &mut outcome).await;
-                this.send(key, RunEvent::Finished(outcome));
+                this.send(key, RunEvent::Finished(Box::new(outcome)));
             });
         } else if deleted {
-            self.send(key, RunEvent::Finished(Outcome::cancelled(started.unwrap_or(now))));
+            self.send(key, RunEvent::Finished(Box::new(Outcome::cancelled(started.unwrap_or(now)))));
             if let (Some(sink), Some((tenant, task_id))) = (self.artifacts.clone(), podspec::run_of(&task)) {
                 tokio::task::spawn_blocking(move || sink.discard_run(&tenant, task_id));
             }
@@ -215,7 +215,12 @@ impl KubeBackend {
     /// The outcome a terminal AgentTask describes, with the output read from its pod's log.
     async fn outcome_of(&self, task: &AgentTask) -> Outcome {
         let status = task.status.clone().unwrap_or_default();
-        let message = status.message.clone().unwrap_or_default();
+        let launch_note = super::reconcile::launch_note(task);
+        let mut message = status.message.clone().unwrap_or_default();
+        if let Some(note) = &launch_note {
+            // The reconciler's message ends with the note; the outcome's message adds it again.
+            message = message.strip_suffix(&format!("; {note}")).unwrap_or(&message).to_owned();
+        }
         let termination = match status.reason.as_deref() {
             None | Some("NonZeroExit") => Termination::Exited,
             Some("OOMKilled") => Termination::OomKilled,
@@ -233,6 +238,8 @@ impl KubeBackend {
         let finished = parse_time(status.completion_time.as_deref()).unwrap_or(now);
         let mut outcome = Outcome::bare(termination, started, finished.max(started));
         outcome.exit_code = status.exit_code;
+        outcome.launch_note = launch_note;
+        outcome.warm = super::reconcile::launched_warm(task);
         if let Some(v) = &status.result {
             outcome.result = ProgramResult::Json(v.clone());
         }
@@ -396,7 +403,7 @@ impl Backend for KubeBackend {
                             if this.runs.lock().expect("not poisoned").remove(&key).is_some() {
                                 let outcome =
                                     Outcome::backend_error(format!("the AgentTask was refused: {why}"), Utc::now());
-                                this.send(key, RunEvent::Finished(outcome));
+                                this.send(key, RunEvent::Finished(Box::new(outcome)));
                             }
                             return;
                         }
@@ -424,7 +431,7 @@ impl Backend for KubeBackend {
                 Err(kube::Error::Api(e)) if e.code == 404 => {
                     // Nothing is left to report it: the run ends here.
                     if self.runs.lock().expect("not poisoned").remove(&key).is_some() {
-                        self.send(key, RunEvent::Finished(Outcome::cancelled(Utc::now())));
+                        self.send(key, RunEvent::Finished(Box::new(Outcome::cancelled(Utc::now()))));
                     }
                     Ok(())
                 }

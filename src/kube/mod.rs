@@ -15,8 +15,10 @@
 //!   cleanup), run by one process at a time under a Postgres advisory lock.
 //! - [`render`]: `agenttask render`, the dry run.
 //! - [`sandbox`]: pure builders of the agent-sandbox objects (`Sandbox`, `SandboxClaim`) of
-//!   `--kube-backend sandbox`, and what their statuses say (the reconciler applies and reads
-//!   Sandboxes for the cold path; claims are not used yet).
+//!   `--kube-backend sandbox`, and what their statuses say; the warm path's pure parts (the pool's
+//!   template, pool and NetworkPolicy, eligibility, the pool decision, the hand-over request).
+//! - `warm`: the warm path's I/O (claims on a tenant's warm pool, the hand-over to the claimed
+//!   pod), called by the reconciler for `--kube-backend sandbox` tasks.
 //! - [`backend`]: the [`crate::exec::Backend`] the executor drives: applies AgentTasks, watches
 //!   their status and reports it as run events; cancels by deleting; adopts after a restart.
 //!
@@ -31,6 +33,7 @@ pub mod podspec;
 pub mod reconcile;
 pub mod render;
 pub mod sandbox;
+mod warm;
 
 use std::time::Duration;
 
@@ -42,12 +45,15 @@ pub use podspec::{PodSettings, TaskDefaults};
 pub enum KubeBackendKind {
     /// A hardened Pod and a default-deny NetworkPolicy per task.
     Podjob,
-    /// kubernetes-sigs agent-sandbox `Sandbox` objects (the cold path; warm pools to come).
+    /// kubernetes-sigs agent-sandbox `Sandbox` objects, or claims on a tenant's warm pool.
     Sandbox,
 }
 
 /// Where the service's pod mounts the artifacts claim unless told otherwise.
 pub const DEFAULT_ARTIFACTS_PVC_MOUNT: &str = "/var/lib/agenttask/artifacts-pvc";
+
+/// The namespace of the service's pods in `deploy/kubernetes`.
+pub const DEFAULT_SERVICE_NAMESPACE: &str = "agenttask-system";
 
 /// The namespace prefix of `--namespace-per-tenant`: tenant `acme` lives in `agenttask-acme`.
 pub const TENANT_NAMESPACE_PREFIX: &str = "agenttask-";
@@ -122,6 +128,8 @@ pub struct KubeSettings {
     pub sandbox_shutdown_grace: Duration,
     /// Where the service's pod mounts the artifacts claim (`pods.artifacts_claim`), if any.
     pub artifacts_pvc_mount: std::path::PathBuf,
+    /// The namespace of the service's own pods: warm pools' NetworkPolicies admit only them.
+    pub service_namespace: String,
 }
 
 impl Default for KubeSettings {
@@ -139,6 +147,7 @@ impl Default for KubeSettings {
             sandbox_version: sandbox::SandboxApiVersion::default(),
             sandbox_shutdown_grace: sandbox::DEFAULT_SHUTDOWN_GRACE,
             artifacts_pvc_mount: DEFAULT_ARTIFACTS_PVC_MOUNT.into(),
+            service_namespace: DEFAULT_SERVICE_NAMESPACE.into(),
         }
     }
 }

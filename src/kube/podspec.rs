@@ -320,6 +320,7 @@ umask 077
 S={SCRATCH}
 mkdir -p "$S/work" "$S/tmp" "$S/artifacts" || exit 125
 for d in /agenttask/in/*/; do
+  [ -f "${{d}}manifest" ] || continue
   while IFS="$(printf '\t')" read -r target key; do
     cat "$d$key" >> "$S/$target" || exit 125
   done < "${{d}}manifest"

@@ -69,6 +69,9 @@ pub struct Ctx {
     failures: Mutex<HashMap<String, u32>>,
     /// With `--artifacts-pvc`: prepares each pod's directory on the claim.
     artifacts: Option<Arc<crate::exec::artifacts::PvcSink>>,
+    /// Serializes the warm path's decisions (count the free replicas of a pool, then claim one),
+    /// so two tasks never count the same replica.
+    pub(super) warm_gate: tokio::sync::Mutex<()>,
 }
 
 impl Ctx {
@@ -89,6 +92,7 @@ impl Ctx {
             store,
             tenants,
             failures: Mutex::default(),
+            warm_gate: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -175,18 +179,18 @@ fn now_rfc3339() -> String {
     Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-fn parse_time(s: Option<&str>) -> Option<DateTime<Utc>> {
+pub(super) fn parse_time(s: Option<&str>) -> Option<DateTime<Utc>> {
     s.and_then(|s| DateTime::parse_from_rfc3339(s).ok()).map(|t| t.with_timezone(&Utc))
 }
 
-async fn publish(ctx: &Ctx, task: &AgentTask, type_: EventType, reason: &str, note: String) {
+pub(super) async fn publish(ctx: &Ctx, task: &AgentTask, type_: EventType, reason: &str, note: String) {
     let ev = KubeEvent { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&ev, &task.object_ref(&())).await {
         tracing::debug!(error = %e, "cannot publish an Event");
     }
 }
 
-async fn patch_status(ctx: &Ctx, task: &AgentTask, status: &AgentTaskStatus) -> Result<(), Error> {
+pub(super) async fn patch_status(ctx: &Ctx, task: &AgentTask, status: &AgentTaskStatus) -> Result<(), Error> {
     let api: Api<AgentTask> = Api::namespaced(ctx.client.clone(), &task.namespace().ok_or(Error::NoNamespace)?);
     let body = json!({ "status": status });
     api.patch_status(&task.name_any(), &PatchParams::default(), &Patch::Merge(&body)).await?;
@@ -236,11 +240,21 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
                 None => delete_ignoring_missing(&pods, &old_pod).await?,
             }
         }
+        if let (Some(_), Some(old)) = (&sandboxes, status.attempt) {
+            super::warm::delete_claim(ctx, &ns, &podspec::pod_name(&name, old)).await?;
+        }
         status = AgentTaskStatus {
             tenant: status.tenant,
             observed_generation: status.observed_generation,
             ..Default::default()
         };
+    }
+    let mut cold_note = None;
+    if sandboxes.is_some() {
+        match super::warm::step(task, ctx, &ns, &pod_name, &mut status).await? {
+            super::warm::Step::Done(action) => return Ok(action),
+            super::warm::Step::Cold(note) => cold_note = note,
+        }
     }
     let mut sandbox_status = None;
     if let Some(api) = &sandboxes {
@@ -270,44 +284,111 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
         status.pod_name = Some(pod_name.clone());
         status.phase = Some(TaskPhase::Pending);
         status.reason = None;
-        status.message = None;
+        status.message = cold_note;
         patch_status(ctx, task, &status).await?;
         let what = if sandboxes.is_some() { "Sandbox" } else { "pod" };
         publish(ctx, task, EventType::Normal, "Created", format!("created {what} {pod_name}")).await;
         return Ok(Action::requeue(Duration::from_secs(300)));
     };
     // Sandbox conditions (expiry, a pod the controller cannot make) do not wake the controller.
-    let idle = if sandboxes.is_some() { Duration::from_secs(5) } else { Duration::from_secs(300) };
+    let followed = Followed {
+        pods: &pods,
+        pod: pod.as_ref(),
+        pod_name: &pod_name,
+        remove: match &sandboxes {
+            Some(api) => Remove::Sandbox(api, &pod_name),
+            None => Remove::Pod,
+        },
+        sandbox_status: sandbox_status.as_ref(),
+        handed_over: None,
+    };
+    follow(task, ctx, &mut status, observed, &followed).await
+}
+
+/// What [`follow`] follows: the pod (named `pod_name`), and what goes when the run must be
+/// stopped (agent-sandbox would make a deleted pod again: its Sandbox or claim goes instead).
+pub(super) struct Followed<'a> {
+    pub pods: &'a Api<Pod>,
+    pub pod: Option<&'a Pod>,
+    pub pod_name: &'a str,
+    pub remove: Remove<'a>,
+    /// A cold Sandbox's status, for the note on a running pod whose Sandbox is not Ready.
+    pub sandbox_status: Option<&'a sandbox::SandboxStatus>,
+    /// A warm run: when the task was handed over to the claimed pod (its start, and the origin
+    /// of its timeout, which the service enforces since the pool's pod has no deadline of its own).
+    pub handed_over: Option<DateTime<Utc>>,
+}
+
+pub(super) enum Remove<'a> {
+    Pod,
+    Sandbox(&'a Api<kube::core::DynamicObject>, &'a str),
+    Claim(&'a Api<kube::core::DynamicObject>, &'a str),
+}
+
+impl Remove<'_> {
+    async fn run(&self, pods: &Api<Pod>, pod_name: &str) -> Result<(), Error> {
+        match self {
+            Remove::Pod => delete_ignoring_missing(pods, pod_name).await,
+            Remove::Sandbox(api, name) | Remove::Claim(api, name) => delete_sandbox(api, name).await,
+        }
+    }
+}
+
+/// Writes what a run's observation means to the AgentTask's status (`Scheduled`, `Running`, its
+/// end with the log's output), and when to look again.
+pub(super) async fn follow(
+    task: &AgentTask,
+    ctx: &Ctx,
+    status: &mut AgentTaskStatus,
+    observed: Observed,
+    f: &Followed<'_>,
+) -> Result<Action, Error> {
+    let (pods, pod, pod_name) = (f.pods, f.pod, f.pod_name);
+    let sandboxes = !matches!(f.remove, Remove::Pod);
+    let timeout = task.spec.timeout_seconds.unwrap_or(ctx.settings.defaults.timeout_seconds);
+    let observed = match (observed, f.handed_over) {
+        // The pool's pod has no deadline of its own: the task's runs from the hand-over.
+        (Observed::Running { .. }, Some(at)) if Utc::now() >= at + chrono::Duration::seconds(i64::from(timeout)) => {
+            Observed::Ended { termination: Termination::TimedOut, exit_code: None, termination_message: None }
+        }
+        (Observed::Running { .. }, Some(at)) => Observed::Running { started: Some(at) },
+        (o, _) => o,
+    };
+    let idle = if sandboxes { Duration::from_secs(5) } else { Duration::from_secs(300) };
     let action = match observed {
         Observed::Pending { retry_in } => retry_in.map_or(Action::requeue(idle), Action::requeue),
         Observed::Scheduled => {
             if status.phase == Some(TaskPhase::Pending) {
                 status.phase = Some(TaskPhase::Scheduled);
                 set_condition(
-                    &mut status,
+                    status,
                     "Scheduled",
                     None,
-                    pod.as_ref()
-                        .and_then(|p| p.spec.as_ref())
-                        .and_then(|s| s.node_name.clone())
-                        .map(|n| format!("on {n}")),
+                    pod.and_then(|p| p.spec.as_ref()).and_then(|s| s.node_name.clone()).map(|n| format!("on {n}")),
                 );
-                patch_status(ctx, task, &status).await?;
+                patch_status(ctx, task, status).await?;
                 publish(ctx, task, EventType::Normal, "Scheduled", format!("pod {pod_name} placed")).await;
             }
             Action::requeue(idle)
         }
         Observed::Running { started } => {
+            let idle = match f.handed_over {
+                Some(at) => {
+                    let end = at + chrono::Duration::seconds(i64::from(timeout));
+                    idle.min((end - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50))
+                }
+                None => idle,
+            };
             if matches!(status.phase, Some(TaskPhase::Pending | TaskPhase::Scheduled)) {
                 status.phase = Some(TaskPhase::Running);
-                set_condition(&mut status, "Scheduled", None, None);
-                set_condition(&mut status, "Running", None, None);
+                set_condition(status, "Scheduled", None, None);
+                set_condition(status, "Running", None, None);
                 status.start_time =
                     Some(started.unwrap_or_else(Utc::now).to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-                patch_status(ctx, task, &status).await?;
+                patch_status(ctx, task, status).await?;
                 publish(ctx, task, EventType::Normal, "Running", format!("pod {pod_name} started")).await;
             }
-            if let Some(st) = &sandbox_status {
+            if let Some(st) = f.sandbox_status {
                 // The run goes on whatever the Sandbox's readiness; the status says when it is
                 // not Ready, and stops saying so once it is.
                 let since = started.or_else(|| parse_time(status.start_time.as_deref())).unwrap_or_else(Utc::now);
@@ -318,7 +399,7 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
                             .await;
                     }
                     status.message = note;
-                    patch_status(ctx, task, &status).await?;
+                    patch_status(ctx, task, status).await?;
                 }
             }
             Action::requeue(idle)
@@ -329,7 +410,7 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
             outcome.exit_code = exit_code;
             let log = match outcome.termination {
                 Termination::Exited | Termination::OomKilled if pod.is_some() => {
-                    read_log(&pods, &pod_name, &ctx.settings.pods).await
+                    read_log(pods, pod_name, &ctx.settings.pods).await
                 }
                 _ => None,
             };
@@ -348,18 +429,16 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
                     outcome.termination = Termination::OutputLimitExceeded;
                 }
             }
-            let refused_sandbox_pod =
-                sandboxes.is_some() && matches!(outcome.termination, Termination::BackendError(_));
-            if matches!(outcome.termination, Termination::ImagePullFailed(_)) || refused_sandbox_pod {
+            let refused_sandbox_pod = sandboxes && matches!(outcome.termination, Termination::BackendError(_));
+            // A warm run past its timeout is still running: only its claim's deletion stops it.
+            let warm_timeout = f.handed_over.is_some() && outcome.termination == Termination::TimedOut;
+            if matches!(outcome.termination, Termination::ImagePullFailed(_)) || refused_sandbox_pod || warm_timeout {
                 // agent-sandbox would make the pod again (or keep trying to, when admission
-                // refused it): its Sandbox goes instead.
-                match &sandboxes {
-                    Some(api) => delete_sandbox(api, &pod_name).await?,
-                    None => delete_ignoring_missing(&pods, &pod_name).await?,
-                }
+                // refused it): its Sandbox (or claim) goes instead.
+                f.remove.run(pods, pod_name).await?;
             }
-            finish(ctx, task, &mut status, &outcome, parsed.as_ref()).await?;
-            requeue_for_ttl(task, &status)
+            finish(ctx, task, status, &outcome, parsed.as_ref()).await?;
+            requeue_for_ttl(task, status)
         }
     };
     Ok(action)
@@ -555,8 +634,36 @@ async fn check_admission(
     Ok((live && run.attempt == admission.attempt).then(|| run.tenant.clone()))
 }
 
+/// What the AgentTask's launch annotation says about how its task was launched, as the note
+/// its status and result messages end with.
+pub(super) fn launch_note(task: &AgentTask) -> Option<String> {
+    let attempt = task.spec.admission.as_ref().map(|a| a.attempt.to_string()).unwrap_or_default();
+    if task.annotations().get(sandbox::ANNOTATION_LAUNCH_ATTEMPT) != Some(&attempt) {
+        return None;
+    }
+    let v = task.annotations().get(sandbox::ANNOTATION_LAUNCH)?;
+    Some(if v.starts_with("warm") || v.starts_with("cold") { format!("launched {v}") } else { v.clone() })
+}
+
+/// Whether the current attempt ran in a warm pool's sandbox (`Some(false)`: the tenant has a
+/// pool but it launched cold), as the result's `warm` says for every backend.
+pub(super) fn launched_warm(task: &AgentTask) -> Option<bool> {
+    let attempt = task.spec.admission.as_ref().map(|a| a.attempt.to_string()).unwrap_or_default();
+    if task.annotations().get(sandbox::ANNOTATION_LAUNCH_ATTEMPT) != Some(&attempt) {
+        return None;
+    }
+    let v = task.annotations().get(sandbox::ANNOTATION_LAUNCH)?;
+    if v.starts_with("warm") {
+        Some(true)
+    } else if v.starts_with("cold") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// Writes a terminal status and its Event.
-async fn finish(
+pub(super) async fn finish(
     ctx: &Ctx,
     task: &AgentTask,
     status: &mut AgentTaskStatus,
@@ -567,6 +674,8 @@ async fn finish(
     let timeout = task.spec.timeout_seconds.unwrap_or(ctx.settings.defaults.timeout_seconds);
     status.phase = Some(TaskPhase::from_domain(phase));
     status.reason = reason.map(|r| r.as_str().to_owned());
+    let mut outcome = outcome.clone();
+    outcome.launch_note = launch_note(task);
     status.message = Some(outcome.message(timeout));
     status.exit_code = outcome.exit_code;
     status.completion_time = Some(now_rfc3339());
@@ -587,7 +696,7 @@ async fn finish(
     Ok(())
 }
 
-fn requeue_for_ttl(task: &AgentTask, status: &AgentTaskStatus) -> Action {
+pub(super) fn requeue_for_ttl(task: &AgentTask, status: &AgentTaskStatus) -> Action {
     let ttl = i64::from(task.spec.ttl_seconds_after_finished.unwrap_or(super::crd::DEFAULT_TTL_SECONDS));
     let done = parse_time(status.completion_time.as_deref()).unwrap_or_else(Utc::now);
     let left = (done + chrono::Duration::seconds(ttl) - Utc::now()).to_std().unwrap_or_default();
@@ -629,6 +738,11 @@ async fn cleanup(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
         finish(ctx, task, &mut status, &outcome, None).await?;
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let attempt = task.spec.admission.as_ref().map(|a| a.attempt).or(status.attempt);
+    if let (Some(TaskBackend::Sandbox), Some(attempt)) = (task.spec.backend, attempt) {
+        // A warm task's claim (its Sandbox and pod go with it).
+        super::warm::delete_claim(ctx, &ns, &podspec::pod_name(&task.name_any(), attempt)).await?;
+    }
     if let Some(pod) = &status.pod_name {
         if task.spec.backend == Some(TaskBackend::Sandbox) {
             delete_sandbox(&sandbox_api(ctx, &ns), pod).await?;
@@ -648,7 +762,7 @@ fn sandbox_api(ctx: &Ctx, ns: &str) -> Api<kube::core::DynamicObject> {
     Api::namespaced_with(ctx.client.clone(), ns, &ar)
 }
 
-async fn delete_sandbox(api: &Api<kube::core::DynamicObject>, name: &str) -> Result<(), Error> {
+pub(super) async fn delete_sandbox(api: &Api<kube::core::DynamicObject>, name: &str) -> Result<(), Error> {
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
@@ -1065,6 +1179,28 @@ mod tests {
         assert!(
             matches!(observe(&p, Duration::from_secs(5), now), Observed::Ended { termination: Termination::ImagePullFailed(m), .. } if m.contains("ImagePullBackOff"))
         );
+    }
+
+    #[test]
+    fn the_launch_note_is_the_current_attempts() {
+        use crate::kube::crd::{Admission, AgentTaskSpec};
+        let mut t = AgentTask::new("at-1", AgentTaskSpec::default());
+        t.spec.admission = Some(Admission { task_id: uuid::Uuid::nil().to_string(), attempt: 2 });
+        assert_eq!(launch_note(&t), None);
+        let ann = |attempt: &str, launch: &str| {
+            std::collections::BTreeMap::from([
+                (sandbox::ANNOTATION_LAUNCH_ATTEMPT.to_owned(), attempt.to_owned()),
+                (sandbox::ANNOTATION_LAUNCH.to_owned(), launch.to_owned()),
+            ])
+        };
+        t.metadata.annotations = Some(ann("1", "warm (pool py)"));
+        assert_eq!(launch_note(&t), None, "a retry does not inherit the last attempt's note");
+        t.metadata.annotations = Some(ann("2", "warm (pool py)"));
+        assert_eq!(launch_note(&t).as_deref(), Some("launched warm (pool py)"));
+        assert_eq!(launched_warm(&t), Some(true));
+        t.metadata.annotations = Some(ann("2", "never launched: no replica"));
+        assert_eq!(launch_note(&t).as_deref(), Some("never launched: no replica"));
+        assert_eq!(launched_warm(&t), None);
     }
 
     #[test]

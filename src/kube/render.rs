@@ -1,7 +1,9 @@
 //! `agenttask render`: a task message in, every Kubernetes object it would become out, as YAML,
 //! from the same validator and builders the service uses (a dry run, like `helm template`).
 //! Rendered objects are not stored anywhere, so they carry no ownerReferences (those need the
-//! AgentTask's uid) and the task id is the nil uuid.
+//! AgentTask's uid) and the task id is the nil uuid. With `--backend sandbox` and a tenant whose
+//! `warm_pool` is set, an eligible task renders as its claim and the pool's NetworkPolicy, followed
+//! by the pool's template and pool, which an operator applies once.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +71,47 @@ fn yaml_doc<T: Serialize>(out: &mut String, obj: &T) {
     out.push_str("---\n");
     out.push_str(&serde_saphyr::to_string(obj).expect("Kubernetes objects serialize"));
 }
+
+/// The warm path's objects: the claim on `pool` and the pool's NetworkPolicy, which the service
+/// applies, then the pool's template and the pool, which the operator applies once (with the
+/// token Secret, made by hand so that it is in no file).
+fn warm(
+    out: &mut String,
+    task: &super::crd::AgentTask,
+    ns: &str,
+    pool: &str,
+    settings: &KubeSettings,
+    resources: &sandbox::PoolResources,
+    deadline: chrono::DateTime<chrono::Utc>,
+) {
+    let version = sandbox::SandboxApiVersion::default();
+    let name = task.metadata.name.clone().unwrap_or_default();
+    let mut labels = podspec::labels_of(task);
+    labels.insert(sandbox::LABEL_CLAIM_POOL.to_owned(), pool.to_owned());
+    let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        name: Some(podspec::pod_name(&name, 1)),
+        namespace: Some(ns.to_owned()),
+        labels: Some(labels),
+        ..Default::default()
+    };
+    let shutdown = sandbox::shutdown_time(deadline, sandbox::DEFAULT_SHUTDOWN_GRACE);
+    out.push_str(&format!(
+        "# The task claims a pre-warmed sandbox of warm pool {pool}; the service then hands the task's code and \
+         inputs to the claimed pod's task agent (src/kube/agent-sandbox.md).\n"
+    ));
+    yaml_doc(out, &sandbox::claim(meta, version, pool, pool, shutdown));
+    yaml_doc(out, &sandbox::pool_network_policy(pool, ns, &settings.service_namespace));
+    out.push_str(&format!(
+        "# Applied once by the operator for warm pool {pool}, with its token Secret:\n\
+         #   kubectl -n {ns} create secret generic {} --from-literal=token=$(openssl rand -hex 32)\n",
+        sandbox::token_secret_name(pool)
+    ));
+    yaml_doc(out, &sandbox::warm_template(pool, ns, &settings.pods, resources, version));
+    yaml_doc(out, &sandbox::warm_pool(pool, ns, RENDERED_REPLICAS, version));
+}
+
+/// The `replicas` of a rendered warm pool (the operator sizes it; it scales like a Deployment).
+const RENDERED_REPLICAS: u32 = 2;
 
 /// The YAML, or an exit code and a message.
 pub fn render(args: &RenderArgs) -> Result<String, (u8, String)> {
@@ -156,10 +199,20 @@ pub fn render(args: &RenderArgs) -> Result<String, (u8, String)> {
     let (task, external) = materialize::agent_task(&job, &ns, backend, settings.ttl_seconds_after_finished);
     let mut out = String::from("# Rendered by `agenttask render`: the objects this task becomes (dry run).\n");
     yaml_doc(&mut out, &task);
+    let deadline = chrono::Utc::now() + chrono::Duration::seconds(i64::from(spec.timeout_seconds));
+    if let (TaskBackend::Sandbox, Some(pool)) = (backend, policy.warm_pool.as_deref()) {
+        let resources =
+            sandbox::PoolResources { cpu_millis: policy.default_cpu_millis, memory_bytes: policy.default_memory_bytes };
+        match sandbox::warm_ineligible(&task, &resources, settings.pods.artifacts_claim.is_some()) {
+            None => {
+                warm(&mut out, &task, &ns, pool, &settings, &resources, deadline);
+                return Ok(out);
+            }
+            Some(why) => out.push_str(&format!("# Runs cold, not on warm pool {pool}: {why}.\n")),
+        }
+    }
     if backend == TaskBackend::Sandbox {
-        // The cold path (a Sandbox; warm pools are not rendered yet), shut down as if it were
-        // created now.
-        let deadline = chrono::Utc::now() + chrono::Duration::seconds(i64::from(spec.timeout_seconds));
+        // The cold path, shut down as if it were created now.
         let objects = sandbox::build(
             &task,
             &settings.pods,

@@ -20,8 +20,11 @@
 //! [`observe`] reads a run's state from a Sandbox's status and its pod; the reconciler uses it
 //! for tasks whose backend is `sandbox`.
 //!
-//! Not here yet (issue 12): handing code and inputs to a claimed warm sandbox, and the
-//! NetworkPolicy that covers claimed pods.
+//! The warm path's other objects and decisions (src/kube/agent-sandbox.md, "Warm path: design"):
+//! the pool's [`warm_template`] (podjob's hardened pod running the one-shot task [`AGENT`]), the
+//! [`warm_pool`], the per-pool [`pool_network_policy`], which tasks may go warm
+//! ([`warm_ineligible`]), whether to claim, wait or go cold ([`pool_decision`]), and the signed
+//! hand-over request ([`handoff_request`]) that gives a claimed pod the task's code and inputs.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -33,7 +36,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde::{Deserialize, Serialize};
 
-use super::crd::AgentTask;
+use k8s_openapi::api::core::v1::{
+    ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Probe, SecretKeySelector, TCPSocketAction,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::{Digest as _, Sha256};
+
+use super::crd::{AgentTask, AgentTaskSpec, TaskLanguage, TaskResources, LABEL_MANAGED_BY, MANAGER};
 use super::podspec::{self, BuildError, PodSettings, TaskDefaults};
 use super::reconcile::{observe as observe_pod, Observed};
 use crate::domain::outcome::Termination;
@@ -307,6 +320,381 @@ pub fn claim(
     dynamic(Kind::SandboxClaim, version, meta, spec)
 }
 
+// ---------------------------------------------------------------------------------------------
+// The warm path
+
+/// The task agent's TCP port in a pool pod.
+pub const AGENT_PORT: i32 = 8470;
+/// Label of a warm pool's pods (the template's), selected by the pool's NetworkPolicy.
+pub const LABEL_WARM_POOL: &str = "agenttask.io/warm-pool";
+/// Annotation on an AgentTask: how its task was launched (`warm POOL`, or `cold: WHY`).
+pub const ANNOTATION_LAUNCH: &str = "agenttask.io/launch";
+/// Annotation on an AgentTask: the attempt its launch annotations describe (a retry starts afresh).
+pub const ANNOTATION_LAUNCH_ATTEMPT: &str = "agenttask.io/launch-attempt";
+/// Annotation on an AgentTask waiting for a ready replica: since when (RFC 3339).
+pub const ANNOTATION_WAITING_SINCE: &str = "agenttask.io/warm-waiting-since";
+/// Annotation on a claim: how far the hand-over got (`connected`, or `done` and its time).
+pub const ANNOTATION_HANDOFF: &str = "agenttask.io/handoff";
+/// Label on a claim: the pool it draws from (to count the claims not bound yet).
+pub const LABEL_CLAIM_POOL: &str = "agenttask.io/warm-pool";
+/// The header carrying the request's HMAC-SHA256 (hex) under the pool's token.
+pub const SIGNATURE_HEADER: &str = "X-AgentTask-Signature";
+/// Env of the agent that it removes before it `exec`s the task.
+const AGENT_ENV_PREFIX: &str = "AGENTTASK_AGENT_";
+
+/// The one-shot task agent a pool pod runs (`python3 -c AGENT PORT`): takes one signed
+/// `POST /v1/task` for this very pod, writes its files, answers 204 and `exec`s its argv with the
+/// cold pod's env plus the task's, dropping its own `AGENTTASK_AGENT_*` variables (the token).
+/// Anything else is answered 4xx and it keeps waiting (a readiness probe's bare connect too).
+pub const AGENT: &str = r#"import base64,hashlib,hmac,json,os,socket,sys
+E=os.environ
+K=E.get("AGENTTASK_AGENT_TOKEN","").encode()
+IP=E.get("AGENTTASK_AGENT_IP","")
+POD=E.get("AGENTTASK_AGENT_POD","")
+for k in [k for k in E if k.startswith("AGENTTASK_AGENT_")]:
+    del E[k]
+if not K or not IP or not POD:
+    sys.exit("agenttask agent: AGENTTASK_AGENT_TOKEN, AGENTTASK_AGENT_IP and AGENTTASK_AGENT_POD are required")
+LIMIT=64<<20
+s=socket.socket(socket.AF_INET6 if ":" in IP else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+s.bind((IP,int(sys.argv[1])))
+s.listen(16)
+def answer(c,code,text=""):
+    b=text.encode()
+    try:
+        c.sendall(b"HTTP/1.1 %d -\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"%(code,len(b),b))
+    except OSError:
+        pass
+def take(c):
+    c.settimeout(10)
+    f=c.makefile("rb")
+    if not f.readline(8192).startswith(b"POST /v1/task "):
+        return answer(c,404,"only POST /v1/task")
+    h={}
+    while True:
+        x=f.readline(8192)
+        if x in (b"",b"\r\n",b"\n"):
+            break
+        k,_,v=x.decode("latin-1").partition(":")
+        h[k.strip().lower()]=v.strip()
+    n=int(h.get("content-length","-1"))
+    if n<0 or n>LIMIT:
+        return answer(c,413,"a body of at most %d bytes is required"%LIMIT)
+    body=f.read(n)
+    if len(body)!=n:
+        return answer(c,400,"short body")
+    mac=hmac.new(K,body,hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(mac.encode(),h.get("x-agenttask-signature","").encode()):
+        return answer(c,401,"bad signature")
+    t=json.loads(body)
+    if t.get("pod")!=POD:
+        return answer(c,403,"not for this pod")
+    return t
+while True:
+    c,_=s.accept()
+    try:
+        t=take(c)
+    except Exception as e:
+        t=None
+        answer(c,400,"bad request: %s"%e)
+    if t:
+        break
+    c.close()
+try:
+    w=t["workdir"]
+    for x in t["files"]:
+        p=os.path.join(w,x["target"])
+        os.makedirs(os.path.dirname(p),exist_ok=True)
+        with open(p,"wb") as o:
+            o.write(base64.b64decode(x["data"]))
+except Exception as e:
+    answer(c,500,"cannot write the task's files: %s"%e)
+    sys.exit(1)
+answer(c,204)
+c.close()
+s.close()
+E.update(t["env"])
+os.chdir(w)
+os.execve(t["argv"][0],t["argv"],E)
+"#;
+
+/// The Secret holding a pool's token (key `token`), made by the operator.
+pub fn token_secret_name(pool: &str) -> String {
+    format!("{pool}-agent-token")
+}
+
+/// The per-pool NetworkPolicy's name.
+pub fn pool_network_policy_name(pool: &str) -> String {
+    format!("agenttask-warm-{pool}")
+}
+
+/// The labels of a pool's pods (the template's).
+pub fn pool_pod_labels(pool: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(LABEL_WARM_POOL.to_owned(), pool.to_owned()), (LABEL_MANAGED_BY.to_owned(), MANAGER.to_owned())])
+}
+
+/// The cpu and memory of a pool's pods: its tenant's defaults, so that a task asking for those
+/// (every task that names none) fits it exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolResources {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+impl PoolResources {
+    fn quantities(&self) -> TaskResources {
+        TaskResources { cpu: Some(format!("{}m", self.cpu_millis)), memory: Some(self.memory_bytes.to_string()) }
+    }
+}
+
+/// The pool's SandboxTemplate: podjob's hardened pod for a Python task of `resources`, whose
+/// container runs the task agent instead (listening on the pod's IP, port [`AGENT_PORT`], with a
+/// readiness probe on it), without `activeDeadlineSeconds` (a pool pod waits for an unknown time;
+/// the task's deadline is the service's and the claim's), and with agent-sandbox's default
+/// NetworkPolicy off (`networkPolicyManagement: Unmanaged`: it would allow internet egress; ours
+/// is [`pool_network_policy`]).
+pub fn warm_template(
+    pool: &str,
+    namespace: &str,
+    settings: &PodSettings,
+    resources: &PoolResources,
+    version: SandboxApiVersion,
+) -> DynamicObject {
+    let mut stand_in = AgentTask::new(
+        pool,
+        AgentTaskSpec {
+            language: TaskLanguage::Python,
+            code: "pass".into(),
+            resources: Some(resources.quantities()),
+            ..AgentTaskSpec::default()
+        },
+    );
+    stand_in.metadata.namespace = Some(namespace.to_owned());
+    // No artifacts claim: a template cannot mount a task's sub-path (such tasks run cold).
+    let settings = PodSettings { artifacts_claim: None, ..settings.clone() };
+    let pod = podspec::pod(&stand_in, pool, &[], &settings, &TaskDefaults::default());
+    let mut spec = pod.spec.unwrap_or_default();
+    spec.active_deadline_seconds = None;
+    let c = &mut spec.containers[0];
+    c.command = Some(vec!["python3".into(), "-c".into(), AGENT.into()]);
+    c.args = Some(vec![AGENT_PORT.to_string()]);
+    let field = |path: &str| EnvVarSource {
+        field_ref: Some(ObjectFieldSelector { field_path: path.into(), api_version: None }),
+        ..EnvVarSource::default()
+    };
+    let env = c.env.get_or_insert_with(Vec::new);
+    env.push(EnvVar {
+        name: format!("{AGENT_ENV_PREFIX}TOKEN"),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: token_secret_name(pool),
+                key: "token".into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    });
+    env.push(EnvVar { name: format!("{AGENT_ENV_PREFIX}IP"), value: None, value_from: Some(field("status.podIP")) });
+    env.push(EnvVar { name: format!("{AGENT_ENV_PREFIX}POD"), value: None, value_from: Some(field("metadata.name")) });
+    c.ports = Some(vec![ContainerPort {
+        name: Some("agent".into()),
+        container_port: AGENT_PORT,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }]);
+    c.readiness_probe = Some(Probe {
+        tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(AGENT_PORT), host: None }),
+        period_seconds: Some(2),
+        ..Probe::default()
+    });
+    let template =
+        PodTemplate { metadata: PodMetadata { labels: pool_pod_labels(pool), ..PodMetadata::default() }, spec };
+    let meta = ObjectMeta {
+        name: Some(pool.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(BTreeMap::from([(LABEL_MANAGED_BY.to_owned(), MANAGER.to_owned())])),
+        ..ObjectMeta::default()
+    };
+    let spec = serde_json::json!({
+        "podTemplate": template,
+        "networkPolicyManagement": "Unmanaged",
+    });
+    dynamic(Kind::SandboxTemplate, version, meta, spec)
+}
+
+/// The SandboxWarmPool `pool` of `replicas` sandboxes from the template of the same name.
+pub fn warm_pool(pool: &str, namespace: &str, replicas: u32, version: SandboxApiVersion) -> DynamicObject {
+    let meta = ObjectMeta {
+        name: Some(pool.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(BTreeMap::from([(LABEL_MANAGED_BY.to_owned(), MANAGER.to_owned())])),
+        ..ObjectMeta::default()
+    };
+    dynamic(
+        Kind::SandboxWarmPool,
+        version,
+        meta,
+        serde_json::json!({"replicas": replicas, "sandboxTemplateRef": {"name": pool}}),
+    )
+}
+
+/// The pool's default-deny policy: its pods have no egress at all, and ingress only to the
+/// agent's port from the service's pods (`app.kubernetes.io/name: agenttask` in
+/// `service_namespace`).
+pub fn pool_network_policy(pool: &str, namespace: &str, service_namespace: &str) -> NetworkPolicy {
+    let peer = NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([("app.kubernetes.io/name".to_owned(), MANAGER.to_owned())])),
+            ..LabelSelector::default()
+        }),
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_owned(),
+                service_namespace.to_owned(),
+            )])),
+            ..LabelSelector::default()
+        }),
+        ip_block: None,
+    };
+    NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(pool_network_policy_name(pool)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([(LABEL_MANAGED_BY.to_owned(), MANAGER.to_owned())])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(LABEL_WARM_POOL.to_owned(), pool.to_owned())])),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![peer]),
+                ports: Some(vec![NetworkPolicyPort {
+                    port: Some(IntOrString::Int(AGENT_PORT)),
+                    protocol: Some("TCP".into()),
+                    end_port: None,
+                }]),
+            }]),
+            egress: None,
+        }),
+    }
+}
+
+/// Pure: why `task` cannot run in a pool pod of `resources` (`None`: it can). The pool's pods are
+/// Python, standard isolation, of the tenant's default resources, and mount nothing of a task's.
+pub fn warm_ineligible(task: &AgentTask, resources: &PoolResources, artifacts_claim: bool) -> Option<String> {
+    let spec = &task.spec;
+    if spec.language != TaskLanguage::Python {
+        return Some("the warm pool runs Python tasks only".into());
+    }
+    if spec.isolation.as_deref().is_some_and(|i| i != "standard") {
+        return Some("the warm pool runs tasks of standard isolation only".into());
+    }
+    if !spec.inputs_from.is_empty() {
+        return Some("the task's inputs come from ConfigMaps (spec.inputsFrom), which a pool pod cannot mount".into());
+    }
+    if artifacts_claim {
+        return Some("the artifacts claim cannot be mounted in a pool pod".into());
+    }
+    let r = spec.resources.clone().unwrap_or_default();
+    let cpu = r.cpu.as_deref().map(crate::domain::quantity::parse_cpu_millis);
+    let memory = r.memory.as_deref().map(crate::domain::quantity::parse_memory_bytes);
+    let fits = cpu.is_none_or(|c| c.ok() == Some(resources.cpu_millis))
+        && memory.is_none_or(|m| m.ok() == Some(resources.memory_bytes));
+    if !fits {
+        return Some(format!(
+            "the warm pool's pods have the tenant's default resources ({}m cpu, {} bytes memory) and the task asks \
+             for others",
+            resources.cpu_millis, resources.memory_bytes
+        ));
+    }
+    None
+}
+
+/// What to do with a warm-eligible task, given its pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolDecision {
+    /// A replica is free: claim it.
+    Claim,
+    /// None is: wait (and say so).
+    Wait(String),
+    /// None is: run cold (and say so).
+    Cold(String),
+}
+
+/// Pure: claim, wait or go cold, from the pool's `readyReplicas` less the service's claims on it
+/// that are not bound yet (each will take one of those replicas).
+pub fn pool_decision(
+    pool: &str,
+    ready_replicas: i64,
+    unbound_claims: usize,
+    empty: crate::domain::tenant::WarmPoolEmpty,
+) -> PoolDecision {
+    let free = ready_replicas - unbound_claims as i64;
+    if free > 0 {
+        return PoolDecision::Claim;
+    }
+    let counts = format!("{ready_replicas} ready, {unbound_claims} claimed and not bound yet");
+    match empty {
+        crate::domain::tenant::WarmPoolEmpty::Wait => {
+            PoolDecision::Wait(format!("waiting for a ready replica of warm pool {pool} ({counts})"))
+        }
+        crate::domain::tenant::WarmPoolEmpty::Cold => {
+            PoolDecision::Cold(format!("warm pool {pool} had no ready replica ({counts})"))
+        }
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104) of `message` under `key`.
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |b: u8| block.iter().map(|k| k ^ b).collect::<Vec<u8>>();
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(message).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hand-over of `task` to pod `pod`: the JSON body and its signature under `token`. The
+/// argv and env are the very ones the cold pod's container would have (podjob's entry script
+/// and runtime), the files its inputs, so the claimed pod then runs exactly as a cold one.
+pub fn handoff_request(
+    task: &AgentTask,
+    settings: &PodSettings,
+    defaults: &TaskDefaults,
+    pod: &str,
+    token: &[u8],
+) -> Result<(Vec<u8>, String), BuildError> {
+    let objs = podspec::build(task, settings, defaults)?;
+    let c = objs.pod.spec.as_ref().map(|s| s.containers[0].clone()).unwrap_or_default();
+    let mut argv = c.command.unwrap_or_default();
+    argv.extend(c.args.unwrap_or_default());
+    let env: BTreeMap<String, String> =
+        c.env.unwrap_or_default().into_iter().filter_map(|e| Some((e.name, e.value?))).collect();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let files: Vec<serde_json::Value> = podspec::inline_inputs(task)?
+        .into_iter()
+        .map(|i| serde_json::json!({"target": i.target, "data": base64::Engine::encode(&b64, &i.bytes)}))
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "pod": pod, "files": files, "argv": argv, "env": env, "workdir": podspec::SCRATCH,
+    }))
+    .expect("a hand-over serializes");
+    let signature = hex(&hmac_sha256(token, &body));
+    Ok((body, signature))
+}
+
 fn dynamic(kind: Kind, version: SandboxApiVersion, meta: ObjectMeta, spec: serde_json::Value) -> DynamicObject {
     let ar = api_resource(kind, version);
     let mut obj =
@@ -340,6 +728,144 @@ mod tests {
 
     fn deadline() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap()
+    }
+
+    fn resources() -> PoolResources {
+        PoolResources { cpu_millis: 500, memory_bytes: 256 << 20 }
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // RFC 4231, test cases 2 and 6 (a key longer than the block).
+        assert_eq!(
+            hex(&hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert_eq!(
+            hex(&hmac_sha256(&[0xaa; 131], b"Test Using Larger Than Block-Size Key - Hash Key First")),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn the_template_is_podjobs_pod_running_the_agent() {
+        let settings = PodSettings { artifacts_claim: Some("arts".into()), ..PodSettings::default() };
+        let t = warm_template("py", "agenttask", &settings, &resources(), SandboxApiVersion::V1beta1);
+        assert_eq!(t.types.as_ref().unwrap().kind, "SandboxTemplate");
+        assert_eq!(t.data["spec"]["networkPolicyManagement"], "Unmanaged");
+        let pt: PodTemplate = serde_json::from_value(t.data["spec"]["podTemplate"].clone()).unwrap();
+        assert_eq!(pt.metadata.labels[LABEL_WARM_POOL], "py");
+        let spec = pt.spec;
+        assert_eq!(spec.active_deadline_seconds, None, "a pool pod waits for an unknown time");
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+        assert!(spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|v| v.persistent_volume_claim.is_none() && v.config_map.is_none()));
+        let c = &spec.containers[0];
+        assert_eq!(c.command.as_ref().unwrap()[..2], ["python3".to_string(), "-c".to_string()]);
+        assert_eq!(c.args.as_ref().unwrap(), &[AGENT_PORT.to_string()]);
+        assert_eq!(c.security_context.as_ref().unwrap().read_only_root_filesystem, Some(true));
+        assert_eq!(c.ports.as_ref().unwrap()[0].container_port, AGENT_PORT);
+        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!((limits["cpu"].0.as_str(), limits["memory"].0.as_str()), ("500m", "268435456"));
+        let env = c.env.as_ref().unwrap();
+        let token = env.iter().find(|e| e.name == "AGENTTASK_AGENT_TOKEN").unwrap();
+        assert_eq!(token.value, None, "the token is only referenced");
+        assert_eq!(token.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "py-agent-token");
+        assert!(env.iter().any(|e| e.name == "AGENTTASK_RESULT_FILE"));
+        let pool = warm_pool("py", "agenttask", 3, SandboxApiVersion::V1beta1);
+        assert_eq!(pool.data["spec"], serde_json::json!({"replicas": 3, "sandboxTemplateRef": {"name": "py"}}));
+    }
+
+    #[test]
+    fn the_pool_policy_denies_egress_and_admits_only_the_service_to_the_agent() {
+        let np = pool_network_policy("py", "agenttask", "agenttask-system");
+        let spec = np.spec.unwrap();
+        assert_eq!(spec.policy_types.unwrap(), ["Ingress", "Egress"]);
+        assert!(spec.egress.is_none(), "no egress rule: all egress denied");
+        assert_eq!(spec.pod_selector.unwrap().match_labels.unwrap()[LABEL_WARM_POOL], "py");
+        let ingress = spec.ingress.unwrap();
+        assert_eq!(ingress.len(), 1);
+        let from = &ingress[0].from.as_ref().unwrap()[0];
+        assert_eq!(
+            from.pod_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["app.kubernetes.io/name"],
+            "agenttask"
+        );
+        assert_eq!(
+            from.namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["kubernetes.io/metadata.name"],
+            "agenttask-system"
+        );
+        assert_eq!(ingress[0].ports.as_ref().unwrap()[0].port, Some(IntOrString::Int(AGENT_PORT)));
+    }
+
+    #[test]
+    fn only_python_standard_default_sized_tasks_go_warm() {
+        let mut t = task(None);
+        t.spec.resources = None;
+        assert_eq!(warm_ineligible(&t, &resources(), false), None);
+        t.spec.resources = Some(TaskResources { cpu: Some("0.5".into()), memory: Some("256Mi".into()) });
+        assert_eq!(warm_ineligible(&t, &resources(), false), None, "the same amounts, written otherwise");
+        assert!(warm_ineligible(&t, &resources(), true).unwrap().contains("artifacts"));
+        t.spec.resources = Some(TaskResources { cpu: Some("1".into()), memory: None });
+        assert!(warm_ineligible(&t, &resources(), false).unwrap().contains("default resources"));
+        let mut r = task(None);
+        r.spec.resources = None;
+        r.spec.language = TaskLanguage::R;
+        assert!(warm_ineligible(&r, &resources(), false).unwrap().contains("Python"));
+        assert!(warm_ineligible(&task(Some("gvisor")), &resources(), false).unwrap().contains("isolation"));
+    }
+
+    #[test]
+    fn the_pool_decision_counts_unbound_claims() {
+        use crate::domain::tenant::WarmPoolEmpty;
+        assert_eq!(pool_decision("py", 2, 1, WarmPoolEmpty::Wait), PoolDecision::Claim);
+        match pool_decision("py", 2, 2, WarmPoolEmpty::Wait) {
+            PoolDecision::Wait(m) => assert!(m.contains("waiting for a ready replica of warm pool py"), "{m}"),
+            d => panic!("{d:?}"),
+        }
+        match pool_decision("py", 0, 0, WarmPoolEmpty::Cold) {
+            PoolDecision::Cold(m) => {
+                assert_eq!(m, "warm pool py had no ready replica (0 ready, 0 claimed and not bound yet)")
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn the_handoff_carries_the_cold_pods_command_and_is_signed() {
+        let mut t = task(None);
+        t.spec.stdin = Some("in".into());
+        t.spec.env = BTreeMap::from([("A".to_string(), "1".to_string())]);
+        t.spec.args = vec!["x".into()];
+        let (body, sig) =
+            handoff_request(&t, &PodSettings::default(), &TaskDefaults::default(), "py-abcde", b"k").unwrap();
+        assert_eq!(sig, hex(&hmac_sha256(b"k", &body)));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["pod"], "py-abcde");
+        assert_eq!(v["workdir"], podspec::SCRATCH);
+        let cold = podspec::build(&t, &PodSettings::default(), &TaskDefaults::default()).unwrap().pod;
+        let c = &cold.spec.unwrap().containers[0];
+        let mut argv = c.command.clone().unwrap();
+        argv.extend(c.args.clone().unwrap());
+        assert_eq!(v["argv"], serde_json::json!(argv));
+        assert_eq!(v["env"]["A"], "1");
+        assert_eq!(v["env"]["AGENTTASK_RESULT_FILE"], format!("{}/result.json", podspec::SCRATCH));
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let files: BTreeMap<String, Vec<u8>> = v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let data = base64::Engine::decode(&b64, f["data"].as_str().unwrap()).unwrap();
+                (f["target"].as_str().unwrap().to_owned(), data)
+            })
+            .collect();
+        assert_eq!(files["work/main.py"], b"print(1)");
+        assert_eq!(files["stdin"], b"in");
     }
 
     #[test]

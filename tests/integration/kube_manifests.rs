@@ -130,6 +130,60 @@ fn rendered_sandbox_pod_template_passes_strict_schema_validation() {
     }
 }
 
+/// `render --backend sandbox` for a tenant with a warm pool: the claim and the pool's
+/// NetworkPolicy, then the pool's template and the pool for the operator. The NetworkPolicy and
+/// the template's pod (as the Pod agent-sandbox makes of it) pass strict validation.
+#[test]
+fn rendered_warm_pool_objects_pass_strict_schema_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    std::fs::write(&tenants, "[tenants.acme]\nwarm_pool = \"py\"\n").unwrap();
+    let input = dir.path().join("task.json");
+    std::fs::write(&input, r#"{"language": "python", "code": "print(1)", "timeout_seconds": 20}"#).unwrap();
+    let args = RenderArgs {
+        backend: RenderBackend::Sandbox,
+        tenant: "acme".into(),
+        tenants: Some(tenants),
+        namespace: None,
+        namespace_per_tenant: false,
+        artifacts_pvc: None,
+        task: input,
+    };
+    let yaml = render(&args).unwrap_or_else(|(c, m)| panic!("render failed ({c}): {m}"));
+    let docs: Vec<serde_json::Value> = yaml
+        .split("\n---\n")
+        .skip(1)
+        .map(|d| serde_saphyr::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["AgentTask", "SandboxClaim", "NetworkPolicy", "SandboxTemplate", "SandboxWarmPool"], "{yaml}");
+    let claim = &docs[1];
+    assert_eq!(claim["spec"]["warmPoolRef"]["name"], "py");
+    assert_eq!(claim["spec"]["lifecycle"]["shutdownPolicy"], "Delete");
+    assert!(yaml.contains("kubectl -n agenttask create secret generic py-agent-token"), "{yaml}");
+    let template = &docs[3]["spec"]["podTemplate"];
+    assert_eq!(docs[3]["spec"]["networkPolicyManagement"], "Unmanaged");
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "py-abcde", "namespace": "agenttask", "labels": template["metadata"]["labels"]},
+        "spec": template["spec"],
+    });
+    let np = serde_json::json!(docs[2]);
+    let (pod_file, np_file) = (dir.path().join("pool-pod.json"), dir.path().join("pool-np.json"));
+    std::fs::write(&pod_file, serde_json::to_vec(&pod).unwrap()).unwrap();
+    std::fs::write(&np_file, serde_json::to_vec(&np).unwrap()).unwrap();
+    let report = validate(&[pod_file, np_file]);
+    for kind in ["pod/", "networkpolicy/"] {
+        assert!(report.contains(&format!("passed for resource {kind}")), "no {kind} was validated:\n{report}");
+    }
+    // Not warm: an R task of the same tenant renders the cold Sandbox, saying why.
+    let input = dir.path().join("r.json");
+    std::fs::write(&input, r#"{"language": "r", "code": "cat(1)"}"#).unwrap();
+    let yaml = render(&RenderArgs { task: input, ..args }).unwrap_or_else(|(c, m)| panic!("render failed ({c}): {m}"));
+    assert!(yaml.contains("# Runs cold, not on warm pool py: the warm pool runs Python tasks only."), "{yaml}");
+    assert!(yaml.contains("kind: Sandbox\n"), "{yaml}");
+}
+
 #[test]
 fn deploy_manifests_pass_strict_schema_validation() {
     let mut files = vec![root().join("deploy/crd.yaml")];

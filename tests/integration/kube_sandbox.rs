@@ -273,3 +273,346 @@ async fn kube_sandbox_a_kubectl_agenttask_runs_through_a_sandbox() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The warm path: claims on a SandboxWarmPool, the task handed to the claimed pod's agent. These
+// tests apply AgentTasks with kubectl and read their outcome from the AgentTask and the row, so
+// they need no RabbitMQ (the service runs the scheduler, the executor and the HTTP API).
+
+/// Tenants of the warm tests, each owning the namespace its AgentTasks are applied in: `a`
+/// (namespace `agenttask`) waits for a ready replica, `b` (`warm-b`) falls back to cold, `c`
+/// (`warm-c`) names a pool that does not exist.
+const WARM_TENANTS: &str = "[defaults]\nmax_concurrency = 100\nrate_per_second = 1000\nwarm_pool = \"py\"\n\
+     [tenants.{t}-a]\nwarm_pool_empty = \"wait\"\nnamespaces = [\"agenttask\"]\n\
+     [tenants.{t}-b]\nwarm_pool_empty = \"cold\"\nnamespaces = [\"warm-b\"]\n\
+     [tenants.{t}-c]\nwarm_pool = \"nope\"\nnamespaces = [\"warm-c\"]\n";
+
+/// An `exec` emulator playing agent-sandbox, with the namespaces `warm-b` and `warm-c`, and in
+/// each of `pools` a warm pool `py` of `replicas` (its token Secret, the template and the pool as
+/// `agenttask render` prints them for the operator), once every replica is ready.
+fn warm_sim(replicas: u32, pools: &[&str]) -> Sim {
+    use agenttask::kube::{sandbox, PodSettings};
+    let sim = Sim::start_with("exec");
+    let root = env!("CARGO_MANIFEST_DIR");
+    sim.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &format!("{root}/tests/kubesim/tests/data/agent-sandbox-crds.yaml"),
+    ]);
+    sim.kubectl_ok(&["wait", "--for=condition=Established", "crd/sandboxwarmpools.extensions.agents.x-k8s.io"]);
+    for ns in ["warm-b", "warm-c"] {
+        sim.kubectl_ok(&["create", "namespace", ns]);
+        sim.kubectl_ok(&["label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted"]);
+    }
+    let version = sandbox::SandboxApiVersion::V1beta1;
+    let resources = sandbox::PoolResources { cpu_millis: 500, memory_bytes: 256 << 20 };
+    for ns in pools {
+        let token = format!("--from-literal=token={:032x}", rand_u128());
+        sim.kubectl_ok(&["create", "secret", "generic", "py-agent-token", "-n", ns, &token]);
+        let template = sandbox::warm_template("py", ns, &PodSettings::default(), &resources, version);
+        let pool = sandbox::warm_pool("py", ns, replicas, version);
+        for (i, obj) in [template, pool].iter().enumerate() {
+            let file = sim.dir.path().join(format!("pool-{ns}-{i}.json"));
+            std::fs::write(&file, serde_json::to_string(obj).unwrap()).unwrap();
+            sim.kubectl_ok(&["apply", "--server-side", "-f", file.to_str().unwrap()]);
+        }
+        wait_ready_replicas(&sim, ns, i64::from(replicas));
+    }
+    sim
+}
+
+fn rand_u128() -> u128 {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).unwrap();
+    u128::from_le_bytes(b)
+}
+
+fn ready_replicas(sim: &Sim, ns: &str) -> i64 {
+    sim.json(&["get", "sandboxwarmpools", "py", "-n", ns])["status"]["readyReplicas"].as_i64().unwrap_or(0)
+}
+
+fn wait_ready_replicas(sim: &Sim, ns: &str, n: i64) {
+    let start = std::time::Instant::now();
+    while ready_replicas(sim, ns) != n {
+        assert!(start.elapsed() < WAIT, "warm pool {ns}/py never had {n} ready replicas");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The service without ingest and publisher: AgentTasks come in through kubectl.
+async fn start_warm(env: &Env, sim: &Sim) -> Service {
+    start_warm_with(env, sim, SandboxApiVersion::V1beta1).await
+}
+
+async fn start_warm_with(env: &Env, sim: &Sim, version: SandboxApiVersion) -> Service {
+    use agenttask::config::Component;
+    let mut s = sandbox_settings(env, sim, 20);
+    s.components = vec![Component::Scheduler, Component::Executor, Component::Http];
+    s.kube.sandbox_version = version;
+    env.start_with(s).await
+}
+
+/// `--sandbox-api-version v1alpha1`: the claim names the pool's template (`sandboxTemplateRef`)
+/// and the pool (`warmpool`), and the task runs warm as with v1beta1.
+#[tokio::test]
+async fn kube_sandbox_warm_pool_with_v1alpha1_claims() {
+    let sim = warm_sim(1, &["agenttask"]);
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = start_warm_with(&env, &sim, SandboxApiVersion::V1alpha1).await;
+    let pool = env.pg().await;
+    apply_program(&sim, "alpha", "agenttask", "0", "");
+    let r = row(&pool, "agenttask", "alpha").await;
+    assert_ran(&r, "0");
+    assert!(r["message"].as_str().unwrap().ends_with("; launched warm (pool py)"), "{r:#}");
+    let claim = sim.json(&["get", "sandboxclaims.v1alpha1.extensions.agents.x-k8s.io", "alpha-a1", "-n", "agenttask"]);
+    assert_eq!(claim["apiVersion"], "extensions.agents.x-k8s.io/v1alpha1", "{claim:#}");
+    assert_eq!(
+        (&claim["spec"]["sandboxTemplateRef"]["name"], &claim["spec"]["warmpool"]),
+        (&json!("py"), &json!("py")),
+        "{claim:#}"
+    );
+    assert_eq!(claim["status"]["sandbox"]["name"], status_of(&sim, "alpha", "agenttask")["podName"], "{claim:#}");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// The program of the warm tests: reads an input file, stdin, its args and env, writes a result.
+const PROGRAM: &str = "import json, os, sys, time\n\
+    time.sleep(float(sys.argv[1]))\n\
+    total = sum(int(x) for x in open('numbers.txt').read().split())\n\
+    print('total', total, sys.stdin.read().strip(), os.environ['GREETING'])\n\
+    print('to stderr', file=sys.stderr)\n\
+    json.dump({'total': total, 'argv': sys.argv[1:], 'token': os.environ.get('AGENTTASK_AGENT_TOKEN')},\n\
+              open(os.environ['AGENTTASK_RESULT_FILE'], 'w'))\n";
+
+/// Applies the AgentTask `name` in `ns` running [`PROGRAM`] after `sleep` seconds; `extra` is
+/// more of its spec (YAML, two-space indented), `timeoutSeconds` 60 unless it says otherwise.
+fn apply_program(sim: &Sim, name: &str, ns: &str, sleep: &str, extra: &str) {
+    let timeout = if extra.contains("timeoutSeconds") { "" } else { "  timeoutSeconds: 60\n" };
+    let spec = format!(
+        "  language: python\n  code: {PROGRAM:?}\n  files:\n    numbers.txt: {{content: \"1 2 3 4\"}}\n  \
+         stdin: from stdin\n  args: [\"{sleep}\", \"y\"]\n  env: {{GREETING: hello}}\n{timeout}{extra}"
+    );
+    let path = sim.dir.path().join(format!("{ns}-{name}.yaml"));
+    std::fs::write(&path, agenttask_yaml(name, ns, &spec)).unwrap();
+    sim.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+}
+
+/// The task's row once it has ended: phase, reason, message, stdout, stderr, result, backend.
+async fn row(pool: &sqlx::PgPool, ns: &str, name: &str) -> Value {
+    let key = format!("{ns}/{name}");
+    let query = "select json_build_object('phase', phase, 'reason', reason, 'message', message, 'stdout', stdout, \
+                 'stderr', stderr, 'result', result, 'backend', backend, 'attempt', attempt) \
+                 from agenttask.tasks where kube_object = $1";
+    let ended = || async {
+        let r: Option<Value> = sqlx::query_scalar(query).bind(&key).fetch_optional(pool).await.unwrap();
+        r.filter(|r| ["Succeeded", "Failed", "Cancelled"].contains(&r["phase"].as_str().unwrap_or_default()))
+    };
+    eventually(Duration::from_secs(90), || async { ended().await.is_some() }).await;
+    ended().await.unwrap()
+}
+
+fn assert_ran(r: &Value, sleep: &str) {
+    assert_eq!((r["phase"].as_str(), r["backend"].as_str()), (Some("Succeeded"), Some("sandbox")), "{r:#}");
+    assert_eq!(r["stdout"], "total 10 from stdin hello\n", "{r:#}");
+    assert_eq!(r["stderr"], "to stderr\n", "{r:#}");
+    // The agent's token never reaches the task.
+    assert_eq!(r["result"], json!({"total": 10, "argv": [sleep, "y"], "token": null}), "{r:#}");
+}
+
+/// The Sandboxes the pool `py` of `ns` holds (not claimed).
+fn pool_sandboxes(sim: &Sim, ns: &str) -> Vec<String> {
+    sim.json(&["get", "sandboxes", "-n", ns])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["metadata"]["ownerReferences"][0]["kind"] == "SandboxWarmPool")
+        .map(|s| s["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The warm path with real Python: a task claims a pre-warmed sandbox of pool `py`, its code,
+/// file, stdin, args and env are handed to the claimed pod's agent, and it runs and returns as a
+/// cold one does. The claimed Sandbox served that one task: it goes with the task's AgentTask
+/// and the pool refills with new ones. A tenant whose pool does not exist fails clearly; an R task
+/// (which no pool pod can run) runs cold and says why.
+#[tokio::test]
+async fn kube_sandbox_warm_pool_runs_real_python_once_per_claimed_sandbox() {
+    let sim = warm_sim(2, &["agenttask"]);
+    let warm_before = pool_sandboxes(&sim, "agenttask");
+    assert_eq!(warm_before.len(), 2);
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = start_warm(&env, &sim).await;
+    let pool = env.pg().await;
+    apply_program(&sim, "warm", "agenttask", "0", "  ttlSecondsAfterFinished: 3\n");
+    apply_program(&sim, "nopool", "warm-c", "0", "");
+    let r_spec = "  language: r\n  code: \"cat('from R\\\\n')\"\n  timeoutSeconds: 60\n";
+    let path = sim.dir.path().join("r.yaml");
+    std::fs::write(&path, agenttask_yaml("r", "agenttask", r_spec)).unwrap();
+    sim.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    let warm = row(&pool, "agenttask", "warm").await;
+    assert_ran(&warm, "0");
+    let message = warm["message"].as_str().unwrap();
+    assert!(message.ends_with("; launched warm (pool py)"), "{message}");
+    let st = status_of(&sim, "warm", "agenttask");
+    let pod_name = st["podName"].as_str().unwrap().to_owned();
+    assert!(warm_before.contains(&pod_name), "ran in a pre-warmed sandbox: {pod_name} of {warm_before:?}");
+    let claim = sim.json(&["get", "sandboxclaims", "warm-a1", "-n", "agenttask"]);
+    assert_eq!(claim["status"]["sandbox"]["name"], pod_name.as_str(), "{claim:#}");
+    assert!(claim["metadata"]["annotations"]["agenttask.io/handoff"].as_str().unwrap().starts_with("done "));
+    assert_eq!(claim["spec"]["lifecycle"]["shutdownPolicy"], "Delete");
+    assert_eq!(claim["metadata"]["ownerReferences"][0]["kind"], "AgentTask");
+    let np = sim.json(&["get", "networkpolicy", "agenttask-warm-py", "-n", "agenttask"]);
+    assert_eq!(np["spec"]["policyTypes"], json!(["Ingress", "Egress"]), "{np:#}");
+    assert!(np["spec"].get("egress").is_none(), "{np:#}");
+
+    let nopool = row(&pool, "warm-c", "nopool").await;
+    assert_eq!(
+        (nopool["phase"].as_str(), nopool["reason"].as_str()),
+        (Some("Failed"), Some("BackendError")),
+        "{nopool:#}"
+    );
+    assert!(nopool["message"].as_str().unwrap().contains("warm pool nope not found (WarmPoolNotFound)"), "{nopool:#}");
+    let rt = row(&pool, "agenttask", "r").await;
+    assert_eq!((rt["phase"].as_str(), rt["stdout"].as_str()), (Some("Succeeded"), Some("from R\n")), "{rt:#}");
+    let message = rt["message"].as_str().unwrap();
+    assert!(message.contains("launched cold (warm pool py: the warm pool runs Python tasks only)"), "{message}");
+
+    // Used once: the claim, its Sandbox and pod go with the AgentTask (its TTL); the pool refills.
+    eventually(WAIT, || async {
+        !sim.kubectl(&["get", "sandbox", &pod_name, "-n", "agenttask"]).status.success()
+            && !sim.kubectl(&["get", "pod", &pod_name, "-n", "agenttask"]).status.success()
+            && !sim.kubectl(&["get", "sandboxclaim", "warm-a1", "-n", "agenttask"]).status.success()
+    })
+    .await;
+    wait_ready_replicas(&sim, "agenttask", 2);
+    assert!(!pool_sandboxes(&sim, "agenttask").contains(&pod_name), "never handed out again");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A pool with no ready replica (`kubesim.agenttask.io/pool: exhausted` once its one replica is
+/// claimed): a `wait` tenant's task stays `Pending` and says it waits, then runs once the pool
+/// makes a replica again; a `cold` tenant's task runs at once as its own Sandbox, and its status
+/// and result message say so.
+#[tokio::test]
+async fn kube_sandbox_warm_pool_exhausted_waits_or_falls_back_to_cold() {
+    let sim = warm_sim(1, &["agenttask", "warm-b"]);
+    for ns in ["agenttask", "warm-b"] {
+        sim.kubectl_ok(&["annotate", "sandboxwarmpools", "py", "-n", ns, "kubesim.agenttask.io/pool=exhausted"]);
+    }
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = start_warm(&env, &sim).await;
+    let pool = env.pg().await;
+    // Each pool's one replica goes to a first task.
+    apply_program(&sim, "first", "agenttask", "4", "");
+    apply_program(&sim, "first", "warm-b", "4", "");
+    for ns in ["agenttask", "warm-b"] {
+        eventually(WAIT, || async { status_of(&sim, "first", ns)["phase"] == "Running" }).await;
+        assert_eq!(ready_replicas(&sim, ns), 0);
+    }
+    apply_program(&sim, "waits", "agenttask", "0", "");
+    apply_program(&sim, "cold", "warm-b", "0", "");
+    let gives_up = "  language: python\n  code: print(1)\n  timeoutSeconds: 2\n";
+    let path = sim.dir.path().join("gives-up.yaml");
+    std::fs::write(&path, agenttask_yaml("gives-up", "agenttask", gives_up)).unwrap();
+    sim.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    eventually(WAIT, || async {
+        status_of(&sim, "waits", "agenttask")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("waiting for a ready replica of warm pool py"))
+    })
+    .await;
+    assert_eq!(status_of(&sim, "waits", "agenttask")["phase"], "Pending");
+
+    let cold = row(&pool, "warm-b", "cold").await;
+    assert_ran(&cold, "0");
+    let message = cold["message"].as_str().unwrap();
+    assert!(message.contains("launched cold (warm pool py had no ready replica (0 ready"), "{message}");
+    let at = sim.json(&["get", "at", "cold", "-n", "warm-b"]);
+    assert!(at["metadata"]["annotations"]["agenttask.io/launch"].as_str().unwrap().starts_with("cold"), "{at:#}");
+    assert!(sim.kubectl(&["get", "sandbox", "cold-a1", "-n", "warm-b"]).status.success(), "its own Sandbox");
+    for ns in ["agenttask", "warm-b"] {
+        assert_ran(&row(&pool, ns, "first").await, "4");
+    }
+    assert_eq!(status_of(&sim, "waits", "agenttask")["phase"], "Pending", "still waiting: the pool makes no replica");
+    // A task that waits longer than its timeout ends `TimedOut`, never launched.
+    let gave_up = row(&pool, "agenttask", "gives-up").await;
+    assert_eq!(
+        (gave_up["phase"].as_str(), gave_up["reason"].as_str()),
+        (Some("Failed"), Some("TimedOut")),
+        "{gave_up:#}"
+    );
+    let message = gave_up["message"].as_str().unwrap();
+    assert!(
+        message.ends_with("; never launched: no replica of warm pool py was ready within the task's timeout"),
+        "{message}"
+    );
+
+    sim.kubectl_ok(&["annotate", "sandboxwarmpools", "py", "-n", "agenttask", "kubesim.agenttask.io/pool-"]);
+    let waits = row(&pool, "agenttask", "waits").await;
+    assert_ran(&waits, "0");
+    let message = waits["message"].as_str().unwrap();
+    assert!(message.contains("launched warm (pool py, after waiting"), "{message}");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A claim that expires under its task (`kubesim.agenttask.io/expire-after-ms`, which reaches the
+/// claim from the task's labels) takes its Sandbox and pod with it: the task ends `PodMissing`,
+/// saying so. A restart mid-task adopts the running claim: one attempt, the same pod, the output.
+/// A warm task past its timeout (counted from the hand-over: the pool's pod has no deadline of its
+/// own) ends `TimedOut`, and a cancelled one `Cancelled`; both claims go, with their pods.
+#[tokio::test]
+async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
+    let sim = warm_sim(4, &["agenttask"]);
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = start_warm(&env, &sim).await;
+    let pool = env.pg().await;
+    apply_program(
+        &sim,
+        "expires",
+        "agenttask",
+        "30",
+        "  labels: {\"kubesim.agenttask.io/expire-after-ms\": \"3000\"}\n",
+    );
+    apply_program(&sim, "long", "agenttask", "6", "");
+    for name in ["expires", "long"] {
+        eventually(WAIT, || async { status_of(&sim, name, "agenttask")["phase"] == "Running" }).await;
+    }
+    let pod_name = status_of(&sim, "long", "agenttask")["podName"].as_str().unwrap().to_owned();
+    let pod_uid = sim.json(&["get", "pod", &pod_name, "-n", "agenttask"])["metadata"]["uid"].clone();
+    svc.stop().await;
+    let svc = start_warm(&env, &sim).await;
+    let e = row(&pool, "agenttask", "expires").await;
+    assert_eq!((e["phase"].as_str(), e["reason"].as_str()), (Some("Failed"), Some("PodMissing")), "{e:#}");
+    assert!(e["message"].as_str().unwrap().contains("disappeared (expired or deleted)"), "{e:#}");
+    let long = row(&pool, "agenttask", "long").await;
+    assert_ran(&long, "6");
+    assert_eq!(long["attempt"], 1, "adopted, not retried");
+    assert_eq!(status_of(&sim, "long", "agenttask")["podName"], pod_name.as_str());
+    assert_eq!(sim.json(&["get", "pod", &pod_name, "-n", "agenttask"])["metadata"]["uid"], pod_uid, "the same pod");
+
+    apply_program(&sim, "slow", "agenttask", "30", "  timeoutSeconds: 2\n");
+    apply_program(&sim, "cancel", "agenttask", "30", "");
+    eventually(WAIT, || async { status_of(&sim, "cancel", "agenttask")["phase"] == "Running" }).await;
+    let cancel_pod = status_of(&sim, "cancel", "agenttask")["podName"].as_str().unwrap().to_owned();
+    sim.kubectl_ok(&["delete", "at", "cancel", "-n", "agenttask", "--wait=false"]);
+    let cancelled = row(&pool, "agenttask", "cancel").await;
+    assert_eq!(cancelled["phase"], "Cancelled", "{cancelled:#}");
+    eventually(WAIT, || async { !sim.kubectl(&["get", "at", "cancel", "-n", "agenttask"]).status.success() }).await;
+    let slow = row(&pool, "agenttask", "slow").await;
+    assert_eq!((slow["phase"].as_str(), slow["reason"].as_str()), (Some("Failed"), Some("TimedOut")), "{slow:#}");
+    let slow_pod = status_of(&sim, "slow", "agenttask")["podName"].as_str().unwrap().to_owned();
+    for (claim, pod) in [("cancel-a1", cancel_pod), ("slow-a1", slow_pod)] {
+        eventually(WAIT, || async {
+            !sim.kubectl(&["get", "sandboxclaim", claim, "-n", "agenttask"]).status.success()
+                && !sim.kubectl(&["get", "pod", &pod, "-n", "agenttask"]).status.success()
+        })
+        .await;
+    }
+    svc.stop().await;
+    env.cleanup().await;
+}

@@ -162,7 +162,9 @@ impl Env {
     async fn remove_everything(&self) {
         if self.vhost.is_none() {
             // Queues are durable: remove this test's, or every run leaves some behind.
-            if let Ok(conn) = Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await {
+            // A broker that accepts connections but never answers must not hang the cleanup.
+            let connect = Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default());
+            if let Ok(Ok(conn)) = tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
                 let mut tenants = self.tenants_seen.lock().unwrap().clone();
                 tenants.extend(self.tenants_in_file());
                 for t in tenants {

@@ -484,6 +484,7 @@ impl LocalBackend {
             result,
             artifacts: collected.artifacts,
             artifacts_note: collected.note,
+            launch_note: None,
             started_at,
             finished_at: Utc::now(),
             warm,

@@ -720,7 +720,18 @@ fn update(inner: &mut Inner, rt: &ResourceType, obj: Value, sub: Option<&str>) -
     let version = obj["apiVersion"].as_str().and_then(|v| v.rsplit('/').next()).unwrap_or("v1").to_string();
     let (ns, name) = (namespace(&obj).to_string(), name(&obj).to_string());
     let mut ctx = WriteCtx::internal(MANAGER);
-    objects::update(inner, rt, &version, &ns, &name, obj, sub, &mut ctx, false).ok()
+    if let Ok(v) = objects::update(inner, rt, &version, &ns, &name, obj.clone(), sub, &mut ctx, false) {
+        return Some(v);
+    }
+    // Stored unconverted (the emulator has no conversion webhook), an object written in the other
+    // version may validate only in that one (a v1alpha1 claim has no `warmPoolRef`): write it there.
+    let written = inner.get(&rt.key(), &ns, &name)?["apiVersion"].as_str()?.rsplit('/').next()?.to_string();
+    if written == version {
+        return None;
+    }
+    let mut obj = obj;
+    obj["apiVersion"] = json!(rt.api_version(&written));
+    objects::update(inner, rt, &written, &ns, &name, obj, sub, &mut ctx, false).ok()
 }
 
 fn delete(inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, propagation: Option<&str>) {

@@ -18,7 +18,11 @@
 //! `resources.limits.memory` is a memory cgroup where the host allows one (the kernel OOM killer
 //! then ends the container: exit 137, reason `OOMKilled`), else `RLIMIT_AS`;
 //! `resources.limits.cpu` is a CFS quota in a cpu cgroup where the host allows one. Output (stdout and
-//! stderr) streams into the pod log as it is written. The network is not shared.
+//! stderr) streams into the pod log as it is written. The network is not shared, except with a
+//! pod that declares a `containerPort` (a server, e.g. agent-sandbox warm-pool pods' task agent):
+//! it shares the host's network and its `podIP` is a loopback address of its own
+//! ([`loopback_ip`]), so a client on the host reaches it at `podIP:port` as in a cluster. (No
+//! NetworkPolicy is enforced: such a pod's processes can reach what the host can.)
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -511,6 +515,28 @@ fn container_mounts(c: &Value, volumes: &BTreeMap<String, Volume>) -> Result<Vec
     Ok(out)
 }
 
+/// Whether a pod declares a `containerPort` (it serves something, so it gets a reachable IP).
+pub fn serves_network(pod: &Value) -> bool {
+    let declares = |key: &str| {
+        pod["spec"][key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["ports"].as_array().is_some_and(|p| p.iter().any(|p| p["containerPort"].as_i64().is_some())))
+    };
+    declares("containers") || declares("initContainers")
+}
+
+/// A loopback address of the pod's own, `127.A.B.C` from its uid (random, so emulators sharing a
+/// host rarely collide; never `127.0.x.x`, the host's usual ones, nor a `.0` or `.255`).
+pub fn loopback_ip(uid: &str) -> String {
+    let h = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    let a = 1 + (h % 254) as u8;
+    let b = ((h >> 8) % 256) as u8;
+    let c = 1 + ((h >> 16) % 254) as u8;
+    format!("127.{a}.{b}.{c}")
+}
+
 /// The bubblewrap arguments for one container.
 fn bwrap_args(
     pod: &Value,
@@ -522,6 +548,9 @@ fn bwrap_args(
 ) -> Vec<String> {
     let mut a: Vec<String> =
         ["--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr"].iter().map(|s| s.to_string()).collect();
+    if serves_network(pod) {
+        a.insert(1, "--share-net".into());
+    }
     a.extend(root_entries());
     for etc in ["/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives", "/etc/R"] {
         a.extend(["--ro-bind-try".into(), etc.into(), etc.into()]);
@@ -784,6 +813,24 @@ pub async fn run(app: &Arc<App>, pod: &Value, specs: &[Value], run_start: &str, 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn only_pods_declaring_a_port_get_a_loopback_ip_and_the_network() {
+        let server = serde_json::json!({"spec": {"containers": [{"name": "a", "ports": [{"containerPort": 8470}]}]}});
+        let task = serde_json::json!({"spec": {"containers": [{"name": "a"}]}});
+        assert!(serves_network(&server) && !serves_network(&task));
+        let mounts: Vec<Mount> = vec![];
+        let args =
+            |p: &Value| bwrap_args(p, &p["spec"]["containers"][0], &mounts, Path::new("/t"), &BTreeMap::new(), &[]);
+        assert_eq!(&args(&server)[..2], ["--unshare-all", "--share-net"]);
+        assert!(!args(&task).contains(&"--share-net".to_string()));
+        let ip = loopback_ip("6f1c1f0e-1111-4222-8333-444455556666");
+        let parts: Vec<u8> = ip.split('.').map(|p| p.parse().unwrap()).collect();
+        assert_eq!(parts[0], 127);
+        assert!(parts[1] != 0 && parts[3] != 0 && parts[3] != 255, "{ip}");
+        assert_ne!(ip, loopback_ip("6f1c1f0e-1111-4222-8333-444455556667"));
+        assert_eq!(ip, loopback_ip("6f1c1f0e-1111-4222-8333-444455556666"));
+    }
 
     #[test]
     fn quantities() {

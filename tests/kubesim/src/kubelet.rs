@@ -545,7 +545,11 @@ async fn simulate(app: Arc<App>, ns: String, name: String, uid: String, exec: bo
     let specs = containers(&pod);
     let started_at = Utc::now();
     let deadline = pod["spec"]["activeDeadlineSeconds"].as_i64().map(|s| Duration::from_secs(s.max(0) as u64));
-    let ip = format!("10.244.0.{}", 2 + (uid.as_bytes()[0] as u32 + uid.as_bytes()[1] as u32) % 250);
+    let ip = if crate::exec::serves_network(&pod) {
+        crate::exec::loopback_ip(&uid)
+    } else {
+        format!("10.244.0.{}", 2 + (uid.as_bytes()[0] as u32 + uid.as_bytes()[1] as u32) % 250)
+    };
     with_pod(&app, &ns, &name, &uid, true, "kubelet", |p| {
         p["status"]["hostIP"] = json!("127.0.0.1");
         p["status"]["hostIPs"] = json!([{"ip": "127.0.0.1"}]);

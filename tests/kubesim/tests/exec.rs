@@ -269,3 +269,48 @@ spec:
     ]);
     sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/nope", "--timeout=30s"]);
 }
+
+/// A pod that declares a `containerPort` is a server: it gets a loopback `podIP` of its own and
+/// the host's network, so a client on the host reaches it at `podIP:port` (as the service reaches
+/// a warm-pool pod's task agent). A pod without a port has no network at all.
+#[test]
+fn a_pod_declaring_a_port_is_reachable_at_its_pod_ip() {
+    let sim = Sim::start_with(&["--kubelet", "exec"]);
+    let server = "import os, socket\n\
+                  s = socket.socket()\n\
+                  s.bind((os.environ['IP'], 8470))\n\
+                  s.listen(1)\n\
+                  print('listening', flush=True)\n\
+                  c, _ = s.accept()\n\
+                  c.sendall(b'hello ' + c.recv(100))\n";
+    let client = "import socket\n\
+                  try:\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\n    print('network')\n\
+                  except OSError:\n    print('no network')\n";
+    let pod = |name: &str, code: &str, port: bool| {
+        let ports = if port { "\n    ports: [{containerPort: 8470}]" } else { "" };
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: Never\n  \
+             automountServiceAccountToken: false\n  containers:\n  - name: main\n    image: python:3.12\n    \
+             args: [\"-c\", {code:?}]{ports}\n    env:\n    - name: IP\n      valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}\n"
+        )
+    };
+    let manifest =
+        sim.write("pods.yaml", &format!("{}---\n{}", pod("server", server, true), pod("plain", client, false)));
+    sim.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    let start = std::time::Instant::now();
+    while !sim.kubectl_ok(&["logs", "server"]).contains("listening") {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "the server never listened");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let ip = pod_state(&sim, "server")["podIP"].as_str().unwrap().to_owned();
+    assert!(ip.starts_with("127.") && !ip.starts_with("127.0."), "{ip}");
+    let mut conn = std::net::TcpStream::connect((ip.as_str(), 8470)).unwrap();
+    std::io::Write::write_all(&mut conn, b"world").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut answer).unwrap();
+    assert_eq!(answer, "hello world");
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/server", "--timeout=30s"]);
+    sim.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/plain", "--timeout=30s"]);
+    assert_eq!(sim.kubectl_ok(&["logs", "plain"]), "no network\n");
+    assert!(pod_state(&sim, "plain")["podIP"].as_str().unwrap().starts_with("10.244."));
+}
