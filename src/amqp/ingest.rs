@@ -22,14 +22,14 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
 use super::connections::{Connections, INGEST_CONNECTIONS};
+use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
 use super::{declare_exchanges, declare_tenant, prop, tasks_queue, AmqpError, TASKS_EXCHANGE, UNROUTED_QUEUE};
 use crate::domain::phase::Reason;
 use crate::domain::result::ResultMessage;
@@ -64,9 +64,9 @@ const TOPOLOGY_PART: &str = "rabbitmq topology";
 /// acked) before it lets go of them; well inside the supervisor's grace.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// Pause before consuming a queue this consumer has just created: RabbitMQ 3.10 can answer a
-/// `basic.consume` on a quorum queue whose leader is not elected yet by crashing the channel
-/// with an internal error, which closes the whole connection (every queue sharing it).
+/// Pause between declaring queues and consuming them: RabbitMQ 3.10 can answer a
+/// `basic.consume` on a quorum queue created a moment ago by crashing the channel with an
+/// internal error, which closes the whole connection (every queue sharing it).
 const NEW_QUEUE_SETTLE: Duration = Duration::from_millis(500);
 
 /// Registers ingest with `/readyz` as not ready yet. Called before [`run`] is spawned too, so
@@ -119,13 +119,23 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
         let current: Vec<TenantName> = tenants_rx.borrow_and_update().keys().cloned().collect();
         let wanted: HashSet<Option<TenantName>> =
             current.iter().cloned().map(Some).chain(std::iter::once(None)).collect();
+        let new: Vec<TenantName> =
+            current.iter().filter(|t| !consumers.contains_key(&Some((*t).clone()))).cloned().collect();
+        // Not ready until each new queue is consumed: registered now, before anything awaits.
+        for queue in wanted.iter().filter(|q| !consumers.contains_key(*q)) {
+            ctx.readiness.down(&consumer_part(&queue_name(queue.as_ref())), "starting");
+        }
+        if !new.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                () = declare_up_front(&connections, &new) => {}
+            }
+        }
         for queue in &wanted {
             if !consumers.contains_key(queue) {
                 let stop = shutdown.child_token();
-                let name = queue.as_ref().map_or_else(|| UNROUTED_QUEUE.to_owned(), tasks_queue);
-                // Not ready until it consumes: registered now, before `/readyz` can be asked.
-                let part = format!("rabbitmq consumer of {name}");
-                ctx.readiness.down(&part, "starting");
+                let name = queue_name(queue.as_ref());
+                let part = consumer_part(&name);
                 let consumer = consume_queue(
                     ctx.clone(),
                     connections.clone(),
@@ -162,6 +172,15 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
     connections.close().await;
 }
 
+fn queue_name(tenant: Option<&TenantName>) -> String {
+    tenant.map_or_else(|| UNROUTED_QUEUE.to_owned(), tasks_queue)
+}
+
+/// The `/readyz` part of a queue's consumer.
+fn consumer_part(queue: &str) -> String {
+    format!("rabbitmq consumer of {queue}")
+}
+
 /// Why a consumer's channel ended; it opens a new one with backoff either way.
 #[derive(Debug, thiserror::Error)]
 enum ConsumerEnded {
@@ -180,18 +199,35 @@ impl From<lapin::Error> for ConsumerEnded {
 }
 
 async fn declare_shared(connections: &Connections) -> Result<(), AmqpError> {
-    let mut ch = connections.channel(UNROUTED_QUEUE).await?;
-    let existed = queue_exists(&ch, UNROUTED_QUEUE).await;
-    if !existed {
-        ch = connections.channel(UNROUTED_QUEUE).await?;
-    }
+    let ch = connections.channel(UNROUTED_QUEUE).await?;
     declare_exchanges(&ch).await?;
     let _ = ch.close(200, "topology declared".into()).await;
-    if !existed {
-        // The unrouted queue's consumer starts right after this (see [`NEW_QUEUE_SETTLE`]).
-        tokio::time::sleep(NEW_QUEUE_SETTLE).await;
-    }
     Ok(())
+}
+
+/// Queue declarations in flight at once when declaring tenants' queues up front.
+const DECLARE_CONCURRENCY: usize = 32;
+
+/// Declares the task and results queues of `tenants` (new tenants, or all of them at start)
+/// before their consumers start, then waits [`NEW_QUEUE_SETTLE`] so that no consumer's
+/// `basic.consume` reaches a quorum queue created a moment ago. Best effort: a consumer whose
+/// queue could not be declared here declares it itself.
+async fn declare_up_front(connections: &Connections, tenants: &[TenantName]) {
+    let declared: Vec<Result<(), AmqpError>> = futures_util::stream::iter(tenants.iter().cloned())
+        .map(|t| async move {
+            let ch = connections.channel(&tasks_queue(&t)).await?;
+            declare_tenant(&ch, &t).await?;
+            let _ = ch.close(200, "declared".into()).await;
+            Ok(())
+        })
+        .buffer_unordered(DECLARE_CONCURRENCY)
+        .collect()
+        .await;
+    if let Some(Err(e)) = declared.iter().find(|r| r.is_err()) {
+        let failed = declared.iter().filter(|r| r.is_err()).count();
+        tracing::debug!(failed, error = %e, "some tenant queues could not be declared up front; their consumers retry");
+    }
+    tokio::time::sleep(NEW_QUEUE_SETTLE).await;
 }
 
 /// A removed tenant's queue keeps what it holds, but new messages for that tenant go to the
@@ -257,18 +293,11 @@ async fn consume_once(
 ) -> Result<(), ConsumerEnded> {
     let tag = format!("agenttask-ingest-{}", Uuid::new_v4());
     let setup = async {
-        let mut channel = connections.channel(queue).await?;
+        let channel = connections.channel(queue).await?;
         if let Some(t) = tenant {
-            if !queue_exists(&channel, queue).await {
-                // The passive declare closed that channel: declare on a new one, and give the
-                // new quorum queue's leader time to be elected before consuming from it.
-                channel = connections.channel(queue).await?;
-                declare_tenant(&channel, t).await?;
-                tokio::time::sleep(NEW_QUEUE_SETTLE).await;
-            } else {
-                // Existing: declared again all the same, for its binding and results queue.
-                declare_tenant(&channel, t).await?;
-            }
+            // Declared up front already (see `declare_up_front`); again here, cheaply, in case
+            // the queue was deleted since.
+            declare_tenant(&channel, t).await?;
         }
         channel.basic_qos(ctx.prefetch, BasicQosOptions::default()).await?;
         let consumer = channel
@@ -326,12 +355,6 @@ async fn consume_once(
         let _ = channel.close(200, "agenttask ingest consumer stopping".into()).await;
     }
     outcome
-}
-
-/// Whether `queue` exists. A passive declare of a missing queue closes the channel it runs on.
-async fn queue_exists(channel: &lapin::Channel, queue: &str) -> bool {
-    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-    channel.queue_declare(queue.into(), passive, FieldTable::default()).await.is_ok()
 }
 
 /// A strictly increasing timestamp (microseconds, Postgres' resolution) for submitted_at, so

@@ -61,5 +61,5 @@ mod group_commit;
 /// Retention: old finished tasks' outputs, then rows, removed; the views keep answering.
 mod retention;
 
-/// A thousand tenants over a few shared AMQP connections; SIGTERM within the grace period.
+/// Many tenants over a few shared AMQP connections; SIGTERM within the grace period.
 mod many_tenants;

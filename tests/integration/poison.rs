@@ -273,7 +273,9 @@ async fn an_unreadable_message_pauses_only_the_tenants_sharing_its_connection() 
     assert!((1..=10).contains(&losses), "{losses} connection losses:\n{log}");
     assert_eq!(service_errors(&log), Vec::<&str>::new(), "the service logged no error");
     assert_eq!(dead_lettered, 0, "the other tenant was served while the message was still being redelivered");
-    eprintln!("unreadable message: {losses} connection losses; a tenant on another connection served in {other_took:?}");
+    eprintln!(
+        "unreadable message: {losses} connection losses; a tenant on another connection served in {other_took:?}"
+    );
     pool.close().await;
     let _ = conn.close(200, "ok".into()).await;
     let mut svc = svc;
