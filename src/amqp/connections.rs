@@ -26,6 +26,9 @@ use super::{connect, AmqpError};
 /// channels per connection leaves room for about 8,000 tenant queues.
 pub const INGEST_CONNECTIONS: usize = 4;
 
+/// How long a close (of a channel or a connection) waits for the broker's answer.
+pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The slot of `queue` among `slots`: FNV-1a of its name, so a queue keeps its slot across
 /// restarts and reloads (stable, unlike std's randomly seeded hasher).
 pub fn slot_of(queue: &str, slots: usize) -> usize {
@@ -82,14 +85,20 @@ impl Connections {
         Ok(conn.create_channel().await?)
     }
 
-    /// Closes every open connection (at shutdown, after the consumers stopped).
+    /// Closes every open connection (at shutdown, after the consumers stopped), waiting at most
+    /// [`CLOSE_WAIT`] for the broker's answer: a broker that stopped answering must not hold
+    /// the process past its grace period.
     pub async fn close(&self) {
-        for slot in &self.slots {
+        let closing = self.slots.iter().map(|slot| async move {
             let conn = slot.state.lock().await.conn.take();
             if let Some(conn) = conn.filter(|c| c.status().connected()) {
-                let _ = conn.close(200, "agenttask ingest stopping".into()).await;
+                let close = conn.close(200, "agenttask ingest stopping".into());
+                if tokio::time::timeout(CLOSE_WAIT, close).await.is_err() {
+                    tracing::warn!(connection = %slot.name, "the broker did not answer the connection's close; leaving it");
+                }
             }
-        }
+        });
+        futures_util::future::join_all(closing).await;
     }
 }
 

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::connections::{Connections, INGEST_CONNECTIONS};
+use super::connections::{Connections, CLOSE_WAIT, INGEST_CONNECTIONS};
 use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
 use super::{declare_exchanges, declare_tenant, prop, tasks_queue, AmqpError, TASKS_EXCHANGE, UNROUTED_QUEUE};
 use crate::domain::phase::Reason;
@@ -339,8 +339,10 @@ async fn consume_once(
         _ = stop.cancelled() => {
             // No new deliveries; the ones already here are stored and acked (the stream ends
             // once they are handled), within a bound so shutdown stays inside its grace.
-            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-            if tokio::time::timeout(DRAIN, &mut consumed).await.is_err() {
+            // A broker that does not answer the cancel would not take the acks either.
+            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            let cancelled = matches!(tokio::time::timeout(CLOSE_WAIT, cancel).await, Ok(Ok(())));
+            if cancelled && tokio::time::timeout(DRAIN, &mut consumed).await.is_err() {
                 tracing::warn!(%queue, "messages still being stored at shutdown are left to redelivery");
             }
             Ok(())
@@ -352,7 +354,8 @@ async fn consume_once(
     };
     if channel.status().connected() {
         // Unacked messages on it go back to the queue.
-        let _ = channel.close(200, "agenttask ingest consumer stopping".into()).await;
+        let close = channel.close(200, "agenttask ingest consumer stopping".into());
+        let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
     }
     outcome
 }
