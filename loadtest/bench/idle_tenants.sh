@@ -8,6 +8,8 @@
 # Each time it prints the time from start to `/readyz` 200, then, after idling, its RSS, its
 # threads and its TCP connections to RabbitMQ, then how long it took to exit after SIGTERM.
 # Uses a scratch database (agenttask_bench_idle) and deletes the tenants' queues at exit.
+# A thousand tenants are 2,000 queues: RabbitMQ needs more than its default 1,024 open files
+# for that (see BENCHMARKS.md, "Many tenants, idle").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . loadtest/bench/common.sh
