@@ -214,6 +214,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             readiness: readiness.clone(),
             tracker: sup.tracker().clone(),
         });
+        crate::amqp::ingest::starting(&ingest);
         sup.spawn("ingest", crate::amqp::ingest::run(ingest, shutdown.clone()));
     }
     if settings.runs(Component::Scheduler) {

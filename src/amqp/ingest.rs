@@ -9,22 +9,28 @@
 //! and each writer commits whatever is waiting in one transaction, one savepoint per message.
 //! A commit costs a WAL flush, so a group of a hundred costs about what one message did; each
 //! message is still acked only after the commit that holds it.
+//!
+//! Each queue's consumer has its own channel (its own prefetch) on one of a few connections
+//! shared by all queues ([`super::connections`]). At shutdown each consumer stops taking
+//! deliveries, finishes those it holds (stored, then acked), and only then are the connections
+//! closed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::connections::{Connections, CLOSE_WAIT, INGEST_CONNECTIONS};
 use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
-use super::{connect, declare_exchanges, declare_tenant, prop, tasks_queue, AmqpError, TASKS_EXCHANGE, UNROUTED_QUEUE};
+use super::{declare_exchanges, declare_tenant, prop, tasks_queue, AmqpError, TASKS_EXCHANGE, UNROUTED_QUEUE};
 use crate::domain::phase::Reason;
 use crate::domain::result::ResultMessage;
 use crate::domain::tenant::TenantName;
@@ -45,37 +51,63 @@ pub struct Ingest {
     pub prefetch: u16,
     /// Which isolations the service's backend can run; others are refused at the door.
     pub isolation: BackendIsolation,
-    /// Where each consumer says whether its connection is up (read by `/readyz`).
+    /// Where each consumer says whether it is consuming (read by `/readyz`).
     pub readiness: Arc<crate::readiness::Readiness>,
-    /// Where the per-queue consumers run (the service's supervisor tracker).
+    /// Where the group writers run (the service's supervisor tracker).
     pub tracker: tokio_util::task::TaskTracker,
 }
 
 /// The readiness part of the shared topology (exchanges, unrouted and dead-letter queues).
 const TOPOLOGY_PART: &str = "rabbitmq topology";
 
-/// Runs until `shutdown`: one consumer per tenant queue (and one for unknown tenants), each on
-/// its own connection, started and stopped as tenants come and go.
-///
-/// A connection per queue is what contains a poison message: a message the AMQP client cannot
-/// parse kills the connection it arrives on, at every redelivery, until the broker's delivery
-/// limit dead-letters it; only that tenant's consumer is affected meanwhile.
-pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
-    let mut backoff = Backoff::reconnect();
+/// How long a stopping consumer may take to finish the messages it holds (each stored, then
+/// acked) before it lets go of them; well inside the supervisor's grace.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Pause between declaring queues and consuming them: RabbitMQ 3.10 can answer a
+/// `basic.consume` on a quorum queue created a moment ago by crashing the channel with an
+/// internal error, which closes the whole connection (every queue sharing it).
+const NEW_QUEUE_SETTLE: Duration = Duration::from_millis(500);
+
+/// Registers ingest with `/readyz` as not ready yet. Called before [`run`] is spawned too, so
+/// that no request between the HTTP endpoint's start and ingest's finds it ready.
+pub fn starting(ctx: &Ingest) {
     ctx.readiness.down(TOPOLOGY_PART, "starting");
+}
+
+/// Runs until `shutdown`: one consumer per tenant queue (and one for unknown tenants), each on
+/// its own channel over a few shared connections, started and stopped as tenants come and go.
+/// Returns once every consumer has stopped and the connections are closed.
+///
+/// A message the AMQP client cannot parse at all drops the connection it arrives on, at every
+/// redelivery, until the broker's delivery limit dead-letters it: the queues sharing that
+/// connection (about one in [`INGEST_CONNECTIONS`]) pause and reconnect meanwhile; the others
+/// are not affected.
+pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
+    let connections = Arc::new(Connections::new(ctx.amqp_url.clone(), INGEST_CONNECTIONS));
+    let mut backoff = Backoff::reconnect();
+    starting(&ctx);
     loop {
-        match declare_shared(&ctx).await {
-            Ok(()) => break,
+        let declared = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            res = declare_shared(&connections) => res,
+        };
+        match declared {
+            Ok(()) => {
+                ctx.readiness.up(TOPOLOGY_PART);
+                break;
+            }
             Err(e) => {
                 ctx.readiness.down(TOPOLOGY_PART, format!("cannot declare the AMQP topology: {e}"));
                 tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot declare the AMQP topology")
             }
         }
         if !backoff.wait(&shutdown).await {
-            return;
+            break;
         }
     }
-    ctx.readiness.up(TOPOLOGY_PART);
+    // The consumers' own tracker, so that the connections close only after the last of them.
+    let consumers_running = tokio_util::task::TaskTracker::new();
     let (writes, queue) = tokio::sync::mpsc::channel::<Write>(GROUP_QUEUE);
     let queue = Arc::new(tokio::sync::Mutex::new(queue));
     for _ in 0..GROUP_WRITERS {
@@ -83,13 +115,35 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
     }
     let mut tenants_rx = ctx.tenants.clone();
     let mut consumers: HashMap<Option<TenantName>, CancellationToken> = HashMap::new();
-    loop {
+    while !shutdown.is_cancelled() {
         let current: Vec<TenantName> = tenants_rx.borrow_and_update().keys().cloned().collect();
-        let wanted: Vec<Option<TenantName>> = current.iter().cloned().map(Some).chain(std::iter::once(None)).collect();
+        let wanted: HashSet<Option<TenantName>> =
+            current.iter().cloned().map(Some).chain(std::iter::once(None)).collect();
+        let new: Vec<TenantName> =
+            current.iter().filter(|t| !consumers.contains_key(&Some((*t).clone()))).cloned().collect();
+        // Not ready until each new queue is consumed: registered now, before anything awaits.
+        for queue in wanted.iter().filter(|q| !consumers.contains_key(*q)) {
+            ctx.readiness.down(&consumer_part(&queue_name(queue.as_ref())), "starting");
+        }
+        if !new.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                () = declare_up_front(&connections, &new) => {}
+            }
+        }
         for queue in &wanted {
             if !consumers.contains_key(queue) {
                 let stop = shutdown.child_token();
-                ctx.tracker.spawn(consume_queue(ctx.clone(), writes.clone(), queue.clone(), stop.clone()));
+                let name = queue_name(queue.as_ref());
+                let part = consumer_part(&name);
+                let consumer = consume_queue(
+                    ctx.clone(),
+                    connections.clone(),
+                    writes.clone(),
+                    (queue.clone(), name, part),
+                    stop.clone(),
+                );
+                consumers_running.spawn(consumer);
                 consumers.insert(queue.clone(), stop);
             }
         }
@@ -99,7 +153,7 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
                 stop.cancel();
             }
             if let Some(tenant) = queue {
-                ctx.tracker.spawn(unbind_removed(ctx.clone(), tenant));
+                consumers_running.spawn(unbind_removed(connections.clone(), tenant, shutdown.clone()));
             }
         }
         tracing::info!(tenants = current.len(), "ingest consuming");
@@ -111,12 +165,26 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
     for stop in consumers.values() {
         stop.cancel();
     }
+    // The group writers end once every consumer has dropped its sender, and this one.
+    drop(writes);
+    consumers_running.close();
+    consumers_running.wait().await;
+    connections.close().await;
 }
 
-/// Why a consumer's connection ended; it reconnects with backoff either way.
+fn queue_name(tenant: Option<&TenantName>) -> String {
+    tenant.map_or_else(|| UNROUTED_QUEUE.to_owned(), tasks_queue)
+}
+
+/// The `/readyz` part of a queue's consumer.
+fn consumer_part(queue: &str) -> String {
+    format!("rabbitmq consumer of {queue}")
+}
+
+/// Why a consumer's channel ended; it opens a new one with backoff either way.
 #[derive(Debug, thiserror::Error)]
 enum ConsumerEnded {
-    /// The connection could not be opened, or it or its channel failed.
+    /// The connection could not be opened, or it or the channel failed.
     #[error(transparent)]
     Amqp(#[from] AmqpError),
     /// The broker cancelled the consumer (the queue was deleted, or the node is shutting down).
@@ -130,58 +198,79 @@ impl From<lapin::Error> for ConsumerEnded {
     }
 }
 
-async fn declare_shared(ctx: &Ingest) -> Result<(), AmqpError> {
-    let conn = connect(&ctx.amqp_url, "agenttask-ingest-setup").await?;
-    let ch = conn.create_channel().await?;
+async fn declare_shared(connections: &Connections) -> Result<(), AmqpError> {
+    let ch = connections.channel(UNROUTED_QUEUE).await?;
     declare_exchanges(&ch).await?;
-    let _ = conn.close(200, "topology declared".into()).await;
+    let _ = ch.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+/// Queue declarations in flight at once when declaring tenants' queues up front.
+const DECLARE_CONCURRENCY: usize = 32;
+
+/// Declares the task and results queues of `tenants` (new tenants, or all of them at start)
+/// before their consumers start, then waits [`NEW_QUEUE_SETTLE`] so that no consumer's
+/// `basic.consume` reaches a quorum queue created a moment ago. Best effort: a consumer whose
+/// queue could not be declared here declares it itself.
+async fn declare_up_front(connections: &Connections, tenants: &[TenantName]) {
+    let declared: Vec<Result<(), AmqpError>> = futures_util::stream::iter(tenants.iter().cloned())
+        .map(|t| async move {
+            let ch = connections.channel(&tasks_queue(&t)).await?;
+            declare_tenant(&ch, &t).await?;
+            let _ = ch.close(200, "declared".into()).await;
+            Ok(())
+        })
+        .buffer_unordered(DECLARE_CONCURRENCY)
+        .collect()
+        .await;
+    if let Some(Err(e)) = declared.iter().find(|r| r.is_err()) {
+        let failed = declared.iter().filter(|r| r.is_err()).count();
+        tracing::debug!(failed, error = %e, "some tenant queues could not be declared up front; their consumers retry");
+    }
+    tokio::time::sleep(NEW_QUEUE_SETTLE).await;
 }
 
 /// A removed tenant's queue keeps what it holds, but new messages for that tenant go to the
 /// alternate exchange and get an UnknownTenant result instead of waiting unanswered.
-async fn unbind_removed(ctx: Arc<Ingest>, tenant: TenantName) {
-    let res: Result<(), AmqpError> = async {
-        let conn = connect(&ctx.amqp_url, "agenttask-ingest-setup").await?;
-        let ch = conn.create_channel().await?;
-        ch.queue_unbind(
-            tasks_queue(&tenant).as_str().into(),
-            TASKS_EXCHANGE.into(),
-            tenant.as_str().into(),
-            FieldTable::default(),
-        )
-        .await?;
-        let _ = conn.close(200, "unbound".into()).await;
-        Ok(())
-    }
-    .await;
+async fn unbind_removed(connections: Arc<Connections>, tenant: TenantName, shutdown: CancellationToken) {
+    let queue = tasks_queue(&tenant);
+    let unbind = async {
+        let ch = connections.channel(&queue).await?;
+        ch.queue_unbind(queue.as_str().into(), TASKS_EXCHANGE.into(), tenant.as_str().into(), FieldTable::default())
+            .await?;
+        let _ = ch.close(200, "unbound".into()).await;
+        Ok::<(), AmqpError>(())
+    };
+    let res = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        res = unbind => res,
+    };
     match res {
         Ok(()) => tracing::info!(%tenant, "tenant removed; its task queue no longer receives messages"),
         Err(e) => tracing::warn!(%tenant, error = %e, "could not unbind a removed tenant's queue"),
     }
 }
 
-/// Keeps one queue consumed until `stop`, reconnecting with backoff.
+/// Keeps one queue consumed until `stop`, opening a new channel with backoff whenever it ends.
 async fn consume_queue(
     ctx: Arc<Ingest>,
+    connections: Arc<Connections>,
     writes: tokio::sync::mpsc::Sender<Write>,
-    tenant: Option<TenantName>,
+    (tenant, queue, part): (Option<TenantName>, String, String),
     stop: CancellationToken,
 ) {
-    let queue = tenant.as_ref().map_or_else(|| UNROUTED_QUEUE.to_owned(), tasks_queue);
-    let part = format!("rabbitmq consumer of {queue}");
-    ctx.readiness.down(&part, "starting");
     let mut backoff = Backoff::reconnect();
     while !stop.is_cancelled() {
         let started = std::time::Instant::now();
-        let res = consume_once(&ctx, &writes, tenant.as_ref(), &queue, &part, &stop).await;
+        let res = consume_once(&ctx, &connections, &writes, tenant.as_ref(), &queue, &part, &stop).await;
         // A session that lasted is not part of a failure streak.
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
         }
         if let Err(e) = res {
-            ctx.readiness.down(&part, format!("connection lost: {e}"));
-            tracing::warn!(%queue, error = %e, retry_in = ?backoff.peek(), "consumer lost its RabbitMQ connection");
+            ctx.readiness.down(&part, format!("not consuming: {e}"));
+            // A lost shared connection is logged once by its slot, not by each of its queues.
+            tracing::debug!(%queue, error = %e, retry_in = ?backoff.peek(), "consumer's channel ended; reopening");
         }
         if !backoff.wait(&stop).await {
             break;
@@ -191,31 +280,35 @@ async fn consume_queue(
     ctx.readiness.forget(&part);
 }
 
-/// One connection's life for one queue. Returns Ok when stopped, Err when the connection or
-/// consumer ended.
+/// One channel's life for one queue. Returns Ok when stopped, Err when the channel, its
+/// connection or the consumer ended.
 async fn consume_once(
     ctx: &Arc<Ingest>,
+    connections: &Connections,
     writes: &tokio::sync::mpsc::Sender<Write>,
     tenant: Option<&TenantName>,
     queue: &str,
     part: &str,
     stop: &CancellationToken,
 ) -> Result<(), ConsumerEnded> {
-    let name = tenant.map_or("unrouted", |t| t.as_str());
-    let conn = connect(&ctx.amqp_url, &format!("agenttask-ingest-{name}")).await?;
-    let channel = conn.create_channel().await?;
-    if let Some(t) = tenant {
-        declare_tenant(&channel, t).await?;
-    }
-    channel.basic_qos(ctx.prefetch, BasicQosOptions::default()).await?;
-    let consumer = channel
-        .basic_consume(
-            queue.into(),
-            format!("agenttask-ingest-{}", Uuid::new_v4()).into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let tag = format!("agenttask-ingest-{}", Uuid::new_v4());
+    let setup = async {
+        let channel = connections.channel(queue).await?;
+        if let Some(t) = tenant {
+            // Declared up front already (see `declare_up_front`); again here, cheaply, in case
+            // the queue was deleted since.
+            declare_tenant(&channel, t).await?;
+        }
+        channel.basic_qos(ctx.prefetch, BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        Ok::<_, ConsumerEnded>((channel, consumer))
+    };
+    let (channel, consumer) = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        res = setup => res?,
+    };
     ctx.readiness.up(part);
     let prefetch = ctx.prefetch as usize;
     let consumed = consumer
@@ -241,18 +334,32 @@ async fn consume_once(
         })
         .buffer_unordered(prefetch)
         .fold(Ok(()), |acc, r| async move { acc.and(r) });
+    tokio::pin!(consumed);
     let outcome = tokio::select! {
-        _ = stop.cancelled() => Ok(()),
-        res = consumed => match res {
+        _ = stop.cancelled() => {
+            // No new deliveries; the ones already here are stored and acked (the stream ends
+            // once they are handled), within a bound so shutdown stays inside its grace.
+            // A broker that does not answer the cancel would not take the acks either.
+            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            let cancelled = matches!(tokio::time::timeout(CLOSE_WAIT, cancel).await, Ok(Ok(())));
+            if cancelled && tokio::time::timeout(DRAIN, &mut consumed).await.is_err() {
+                tracing::warn!(%queue, "messages still being stored at shutdown are left to redelivery");
+            }
+            Ok(())
+        }
+        res = &mut consumed => match res {
             Ok(()) => Err(ConsumerEnded::Cancelled),
             Err(e) => Err(e.into()),
         },
     };
-    let _ = conn.close(200, "agenttask ingest stopping".into()).await;
+    if channel.status().connected() {
+        // Unacked messages on it go back to the queue.
+        let close = channel.close(200, "agenttask ingest consumer stopping".into());
+        let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
+    }
     outcome
 }
 
-/// Validates and stores one task message, then acks it. Never panics, never drops.
 /// A strictly increasing timestamp (microseconds, Postgres' resolution) for submitted_at, so
 /// tasks received in order stay in order even when they arrive within the same microsecond.
 fn receipt_stamp() -> chrono::DateTime<Utc> {
@@ -265,6 +372,7 @@ fn receipt_stamp() -> chrono::DateTime<Utc> {
     chrono::DateTime::from_timestamp_micros(stamp).unwrap_or_else(Utc::now)
 }
 
+/// Validates and stores one task message, then acks it. Never panics, never drops.
 async fn handle_task(
     ctx: &Ingest,
     writes: &tokio::sync::mpsc::Sender<Write>,

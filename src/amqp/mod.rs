@@ -2,6 +2,7 @@
 //!
 //! Names here are the contract's; nothing else in the crate spells a queue or exchange name.
 
+pub mod connections;
 pub mod ingest;
 pub mod publish;
 pub mod route;
@@ -52,6 +53,10 @@ pub enum AmqpError {
     },
     #[error(transparent)]
     Lapin(#[from] lapin::Error),
+    /// A shared connection is down and the attempt to reconnect it (made by another of its
+    /// users while this one waited) failed.
+    #[error("the shared RabbitMQ connection is down: {0}")]
+    SharedConnectionDown(String),
 }
 
 /// Connects with a connection name, so operators can tell our connections apart in the

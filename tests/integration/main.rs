@@ -60,3 +60,6 @@ mod group_commit;
 
 /// Retention: old finished tasks' outputs, then rows, removed; the views keep answering.
 mod retention;
+
+/// Many tenants over a few shared AMQP connections; SIGTERM within the grace period.
+mod many_tenants;

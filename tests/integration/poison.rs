@@ -2,8 +2,8 @@
 //! library refuses to produce them): the service must survive them and keep serving everyone.
 //!
 //! A message the AMQP client cannot parse at all (a property that is not UTF-8) drops the
-//! consumer's connection at every delivery until the quorum queue's delivery limit dead-letters
-//! it; that takes about a minute of reconnect backoff, so it is not exercised here.
+//! connection it arrives on at every delivery until the quorum queue's delivery limit
+//! dead-letters it: only the tenants sharing that connection pause meanwhile.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -178,6 +178,109 @@ async fn poison_messages_do_not_stop_the_service() {
     assert!(svc.child.try_wait().unwrap().is_none(), "the service died:\n{}", svc.log_text());
     pool.close().await;
     let _ = conn.close(200, "ok".into()).await;
+    unsafe { libc::kill(svc.child.id().unwrap() as i32, libc::SIGTERM) };
+    let _ = tokio::time::timeout(Duration::from_secs(20), svc.child.wait()).await;
+    env.cleanup().await;
+}
+
+/// Properties whose content type is not UTF-8: the AMQP client cannot parse the message at all.
+fn unreadable_content_type() -> Vec<u8> {
+    let flags: u16 = 1 << 15; // content-type
+    let mut p = flags.to_be_bytes().to_vec();
+    shortstr(&mut p, b"application/\xff\xfe");
+    p
+}
+
+/// `count` suffixes whose tenants' task queues are on ingest connection `slot` (or, with
+/// `same = false`, on any other connection).
+fn suffixes_on(env: &Env, slot: usize, same: bool, count: usize) -> Vec<String> {
+    use agenttask::amqp::connections::{slot_of, INGEST_CONNECTIONS};
+    (0..)
+        .map(|i| format!("s{i}"))
+        .filter(|s| (slot_of(&format!("agenttask.tasks.t{}-{s}", env.id), INGEST_CONNECTIONS) == slot) == same)
+        .take(count)
+        .collect()
+}
+
+#[tokio::test]
+async fn an_unreadable_message_pauses_only_the_tenants_sharing_its_connection() {
+    let env = Env::with_vhost("").await;
+    let vhost = env.vhost.clone().expect("own vhost");
+    // `poisoned` and `neighbour` share a connection; `other` is on another one.
+    let poisoned_slot = agenttask::amqp::connections::slot_of(
+        &format!("agenttask.tasks.t{}-s0", env.id),
+        agenttask::amqp::connections::INGEST_CONNECTIONS,
+    );
+    let same = suffixes_on(&env, poisoned_slot, true, 2);
+    let different = suffixes_on(&env, poisoned_slot, false, 1);
+    let (poisoned, neighbour, other) = (env.tenant(&same[0]), env.tenant(&same[1]), env.tenant(&different[0]));
+    let toml: String = [&poisoned, &neighbour, &other].iter().map(|t| format!("[tenants.{t}]\n")).collect();
+    std::fs::write(&env.tenants_path, toml).unwrap();
+    let null = [("AGENTTASK_BACKEND", "null")];
+    let svc = env.spawn_process_with("svc", "ingest,scheduler,executor,publisher", free_port(), 4, &null);
+    let conn = loop {
+        let c = env.connect().await;
+        let mut all = true;
+        for t in [&poisoned, &neighbour, &other] {
+            all &= queue_has_consumer(&c, &format!("agenttask.tasks.{t}")).await;
+        }
+        if all {
+            break c;
+        }
+        let _ = c.close(200, "ok".into()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let pool = env.pg().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
+
+    let body = serde_json::to_vec(&json!({"id": "unreadable", "language": "python", "code": "print(1)"})).unwrap();
+    let (v, key) = (vhost.clone(), poisoned.clone());
+    tokio::task::spawn_blocking(move || raw_publish(&v, &key, &unreadable_content_type(), &body)).await.unwrap();
+    // The message drops its connection at once, at every delivery.
+    eventually(WAIT, || async { svc.log_text().contains("an ingest connection was lost") }).await;
+
+    // Meanwhile a tenant on another connection is served as usual.
+    let during = std::time::Instant::now();
+    publish_plain(&ch, &other, &json!({"id": "other-during", "language": "python", "code": "print(1)"})).await;
+    eventually(WAIT, || {
+        let pool = pool.clone();
+        async move { phase(&pool, "other-during").await == "Succeeded" }
+    })
+    .await;
+    let other_took = during.elapsed();
+    let dead_lettered = queue_messages(&env, "agenttask.deadletter").await.unwrap_or(0);
+
+    // After the delivery limit the broker parks it, and every tenant is served again.
+    eventually(Duration::from_secs(180), || async { queue_messages(&env, "agenttask.deadletter").await == Some(1) })
+        .await;
+    for (tenant, id) in [(&poisoned, "poisoned-after"), (&neighbour, "neighbour-after"), (&other, "other-after")] {
+        publish_plain(&ch, tenant, &json!({"id": id, "language": "python", "code": "print(1)"})).await;
+    }
+    eventually(WAIT, || {
+        let pool = pool.clone();
+        async move {
+            count(&pool, "select count(*) from agenttask.tasks where client_id like '%-after' and phase = 'Succeeded'")
+                .await
+                == 3
+        }
+    })
+    .await;
+    assert_eq!(count(&pool, "select count(*) from agenttask.tasks where client_id = 'unreadable'").await, 0);
+    let log = svc.log_text();
+    let losses = log.matches("an ingest connection was lost").count();
+    // Only the poisoned connection was dropped, once per delivery: the broker dead-letters the
+    // message when its delivery count passes the limit, so after the limit plus one.
+    let most = agenttask::amqp::DELIVERY_LIMIT as usize + 1;
+    assert!((1..=most).contains(&losses), "{losses} connection losses:\n{log}");
+    assert_eq!(service_errors(&log), Vec::<&str>::new(), "the service logged no error");
+    assert_eq!(dead_lettered, 0, "the other tenant was served while the message was still being redelivered");
+    eprintln!(
+        "unreadable message: {losses} connection losses; a tenant on another connection served in {other_took:?}"
+    );
+    pool.close().await;
+    let _ = conn.close(200, "ok".into()).await;
+    let mut svc = svc;
     unsafe { libc::kill(svc.child.id().unwrap() as i32, libc::SIGTERM) };
     let _ = tokio::time::timeout(Duration::from_secs(20), svc.child.wait()).await;
     env.cleanup().await;

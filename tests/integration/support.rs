@@ -387,6 +387,11 @@ impl Env {
     }
 }
 
+/// The lines of a service's JSON log that its own code (not a library) logged at error.
+pub fn service_errors(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains(r#""level":"ERROR""#) && l.contains(r#""target":"agenttask"#)).collect()
+}
+
 impl Process {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
