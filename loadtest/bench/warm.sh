@@ -73,7 +73,7 @@ PY
 latency() { # LABEL MIX COUNT
     printf '%s: ' "$1"
     target/release/agenttask-loadtest --tenant benchwarm --count "$3" --concurrency 1 --mix "$2" -o json |
-        python3 -c 'import json,sys; r=json.load(sys.stdin); l=r["latency_ms"]; print(f"p50 {l[\"p50\"]:.1f} ms  p95 {l[\"p95\"]:.1f}  p99 {l[\"p99\"]:.1f}  ({r[\"tasks\"]} tasks, {r[\"unexpected\"]} unexpected)")'
+        python3 -c 'import json,sys; r=json.load(sys.stdin); l=r["latency_ms"]; print("p50 %.1f ms  p95 %.1f  p99 %.1f  (%d tasks, %d unexpected)" % (l["p50"], l["p95"], l["p99"], r["tasks"], r["unexpected"]))'
 }
 
 echo "== latency, publish to result, one task at a time; $ROUNDS rounds"
@@ -112,7 +112,7 @@ PY
         start $pools
         printf 'service, warm python pool %s: ' "${pools%% *}"
         target/release/agenttask-loadtest --tenant benchwarm --count "$FLOOD" --concurrency "$((4 * CORES))" -o json |
-            python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"tasks_per_second\"]:.1f} tasks/s, p50 {r[\"latency_ms\"][\"p50\"]:.0f} ms ({r[\"unexpected\"]} unexpected)")'
+            python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.1f tasks/s, p50 %.0f ms (%d unexpected)" % (r["tasks_per_second"], r["latency_ms"]["p50"], r["unexpected"]))'
         printf '  warm hits %s, misses %s\n' "$(metric 'agenttask_warm_pool_hits_total{language="python"}')" \
             "$(metric 'agenttask_warm_pool_misses_total{language="python",reason="empty"}')"
         stop
