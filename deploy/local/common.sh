@@ -21,8 +21,16 @@ ensure_services() {
     fi
     for _ in $(seq 1 120); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break; sleep 1; done
     (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null || die "RabbitMQ did not come up on 127.0.0.1:5672"
-    # The broker accepts TCP before it accepts AMQP logins; wait until it answers.
-    for _ in $(seq 1 60); do rabbitmqctl -q await_startup >/dev/null 2>&1 && break; sleep 1; done
+    # The broker accepts TCP before it accepts AMQP logins; wait until it answers the AMQP
+    # protocol header (a broker that takes TCP but never answers it is wedged: say so, rather
+    # than let every test time out).
+    for _ in $(seq 1 60); do amqp_answers && break; sleep 1; done
+    amqp_answers || die "RabbitMQ on 127.0.0.1:5672 accepts TCP but does not answer AMQP; restart it: rabbitmqctl stop (or kill its beam.smp), then rabbitmq-server -detached"
+}
+
+# Whether the broker answers the AMQP 0-9-1 protocol header within 5 s.
+amqp_answers() {
+    timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672 && printf "AMQP\x00\x00\x09\x01" >&3 && head -c 1 <&3 >/dev/null' 2>/dev/null
 }
 
 # bubblewrap, the runtimes and the unprivileged sandbox user.

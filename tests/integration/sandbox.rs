@@ -9,6 +9,35 @@
 //! for a cold sandbox is proven for a warm one too. `warm_only` holds what only warm sandboxes
 //! need proving: single use, nothing of the warm-up visible, the same view as a cold run.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use agenttask::domain::task::Language;
+use agenttask::exec::{Job, RunKey};
+
+/// A task of tenant `acme` with `code`, 1 CPU, 256 MiB and a 5 s timeout, for both suites.
+fn job(language: Language, code: &str) -> Job {
+    Job {
+        key: RunKey { task_id: uuid::Uuid::new_v4(), attempt: 1 },
+        tenant: "acme".into(),
+        language,
+        code: code.into(),
+        files: BTreeMap::new(),
+        stdin: None,
+        args: Vec::new(),
+        env: BTreeMap::new(),
+        timeout: Duration::from_secs(5),
+        cpu_millis: 1000,
+        memory_bytes: 256 << 20,
+        isolation: "standard".into(),
+        labels: BTreeMap::new(),
+        batch_id: None,
+        priority: 0,
+        artifact_quota_bytes: 1 << 30,
+        kube_object: None,
+    }
+}
+
 mod cold {
     const WARM: bool = false;
     include!("sandbox_suite.rs");

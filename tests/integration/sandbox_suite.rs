@@ -1,7 +1,6 @@
 // The sandbox attack suite, included twice by `sandbox.rs`: with cold sandboxes (`WARM` false)
 // and with warm ones (`WARM` true). Every attack must fail the same way in both.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use agenttask::domain::task::Language;
 use agenttask::exec::local::{sweep_artifacts, LocalBackend, LocalConfig, SetupError, WarmConfig};
-use agenttask::exec::{Job, Outcome, ProgramResult, RunKey, Termination};
+use agenttask::exec::{Job, Outcome, ProgramResult, Termination};
 use uuid::Uuid;
+use super::job;
 
 const MIB: u64 = 1 << 20;
 
@@ -37,28 +37,6 @@ fn sandbox_with(tweak: impl FnOnce(&mut LocalConfig)) -> Sandbox {
         Arc::new(LocalBackend::new(config).expect("local backend (run deploy/local/install-sandbox.sh as root)"));
     backend.start_warm_pool();
     Sandbox { backend, data_dir, _tmp: tmp }
-}
-
-fn job(language: Language, code: &str) -> Job {
-    Job {
-        key: RunKey { task_id: Uuid::new_v4(), attempt: 1 },
-        tenant: "acme".into(),
-        language,
-        code: code.into(),
-        files: BTreeMap::new(),
-        stdin: None,
-        args: Vec::new(),
-        env: BTreeMap::new(),
-        timeout: Duration::from_secs(5),
-        cpu_millis: 1000,
-        memory_bytes: 256 * MIB,
-        isolation: "standard".into(),
-        labels: BTreeMap::new(),
-        batch_id: None,
-        priority: 0,
-        artifact_quota_bytes: 1 << 30,
-        kube_object: None,
-    }
 }
 
 fn py(code: &str) -> Job {

@@ -440,8 +440,8 @@ impl LocalBackend {
             lease.mark_clean();
             true
         } else if !run.cgroups.is_tracked() {
-            let uid = lease.uid;
-            let _ = tokio::task::spawn_blocking(move || uids::kill_all_of_uid(uid)).await;
+            let (uid, gid) = (lease.uid, lease.gid);
+            let _ = tokio::task::spawn_blocking(move || uids::kill_all_of_uid(uid, gid)).await;
             true
         } else {
             false

@@ -162,7 +162,7 @@ impl UidLease {
 impl Drop for UidLease {
     fn drop(&mut self) {
         if !self.clean {
-            if let Err(e) = kill_all_of_uid(self.uid) {
+            if let Err(e) = kill_all_of_uid(self.uid, self.gid) {
                 tracing::warn!(uid = self.uid, error = %e, "could not kill the leftover processes of a sandbox uid");
             }
         }
@@ -171,29 +171,50 @@ impl Drop for UidLease {
 
 /// Kills every process of `uid`: a helper switches to that uid and sends `kill(-1, SIGKILL)`,
 /// which reaches exactly the processes that uid may signal (its own), in every pid namespace.
-pub(super) fn kill_all_of_uid(uid: u32) -> io::Result<()> {
+pub(super) fn kill_all_of_uid(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: kill is async-signal-safe; it signals every process of this uid but the helper.
+    as_uid(uid, gid, "kill", move || {
+        unsafe { libc::kill(-1, libc::SIGKILL) };
+        Ok(())
+    })
+}
+
+/// Runs `action` in a short-lived helper process that has switched to `uid` and `gid` (no
+/// supplementary groups): what a sandbox's own user may do to its processes (signal them, lower
+/// their rlimits) without the capabilities a service in a container may lack.
+///
+/// `action` runs between fork and exec: it may only make async-signal-safe system calls on
+/// data prepared before.
+pub(super) fn as_uid(
+    uid: u32,
+    gid: u32,
+    what: &str,
+    mut action: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
+) -> io::Result<()> {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new("/bin/true");
     cmd.env_clear()
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    // SAFETY: only async-signal-safe system calls between fork and exec.
+    // SAFETY: only async-signal-safe system calls between fork and exec (the caller's promise
+    // for `action`).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setresuid(uid, uid, uid) != 0 {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
-            // Signals every process of this uid but the helper itself.
-            libc::kill(-1, libc::SIGKILL);
-            Ok(())
+            action()
         });
     }
     let status = cmd.status()?;
     if status.success() {
         Ok(())
     } else {
-        Err(io::Error::other(format!("kill helper: {status}")))
+        Err(io::Error::other(format!("{what} helper: {status}")))
     }
 }
 

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use super::scratch::{write_inputs, PreparedRun};
 use super::spawn::{Handoff, RlimitResource, SpawnSpec, Started};
-use super::uids::UidLease;
+use super::uids::{as_uid, UidLease};
 use super::LocalBackend;
 use crate::domain::task::Language;
 use crate::exec::Job;
@@ -121,7 +121,6 @@ pub(super) struct WarmPool {
     idle: Mutex<[VecDeque<WarmSandbox>; 2]>,
     wake: Arc<tokio::sync::Notify>,
     closed: AtomicBool,
-    started: AtomicBool,
     /// The refill task, awaited by [`WarmPool::close`].
     refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
     metrics: std::sync::OnceLock<WarmMetrics>,
@@ -134,7 +133,6 @@ impl WarmPool {
             idle: Mutex::new([VecDeque::new(), VecDeque::new()]),
             wake: Arc::new(tokio::sync::Notify::new()),
             closed: AtomicBool::new(false),
-            started: AtomicBool::new(false),
             refill: Mutex::new(None),
             metrics: std::sync::OnceLock::new(),
         }
@@ -296,7 +294,8 @@ impl LocalBackend {
     /// sandbox's limits are set through them).
     pub fn start_warm_pool(self: &Arc<Self>) {
         let c = self.warm.config();
-        if c.python + c.r == 0 || self.warm.started.swap(true, Ordering::SeqCst) {
+        let mut task = self.warm.refill.lock().unwrap_or_else(|p| p.into_inner());
+        if c.python + c.r == 0 || task.is_some() || self.warm.closed.load(Ordering::SeqCst) {
             return;
         }
         if !self.cgroups_usable() {
@@ -306,8 +305,7 @@ impl LocalBackend {
             return;
         }
         tracing::info!(python = c.python, r = c.r, max_idle_s = c.max_idle.as_secs(), "starting warm sandboxes");
-        let weak = Arc::downgrade(self);
-        *self.warm.refill.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::spawn(refill(weak)));
+        *task = Some(tokio::spawn(refill(Arc::downgrade(self))));
     }
 
     /// Waits until the warm pool holds its target of every language, or `limit` passes; true
@@ -352,8 +350,8 @@ impl LocalBackend {
     async fn warm_one(&self, language: Language) -> io::Result<WarmSandbox> {
         let begin = Instant::now();
         let lease = self.uids.try_acquire()?.ok_or_else(|| io::Error::other("every sandbox uid is in use"))?;
-        let run =
-            self.prepare_empty(&format!("warm-{}", language.as_str()), lease.uid, lease.gid, &self.warm_limits())?;
+        let limits = self.warm_limits();
+        let run = self.prepare_empty(&format!("warm-{}", language.as_str()), lease.uid, lease.gid, &limits)?;
         if !run.cgroups.is_tracked() {
             return Err(io::Error::other("the warm sandbox's cgroups could not be created"));
         }
@@ -363,7 +361,7 @@ impl LocalBackend {
             command: plan::warm_command(language, &self.config.python_path, &self.config.rscript_path),
             env: bwrap::sandbox_env(&BTreeMap::new(), ""),
             work_files: Vec::new(),
-            limits: self.warm_limits(),
+            limits,
             stdin_piped: true,
             nice: 10,
         };
@@ -554,38 +552,18 @@ fn rlimit(soft: u64, hard: u64) -> libc::rlimit {
 }
 
 /// Lowers rlimits of the sandbox's processes. Changing another process's limits takes either
-/// `CAP_SYS_RESOURCE` (which a service in a container may lack) or the same uid, so a helper
-/// switches to the sandbox's uid first, as `uids::kill_all_of_uid` does.
+/// `CAP_SYS_RESOURCE` (which a service in a container may lack) or the same uid and gid, so a
+/// helper of the sandbox's uid does it.
 fn lower_rlimits_as(uid: u32, gid: u32, limits: Vec<(i32, RlimitResource, libc::rlimit)>) -> io::Result<()> {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new("/bin/true");
-    cmd.env_clear()
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    // SAFETY: only async-signal-safe system calls on data prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setresgid(gid, gid, gid) != 0
-                || libc::setresuid(uid, uid, uid) != 0
-            {
+    as_uid(uid, gid, "rlimit", move || {
+        for (pid, resource, limit) in &limits {
+            // SAFETY: prlimit reads the prepared struct and writes nothing (no old limit).
+            if unsafe { libc::prlimit(*pid, *resource, limit, std::ptr::null_mut()) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            for (pid, resource, limit) in &limits {
-                if libc::prlimit(*pid, *resource, limit, std::ptr::null_mut()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let status = cmd.status()?;
-    if status.success() {
+        }
         Ok(())
-    } else {
-        Err(io::Error::other(format!("rlimit helper: {status}")))
-    }
+    })
 }
 
 /// User plus system CPU seconds a process has used, rounded up.

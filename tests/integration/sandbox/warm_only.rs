@@ -1,14 +1,15 @@
 //! What only warm sandboxes need proving: each is used once, nothing of its warm-up shows, a
 //! task sees exactly what it would see cold, and the pool keeps going when it is short.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agenttask::domain::task::Language;
 use agenttask::exec::local::{LocalBackend, LocalConfig, WarmConfig};
-use agenttask::exec::{Job, Outcome, RunKey, Termination};
+use agenttask::exec::{Job, Outcome, Termination};
+
+use super::job;
 use uuid::Uuid;
 
 struct Host {
@@ -30,28 +31,6 @@ fn host(warm: WarmConfig) -> Host {
 
 fn pool(python: usize, r: usize) -> WarmConfig {
     WarmConfig { python, r, max_idle: Duration::from_secs(600) }
-}
-
-fn job(language: Language, code: &str) -> Job {
-    Job {
-        key: RunKey { task_id: Uuid::new_v4(), attempt: 1 },
-        tenant: "acme".into(),
-        language,
-        code: code.into(),
-        files: BTreeMap::new(),
-        stdin: None,
-        args: Vec::new(),
-        env: BTreeMap::new(),
-        timeout: Duration::from_secs(10),
-        cpu_millis: 1000,
-        memory_bytes: 256 << 20,
-        isolation: "standard".into(),
-        labels: BTreeMap::new(),
-        batch_id: None,
-        priority: 0,
-        artifact_quota_bytes: 1 << 30,
-        kube_object: None,
-    }
 }
 
 impl Host {
