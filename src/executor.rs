@@ -7,6 +7,12 @@
 //! renews the runs' leases. Every store write names the run's attempt, so an event of an older
 //! run is ignored here and refused by the store.
 //!
+//! The loop never waits for the database to record an event: it hands marks and outcomes to one
+//! journal writer (`JournalWriter`), which folds them per run (`journal`) and writes whatever is
+//! waiting, up to [`JOURNAL_BATCH`] runs, in one transaction. When little is waiting it writes at
+//! once: a single task never waits for a batch to fill. A run is over for the loop when its
+//! outcome is committed (or found stale), never before.
+//!
 //! If this process dies, the leases expire and the scheduler's housekeeping hands the tasks to
 //! another executor. On a clean shutdown, runs that die with the process are handed back at
 //! once; runs that survive it (pods) keep a long lease so that the next process adopts them.
@@ -19,7 +25,6 @@ use base64::Engine as _;
 use chrono::Utc;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -28,31 +33,30 @@ use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::exec::{Backend, BoxFuture, Capabilities, Event, EventSink, Job, Outcome, RunEvent, RunKey};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
-use crate::store::{AdoptedRun, ClaimedTask, Store, StoreError};
+use crate::store::{AdoptedRun, ClaimedTask, FinishWrite, JournalWritten, Mark, MarkWrite, Store, StoreError};
+
+mod journal;
+
+use journal::{Journal, Report, Slot, Write};
 
 /// How long a claim stays valid without a heartbeat.
 pub const LEASE: Duration = Duration::from_secs(30);
 /// The lease left on runs that outlive this process, so the next one can adopt them before the
 /// scheduler's housekeeping would hand them to someone else.
 pub const HANDOVER_LEASE: Duration = Duration::from_secs(600);
+/// The most runs one journal transaction writes. Large enough that the per-transaction cost
+/// vanishes under load, small enough that one transaction stays short (a few milliseconds).
+pub const JOURNAL_BATCH: usize = 512;
 
 /// The store operations the executor needs; [`Store`] implements them, tests use a fake.
 pub trait ExecutorStore: Send + Sync + 'static {
     fn claim(&self, owner: Uuid, limit: i64, lease: Duration) -> BoxFuture<'_, Result<Vec<ClaimedTask>, StoreError>>;
-    fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn mark_running<'a>(
+    /// Writes marks and outcomes of many runs in one transaction ([`crate::store::write_journal`]).
+    fn write_journal<'a>(
         &'a self,
-        key: RunKey,
-        backend: &'a str,
-        at: chrono::DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn finish<'a>(
-        &'a self,
-        key: RunKey,
-        backend: Option<&'a str>,
-        outcome: &'a Outcome,
-        timeout_seconds: u32,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+        marks: &'a [MarkWrite<'a>],
+        finishes: &'a [FinishWrite<'a>],
+    ) -> BoxFuture<'a, Result<JournalWritten, StoreError>>;
     fn renew_leases<'a>(
         &'a self,
         owner: Uuid,
@@ -73,25 +77,12 @@ impl ExecutorStore for Store {
     fn claim(&self, owner: Uuid, limit: i64, lease: Duration) -> BoxFuture<'_, Result<Vec<ClaimedTask>, StoreError>> {
         Box::pin(Store::claim(self, owner, limit, lease))
     }
-    fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(Store::mark_scheduled(self, key.task_id, key.attempt, backend))
-    }
-    fn mark_running<'a>(
+    fn write_journal<'a>(
         &'a self,
-        key: RunKey,
-        backend: &'a str,
-        at: chrono::DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(Store::mark_running(self, key.task_id, key.attempt, backend, at))
-    }
-    fn finish<'a>(
-        &'a self,
-        key: RunKey,
-        backend: Option<&'a str>,
-        outcome: &'a Outcome,
-        timeout_seconds: u32,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(Store::finish(self, key.task_id, key.attempt, backend, outcome, timeout_seconds))
+        marks: &'a [MarkWrite<'a>],
+        finishes: &'a [FinishWrite<'a>],
+    ) -> BoxFuture<'a, Result<JournalWritten, StoreError>> {
+        Box::pin(Store::write_journal(self, marks, finishes))
     }
     fn renew_leases<'a>(
         &'a self,
@@ -159,7 +150,9 @@ impl Executor {
         let caps: Capabilities = self.backend.capabilities();
         let (sink, mut events) = EventSink::channel();
         let (done_tx, mut done) = mpsc::unbounded_channel::<Uuid>();
-        let writers = TaskTracker::new();
+        let (journal, reports) = mpsc::unbounded_channel();
+        let writer = JournalWriter { store: self.store.clone(), metrics: self.metrics.clone(), done: done_tx };
+        let writer = tokio::spawn(writer.run(reports));
         let mut watched: HashMap<Uuid, Watched> = HashMap::new();
         if caps.runs_survive_restart {
             self.adopt(owner, &sink, &mut watched).await;
@@ -178,7 +171,7 @@ impl Executor {
                         claim_now = claimed.len() == room;
                         for task in claimed {
                             let span = tracing::info_span!("execute", task_id = %task.task_id, tenant = %task.tenant, attempt = task.attempt);
-                            self.launch(task, &sink, &mut watched, &writers, &done_tx).instrument(span).await;
+                            self.launch(task, &sink, &mut watched, &journal).instrument(span).await;
                         }
                     }
                     Err(e) => {
@@ -204,9 +197,13 @@ impl Executor {
                     self.heartbeat(owner, &watched).await;
                     claim_now = true;
                 }
-                Some(event) = events.recv() => self.on_event(event, &mut watched, &writers, &done_tx).await,
+                Some(event) = events.recv() => on_event(event, &mut watched, &journal),
                 Some(task_id) = done.recv() => {
                     watched.remove(&task_id);
+                    // A batch ends many runs at once: one claim for all their room, not one each.
+                    while let Ok(task_id) = done.try_recv() {
+                        watched.remove(&task_id);
+                    }
                     claim_now = true;
                 }
                 Some(task_id) = self.cancels.recv() => {
@@ -220,7 +217,7 @@ impl Executor {
                 }
             }
         }
-        self.stop(owner, caps, &mut events, &mut watched, &writers, &done_tx).await;
+        self.stop(owner, caps, &mut events, &mut watched, journal, writer).await;
     }
 
     /// Takes over the runs an earlier process left with the backend.
@@ -272,8 +269,7 @@ impl Executor {
         task: ClaimedTask,
         sink: &EventSink,
         watched: &mut HashMap<Uuid, Watched>,
-        writers: &TaskTracker,
-        done: &mpsc::UnboundedSender<Uuid>,
+        journal: &Journaled,
     ) {
         let key = RunKey { task_id: task.task_id, attempt: task.attempt };
         let backend = self.backend.name_for(&task.isolation);
@@ -297,7 +293,7 @@ impl Executor {
             Err(message) => {
                 tracing::error!(run = %key, %message, "stored task cannot run");
                 let outcome = Outcome::backend_error(message, Utc::now());
-                self.write_finish(w, outcome, writers, done);
+                let _ = journal.send((w, Report::Finish(Box::new(outcome))));
                 return;
             }
         };
@@ -310,68 +306,6 @@ impl Executor {
                 watched.remove(&key.task_id);
             }
         }
-    }
-
-    async fn on_event(
-        &self,
-        event: Event,
-        watched: &mut HashMap<Uuid, Watched>,
-        writers: &TaskTracker,
-        done: &mpsc::UnboundedSender<Uuid>,
-    ) {
-        let Some(w) = watched.get_mut(&event.key.task_id) else {
-            tracing::debug!(run = %event.key, "event for a run this process does not watch; ignored");
-            return;
-        };
-        if w.key != event.key || w.finishing {
-            tracing::warn!(run = %event.key, current = %w.key, "late event of an earlier run; ignored");
-            return;
-        }
-        let key = w.key;
-        let span = w.span();
-        let written = match event.event {
-            RunEvent::Scheduled { .. } => self.store.mark_scheduled(key, w.backend).instrument(span.clone()).await,
-            RunEvent::Running { at } => {
-                span.in_scope(|| tracing::debug!("run running"));
-                self.store.mark_running(key, w.backend, at).instrument(span.clone()).await
-            }
-            RunEvent::Finished(outcome) => {
-                w.finishing = true;
-                self.write_finish(w.clone(), *outcome, writers, done);
-                return;
-            }
-        };
-        match written {
-            Ok(true) => {}
-            Ok(false) => tracing::debug!(run = %key, "phase not changed: the task moved on"),
-            // A decision, not a fallback: the program is already running in its sandbox, so a
-            // failed `Scheduled`/`Running` write does not stop it. Those phases are
-            // informative; the final write (retried until stored) carries `started_at` and
-            // moves the task from whichever active phase it is in. The failure is logged and
-            // counted. Tested by `a_failed_running_mark_is_counted_and_the_run_still_finishes`.
-            Err(e) => {
-                self.metrics.errors.with_label_values(&["executor", e.metric_label()]).inc();
-                span.in_scope(
-                    || tracing::warn!(run = %key, error = %e, "cannot record a run's progress; the run continues"),
-                );
-            }
-        }
-    }
-
-    /// Writes a run's outcome, retrying through a database outage, on its own task so the loop
-    /// keeps renewing leases meanwhile. Tells the loop when the run is over.
-    fn write_finish(&self, w: Watched, outcome: Outcome, writers: &TaskTracker, done: &mpsc::UnboundedSender<Uuid>) {
-        let store = self.store.clone();
-        let metrics = self.metrics.clone();
-        let done = done.clone();
-        let span = w.span();
-        writers.spawn(
-            async move {
-                finish_with_retries(store.as_ref(), &metrics, &w, outcome).await;
-                let _ = done.send(w.key.task_id);
-            }
-            .instrument(span),
-        );
     }
 
     async fn cancel(&self, key: RunKey) {
@@ -407,16 +341,19 @@ impl Executor {
         caps: Capabilities,
         events: &mut mpsc::UnboundedReceiver<Event>,
         watched: &mut HashMap<Uuid, Watched>,
-        writers: &TaskTracker,
-        done: &mpsc::UnboundedSender<Uuid>,
+        journal: Journaled,
+        mut writer: tokio::task::JoinHandle<()>,
     ) {
         self.backend.shutdown().await;
-        // Outcomes reported before the runs were stopped are still written.
+        // Outcomes reported before the runs were stopped are still written: the writer ends once
+        // it has written everything sent before the channel closed.
         while let Ok(event) = events.try_recv() {
-            self.on_event(event, watched, writers, done).await;
+            on_event(event, watched, &journal);
         }
-        writers.close();
-        if tokio::time::timeout(Duration::from_secs(10), writers.wait()).await.is_err() {
+        drop(journal);
+        if tokio::time::timeout(Duration::from_secs(10), &mut writer).await.is_err() {
+            // Stopped, so that no write lands after the tasks are handed back below.
+            writer.abort();
             tracing::warn!("outcomes still unwritten at shutdown; their leases will expire and the tasks are retried");
         }
         if caps.runs_survive_restart {
@@ -436,45 +373,191 @@ impl Executor {
     }
 }
 
-async fn finish_with_retries(store: &dyn ExecutorStore, metrics: &Metrics, w: &Watched, mut outcome: Outcome) {
-    let mut backoff = Backoff::write();
-    let mut stripped = false;
-    loop {
-        match store.finish(w.key, Some(w.backend), &outcome, w.timeout_seconds).await {
-            Ok(true) => break,
-            Ok(false) => {
-                tracing::warn!(run = %w.key, "the task moved on (cancelled, or taken over); this run's outcome is dropped");
-                return;
+/// Where the loop sends what its runs report, for the journal writer.
+type Journaled = mpsc::UnboundedSender<(Watched, Report)>;
+
+/// Hands a backend event to the journal writer; never waits for the database. Events of runs
+/// this process does not watch, of older attempts, and after a run's finish are dropped here.
+fn on_event(event: Event, watched: &mut HashMap<Uuid, Watched>, journal: &Journaled) {
+    let Some(w) = watched.get_mut(&event.key.task_id) else {
+        tracing::debug!(run = %event.key, "event for a run this process does not watch; ignored");
+        return;
+    };
+    if w.key != event.key || w.finishing {
+        tracing::warn!(run = %event.key, current = %w.key, "late event of an earlier run; ignored");
+        return;
+    }
+    let report = match event.event {
+        RunEvent::Scheduled { .. } => Report::Mark(Mark::Scheduled),
+        RunEvent::Running { at } => {
+            w.span().in_scope(|| tracing::debug!("run running"));
+            Report::Mark(Mark::Running { at })
+        }
+        RunEvent::Finished(outcome) => {
+            w.finishing = true;
+            Report::Finish(outcome)
+        }
+    };
+    // The writer outlives the loop's sender (see `Executor::stop`), so this cannot fail.
+    let _ = journal.send((w.clone(), report));
+}
+
+/// Records what the loop reports, in batches, on its own task: the loop keeps renewing leases
+/// while a write waits out a database outage.
+///
+/// A decision, not a fallback: a `Scheduled`/`Running` mark never stops a run (the program is
+/// already going). Those phases are informative; the finish carries `started_at` and moves the
+/// task from whichever active phase it is in. A failed batch is retried with backoff until it
+/// is stored, marks with it; each failure is logged and counted.
+struct JournalWriter {
+    store: Arc<dyn ExecutorStore>,
+    metrics: Metrics,
+    /// Tells the loop that a run is over (its outcome is committed, or was found stale).
+    done: mpsc::UnboundedSender<Uuid>,
+}
+
+impl JournalWriter {
+    /// Writes until the loop's sender is dropped and everything sent before is written.
+    async fn run(self, mut reports: mpsc::UnboundedReceiver<(Watched, Report)>) {
+        let mut journal = Journal::default();
+        while let Some((run, report)) = reports.recv().await {
+            journal.push(run, report);
+            // Whatever else is already waiting joins this batch; nothing waits for more.
+            while journal.len() < JOURNAL_BATCH {
+                match reports.try_recv() {
+                    Ok((run, report)) => journal.push(run, report),
+                    Err(_) => break,
+                }
             }
-            // Postgres refused a value (not an outage): record the failure without the payload
-            // rather than retrying forever.
-            Err(e) if e.is_bad_value() && !stripped => {
-                stripped = true;
-                tracing::warn!(run = %w.key, error = %e, "outcome could not be stored; recording a BackendError instead");
-                outcome =
-                    Outcome::backend_error(format!("the task's outcome could not be stored: {e}"), outcome.started_at);
-            }
-            Err(e) if e.is_bad_value() => {
-                tracing::error!(run = %w.key, error = %e, "outcome cannot be stored even without its payload; the task is retried when its lease expires");
-                return;
-            }
-            Err(e) => {
-                metrics.errors.with_label_values(&["executor", e.metric_label()]).inc();
-                tracing::warn!(run = %w.key, error = %e, retry_in = ?backoff.peek(), "cannot record outcome; retrying");
-                backoff.sleep().await;
+            let slots = journal.take();
+            if let Err(slots) = self.write(slots).await {
+                // One of them holds a value Postgres refuses: one by one, the others are stored
+                // and the culprit is found.
+                for slot in slots {
+                    let _ = self.write(vec![slot]).await;
+                }
             }
         }
     }
-    let (phase, reason) = outcome.phase_reason();
-    let reason = reason.map_or("", |r| r.as_str());
-    metrics.finished.with_label_values(&[w.tenant.as_str(), phase.as_str(), reason]).inc();
-    if let Some(language) = w.language {
-        metrics
-            .task_duration
-            .with_label_values(&[w.tenant.as_str(), language.as_str()])
-            .observe(outcome.duration_seconds());
+
+    /// Writes `slots` in one transaction, retrying outages until it is stored. Gives the slots
+    /// back when Postgres refuses a value among several; a single run's refused outcome is
+    /// replaced by a `BackendError` once, and dropped if even that is refused.
+    async fn write(&self, mut slots: Vec<Slot>) -> Result<(), Vec<Slot>> {
+        let mut backoff = Backoff::write();
+        loop {
+            let written = {
+                let (marks, finishes) = writes_of(&slots);
+                self.store.write_journal(&marks, &finishes).await
+            };
+            let e = match written {
+                Ok(written) => {
+                    self.report(slots, &written);
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if e.is_bad_value() && slots.len() > 1 {
+                tracing::warn!(runs = slots.len(), error = %e, "a batch of run writes holds a value Postgres refuses; writing its runs one by one");
+                return Err(slots);
+            }
+            if e.is_bad_value() {
+                let slot = &mut slots[0];
+                let span = slot.run.span();
+                let _entered = span.enter();
+                match &mut slot.write {
+                    Write::Finish { outcome, stripped: stripped @ false, .. } => {
+                        // Postgres refused a value (not an outage): record the failure without
+                        // the payload rather than retrying forever.
+                        tracing::warn!(run = %slot.run.key, error = %e, "outcome could not be stored; recording a BackendError instead");
+                        **outcome = Outcome::backend_error(
+                            format!("the task's outcome could not be stored: {e}"),
+                            outcome.started_at,
+                        );
+                        *stripped = true;
+                        continue;
+                    }
+                    Write::Finish { .. } => {
+                        tracing::error!(run = %slot.run.key, error = %e, "outcome cannot be stored even without its payload; the task is retried when its lease expires");
+                        let _ = self.done.send(slot.run.key.task_id);
+                    }
+                    Write::Mark(_) => {
+                        tracing::warn!(run = %slot.run.key, error = %e, "cannot record a run's progress; the run continues");
+                    }
+                }
+                return Ok(());
+            }
+            self.metrics.errors.with_label_values(&["executor", e.metric_label()]).inc();
+            let finishes = slots.iter().filter(|s| matches!(s.write, Write::Finish { .. })).count();
+            tracing::warn!(
+                runs = slots.len(),
+                outcomes = finishes,
+                error = %e,
+                retry_in = ?backoff.peek(),
+                "cannot record runs' progress and outcomes; retrying"
+            );
+            backoff.sleep().await;
+        }
     }
-    tracing::info!(task_id = %w.key.task_id, tenant = %w.tenant, %phase, reason, "task finished");
+
+    /// After a commit: logs and counts what was written, and tells the loop which runs are over.
+    fn report(&self, slots: Vec<Slot>, written: &JournalWritten) {
+        let (mut marked, mut finished) = (written.marked.iter(), written.finished.iter());
+        for slot in slots {
+            let w = &slot.run;
+            let _entered = w.span().entered();
+            match slot.write {
+                Write::Mark(_) => {
+                    if marked.next() != Some(&true) {
+                        tracing::debug!(run = %w.key, "phase not changed: the task moved on");
+                    }
+                }
+                Write::Finish { outcome, .. } => {
+                    if finished.next() == Some(&true) {
+                        let (phase, reason) = outcome.phase_reason();
+                        let reason = reason.map_or("", |r| r.as_str());
+                        self.metrics.finished.with_label_values(&[w.tenant.as_str(), phase.as_str(), reason]).inc();
+                        if let Some(language) = w.language {
+                            self.metrics
+                                .task_duration
+                                .with_label_values(&[w.tenant.as_str(), language.as_str()])
+                                .observe(outcome.duration_seconds());
+                        }
+                        tracing::info!(task_id = %w.key.task_id, tenant = %w.tenant, %phase, reason, "task finished");
+                    } else {
+                        tracing::warn!(run = %w.key, "the task moved on (cancelled, or taken over); this run's outcome is dropped");
+                    }
+                    let _ = self.done.send(w.key.task_id);
+                }
+            }
+        }
+    }
+}
+
+/// The store's view of a batch: its marks and its finishes, each in the slots' order.
+fn writes_of(slots: &[Slot]) -> (Vec<MarkWrite<'_>>, Vec<FinishWrite<'_>>) {
+    let mut marks = Vec::new();
+    let mut finishes = Vec::new();
+    for slot in slots {
+        let key = slot.run.key;
+        match &slot.write {
+            Write::Mark(mark) => marks.push(MarkWrite {
+                task_id: key.task_id,
+                attempt: key.attempt,
+                backend: slot.run.backend,
+                mark: *mark,
+            }),
+            Write::Finish { outcome, running_at, .. } => finishes.push(FinishWrite {
+                task_id: key.task_id,
+                attempt: key.attempt,
+                backend: Some(slot.run.backend),
+                outcome,
+                timeout_seconds: slot.run.timeout_seconds,
+                running_at: *running_at,
+            }),
+        }
+    }
+    (marks, finishes)
 }
 
 /// The job for a claimed task. A stored task that lacks what every admitted task has is refused

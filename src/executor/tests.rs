@@ -26,18 +26,65 @@ struct FakeTask {
     owner: Option<Uuid>,
     cancel_requested: bool,
     backend: Option<String>,
+    reason: Option<crate::domain::phase::Reason>,
     finishes: u32,
 }
 
 #[derive(Default)]
 struct FakeStore {
     tasks: Mutex<HashMap<Uuid, FakeTask>>,
-    /// `mark_scheduled` and `mark_running` fail as if the database were down.
-    progress_fails: std::sync::atomic::AtomicBool,
+    /// Journal writes fail as if the database were down.
+    down: std::sync::atomic::AtomicBool,
+    /// Every journal write tried: when (on tokio's clock), how many marks and finishes, and
+    /// whether it was stored.
+    journal_writes: Mutex<Vec<JournalCall>>,
+    /// Notified after every journal write tried.
+    journal_written: Notify,
+}
+
+#[derive(Debug, Clone)]
+struct JournalCall {
+    at: tokio::time::Instant,
+    marks: usize,
+    finishes: usize,
+    stored: bool,
 }
 
 fn database_down<T: Send + 'static>() -> BoxFuture<'static, Result<T, StoreError>> {
     Box::pin(async { Err(StoreError::Sql(sqlx::Error::PoolTimedOut)) })
+}
+
+/// What Postgres answers to text it cannot store (a NUL byte): SQLSTATE 22021, a data exception.
+#[derive(Debug)]
+struct RefusedValue;
+
+impl std::fmt::Display for RefusedValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("invalid byte sequence for encoding \"UTF8\": 0x00")
+    }
+}
+
+impl std::error::Error for RefusedValue {}
+
+impl sqlx::error::DatabaseError for RefusedValue {
+    fn message(&self) -> &str {
+        "invalid byte sequence for encoding \"UTF8\": 0x00"
+    }
+    fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+        Some("22021".into())
+    }
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+    fn kind(&self) -> sqlx::error::ErrorKind {
+        sqlx::error::ErrorKind::Other
+    }
 }
 
 const ACTIVE: [Phase; 3] = [Phase::Pending, Phase::Scheduled, Phase::Running];
@@ -53,6 +100,7 @@ impl FakeStore {
                 owner: None,
                 cancel_requested: false,
                 backend: None,
+                reason: None,
                 finishes: 0,
             },
         );
@@ -107,54 +155,58 @@ impl ExecutorStore for FakeStore {
         ok(out)
     }
 
-    fn mark_scheduled<'a>(&'a self, key: RunKey, backend: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
-        if self.progress_fails.load(std::sync::atomic::Ordering::SeqCst) {
+    /// The guards of `store::write_journal`, all or nothing: a text with a NUL byte refuses the
+    /// whole batch, as Postgres does.
+    fn write_journal<'a>(
+        &'a self,
+        marks: &'a [MarkWrite<'a>],
+        finishes: &'a [FinishWrite<'a>],
+    ) -> BoxFuture<'a, Result<JournalWritten, StoreError>> {
+        let down = self.down.load(std::sync::atomic::Ordering::SeqCst);
+        let refused = finishes.iter().any(|f| f.outcome.stdout.text.contains('\0'));
+        self.journal_writes.lock().unwrap().push(JournalCall {
+            at: tokio::time::Instant::now(),
+            marks: marks.len(),
+            finishes: finishes.len(),
+            stored: !down && !refused,
+        });
+        self.journal_written.notify_waiters();
+        if down {
             return database_down();
         }
-        ok(self.update(key.task_id, |t| {
-            let moved = t.attempt == key.attempt && t.phase == Phase::Pending;
-            if moved {
-                t.phase = Phase::Scheduled;
-                t.backend = Some(backend.to_owned());
-            }
-            moved
-        }))
-    }
-
-    fn mark_running<'a>(
-        &'a self,
-        key: RunKey,
-        _backend: &'a str,
-        _at: chrono::DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        if self.progress_fails.load(std::sync::atomic::Ordering::SeqCst) {
-            return database_down();
+        if refused {
+            return Box::pin(async { Err(StoreError::Sql(sqlx::Error::Database(Box::new(RefusedValue)))) });
         }
-        ok(self.update(key.task_id, |t| {
-            let moved = t.attempt == key.attempt && matches!(t.phase, Phase::Pending | Phase::Scheduled);
+        let mut tasks = self.tasks.lock().unwrap();
+        let mut written = JournalWritten::default();
+        for m in marks {
+            let t = tasks.get_mut(&m.task_id).unwrap();
+            let moved = t.attempt == m.attempt
+                && match m.mark {
+                    Mark::Scheduled => t.phase == Phase::Pending,
+                    Mark::Running { .. } => matches!(t.phase, Phase::Pending | Phase::Scheduled),
+                };
             if moved {
-                t.phase = Phase::Running;
+                t.phase = match m.mark {
+                    Mark::Scheduled => Phase::Scheduled,
+                    Mark::Running { .. } => Phase::Running,
+                };
+                t.backend = Some(m.backend.to_owned());
             }
-            moved
-        }))
-    }
-
-    fn finish<'a>(
-        &'a self,
-        key: RunKey,
-        _backend: Option<&'a str>,
-        outcome: &'a Outcome,
-        _timeout: u32,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        ok(self.update(key.task_id, |t| {
-            let moved = t.attempt == key.attempt && ACTIVE.contains(&t.phase);
+            written.marked.push(moved);
+        }
+        for f in finishes {
+            let t = tasks.get_mut(&f.task_id).unwrap();
+            let moved = t.attempt == f.attempt && ACTIVE.contains(&t.phase);
             if moved {
-                t.phase = outcome.phase_reason().0;
+                t.phase = f.outcome.phase_reason().0;
+                t.reason = f.outcome.phase_reason().1;
                 t.owner = None;
                 t.finishes += 1;
             }
-            moved
-        }))
+            written.finished.push(moved);
+        }
+        ok(written)
     }
 
     fn renew_leases<'a>(
@@ -372,23 +424,28 @@ async fn phases_follow_the_backend_and_the_outcome_is_written_once() {
 }
 
 /// A decision, not a fallback: a run whose `Running` mark cannot be written keeps running (the
-/// program is already going), the failure is counted, and the final write still ends the task.
+/// program is already going), the failure is counted, and once the database is back the mark
+/// and then the outcome are written, the outcome once.
 #[tokio::test]
 async fn a_failed_running_mark_is_counted_and_the_run_still_finishes() {
     let h = start(Arc::default(), Arc::default());
     let task = h.store.admit();
-    h.store.progress_fails.store(true, std::sync::atomic::Ordering::SeqCst);
     h.wake.notify_one();
     let key = launched_run(&h, task).await;
+    h.store.down.store(true, std::sync::atomic::Ordering::SeqCst);
     let errors = || h.metrics.errors.with_label_values(&["executor", "database_unreachable"]).get();
     h.backend.emit(key, RunEvent::Running { at: Utc::now() });
     // The positive signal that the event was handled: its failure was counted.
-    until("the failed mark is counted", || errors() == 1).await;
+    until("the failed mark is counted", || errors() >= 1).await;
     assert_eq!(h.store.get(task).phase, Phase::Pending, "the mark was not written");
     assert!(h.backend.cancelled.lock().unwrap().is_empty(), "and the run was not stopped");
+    // The outcome arrives during the outage and waits behind the mark's retries.
     h.backend.finish_ok(key);
+    h.store.down.store(false, std::sync::atomic::Ordering::SeqCst);
     until("Succeeded", || h.store.get(task).phase == Phase::Succeeded).await;
     assert_eq!(h.store.get(task).finishes, 1);
+    let stored = h.store.journal_writes.lock().unwrap().iter().filter(|c| c.stored).count();
+    assert!(stored >= 1, "written once the database was back");
     h.stop().await;
 }
 
@@ -492,6 +549,99 @@ async fn shutdown_hands_back_runs_that_die_with_the_process_and_keeps_those_that
     let store = h.store.clone();
     h.stop().await;
     assert_eq!(store.get(task).phase, Phase::Running, "left running for the next process");
+}
+
+fn watched(task_id: Uuid, attempt: i32) -> Watched {
+    Watched {
+        key: RunKey { task_id, attempt },
+        tenant: "acme".into(),
+        language: Some(Language::Python),
+        timeout_seconds: 5,
+        backend: "fake",
+        finishing: true,
+    }
+}
+
+fn exited(code: i32, stdout: &str) -> Box<Outcome> {
+    let mut o = Outcome::bare(Termination::Exited, Utc::now(), Utc::now());
+    o.exit_code = Some(code);
+    o.stdout.text = stdout.into();
+    Box::new(o)
+}
+
+/// One batch holds a stale attempt's outcome, an outcome Postgres refuses, two normal outcomes
+/// and a mark. The batch is refused as a whole; written run by run, each normal outcome and the
+/// mark are stored, the refused outcome becomes a `BackendError`, the stale one changes nothing,
+/// and the loop hears of every finished run exactly once.
+#[tokio::test]
+async fn a_batch_with_a_stale_attempt_and_a_refused_value_stores_every_other_run() {
+    let store: Arc<FakeStore> = Arc::default();
+    let [stale, refused, first, second, placed] = [(); 5].map(|_| store.admit());
+    for t in [stale, refused, first, second] {
+        store.update(t, |t| (t.phase, t.attempt) = (Phase::Running, 1));
+    }
+    // Someone else runs attempt 2 of `stale` now.
+    store.update(stale, |t| t.attempt = 2);
+    store.update(placed, |t| t.attempt = 1);
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let metrics = Metrics::new();
+    let writer = JournalWriter { store: store.clone(), metrics: metrics.clone(), done: done_tx };
+    let (journal, reports) = mpsc::unbounded_channel();
+    let finishes =
+        [(stale, exited(3, "")), (refused, exited(0, "a\0b")), (first, exited(0, "")), (second, exited(1, ""))];
+    for (task, outcome) in finishes {
+        journal.send((watched(task, 1), Report::Finish(outcome))).unwrap();
+    }
+    journal.send((watched(placed, 1), Report::Mark(Mark::Scheduled))).unwrap();
+    // Everything is waiting before the writer starts, so its first batch holds all of it.
+    drop(journal);
+    writer.run(reports).await;
+
+    let calls = store.journal_writes.lock().unwrap().clone();
+    assert_eq!((calls[0].marks, calls[0].finishes, calls[0].stored), (1, 4, false), "{calls:?}");
+    assert_eq!(store.get(stale).phase, Phase::Running, "the stale attempt's outcome changed nothing");
+    assert_eq!(store.get(stale).finishes, 0);
+    assert_eq!(
+        (store.get(refused).phase, store.get(refused).reason),
+        (Phase::Failed, Some(crate::domain::phase::Reason::BackendError))
+    );
+    assert_eq!(store.get(first).phase, Phase::Succeeded);
+    assert_eq!(store.get(second).phase, Phase::Failed);
+    assert_eq!(store.get(placed).phase, Phase::Scheduled);
+    for t in [refused, first, second] {
+        assert_eq!(store.get(t).finishes, 1);
+    }
+    let mut reported = Vec::new();
+    while let Ok(task) = done.try_recv() {
+        reported.push(task);
+    }
+    reported.sort();
+    let mut expected = vec![stale, refused, first, second];
+    expected.sort();
+    assert_eq!(reported, expected, "every finished run is over for the loop, once");
+    let finished = |phase: &str, reason: &str| metrics.finished.with_label_values(&["acme", phase, reason]).get();
+    assert_eq!(
+        (finished("Succeeded", ""), finished("Failed", "NonZeroExit"), finished("Failed", "BackendError")),
+        (1, 1, 1)
+    );
+}
+
+/// Latency: a lone outcome is written at once, not when a batch fills or a timer fires. Tokio's
+/// clock is paused and only moves when every task waits on a timer, so an outcome written at the
+/// instant it was reported was never held back.
+#[tokio::test(start_paused = true)]
+async fn a_single_outcome_is_written_without_waiting_for_a_batch() {
+    let h = start(Arc::default(), Arc::default());
+    let (task, key) = a_running_task(&h).await;
+    let written = h.store.journal_written.notified();
+    let reported_at = tokio::time::Instant::now();
+    h.backend.finish_ok(key);
+    written.await;
+    let call = h.store.journal_writes.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((call.marks, call.finishes, call.stored), (0, 1, true));
+    assert_eq!(call.at, reported_at, "no timer ran between the report and the write");
+    assert_eq!(h.store.get(task).phase, Phase::Succeeded);
+    h.stop().await;
 }
 
 #[test]

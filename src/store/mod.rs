@@ -38,8 +38,9 @@ pub use outbox::{
     RetryPolicy,
 };
 pub use runs::{
-    adopt, cancel_requested, claim, finish, mark_running, mark_scheduled, reap_expired, release, renew_leases,
-    request_cancel, unfinished_in_batch, unstarted_of_other_tenants, AdoptedRun, CancelOutcome, ClaimedTask,
+    adopt, cancel_requested, claim, finish, reap_expired, release, renew_leases, request_cancel, unfinished_in_batch,
+    unstarted_of_other_tenants, write_journal, AdoptedRun, CancelOutcome, ClaimedTask, FinishWrite, JournalWritten,
+    Mark, MarkWrite,
 };
 pub use tasks::{fetch_row, ReplyTo, TaskRow};
 pub use tenants::{load_tenants, phase_counts, sync_tenants, tenant_statuses, TenantStatus};

@@ -12,11 +12,11 @@ use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use super::tasks::queue_result_of;
+use super::tasks::{enqueue_results, queue_result_of, ReplyColumns, TaskRow};
 use super::{Result, Store};
 use crate::domain::outcome::Outcome;
 use crate::domain::phase::{Phase, Reason};
-use crate::domain::result::storable_text;
+use crate::domain::result::{storable_text, Artifact};
 use crate::domain::task::{Language, Program};
 
 /// A task handed to an executor: everything a backend needs, as stored. Columns that only a
@@ -62,9 +62,249 @@ pub enum CancelOutcome {
     NotFound,
 }
 
+/// A run's progress as its backend reported it, before the run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// `Pending` → `Scheduled`: the backend placed the run.
+    Scheduled,
+    /// → `Running`: the program started. Accepted from `Pending` too, for backends that see
+    /// placement and start at once.
+    Running { at: DateTime<Utc> },
+}
+
+/// One run's progress, for [`write_journal`].
+#[derive(Debug, Clone, Copy)]
+pub struct MarkWrite<'a> {
+    pub task_id: Uuid,
+    pub attempt: i32,
+    pub backend: &'a str,
+    pub mark: Mark,
+}
+
+/// How one run ended, for [`write_journal`].
+#[derive(Debug, Clone, Copy)]
+pub struct FinishWrite<'a> {
+    pub task_id: Uuid,
+    pub attempt: i32,
+    /// Recorded as the task's `backend` (kept as it is when `None`).
+    pub backend: Option<&'a str>,
+    pub outcome: &'a Outcome,
+    /// For the message of a run that timed out.
+    pub timeout_seconds: u32,
+    /// When a `Running` mark of this run was folded into this write instead of being written
+    /// first: its time, which is what the task's `started_at` would have been.
+    pub running_at: Option<DateTime<Utc>>,
+}
+
+/// Which writes of a [`write_journal`] batch moved their task, in the order given. A write that
+/// did not is a stale one: its attempt no longer owns the task, or the task has moved past it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JournalWritten {
+    pub marked: Vec<bool>,
+    pub finished: Vec<bool>,
+}
+
+/// Writes a batch of the executor's runs in one transaction on `conn`: every progress mark in one
+/// statement, every final write in another (which returns the finished rows), and the results of
+/// those rows in a third, so that each finished task's one result commits with its transition.
+///
+/// Each write is guarded exactly as a single one would be: by the attempt, and by the phases it
+/// may move from. A batch must hold at most one write per run (the executor's journal folds a
+/// run's marks into its finish); two attempts of one task may share a batch, since only the
+/// current one matches.
+///
+/// # Errors
+/// Any failed statement fails the whole batch and nothing of it is written. When Postgres refuses
+/// a value ([`super::StoreError::is_bad_value`]), writing the batch's entries one by one finds
+/// the culprit.
+pub async fn write_journal(
+    conn: &mut PgConnection,
+    marks: &[MarkWrite<'_>],
+    finishes: &[FinishWrite<'_>],
+) -> Result<JournalWritten> {
+    let mut tx = conn.begin().await?;
+    let marked = if marks.is_empty() { Vec::new() } else { write_marks(&mut tx, marks).await? };
+    let finished = if finishes.is_empty() { Vec::new() } else { write_finishes(&mut tx, finishes).await? };
+    tx.commit().await?;
+    Ok(JournalWritten { marked, finished })
+}
+
+/// The marks of [`write_journal`], in one statement.
+async fn write_marks(conn: &mut PgConnection, marks: &[MarkWrite<'_>]) -> Result<Vec<bool>> {
+    let ids: Vec<Uuid> = marks.iter().map(|m| m.task_id).collect();
+    let attempts: Vec<i32> = marks.iter().map(|m| m.attempt).collect();
+    let backends: Vec<&str> = marks.iter().map(|m| m.backend).collect();
+    let phases: Vec<Phase> = marks
+        .iter()
+        .map(|m| match m.mark {
+            Mark::Scheduled => Phase::Scheduled,
+            Mark::Running { .. } => Phase::Running,
+        })
+        .collect();
+    let at: Vec<Option<DateTime<Utc>>> = marks
+        .iter()
+        .map(|m| match m.mark {
+            Mark::Scheduled => None,
+            Mark::Running { at } => Some(at),
+        })
+        .collect();
+    let moved = sqlx::query!(
+        "update agenttask.tasks t set phase = m.phase, backend = m.backend, \
+           started_at = case when m.phase = $6 then m.at else t.started_at end \
+         from unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::timestamptz[]) \
+           as m(task_id, attempt, backend, phase, at) \
+         where t.task_id = m.task_id and t.attempt = m.attempt \
+           and (t.phase = $7 or (m.phase = $6 and t.phase = $8)) \
+         returning t.task_id, t.attempt",
+        &ids,
+        &attempts,
+        &backends as _,
+        &phases as _,
+        &at as _,
+        Phase::Running as _,
+        Phase::Pending as _,
+        Phase::Scheduled as _
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let moved: std::collections::HashSet<(Uuid, i32)> = moved.into_iter().map(|r| (r.task_id, r.attempt)).collect();
+    Ok(marks.iter().map(|m| moved.contains(&(m.task_id, m.attempt))).collect())
+}
+
+/// The final writes of [`write_journal`]: one statement ends the tasks and returns their rows,
+/// a second queues their results (none for tasks applied as Kubernetes objects, whose status
+/// is their answer).
+async fn write_finishes(conn: &mut PgConnection, finishes: &[FinishWrite<'_>]) -> Result<Vec<bool>> {
+    let n = finishes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut phases = Vec::with_capacity(n);
+    let mut reasons = Vec::with_capacity(n);
+    let mut messages = Vec::with_capacity(n);
+    let mut exit_codes = Vec::with_capacity(n);
+    let mut program_results = Vec::with_capacity(n);
+    let mut stdouts = Vec::with_capacity(n);
+    let mut stderrs = Vec::with_capacity(n);
+    let mut stdout_truncated = Vec::with_capacity(n);
+    let mut stderr_truncated = Vec::with_capacity(n);
+    let mut artifacts = Vec::with_capacity(n);
+    let mut started_at = Vec::with_capacity(n);
+    let mut finished_at = Vec::with_capacity(n);
+    let mut backends = Vec::with_capacity(n);
+    let mut warm = Vec::with_capacity(n);
+    for f in finishes {
+        let o = f.outcome;
+        let (phase, reason) = o.phase_reason();
+        ids.push(f.task_id);
+        attempts.push(f.attempt);
+        phases.push(phase);
+        reasons.push(reason);
+        messages.push(storable_text(&o.message(f.timeout_seconds)).into_owned());
+        exit_codes.push(o.exit_code);
+        program_results.push(o.stored_result().map(Json));
+        stdouts.push(o.stdout.text.as_str());
+        stderrs.push(o.stderr.text.as_str());
+        stdout_truncated.push(o.stdout.truncated);
+        stderr_truncated.push(o.stderr.truncated);
+        artifacts.push(Json(&o.artifacts));
+        started_at.push(f.running_at.unwrap_or(o.started_at));
+        finished_at.push(o.finished_at);
+        backends.push(f.backend);
+        warm.push(o.warm);
+    }
+    let rows = sqlx::query!(
+        r#"update agenttask.tasks t set phase = f.phase, reason = f.reason, message = f.message,
+             exit_code = f.exit_code, result = f.result, stdout = f.stdout, stderr = f.stderr,
+             stdout_truncated = f.stdout_truncated, stderr_truncated = f.stderr_truncated,
+             artifacts = f.artifacts, started_at = coalesce(t.started_at, f.started_at),
+             finished_at = f.finished_at, backend = coalesce(f.backend, t.backend), lease_owner = null,
+             lease_expires_at = null, program = null, warm = f.warm
+           from unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::int[], $7::jsonb[],
+                       $8::text[], $9::text[], $10::bool[], $11::bool[], $12::jsonb[], $13::timestamptz[],
+                       $14::timestamptz[], $15::text[], $16::bool[])
+             as f(task_id, attempt, phase, reason, message, exit_code, result, stdout, stderr,
+                  stdout_truncated, stderr_truncated, artifacts, started_at, finished_at, backend, warm)
+           where t.task_id = f.task_id and t.attempt = f.attempt and t.phase = any(agenttask.active_phases())
+           returning t.task_id, t.tenant, t.client_id, t.batch_id, t.language as "language: Language",
+             t.phase as "phase: Phase", t.reason as "reason: Reason", t.message, t.priority,
+             t.timeout_seconds, t.cpu_millis, t.memory_bytes, t.isolation,
+             t.labels as "labels: Json<serde_json::Value>", t.exit_code,
+             t.result as "result: Json<serde_json::Value>", t.stdout, t.stderr, t.stdout_truncated,
+             t.stderr_truncated, t.artifacts as "artifacts: Json<Vec<Artifact>>", t.backend, t.attempt,
+             t.submitted_at, t.admitted_at, t.started_at, t.finished_at, t.outputs_removed_at, t.warm,
+             t.reply_exchange, t.reply_routing_key, t.correlation_id, t.kube_object"#,
+        &ids,
+        &attempts,
+        &phases as _,
+        &reasons as _,
+        &messages,
+        &exit_codes as _,
+        &program_results as _,
+        &stdouts as _,
+        &stderrs as _,
+        &stdout_truncated,
+        &stderr_truncated,
+        &artifacts as _,
+        &started_at,
+        &finished_at,
+        &backends as _,
+        &warm as _
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut moved = std::collections::HashSet::with_capacity(rows.len());
+    let mut results = Vec::with_capacity(rows.len());
+    for r in rows {
+        moved.insert((r.task_id, r.attempt));
+        if r.kube_object.is_some() {
+            // Applied as an AgentTask: its status is its answer; there is no reply queue.
+            continue;
+        }
+        let route = ReplyColumns {
+            reply_exchange: r.reply_exchange,
+            reply_routing_key: r.reply_routing_key,
+            correlation_id: r.correlation_id,
+        };
+        let row = TaskRow {
+            task_id: r.task_id,
+            tenant: r.tenant,
+            client_id: r.client_id,
+            batch_id: r.batch_id,
+            language: r.language,
+            phase: r.phase,
+            reason: r.reason,
+            message: r.message,
+            priority: r.priority,
+            timeout_seconds: r.timeout_seconds,
+            cpu_millis: r.cpu_millis,
+            memory_bytes: r.memory_bytes,
+            isolation: r.isolation,
+            labels: r.labels,
+            exit_code: r.exit_code,
+            result: r.result,
+            stdout: r.stdout,
+            stderr: r.stderr,
+            stdout_truncated: r.stdout_truncated,
+            stderr_truncated: r.stderr_truncated,
+            artifacts: r.artifacts,
+            backend: r.backend,
+            attempt: r.attempt,
+            submitted_at: r.submitted_at,
+            admitted_at: r.admitted_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            outputs_removed_at: r.outputs_removed_at,
+            warm: r.warm,
+        };
+        results.push((row.to_result(), route));
+    }
+    enqueue_results(&mut *conn, &results).await?;
+    Ok(finishes.iter().map(|f| moved.contains(&(f.task_id, f.attempt))).collect())
+}
+
 /// Ends attempt `attempt` of `task_id` with `outcome` and queues its one result, in a transaction
-/// on `conn`. False when the attempt no longer owns an active task (a newer attempt, a reaper or
-/// a cancel got there first).
+/// on `conn` (a savepoint when `conn` is already in one). False when the attempt no longer owns
+/// an active task (a newer attempt, a reaper or a cancel got there first).
 pub async fn finish(
     conn: &mut PgConnection,
     task_id: Uuid,
@@ -73,43 +313,8 @@ pub async fn finish(
     outcome: &Outcome,
     timeout_seconds: u32,
 ) -> Result<bool> {
-    let (phase, reason) = outcome.phase_reason();
-    let message = outcome.message(timeout_seconds);
-    let message = storable_text(&message);
-    let mut tx = conn.begin().await?;
-    let moved = sqlx::query!(
-        "update agenttask.tasks set phase = $3, reason = $4, message = $5, exit_code = $6, \
-           result = $7, stdout = $8, stderr = $9, stdout_truncated = $10, \
-           stderr_truncated = $11, artifacts = $12, started_at = coalesce(started_at, $13), \
-           finished_at = $14, backend = coalesce($15, backend), lease_owner = null, \
-           lease_expires_at = null, program = null, warm = $16 \
-         where task_id = $1 and attempt = $2 and phase = any(agenttask.active_phases())",
-        task_id,
-        attempt,
-        phase as _,
-        reason as _,
-        &*message,
-        outcome.exit_code,
-        outcome.stored_result().map(Json) as _,
-        outcome.stdout.text,
-        outcome.stderr.text,
-        outcome.stdout.truncated,
-        outcome.stderr.truncated,
-        Json(&outcome.artifacts) as _,
-        outcome.started_at,
-        outcome.finished_at,
-        backend,
-        outcome.warm
-    )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if moved == 0 {
-        return Ok(false);
-    }
-    queue_result_of(&mut tx, task_id).await?;
-    tx.commit().await?;
-    Ok(true)
+    let write = FinishWrite { task_id, attempt, backend, outcome, timeout_seconds, running_at: None };
+    Ok(write_journal(conn, &[], &[write]).await?.finished == [true])
 }
 
 /// Claims up to `limit` admitted, unclaimed tasks for `owner`, oldest admission first, and
@@ -133,46 +338,6 @@ pub async fn claim(conn: impl PgExecutor<'_>, owner: Uuid, limit: i64, lease: Du
     )
     .fetch_all(conn)
     .await?)
-}
-
-/// `Pending` → `Scheduled`: the backend placed the run.
-pub async fn mark_scheduled(conn: impl PgExecutor<'_>, task_id: Uuid, attempt: i32, backend: &str) -> Result<bool> {
-    let done = sqlx::query!(
-        "update agenttask.tasks set phase = $4, backend = $3 \
-         where task_id = $1 and attempt = $2 and phase = $5",
-        task_id,
-        attempt,
-        backend,
-        Phase::Scheduled as _,
-        Phase::Pending as _
-    )
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// → `Running`: the program started. Accepted from `Pending` too, for backends that see
-/// placement and start at once.
-pub async fn mark_running(
-    conn: impl PgExecutor<'_>,
-    task_id: Uuid,
-    attempt: i32,
-    backend: &str,
-    at: DateTime<Utc>,
-) -> Result<bool> {
-    let done = sqlx::query!(
-        "update agenttask.tasks set phase = $5, started_at = $3, backend = $4 \
-         where task_id = $1 and attempt = $2 and phase = any($6)",
-        task_id,
-        attempt,
-        at,
-        backend,
-        Phase::Running as _,
-        &[Phase::Pending, Phase::Scheduled] as &[Phase]
-    )
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
 }
 
 /// Extends the leases of the runs `owner` watches right now (not of everything it ever
@@ -368,12 +533,9 @@ impl Store {
         claim(&self.pool, owner, limit, lease).await
     }
 
-    pub async fn mark_scheduled(&self, task_id: Uuid, attempt: i32, backend: &str) -> Result<bool> {
-        mark_scheduled(&self.pool, task_id, attempt, backend).await
-    }
-
-    pub async fn mark_running(&self, task_id: Uuid, attempt: i32, backend: &str, at: DateTime<Utc>) -> Result<bool> {
-        mark_running(&self.pool, task_id, attempt, backend, at).await
+    /// Writes a batch of runs' marks and outcomes in one transaction; see [`write_journal`].
+    pub async fn write_journal(&self, marks: &[MarkWrite<'_>], finishes: &[FinishWrite<'_>]) -> Result<JournalWritten> {
+        write_journal(&mut *self.pool.acquire().await?, marks, finishes).await
     }
 
     /// Records how a run ended and queues the task's one result, in one transaction. Returns

@@ -175,6 +175,38 @@ pub(super) async fn enqueue_result(
     Ok(())
 }
 
+/// Queues many results in one statement (see [`enqueue_result`]).
+pub(super) async fn enqueue_results(
+    conn: impl PgExecutor<'_>,
+    results: &[(ResultMessage, ReplyColumns)],
+) -> Result<()> {
+    if results.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = results.iter().map(|(r, _)| r.task_id).collect();
+    let exchanges: Vec<&str> = results.iter().map(|(_, c)| c.reply_exchange.as_str()).collect();
+    let routing_keys: Vec<&str> = results.iter().map(|(_, c)| c.reply_routing_key.as_str()).collect();
+    let correlation_ids: Vec<Option<&str>> = results.iter().map(|(_, c)| c.correlation_id.as_deref()).collect();
+    let phases: Vec<Phase> = results.iter().map(|(r, _)| r.phase).collect();
+    let bodies: Vec<Vec<u8>> = results.iter().map(|(r, _)| result_body(r)).collect();
+    let tenants: Vec<&str> = results.iter().map(|(r, _)| r.tenant.as_str()).collect();
+    sqlx::query!(
+        "insert into agenttask.outbox (message_id, exchange, routing_key, correlation_id, phase, body, tenant) \
+         select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[]) \
+         on conflict (message_id) do nothing",
+        &ids,
+        &exchanges as _,
+        &routing_keys as _,
+        &correlation_ids as _,
+        &phases as _,
+        &bodies,
+        &tenants as _
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -259,7 +259,13 @@ async fn the_executors_store_calls_compose_in_a_callers_transaction() {
     let mut tx = pool.begin().await.unwrap();
     let claimed = store::claim(&mut *tx, owner, 10, lease).await.unwrap();
     assert_eq!(claimed.iter().map(|c| c.task_id).collect::<Vec<_>>(), [id]);
-    assert!(store::mark_running(&mut *tx, id, claimed[0].attempt, "null", chrono::Utc::now()).await.unwrap());
+    let running = store::MarkWrite {
+        task_id: id,
+        attempt: claimed[0].attempt,
+        backend: "null",
+        mark: store::Mark::Running { at: chrono::Utc::now() },
+    };
+    assert_eq!(store::write_journal(&mut tx, &[running], &[]).await.unwrap().marked, [true]);
     assert_eq!(state().await, ("Pending".into(), 0, None), "uncommitted work is invisible outside");
     tx.rollback().await.unwrap();
     assert_eq!(state().await, ("Pending".into(), 0, None));
@@ -268,9 +274,142 @@ async fn the_executors_store_calls_compose_in_a_callers_transaction() {
     let mut tx = pool.begin().await.unwrap();
     let claimed = store::claim(&mut *tx, owner, 10, lease).await.unwrap();
     assert_eq!(claimed.len(), 1);
-    assert!(store::mark_scheduled(&mut *tx, id, claimed[0].attempt, "null").await.unwrap());
+    let placed =
+        store::MarkWrite { task_id: id, attempt: claimed[0].attempt, backend: "null", mark: store::Mark::Scheduled };
+    assert_eq!(store::write_journal(&mut tx, &[placed], &[]).await.unwrap().marked, [true]);
     tx.commit().await.unwrap();
     assert_eq!(state().await, ("Scheduled".into(), 1, Some(owner)));
+    pool.close().await;
+    env.cleanup().await;
+}
+
+/// The executor's journal against the real schema: one batch of marks and outcomes is written
+/// in one transaction, each write guarded by its attempt and phase; a value Postgres refuses
+/// fails the whole batch and leaves nothing behind, so the executor can find it run by run; each
+/// finished task queues exactly one result (none for a task applied as a Kubernetes object).
+#[tokio::test]
+async fn a_journal_batch_is_guarded_per_run_atomic_and_queues_one_result_each() {
+    use agenttask::exec::{Outcome, Termination};
+    use agenttask::store::{self, FinishWrite, Mark, MarkWrite, Store};
+    let env = Env::new(ONE_TENANT).await;
+    let tenant = env.tenant("a");
+    let db = Store::connect(&env.database_url, 2).await.unwrap();
+    let pool = db.pool();
+    let insert = |phase: &'static str, attempt: i32, kube: Option<&'static str>| {
+        let tenant = tenant.clone();
+        async move {
+            let id = uuid::Uuid::new_v4();
+            sqlx::query(
+                "insert into agenttask.tasks (task_id, tenant, client_id, language, phase, attempt, timeout_seconds, \
+                   reply_exchange, reply_routing_key, correlation_id, admitted_at, kube_object) \
+                 values ($1, $2, $3, 'python', $4, $5, 30, '', 'replies', 'corr-' || $3, now(), $6)",
+            )
+            .bind(id)
+            .bind(&tenant)
+            .bind(id.to_string())
+            .bind(phase)
+            .bind(attempt)
+            .bind(kube)
+            .execute(pool)
+            .await
+            .unwrap();
+            id
+        }
+    };
+    // Attempt 1 of `stale` reports, but attempt 2 owns the task now.
+    let stale = insert("Running", 2, None).await;
+    let refused = insert("Running", 1, None).await;
+    let ok = insert("Scheduled", 1, None).await;
+    let failed = insert("Running", 1, None).await;
+    let applied = insert("Running", 1, Some("ns/applied")).await;
+    let placed = insert("Pending", 1, None).await;
+    let started = insert("Scheduled", 1, None).await;
+    let now = chrono::Utc::now();
+    let running_at = now - chrono::Duration::seconds(2);
+    let exited = |code: i32, stdout: &str| {
+        let mut o = Outcome::bare(Termination::Exited, now - chrono::Duration::seconds(1), now);
+        o.exit_code = Some(code);
+        o.stdout.text = stdout.into();
+        o
+    };
+    let (stale_o, refused_o, ok_o, failed_o, applied_o) =
+        (exited(0, ""), exited(0, "a\0b"), exited(0, "hi\n"), exited(2, ""), exited(0, ""));
+    let finish = |task_id, attempt, outcome, running_at| FinishWrite {
+        task_id,
+        attempt,
+        backend: Some("null"),
+        outcome,
+        timeout_seconds: 30,
+        running_at,
+    };
+    let marks = [
+        MarkWrite { task_id: placed, attempt: 1, backend: "null", mark: Mark::Scheduled },
+        MarkWrite { task_id: started, attempt: 1, backend: "null", mark: Mark::Running { at: running_at } },
+    ];
+    let state = |id| async move {
+        sqlx::query_as::<_, (String, Option<String>, i32)>(
+            "select phase, reason, (select count(*)::int from agenttask.outbox where message_id = $1) \
+             from agenttask.tasks where task_id = $1",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+
+    // With the refused value: nothing of the batch is written.
+    let mut conn = pool.acquire().await.unwrap();
+    let all = [
+        finish(stale, 1, &stale_o, None),
+        finish(refused, 1, &refused_o, None),
+        finish(ok, 1, &ok_o, Some(running_at)),
+        finish(failed, 1, &failed_o, None),
+        finish(applied, 1, &applied_o, None),
+    ];
+    let err = store::write_journal(&mut conn, &marks, &all).await.unwrap_err();
+    assert!(err.is_bad_value(), "{err}");
+    assert_eq!(state(ok).await, ("Scheduled".into(), None, 0));
+    assert_eq!(state(placed).await, ("Pending".into(), None, 0));
+    assert_eq!(count(pool, "select count(*) from agenttask.outbox").await, 0);
+
+    // Without it, every write is decided by its own guard.
+    let rest = [all[0], all[2], all[3], all[4]];
+    let written = store::write_journal(&mut conn, &marks, &rest).await.unwrap();
+    assert_eq!(written.marked, [true, true]);
+    assert_eq!(written.finished, [false, true, true, true]);
+    assert_eq!(state(stale).await, ("Running".into(), None, 0), "the stale attempt changed nothing");
+    assert_eq!(state(ok).await, ("Succeeded".into(), None, 1));
+    assert_eq!(state(failed).await, ("Failed".into(), Some("NonZeroExit".into()), 1));
+    assert_eq!(state(applied).await, ("Succeeded".into(), None, 0), "an applied object's status is its answer");
+    assert_eq!(state(placed).await, ("Scheduled".into(), None, 0));
+    assert_eq!(state(started).await, ("Running".into(), None, 0));
+    // The result carries the row as written: the folded Running mark's start, the output, the route.
+    let (body, routing_key, correlation_id): (Vec<u8>, String, Option<String>) =
+        sqlx::query_as("select body, routing_key, correlation_id from agenttask.outbox where message_id = $1")
+            .bind(ok)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let result: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((result["phase"].as_str(), result["stdout"].as_str()), (Some("Succeeded"), Some("hi\n")), "{result:#}");
+    assert_eq!(result["id"].as_str(), Some(ok.to_string().as_str()));
+    let started_at: chrono::DateTime<chrono::Utc> = result["started_at"].as_str().unwrap().parse().unwrap();
+    assert_eq!(started_at.timestamp_millis(), running_at.timestamp_millis(), "{result:#}");
+    assert_eq!((routing_key.as_str(), correlation_id), ("replies", Some(format!("corr-{ok}"))));
+
+    // Written again (a retry after a lost commit reply): nothing moves, no second result.
+    let again = store::write_journal(&mut conn, &marks, &rest).await.unwrap();
+    assert_eq!((again.marked, again.finished), (vec![false, false], vec![false; 4]));
+    assert_eq!(count(pool, "select count(*) from agenttask.outbox").await, 2);
+
+    // The culprit alone is refused too; its stand-in BackendError is stored with its one result.
+    let err = store::write_journal(&mut conn, &[], &[all[1]]).await.unwrap_err();
+    assert!(err.is_bad_value(), "{err}");
+    let stand_in = Outcome::backend_error(format!("the task's outcome could not be stored: {err}"), now);
+    let written = store::write_journal(&mut conn, &[], &[finish(refused, 1, &stand_in, None)]).await.unwrap();
+    assert_eq!(written.finished, [true]);
+    assert_eq!(state(refused).await, ("Failed".into(), Some("BackendError".into()), 1));
+    drop(conn);
     pool.close().await;
     env.cleanup().await;
 }
