@@ -160,6 +160,9 @@ impl Executor {
         tracing::info!(backend = self.backend.name_for("standard"), %owner, max_runs = caps.max_runs, "executor started");
         let mut heartbeat = tokio::time::interval(self.lease / 3);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether tasks may be waiting to be claimed. Set by wake-ups (an admission, a
+        // hand-back, a lost notification) and the heartbeat; a claim that fills all the room
+        // leaves it set, so the room that ending runs make is claimed at once.
         let mut claim_now = true;
         let mut retry_claim_at: Option<tokio::time::Instant> = None;
         loop {
@@ -200,11 +203,12 @@ impl Executor {
                 Some(event) = events.recv() => on_event(event, &mut watched, &journal),
                 Some(task_id) = done.recv() => {
                     watched.remove(&task_id);
-                    // A batch ends many runs at once: one claim for all their room, not one each.
+                    // A batch ends many runs at once. No claim for the room they make unless
+                    // `claim_now` says tasks may be waiting: under a trickle of admissions, a
+                    // claim per batch would find nothing more than the wake-ups already claimed.
                     while let Ok(task_id) = done.try_recv() {
                         watched.remove(&task_id);
                     }
-                    claim_now = true;
                 }
                 Some(task_id) = self.cancels.recv() => {
                     if let Some(w) = watched.get(&task_id) {

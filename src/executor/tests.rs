@@ -423,6 +423,38 @@ async fn phases_follow_the_backend_and_the_outcome_is_written_once() {
     h.stop().await;
 }
 
+/// More admitted tasks than the backend has room for: the rest are claimed as runs end, with
+/// no wake-up and no timer (the heartbeat also claims; on tokio's paused clock it never fires
+/// while tasks are busy, and the clock must not move).
+#[tokio::test(start_paused = true)]
+async fn tasks_beyond_the_backends_room_are_claimed_as_runs_end() {
+    let h = start(Arc::default(), Arc::default());
+    let tasks: Vec<Uuid> = (0..10).map(|_| h.store.admit()).collect();
+    h.wake.notify_one();
+    until("the room is filled", || h.backend.launched().len() == 8).await;
+    let ended_at = tokio::time::Instant::now();
+    for key in h.backend.launched() {
+        h.backend.finish_ok(key);
+    }
+    // Yielding (not sleeping) lets the executor work without letting the clock move.
+    for _ in 0..10_000 {
+        if h.backend.launched().len() == 10 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.backend.launched().len(), 10, "the last two were claimed when runs ended");
+    assert_eq!(tokio::time::Instant::now(), ended_at, "without waiting for the heartbeat");
+    for key in h.backend.launched().into_iter().skip(8) {
+        h.backend.finish_ok(key);
+    }
+    for t in tasks {
+        until("Succeeded", || h.store.get(t).phase == Phase::Succeeded).await;
+        assert_eq!(h.store.get(t).finishes, 1);
+    }
+    h.stop().await;
+}
+
 /// A decision, not a fallback: a run whose `Running` mark cannot be written keeps running (the
 /// program is already going), the failure is counted, and once the database is back the mark
 /// and then the outcome are written, the outcome once.
