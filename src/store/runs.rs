@@ -4,6 +4,9 @@
 //! Every write names the attempt it belongs to (`where attempt = $n`), so an event of an older
 //! run, or of an executor whose lease expired, can never move a task that a newer attempt owns.
 //! A claimed task stays `Pending` (with a lease owner) until its backend reports it placed.
+//!
+//! Executors write progress marks and outcomes in batches ([`write_journal`]): one transaction
+//! and three statements for any number of runs, each row guarded as a single write would be.
 
 use std::time::Duration;
 
