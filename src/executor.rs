@@ -152,7 +152,8 @@ impl Executor {
         let (done_tx, mut done) = mpsc::unbounded_channel::<Uuid>();
         let (journal, reports) = mpsc::unbounded_channel();
         let writer = JournalWriter { store: self.store.clone(), metrics: self.metrics.clone(), done: done_tx };
-        let writer = tokio::spawn(writer.run(reports));
+        let mut writer = tokio::spawn(writer.run(reports));
+        let mut writer_ended = false;
         let mut watched: HashMap<Uuid, Watched> = HashMap::new();
         if caps.runs_survive_restart {
             self.adopt(owner, &sink, &mut watched).await;
@@ -194,6 +195,14 @@ impl Executor {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                // It only ends when the loop drops its sender, so this is a panic: without it no
+                // run would ever end, so the executor stops and the supervisor restarts the
+                // process (the runs' leases expire and their tasks are retried).
+                ended = &mut writer => {
+                    tracing::error!(error = ?ended.err(), "the executor's journal writer stopped; stopping the executor");
+                    writer_ended = true;
+                    break;
+                }
                 // Before events: a steady stream of them (hundreds of pods changing) must not
                 // starve lease renewal, or the scheduler reaps runs that are alive.
                 _ = heartbeat.tick() => {
@@ -221,7 +230,7 @@ impl Executor {
                 }
             }
         }
-        self.stop(owner, caps, &mut events, &mut watched, journal, writer).await;
+        self.stop(owner, caps, &mut events, &mut watched, journal, (!writer_ended).then_some(writer)).await;
     }
 
     /// Takes over the runs an earlier process left with the backend.
@@ -346,7 +355,7 @@ impl Executor {
         events: &mut mpsc::UnboundedReceiver<Event>,
         watched: &mut HashMap<Uuid, Watched>,
         journal: Journaled,
-        mut writer: tokio::task::JoinHandle<()>,
+        writer: Option<tokio::task::JoinHandle<()>>,
     ) {
         self.backend.shutdown().await;
         // Outcomes reported before the runs were stopped are still written: the writer ends once
@@ -355,10 +364,14 @@ impl Executor {
             on_event(event, watched, &journal);
         }
         drop(journal);
-        if tokio::time::timeout(Duration::from_secs(10), &mut writer).await.is_err() {
-            // Stopped, so that no write lands after the tasks are handed back below.
-            writer.abort();
-            tracing::warn!("outcomes still unwritten at shutdown; their leases will expire and the tasks are retried");
+        if let Some(mut writer) = writer {
+            if tokio::time::timeout(Duration::from_secs(10), &mut writer).await.is_err() {
+                // Stopped, so that no write lands after the tasks are handed back below.
+                writer.abort();
+                tracing::warn!(
+                    "outcomes still unwritten at shutdown; their leases will expire and the tasks are retried"
+                );
+            }
         }
         if caps.runs_survive_restart {
             let ids: Vec<Uuid> = watched.keys().copied().collect();

@@ -35,6 +35,8 @@ struct FakeStore {
     tasks: Mutex<HashMap<Uuid, FakeTask>>,
     /// Journal writes fail as if the database were down.
     down: std::sync::atomic::AtomicBool,
+    /// A journal write panics (a bug in the writer's path).
+    panics: std::sync::atomic::AtomicBool,
     /// Every journal write tried: when (on tokio's clock), how many marks and finishes, and
     /// whether it was stored.
     journal_writes: Mutex<Vec<JournalCall>>,
@@ -162,6 +164,7 @@ impl ExecutorStore for FakeStore {
         marks: &'a [MarkWrite<'a>],
         finishes: &'a [FinishWrite<'a>],
     ) -> BoxFuture<'a, Result<JournalWritten, StoreError>> {
+        assert!(!self.panics.load(std::sync::atomic::Ordering::SeqCst), "a bug in the journal's path");
         let down = self.down.load(std::sync::atomic::Ordering::SeqCst);
         let refused = finishes.iter().any(|f| f.outcome.stdout.text.contains('\0'));
         self.journal_writes.lock().unwrap().push(JournalCall {
@@ -453,6 +456,21 @@ async fn tasks_beyond_the_backends_room_are_claimed_as_runs_end() {
         assert_eq!(h.store.get(t).finishes, 1);
     }
     h.stop().await;
+}
+
+/// Without its journal writer no run would ever end: if the writer panics, the executor stops
+/// on its own, so that the supervisor restarts the process.
+#[tokio::test]
+async fn the_executor_stops_when_its_journal_writer_panics() {
+    let h = start(Arc::default(), Arc::default());
+    let task = h.store.admit();
+    h.wake.notify_one();
+    let key = launched_run(&h, task).await;
+    h.store.panics.store(true, std::sync::atomic::Ordering::SeqCst);
+    h.backend.finish_ok(key);
+    let stopped = tokio::time::timeout(Duration::from_secs(5), h.handle).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "the executor returned by itself: {stopped:?}");
+    assert!(!h.shutdown.is_cancelled());
 }
 
 /// A decision, not a fallback: a run whose `Running` mark cannot be written keeps running (the
