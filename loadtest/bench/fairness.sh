@@ -15,7 +15,7 @@ TENANTS="${2:-100}"
 OUT="${3:-target/bench-fairness}"
 DB=agenttask_bench_fair
 URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT=19465
+PORT="$(bench_free_port)"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
 cargo build --release --locked -p agenttask --bin agenttask >&2
