@@ -616,3 +616,96 @@ async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+/// A claim bound to a sandbox that never becomes Ready (`kubesim.agenttask.io/sandbox-ready:
+/// never`, which reaches the claim from the task's labels; the pool's Ready sandbox it adopts is
+/// not Ready from then on): the task is never handed over. It stays `Pending`, its status saying
+/// why, also across a restart of the service, and at its timeout (counted from the claim) ends
+/// `Failed`/`BackendError`, saying that the sandbox never became Ready and the task did not run.
+/// Its claim goes, and with it the Sandbox and the pod; the pool refills; one result. A task
+/// beside it runs warm, and the restart finds its hand-over recorded only as `connected` (as
+/// after a crash between the agent's answer and the `done` record) with its pod already ended:
+/// the agent took it, and its output is the result.
+#[tokio::test]
+async fn kube_sandbox_warm_claim_bound_to_a_sandbox_that_never_becomes_ready() {
+    let sim = warm_sim(2, &["agenttask"]);
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 20)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let mut never = task("never", &[("sandbox-ready", "never")]);
+    never["timeout_seconds"] = json!(15);
+    client.submit(&tenant, &never).await;
+    let mut cut = task("cut", &[]);
+    cut["code"] = json!("import time\ntime.sleep(3)\nprint('cut')");
+    client.submit(&tenant, &cut).await;
+    let pool = env.pg().await;
+    eventually(WAIT, || async { phase(&pool, "never").await == "Pending" }).await;
+    let at = format!("at-{}", task_id(&pool, "never").await);
+    let claim_name = format!("{at}-a1");
+    eventually(WAIT, || async {
+        sim.kubectl(&["get", "at", &at, "-n", "agenttask"]).status.success()
+            && status_of(&sim, &at, "agenttask")["message"].as_str().is_some_and(|m| m.contains("is not Ready"))
+    })
+    .await;
+    let st = status_of(&sim, &at, "agenttask");
+    assert_eq!(st["phase"], "Pending", "{st:#}");
+    let message = st["message"].as_str().unwrap();
+    assert!(message.contains("(DependenciesNotReady: Pod is Running but not Ready)"), "{message}");
+    let claim = sim.json(&["get", "sandboxclaim", &claim_name, "-n", "agenttask"]);
+    let bound = claim["status"]["sandbox"]["name"].as_str().unwrap().to_owned();
+    assert!(message.contains(&format!("claimed sandbox {bound} of warm pool py")), "{message}");
+    assert_eq!(claim["metadata"]["annotations"]["kubesim.agenttask.io/sandbox-ready"], "never", "{claim:#}");
+    assert!(claim["metadata"]["annotations"].get("agenttask.io/handoff").is_none(), "never handed over: {claim:#}");
+    let sb = sim.json(&["get", "sandbox", &bound, "-n", "agenttask"]);
+    assert_eq!(sb["metadata"]["ownerReferences"][0]["kind"], "SandboxClaim", "adopted from the pool: {sb:#}");
+    assert_eq!(sim.json(&["get", "pod", &bound, "-n", "agenttask"])["status"]["phase"], "Running");
+
+    // A restart while it waits: the new process follows the same claim to the same deadline.
+    eventually(WAIT, || async { phase(&pool, "cut").await == "Running" }).await;
+    let cut_claim = format!("at-{}-a1", task_id(&pool, "cut").await);
+    let claim = sim.json(&["get", "sandboxclaim", &cut_claim, "-n", "agenttask"]);
+    assert!(claim["metadata"]["annotations"]["agenttask.io/handoff"].as_str().unwrap().starts_with("done "));
+    let cut_pod = claim["status"]["sandbox"]["name"].as_str().unwrap().to_owned();
+    svc.stop().await;
+    let connected = "agenttask.io/handoff=connected";
+    sim.kubectl_ok(&["annotate", "sandboxclaim", &cut_claim, "-n", "agenttask", "--overwrite", connected]);
+    eventually(WAIT, || async {
+        sim.json(&["get", "pod", &cut_pod, "-n", "agenttask"])["status"]["phase"] == "Succeeded"
+    })
+    .await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 20)).await;
+    let r = results(&mut client, 2, WAIT).await;
+    let n = &r["never"];
+    assert_eq!(
+        (n["phase"].as_str(), n["reason"].as_str(), n["backend"].as_str(), &n["exit_code"]),
+        (Some("Failed"), Some("BackendError"), Some("sandbox"), &Value::Null),
+        "{n:#}"
+    );
+    let message = n["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "the claimed sandbox {bound} never became Ready within the task's timeout of 15s (DependenciesNotReady: \
+             Pod is Running but not Ready); the task was never handed to it and did not run"
+        )),
+        "{message}"
+    );
+    assert!(message.ends_with("; launched warm (pool py)"), "{message}");
+    let cut = &r["cut"];
+    assert_eq!((cut["phase"].as_str(), cut["stdout"].as_str()), (Some("Succeeded"), Some("cut\n")), "{cut:#}");
+    let attempt: i32 = sqlx::query_scalar("select attempt from agenttask.tasks where client_id = 'never'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempt, 1, "adopted across the restart, not retried");
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
+    eventually(WAIT, || async {
+        !sim.kubectl(&["get", "sandboxclaim", &claim_name, "-n", "agenttask"]).status.success()
+            && !sim.kubectl(&["get", "sandbox", &bound, "-n", "agenttask"]).status.success()
+            && !sim.kubectl(&["get", "pod", &bound, "-n", "agenttask"]).status.success()
+    })
+    .await;
+    wait_ready_replicas(&sim, "agenttask", 2);
+    svc.stop().await;
+    env.cleanup().await;
+}
