@@ -1,7 +1,9 @@
-//! `--kube-backend sandbox`, the cold path's remaining cases, against the emulator playing
-//! agent-sandbox (its CRDs installed as an operator would, see `sandbox_sim`): the older API
-//! version, a pod admission refuses, a Sandbox that never becomes Ready, TTL expiry with the
-//! orphan sweep, and an AgentTask applied with kubectl.
+//! `--kube-backend sandbox` against the emulator playing agent-sandbox (its CRDs installed as an
+//! operator would, see `sandbox_sim`). The cold path's remaining cases: the older API version, a
+//! pod admission refuses, a Sandbox that never becomes Ready, TTL expiry with the orphan sweep,
+//! and an AgentTask applied with kubectl. The warm path (claims on a SandboxWarmPool), each
+//! failure: no pool, pool exhausted, a claimed sandbox that never becomes Ready, claim expired,
+//! restart mid-task, orphan claims.
 
 use std::time::Duration;
 
@@ -706,6 +708,100 @@ async fn kube_sandbox_warm_claim_bound_to_a_sandbox_that_never_becomes_ready() {
     })
     .await;
     wait_ready_replicas(&sim, "agenttask", 2);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A claim that only our labels tie to a task, as `agenttask render` prints it, applied by hand
+/// (no ownerReference; its AgentTask never existed), and a claim that is not ours.
+const ORPHAN_CLAIMS: &str = r#"apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxClaim
+metadata:
+  name: at-ghost-a1
+  namespace: agenttask
+  labels:
+    app.kubernetes.io/managed-by: agenttask
+    agenttask.io/agenttask: at-ghost
+spec:
+  warmPoolRef: {name: py}
+  lifecycle: {shutdownPolicy: Delete}
+---
+apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxClaim
+metadata:
+  name: someone-elses
+  namespace: agenttask
+spec:
+  warmPoolRef: {name: py}
+"#;
+
+/// The orphan sweep removes SandboxClaims of ours whose AgentTask is gone, which the garbage
+/// collector cannot see (no ownerReference): one applied by hand, and a finished task's whose
+/// ownerReference was removed by hand before its AgentTask was deleted (its finalizer removed,
+/// while no service ran). With each go its claimed Sandbox and pod. A claim that is not ours, and
+/// a live task's claim, are left alone.
+#[tokio::test]
+async fn kube_sandbox_warm_orphan_claims_are_swept() {
+    let sim = warm_sim(4, &["agenttask"]);
+    let file = sim.dir.path().join("orphan-claims.yaml");
+    std::fs::write(&file, ORPHAN_CLAIMS).unwrap();
+    sim.kubectl_ok(&["apply", "-f", file.to_str().unwrap()]);
+    let bound_of = |name: &str| {
+        let c = sim.json(&["get", "sandboxclaim", name, "-n", "agenttask"]);
+        c["status"]["sandbox"]["name"].as_str().map(String::from)
+    };
+    let start = std::time::Instant::now();
+    while bound_of("at-ghost-a1").is_none() || bound_of("someone-elses").is_none() {
+        assert!(start.elapsed() < WAIT, "the hand-made claims were never bound");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ghost, foreign) = (bound_of("at-ghost-a1").unwrap(), bound_of("someone-elses").unwrap());
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = start_warm(&env, &sim).await;
+    let pool = env.pg().await;
+    // A finished task whose claim becomes an orphan, and a live one running while the sweep runs.
+    apply_program(&sim, "dropped", "agenttask", "0", "");
+    assert_ran(&row(&pool, "agenttask", "dropped").await, "0");
+    let dropped = status_of(&sim, "dropped", "agenttask")["podName"].as_str().unwrap().to_owned();
+    sim.kubectl_ok(&[
+        "patch",
+        "sandboxclaim",
+        "dropped-a1",
+        "-n",
+        "agenttask",
+        "--type=json",
+        "-p",
+        r#"[{"op": "remove", "path": "/metadata/ownerReferences"}]"#,
+    ]);
+    svc.stop().await;
+    // Gone while no service ran, its finalizer removed by hand: nothing cleaned up after it.
+    sim.kubectl_ok(&[
+        "patch",
+        "at",
+        "dropped",
+        "-n",
+        "agenttask",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    sim.kubectl_ok(&["delete", "at", "dropped", "-n", "agenttask", "--wait=true"]);
+    sim.kubectl_ok(&["get", "sandboxclaim", "dropped-a1", "-n", "agenttask"]);
+    let svc = start_warm(&env, &sim).await;
+    apply_program(&sim, "live", "agenttask", "4", "");
+    eventually(WAIT, || async { status_of(&sim, "live", "agenttask")["phase"] == "Running" }).await;
+    for (claim, sandbox) in [("at-ghost-a1", &ghost), ("dropped-a1", &dropped)] {
+        eventually(WAIT, || async {
+            !sim.kubectl(&["get", "sandboxclaim", claim, "-n", "agenttask"]).status.success()
+                && !sim.kubectl(&["get", "sandbox", sandbox, "-n", "agenttask"]).status.success()
+                && !sim.kubectl(&["get", "pod", sandbox, "-n", "agenttask"]).status.success()
+        })
+        .await;
+    }
+    assert_ran(&row(&pool, "agenttask", "live").await, "4");
+    sim.kubectl_ok(&["get", "sandboxclaim", "live-a1", "-n", "agenttask"]);
+    sim.kubectl_ok(&["get", "sandboxclaim", "someone-elses", "-n", "agenttask"]);
+    sim.kubectl_ok(&["get", "pod", &foreign, "-n", "agenttask"]);
     svc.stop().await;
     env.cleanup().await;
 }
