@@ -27,10 +27,13 @@ PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 bin="target/$PROFILE"
 
 export SQLX_OFFLINE=true
+# Both binaries by name: `--bin` applies to every selected package, so `-p agenttask-kubesim`
+# alone beside `--bin agenttask` builds no emulator.
+bins=(-p agenttask -p agenttask-kubesim --bin agenttask --bin agenttask-kubesim)
 if [ "$PROFILE" = release ]; then
-    cargo build --release --locked -p agenttask --bin agenttask -p agenttask-kubesim >&2
+    cargo build --release --locked "${bins[@]}" >&2
 else
-    cargo build --locked -p agenttask --bin agenttask -p agenttask-kubesim >&2
+    cargo build --locked "${bins[@]}" >&2
 fi
 "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 work="$(mktemp -d)"
@@ -49,6 +52,7 @@ trap cleanup EXIT
 pids+=($!)
 for _ in $(seq 1 100); do [ -s "$work/sim.url" ] && break; sleep 0.1; done
 server="$(head -n1 "$work/sim.url")"
+[ -n "$server" ] || { echo "the emulator did not start: $(cat "$work/sim.log")" >&2; exit 1; }
 cat >"$work/kubeconfig" <<YAML
 apiVersion: v1
 kind: Config
