@@ -14,3 +14,5 @@ bench_cleanup() {
     rm -rf "$work"
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 }
+
+bench_free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

@@ -13,16 +13,17 @@
 #
 # PROFILE=debug uses target/debug (no release build). No RabbitMQ is involved: the service runs
 # the scheduler, executor and HTTP components only, and the tasks come in through kubectl. Uses a
-# scratch database (agenttask_bench_warm, dropped at the end) and an emulator on a free port;
-# everything it starts is stopped at the end.
+# scratch database (agenttask_bench_warm, dropped at the end) and free ports for the emulator and
+# the service; everything it starts is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source loadtest/bench/common.sh
 PAIRS="${1:-20}"
 PAUSE="${2:-2.5}"
 PROFILE="${PROFILE:-release}"
 DB=agenttask_bench_warm
 URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT=19466
+PORT="$(bench_free_port)"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 bin="target/$PROFILE"
 
