@@ -7,6 +7,7 @@
 # the others keep the service saturated.
 #
 #   loadtest/bench/fairness.sh [tasks] [tenants] [out-dir]
+#   AGENTTASK_BIN=/path/to/agenttask loadtest/bench/fairness.sh ...   # a given build (A/B runs)
 #
 # Uses a scratch database (agenttask_bench_fair, dropped at the end) and tenants of its own.
 set -euo pipefail
@@ -20,7 +21,11 @@ URL="postgres://postgres@127.0.0.1:5432/$DB"
 PORT="$(bench_free_port)"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
-cargo build --release --locked -p agenttask --bin agenttask >&2
+BIN="${AGENTTASK_BIN:-}"
+if [ -z "$BIN" ]; then
+    cargo build --release --locked -p agenttask --bin agenttask >&2
+    BIN=target/release/agenttask
+fi
 cargo build --release --locked -p agenttask-loadtest >&2
 mkdir -p "$OUT"
 work="$(mktemp -d)"
@@ -33,7 +38,7 @@ for spread in even zipf; do
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
     AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
         AGENTTASK_MAX_RUNNING=64 AGENTTASK_LOG=warn \
-        target/release/agenttask serve --backend null 2>"$OUT/service-$spread.log" &
+        "$BIN" serve --backend null 2>"$OUT/service-$spread.log" &
     svc=$!
     for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
     sleep 1 # the tenants' consumers start right after readiness
