@@ -37,7 +37,7 @@ trap 'stop; bench_cleanup' EXIT
 for spread in even zipf; do
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
     AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
-        AGENTTASK_MAX_RUNNING=64 AGENTTASK_LOG=warn \
+        AGENTTASK_MAX_RUNNING=64 AGENTTASK_LOG="${AGENTTASK_LOG:-warn}" \
         "$BIN" serve --backend null 2>"$OUT/service-$spread.log" &
     svc=$!
     for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
