@@ -192,6 +192,10 @@ pub struct KubeArgs {
     /// Where the service's own pod mounts the --artifacts-pvc claim [default: /var/lib/agenttask/artifacts-pvc]
     #[arg(long, env = "AGENTTASK_ARTIFACTS_PVC_MOUNT")]
     pub artifacts_pvc_mount: Option<PathBuf>,
+    /// Namespace the service's own pods run in: warm pools' NetworkPolicies admit only them to
+    /// the pool pods' task agent [default: agenttask-system]
+    #[arg(long, env = "AGENTTASK_SERVICE_NAMESPACE")]
+    pub service_namespace: Option<String>,
 }
 
 impl KubeArgs {
@@ -210,6 +214,7 @@ impl KubeArgs {
             sandbox_shutdown_grace_seconds: self.sandbox_shutdown_grace_seconds.or(file.sandbox_shutdown_grace_seconds),
             artifacts_pvc: self.artifacts_pvc.or(file.artifacts_pvc),
             artifacts_pvc_mount: self.artifacts_pvc_mount.or(file.artifacts_pvc_mount),
+            service_namespace: self.service_namespace.or(file.service_namespace),
         }
     }
 
@@ -256,6 +261,10 @@ impl KubeArgs {
                 return Err(invalid("--artifacts-pvc-mount", format!("{} is not an absolute path", mount.display())));
             }
             k.artifacts_pvc_mount = mount;
+        }
+        if let Some(ns) = self.service_namespace {
+            crate::kube::check_namespace_name(&ns).map_err(|e| invalid("--service-namespace", e))?;
+            k.service_namespace = ns;
         }
         k.pods.output_limit_bytes = output_limit_bytes;
         k.kubeconfig = self.kubeconfig;
@@ -536,12 +545,33 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Settings::resolve(args).unwrap().kube.backend, crate::kube::KubeBackendKind::Sandbox);
-        let kube = KubeArgs { namespace: Some("Not_A_Namespace".into()), ..Default::default() };
-        let args = ServeArgs { config: Some(cfg.clone()), kube, ..Default::default() };
-        match Settings::resolve(args) {
-            Err(SettingsError::Invalid { setting: s, .. }) => assert_eq!(s, "--namespace"),
-            other => panic!("--namespace: {other:?}"),
+        for (kube, setting) in [
+            (KubeArgs { namespace: Some("Not_A_Namespace".into()), ..Default::default() }, "--namespace"),
+            (
+                KubeArgs { service_namespace: Some("Not_A_Namespace".into()), ..Default::default() },
+                "--service-namespace",
+            ),
+        ] {
+            let args = ServeArgs { config: Some(cfg.clone()), kube, ..Default::default() };
+            match Settings::resolve(args) {
+                Err(SettingsError::Invalid { setting: s, .. }) => assert_eq!(s, setting),
+                other => panic!("{setting}: {other:?}"),
+            }
         }
+    }
+
+    #[test]
+    fn the_service_namespace_defaults_and_comes_from_flags_then_the_file() {
+        let s = Settings::resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.kube.service_namespace, crate::kube::DEFAULT_SERVICE_NAMESPACE);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("agenttask.toml");
+        std::fs::write(&cfg, "[kubernetes]\nservice_namespace = \"ops\"\n").unwrap();
+        let s = Settings::resolve(ServeArgs { config: Some(cfg.clone()), ..Default::default() }).unwrap();
+        assert_eq!(s.kube.service_namespace, "ops");
+        let kube = KubeArgs { service_namespace: Some("platform".into()), ..Default::default() };
+        let s = Settings::resolve(ServeArgs { config: Some(cfg), kube, ..Default::default() }).unwrap();
+        assert_eq!(s.kube.service_namespace, "platform");
     }
 
     #[test]

@@ -26,6 +26,48 @@ ensure_services() {
     # than let every test time out).
     for _ in $(seq 1 60); do amqp_answers && break; sleep 1; done
     amqp_answers || die "RabbitMQ on 127.0.0.1:5672 accepts TCP but does not answer AMQP; restart it: rabbitmqctl stop (or kill its beam.smp), then rabbitmq-server -detached"
+    ensure_broker_file_handles
+}
+
+# RabbitMQ 3.x sizes its file-handle budget from its open-files limit at start, and every quorum
+# queue reserves three handles from it. At this kind of machine's default of 1,024 (927 handles)
+# the broker stops completing AMQP handshakes after about 300 queues (150 tenants: each has a
+# tasks and a results queue), for every client. So the local broker's soft limit is raised to
+# its hard limit (no privilege needed), through its own environment file, and the broker is
+# restarted once if it runs with less. A broker elsewhere needs the same (`ulimit -n`, or
+# `LimitNOFILE` under systemd): the README says so.
+BROKER_ENV_FILE=/etc/rabbitmq/rabbitmq-env.conf
+BROKER_MIN_FILE_HANDLES=8000
+
+broker_file_handles() {
+    rabbitmqctl -q eval 'file_handle_cache:get_limit().' 2>/dev/null | tr -dc '0-9'
+}
+
+ensure_broker_file_handles() {
+    command -v rabbitmqctl >/dev/null || return 0
+    local have
+    have="$(broker_file_handles)"
+    # Not a broker this host manages (rabbitmqctl cannot reach it): leave it alone.
+    [ -n "$have" ] || return 0
+    [ "$have" -ge "$BROKER_MIN_FILE_HANDLES" ] && return 0
+    if [ "$(id -u)" != 0 ] || [ ! -d "$(dirname "$BROKER_ENV_FILE")" ]; then
+        log "WARNING: RabbitMQ has $have file handles; with more than about 150 tenants it stops accepting connections. Raise its open-files limit (ulimit -n 65536 before it starts, or LimitNOFILE) and restart it."
+        return 0
+    fi
+    if ! grep -qs 'agenttask: open-files limit' "$BROKER_ENV_FILE"; then
+        log "raising RabbitMQ's open-files limit to its hard limit, in $BROKER_ENV_FILE (each quorum queue reserves 3 file handles; it has $have)"
+        printf '%s\n' '# agenttask: open-files limit. Each quorum queue reserves 3 file handles, sized from this limit.' \
+            'ulimit -n "$(ulimit -Hn)" 2>/dev/null || true' >>"$BROKER_ENV_FILE"
+    fi
+    log "restarting RabbitMQ so that it takes the new limit"
+    rabbitmqctl -q stop >/dev/null 2>&1 || true
+    for _ in $(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null || break; sleep 1; done
+    rabbitmq-server -detached
+    for _ in $(seq 1 120); do amqp_answers && break; sleep 1; done
+    amqp_answers || die "RabbitMQ did not come back on 127.0.0.1:5672 after its restart; start it: rabbitmq-server -detached"
+    have="$(broker_file_handles)"
+    [ -n "$have" ] && [ "$have" -ge "$BROKER_MIN_FILE_HANDLES" ] \
+        || log "WARNING: RabbitMQ still has only ${have:-unknown} file handles (its hard limit is too low); many tenants will wedge it"
 }
 
 # Whether the broker answers the AMQP 0-9-1 protocol header within 5 s.

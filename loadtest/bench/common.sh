@@ -14,3 +14,9 @@ bench_cleanup() {
     rm -rf "$work"
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 }
+
+# A TCP port on 127.0.0.1 that nothing listens on now: fixed ports collide when two benchmarks
+# (or a benchmark and a test) run at once, and a readiness probe would then ask the wrong process.
+bench_free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}

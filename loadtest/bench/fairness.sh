@@ -2,9 +2,12 @@
 # Fairness and latency under a backlog: the service with `--backend null` (no code runs, so the
 # control plane is what is measured) and TENANTS tenants of weights 1 to 4, offered TASKS tasks
 # at once by agenttask-loadtest, first spread evenly, then Zipf-skewed. Prints each run's report
-# and writes its charts and JSON next to each other.
+# and writes its charts and JSON next to each other. Meanwhile one more tenant, never near its
+# quota, submits one task at a time: its admission wait is what a tenant under quota sees while
+# the others keep the service saturated.
 #
 #   loadtest/bench/fairness.sh [tasks] [tenants] [out-dir]
+#   AGENTTASK_BIN=/path/to/agenttask loadtest/bench/fairness.sh ...   # a given build (A/B runs)
 #
 # Uses a scratch database (agenttask_bench_fair, dropped at the end) and tenants of its own.
 set -euo pipefail
@@ -15,29 +18,39 @@ TENANTS="${2:-100}"
 OUT="${3:-target/bench-fairness}"
 DB=agenttask_bench_fair
 URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT=19465
+PORT="$(bench_free_port)"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
-cargo build --release --locked -p agenttask --bin agenttask >&2
+BIN="${AGENTTASK_BIN:-}"
+if [ -z "$BIN" ]; then
+    cargo build --release --locked -p agenttask --bin agenttask >&2
+    BIN=target/release/agenttask
+fi
 cargo build --release --locked -p agenttask-loadtest >&2
 mkdir -p "$OUT"
 work="$(mktemp -d)"
-bench_tenants fair "$TENANTS" > "$work/tenants.toml"
+bench_tenants fair "$TENANTS" > "$work/flood.toml"
+{ cat "$work/flood.toml"; printf '[tenants.fair-probe]\n'; } > "$work/tenants.toml"
 svc=
 stop() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
 trap 'stop; bench_cleanup' EXIT
 for spread in even zipf; do
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
     AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
-        AGENTTASK_MAX_RUNNING=64 AGENTTASK_LOG=warn \
-        target/release/agenttask serve --backend null 2>"$OUT/service-$spread.log" &
+        AGENTTASK_MAX_RUNNING=64 AGENTTASK_LOG="${AGENTTASK_LOG:-warn}" \
+        "$BIN" serve --backend null 2>"$OUT/service-$spread.log" &
     svc=$!
     for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
     sleep 1 # the tenants' consumers start right after readiness
     echo "== $TASKS tasks over $TENANTS tenants, spread $spread, all published at once"
-    target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --count "$TASKS" --concurrency "$TASKS" \
+    target/release/agenttask-loadtest --tenant fair-probe --count 1000000 --concurrency 1 --deadline 3600 \
+        -o json > "$OUT/probe-$spread.json" 2>/dev/null &
+    probe=$!
+    target/release/agenttask-loadtest --tenants-file "$work/flood.toml" --count "$TASKS" --concurrency "$TASKS" \
         --spread "$spread" --mix print=1 --svg "$OUT/shares-$spread.svg" -o json > "$OUT/report-$spread.json"
-    python3 - "$OUT/report-$spread.json" <<'PY'
+    # The probe's report is written when it is interrupted: what it measured during the flood.
+    kill -INT "$probe"; wait "$probe" || true
+    python3 - "$OUT/report-$spread.json" "$OUT/probe-$spread.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 f, l, a = r["fairness"], r["latency_ms"], r["admission_wait_ms"]
@@ -46,6 +59,13 @@ print(f'publish->result p50 {l["p50"]:.0f} ms, p99 {l["p99"]:.0f} ms; admission 
 if f["windows_measured"]:
     print(f'Jain per 1 s window: {f["windows_measured"]} windows, min {f["min"]:.3f}, mean {f["mean"]:.3f}, '
           f'{100 * f["at_least_0_98"]:.0f}% >= 0.98; whole run {f["whole_run"]:.3f}')
+try:
+    p = json.load(open(sys.argv[2]))
+    w = p["admission_wait_ms"]
+    print(f'tenant under quota, one task at a time: {p["tasks"]} tasks, admission wait p50 {w["p50"]:.0f} ms, '
+          f'p99 {w["p99"]:.0f} ms, max {w["max"]:.0f} ms')
+except (OSError, ValueError, KeyError, TypeError) as e:
+    print(f'tenant under quota: no report ({e})')
 PY
     stop
 done

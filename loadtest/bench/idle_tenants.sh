@@ -17,7 +17,7 @@ TENANTS="${1:-1000}"
 IDLE="${2:-10}"
 DB=agenttask_bench_idle
 URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT=19466
+PORT="$(bench_free_port)"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
 cargo build --release --locked -p agenttask --bin agenttask >&2

@@ -10,11 +10,12 @@
 # emulator on a free port; everything it starts is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. loadtest/bench/common.sh
 TASKS="${1:-1000}"
 INFLIGHT="${2:-200}"
 DB=agenttask_bench_kube
 URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT=19465
+PORT="$(bench_free_port)"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
 export SQLX_OFFLINE=true

@@ -13,24 +13,28 @@
 #
 # PROFILE=debug uses target/debug (no release build). No RabbitMQ is involved: the service runs
 # the scheduler, executor and HTTP components only, and the tasks come in through kubectl. Uses a
-# scratch database (agenttask_bench_warm, dropped at the end) and an emulator on a free port;
-# everything it starts is stopped at the end.
+# scratch database (agenttask_bench_warm, dropped at the end) and free ports for the emulator and
+# the service; everything it starts is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source loadtest/bench/common.sh
 PAIRS="${1:-20}"
 PAUSE="${2:-2.5}"
 PROFILE="${PROFILE:-release}"
 DB=agenttask_bench_warm
 URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT=19466
+PORT="$(bench_free_port)"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 bin="target/$PROFILE"
 
 export SQLX_OFFLINE=true
+# Both binaries by name: `--bin` applies to every selected package, so `-p agenttask-kubesim`
+# alone beside `--bin agenttask` builds no emulator.
+bins=(-p agenttask -p agenttask-kubesim --bin agenttask --bin agenttask-kubesim)
 if [ "$PROFILE" = release ]; then
-    cargo build --release --locked -p agenttask --bin agenttask -p agenttask-kubesim >&2
+    cargo build --release --locked "${bins[@]}" >&2
 else
-    cargo build --locked -p agenttask --bin agenttask -p agenttask-kubesim >&2
+    cargo build --locked "${bins[@]}" >&2
 fi
 "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 work="$(mktemp -d)"
@@ -49,6 +53,7 @@ trap cleanup EXIT
 pids+=($!)
 for _ in $(seq 1 100); do [ -s "$work/sim.url" ] && break; sleep 0.1; done
 server="$(head -n1 "$work/sim.url")"
+[ -n "$server" ] || { echo "the emulator did not start: $(cat "$work/sim.log")" >&2; exit 1; }
 cat >"$work/kubeconfig" <<YAML
 apiVersion: v1
 kind: Config

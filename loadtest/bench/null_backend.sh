@@ -8,11 +8,12 @@
 # Uses a scratch database (agenttask_bench_null, dropped at the end) and a tenant of its own.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. loadtest/bench/common.sh
 TASKS="${1:-5000}"
 INFLIGHT="${2:-256}"
 DB=agenttask_bench_null
 URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT=19464
+PORT="$(bench_free_port)"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
 cargo build --release --locked -p agenttask --bin agenttask >&2

@@ -10,12 +10,13 @@
 # Uses a scratch database (agenttask_bench_warm, dropped at the end) and a tenant of its own.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. loadtest/bench/common.sh
 N="${1:-100}"
 ROUNDS="${2:-3}"
 FLOOD="${3:-600}"
 DB=agenttask_bench_warm
 URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT=19471
+PORT="$(bench_free_port)"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 CORES="$(nproc)"
 

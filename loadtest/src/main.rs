@@ -45,7 +45,8 @@ Examples:
 
 Fairness is read per window from the service's admitted_at: only tenants with a task waiting
 through the whole window count, and admissions are divided by the tenant's weight from the
-tenants file. Exits 1 if any task ended other than its body should (e.g. print not Succeeded).")]
+tenants file. Exits 1 if any task ended other than its body should (e.g. print not Succeeded).
+Ctrl-C (SIGINT) stops publishing and reports the results so far, then exits 130.")]
 struct Args {
     /// Submit to this one tenant
     #[arg(long, env = "AGENTCTL_TENANT", conflicts_with = "tenants_file", required_unless_present_any = ["raw", "tenants_file"])]
@@ -265,6 +266,10 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut confirms = FuturesUnordered::new();
     let mut samples = Vec::with_capacity(args.count);
     let mut sent = 0usize;
+    // Ctrl-C (or SIGINT from a script) ends the run early with a report of what came back.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    let mut partial = false;
     while samples.len() < args.count {
         while sent < args.count && in_flight.len() < args.concurrency.max(1) && started.elapsed() >= plan[sent].at {
             let task = plan[sent];
@@ -341,10 +346,21 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 progress.finish();
                 return Err(format!("deadline passed with {} of {} results", samples.len(), args.count).into());
             }
+            _ = &mut interrupted => {
+                partial = true;
+                break;
+            }
         }
     }
     let seconds = started.elapsed().as_secs_f64();
     progress.finish();
+    if partial {
+        eprintln!(
+            "interrupted: the report covers the {} of {} tasks whose results came back",
+            samples.len(),
+            args.count
+        );
+    }
     let _ = conn.close(200, "done".into()).await;
     let report = report::build(&samples, &tenants, seconds, args.window);
     match args.output {
@@ -356,7 +372,14 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         chart::write_svg(&report, path).map_err(|e| format!("cannot write the chart to {}: {e}", path.display()))?;
         eprintln!("chart written to {}", path.display());
     }
-    Ok(if report.unexpected == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if partial {
+        // The shell's convention for a run ended by SIGINT.
+        ExitCode::from(130)
+    } else if report.unexpected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn delete_tenant_queues(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {

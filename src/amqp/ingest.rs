@@ -6,7 +6,9 @@
 //! drop a message and never stop the consumer.
 //!
 //! Writes are group-committed: every consumer hands its message's write to a few group writers,
-//! and each writer commits whatever is waiting in one transaction, one savepoint per message.
+//! and each writer commits whatever is waiting in one transaction, one savepoint per message. The
+//! writers take the waiting writes round-robin across tenants ([`super::intake`]), so one
+//! tenant's flood does not delay another tenant's next message by several commits.
 //! A commit costs a WAL flush, so a group of a hundred costs about what one message did; each
 //! message is still acked only after the commit that holds it.
 //!
@@ -29,6 +31,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::connections::{Connections, CLOSE_WAIT, INGEST_CONNECTIONS};
+use super::intake::Intake;
 use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
 use super::{declare_exchanges, declare_tenant, prop, tasks_queue, AmqpError, TASKS_EXCHANGE, UNROUTED_QUEUE};
 use crate::domain::phase::Reason;
@@ -108,10 +111,9 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
     }
     // The consumers' own tracker, so that the connections close only after the last of them.
     let consumers_running = tokio_util::task::TaskTracker::new();
-    let (writes, queue) = tokio::sync::mpsc::channel::<Write>(GROUP_QUEUE);
-    let queue = Arc::new(tokio::sync::Mutex::new(queue));
+    let writes = Arc::new(Intake::<Write>::new(GROUP_QUEUE));
     for _ in 0..GROUP_WRITERS {
-        ctx.tracker.spawn(group_writer(ctx.clone(), queue.clone()));
+        ctx.tracker.spawn(group_writer(ctx.clone(), writes.clone()));
     }
     let mut tenants_rx = ctx.tenants.clone();
     let mut consumers: HashMap<Option<TenantName>, CancellationToken> = HashMap::new();
@@ -165,10 +167,10 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
     for stop in consumers.values() {
         stop.cancel();
     }
-    // The group writers end once every consumer has dropped its sender, and this one.
-    drop(writes);
     consumers_running.close();
     consumers_running.wait().await;
+    // Every consumer has its answers: the group writers take what is left, then end.
+    writes.close();
     connections.close().await;
 }
 
@@ -255,7 +257,7 @@ async fn unbind_removed(connections: Arc<Connections>, tenant: TenantName, shutd
 async fn consume_queue(
     ctx: Arc<Ingest>,
     connections: Arc<Connections>,
-    writes: tokio::sync::mpsc::Sender<Write>,
+    writes: Arc<Intake<Write>>,
     (tenant, queue, part): (Option<TenantName>, String, String),
     stop: CancellationToken,
 ) {
@@ -285,7 +287,7 @@ async fn consume_queue(
 async fn consume_once(
     ctx: &Arc<Ingest>,
     connections: &Connections,
-    writes: &tokio::sync::mpsc::Sender<Write>,
+    writes: &Arc<Intake<Write>>,
     tenant: Option<&TenantName>,
     queue: &str,
     part: &str,
@@ -375,7 +377,7 @@ fn receipt_stamp() -> chrono::DateTime<Utc> {
 /// Validates and stores one task message, then acks it. Never panics, never drops.
 async fn handle_task(
     ctx: &Ingest,
-    writes: &tokio::sync::mpsc::Sender<Write>,
+    writes: &Intake<Write>,
     tenant: &TenantName,
     delivery: Delivery,
     received_at: chrono::DateTime<Utc>,
@@ -403,7 +405,7 @@ async fn handle_task(
     let mut backoff = Backoff::write();
     let stored = loop {
         let (done, answer) = tokio::sync::oneshot::channel();
-        if writes.send(Write { spec: write.clone(), done }).await.is_err() {
+        if writes.push(tenant.as_str(), Write { spec: write.clone(), done }).await.is_err() {
             // Ingest is stopping: the message stays unacked and is redelivered.
             return;
         }
@@ -497,24 +499,10 @@ struct Write {
 #[derive(Debug)]
 struct GroupFailed;
 
-/// Takes whatever writes are waiting (at least one, at most [`GROUP_MAX`]) and commits them in
-/// one transaction. Ends when every consumer has stopped.
-async fn group_writer(ctx: Arc<Ingest>, queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Write>>>) {
-    loop {
-        let mut group = Vec::new();
-        {
-            let mut queue = queue.lock().await;
-            match queue.recv().await {
-                Some(w) => group.push(w),
-                None => return,
-            }
-            while group.len() < GROUP_MAX {
-                match queue.try_recv() {
-                    Ok(w) => group.push(w),
-                    Err(_) => break,
-                }
-            }
-        }
+/// Takes whatever writes are waiting (at least one, at most [`GROUP_MAX`], round-robin across
+/// tenants) and commits them in one transaction. Ends when the intake is closed and empty.
+async fn group_writer(ctx: Arc<Ingest>, writes: Arc<Intake<Write>>) {
+    while let Some(mut group) = writes.take(GROUP_MAX).await {
         // The same order of tenants' counter-row locks in every group, so two writers (or two
         // service processes) never wait on each other in a cycle. Stable: a tenant's messages
         // keep their order.

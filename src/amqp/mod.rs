@@ -4,6 +4,7 @@
 
 pub mod connections;
 pub mod ingest;
+mod intake;
 pub mod publish;
 pub mod route;
 

@@ -16,8 +16,9 @@
 //! - finished: deletes the AgentTask `ttlSecondsAfterFinished` after its completion;
 //! - deleted: the finalizer marks an unfinished task `Cancelled` and deletes its pod.
 //!
-//! Sandboxes, pods and ConfigMaps of ours whose AgentTask is gone are swept by [`sweep_orphans`]. Only
-//! one process reconciles at a time: [`run`] holds a Postgres advisory lock while it does.
+//! Sandboxes, SandboxClaims, pods and ConfigMaps of ours whose AgentTask is gone are swept by
+//! [`sweep_orphans`]. Only one process reconciles at a time: [`run`] holds a Postgres advisory
+//! lock while it does.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -930,15 +931,15 @@ pub fn observe(pod: &Pod, pull_grace: Duration, now: DateTime<Utc>) -> Observed 
     }
 }
 
-/// Deletes our Sandboxes (when `sandboxes` names the agent-sandbox version the backend speaks),
-/// pods and ConfigMaps whose AgentTask no longer exists (older than `min_age`, so objects made
-/// just before their AgentTask are not taken for orphans). Returns how many.
+/// Deletes our Sandboxes and SandboxClaims (when `sandboxes` names the agent-sandbox version the
+/// backend speaks), pods and ConfigMaps whose AgentTask no longer exists (older than `min_age`,
+/// so objects made just before their AgentTask are not taken for orphans). Returns how many.
 ///
-/// A Sandbox is owned by its AgentTask, so the garbage collector normally takes it; the sweep
-/// covers what the collector cannot see: a Sandbox that only our labels tie to a task (its
+/// A Sandbox or claim is owned by its AgentTask, so the garbage collector normally takes it; the
+/// sweep covers what the collector cannot see: one that only our labels tie to a task (its
 /// ownerReference removed, or made by hand from `agenttask render`), or one left behind when
 /// the collector did not run. A pod controlled by a Sandbox is left to it: deleted alone, it
-/// would be made again by agent-sandbox; it goes with its Sandbox.
+/// would be made again by agent-sandbox; it goes with its Sandbox (a claimed one with its claim).
 pub async fn sweep_orphans(
     client: &Client,
     scope: &Scope,
@@ -966,23 +967,27 @@ pub async fn sweep_orphans(
         old && meta.deletion_timestamp.is_none() && !live.contains(&(meta.namespace.clone().unwrap_or_default(), owner))
     };
     let mut removed = 0;
+    // A claim's Sandbox (adopted from a pool, so not labelled as ours) and pod go with the claim.
+    let kinds = [sandbox::Kind::Sandbox, sandbox::Kind::SandboxClaim];
     if let Some(version) = sandboxes {
-        let ar = sandbox::api_resource(sandbox::Kind::Sandbox, version);
-        let all: Api<kube::core::DynamicObject> = match scope {
-            Scope::Namespace(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-            Scope::All => Api::all_with(client.clone(), &ar),
-        };
-        let found = match all.list_metadata(&lp).await {
-            Ok(list) => list.items,
-            // agent-sandbox is not installed (yet): there is nothing of its kinds to sweep.
-            Err(kube::Error::Api(e)) if e.code == 404 => vec![],
-            Err(e) => return Err(e),
-        };
-        for sb in found.iter().filter(|s| orphan(&s.metadata)) {
-            let api: Api<kube::core::DynamicObject> =
-                Api::namespaced_with(client.clone(), &sb.namespace().unwrap_or_default(), &ar);
-            if api.delete(&sb.name_any(), &DeleteParams::background()).await.is_ok() {
-                removed += 1;
+        for kind in kinds {
+            let ar = sandbox::api_resource(kind, version);
+            let all: Api<kube::core::DynamicObject> = match scope {
+                Scope::Namespace(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+                Scope::All => Api::all_with(client.clone(), &ar),
+            };
+            let found = match all.list_metadata(&lp).await {
+                Ok(list) => list.items,
+                // agent-sandbox (or its extensions) is not installed (yet): nothing of that kind.
+                Err(kube::Error::Api(e)) if e.code == 404 => vec![],
+                Err(e) => return Err(e),
+            };
+            for o in found.iter().filter(|o| orphan(&o.metadata)) {
+                let api: Api<kube::core::DynamicObject> =
+                    Api::namespaced_with(client.clone(), &o.namespace().unwrap_or_default(), &ar);
+                if api.delete(&o.name_any(), &DeleteParams::background()).await.is_ok() {
+                    removed += 1;
+                }
             }
         }
     }
@@ -1105,7 +1110,9 @@ async fn sweep_loop(client: Client, settings: KubeSettings, scope: Scope, stop: 
     loop {
         let sandboxes = (settings.backend == KubeBackendKind::Sandbox).then_some(settings.sandbox_version);
         match sweep_orphans(&client, &scope, settings.orphan_sweep_every, sandboxes).await {
-            Ok(n) if n > 0 => tracing::info!(removed = n, "orphaned Sandboxes, pods and ConfigMaps removed"),
+            Ok(n) if n > 0 => {
+                tracing::info!(removed = n, "orphaned Sandboxes, SandboxClaims, pods and ConfigMaps removed")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "orphan sweep failed"),
         }

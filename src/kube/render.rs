@@ -49,6 +49,10 @@ pub struct RenderArgs {
     /// its sub-path for the task [default: none]
     #[arg(long, env = "AGENTTASK_ARTIFACTS_PVC")]
     pub artifacts_pvc: Option<String>,
+    /// Namespace the service's own pods run in (the service's --service-namespace): a warm
+    /// pool's NetworkPolicy admits only them [default: agenttask-system]
+    #[arg(long, env = "AGENTTASK_SERVICE_NAMESPACE")]
+    pub service_namespace: Option<String>,
     /// The task message body (JSON), or - for stdin
     pub task: PathBuf,
 }
@@ -194,6 +198,10 @@ pub fn render(args: &RenderArgs) -> Result<String, (u8, String)> {
     if let Some(claim) = &args.artifacts_pvc {
         super::check_claim_name(claim).map_err(|e| (2, format!("--artifacts-pvc: {e}")))?;
         settings.pods.artifacts_claim = Some(claim.clone());
+    }
+    if let Some(ns) = &args.service_namespace {
+        super::check_namespace_name(ns).map_err(|e| (2, format!("--service-namespace: {e}")))?;
+        settings.service_namespace = ns.clone();
     }
     let ns = settings.namespaces.for_tenant(tenant.as_str());
     let (task, external) = materialize::agent_task(&job, &ns, backend, settings.ttl_seconds_after_finished);

@@ -220,6 +220,33 @@ pub fn observe(status: &SandboxStatus, pod: Option<&Pod>, pull_grace: Duration, 
 /// pod's, so a fresh pod's Sandbox is briefly not Ready).
 pub const READY_LAG: Duration = Duration::from_secs(3);
 
+/// Pure: the AgentTask's status message once it has claimed a sandbox of `pool` with `claim`.
+pub fn claimed_note(pool: &str, claim: &str) -> String {
+    format!("claimed a sandbox of warm pool {pool} (SandboxClaim {claim})")
+}
+
+/// Pure: the AgentTask's status message while its claim is bound to `sandbox` but the claim's
+/// `Ready` (forwarded from the Sandbox) is not True: the task has not been handed over and waits,
+/// `Pending`, at most until its timeout.
+pub fn claim_not_ready_note(pool: &str, claim: &str, sandbox: &str, ready: Option<&Condition>) -> String {
+    let why = ready.map_or_else(|| "no Ready condition yet".to_owned(), |c| format!("{}: {}", c.reason, c.message));
+    format!(
+        "claimed sandbox {sandbox} of warm pool {pool} (SandboxClaim {claim}) is not Ready ({why}); the task is \
+         handed to it once it is"
+    )
+}
+
+/// Pure: why a warm task ends `BackendError` when its claimed `sandbox` is still not Ready at its
+/// timeout (counted from the claim): its program never started, so `TimedOut` would mislead.
+pub fn claim_never_ready(sandbox: &str, timeout_seconds: u32, ready: Option<&Condition>) -> String {
+    let why =
+        ready.map_or_else(|| "it reported no Ready condition".to_owned(), |c| format!("{}: {}", c.reason, c.message));
+    format!(
+        "the claimed sandbox {sandbox} never became Ready within the task's timeout of {timeout_seconds}s ({why}); \
+         the task was never handed to it and did not run"
+    )
+}
+
 /// Pure: what the AgentTask's status message says while a cold task's pod runs but its Sandbox
 /// is not `Ready` (`None` when it is, when the controller has not written `Ready` yet, or while
 /// the pod has run for less than [`READY_LAG`]).
@@ -1046,5 +1073,26 @@ mod tests {
         let fresh = status(&[("Ready", "False", "DependenciesNotReady", "Pod does not exist")]);
         assert_eq!(observe(&fresh, None, grace, now), Observed::Pending { retry_in: None });
         assert_eq!(observe(&SandboxStatus::default(), None, grace, now), Observed::Pending { retry_in: None });
+    }
+
+    #[test]
+    fn a_claimed_sandbox_that_is_not_ready_is_explained_while_waiting_and_at_the_end() {
+        let not_ready = status(&[("Ready", "False", "DependenciesNotReady", "Pod is Running but not Ready")]);
+        let ready = not_ready.condition("Ready");
+        let note = claim_not_ready_note("py", "t-a1", "py-x1", ready);
+        assert_eq!(
+            note,
+            "claimed sandbox py-x1 of warm pool py (SandboxClaim t-a1) is not Ready (DependenciesNotReady: Pod is \
+             Running but not Ready); the task is handed to it once it is"
+        );
+        assert!(claim_not_ready_note("py", "t-a1", "py-x1", None).contains("(no Ready condition yet)"));
+        let end = claim_never_ready("py-x1", 30, ready);
+        assert_eq!(
+            end,
+            "the claimed sandbox py-x1 never became Ready within the task's timeout of 30s (DependenciesNotReady: \
+             Pod is Running but not Ready); the task was never handed to it and did not run"
+        );
+        assert!(claim_never_ready("py-x1", 30, None).contains("(it reported no Ready condition)"));
+        assert_eq!(claimed_note("py", "t-a1"), "claimed a sandbox of warm pool py (SandboxClaim t-a1)");
     }
 }

@@ -125,7 +125,7 @@ pub(super) async fn step(
             status.attempt = admission.or(status.attempt);
             status.phase = Some(TaskPhase::Pending);
             status.reason = None;
-            status.message = Some(format!("claimed a sandbox of warm pool {pool} (SandboxClaim {claim_name})"));
+            status.message = Some(sandbox::claimed_note(&pool, claim_name));
             reconcile::patch_status(ctx, task, status).await?;
             reconcile::publish(
                 ctx,
@@ -367,17 +367,35 @@ async fn follow_claim(
     }
     let is_ready = ready.is_some_and(|c| c.status == "True");
     let pod_ip = pod.as_ref().and_then(|p| p.status.as_ref()).and_then(|s| s.pod_ip.clone());
+    if handoff == Handoff::Connected && !(is_ready && pod_ip.is_some()) {
+        // The agent listened once and its sandbox is no longer Ready (the readiness probe is the
+        // agent's port, closed once the agent `exec`s the task; or the task has already ended):
+        // it took the task before a restart cut the hand-over short, or died; the pod says which.
+        mark(claims, &claim_name, &format!("done {}", now_millis())).await?;
+        return Ok(Action::requeue(Duration::ZERO));
+    }
+    let pool = claim.labels().get(sandbox::LABEL_CLAIM_POOL).cloned().unwrap_or_default();
     let (true, Some(pod_ip)) = (is_ready, pod_ip) else {
         if out_of_time {
-            let why = match ready {
-                Some(c) => format!("the claimed sandbox {sb_name} never became Ready ({}: {})", c.reason, c.message),
-                None => format!("the claimed sandbox {sb_name} never became Ready"),
-            };
+            let why = sandbox::claim_never_ready(&sb_name, timeout_of(ctx, task), ready);
             return end(task, ctx, status, Termination::BackendError(why), Some((claims, &claim_name))).await;
+        }
+        if !is_ready {
+            // Say why the task still waits (a moment on the way to Ready; for good when never).
+            let note = sandbox::claim_not_ready_note(&pool, &claim_name, &sb_name, ready);
+            if status.message.as_deref() != Some(note.as_str()) {
+                status.message = Some(note);
+                reconcile::patch_status(ctx, task, status).await?;
+            }
         }
         return Ok(Action::requeue(CLAIM_POLL));
     };
-    let pool = claim.labels().get(sandbox::LABEL_CLAIM_POOL).cloned().unwrap_or_default();
+    let claimed = sandbox::claimed_note(&pool, &claim_name);
+    if status.message.as_deref() != Some(claimed.as_str()) {
+        // Ready now: a note that it was not no longer holds.
+        status.message = Some(claimed);
+        reconcile::patch_status(ctx, task, status).await?;
+    }
     let target = Target { claims, claim_name: &claim_name, pool: &pool, pod_name: &sb_name, pod_ip: &pod_ip };
     hand_over(task, ctx, ns, &target, handoff, out_of_time, status).await
 }

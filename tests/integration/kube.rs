@@ -838,6 +838,7 @@ async fn kube_rendered_sandbox_runs_under_the_emulated_agent_sandbox_controller(
         namespace: None,
         namespace_per_tenant: false,
         artifacts_pvc: None,
+        service_namespace: None,
         task,
     };
     let yaml = render(&args).unwrap_or_else(|(c, m)| panic!("render failed ({c}): {m}"));

@@ -36,6 +36,7 @@ fn rendered(dir: &Path, name: &str, backend: RenderBackend, task: serde_json::Va
         namespace: None,
         namespace_per_tenant: false,
         artifacts_pvc: None,
+        service_namespace: None,
         task: input,
     };
     let yaml = render(&args).unwrap_or_else(|(c, m)| panic!("render {name} failed ({c}): {m}"));
@@ -147,6 +148,7 @@ fn rendered_warm_pool_objects_pass_strict_schema_validation() {
         namespace: None,
         namespace_per_tenant: false,
         artifacts_pvc: None,
+        service_namespace: None,
         task: input,
     };
     let yaml = render(&args).unwrap_or_else(|(c, m)| panic!("render failed ({c}): {m}"));
@@ -176,6 +178,15 @@ fn rendered_warm_pool_objects_pass_strict_schema_validation() {
     for kind in ["pod/", "networkpolicy/"] {
         assert!(report.contains(&format!("passed for resource {kind}")), "no {kind} was validated:\n{report}");
     }
+    // The pool's agent port admits the service's pods only, from its namespace (--service-namespace).
+    let from = &np["spec"]["ingress"][0]["from"][0];
+    assert_eq!(from["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "agenttask-system", "{np:#}");
+    assert_eq!(from["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "agenttask", "{np:#}");
+    let elsewhere = RenderArgs { service_namespace: Some("platform".into()), ..args.clone() };
+    let yaml = render(&elsewhere).unwrap_or_else(|(c, m)| panic!("render failed ({c}): {m}"));
+    assert!(yaml.contains("kubernetes.io/metadata.name: platform"), "{yaml}");
+    let bad = RenderArgs { service_namespace: Some("Not_A_Namespace".into()), ..args.clone() };
+    assert!(matches!(render(&bad), Err((2, m)) if m.starts_with("--service-namespace")));
     // Not warm: an R task of the same tenant renders the cold Sandbox, saying why.
     let input = dir.path().join("r.json");
     std::fs::write(&input, r#"{"language": "r", "code": "cat(1)"}"#).unwrap();
@@ -246,6 +257,7 @@ fn the_artifacts_claim_component_and_pod_pass_strict_schema_validation() {
         namespace: None,
         namespace_per_tenant: false,
         artifacts_pvc: Some("task-artifacts".into()),
+        service_namespace: None,
         task: input,
     };
     let pod = render(&args).unwrap_or_else(|(c, m)| panic!("render failed ({c}): {m}"));

@@ -1,7 +1,9 @@
-//! `--kube-backend sandbox`, the cold path's remaining cases, against the emulator playing
-//! agent-sandbox (its CRDs installed as an operator would, see `sandbox_sim`): the older API
-//! version, a pod admission refuses, a Sandbox that never becomes Ready, TTL expiry with the
-//! orphan sweep, and an AgentTask applied with kubectl.
+//! `--kube-backend sandbox` against the emulator playing agent-sandbox (its CRDs installed as an
+//! operator would, see `sandbox_sim`). The cold path's remaining cases: the older API version, a
+//! pod admission refuses, a Sandbox that never becomes Ready, TTL expiry with the orphan sweep,
+//! and an AgentTask applied with kubectl. The warm path (claims on a SandboxWarmPool), each
+//! failure: no pool, pool exhausted, a claimed sandbox that never becomes Ready, claim expired,
+//! restart mid-task, orphan claims.
 
 use std::time::Duration;
 
@@ -613,6 +615,193 @@ async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
         })
         .await;
     }
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A claim bound to a sandbox that never becomes Ready (`kubesim.agenttask.io/sandbox-ready:
+/// never`, which reaches the claim from the task's labels; the pool's Ready sandbox it adopts is
+/// not Ready from then on): the task is never handed over. It stays `Pending`, its status saying
+/// why, also across a restart of the service, and at its timeout (counted from the claim) ends
+/// `Failed`/`BackendError`, saying that the sandbox never became Ready and the task did not run.
+/// Its claim goes, and with it the Sandbox and the pod; the pool refills; one result. A task
+/// beside it runs warm, and the restart finds its hand-over recorded only as `connected` (as
+/// after a crash between the agent's answer and the `done` record) with its pod already ended:
+/// the agent took it, and its output is the result.
+#[tokio::test]
+async fn kube_sandbox_warm_claim_bound_to_a_sandbox_that_never_becomes_ready() {
+    let sim = warm_sim(2, &["agenttask"]);
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 20)).await;
+    let mut client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    let mut never = task("never", &[("sandbox-ready", "never")]);
+    never["timeout_seconds"] = json!(15);
+    client.submit(&tenant, &never).await;
+    let mut cut = task("cut", &[]);
+    cut["code"] = json!("import time\ntime.sleep(3)\nprint('cut')");
+    client.submit(&tenant, &cut).await;
+    let pool = env.pg().await;
+    eventually(WAIT, || async { phase(&pool, "never").await == "Pending" }).await;
+    let at = format!("at-{}", task_id(&pool, "never").await);
+    let claim_name = format!("{at}-a1");
+    eventually(WAIT, || async {
+        sim.kubectl(&["get", "at", &at, "-n", "agenttask"]).status.success()
+            && status_of(&sim, &at, "agenttask")["message"].as_str().is_some_and(|m| m.contains("is not Ready"))
+    })
+    .await;
+    let st = status_of(&sim, &at, "agenttask");
+    assert_eq!(st["phase"], "Pending", "{st:#}");
+    let message = st["message"].as_str().unwrap();
+    assert!(message.contains("(DependenciesNotReady: Pod is Running but not Ready)"), "{message}");
+    let claim = sim.json(&["get", "sandboxclaim", &claim_name, "-n", "agenttask"]);
+    let bound = claim["status"]["sandbox"]["name"].as_str().unwrap().to_owned();
+    assert!(message.contains(&format!("claimed sandbox {bound} of warm pool py")), "{message}");
+    assert_eq!(claim["metadata"]["annotations"]["kubesim.agenttask.io/sandbox-ready"], "never", "{claim:#}");
+    assert!(claim["metadata"]["annotations"].get("agenttask.io/handoff").is_none(), "never handed over: {claim:#}");
+    let sb = sim.json(&["get", "sandbox", &bound, "-n", "agenttask"]);
+    assert_eq!(sb["metadata"]["ownerReferences"][0]["kind"], "SandboxClaim", "adopted from the pool: {sb:#}");
+    assert_eq!(sim.json(&["get", "pod", &bound, "-n", "agenttask"])["status"]["phase"], "Running");
+
+    // A restart while it waits: the new process follows the same claim to the same deadline.
+    eventually(WAIT, || async { phase(&pool, "cut").await == "Running" }).await;
+    let cut_claim = format!("at-{}-a1", task_id(&pool, "cut").await);
+    let claim = sim.json(&["get", "sandboxclaim", &cut_claim, "-n", "agenttask"]);
+    assert!(claim["metadata"]["annotations"]["agenttask.io/handoff"].as_str().unwrap().starts_with("done "));
+    let cut_pod = claim["status"]["sandbox"]["name"].as_str().unwrap().to_owned();
+    svc.stop().await;
+    let connected = "agenttask.io/handoff=connected";
+    sim.kubectl_ok(&["annotate", "sandboxclaim", &cut_claim, "-n", "agenttask", "--overwrite", connected]);
+    eventually(WAIT, || async {
+        sim.json(&["get", "pod", &cut_pod, "-n", "agenttask"])["status"]["phase"] == "Succeeded"
+    })
+    .await;
+    let svc = env.start_with(sandbox_settings(&env, &sim, 20)).await;
+    let r = results(&mut client, 2, WAIT).await;
+    let n = &r["never"];
+    assert_eq!(
+        (n["phase"].as_str(), n["reason"].as_str(), n["backend"].as_str(), &n["exit_code"]),
+        (Some("Failed"), Some("BackendError"), Some("sandbox"), &Value::Null),
+        "{n:#}"
+    );
+    let message = n["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "the claimed sandbox {bound} never became Ready within the task's timeout of 15s (DependenciesNotReady: \
+             Pod is Running but not Ready); the task was never handed to it and did not run"
+        )),
+        "{message}"
+    );
+    assert!(message.ends_with("; launched warm (pool py)"), "{message}");
+    let cut = &r["cut"];
+    assert_eq!((cut["phase"].as_str(), cut["stdout"].as_str()), (Some("Succeeded"), Some("cut\n")), "{cut:#}");
+    let attempt: i32 = sqlx::query_scalar("select attempt from agenttask.tasks where client_id = 'never'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempt, 1, "adopted across the restart, not retried");
+    assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
+    eventually(WAIT, || async {
+        !sim.kubectl(&["get", "sandboxclaim", &claim_name, "-n", "agenttask"]).status.success()
+            && !sim.kubectl(&["get", "sandbox", &bound, "-n", "agenttask"]).status.success()
+            && !sim.kubectl(&["get", "pod", &bound, "-n", "agenttask"]).status.success()
+    })
+    .await;
+    wait_ready_replicas(&sim, "agenttask", 2);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A claim that only our labels tie to a task, as `agenttask render` prints it, applied by hand
+/// (no ownerReference; its AgentTask never existed), and a claim that is not ours.
+const ORPHAN_CLAIMS: &str = r#"apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxClaim
+metadata:
+  name: at-ghost-a1
+  namespace: agenttask
+  labels:
+    app.kubernetes.io/managed-by: agenttask
+    agenttask.io/agenttask: at-ghost
+spec:
+  warmPoolRef: {name: py}
+  lifecycle: {shutdownPolicy: Delete}
+---
+apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxClaim
+metadata:
+  name: someone-elses
+  namespace: agenttask
+spec:
+  warmPoolRef: {name: py}
+"#;
+
+/// The orphan sweep removes SandboxClaims of ours whose AgentTask is gone, which the garbage
+/// collector cannot see (no ownerReference): one applied by hand, and a finished task's whose
+/// ownerReference was removed by hand before its AgentTask was deleted (its finalizer removed,
+/// while no service ran). With each go its claimed Sandbox and pod. A claim that is not ours, and
+/// a live task's claim, are left alone.
+#[tokio::test]
+async fn kube_sandbox_warm_orphan_claims_are_swept() {
+    let sim = warm_sim(4, &["agenttask"]);
+    let file = sim.dir.path().join("orphan-claims.yaml");
+    std::fs::write(&file, ORPHAN_CLAIMS).unwrap();
+    sim.kubectl_ok(&["apply", "-f", file.to_str().unwrap()]);
+    let bound_of = |name: &str| {
+        let c = sim.json(&["get", "sandboxclaim", name, "-n", "agenttask"]);
+        c["status"]["sandbox"]["name"].as_str().map(String::from)
+    };
+    let start = std::time::Instant::now();
+    while bound_of("at-ghost-a1").is_none() || bound_of("someone-elses").is_none() {
+        assert!(start.elapsed() < WAIT, "the hand-made claims were never bound");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ghost, foreign) = (bound_of("at-ghost-a1").unwrap(), bound_of("someone-elses").unwrap());
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = start_warm(&env, &sim).await;
+    let pool = env.pg().await;
+    // A finished task whose claim becomes an orphan, and a live one running while the sweep runs.
+    apply_program(&sim, "dropped", "agenttask", "0", "");
+    assert_ran(&row(&pool, "agenttask", "dropped").await, "0");
+    let dropped = status_of(&sim, "dropped", "agenttask")["podName"].as_str().unwrap().to_owned();
+    sim.kubectl_ok(&[
+        "patch",
+        "sandboxclaim",
+        "dropped-a1",
+        "-n",
+        "agenttask",
+        "--type=json",
+        "-p",
+        r#"[{"op": "remove", "path": "/metadata/ownerReferences"}]"#,
+    ]);
+    svc.stop().await;
+    // Gone while no service ran, its finalizer removed by hand: nothing cleaned up after it.
+    sim.kubectl_ok(&[
+        "patch",
+        "at",
+        "dropped",
+        "-n",
+        "agenttask",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    sim.kubectl_ok(&["delete", "at", "dropped", "-n", "agenttask", "--wait=true"]);
+    sim.kubectl_ok(&["get", "sandboxclaim", "dropped-a1", "-n", "agenttask"]);
+    let svc = start_warm(&env, &sim).await;
+    apply_program(&sim, "live", "agenttask", "4", "");
+    eventually(WAIT, || async { status_of(&sim, "live", "agenttask")["phase"] == "Running" }).await;
+    for (claim, sandbox) in [("at-ghost-a1", &ghost), ("dropped-a1", &dropped)] {
+        eventually(WAIT, || async {
+            !sim.kubectl(&["get", "sandboxclaim", claim, "-n", "agenttask"]).status.success()
+                && !sim.kubectl(&["get", "sandbox", sandbox, "-n", "agenttask"]).status.success()
+                && !sim.kubectl(&["get", "pod", sandbox, "-n", "agenttask"]).status.success()
+        })
+        .await;
+    }
+    assert_ran(&row(&pool, "agenttask", "live").await, "4");
+    sim.kubectl_ok(&["get", "sandboxclaim", "live-a1", "-n", "agenttask"]);
+    sim.kubectl_ok(&["get", "sandboxclaim", "someone-elses", "-n", "agenttask"]);
+    sim.kubectl_ok(&["get", "pod", &foreign, "-n", "agenttask"]);
     svc.stop().await;
     env.cleanup().await;
 }

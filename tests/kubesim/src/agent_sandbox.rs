@@ -11,8 +11,9 @@
 //!   `SandboxExpired`);
 //! - a `SandboxWarmPool` keeps `spec.replicas` Sandboxes made from its `SandboxTemplate`, owned by
 //!   it, and reports `replicas`, `readyReplicas` and `selector`;
-//! - a `SandboxClaim` adopts a ready Sandbox of its pool (the ownerReference moves to the claim, so
-//!   the pool refills), or, with none ready, cold-creates one from the pool's template, as the real
+//! - a `SandboxClaim` adopts a Sandbox of its pool (the ownerReference moves to the claim, so the
+//!   pool refills): the oldest Ready one, else the oldest not Ready one (the real controller's
+//!   fallback); with none in the pool it cold-creates one from the pool's template, as the real
 //!   controller does; its status names the Sandbox and forwards `Ready` and `Finished`; at its
 //!   `lifecycle` end it expires (`Delete`, `DeleteForeground` or `Retain`).
 //!
@@ -24,6 +25,8 @@
 //! `kubesim.agenttask.io/` annotations onto the Sandboxes they create):
 //! - `kubesim.agenttask.io/sandbox-ready: never` on a Sandbox: it never becomes Ready, as with a
 //!   readiness probe that never passes (`DependenciesNotReady`, "Pod is Running but not Ready");
+//!   on a SandboxClaim, the Sandbox it binds, created or adopted (a pool's Ready one goes not
+//!   Ready the moment it is claimed: a claim bound to a sandbox that never becomes Ready);
 //! - `kubesim.agenttask.io/pool: exhausted` on a SandboxWarmPool: it creates no more Sandboxes
 //!   (the ones it has can still be claimed; later claims are cold starts);
 //! - `kubesim.agenttask.io/expire-after-ms: N` on a SandboxClaim or Sandbox: it expires N ms after
@@ -506,7 +509,12 @@ fn reconcile_claim(
             let src = claim_source(inner, kinds, claim);
             let adopted = src.pool.as_ref().and_then(|p| adopt(inner, kinds, p, claim));
             match (adopted, &src.template, src.missing) {
-                (Some(sb), _, _) => Some(sb),
+                // Reconciled again at once, so the claim forwards what the Sandbox says now
+                // (with its claim's `sandbox-ready` switch), not what it said in the pool.
+                (Some(sb), _, _) => {
+                    reconcile_sandbox(inner, kinds, &sb, now, mem);
+                    inner.get(&kinds.sandboxes.key(), ns, name(&sb)).map(|s| stored(&kinds.sandboxes, s))
+                }
                 (None, Some(t), _) => match cold_start(inner, kinds, t, claim) {
                     Ok(sb) => Some(sb),
                     Err(e) => {
@@ -552,14 +560,25 @@ fn reconcile_claim(
     }
 }
 
-/// Moves the oldest ready Sandbox of `pool` to `claim`; returns it as written.
+/// Moves a Sandbox of `pool` to `claim`, as the real controller picks one: the oldest Ready one,
+/// else (none Ready) the oldest of the rest, which the claim then waits on; returns it as written.
+/// The claim's `sandbox-ready` switch goes with it (its other switches stay the claim's own: an
+/// adopted Sandbox's `expire-after-ms` would count from when the pool made it).
 fn adopt(inner: &mut Inner, kinds: &Kinds, pool: &Value, claim: &Value) -> Option<Value> {
-    let mut ready: Vec<Value> = owned_sandboxes(inner, kinds, pool).into_iter().filter(is_ready).collect();
-    ready.sort_by_key(|s| (s["metadata"]["creationTimestamp"].as_str().unwrap_or("").to_string(), name(s).to_string()));
-    let mut sb = ready.into_iter().next()?;
+    let mut owned = owned_sandboxes(inner, kinds, pool);
+    owned.sort_by_key(|s| {
+        (!is_ready(s), s["metadata"]["creationTimestamp"].as_str().unwrap_or("").to_string(), name(s).to_string())
+    });
+    let mut sb = owned.into_iter().next()?;
     sb["metadata"]["ownerReferences"] = json!([owner_ref(claim, "SandboxClaim")]);
     if let Some(l) = sb["metadata"]["labels"].as_object_mut() {
         l.remove(POOL_LABEL);
+    }
+    if let Some(v) = annotation(claim, "sandbox-ready") {
+        if !sb["metadata"]["annotations"].is_object() {
+            sb["metadata"]["annotations"] = json!({});
+        }
+        sb["metadata"]["annotations"][format!("{ANN}sandbox-ready")] = json!(v);
     }
     update(inner, &kinds.sandboxes, sb, None)
 }

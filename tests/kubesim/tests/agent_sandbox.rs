@@ -341,6 +341,66 @@ fn exhausted_pool_does_not_refill_and_the_next_claim_is_a_cold_start() {
     });
 }
 
+/// `kubesim.agenttask.io/sandbox-ready: never` on a claim: the pool's Ready Sandbox it adopts is
+/// not Ready from the moment it is claimed, so the claim is bound (`status.sandbox.name`, a
+/// running pod with an IP) but its `Ready` never says True, not even on the pass that binds it.
+#[test]
+fn a_claim_bound_to_a_sandbox_that_never_becomes_ready() {
+    let sim = sim();
+    template_and_pool(&sim, 2, "");
+    eventually(10, || (ready_replicas(&sim) == 2).then_some(()));
+    let selector = get(&sim, &["swp", "pool"]).unwrap()["status"]["selector"].as_str().unwrap().to_string();
+    let warm: Vec<String> = get(&sim, &["sandboxes", "-l", &selector]).unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    claim(&sim, "stuck", "pool", "kubesim.agenttask.io/sandbox-ready: never", "");
+    let bound = eventually(10, || {
+        let c = get(&sim, &["sandboxclaim", "stuck"])?;
+        let name = c["status"]["sandbox"]["name"].as_str()?.to_string();
+        let ready = cond(&c, "Ready").unwrap_or_else(|| panic!("bound without a Ready condition: {c}"));
+        assert_eq!(ready["status"], "False", "the bind itself must not say Ready: {c}");
+        Some(name)
+    });
+    assert!(warm.contains(&bound), "adopted from the pool: {bound} of {warm:?}");
+    let sb = get(&sim, &["sandbox", &bound]).unwrap();
+    assert_eq!(sb["metadata"]["annotations"]["kubesim.agenttask.io/sandbox-ready"], "never", "{sb}");
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let c = get(&sim, &["sandboxclaim", "stuck"]).unwrap();
+    let ready = cond(&c, "Ready").unwrap();
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str(), ready["message"].as_str()),
+        (Some("False"), Some("DependenciesNotReady"), Some("Pod is Running but not Ready")),
+        "{c}"
+    );
+    let pod = get(&sim, &["pod", &bound]).unwrap();
+    assert_eq!(pod["status"]["phase"], "Running", "{pod}");
+    assert!(pod["status"]["podIP"].is_string(), "{pod}");
+    // The pool refills with Ready ones: the switch was the claim's, not the pool's.
+    eventually(10, || (ready_replicas(&sim) == 2).then_some(()));
+}
+
+/// With no Ready Sandbox in the pool, a claim adopts one that is not Ready (the real controller's
+/// fallback) rather than cold-starting one of its own; it is Ready when that Sandbox is.
+#[test]
+fn a_claim_adopts_a_not_ready_pool_sandbox_before_cold_starting() {
+    let sim = sim();
+    template_and_pool(&sim, 1, "kubesim.agenttask.io/sandbox-ready: never");
+    eventually(10, || (get(&sim, &["swp", "pool"])?["status"]["replicas"] == 1).then_some(()));
+    assert_eq!(ready_replicas(&sim), 0);
+    claim(&sim, "c", "pool", "", "");
+    let bound =
+        eventually(10, || get(&sim, &["sandboxclaim", "c"])?["status"]["sandbox"]["name"].as_str().map(String::from));
+    assert_ne!(bound, "c", "adopted, not cold-started");
+    assert!(get(&sim, &["sandbox", "c"]).is_none());
+    let c = get(&sim, &["sandboxclaim", "c"]).unwrap();
+    assert!(cond_is(&c, "Ready", "False", "DependenciesNotReady"), "{c}");
+    sim.kubectl_ok(&["annotate", "sandbox", &bound, "kubesim.agenttask.io/sandbox-ready-"]);
+    sim.kubectl_ok(&["wait", "--for=condition=Ready", "sandboxclaim/c", "--timeout=10s"]);
+}
+
 #[test]
 fn claims_expire_by_lifecycle_and_by_switch() {
     let sim = sim();
