@@ -20,7 +20,7 @@ TENANTS="${3:-100}"
 MODE="${4:-statements}"
 DB=agenttask_bench_profile
 URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT=19467
+PORT="$(bench_free_port)"
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 OUT=target/bench-profile
 [ -x "$BIN" ] && { [ "$MODE" = statements ] || [ "$MODE" = perf ]; } ||
