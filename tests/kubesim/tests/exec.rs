@@ -298,7 +298,9 @@ fn a_pod_declaring_a_port_is_reachable_at_its_pod_ip() {
         sim.write("pods.yaml", &format!("{}---\n{}", pod("server", server, true), pod("plain", client, false)));
     sim.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()]);
     let start = std::time::Instant::now();
-    while !sim.kubectl_ok(&["logs", "server"]).contains("listening") {
+    // `kubectl logs` fails, as against a real API server, while the container is still being
+    // created: keep asking until it prints.
+    while !String::from_utf8_lossy(&sim.kubectl(&["logs", "server"]).stdout).contains("listening") {
         assert!(start.elapsed() < std::time::Duration::from_secs(30), "the server never listened");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
