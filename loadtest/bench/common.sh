@@ -1,4 +1,13 @@
-# Shared by the bench scripts that offer load to many tenants (sourced, not run).
+# Shared by the bench scripts (sourced, not run).
+
+# psql against the local Postgres as its superuser, stopping at the first error.
+PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
+
+# The release builds of the service and the load generator that the scripts run.
+bench_build() {
+    cargo build --release --locked -p agenttask --bin agenttask >&2
+    cargo build --release --locked -p agenttask-loadtest >&2
+}
 
 # Prints a tenants file of N tenants PREFIX-000.. with weights 1 to 4 and quotas that never bind.
 bench_tenants() {

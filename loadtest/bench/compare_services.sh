@@ -19,7 +19,6 @@ ROUNDS="${5:-2}"
 DB=agenttask_bench_cmp
 URL="postgres://postgres@127.0.0.1:5432/$DB"
 PORT="$(bench_free_port)"
-PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 [ -x "$A" ] && [ -x "$B" ] || { echo "usage: $0 SERVICE_BINARY_A SERVICE_BINARY_B [tasks] [tenants] [rounds]" >&2; exit 2; }
 
 cargo build --release --locked -p agenttask-loadtest >&2

@@ -19,7 +19,6 @@ OUT="${3:-target/bench-fairness}"
 DB=agenttask_bench_fair
 URL="postgres://postgres@127.0.0.1:5432/$DB"
 PORT="$(bench_free_port)"
-PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
 BIN="${AGENTTASK_BIN:-}"
 if [ -z "$BIN" ]; then

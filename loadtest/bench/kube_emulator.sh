@@ -16,7 +16,6 @@ INFLIGHT="${2:-200}"
 DB=agenttask_bench_kube
 URL="postgres://postgres@127.0.0.1:5432/$DB"
 PORT="$(bench_free_port)"
-PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
 export SQLX_OFFLINE=true
 cargo build --release --locked -p agenttask --bin agenttask >&2

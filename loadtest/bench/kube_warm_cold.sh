@@ -24,7 +24,6 @@ PROFILE="${PROFILE:-release}"
 DB=agenttask_bench_warm
 URL="postgres://postgres@127.0.0.1:5432/$DB"
 PORT="$(bench_free_port)"
-PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 bin="target/$PROFILE"
 
 export SQLX_OFFLINE=true

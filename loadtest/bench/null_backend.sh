@@ -15,10 +15,8 @@ INFLIGHT="${2:-256}"
 DB=agenttask_bench_null
 URL="postgres://postgres@127.0.0.1:5432/$DB"
 PORT="$(bench_free_port)"
-PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
-cargo build --release --locked -p agenttask --bin agenttask >&2
-cargo build --release --locked -p agenttask-loadtest >&2
+bench_build
 "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 work="$(mktemp -d)"
 cat > "$work/tenants.toml" <<TOML

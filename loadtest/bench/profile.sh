@@ -21,7 +21,6 @@ MODE="${4:-statements}"
 DB=agenttask_bench_profile
 URL="postgres://postgres@127.0.0.1:5432/$DB"
 PORT="$(bench_free_port)"
-PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 OUT=target/bench-profile
 [ -x "$BIN" ] && { [ "$MODE" = statements ] || [ "$MODE" = perf ]; } ||
     { echo "usage: $0 SERVICE_BINARY [tasks] [tenants] [statements|perf]" >&2; exit 2; }

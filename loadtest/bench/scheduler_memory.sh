@@ -9,11 +9,11 @@
 # and current RSS and how long its first admission took.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. loadtest/bench/common.sh
 TASKS="${1:-1000000}"
 TENANTS="${2:-1000}"
 DB=agenttask_bench_memory
 URL="postgres://postgres@127.0.0.1:5432/$DB"
-PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
 cargo build --release --locked --bin agenttask >&2
 "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres

@@ -17,11 +17,9 @@ FLOOD="${3:-600}"
 DB=agenttask_bench_warm
 URL="postgres://postgres@127.0.0.1:5432/$DB"
 PORT="$(bench_free_port)"
-PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 CORES="$(nproc)"
 
-cargo build --release --locked -p agenttask --bin agenttask >&2
-cargo build --release --locked -p agenttask-loadtest >&2
+bench_build
 "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 work="$(mktemp -d)"
 chmod 711 "$work"
