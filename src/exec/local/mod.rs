@@ -496,10 +496,15 @@ impl LocalBackend {
     }
 
     fn limits(&self, job: &Job) -> Limits {
+        self.limits_with(job.timeout, job.cpu_millis, job.memory_bytes)
+    }
+
+    /// The configured per-sandbox limits with this timeout, CPU and memory.
+    fn limits_with(&self, timeout: std::time::Duration, cpu_millis: u64, memory_bytes: u64) -> Limits {
         Limits {
-            timeout: job.timeout,
-            cpu_millis: job.cpu_millis,
-            memory_bytes: job.memory_bytes,
+            timeout,
+            cpu_millis,
+            memory_bytes,
             max_processes: self.config.max_processes,
             scratch_bytes: self.config.scratch_bytes,
             max_open_files: self.config.max_open_files,

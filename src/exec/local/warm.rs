@@ -333,17 +333,7 @@ impl LocalBackend {
     /// Limits while a warm sandbox waits: the configured per-process limits, and memory, CPU
     /// time and address space large enough to lower to any task's at claim.
     fn warm_limits(&self) -> Limits {
-        Limits {
-            timeout: self.warm.config().max_idle + Duration::from_secs(3600),
-            cpu_millis: 1000,
-            memory_bytes: 1 << 50,
-            max_processes: self.config.max_processes,
-            scratch_bytes: self.config.scratch_bytes,
-            max_open_files: self.config.max_open_files,
-            uid_max_processes: self.config.uid_max_processes,
-            msgqueue_bytes: self.config.max_msgqueue_bytes,
-            pending_signals: self.config.max_pending_signals,
-        }
+        self.limits_with(self.warm.config().max_idle + Duration::from_secs(3600), 1000, 1 << 50)
     }
 
     /// Starts one warm sandbox of `language` and waits until its interpreter waits for a task.
