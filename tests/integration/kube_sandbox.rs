@@ -70,11 +70,8 @@ async fn kube_sandbox_v1alpha1_runs_and_a_refused_pod_is_a_backend_error() {
     assert!(message.contains("agent-sandbox could not create the pod"), "{message}");
     assert!(message.contains("RuntimeClass \"kata\" not found"), "{message}");
     let kname = format!("at-{}-a1", task_id(&pool, "kata").await);
-    eventually(WAIT, || async {
-        !sim.kubectl(&["get", "sandboxes.v1alpha1.agents.x-k8s.io", &kname, "-n", "agenttask"]).status.success()
-    })
-    .await;
-    assert!(!sim.kubectl(&["get", "pod", &kname, "-n", "agenttask"]).status.success(), "no pod was ever made");
+    eventually(WAIT, || async { gone(&sim, "sandboxes.v1alpha1.agents.x-k8s.io", &kname) }).await;
+    assert!(gone(&sim, "pod", &kname), "no pod was ever made");
     assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
     svc.stop().await;
     env.cleanup().await;
@@ -213,11 +210,10 @@ async fn kube_sandbox_ttl_expiry_and_the_orphan_sweep_remove_sandboxes() {
     let seen = sim.json(&["get", "at", &at, "-n", "agenttask"]);
     assert_eq!((&seen["status"]["phase"], &seen["spec"]["ttlSecondsAfterFinished"]), (&json!("Succeeded"), &json!(3)));
     for (kind, what) in [("at", &at), ("sandbox", &name), ("pod", &name)] {
-        eventually(WAIT, || async { !sim.kubectl(&["get", kind, what, "-n", "agenttask"]).status.success() }).await;
+        eventually(WAIT, || async { gone(&sim, kind, what) }).await;
     }
     for kind in ["sandbox", "pod"] {
-        eventually(WAIT, || async { !sim.kubectl(&["get", kind, "at-ghost-a1", "-n", "agenttask"]).status.success() })
-            .await;
+        eventually(WAIT, || async { gone(&sim, kind, "at-ghost-a1") }).await;
     }
     sim.kubectl_ok(&["get", "sandbox", "someone-elses", "-n", "agenttask"]);
     sim.kubectl_ok(&["get", "pod", "someone-elses", "-n", "agenttask"]);
@@ -292,6 +288,11 @@ const WARM_TENANTS: &str = "[defaults]\nmax_concurrency = 100\nrate_per_second =
 /// An `exec` emulator playing agent-sandbox, with the namespaces `warm-b` and `warm-c`, and in
 /// each of `pools` a warm pool `py` of `replicas` (its token Secret, the template and the pool as
 /// `agenttask render` prints them for the operator), once every replica is ready.
+/// Whether the object `kind/name` no longer exists in the test namespace.
+fn gone(sim: &Sim, kind: &str, name: &str) -> bool {
+    !sim.kubectl(&["get", kind, name, "-n", "agenttask"]).status.success()
+}
+
 fn warm_sim(replicas: u32, pools: &[&str]) -> Sim {
     use agenttask::kube::{sandbox, PodSettings};
     let sim = Sim::start_with("exec");
@@ -484,9 +485,7 @@ async fn kube_sandbox_warm_pool_runs_real_python_once_per_claimed_sandbox() {
 
     // Used once: the claim, its Sandbox and pod go with the AgentTask (its TTL); the pool refills.
     eventually(WAIT, || async {
-        !sim.kubectl(&["get", "sandbox", &pod_name, "-n", "agenttask"]).status.success()
-            && !sim.kubectl(&["get", "pod", &pod_name, "-n", "agenttask"]).status.success()
-            && !sim.kubectl(&["get", "sandboxclaim", "warm-a1", "-n", "agenttask"]).status.success()
+        gone(&sim, "sandbox", &pod_name) && gone(&sim, "pod", &pod_name) && gone(&sim, "sandboxclaim", "warm-a1")
     })
     .await;
     wait_ready_replicas(&sim, "agenttask", 2);
@@ -604,16 +603,12 @@ async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
     sim.kubectl_ok(&["delete", "at", "cancel", "-n", "agenttask", "--wait=false"]);
     let cancelled = row(&pool, "agenttask", "cancel").await;
     assert_eq!(cancelled["phase"], "Cancelled", "{cancelled:#}");
-    eventually(WAIT, || async { !sim.kubectl(&["get", "at", "cancel", "-n", "agenttask"]).status.success() }).await;
+    eventually(WAIT, || async { gone(&sim, "at", "cancel") }).await;
     let slow = row(&pool, "agenttask", "slow").await;
     assert_eq!((slow["phase"].as_str(), slow["reason"].as_str()), (Some("Failed"), Some("TimedOut")), "{slow:#}");
     let slow_pod = status_of(&sim, "slow", "agenttask")["podName"].as_str().unwrap().to_owned();
     for (claim, pod) in [("cancel-a1", cancel_pod), ("slow-a1", slow_pod)] {
-        eventually(WAIT, || async {
-            !sim.kubectl(&["get", "sandboxclaim", claim, "-n", "agenttask"]).status.success()
-                && !sim.kubectl(&["get", "pod", &pod, "-n", "agenttask"]).status.success()
-        })
-        .await;
+        eventually(WAIT, || async { gone(&sim, "sandboxclaim", claim) && gone(&sim, "pod", &pod) }).await;
     }
     svc.stop().await;
     env.cleanup().await;
@@ -702,9 +697,7 @@ async fn kube_sandbox_warm_claim_bound_to_a_sandbox_that_never_becomes_ready() {
     assert_eq!(attempt, 1, "adopted across the restart, not retried");
     assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
     eventually(WAIT, || async {
-        !sim.kubectl(&["get", "sandboxclaim", &claim_name, "-n", "agenttask"]).status.success()
-            && !sim.kubectl(&["get", "sandbox", &bound, "-n", "agenttask"]).status.success()
-            && !sim.kubectl(&["get", "pod", &bound, "-n", "agenttask"]).status.success()
+        gone(&sim, "sandboxclaim", &claim_name) && gone(&sim, "sandbox", &bound) && gone(&sim, "pod", &bound)
     })
     .await;
     wait_ready_replicas(&sim, "agenttask", 2);
@@ -792,9 +785,7 @@ async fn kube_sandbox_warm_orphan_claims_are_swept() {
     eventually(WAIT, || async { status_of(&sim, "live", "agenttask")["phase"] == "Running" }).await;
     for (claim, sandbox) in [("at-ghost-a1", &ghost), ("dropped-a1", &dropped)] {
         eventually(WAIT, || async {
-            !sim.kubectl(&["get", "sandboxclaim", claim, "-n", "agenttask"]).status.success()
-                && !sim.kubectl(&["get", "sandbox", sandbox, "-n", "agenttask"]).status.success()
-                && !sim.kubectl(&["get", "pod", sandbox, "-n", "agenttask"]).status.success()
+            gone(&sim, "sandboxclaim", claim) && gone(&sim, "sandbox", sandbox) && gone(&sim, "pod", sandbox)
         })
         .await;
     }
