@@ -41,7 +41,8 @@ analyze agenttask.tasks;
 SQL
 echo "inserted in $(( $(date +%s) - start ))s" >&2
 
-AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_MAX_RUNNING=50 \
+# Room for 50 tasks of 500m in the global CPU capacity too (its default is this host's CPUs).
+AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_MAX_RUNNING=50 AGENTTASK_CAPACITY_CPU=1000 \
 AGENTTASK_HTTP_ADDR=127.0.0.1:0 AGENTTASK_LOG=info \
     target/release/agenttask serve --components scheduler 2> "$work/scheduler.log" &
 pid=$!
