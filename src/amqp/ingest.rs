@@ -6,7 +6,8 @@
 //! drop a message and never stop the consumer.
 //!
 //! Writes are group-committed: every consumer hands its message's write to a few group writers,
-//! and each writer commits whatever is waiting in one transaction, one savepoint per message. The
+//! and each writer commits whatever is waiting in one transaction, its accepted tasks inserted as
+//! a set (one statement per run of them; one by one only when Postgres refuses a value). The
 //! writers take the waiting writes round-robin across tenants ([`super::intake`]), so one
 //! tenant's flood does not delay another tenant's next message by several commits.
 //! A commit costs a WAL flush, so a group of a hundred costs about what one message did; each
@@ -41,7 +42,7 @@ use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::domain::validate::{self, BackendIsolation, Envelope};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
-use crate::store::{insert_rejection, insert_task, Inserted, NewRejection, NewTask, Store, StoreError};
+use crate::store::{insert_rejection, insert_task, insert_tasks, Inserted, NewRejection, NewTask, Store, StoreError};
 use sqlx::PgConnection;
 
 /// What ingest needs, and nothing else.
@@ -528,36 +529,83 @@ async fn group_writer(ctx: Arc<Ingest>, writes: Arc<Intake<Write>>) {
 async fn commit_group(ctx: &Ingest, group: &[Write]) -> Result<Vec<(Inserted, Option<Reason>)>, StoreError> {
     let mut tx = ctx.store.pool().begin().await?;
     let mut outcomes = Vec::with_capacity(group.len());
-    for w in group {
-        outcomes.push(store(&mut tx, &w.spec).await?);
+    // Runs of accepted tasks go in as sets; a rejection between them keeps its place, so a
+    // key's answers come out in the order its messages arrived, as one by one.
+    let mut rest = group;
+    while let Some(first) = rest.first() {
+        if first.spec.verdict.is_err() {
+            outcomes.push(store(&mut tx, &first.spec).await?);
+            rest = &rest[1..];
+            continue;
+        }
+        let run = rest.iter().take_while(|w| w.spec.verdict.is_ok()).count();
+        outcomes.extend(store_accepted(&mut tx, &rest[..run]).await?);
+        rest = &rest[run..];
     }
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// Stores a run of accepted tasks with one set-based insert. When Postgres refuses a value in
+/// it, the set is undone and each is stored on its own, so only the bad one is refused.
+async fn store_accepted(conn: &mut PgConnection, run: &[Write]) -> Result<Vec<(Inserted, Option<Reason>)>, StoreError> {
+    let subs: Vec<(&WriteSpec, &validate::Submission)> =
+        run.iter().filter_map(|w| Some((&*w.spec, w.spec.verdict.as_ref().ok()?))).collect();
+    let tasks: Vec<NewTask<'_>> = subs.iter().map(|(w, sub)| new_task(w, sub)).collect();
+    let fresh: Vec<bool> = subs.iter().map(|(w, _)| w.fresh).collect();
+    let answers = match insert_tasks(&mut *conn, &tasks, &fresh).await {
+        Ok(answers) => answers,
+        Err(e) if e.is_bad_value() => {
+            tracing::debug!(error = %e, tasks = run.len(), "a value in the group was refused; storing its tasks one by one");
+            let mut outcomes = Vec::with_capacity(run.len());
+            for w in run {
+                outcomes.push(store(&mut *conn, &w.spec).await?);
+            }
+            return Ok(outcomes);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut outcomes = Vec::with_capacity(run.len());
+    for ((w, sub), answer) in subs.into_iter().zip(answers) {
+        outcomes.push(match answer {
+            Ok(ins) => (ins, None),
+            Err(full) => backlog_full(conn, w, sub, full).await?,
+        });
+    }
+    Ok(outcomes)
+}
+
+fn new_task<'a>(w: &'a WriteSpec, sub: &'a validate::Submission) -> NewTask<'a> {
+    NewTask {
+        tenant: w.tenant.as_str(),
+        client_id: sub.client_id.as_deref(),
+        spec: &sub.spec,
+        reply: w.reply.as_reply_to(),
+        correlation_id: w.correlation_id.as_deref(),
+        submitted_at: w.received_at,
+        kube_object: None,
+        max_queued: w.max_queued,
+    }
+}
+
+async fn backlog_full(
+    conn: &mut PgConnection,
+    w: &WriteSpec,
+    sub: &validate::Submission,
+    full: crate::store::BacklogFull,
+) -> Result<(Inserted, Option<Reason>), StoreError> {
+    tracing::debug!(tenant = %w.tenant, queued = full.queued, "backlog full");
+    let rejection = validate::backlog_full(&w.tenant, sub, w.max_queued.unwrap_or_default());
+    store_rejection(conn, w, &rejection).await
 }
 
 /// Stores a task or its rejection inside the group's transaction (each insert is its own
 /// savepoint, so one refused value does not undo the others). `Some(reason)` in the answer
 /// when it was a rejection (also when the backlog was full).
 async fn store(conn: &mut PgConnection, w: &WriteSpec) -> Result<(Inserted, Option<Reason>), StoreError> {
-    let tenant = &w.tenant;
-    let correlation_id = w.correlation_id.as_deref();
     match &w.verdict {
         Ok(sub) => {
-            let res = insert_task(
-                &mut *conn,
-                &NewTask {
-                    tenant: tenant.as_str(),
-                    client_id: sub.client_id.as_deref(),
-                    spec: &sub.spec,
-                    reply: w.reply.as_reply_to(),
-                    correlation_id,
-                    submitted_at: w.received_at,
-                    kube_object: None,
-                    max_queued: w.max_queued,
-                },
-                w.fresh,
-            )
-            .await;
+            let res = insert_task(&mut *conn, &new_task(w, sub), w.fresh).await;
             match res {
                 // A value Postgres refuses is the message's fault: reject it instead of looping.
                 Err(e) if e.is_bad_value() => {
@@ -570,11 +618,7 @@ async fn store(conn: &mut PgConnection, w: &WriteSpec) -> Result<(Inserted, Opti
                     };
                     store_rejection(conn, w, &rejection).await
                 }
-                Ok(Err(crate::store::BacklogFull { queued })) => {
-                    tracing::debug!(%tenant, queued, "backlog full");
-                    let rejection = validate::backlog_full(tenant, sub, w.max_queued.unwrap_or_default());
-                    store_rejection(conn, w, &rejection).await
-                }
+                Ok(Err(full)) => backlog_full(conn, w, sub, full).await,
                 Ok(Ok(ins)) => Ok((ins, None)),
                 Err(e) => Err(e),
             }

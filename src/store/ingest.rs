@@ -130,6 +130,200 @@ pub async fn insert_task(
     Ok(Ok(inserted.map_or(Inserted::Duplicate, Inserted::New)))
 }
 
+/// Inserts validated tasks as `Queued`, as [`insert_task`] would one after another (same
+/// answers, in the same order), in a few set-based statements: each tenant's counter row is
+/// locked once, and the tasks go in by one `insert ... select from unnest(...)` per round.
+///
+/// `replace_rejected[i]` is [`insert_task`]'s flag for `tasks[i]`. Runs in one savepoint: on a
+/// value Postgres refuses, nothing of the set is written and the error is returned, so the
+/// caller can fall back to inserting one by one and refuse only the bad one.
+pub async fn insert_tasks(
+    conn: &mut PgConnection,
+    tasks: &[NewTask<'_>],
+    replace_rejected: &[bool],
+) -> Result<Vec<Result<Inserted, BacklogFull>>> {
+    debug_assert_eq!(tasks.len(), replace_rejected.len());
+    let mut tx = conn.begin().await?;
+
+    // Counter rows first, in tenant order (the order every writer locks them in), so the caps
+    // hold exactly: nothing else inserts or admits a capped tenant's task until commit.
+    let caps: std::collections::BTreeMap<&str, i64> =
+        tasks.iter().filter_map(|t| Some((t.tenant, i64::try_from(t.max_queued?).unwrap_or(i64::MAX)))).collect();
+    let mut room: std::collections::HashMap<&str, i64> = std::collections::HashMap::with_capacity(caps.len());
+    if !caps.is_empty() {
+        let capped: Vec<&str> = caps.keys().copied().collect();
+        // An upsert that changes nothing still locks the row it finds, as `for update` would,
+        // and returns the count: one statement creates, locks and reads every counter.
+        let counts = sqlx::query!(
+            "insert into agenttask.queued_counts as c (tenant) select * from unnest($1::text[]) order by 1 \
+             on conflict (tenant) do update set queued = c.queued \
+             returning tenant, queued",
+            &capped as &[&str]
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for c in counts {
+            if let Some((&tenant, &cap)) = caps.get_key_value(c.tenant.as_str()) {
+                room.insert(tenant, cap.saturating_sub(c.queued).max(0));
+            }
+        }
+    }
+
+    // A fresh publish's key gives way to an earlier rejection under it, before anything of
+    // the set is inserted (a rejection is never `Queued`, so the counts above stand).
+    let (forget_tenants, forget_keys): (Vec<&str>, Vec<&str>) = tasks
+        .iter()
+        .zip(replace_rejected)
+        .filter(|(_, fresh)| **fresh)
+        .filter_map(|(t, _)| Some((t.tenant, t.client_id?)))
+        .unzip();
+    if !forget_keys.is_empty() {
+        sqlx::query!(
+            "delete from agenttask.tasks t using unnest($1::text[], $2::text[]) as k(tenant, client_id) \
+             where t.tenant = k.tenant and t.client_id = k.client_id and t.phase = $3",
+            &forget_tenants as &[&str],
+            &forget_keys as &[&str],
+            Phase::Rejected as _
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    // Rounds: each takes, in order, as many of a tenant's waiting tasks as its backlog has room
+    // for. A duplicate takes no room, so when a round holds one, the next round offers that
+    // room to the tenant's next task, which is the answer one-by-one inserts would give.
+    let mut answers: Vec<Option<Result<Inserted, BacklogFull>>> = vec![None; tasks.len()];
+    let mut waiting: Vec<usize> = (0..tasks.len()).collect();
+    loop {
+        let mut offered = room.clone();
+        let (round, rest): (Vec<usize>, Vec<usize>) = waiting.iter().partition(|&&i| {
+            let Some(left) = offered.get_mut(tasks[i].tenant) else { return true };
+            if *left > 0 {
+                *left -= 1;
+                true
+            } else {
+                false
+            }
+        });
+        if round.is_empty() {
+            break;
+        }
+        let ids: Vec<Uuid> = round.iter().map(|_| Uuid::new_v4()).collect();
+        let inserted = insert_round(&mut tx, tasks, &round, &ids).await?;
+        let mut dropped = false;
+        for (&i, id) in round.iter().zip(&ids) {
+            if inserted.contains(id) {
+                answers[i] = Some(Ok(Inserted::New(*id)));
+                if let Some(left) = room.get_mut(tasks[i].tenant) {
+                    *left -= 1;
+                }
+            } else {
+                answers[i] = Some(Ok(Inserted::Duplicate));
+                dropped = true;
+            }
+        }
+        waiting = rest;
+        if !dropped || waiting.is_empty() {
+            break;
+        }
+    }
+    tx.commit().await?;
+    Ok(answers
+        .into_iter()
+        .zip(tasks)
+        .map(|(answer, t)| {
+            // Left waiting: its tenant's backlog was full, so it holds its cap.
+            answer.unwrap_or_else(|| Err(BacklogFull { queued: caps.get(t.tenant).copied().unwrap_or(i64::MAX) }))
+        })
+        .collect())
+}
+
+/// One `insert ... select from unnest(...)` of `tasks[round]` under `ids`; the ids that went in
+/// (the others' keys existed).
+async fn insert_round(
+    conn: &mut PgConnection,
+    tasks: &[NewTask<'_>],
+    round: &[usize],
+    ids: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>> {
+    let n = round.len();
+    let mut tenants = Vec::with_capacity(n);
+    let mut client_ids = Vec::with_capacity(n);
+    let mut batch_ids = Vec::with_capacity(n);
+    let mut languages = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut timeouts = Vec::with_capacity(n);
+    let mut cpus = Vec::with_capacity(n);
+    let mut memories = Vec::with_capacity(n);
+    let mut isolations = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    let mut programs = Vec::with_capacity(n);
+    let mut exchanges = Vec::with_capacity(n);
+    let mut routing_keys = Vec::with_capacity(n);
+    let mut correlation_ids = Vec::with_capacity(n);
+    let mut submitted = Vec::with_capacity(n);
+    let mut kube_objects = Vec::with_capacity(n);
+    for &i in round {
+        let t = &tasks[i];
+        let spec = t.spec;
+        tenants.push(t.tenant);
+        client_ids.push(t.client_id);
+        batch_ids.push(spec.batch_id.as_deref());
+        languages.push(spec.language.as_str());
+        priorities.push(spec.priority);
+        timeouts.push(i32::try_from(spec.timeout_seconds).unwrap_or(i32::MAX));
+        cpus.push(i64::try_from(spec.cpu_millis).unwrap_or(i64::MAX));
+        memories.push(i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX));
+        isolations.push(spec.isolation.as_str());
+        labels.push(Json(&spec.labels));
+        programs.push(Json(&spec.program));
+        exchanges.push(t.reply.exchange);
+        routing_keys.push(t.reply.routing_key);
+        correlation_ids.push(t.correlation_id.map(storable_text));
+        submitted.push(t.submitted_at);
+        kube_objects.push(t.kube_object);
+    }
+    let correlation_ids: Vec<Option<&str>> = correlation_ids.iter().map(|c| c.as_deref()).collect();
+    let rows = sqlx::query_scalar!(
+        "insert into agenttask.tasks (task_id, tenant, client_id, batch_id, language, phase, \
+           priority, timeout_seconds, cpu_millis, memory_bytes, isolation, labels, program, \
+           reply_exchange, reply_routing_key, correlation_id, submitted_at, kube_object) \
+         select n.task_id, n.tenant, n.client_id, n.batch_id, n.language, $18, n.priority, n.timeout_seconds, \
+           n.cpu_millis, n.memory_bytes, n.isolation, n.labels, n.program, n.reply_exchange, \
+           n.reply_routing_key, n.correlation_id, n.submitted_at, n.kube_object \
+         from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::smallint[], $7::int[], \
+                     $8::bigint[], $9::bigint[], $10::text[], $11::jsonb[], $12::jsonb[], $13::text[], \
+                     $14::text[], $15::text[], $16::timestamptz[], $17::text[]) with ordinality \
+           as n(task_id, tenant, client_id, batch_id, language, priority, timeout_seconds, cpu_millis, \
+                memory_bytes, isolation, labels, program, reply_exchange, reply_routing_key, \
+                correlation_id, submitted_at, kube_object, ord) \
+         order by n.ord \
+         on conflict (tenant, client_id) where client_id is not null do nothing \
+         returning task_id",
+        ids,
+        &tenants as &[&str],
+        &client_ids as &[Option<&str>],
+        &batch_ids as &[Option<&str>],
+        &languages as &[&str],
+        &priorities,
+        &timeouts,
+        &cpus,
+        &memories,
+        &isolations as &[&str],
+        &labels as _,
+        &programs as _,
+        &exchanges as &[&str],
+        &routing_keys as &[&str],
+        &correlation_ids as &[Option<&str>],
+        &submitted,
+        &kube_objects as &[Option<&str>],
+        Phase::Queued as _
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Stores a rejection and its result message in one transaction, unless the client key was
 /// seen before (then the earlier task's result stands, and nothing is sent twice). With
 /// `replace_rejected`, an earlier rejection under the key is replaced (a fresh publish gets its

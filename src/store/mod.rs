@@ -31,7 +31,9 @@ mod tokens;
 
 pub use admission::{acquire_leadership, reject_queued, AdmissionRound, Admitted, QueuedHead, RunningUsage};
 pub use api::{batch_status, batch_tasks, find_task, list_tasks, position, BatchStatus, Position, TaskSummary};
-pub use ingest::{enqueue_orphan_result, insert_rejection, insert_task, BacklogFull, Inserted, NewRejection, NewTask};
+pub use ingest::{
+    enqueue_orphan_result, insert_rejection, insert_task, insert_tasks, BacklogFull, Inserted, NewRejection, NewTask,
+};
 pub use kube::KubeTask;
 pub use outbox::{
     claim_outbox, delete_published, record_refusals, AfterRefusal, OutboxBatch, OutboxLag, OutboxMessage, Refusal,

@@ -201,3 +201,126 @@ async fn a_sigkill_while_groups_commit_loses_nothing_and_duplicates_nothing() {
     let _ = tokio::time::timeout(Duration::from_secs(20), second.child.wait()).await;
     env.cleanup().await;
 }
+
+/// The set-based insert gives every answer one-by-one inserts would, in the same order, with
+/// duplicates (of stored tasks and within the set), a fresh publish replacing an earlier
+/// rejection, and a backlog cap that a duplicate does not use up; and a value Postgres refuses
+/// undoes the whole set, so ingest can fall back to one by one.
+#[tokio::test]
+async fn a_set_insert_answers_as_one_by_one_inserts_would() {
+    use agenttask::domain::task::{Language, Program, TaskSpec};
+    use agenttask::store::{self, BacklogFull, Inserted, NewRejection, NewTask, ReplyTo, Store};
+    use chrono::Utc;
+
+    let env = Env::new("[tenants.{t}-one]\n[tenants.{t}-set]\n").await;
+    let db = Store::connect(&env.database_url, 2).await.unwrap();
+    let pool = db.pool();
+    let spec = |label: &str| TaskSpec {
+        language: Language::Python,
+        program: Program { code: "print(1)".into(), ..Program::default() },
+        timeout_seconds: 30,
+        cpu_millis: 500,
+        memory_bytes: 256 << 20,
+        priority: 0,
+        batch_id: None,
+        labels: [("l".to_owned(), label.to_owned())].into(),
+        isolation: "standard".into(),
+    };
+    let ok = spec("ok");
+    let reply = ReplyTo { exchange: "", routing_key: "results" };
+    let keys = [Some("k0"), Some("k1"), Some("k1"), Some("r1"), Some("k2"), Some("k3"), Some("k4"), Some("k0"), None];
+    // Each tenant starts with `k0` queued and `r1` rejected, and may hold 5 queued tasks.
+    let mut answers = Vec::new();
+    for suffix in ["one", "set"] {
+        let tenant = env.tenant(suffix);
+        let task = |key: Option<&'static str>| NewTask {
+            tenant: tenant.as_str(),
+            client_id: key,
+            spec: &ok,
+            reply,
+            correlation_id: key,
+            submitted_at: Utc::now(),
+            kube_object: None,
+            max_queued: Some(5),
+        };
+        let mut conn = pool.acquire().await.unwrap();
+        assert!(matches!(store::insert_task(&mut conn, &task(Some("k0")), true).await.unwrap(), Ok(Inserted::New(_))));
+        let rejection = NewRejection {
+            tenant: tenant.as_str(),
+            client_id: Some("r1"),
+            batch_id: None,
+            language: Some(Language::Python),
+            reason: agenttask::domain::phase::Reason::ValidationFailed,
+            message: "bad",
+            reply,
+            correlation_id: None,
+            kube_object: None,
+        };
+        assert!(matches!(store::insert_rejection(&mut conn, &rejection, true).await.unwrap(), Inserted::New(_)));
+        let tasks: Vec<NewTask<'_>> = keys.iter().map(|&k| task(k)).collect();
+        let fresh = vec![true; tasks.len()];
+        let got = if suffix == "one" {
+            let mut got = Vec::new();
+            for t in &tasks {
+                got.push(store::insert_task(&mut conn, t, true).await.unwrap());
+            }
+            got
+        } else {
+            store::insert_tasks(&mut conn, &tasks, &fresh).await.unwrap()
+        };
+        let shape: Vec<&str> = got
+            .iter()
+            .map(|a| match a {
+                Ok(Inserted::New(_)) => "new",
+                Ok(Inserted::Duplicate) => "duplicate",
+                Err(BacklogFull { .. }) => "full",
+            })
+            .collect();
+        let stored: Vec<(Option<String>, String)> = sqlx::query_as(
+            "select client_id, phase from agenttask.tasks where tenant = $1 order by client_id nulls last",
+        )
+        .bind(&tenant)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        let counted: i64 = sqlx::query_scalar("select queued from agenttask.queued_counts where tenant = $1")
+            .bind(&tenant)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        answers.push((shape, stored, counted));
+    }
+    assert_eq!(answers[0], answers[1], "one by one, then as a set");
+    let (shape, _, counted) = &answers[1];
+    assert_eq!(
+        shape,
+        &["duplicate", "new", "duplicate", "new", "new", "new", "full", "full", "full"],
+        "k0 exists; k1 twice; r1 replaces its rejection; the cap of 5 is reached at k3"
+    );
+    assert_eq!(*counted, 5);
+
+    // A NUL in a label is refused by `jsonb`: the error says so, and nothing of the set stays.
+    let tenant = env.tenant("one");
+    let bad = spec("nul \u{0} here");
+    let tasks = [Some("b1"), Some("b2")].map(|key| NewTask {
+        tenant: tenant.as_str(),
+        client_id: key,
+        spec: if key == Some("b2") { &bad } else { &ok },
+        reply,
+        correlation_id: None,
+        submitted_at: Utc::now(),
+        kube_object: None,
+        max_queued: None,
+    });
+    let mut conn = pool.acquire().await.unwrap();
+    let err = store::insert_tasks(&mut conn, &tasks, &[true, true]).await.unwrap_err();
+    assert!(err.is_bad_value(), "{err}");
+    let left: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks where client_id in ('b1', 'b2')")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    drop(conn);
+    pool.close().await;
+    env.cleanup().await;
+}
