@@ -99,7 +99,8 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTTASK_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Total CPU the admitted tasks may ask for together, e.g. "16"; set it above the host's CPUs
-    /// to overcommit on purpose [default: this host's CPU count]
+    /// to overcommit on purpose [default: this host's CPU count with --backend local; unlimited
+    /// with kubernetes (the cluster's scheduler places the pods) and null (nothing runs)]
     #[arg(long, env = "AGENTTASK_CAPACITY_CPU")]
     pub capacity_cpu: Option<String>,
     /// Total memory the admitted tasks may ask for together, e.g. "64Gi" [default: unlimited]
@@ -343,7 +344,8 @@ pub struct Settings {
     pub output_limit_bytes: usize,
     pub database_pool_size: u32,
     pub admin_token: Option<String>,
-    /// Global CPU capacity in millicores: `--capacity-cpu`, else this host's CPU count.
+    /// Global CPU capacity in millicores: `--capacity-cpu`, else this host's CPU count when the
+    /// tasks run on this host (the local backend), else unlimited.
     pub capacity_cpu_millis: Option<u64>,
     /// Global memory capacity in bytes, if limited.
     pub capacity_memory_bytes: Option<u64>,
@@ -373,6 +375,7 @@ impl Settings {
             let p = PathBuf::from("tenants.toml");
             p.exists().then_some(p)
         });
+        let backend = args.backend.or(file.backend).unwrap_or(BackendKind::Local);
         let output_limit_bytes = args.output_limit_bytes.or(file.output_limit_bytes).unwrap_or(1 << 20);
         let kube = args.kube.or(file.kube).resolve(output_limit_bytes)?;
         let settings = Settings {
@@ -384,7 +387,7 @@ impl Settings {
                 .http_addr
                 .or(file.http_addr)
                 .unwrap_or_else(|| DEFAULT_HTTP_ADDR.parse().expect("valid default")),
-            backend: args.backend.or(file.backend).unwrap_or(BackendKind::Local),
+            backend,
             components: args.components.or(file.components).unwrap_or_else(|| Component::ALL.to_vec()),
             max_running: args.max_running.or(file.max_running).unwrap_or(8),
             prefetch: args.prefetch.or(file.prefetch).unwrap_or(16),
@@ -397,7 +400,7 @@ impl Settings {
                 .or(file.capacity_cpu)
                 .map(|c| parse_cpu_millis(&c).map_err(|e| invalid("--capacity-cpu", e.to_string())))
                 .transpose()?
-                .or(Some(host_cpu_millis())),
+                .or_else(|| (backend == BackendKind::Local).then(host_cpu_millis)),
             capacity_memory_bytes: args
                 .capacity_memory
                 .or(file.capacity_memory)
@@ -520,12 +523,18 @@ mod tests {
     }
 
     #[test]
-    fn cpu_capacity_defaults_to_the_hosts_cpus() {
+    fn cpu_capacity_defaults_to_the_hosts_cpus_only_where_tasks_run_on_this_host() {
         let s = Settings::resolve(ServeArgs::default()).unwrap();
         let cpus = std::thread::available_parallelism().unwrap().get() as u64;
         assert_eq!(s.capacity_cpu_millis, Some(cpus * 1000));
         let s = Settings::resolve(ServeArgs { capacity_cpu: Some("64".into()), ..Default::default() }).unwrap();
         assert_eq!(s.capacity_cpu_millis, Some(64_000));
+        for backend in [BackendKind::Kubernetes, BackendKind::Null] {
+            let s = Settings::resolve(ServeArgs { backend: Some(backend), ..Default::default() }).unwrap();
+            assert_eq!(s.capacity_cpu_millis, None, "{backend:?}: the pods' CPUs are not this host's");
+            let args = ServeArgs { backend: Some(backend), capacity_cpu: Some("8".into()), ..Default::default() };
+            assert_eq!(Settings::resolve(args).unwrap().capacity_cpu_millis, Some(8_000));
+        }
     }
 
     #[test]

@@ -31,7 +31,8 @@ turn() {
     local label="$1" bin="$2"
     "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres 2>/dev/null
     AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
-        AGENTTASK_MAX_RUNNING=256 AGENTTASK_LOG=warn "$bin" serve --backend null 2>"$work/service.log" &
+        AGENTTASK_MAX_RUNNING=256 AGENTTASK_CAPACITY_CPU="${AGENTTASK_CAPACITY_CPU:-256}" AGENTTASK_LOG=warn \
+        "$bin" serve --backend null 2>"$work/service.log" &
     svc=$!
     for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
     sleep 2 # the tenants' consumers start right after readiness
