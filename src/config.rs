@@ -81,7 +81,10 @@ pub struct ServeArgs {
     /// Tasks running at once across all tenants [default: 8]
     #[arg(long, env = "AGENTTASK_MAX_RUNNING")]
     pub max_running: Option<u32>,
-    /// Unacknowledged task messages per tenant queue [default: 16]
+    /// Unacknowledged task messages per tenant queue. One tenant's ingest rate grows with it (each
+    /// message waits for its group commit), and so does the memory a flood of large messages can
+    /// hold (up to this many bodies per tenant); raise it for a few tenants that each publish fast
+    /// [default: 16]
     #[arg(long, env = "AGENTTASK_PREFETCH")]
     pub prefetch: Option<u16>,
     /// Service state on disk: sandboxes' scratch space and artifacts [default: /var/lib/agenttask]
