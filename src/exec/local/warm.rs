@@ -542,18 +542,26 @@ fn rlimit(soft: u64, hard: u64) -> libc::rlimit {
 }
 
 /// Lowers rlimits of the sandbox's processes. Changing another process's limits takes either
-/// `CAP_SYS_RESOURCE` (which a service in a container may lack) or the same uid and gid, so a
-/// helper of the sandbox's uid does it.
+/// `CAP_SYS_RESOURCE` or the same uid and gid. With the capability (a root service) the
+/// service sets them itself; without it (a service in a container may lack it) a helper of the
+/// sandbox's uid does, which costs a process start on the hand-over.
 fn lower_rlimits_as(uid: u32, gid: u32, limits: Vec<(i32, RlimitResource, libc::rlimit)>) -> io::Result<()> {
-    as_uid(uid, gid, "rlimit", move || {
-        for (pid, resource, limit) in &limits {
-            // SAFETY: prlimit reads the prepared struct and writes nothing (no old limit).
-            if unsafe { libc::prlimit(*pid, *resource, limit, std::ptr::null_mut()) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
+    match set_rlimits(&limits) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => as_uid(uid, gid, "rlimit", move || set_rlimits(&limits)),
+        other => other,
+    }
+}
+
+/// `prlimit` for each entry, stopping at the first failure. Async-signal-safe (the helper of
+/// [`lower_rlimits_as`] runs it between fork and exec).
+fn set_rlimits(limits: &[(i32, RlimitResource, libc::rlimit)]) -> io::Result<()> {
+    for (pid, resource, limit) in limits {
+        // SAFETY: prlimit reads the prepared struct and writes nothing (no old limit).
+        if unsafe { libc::prlimit(*pid, *resource, limit, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 /// User plus system CPU seconds a process has used, rounded up.
