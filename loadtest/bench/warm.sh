@@ -8,6 +8,8 @@
 #   loadtest/bench/warm.sh [tasks per latency round] [rounds] [tasks for throughput]
 #
 # Uses a scratch database (agenttask_bench_warm, dropped at the end) and a tenant of its own.
+# BENCH_BIN=DIR runs the `agenttask` and `agenttask-loadtest` binaries in DIR instead of building
+# them, so that two builds (before and after a change) can be compared in one session.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . loadtest/bench/common.sh
@@ -19,7 +21,8 @@ URL="postgres://postgres@127.0.0.1:5432/$DB"
 PORT="$(bench_free_port)"
 CORES="$(nproc)"
 
-bench_build
+BIN="${BENCH_BIN:-target/release}"
+[[ -n "${BENCH_BIN:-}" ]] || bench_build
 "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
 work="$(mktemp -d)"
 chmod 711 "$work"
@@ -34,7 +37,7 @@ svc=
 stop() {
     if [[ -n "$svc" ]]; then kill "$svc" 2>/dev/null || true; wait "$svc" 2>/dev/null || true; svc=; fi
 }
-trap 'stop; target/release/agenttask-loadtest --tenant benchwarm --delete-tenant-queues || true; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
+trap 'stop; "$BIN"/agenttask-loadtest --tenant benchwarm --delete-tenant-queues || true; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
 
 metric() { curl -fs "http://127.0.0.1:$PORT/metrics" | awk -v s="$1" '$1 == s { print $2 }'; }
 
@@ -43,7 +46,7 @@ start() {
     AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
         AGENTTASK_DATA_DIR="$work/data" AGENTTASK_MAX_RUNNING="$((2 * CORES))" AGENTTASK_LOG=warn \
         AGENTTASK_WARM_PYTHON="$1" AGENTTASK_WARM_R="$2" \
-        target/release/agenttask serve 2>>"$work/service.log" &
+        "$BIN"/agenttask serve 2>>"$work/service.log" &
     svc=$!
     for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
     for _ in $(seq 1 300); do
@@ -71,7 +74,7 @@ PY
 
 latency() { # LABEL MIX COUNT
     printf '%s: ' "$1"
-    target/release/agenttask-loadtest --tenant benchwarm --count "$3" --concurrency 1 --mix "$2" -o json |
+    "$BIN"/agenttask-loadtest --tenant benchwarm --count "$3" --concurrency 1 --mix "$2" -o json |
         python3 -c 'import json,sys; r=json.load(sys.stdin); l=r["latency_ms"]; print("p50 %.1f ms  p95 %.1f  p99 %.1f  (%d tasks, %d unexpected)" % (l["p50"], l["p95"], l["p99"], r["tasks"], r["unexpected"]))'
 }
 
@@ -110,7 +113,7 @@ PY
         # shellcheck disable=SC2086
         start $pools
         printf 'service, warm python pool %s: ' "${pools%% *}"
-        target/release/agenttask-loadtest --tenant benchwarm --count "$FLOOD" --concurrency "$((4 * CORES))" -o json |
+        "$BIN"/agenttask-loadtest --tenant benchwarm --count "$FLOOD" --concurrency "$((4 * CORES))" -o json |
             python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.1f tasks/s, p50 %.0f ms (%d unexpected)" % (r["tasks_per_second"], r["latency_ms"]["p50"], r["unexpected"]))'
         printf '  warm hits %s, misses %s\n' "$(metric 'agenttask_warm_pool_hits_total{language="python"}')" \
             "$(metric 'agenttask_warm_pool_misses_total{language="python",reason="empty"}')"

@@ -35,7 +35,7 @@ pub use crate::domain::outcome::{Captured, Outcome, ProgramResult, Termination};
 pub use crate::domain::result::Artifact;
 use crate::domain::task::Language;
 use crate::domain::validate::BackendIsolation;
-pub use runs::{InProcessRuns, Progress};
+pub use runs::{Ended, InProcessRuns, Progress};
 
 /// One execution of one task: the task and the attempt that the store handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

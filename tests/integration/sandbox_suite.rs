@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use agenttask::domain::task::Language;
 use agenttask::exec::local::{sweep_artifacts, LocalBackend, LocalConfig, SetupError, WarmConfig};
-use agenttask::exec::{Job, Outcome, ProgramResult, Termination};
+use agenttask::exec::{Backend, EventSink, Job, Outcome, ProgramResult, RunEvent, Termination};
 use uuid::Uuid;
 use super::job;
 
@@ -645,6 +645,65 @@ async fn dropping_the_run_kills_the_task() {
     }
     assert!(processes_with(&m).is_empty(), "survivors: {:?}", processes_with(&m));
     s.assert_healthy().await;
+}
+
+/// Whether nobody holds the host-wide lease lock of `uid` (taken and given back at once).
+fn uid_is_free(uid: u32) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(Path::new("/run/agenttask/uids").join(uid.to_string())) else {
+        return true;
+    };
+    // SAFETY: flock on a descriptor we own; closing it releases the lock.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+#[tokio::test]
+async fn a_launched_run_reports_then_removes_its_sandbox_before_its_uid_is_free() {
+    let s = sandbox();
+    if WARM {
+        assert!(s.backend.wait_warm(Duration::from_secs(60)).await, "the warm pool did not fill");
+    }
+    let (sink, mut events) = EventSink::channel();
+    let j = py("import os; print(os.getuid())");
+    let task = j.key.task_id.to_string();
+    s.backend.clone().launch(j, sink).await.expect("launched");
+    let o = loop {
+        if let RunEvent::Finished(o) = events.recv().await.expect("the run reports").event {
+            break o;
+        }
+    };
+    assert_eq!((o.exit_code, o.warm), (Some(0), WARM.then_some(true)), "{o:?}");
+    let uid: u32 = o.stdout.text.trim().parse().expect("the task's uid");
+    // The run's scratch, if its teardown has not removed it yet: a cold one is named after the
+    // task, a warm one's directories belong to the task's uid.
+    use std::os::unix::fs::MetadataExt;
+    let scratch: Vec<PathBuf> = std::fs::read_dir(s.data_dir.join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            name.starts_with(&task) || std::fs::metadata(p.join("work")).is_ok_and(|m| m.uid() == uid)
+        })
+        .collect();
+    // Until the scratch is gone the uid must stay leased: seen free, nothing of the run may be
+    // left (the lock is looked at first, and a removed scratch never comes back).
+    let t = Instant::now();
+    loop {
+        let free = uid_is_free(uid);
+        let left: Vec<&PathBuf> = scratch.iter().filter(|p| p.exists()).collect();
+        assert!(!free || left.is_empty(), "uid {uid} was given back while its scratch was left: {left:?}");
+        if left.is_empty() {
+            break;
+        }
+        // Only a limit on waiting for the teardown.
+        assert!(t.elapsed() < Duration::from_secs(30), "the teardown never removed {left:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Shutdown waits for every teardown (and removes the idle warm sandboxes).
+    s.backend.shutdown().await;
+    let left: Vec<_> = std::fs::read_dir(s.data_dir.join("run")).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left after shutdown: {left:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

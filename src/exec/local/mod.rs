@@ -29,9 +29,12 @@
 //!    cap, or the deadline, kills the task: bubblewrap (its pid namespace dies with it) and
 //!    every process left in the task's cgroup, until the cgroup is empty.
 //! 5. **Collect** the result file and artifacts (walked by descriptor, without following links,
-//!    within the tenant's quota and the data directory's free-space floor), then unmount and
-//!    remove the scratch and the cgroups, and give the uid back, also when the run future is
-//!    dropped.
+//!    within the tenant's quota and the data directory's free-space floor).
+//! 6. **Report, then tear down**: the outcome is reported as soon as it is collected; only then
+//!    are the scratch unmounted and removed and the cgroups removed, and after that the uid is
+//!    given back. Nothing the teardown removes is needed for the outcome, so a task's result
+//!    does not wait for it; the uid is not reused before it is done, and shutdown waits for it.
+//!    A dropped run future (a cancel) removes everything before anything is reported.
 
 use std::io;
 use std::path::PathBuf;
@@ -44,8 +47,8 @@ use uuid::Uuid;
 
 use crate::domain::validate::BackendIsolation;
 use crate::exec::{
-    Backend, BackendError, BoxFuture, Capabilities, EventSink, InProcessRuns, Job, Outcome, ProgramResult, Progress,
-    RunKey,
+    Backend, BackendError, BoxFuture, Capabilities, Ended, EventSink, InProcessRuns, Job, Outcome, ProgramResult,
+    Progress, RunKey,
 };
 use crate::sandbox::bwrap::{self, HostLayout, ScratchLayout};
 use crate::sandbox::cgroup::{self, CgroupHost};
@@ -350,15 +353,22 @@ impl LocalBackend {
         self.artifacts.sweep()
     }
 
-    /// Runs one job to completion (what [`Backend::launch`] does in the background). Dropping
-    /// the future kills the sandbox and removes its scratch and cgroups.
+    /// Runs one job to completion (what [`Backend::launch`] does in the background), teardown
+    /// included: when it returns, nothing of the run is left on the host. Dropping the future
+    /// kills the sandbox and removes its scratch and cgroups.
     pub async fn run(&self, job: Job) -> Outcome {
-        self.run_job(job, None).await
+        let Ended { outcome, teardown } = self.run_job(job, None).await;
+        if let Some(teardown) = teardown {
+            teardown.await;
+        }
+        outcome
     }
 
-    async fn run_job(&self, job: Job, progress: Option<&Progress>) -> Outcome {
+    /// Runs one job up to its collected outcome; the sandbox's removal is left to the returned
+    /// teardown.
+    async fn run_job(&self, job: Job, progress: Option<&Progress>) -> Ended {
         let started_at = Utc::now();
-        let fail = |msg: String| Outcome::backend_error(msg, started_at);
+        let fail = |msg: String| Ended::from(Outcome::backend_error(msg, started_at));
         let runtime = match job.language {
             crate::domain::task::Language::Python => &self.config.python_path,
             crate::domain::task::Language::R => &self.config.rscript_path,
@@ -390,8 +400,9 @@ impl LocalBackend {
             None
         };
         let warm = pooled.then_some(claimed.is_some());
-        // `lease` is declared before `run`, so dropped after it: the uid is given back only once
-        // the task's cgroups are emptied and removed.
+        // On the early returns below `lease` is dropped after `run` (declared before it): the uid
+        // is given back only once the task's cgroups are emptied and removed. The teardown at the
+        // end keeps that order.
         let (mut lease, run, watched) = match claimed {
             Some((w, handoff)) => {
                 let warm::WarmSandbox { started, run, lease, .. } = w;
@@ -489,10 +500,16 @@ impl LocalBackend {
             finished_at: Utc::now(),
             warm,
         };
-        // Unmounting a big scratch can take a moment; keep it off the async workers. Awaited, so
-        // that when a run returns nothing of it is left on the host.
-        let _ = tokio::task::spawn_blocking(move || drop(run)).await;
-        outcome
+        // Unmounting a big scratch can take a moment: off the async workers, and after the
+        // outcome is reported. The uid is given back only after the scratch and cgroups are gone.
+        let teardown = async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                drop(run);
+                drop(lease);
+            })
+            .await;
+        };
+        Ended { outcome, teardown: Some(Box::pin(teardown)) }
     }
 
     fn limits(&self, job: &Job) -> Limits {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use super::scratch::{write_inputs, PreparedRun};
 use super::spawn::{Handoff, RlimitResource, SpawnSpec, Started};
-use super::uids::{as_uid, UidLease};
+use super::uids::UidLease;
 use super::LocalBackend;
 use crate::domain::task::Language;
 use crate::exec::Job;
@@ -542,18 +542,45 @@ fn rlimit(soft: u64, hard: u64) -> libc::rlimit {
 }
 
 /// Lowers rlimits of the sandbox's processes. Changing another process's limits takes either
-/// `CAP_SYS_RESOURCE` (which a service in a container may lack) or the same uid and gid, so a
-/// helper of the sandbox's uid does it.
+/// `CAP_SYS_RESOURCE` or the same uid and gid. With the capability the service sets them
+/// itself. Without it (a root in a container or VM may lack it) a thread of the service takes
+/// the sandbox's uid and gid and sets them: Linux credentials belong to each thread, and the raw
+/// system calls change only the calling thread's (glibc's wrappers would change every thread's).
+/// The thread then ends; it cannot get root back, and the sandbox, in its own pid namespace,
+/// cannot name it. Starting a helper process instead cost 3-5 ms of every hand-over.
+///
+/// A side effect: changing a thread's effective uid makes the kernel mark the whole service
+/// non-dumpable (`fs.suid_dumpable`), so it leaves no core dump.
 fn lower_rlimits_as(uid: u32, gid: u32, limits: Vec<(i32, RlimitResource, libc::rlimit)>) -> io::Result<()> {
-    as_uid(uid, gid, "rlimit", move || {
-        for (pid, resource, limit) in &limits {
-            // SAFETY: prlimit reads the prepared struct and writes nothing (no old limit).
-            if unsafe { libc::prlimit(*pid, *resource, limit, std::ptr::null_mut()) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
+    match set_rlimits(&limits) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => std::thread::Builder::new()
+            .name("agenttask-rlimit".into())
+            .spawn(move || {
+                // SAFETY: raw setresgid/setresuid on this thread only; nothing else runs on it.
+                unsafe {
+                    if libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                        || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                set_rlimits(&limits)
+            })?
+            .join()
+            .map_err(|_| io::Error::other("the rlimit thread panicked"))?,
+        other => other,
+    }
+}
+
+/// `prlimit` for each entry, stopping at the first failure.
+fn set_rlimits(limits: &[(i32, RlimitResource, libc::rlimit)]) -> io::Result<()> {
+    for (pid, resource, limit) in limits {
+        // SAFETY: prlimit reads the prepared struct and writes nothing (no old limit).
+        if unsafe { libc::prlimit(*pid, *resource, limit, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 /// User plus system CPU seconds a process has used, rounded up.

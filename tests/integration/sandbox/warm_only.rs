@@ -250,6 +250,12 @@ async fn limits_are_the_tasks_own_not_the_warm_ups() {
     // The task runs at normal priority, not the warm-up's.
     let o = h.run_warm(job(Language::Python, "import os; print(os.getpriority(os.PRIO_PROCESS, 0))")).await;
     assert_eq!(ok(&o), "0\n");
+    // And the task's own rlimits, as a cold run gets them (the service lowers them itself when
+    // it may, else through a helper of the sandbox's uid).
+    let code = "import resource as r; print(r.getrlimit(r.RLIMIT_AS), r.getrlimit(r.RLIMIT_NOFILE))";
+    let warm = h.run_warm(job(Language::Python, code)).await;
+    let cold = host(pool(0, 0)).backend.run(job(Language::Python, code)).await;
+    assert_eq!(ok(&warm), ok(&cold));
 }
 
 #[tokio::test]
