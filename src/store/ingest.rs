@@ -69,7 +69,8 @@ fn route_of(reply: ReplyTo<'_>, correlation_id: Option<&str>) -> ReplyColumns {
     }
 }
 
-/// Inserts a validated task as `Queued`, unless `(tenant, client_id)` exists.
+/// Inserts a validated task as `Queued`, unless `(tenant, client_id)` exists: [`insert_tasks`]
+/// of one task.
 ///
 /// With `replace_rejected` (a fresh publish, not a broker redelivery), an earlier *rejection*
 /// under the same key gives way: the client fixed its message and tries again.
@@ -78,60 +79,12 @@ pub async fn insert_task(
     t: &NewTask<'_>,
     replace_rejected: bool,
 ) -> Result<Result<Inserted, BacklogFull>> {
-    let spec = t.spec;
-    let correlation_id = t.correlation_id.map(storable_text);
-    let mut tx = conn.begin().await?;
-    if let Some(cap) = t.max_queued {
-        // The tenant's counter row is locked until commit: concurrent inserts of the tenant
-        // take turns, so the cap holds exactly.
-        sqlx::query!("insert into agenttask.queued_counts (tenant) values ($1) on conflict do nothing", t.tenant)
-            .execute(&mut *tx)
-            .await?;
-        let queued =
-            sqlx::query_scalar!("select queued from agenttask.queued_counts where tenant = $1 for update", t.tenant)
-                .fetch_one(&mut *tx)
-                .await?;
-        if queued >= i64::try_from(cap).unwrap_or(i64::MAX) {
-            return Ok(Err(BacklogFull { queued }));
-        }
-    }
-    if replace_rejected {
-        forget_rejection(&mut *tx, t.tenant, t.client_id).await?;
-    }
-    let inserted = sqlx::query_scalar!(
-        "insert into agenttask.tasks (task_id, tenant, client_id, batch_id, language, phase, \
-           priority, timeout_seconds, cpu_millis, memory_bytes, isolation, labels, program, \
-           reply_exchange, reply_routing_key, correlation_id, submitted_at, kube_object) \
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
-         on conflict (tenant, client_id) where client_id is not null do nothing \
-         returning task_id",
-        Uuid::new_v4(),
-        t.tenant,
-        t.client_id,
-        spec.batch_id.as_deref(),
-        spec.language as _,
-        Phase::Queued as _,
-        spec.priority,
-        spec.timeout_seconds as i32,
-        spec.cpu_millis as i64,
-        spec.memory_bytes as i64,
-        spec.isolation,
-        Json(&spec.labels) as _,
-        Json(&spec.program) as _,
-        t.reply.exchange,
-        t.reply.routing_key,
-        correlation_id.as_deref(),
-        t.submitted_at,
-        t.kube_object
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Ok(inserted.map_or(Inserted::Duplicate, Inserted::New)))
+    let mut answers = insert_tasks(conn, std::slice::from_ref(t), &[replace_rejected]).await?;
+    Ok(answers.pop().expect("one answer per task"))
 }
 
-/// Inserts validated tasks as `Queued`, as [`insert_task`] would one after another (same
-/// answers, in the same order), in a few set-based statements: each tenant's counter row is
+/// Inserts validated tasks as `Queued`, with the answers one-by-one inserts would give, in the
+/// same order, in a few set-based statements: each tenant's counter row is
 /// locked once, and the tasks go in by one `insert ... select from unnest(...)` per round.
 ///
 /// `replace_rejected[i]` is [`insert_task`]'s flag for `tasks[i]`. Runs in one savepoint: on a
@@ -149,11 +102,14 @@ pub async fn insert_tasks(
     // hold exactly: nothing else inserts or admits a capped tenant's task until commit.
     let caps: std::collections::BTreeMap<&str, i64> =
         tasks.iter().filter_map(|t| Some((t.tenant, i64::try_from(t.max_queued?).unwrap_or(i64::MAX)))).collect();
-    let mut room: std::collections::HashMap<&str, i64> = std::collections::HashMap::with_capacity(caps.len());
+    // Each capped tenant's queued tasks, counted on as this set inserts them.
+    let mut queued: std::collections::HashMap<&str, i64> = std::collections::HashMap::with_capacity(caps.len());
     if !caps.is_empty() {
         let capped: Vec<&str> = caps.keys().copied().collect();
         // An upsert that changes nothing still locks the row it finds, as `for update` would,
-        // and returns the count: one statement creates, locks and reads every counter.
+        // and returns the count: one statement creates, locks and reads every counter. The
+        // locks are held until commit, so concurrent inserts of a tenant take turns and the cap
+        // holds exactly.
         let counts = sqlx::query!(
             "insert into agenttask.queued_counts as c (tenant) select * from unnest($1::text[]) order by 1 \
              on conflict (tenant) do update set queued = c.queued \
@@ -163,11 +119,15 @@ pub async fn insert_tasks(
         .fetch_all(&mut *tx)
         .await?;
         for c in counts {
-            if let Some((&tenant, &cap)) = caps.get_key_value(c.tenant.as_str()) {
-                room.insert(tenant, cap.saturating_sub(c.queued).max(0));
+            if let Some((&tenant, _)) = caps.get_key_value(c.tenant.as_str()) {
+                queued.insert(tenant, c.queued);
             }
         }
     }
+    // How many more of a tenant's tasks fit; `None` when it has no cap.
+    let room = |queued: &std::collections::HashMap<&str, i64>, tenant: &str| {
+        caps.get(tenant).map(|cap| cap.saturating_sub(queued.get(tenant).copied().unwrap_or(0)))
+    };
 
     // A fresh publish's key gives way to an earlier rejection under it, before anything of
     // the set is inserted (a rejection is never `Queued`, so the counts above stand).
@@ -195,15 +155,13 @@ pub async fn insert_tasks(
     let mut answers: Vec<Option<Result<Inserted, BacklogFull>>> = vec![None; tasks.len()];
     let mut waiting: Vec<usize> = (0..tasks.len()).collect();
     loop {
-        let mut offered = room.clone();
+        let mut offered: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
         let (round, rest): (Vec<usize>, Vec<usize>) = waiting.iter().partition(|&&i| {
-            let Some(left) = offered.get_mut(tasks[i].tenant) else { return true };
-            if *left > 0 {
-                *left -= 1;
-                true
-            } else {
-                false
-            }
+            let tenant = tasks[i].tenant;
+            let Some(left) = room(&queued, tenant) else { return true };
+            let taken = offered.entry(tenant).or_default();
+            *taken += 1;
+            *taken <= left
         });
         if round.is_empty() {
             break;
@@ -214,8 +172,8 @@ pub async fn insert_tasks(
         for (&i, id) in round.iter().zip(&ids) {
             if inserted.contains(id) {
                 answers[i] = Some(Ok(Inserted::New(*id)));
-                if let Some(left) = room.get_mut(tasks[i].tenant) {
-                    *left -= 1;
+                if let Some(n) = queued.get_mut(tasks[i].tenant) {
+                    *n += 1;
                 }
             } else {
                 answers[i] = Some(Ok(Inserted::Duplicate));
@@ -232,8 +190,8 @@ pub async fn insert_tasks(
         .into_iter()
         .zip(tasks)
         .map(|(answer, t)| {
-            // Left waiting: its tenant's backlog was full, so it holds its cap.
-            answer.unwrap_or_else(|| Err(BacklogFull { queued: caps.get(t.tenant).copied().unwrap_or(i64::MAX) }))
+            // Left waiting: its tenant's backlog was full.
+            answer.unwrap_or_else(|| Err(BacklogFull { queued: queued.get(t.tenant).copied().unwrap_or_default() }))
         })
         .collect())
 }
