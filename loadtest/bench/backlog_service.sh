@@ -15,12 +15,10 @@ cd "$(dirname "$0")/../.."
 TASKS="${1:-1000000}"
 TENANTS="${2:-1000}"
 PROBES="${3:-200}"
-DB=agenttask_bench_backlog
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT="$(bench_free_port)"
+bench_scratch agenttask_bench_backlog
 
 bench_build
-"${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+bench_drop_db
 AGENTTASK_DATABASE_URL="$URL" target/release/agenttask migrate 2>/dev/null
 work="$(mktemp -d)"
 svc=

@@ -21,11 +21,65 @@ bench_tenants() {
 bench_cleanup() {
     target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --delete-tenant-queues || true
     rm -rf "$work"
-    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+    bench_drop_db
 }
 
 # A TCP port on 127.0.0.1 that nothing listens on now: fixed ports collide when two benchmarks
 # (or a benchmark and a test) run at once, and a readiness probe would then ask the wrong process.
 bench_free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# A benchmark's scratch database and the service's address: sets DB (the database NAME), URL
+# (its connection URL) and PORT (see bench_free_port).
+bench_scratch() {
+    DB="$1"
+    URL="postgres://postgres@127.0.0.1:5432/$DB"
+    PORT="$(bench_free_port)"
+}
+
+# Drops the scratch database $DB, whoever is still connected to it.
+bench_drop_db() {
+    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+}
+
+# Waits until the service on $PORT answers /readyz, for at most TRIES tenths of a second (default
+# 300); the caller's next step fails if it never did.
+bench_await_ready() {
+    for _ in $(seq 1 "${1:-300}"); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+}
+
+# Stops the service whose pid is $svc, if one is running.
+bench_stop_service() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
+
+# Kills what the script started, last first, from the array pids.
+bench_kill_pids() {
+    local i
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        kill "${pids[$i]}" 2>/dev/null || true
+        wait "${pids[$i]}" 2>/dev/null || true
+    done
+}
+
+# Starts the API emulator BINARY with the kubelet KUBELET in the background (its pid appended to
+# pids), writes $work/kubeconfig for it, sets kc to kubectl against it, and applies what an
+# operator would: the CRD and the task namespace.
+bench_kubesim() {
+    local bin="$1" kubelet="$2" server
+    "$bin" --addr 127.0.0.1:0 --kubelet "$kubelet" >"$work/sim.url" 2>"$work/sim.log" &
+    pids+=($!)
+    for _ in $(seq 1 100); do [ -s "$work/sim.url" ] && break; sleep 0.1; done
+    server="$(head -n1 "$work/sim.url")"
+    [ -n "$server" ] || { echo "the emulator did not start: $(cat "$work/sim.log")" >&2; exit 1; }
+    cat >"$work/kubeconfig" <<YAML
+apiVersion: v1
+kind: Config
+clusters: [{name: sim, cluster: {server: $server}}]
+contexts: [{name: sim, context: {cluster: sim, user: sim, namespace: agenttask}}]
+current-context: sim
+users: [{name: sim, user: {}}]
+YAML
+    kc=(kubectl --kubeconfig "$work/kubeconfig" --cache-dir "$work/cache")
+    "${kc[@]}" apply --server-side -f deploy/crd.yaml >/dev/null
+    "${kc[@]}" apply --server-side -f deploy/kubernetes/namespaces.yaml >/dev/null
 }

@@ -16,29 +16,26 @@ B="$2"
 TASKS="${3:-5000}"
 TENANTS="${4:-100}"
 ROUNDS="${5:-2}"
-DB=agenttask_bench_cmp
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT="$(bench_free_port)"
+bench_scratch agenttask_bench_cmp
 [ -x "$A" ] && [ -x "$B" ] || { echo "usage: $0 SERVICE_BINARY_A SERVICE_BINARY_B [tasks] [tenants] [rounds]" >&2; exit 2; }
 
 cargo build --release --locked -p agenttask-loadtest >&2
 work="$(mktemp -d)"
 bench_tenants cmp "$TENANTS" > "$work/tenants.toml"
 svc=
-stop() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
-trap 'stop; bench_cleanup' EXIT
+trap 'bench_stop_service; bench_cleanup' EXIT
 turn() {
     local label="$1" bin="$2"
-    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres 2>/dev/null
+    bench_drop_db 2>/dev/null
     AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
         AGENTTASK_MAX_RUNNING=256 AGENTTASK_CAPACITY_CPU="${AGENTTASK_CAPACITY_CPU:-256}" AGENTTASK_LOG=warn \
         "$bin" serve --backend null 2>"$work/service.log" &
     svc=$!
-    for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+    bench_await_ready
     sleep 2 # the tenants' consumers start right after readiness
     target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --count "$TASKS" --concurrency "$TASKS" \
         -o json > "$work/report.json"
-    stop
+    bench_stop_service
     # Every transaction the service ran in its database (start-up included: a few dozen), read
     # once its connections are closed, as a backend reports its counts when it exits.
     sleep 1

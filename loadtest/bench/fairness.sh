@@ -16,9 +16,7 @@ source loadtest/bench/common.sh
 TASKS="${1:-20000}"
 TENANTS="${2:-100}"
 OUT="${3:-target/bench-fairness}"
-DB=agenttask_bench_fair
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT="$(bench_free_port)"
+bench_scratch agenttask_bench_fair
 
 BIN="${AGENTTASK_BIN:-}"
 if [ -z "$BIN" ]; then
@@ -31,15 +29,14 @@ work="$(mktemp -d)"
 bench_tenants fair "$TENANTS" > "$work/flood.toml"
 { cat "$work/flood.toml"; printf '[tenants.fair-probe]\n'; } > "$work/tenants.toml"
 svc=
-stop() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
-trap 'stop; bench_cleanup' EXIT
+trap 'bench_stop_service; bench_cleanup' EXIT
 for spread in even zipf; do
-    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+    bench_drop_db
     AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
         AGENTTASK_MAX_RUNNING=64 AGENTTASK_LOG="${AGENTTASK_LOG:-warn}" \
         "$BIN" serve --backend null 2>"$OUT/service-$spread.log" &
     svc=$!
-    for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+    bench_await_ready
     sleep 1 # the tenants' consumers start right after readiness
     echo "== $TASKS tasks over $TENANTS tenants, spread $spread, all published at once"
     target/release/agenttask-loadtest --tenant fair-probe --count 1000000 --concurrency 1 --deadline 3600 \
@@ -66,6 +63,6 @@ try:
 except (OSError, ValueError, KeyError, TypeError) as e:
     print(f'tenant under quota: no report ({e})')
 PY
-    stop
+    bench_stop_service
 done
 echo "charts and reports in $OUT"

@@ -15,12 +15,10 @@ cd "$(dirname "$0")/../.."
 . loadtest/bench/common.sh
 TENANTS="${1:-1000}"
 IDLE="${2:-10}"
-DB=agenttask_bench_idle
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT="$(bench_free_port)"
+bench_scratch agenttask_bench_idle
 
 bench_build
-"${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+bench_drop_db
 work="$(mktemp -d)"
 svc=
 trap '[ -n "$svc" ] && kill -KILL "$svc" 2>/dev/null; bench_cleanup' EXIT

@@ -13,43 +13,24 @@ cd "$(dirname "$0")/../.."
 . loadtest/bench/common.sh
 TASKS="${1:-1000}"
 INFLIGHT="${2:-200}"
-DB=agenttask_bench_kube
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT="$(bench_free_port)"
+bench_scratch agenttask_bench_kube
 
 export SQLX_OFFLINE=true
 cargo build --release --locked -p agenttask --bin agenttask >&2
 cargo build --release --locked -p agenttask-kubesim -p agenttask-loadtest >&2
-"${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+bench_drop_db
 work="$(mktemp -d)"
 pids=()
 cleanup() {
     # The service first (it holds watches on the emulator), then the emulator.
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-        kill "${pids[$i]}" 2>/dev/null || true
-        wait "${pids[$i]}" 2>/dev/null || true
-    done
+    bench_kill_pids
     target/release/agenttask-loadtest --tenant benchkube --delete-tenant-queues || true
     rm -rf "$work"
-    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+    bench_drop_db
 }
 trap cleanup EXIT
 
-target/release/agenttask-kubesim --addr 127.0.0.1:0 --kubelet simulate >"$work/sim.url" 2>"$work/sim.log" &
-pids+=($!)
-for _ in $(seq 1 100); do [ -s "$work/sim.url" ] && break; sleep 0.1; done
-server="$(head -n1 "$work/sim.url")"
-cat >"$work/kubeconfig" <<YAML
-apiVersion: v1
-kind: Config
-clusters: [{name: sim, cluster: {server: $server}}]
-contexts: [{name: sim, context: {cluster: sim, user: sim, namespace: agenttask}}]
-current-context: sim
-users: [{name: sim, user: {}}]
-YAML
-kc=(kubectl --kubeconfig "$work/kubeconfig" --cache-dir "$work/cache")
-"${kc[@]}" apply --server-side -f deploy/crd.yaml >/dev/null
-"${kc[@]}" apply --server-side -f deploy/kubernetes/namespaces.yaml >/dev/null
+bench_kubesim target/release/agenttask-kubesim simulate
 
 cat >"$work/tenants.toml" <<TOML
 [tenants.benchkube]
@@ -61,7 +42,7 @@ AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_H
     AGENTTASK_MAX_RUNNING=1000 AGENTTASK_CAPACITY_CPU=1000 AGENTTASK_LOG=warn \
     target/release/agenttask serve --backend kubernetes --kubeconfig "$work/kubeconfig" 2>"$work/service.log" &
 pids+=($!)
-for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+bench_await_ready 100
 sleep 1 # the tenant's consumer starts right after readiness
 
 echo "== the service, --backend kubernetes (podjob) against agenttask-kubesim --kubelet simulate, $INFLIGHT in flight"

@@ -21,9 +21,7 @@ source loadtest/bench/common.sh
 PAIRS="${1:-20}"
 PAUSE="${2:-2.5}"
 PROFILE="${PROFILE:-release}"
-DB=agenttask_bench_warm
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT="$(bench_free_port)"
+bench_scratch agenttask_bench_warm
 bin="target/$PROFILE"
 
 export SQLX_OFFLINE=true
@@ -35,35 +33,17 @@ if [ "$PROFILE" = release ]; then
 else
     cargo build --locked "${bins[@]}" >&2
 fi
-"${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+bench_drop_db
 work="$(mktemp -d)"
 pids=()
 cleanup() {
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-        kill "${pids[$i]}" 2>/dev/null || true
-        wait "${pids[$i]}" 2>/dev/null || true
-    done
+    bench_kill_pids
     [ -n "${KEEP_WORK:-}" ] && echo "work directory kept: $work" >&2 || rm -rf "$work"
-    "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+    bench_drop_db
 }
 trap cleanup EXIT
 
-"$bin/agenttask-kubesim" --addr 127.0.0.1:0 --kubelet exec >"$work/sim.url" 2>"$work/sim.log" &
-pids+=($!)
-for _ in $(seq 1 100); do [ -s "$work/sim.url" ] && break; sleep 0.1; done
-server="$(head -n1 "$work/sim.url")"
-[ -n "$server" ] || { echo "the emulator did not start: $(cat "$work/sim.log")" >&2; exit 1; }
-cat >"$work/kubeconfig" <<YAML
-apiVersion: v1
-kind: Config
-clusters: [{name: sim, cluster: {server: $server}}]
-contexts: [{name: sim, context: {cluster: sim, user: sim, namespace: agenttask}}]
-current-context: sim
-users: [{name: sim, user: {}}]
-YAML
-kc=(kubectl --kubeconfig "$work/kubeconfig" --cache-dir "$work/cache")
-"${kc[@]}" apply --server-side -f deploy/crd.yaml >/dev/null
-"${kc[@]}" apply --server-side -f deploy/kubernetes/namespaces.yaml >/dev/null
+bench_kubesim "$bin/agenttask-kubesim" exec
 "${kc[@]}" create namespace bench-cold >/dev/null
 "${kc[@]}" label namespace bench-cold pod-security.kubernetes.io/enforce=restricted >/dev/null
 "${kc[@]}" apply --server-side -f tests/kubesim/tests/data/agent-sandbox-crds.yaml >/dev/null

@@ -12,12 +12,10 @@ cd "$(dirname "$0")/../.."
 . loadtest/bench/common.sh
 TASKS="${1:-5000}"
 INFLIGHT="${2:-256}"
-DB=agenttask_bench_null
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT="$(bench_free_port)"
+bench_scratch agenttask_bench_null
 
 bench_build
-"${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+bench_drop_db
 work="$(mktemp -d)"
 cat > "$work/tenants.toml" <<TOML
 [tenants.benchnull]
@@ -29,8 +27,8 @@ AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_H
     AGENTTASK_MAX_RUNNING=1024 AGENTTASK_LOG=warn \
     target/release/agenttask serve --backend null 2>"$work/service.log" &
 svc=$!
-trap 'kill $svc 2>/dev/null; wait $svc 2>/dev/null; target/release/agenttask-loadtest --tenant benchnull --delete-tenant-queues || true; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
-for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+trap 'kill $svc 2>/dev/null; wait $svc 2>/dev/null; target/release/agenttask-loadtest --tenant benchnull --delete-tenant-queues || true; rm -rf "$work"; bench_drop_db' EXIT
+bench_await_ready 100
 sleep 1 # the tenant's consumer starts right after readiness
 
 echo "== RabbitMQ alone"

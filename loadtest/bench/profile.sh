@@ -18,9 +18,7 @@ BIN="$1"
 TASKS="${2:-3000}"
 TENANTS="${3:-100}"
 MODE="${4:-statements}"
-DB=agenttask_bench_profile
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT="$(bench_free_port)"
+bench_scratch agenttask_bench_profile
 OUT=target/bench-profile
 [ -x "$BIN" ] && { [ "$MODE" = statements ] || [ "$MODE" = perf ]; } ||
     { echo "usage: $0 SERVICE_BINARY [tasks] [tenants] [statements|perf]" >&2; exit 2; }
@@ -31,16 +29,15 @@ work="$(mktemp -d)"
 bench_tenants prof "$TENANTS" > "$work/tenants.toml"
 svc=
 perf=
-stop() { [ -n "$svc" ] && kill "$svc" 2>/dev/null && wait "$svc" 2>/dev/null; svc=; }
-trap 'stop; bench_cleanup' EXIT
+trap 'bench_stop_service; bench_cleanup' EXIT
 log=warn
 [ "$MODE" = statements ] && log="warn,sqlx::query=debug"
-"${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres 2>/dev/null
+bench_drop_db 2>/dev/null
 AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
     AGENTTASK_MAX_RUNNING=256 AGENTTASK_LOG="$log" AGENTTASK_LOG_FORMAT=json "$BIN" serve --backend null \
     2>"$work/service.log" &
 svc=$!
-for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+bench_await_ready
 sleep 2 # the tenants' consumers start right after readiness
 # Statements from here on are the load's (start-up is left out).
 start_line="$(wc -l < "$work/service.log")"
@@ -51,7 +48,7 @@ fi
 target/release/agenttask-loadtest --tenants-file "$work/tenants.toml" --count "$TASKS" --concurrency "$TASKS" \
     -o json > "$work/report.json"
 [ -n "$perf" ] && kill -INT "$perf" && wait "$perf" || true
-stop
+bench_stop_service
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'{r[\"tasks_per_second\"]:.0f} tasks/s ($MODE mode)')" \
     "$work/report.json"
 if [ "$MODE" = perf ]; then

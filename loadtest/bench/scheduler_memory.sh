@@ -16,10 +16,10 @@ DB=agenttask_bench_memory
 URL="postgres://postgres@127.0.0.1:5432/$DB"
 
 cargo build --release --locked --bin agenttask >&2
-"${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+bench_drop_db
 AGENTTASK_DATABASE_URL="$URL" target/release/agenttask migrate 2>/dev/null
 work="$(mktemp -d)"
-trap 'rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
+trap 'rm -rf "$work"; bench_drop_db' EXIT
 {
     echo "[defaults]"
     echo "max_concurrency = 8"

@@ -16,14 +16,12 @@ cd "$(dirname "$0")/../.."
 N="${1:-100}"
 ROUNDS="${2:-3}"
 FLOOD="${3:-600}"
-DB=agenttask_bench_warm
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-PORT="$(bench_free_port)"
+bench_scratch agenttask_bench_warm
 CORES="$(nproc)"
 
 BIN="${BENCH_BIN:-target/release}"
 [[ -n "${BENCH_BIN:-}" ]] || bench_build
-"${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres
+bench_drop_db
 work="$(mktemp -d)"
 chmod 711 "$work"
 cat > "$work/tenants.toml" <<TOML
@@ -37,7 +35,7 @@ svc=
 stop() {
     if [[ -n "$svc" ]]; then kill "$svc" 2>/dev/null || true; wait "$svc" 2>/dev/null || true; svc=; fi
 }
-trap 'stop; "$BIN"/agenttask-loadtest --tenant benchwarm --delete-tenant-queues || true; rm -rf "$work"; "${PSQL[@]}" -c "drop database if exists $DB with (force)" postgres' EXIT
+trap 'stop; "$BIN"/agenttask-loadtest --tenant benchwarm --delete-tenant-queues || true; rm -rf "$work"; bench_drop_db' EXIT
 
 metric() { curl -fs "http://127.0.0.1:$PORT/metrics" | awk -v s="$1" '$1 == s { print $2 }'; }
 
@@ -48,7 +46,7 @@ start() {
         AGENTTASK_WARM_PYTHON="$1" AGENTTASK_WARM_R="$2" \
         "$BIN"/agenttask serve 2>>"$work/service.log" &
     svc=$!
-    for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+    bench_await_ready
     for _ in $(seq 1 300); do
         py="$(metric 'agenttask_warm_pool_size{language="python"}')"
         r="$(metric 'agenttask_warm_pool_size{language="r"}')"
