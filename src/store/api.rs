@@ -4,13 +4,11 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::tasks::{fetch_row, TaskRow};
+use super::tasks::{fetch_row, select_task_rows, TaskRow};
 use super::{Result, Store};
 use crate::domain::listing::{Cursor, TaskFilter};
 use crate::domain::phase::{Phase, Reason};
-use crate::domain::result::{millis_between, Artifact};
-use crate::domain::task::Language;
-use sqlx::types::Json;
+use crate::domain::result::millis_between;
 
 /// A queued task's place in its tenant's queue.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -28,21 +26,9 @@ pub struct Position {
 }
 
 pub async fn find_task(conn: impl PgExecutor<'_>, tenant: &str, client_id: &str) -> Result<Option<TaskRow>> {
-    Ok(sqlx::query_as!(
-        TaskRow,
-        r#"select task_id, tenant, client_id, batch_id, language as "language: Language",
-             phase as "phase: Phase", reason as "reason: Reason", message, priority,
-             timeout_seconds, cpu_millis, memory_bytes, isolation,
-             labels as "labels: Json<serde_json::Value>", exit_code,
-             result as "result: Json<serde_json::Value>", stdout, stderr, stdout_truncated,
-             stderr_truncated, artifacts as "artifacts: Json<Vec<Artifact>>", backend, attempt,
-             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at, warm
-           from agenttask.tasks where tenant = $1 and client_id = $2"#,
-        tenant,
-        client_id
-    )
-    .fetch_optional(conn)
-    .await?)
+    Ok(select_task_rows!("from agenttask.tasks where tenant = $1 and client_id = $2", tenant, client_id)
+        .fetch_optional(conn)
+        .await?)
 }
 
 /// Where a task stands in its tenant's queue. The reads share one snapshot when `conn` is in a
@@ -230,16 +216,8 @@ pub async fn batch_tasks(
     after: Option<Cursor>,
     limit: i64,
 ) -> Result<(Vec<TaskRow>, Option<Cursor>)> {
-    let mut rows = sqlx::query_as!(
-        TaskRow,
-        r#"select task_id, tenant, client_id, batch_id, language as "language: Language",
-             phase as "phase: Phase", reason as "reason: Reason", message, priority,
-             timeout_seconds, cpu_millis, memory_bytes, isolation,
-             labels as "labels: Json<serde_json::Value>", exit_code,
-             result as "result: Json<serde_json::Value>", stdout, stderr, stdout_truncated,
-             stderr_truncated, artifacts as "artifacts: Json<Vec<Artifact>>", backend, attempt,
-             submitted_at, admitted_at, started_at, finished_at, outputs_removed_at, warm
-           from agenttask.tasks
+    let mut rows = select_task_rows!(
+        r#"from agenttask.tasks
            where tenant = $1 and batch_id = $2
              and ($3::timestamptz is null or (submitted_at, task_id) > ($3, $4::uuid))
            order by submitted_at, task_id

@@ -82,22 +82,35 @@ impl TaskRow {
     }
 }
 
-/// One task by id.
-pub async fn fetch_row(conn: impl PgExecutor<'_>, task_id: Uuid) -> Result<Option<TaskRow>> {
-    Ok(sqlx::query_as!(
-        TaskRow,
-        r#"select task_id, tenant, client_id, batch_id, language as "language: Language",
+/// `sqlx::query_as!(TaskRow, ...)` for a query that selects every column of a [`TaskRow`]:
+/// one column list for every reader of whole rows, still checked against the schema at compile
+/// time. The argument is the rest of the query after the select list (`from ... where ...`),
+/// a string literal, then the query's parameters.
+macro_rules! select_task_rows {
+    ($rest:literal $(, $arg:expr)* $(,)?) => {{
+        use $crate::domain::phase::{Phase, Reason};
+        use $crate::domain::result::Artifact;
+        use $crate::domain::task::Language;
+        use sqlx::types::Json;
+        sqlx::query_as!(
+            $crate::store::tasks::TaskRow,
+            r#"select task_id, tenant, client_id, batch_id, language as "language: Language",
              phase as "phase: Phase", reason as "reason: Reason", message, priority,
              timeout_seconds, cpu_millis, memory_bytes, isolation,
              labels as "labels: Json<serde_json::Value>", exit_code,
              result as "result: Json<serde_json::Value>", stdout, stderr, stdout_truncated,
              stderr_truncated, artifacts as "artifacts: Json<Vec<Artifact>>", backend, attempt,
              submitted_at, admitted_at, started_at, finished_at, outputs_removed_at, warm
-           from agenttask.tasks where task_id = $1"#,
-        task_id
-    )
-    .fetch_optional(conn)
-    .await?)
+           "# + $rest,
+            $($arg),*
+        )
+    }};
+}
+pub(super) use select_task_rows;
+
+/// One task by id.
+pub async fn fetch_row(conn: impl PgExecutor<'_>, task_id: Uuid) -> Result<Option<TaskRow>> {
+    Ok(select_task_rows!("from agenttask.tasks where task_id = $1", task_id).fetch_optional(conn).await?)
 }
 
 /// Where a task's result is published: an exchange and a routing key (decided by `amqp::route`).
