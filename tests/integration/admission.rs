@@ -134,25 +134,15 @@ async fn a_flood_from_one_tenant_does_not_starve_another() {
 
 #[tokio::test]
 async fn max_concurrency_holds_and_the_backlog_cap_rejects() {
-    let env = Env::new("[tenants.{t}-a]\nmax_concurrency = 1\nmax_queued = 3\n").await;
-    let svc = env.start().await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } =
+        started("[tenants.{t}-a]\nmax_concurrency = 1\nmax_queued = 3\n").await;
     let pool = env.pg().await;
     client.submit(&tenant, &sleeper("long", 8.0)).await;
-    eventually(WAIT, || {
-        let pool = pool.clone();
-        async move { count(&pool, "select count(*) from agenttask.tasks where phase = 'Running'").await == 1 }
-    })
-    .await;
+    until_count(WAIT, &pool, "select count(*) from agenttask.tasks where phase = 'Running'", |n| n == 1).await;
     for i in 0..3 {
         client.submit(&tenant, &json!({"id": format!("q-{i}"), "language": "python", "code": "print(1)"})).await;
     }
-    eventually(WAIT, || {
-        let pool = pool.clone();
-        async move { count(&pool, "select count(*) from agenttask.tasks where phase = 'Queued'").await == 3 }
-    })
-    .await;
+    until_count(WAIT, &pool, "select count(*) from agenttask.tasks where phase = 'Queued'", |n| n == 3).await;
     client.submit(&tenant, &json!({"id": "one-too-many", "language": "python", "code": "print(1)"})).await;
     let (r, _) = client.next(WAIT).await;
     assert_eq!((r["id"].as_str(), r["reason"].as_str()), (Some("one-too-many"), Some("BacklogFull")), "{r:#}");
@@ -180,26 +170,15 @@ async fn max_concurrency_holds_and_the_backlog_cap_rejects() {
 
 #[tokio::test]
 async fn position_and_priority_within_a_tenant() {
-    let env = Env::new("[tenants.{t}-a]\nmax_concurrency = 1\n").await;
-    let svc = env.start().await;
-    let client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, client, tenant } = started("[tenants.{t}-a]\nmax_concurrency = 1\n").await;
     let pool = env.pg().await;
     client.submit(&tenant, &sleeper("blocker", 30.0)).await;
-    eventually(WAIT, || {
-        let pool = pool.clone();
-        async move { count(&pool, "select count(*) from agenttask.tasks where phase = 'Running'").await == 1 }
-    })
-    .await;
+    until_count(WAIT, &pool, "select count(*) from agenttask.tasks where phase = 'Running'", |n| n == 1).await;
     for id in ["p1", "p2", "p3"] {
         client.submit(&tenant, &json!({"id": id, "language": "python", "code": "print(1)"})).await;
     }
     client.submit(&tenant, &json!({"id": "urgent", "language": "python", "code": "print(1)", "priority": 50})).await;
-    eventually(WAIT, || {
-        let pool = pool.clone();
-        async move { count(&pool, "select count(*) from agenttask.tasks where phase = 'Queued'").await == 4 }
-    })
-    .await;
+    until_count(WAIT, &pool, "select count(*) from agenttask.tasks where phase = 'Queued'", |n| n == 4).await;
     let id_of = |cid: &'static str| {
         let pool = pool.clone();
         async move {
@@ -242,11 +221,7 @@ async fn tenant_apply_changes_quotas_and_tenants_without_a_restart() {
     for i in 0..6 {
         client.submit(&tenant, &sleeper(&format!("s-{i}"), 2.0)).await;
     }
-    eventually(WAIT, || {
-        let pool = pool.clone();
-        async move { count(&pool, "select count(*) from agenttask.tasks where phase = 'Running'").await == 1 }
-    })
-    .await;
+    until_count(WAIT, &pool, "select count(*) from agenttask.tasks where phase = 'Running'", |n| n == 1).await;
     // Raise the quota and add a tenant, live.
     let file = env.dir.path().join("new-tenants.toml");
     std::fs::write(&file, format!("[tenants.{tenant}]\nmax_concurrency = 4\n[tenants.{}]\n", env.tenant("b"))).unwrap();
@@ -339,11 +314,7 @@ async fn two_schedulers_never_double_admit_and_a_standby_takes_over() {
         publish_plain(&ch, &tenant, &sleeper(&format!("ha-{i}"), 0.2)).await;
     }
     ch.wait_for_confirms().await.unwrap();
-    eventually(WAIT, || {
-        let pool = pool.clone();
-        async move { count(&pool, "select count(*) from agenttask.tasks where phase = 'Succeeded'").await >= 5 }
-    })
-    .await;
+    until_count(WAIT, &pool, "select count(*) from agenttask.tasks where phase = 'Succeeded'", |n| n >= 5).await;
     s1.child.start_kill().unwrap();
     s1.child.wait().await.unwrap();
     // The standby took the lock: one holder, nobody waiting.
@@ -415,14 +386,15 @@ async fn leadership(pool: &sqlx::PgPool, granted: bool, n: i64) -> bool {
 
 #[tokio::test]
 async fn a_task_larger_than_the_whole_service_is_rejected() {
-    let env = Env::new("[tenants.{t}-a]\nmax_memory = \"4Gi\"\n").await;
-    let mut settings = env.settings(&Component::ALL);
-    settings.capacity_memory_bytes = Some(1 << 30);
-    let svc = env.start_with(settings).await;
-    let mut client = Client::new(&env).await;
+    let Started { env, svc, mut client, tenant } = started_with("[tenants.{t}-a]\nmax_memory = \"4Gi\"\n", |env| {
+        let mut settings = env.settings(&Component::ALL);
+        settings.capacity_memory_bytes = Some(1 << 30);
+        settings
+    })
+    .await;
     client
         .submit(
-            &env.tenant("a"),
+            &tenant,
             &json!({"id": "huge", "language": "python", "code": "print(1)", "resources": {"memory": "2Gi"}}),
         )
         .await;
@@ -467,11 +439,7 @@ async fn the_backlog_cap_is_exact_under_64_concurrent_publishers() {
         p.await.unwrap();
     }
     // A positive end: every one of the 256 messages is stored, as a task or as a rejection.
-    eventually(WAIT, || {
-        let pool = pool.clone();
-        async move { count(&pool, "select count(*) from agenttask.tasks").await == 256 }
-    })
-    .await;
+    until_count(WAIT, &pool, "select count(*) from agenttask.tasks", |n| n == 256).await;
     assert_eq!(count(&pool, "select count(*) from agenttask.tasks where phase = 'Queued'").await, 5);
     assert_eq!(count(&pool, "select count(*) from agenttask.tasks where reason = 'BacklogFull'").await, 251);
     // The counter agrees with the rows it counts.

@@ -158,52 +158,97 @@ pub(crate) async fn results(client: &mut Client, n: usize, within: Duration) -> 
     out
 }
 
+/// What a task of [`every_reason`] must end as: its id, phase and reason.
+pub(crate) type Expected = (&'static str, &'static str, Value);
+
+/// A task for each way a simulated pod ends, and what each must end as. With `vanish`, also a
+/// pod that disappears (not under agent-sandbox, which would make the pod again).
+pub(crate) fn every_reason(vanish: bool) -> (Vec<Value>, Vec<Expected>) {
+    let mut gvisor = task("gvisor", &[("stdout", "sandboxed\n")]);
+    gvisor["isolation"] = json!("gvisor");
+    let mut deadline = task("deadline", &[("outcome", "DeadlineExceeded")]);
+    deadline["timeout_seconds"] = json!(1);
+    let mut tasks = vec![
+        task("ok", &[("stdout", "hello\n"), ("termination-message", "{\"answer\": 42}")]),
+        task("stderr", &[("stdout", "out\n==agenttask:stderr==\nerr-text"), ("exit-code", "3")]),
+        task("oom", &[("outcome", "OOMKilled")]),
+        deadline,
+        task("pull", &[("outcome", "ErrImagePull")]),
+    ];
+    let mut expect = vec![
+        ("ok", "Succeeded", Value::Null),
+        ("stderr", "Failed", json!("NonZeroExit")),
+        ("oom", "Failed", json!("OOMKilled")),
+        ("deadline", "Failed", json!("TimedOut")),
+        ("pull", "Failed", json!("ImagePullFailed")),
+    ];
+    if vanish {
+        tasks.push(task("vanish", &[("outcome", "vanish"), ("run-ms", "500")]));
+        expect.push(("vanish", "Failed", json!("PodMissing")));
+    }
+    tasks.push(gvisor);
+    expect.push(("gvisor", "Succeeded", Value::Null));
+    (tasks, expect)
+}
+
+/// Each of [`every_reason`]'s results ended as expected, on the backend `backend` names for its
+/// id; and the outputs of `ok` and `stderr` came through.
+pub(crate) fn assert_every_reason(
+    r: &HashMap<String, Value>,
+    expect: &[Expected],
+    backend: impl Fn(&str) -> &'static str,
+) {
+    for (id, phase, reason) in expect {
+        let res = &r[*id];
+        assert_eq!((res["phase"].as_str(), &res["reason"]), (Some(*phase), reason), "{id}: {res:#}");
+        assert_eq!(res["backend"], backend(id), "{id}: {res:#}");
+    }
+    assert_eq!(r["ok"]["stdout"], "hello\n");
+    assert_eq!(r["ok"]["result"], json!({"answer": 42}));
+    assert_eq!((r["stderr"]["stdout"].as_str(), r["stderr"]["stderr"].as_str()), (Some("out"), Some("err-text")));
+}
+
+/// Cancels a task through the task API, as the admin; the API must accept.
+pub(crate) async fn cancel_through_api(svc: &Service, id: &str) {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/tasks/{id}/cancel", svc.http_addr))
+        .bearer_auth("test-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+}
+
+/// The next result is the task `long`'s, which ran through a restart of the service: it
+/// succeeded with its output, in the attempt that was running (adopted, not retried).
+async fn assert_long_survived(client: &mut Client, pool: &sqlx::PgPool) {
+    let (r, _) = client.next(WAIT).await;
+    assert_eq!(
+        (r["id"].as_str(), r["phase"].as_str(), r["stdout"].as_str()),
+        (Some("long"), Some("Succeeded"), Some("survived\n")),
+        "{r:#}"
+    );
+    let attempts: i32 = sqlx::query_scalar("select attempt from agenttask.tasks where client_id = 'long'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1, "adopted, not retried");
+}
+
 pub(crate) const TENANTS: &str =
     "[tenants.{t}-a]\nmax_concurrency = 100\nrate_per_second = 1000\nisolation = [\"standard\", \"gvisor\"]\n";
 
 #[tokio::test]
 async fn kube_every_reason_reaches_the_result_the_row_and_the_agenttask_status() {
     let sim = Sim::start();
-    let env = Env::new(TENANTS).await;
-    let svc = env.start_with(kube_settings(&env, &sim, 20)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
-    let mut gvisor = task("gvisor", &[("stdout", "sandboxed\n")]);
-    gvisor["isolation"] = json!("gvisor");
-    let mut deadline = task("deadline", &[("outcome", "DeadlineExceeded")]);
-    deadline["timeout_seconds"] = json!(1);
-    let tasks = [
-        task("ok", &[("stdout", "hello\n"), ("termination-message", "{\"answer\": 42}")]),
-        task("stderr", &[("stdout", "out\n==agenttask:stderr==\nerr-text"), ("exit-code", "3")]),
-        task("oom", &[("outcome", "OOMKilled")]),
-        deadline,
-        task("pull", &[("outcome", "ErrImagePull")]),
-        task("vanish", &[("outcome", "vanish"), ("run-ms", "500")]),
-        gvisor,
-    ];
+    let Started { env, svc, mut client, tenant } = started_with(TENANTS, |env| kube_settings(env, &sim, 20)).await;
+    let (tasks, expect) = every_reason(true);
     for t in &tasks {
         client.submit(&tenant, t).await;
     }
     let r = results(&mut client, tasks.len(), WAIT).await;
-    let expect = [
-        ("ok", "Succeeded", Value::Null),
-        ("stderr", "Failed", json!("NonZeroExit")),
-        ("oom", "Failed", json!("OOMKilled")),
-        ("deadline", "Failed", json!("TimedOut")),
-        ("pull", "Failed", json!("ImagePullFailed")),
-        ("vanish", "Failed", json!("PodMissing")),
-        ("gvisor", "Succeeded", Value::Null),
-    ];
-    for (id, phase, reason) in &expect {
-        let res = &r[*id];
-        assert_eq!((res["phase"].as_str(), &res["reason"]), (Some(*phase), reason), "{id}: {res:#}");
-        let backend = if *id == "gvisor" { "runtimeclass" } else { "podjob" };
-        assert_eq!(res["backend"], backend, "{id}: {res:#}");
-    }
-    assert_eq!(r["ok"]["stdout"], "hello\n");
-    assert_eq!(r["ok"]["result"], json!({"answer": 42}));
+    assert_every_reason(&r, &expect, |id| if id == "gvisor" { "runtimeclass" } else { "podjob" });
     assert_eq!(r["ok"]["exit_code"], 0);
-    assert_eq!((r["stderr"]["stdout"].as_str(), r["stderr"]["stderr"].as_str()), (Some("out"), Some("err-text")));
     assert_eq!(r["stderr"]["exit_code"], 3);
     assert!(r["pull"]["message"].as_str().unwrap().contains("image could not be pulled"), "{:#}", r["pull"]);
 
@@ -253,10 +298,7 @@ async fn kube_every_reason_reaches_the_result_the_row_and_the_agenttask_status()
 #[tokio::test]
 async fn kube_cancel_through_the_api_and_deleting_the_agenttask_both_end_cancelled() {
     let sim = Sim::start();
-    let env = Env::new(TENANTS).await;
-    let svc = env.start_with(kube_settings(&env, &sim, 10)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started_with(TENANTS, |env| kube_settings(env, &sim, 10)).await;
     client.submit(&tenant, &task("api", &[("run-ms", "60000")])).await;
     client.submit(&tenant, &task("kubectl", &[("run-ms", "60000")])).await;
     let pool = env.pg().await;
@@ -264,13 +306,7 @@ async fn kube_cancel_through_the_api_and_deleting_the_agenttask_both_end_cancell
         eventually(WAIT, || async { phase(&pool, id).await == "Running" }).await;
     }
     let api_id = task_id(&pool, "api").await;
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/tasks/{api_id}/cancel", svc.http_addr))
-        .bearer_auth("test-admin-token")
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    cancel_through_api(&svc, &api_id).await;
     let kubectl_id = task_id(&pool, "kubectl").await;
     sim.kubectl_ok(&["delete", "at", &format!("at-{kubectl_id}"), "-n", "agenttask", "--wait=false"]);
     let r = results(&mut client, 2, WAIT).await;
@@ -297,10 +333,7 @@ async fn kube_cancel_through_the_api_and_deleting_the_agenttask_both_end_cancell
 #[tokio::test]
 async fn kube_a_restart_mid_task_adopts_the_pod_without_a_second_one() {
     let sim = Sim::start();
-    let env = Env::new(TENANTS).await;
-    let svc = env.start_with(kube_settings(&env, &sim, 10)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started_with(TENANTS, |env| kube_settings(env, &sim, 10)).await;
     client.submit(&tenant, &task("long", &[("run-ms", "6000"), ("stdout", "survived\n")])).await;
     let pool = env.pg().await;
     eventually(WAIT, || async { phase(&pool, "long").await == "Running" }).await;
@@ -313,17 +346,7 @@ async fn kube_a_restart_mid_task_adopts_the_pod_without_a_second_one() {
     let pod = sim.json(&["get", "pod", &format!("at-{tid}-a1"), "-n", "agenttask"]);
     assert_eq!(pod["status"]["phase"], "Running");
     let svc = env.start_with(kube_settings(&env, &sim, 10)).await;
-    let (r, _) = client.next(WAIT).await;
-    assert_eq!(
-        (r["id"].as_str(), r["phase"].as_str(), r["stdout"].as_str()),
-        (Some("long"), Some("Succeeded"), Some("survived\n")),
-        "{r:#}"
-    );
-    let attempts: i32 = sqlx::query_scalar("select attempt from agenttask.tasks where client_id = 'long'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(attempts, 1, "adopted, not retried");
+    assert_long_survived(&mut client, &pool).await;
     let after = sim.json(&["get", "pods", "-n", "agenttask", "-l", &format!("agenttask.io/task-id={tid}")]);
     let items = after["items"].as_array().unwrap();
     assert_eq!(items.len(), 1, "no second pod");
@@ -576,10 +599,7 @@ async fn kube_namespace_per_tenant_maps_namespaces_to_tenants() {
 #[tokio::test]
 async fn kube_exec_kubelet_runs_real_python_and_r_end_to_end() {
     let sim = Sim::start_with("exec");
-    let env = Env::new(TENANTS).await;
-    let svc = env.start_with(kube_settings(&env, &sim, 10)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started_with(TENANTS, |env| kube_settings(env, &sim, 10)).await;
     let py = "import json, os, sys\n\
               data = open('numbers.txt').read().split()\n\
               total = sum(int(x) for x in data)\n\
@@ -760,10 +780,7 @@ async fn kube_pod_artifacts_are_kept_on_the_claim_with_the_local_rules() {
 async fn kube_pod_artifacts_survive_a_restart_and_a_cancelled_pod_keeps_none() {
     let pv = tempfile::tempdir().unwrap();
     let (sim, mount) = sim_with_claim(pv.path());
-    let env = Env::new(TENANTS).await;
-    let svc = env.start_with(claim_settings(&env, &sim, &mount)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started_with(TENANTS, |env| claim_settings(env, &sim, &mount)).await;
     let code = |secs: u32| {
         format!(
             "import os, time\nd = os.environ['AGENTTASK_ARTIFACTS_DIR']\n\
@@ -783,13 +800,7 @@ async fn kube_pod_artifacts_survive_a_restart_and_a_cancelled_pod_keeps_none() {
     let (adopted, cancelled) = (task_id(&pool, "adopted").await, task_id(&pool, "cancelled").await);
     svc.stop().await;
     let svc = env.start_with(claim_settings(&env, &sim, &mount)).await;
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/tasks/{cancelled}/cancel", svc.http_addr))
-        .bearer_auth("test-admin-token")
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    cancel_through_api(&svc, &cancelled).await;
     let got = results(&mut client, 2, Duration::from_secs(120)).await;
     let a = &got["adopted"];
     assert_eq!(a["phase"], "Succeeded", "{a:#}");
@@ -894,10 +905,7 @@ pub(crate) fn sandbox_settings(env: &Env, sim: &Sim, max_running: u32) -> Settin
 #[tokio::test]
 async fn kube_sandbox_backend_cancel_and_restart_mid_task() {
     let sim = sandbox_sim();
-    let env = Env::new(TENANTS).await;
-    let svc = env.start_with(sandbox_settings(&env, &sim, 10)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started_with(TENANTS, |env| sandbox_settings(env, &sim, 10)).await;
     client.submit(&tenant, &task("cancel", &[("run-ms", "60000")])).await;
     client.submit(&tenant, &task("long", &[("run-ms", "6000"), ("stdout", "survived\n")])).await;
     let pool = env.pg().await;
@@ -905,13 +913,7 @@ async fn kube_sandbox_backend_cancel_and_restart_mid_task() {
         eventually(WAIT, || async { phase(&pool, id).await == "Running" }).await;
     }
     let cid = task_id(&pool, "cancel").await;
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/tasks/{cid}/cancel", svc.http_addr))
-        .bearer_auth("test-admin-token")
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    cancel_through_api(&svc, &cid).await;
     let (r, _) = client.next(WAIT).await;
     assert_eq!(
         (r["id"].as_str(), r["reason"].as_str(), r["backend"].as_str()),
@@ -929,17 +931,7 @@ async fn kube_sandbox_backend_cancel_and_restart_mid_task() {
     let pod_uid = sim.json(&["get", "pod", &name, "-n", "agenttask"])["metadata"]["uid"].clone();
     svc.stop().await;
     let svc = env.start_with(sandbox_settings(&env, &sim, 10)).await;
-    let (r, _) = client.next(WAIT).await;
-    assert_eq!(
-        (r["id"].as_str(), r["phase"].as_str(), r["stdout"].as_str()),
-        (Some("long"), Some("Succeeded"), Some("survived\n")),
-        "{r:#}"
-    );
-    let attempts: i32 = sqlx::query_scalar("select attempt from agenttask.tasks where client_id = 'long'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(attempts, 1, "adopted, not retried");
+    assert_long_survived(&mut client, &pool).await;
     assert_eq!(sim.json(&["get", "sandbox", &name, "-n", "agenttask"])["metadata"]["uid"], sandbox_uid);
     assert_eq!(sim.json(&["get", "pod", &name, "-n", "agenttask"])["metadata"]["uid"], pod_uid);
     assert!(client.more(Duration::from_secs(2)).await.is_none(), "exactly one result each");
@@ -952,10 +944,7 @@ async fn kube_sandbox_backend_cancel_and_restart_mid_task() {
 #[tokio::test]
 async fn kube_sandbox_backend_a_deleted_sandbox_is_pod_missing() {
     let sim = sandbox_sim();
-    let env = Env::new(TENANTS).await;
-    let svc = env.start_with(sandbox_settings(&env, &sim, 10)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started_with(TENANTS, |env| sandbox_settings(env, &sim, 10)).await;
     client.submit(&tenant, &task("gone", &[("run-ms", "60000")])).await;
     let pool = env.pg().await;
     eventually(WAIT, || async { phase(&pool, "gone").await == "Running" }).await;
@@ -980,42 +969,13 @@ async fn kube_sandbox_backend_a_deleted_sandbox_is_pod_missing() {
 #[tokio::test]
 async fn kube_sandbox_backend_runs_every_reason_through_sandboxes() {
     let sim = sandbox_sim();
-    let env = Env::new(TENANTS).await;
-    let svc = env.start_with(sandbox_settings(&env, &sim, 20)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
-    let mut gvisor = task("gvisor", &[("stdout", "sandboxed\n")]);
-    gvisor["isolation"] = json!("gvisor");
-    let mut deadline = task("deadline", &[("outcome", "DeadlineExceeded")]);
-    deadline["timeout_seconds"] = json!(1);
-    let tasks = [
-        task("ok", &[("stdout", "hello\n"), ("termination-message", "{\"answer\": 42}")]),
-        task("stderr", &[("stdout", "out\n==agenttask:stderr==\nerr-text"), ("exit-code", "3")]),
-        task("oom", &[("outcome", "OOMKilled")]),
-        deadline,
-        task("pull", &[("outcome", "ErrImagePull")]),
-        gvisor,
-    ];
+    let Started { env, svc, mut client, tenant } = started_with(TENANTS, |env| sandbox_settings(env, &sim, 20)).await;
+    let (tasks, expect) = every_reason(false);
     for t in &tasks {
         client.submit(&tenant, t).await;
     }
     let r = results(&mut client, tasks.len(), WAIT).await;
-    let expect = [
-        ("ok", "Succeeded", Value::Null),
-        ("stderr", "Failed", json!("NonZeroExit")),
-        ("oom", "Failed", json!("OOMKilled")),
-        ("deadline", "Failed", json!("TimedOut")),
-        ("pull", "Failed", json!("ImagePullFailed")),
-        ("gvisor", "Succeeded", Value::Null),
-    ];
-    for (id, phase, reason) in &expect {
-        let res = &r[*id];
-        assert_eq!((res["phase"].as_str(), &res["reason"]), (Some(*phase), reason), "{id}: {res:#}");
-        assert_eq!(res["backend"], "sandbox", "{id}: {res:#}");
-    }
-    assert_eq!(r["ok"]["stdout"], "hello\n");
-    assert_eq!(r["ok"]["result"], json!({"answer": 42}));
-    assert_eq!((r["stderr"]["stdout"].as_str(), r["stderr"]["stderr"].as_str()), (Some("out"), Some("err-text")));
+    assert_every_reason(&r, &expect, |_| "sandbox");
 
     // Each task was a Sandbox owned by its AgentTask, shut down by agent-sandbox at the deadline
     // plus grace with policy Delete; its pod is the controller's, hardened, under the RuntimeClass.
@@ -1039,10 +999,7 @@ async fn kube_sandbox_backend_runs_every_reason_through_sandboxes() {
 #[tokio::test]
 async fn kube_500_tasks_through_the_emulator() {
     let sim = Sim::start();
-    let env = Env::new(TENANTS).await;
-    let svc = env.start_with(kube_settings(&env, &sim, 100)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started_with(TENANTS, |env| kube_settings(env, &sim, 100)).await;
     let started = Instant::now();
     for i in 0..500 {
         client.submit(&tenant, &task(&format!("n{i}"), &[("run-ms", "20"), ("start-delay-ms", "10")])).await;

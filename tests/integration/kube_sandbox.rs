@@ -84,10 +84,7 @@ async fn kube_sandbox_v1alpha1_runs_and_a_refused_pod_is_a_backend_error() {
 #[tokio::test]
 async fn kube_sandbox_never_ready_runs_to_the_pods_end_and_says_so() {
     let sim = sandbox_sim();
-    let env = Env::new(TENANTS).await;
-    let svc = env.start_with(sandbox_settings(&env, &sim, 10)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started_with(TENANTS, |env| sandbox_settings(env, &sim, 10)).await;
     let script = [("stdout", "ran anyway\n"), ("run-ms", "12000")];
     client.submit(&tenant, &task("never", &[("sandbox-ready", "never"), script[0], script[1]])).await;
     client.submit(&tenant, &task("ready", &script)).await;
@@ -356,14 +353,21 @@ async fn start_warm_with(env: &Env, sim: &Sim, version: SandboxApiVersion) -> Se
     env.start_with(s).await
 }
 
+/// An environment with `WARM_TENANTS`, the service on it as [`start_warm_with`] starts it, and a
+/// pool on its database.
+async fn warm_service(sim: &Sim, version: SandboxApiVersion) -> (Env, Service, sqlx::PgPool) {
+    let env = Env::new(WARM_TENANTS).await;
+    let svc = start_warm_with(&env, sim, version).await;
+    let pool = env.pg().await;
+    (env, svc, pool)
+}
+
 /// `--sandbox-api-version v1alpha1`: the claim names the pool's template (`sandboxTemplateRef`)
 /// and the pool (`warmpool`), and the task runs warm as with v1beta1.
 #[tokio::test]
 async fn kube_sandbox_warm_pool_with_v1alpha1_claims() {
     let sim = warm_sim(1, &["agenttask"]);
-    let env = Env::new(WARM_TENANTS).await;
-    let svc = start_warm_with(&env, &sim, SandboxApiVersion::V1alpha1).await;
-    let pool = env.pg().await;
+    let (env, svc, pool) = warm_service(&sim, SandboxApiVersion::V1alpha1).await;
     apply_program(&sim, "alpha", "agenttask", "0", "");
     let r = row(&pool, "agenttask", "alpha").await;
     assert_ran(&r, "0");
@@ -445,9 +449,7 @@ async fn kube_sandbox_warm_pool_runs_real_python_once_per_claimed_sandbox() {
     let sim = warm_sim(2, &["agenttask"]);
     let warm_before = pool_sandboxes(&sim, "agenttask");
     assert_eq!(warm_before.len(), 2);
-    let env = Env::new(WARM_TENANTS).await;
-    let svc = start_warm(&env, &sim).await;
-    let pool = env.pg().await;
+    let (env, svc, pool) = warm_service(&sim, SandboxApiVersion::V1beta1).await;
     apply_program(&sim, "warm", "agenttask", "0", "  ttlSecondsAfterFinished: 3\n");
     apply_program(&sim, "nopool", "warm-c", "0", "");
     let r_spec = "  language: r\n  code: \"cat('from R\\\\n')\"\n  timeoutSeconds: 60\n";
@@ -504,9 +506,7 @@ async fn kube_sandbox_warm_pool_exhausted_waits_or_falls_back_to_cold() {
     for ns in ["agenttask", "warm-b"] {
         sim.kubectl_ok(&["annotate", "sandboxwarmpools", "py", "-n", ns, "kubesim.agenttask.io/pool=exhausted"]);
     }
-    let env = Env::new(WARM_TENANTS).await;
-    let svc = start_warm(&env, &sim).await;
-    let pool = env.pg().await;
+    let (env, svc, pool) = warm_service(&sim, SandboxApiVersion::V1beta1).await;
     // Each pool's one replica goes to a first task.
     apply_program(&sim, "first", "agenttask", "4", "");
     apply_program(&sim, "first", "warm-b", "4", "");
@@ -569,9 +569,7 @@ async fn kube_sandbox_warm_pool_exhausted_waits_or_falls_back_to_cold() {
 #[tokio::test]
 async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
     let sim = warm_sim(4, &["agenttask"]);
-    let env = Env::new(WARM_TENANTS).await;
-    let svc = start_warm(&env, &sim).await;
-    let pool = env.pg().await;
+    let (env, svc, pool) = warm_service(&sim, SandboxApiVersion::V1beta1).await;
     apply_program(
         &sim,
         "expires",
@@ -630,10 +628,8 @@ async fn kube_sandbox_warm_claim_expiry_and_restart_mid_task() {
 #[tokio::test]
 async fn kube_sandbox_warm_claim_bound_to_a_sandbox_that_never_becomes_ready() {
     let sim = warm_sim(2, &["agenttask"]);
-    let env = Env::new(WARM_TENANTS).await;
-    let svc = env.start_with(sandbox_settings(&env, &sim, 20)).await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } =
+        started_with(WARM_TENANTS, |env| sandbox_settings(env, &sim, 20)).await;
     let mut never = task("never", &[("sandbox-ready", "never")]);
     never["timeout_seconds"] = json!(15);
     client.submit(&tenant, &never).await;
@@ -753,9 +749,7 @@ async fn kube_sandbox_warm_orphan_claims_are_swept() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let (ghost, foreign) = (bound_of("at-ghost-a1").unwrap(), bound_of("someone-elses").unwrap());
-    let env = Env::new(WARM_TENANTS).await;
-    let svc = start_warm(&env, &sim).await;
-    let pool = env.pg().await;
+    let (env, svc, pool) = warm_service(&sim, SandboxApiVersion::V1beta1).await;
     // A finished task whose claim becomes an orphan, and a live one running while the sweep runs.
     apply_program(&sim, "dropped", "agenttask", "0", "");
     assert_ran(&row(&pool, "agenttask", "dropped").await, "0");

@@ -15,10 +15,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn python_round_trip_with_stdout_exit_code_and_result() {
-    let env = Env::new(ONE_TENANT).await;
-    let svc = env.start().await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started(ONE_TENANT).await;
     let code = r#"
 import json, os, sys
 data = sys.stdin.read()
@@ -80,10 +77,7 @@ json.dump({"answer": 42, "cwd": os.getcwd()}, open(os.environ["AGENTTASK_RESULT_
 
 #[tokio::test]
 async fn every_validation_rule_gives_a_rejected_result_with_its_reason() {
-    let env = Env::new("[tenants.{t}-a]\nmax_code_bytes = 100\n").await;
-    let svc = env.start().await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started("[tenants.{t}-a]\nmax_code_bytes = 100\n").await;
     let ok = json!({"language": "python", "code": "print(1)"});
     let with = |k: &str, v: Value| {
         let mut t = ok.clone();
@@ -198,10 +192,7 @@ async fn reply_to_into_another_tenants_queue_is_refused() {
 
 #[tokio::test]
 async fn resubmitting_the_same_id_creates_no_second_task() {
-    let env = Env::new(ONE_TENANT).await;
-    let svc = env.start().await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started(ONE_TENANT).await;
     let task = json!({"id": "same-1", "language": "python", "code": "print('once')"});
     for _ in 0..3 {
         client.submit(&tenant, &task).await;
@@ -228,11 +219,9 @@ async fn resubmitting_the_same_id_creates_no_second_task() {
 
 #[tokio::test]
 async fn a_timeout_kills_the_task() {
-    let env = Env::new(ONE_TENANT).await;
-    let svc = env.start().await;
-    let mut client = Client::new(&env).await;
+    let Started { env, svc, mut client, tenant } = started(ONE_TENANT).await;
     client
-        .submit(&env.tenant("a"), &json!({"id": "slow", "language": "python", "code": "import time\nprint('start', flush=True)\ntime.sleep(60)", "timeout_seconds": 1}))
+        .submit(&tenant, &json!({"id": "slow", "language": "python", "code": "import time\nprint('start', flush=True)\ntime.sleep(60)", "timeout_seconds": 1}))
         .await;
     let (r, _) = client.next(WAIT).await;
     assert_eq!((r["phase"].as_str(), r["reason"].as_str()), (Some("Failed"), Some("TimedOut")), "{r:#}");
@@ -243,14 +232,15 @@ async fn a_timeout_kills_the_task() {
 
 #[tokio::test]
 async fn stdout_is_capped_and_flagged() {
-    let env = Env::new(ONE_TENANT).await;
-    let mut settings = env.settings(&Component::ALL);
-    settings.output_limit_bytes = 64 * 1024;
-    let svc = env.start_with(settings).await;
-    let mut client = Client::new(&env).await;
+    let Started { env, svc, mut client, tenant } = started_with(ONE_TENANT, |env| {
+        let mut settings = env.settings(&Component::ALL);
+        settings.output_limit_bytes = 64 * 1024;
+        settings
+    })
+    .await;
     client
         .submit(
-            &env.tenant("a"),
+            &tenant,
             &json!({"id": "loud", "language": "python", "code": "import sys\nsys.stdout.write('x' * 10_000_000)"}),
         )
         .await;
@@ -424,10 +414,7 @@ async fn agentctl_submits_waits_and_gets() {
 
 #[tokio::test]
 async fn a_corrected_resubmit_after_a_rejection_gets_its_own_result() {
-    let env = Env::new(ONE_TENANT).await;
-    let svc = env.start().await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started(ONE_TENANT).await;
     client.submit(&tenant, &json!({"id": "fixme", "language": "python", "code": "print(1)", "colour": "red"})).await;
     let (r, _) = client.next(WAIT).await;
     assert_eq!((r["phase"].as_str(), r["reason"].as_str()), (Some("Rejected"), Some("ValidationFailed")), "{r:#}");
@@ -451,10 +438,7 @@ async fn a_corrected_resubmit_after_a_rejection_gets_its_own_result() {
 
 #[tokio::test]
 async fn nul_characters_in_properties_and_field_names_are_answered_not_looped() {
-    let env = Env::new(ONE_TENANT).await;
-    let svc = env.start().await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started(ONE_TENANT).await;
     // Postgres text cannot hold NUL: the correlation id and the quoted field name must not
     // make the message impossible to store (it would be retried forever).
     let body = br#"{"language": "python", "code": "print(1)", "x\u0000y": 1}"#;
@@ -547,13 +531,11 @@ async fn artifacts_past_the_tenants_quota_are_not_stored_and_the_result_says_so(
 #[tokio::test]
 async fn artifacts_are_downloaded_by_their_recorded_names_only() {
     use sha2::Digest as _;
-    let env = Env::new("[tenants.{t}-a]\n").await;
-    let svc = env.start().await;
-    let mut client = Client::new(&env).await;
+    let Started { env, svc, mut client, tenant } = started("[tenants.{t}-a]\n").await;
     let code = "import os\nd = os.environ['AGENTTASK_ARTIFACTS_DIR']\nos.makedirs(os.path.join(d, 'plots'))\n\
                 open(os.path.join(d, 'plots', 'fig.bin'), 'wb').write(bytes(range(256)) * 40)\n\
                 open(os.path.join(d, 'notes.txt'), 'w').write('hello')\n";
-    client.submit(&env.tenant("a"), &json!({"id": "art", "language": "python", "code": code})).await;
+    client.submit(&tenant, &json!({"id": "art", "language": "python", "code": code})).await;
     let (r, _) = client.next(WAIT).await;
     assert_eq!(r["phase"], "Succeeded", "{r:#}");
     let id = r["task_id"].as_str().unwrap().to_owned();
@@ -617,11 +599,8 @@ async fn metric(svc: &Service, series: &str) -> f64 {
 
 #[tokio::test]
 async fn warm_sandboxes_run_python_and_r_and_every_result_says_whether_it_was_warm() {
-    let env = Env::new(ONE_TENANT).await;
     // The defaults: two warm Python sandboxes and one R.
-    let svc = env.start().await;
-    let mut client = Client::new(&env).await;
-    let tenant = env.tenant("a");
+    let Started { env, svc, mut client, tenant } = started(ONE_TENANT).await;
     eventually(Duration::from_secs(60), || async {
         metric(&svc, "agenttask_warm_pool_size{language=\"python\"}").await == 2.0
             && metric(&svc, "agenttask_warm_pool_size{language=\"r\"}").await == 1.0

@@ -232,6 +232,29 @@ impl Service {
     }
 }
 
+/// What most tests start from: an environment, its service running, a client and the tenant `a`.
+pub struct Started {
+    pub env: Env,
+    pub svc: Service,
+    pub client: Client,
+    pub tenant: String,
+}
+
+/// [`Env::new`] with `tenants_toml`, its service started with every component, a client, and
+/// the tenant `a`.
+pub async fn started(tenants_toml: &str) -> Started {
+    started_with(tenants_toml, |env| env.settings(&Component::ALL)).await
+}
+
+/// Like [`started`], the service started with the settings `settings` makes for the environment.
+pub async fn started_with(tenants_toml: &str, settings: impl FnOnce(&Env) -> Settings) -> Started {
+    let env = Env::new(tenants_toml).await;
+    let svc = env.start_with(settings(&env)).await;
+    let client = Client::new(&env).await;
+    let tenant = env.tenant("a");
+    Started { env, svc, client, tenant }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -431,6 +454,11 @@ pub async fn phase(pool: &sqlx::PgPool, client_id: &str) -> String {
 
 pub async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Waits until `sql`, a query returning one bigint, answers what `ok` accepts.
+pub async fn until_count(within: Duration, pool: &sqlx::PgPool, sql: &'static str, ok: impl Fn(i64) -> bool) {
+    eventually(within, || async { ok(count(pool, sql).await) }).await;
 }
 
 /// A task that sleeps, for tests that need tasks to hold their slot for a while.
