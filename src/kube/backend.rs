@@ -23,11 +23,12 @@ use kube::runtime::WatchStreamExt as _;
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
-use super::crd::{AgentTask, TaskBackend, TaskPhase, LABEL_MANAGED_BY, MANAGER};
+use super::crd::{AgentTask, TaskBackend, LABEL_MANAGED_BY, MANAGER};
 use super::direct::{self, Scope};
 use super::podspec::{self, CONTAINER};
 use super::reconcile::FIELD_MANAGER;
 use super::{materialize, KubeSettings};
+use crate::domain::phase::Phase;
 use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::domain::validate::BackendIsolation;
 use crate::exec::artifacts::PvcSink;
@@ -139,8 +140,8 @@ impl KubeBackend {
             let target = match phase {
                 Some(p) if p.is_terminal() => 3,
                 _ if deleted => 3,
-                Some(TaskPhase::Running) => 2,
-                Some(TaskPhase::Scheduled) => 1,
+                Some(Phase::Running) => 2,
+                Some(Phase::Scheduled) => 1,
                 _ => 0,
             };
             if target <= before {
@@ -154,10 +155,10 @@ impl KubeBackend {
         };
         let now = Utc::now();
         let started = parse_time(status.start_time.as_deref());
-        if reported < 1 && phase.is_some_and(|p| p != TaskPhase::Pending) {
+        if reported < 1 && phase.is_some_and(|p| p != Phase::Pending) {
             self.send(key, RunEvent::Scheduled { at: now });
         }
-        if reported < 2 && (phase == Some(TaskPhase::Running) || started.is_some()) {
+        if reported < 2 && (phase == Some(Phase::Running) || started.is_some()) {
             self.send(key, RunEvent::Running { at: started.unwrap_or(now) });
         }
         if phase.is_some_and(|p| p.is_terminal()) {

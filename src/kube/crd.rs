@@ -13,6 +13,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::phase::Phase;
+
 /// Group of every resource of ours.
 pub const GROUP: &str = "agenttask.io";
 /// The finalizer the reconciler puts on every AgentTask it runs.
@@ -181,50 +183,19 @@ pub struct TaskResources {
     pub memory: Option<String>,
 }
 
-/// The phases of the contract, as the CRD schema's enum.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum TaskPhase {
-    Queued,
-    Pending,
-    Scheduled,
-    Running,
-    Succeeded,
-    Failed,
-    Rejected,
-    Cancelled,
-}
-
-impl TaskPhase {
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Rejected | Self::Cancelled)
+/// The CRD schema of a task's phase: the enum of the contract's phases. The phase itself is the
+/// domain's [`Phase`], so the status can hold nothing the database and results could not.
+impl JsonSchema for Phase {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "TaskPhase".into()
     }
 
-    pub fn to_domain(self) -> crate::domain::phase::Phase {
-        use crate::domain::phase::Phase;
-        match self {
-            Self::Queued => Phase::Queued,
-            Self::Pending => Phase::Pending,
-            Self::Scheduled => Phase::Scheduled,
-            Self::Running => Phase::Running,
-            Self::Succeeded => Phase::Succeeded,
-            Self::Failed => Phase::Failed,
-            Self::Rejected => Phase::Rejected,
-            Self::Cancelled => Phase::Cancelled,
-        }
-    }
-
-    pub fn from_domain(p: crate::domain::phase::Phase) -> Self {
-        use crate::domain::phase::Phase;
-        match p {
-            Phase::Queued => Self::Queued,
-            Phase::Pending => Self::Pending,
-            Phase::Scheduled => Self::Scheduled,
-            Phase::Running => Self::Running,
-            Phase::Succeeded => Self::Succeeded,
-            Phase::Failed => Self::Failed,
-            Phase::Rejected => Self::Rejected,
-            Phase::Cancelled => Self::Cancelled,
-        }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "The phases of the contract, as the CRD schema's enum.",
+            "type": "string",
+            "enum": Phase::ALL.map(Phase::as_str),
+        })
     }
 }
 
@@ -235,7 +206,7 @@ pub struct AgentTaskStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<TaskPhase>,
+    pub phase: Option<Phase>,
     /// CamelCase reason (`NonZeroExit`, `OOMKilled`, `TimedOut`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Z][A-Za-z]*$"))]

@@ -38,7 +38,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::crd::{
-    AgentTask, AgentTaskStatus, TaskBackend, TaskCondition, TaskPhase, FINALIZER, LABEL_AGENTTASK, LABEL_MANAGED_BY,
+    AgentTask, AgentTaskStatus, TaskBackend, TaskCondition, FINALIZER, LABEL_AGENTTASK, LABEL_MANAGED_BY,
     LABEL_TASK_ID, LABEL_TENANT, MANAGER, MAX_STATUS_RESULT_BYTES,
 };
 use super::direct::{self, Scope};
@@ -283,7 +283,7 @@ async fn apply(task: &AgentTask, ctx: &Ctx) -> Result<Action, Error> {
         create_objects(task, ctx, &ns, admission.attempt).await?;
         status.attempt = Some(admission.attempt);
         status.pod_name = Some(pod_name.clone());
-        status.phase = Some(TaskPhase::Pending);
+        status.phase = Some(Phase::Pending);
         status.reason = None;
         status.message = cold_note;
         patch_status(ctx, task, &status).await?;
@@ -359,8 +359,8 @@ pub(super) async fn follow(
     let action = match observed {
         Observed::Pending { retry_in } => retry_in.map_or(Action::requeue(idle), Action::requeue),
         Observed::Scheduled => {
-            if status.phase == Some(TaskPhase::Pending) {
-                status.phase = Some(TaskPhase::Scheduled);
+            if status.phase == Some(Phase::Pending) {
+                status.phase = Some(Phase::Scheduled);
                 set_condition(
                     status,
                     "Scheduled",
@@ -380,8 +380,8 @@ pub(super) async fn follow(
                 }
                 None => idle,
             };
-            if matches!(status.phase, Some(TaskPhase::Pending | TaskPhase::Scheduled)) {
-                status.phase = Some(TaskPhase::Running);
+            if matches!(status.phase, Some(Phase::Pending | Phase::Scheduled)) {
+                status.phase = Some(Phase::Running);
                 set_condition(status, "Scheduled", None, None);
                 set_condition(status, "Running", None, None);
                 status.start_time =
@@ -459,7 +459,7 @@ async fn intake(task: &AgentTask, ctx: &Ctx, ns: &str, mut status: AgentTaskStat
         None if task.labels().contains_key(LABEL_TASK_ID) => {
             // Made by the service: its admission comes with it.
             if status.phase.is_none() {
-                status.phase = Some(TaskPhase::Queued);
+                status.phase = Some(Phase::Queued);
                 patch_status(ctx, task, &status).await?;
             }
             return Ok(Action::await_change());
@@ -472,7 +472,7 @@ async fn intake(task: &AgentTask, ctx: &Ctx, ns: &str, mut status: AgentTaskStat
     status.tenant = Some(recorded.tenant.clone());
     if recorded.phase.is_terminal() {
         // Ended before it ran (cancelled, or its tenant removed): the store's word is final.
-        status.phase = Some(TaskPhase::from_domain(recorded.phase));
+        status.phase = Some(recorded.phase);
         status.reason = recorded.reason.map(|r| r.as_str().to_owned());
         status.message = recorded.message.clone();
         status.completion_time = Some(now_rfc3339());
@@ -484,7 +484,7 @@ async fn intake(task: &AgentTask, ctx: &Ctx, ns: &str, mut status: AgentTaskStat
         return Ok(requeue_for_ttl(task, &status));
     }
     if status.phase.is_none() {
-        status.phase = Some(TaskPhase::Queued);
+        status.phase = Some(Phase::Queued);
         patch_status(ctx, task, &status).await?;
         publish(ctx, task, EventType::Normal, "Queued", format!("task {} waits for admission", recorded.task_id)).await;
     }
@@ -559,7 +559,7 @@ async fn record(
     }
     match rejection {
         None => {
-            status.phase = Some(TaskPhase::Queued);
+            status.phase = Some(Phase::Queued);
             patch_status(ctx, task, &status).await?;
             let id = task_id.map(|i| i.to_string()).unwrap_or_default();
             publish(ctx, task, EventType::Normal, "Queued", format!("recorded as task {id}; waits for admission"))
@@ -572,7 +572,7 @@ async fn record(
                 .rejected
                 .with_label_values(&[tenant.as_ref().map_or("(unknown)", |t| t.as_str()), reason.as_str()])
                 .inc();
-            status.phase = Some(TaskPhase::Rejected);
+            status.phase = Some(Phase::Rejected);
             status.reason = Some(reason.as_str().to_owned());
             status.message = Some(rej.message.clone());
             status.completion_time = Some(now_rfc3339());
@@ -620,7 +620,7 @@ async fn check_admission(
                        it is set by the service, not by users"
             .to_owned();
         let mut status = task.status.clone().unwrap_or_default();
-        status.phase = Some(TaskPhase::Rejected);
+        status.phase = Some(Phase::Rejected);
         status.reason = Some("ValidationFailed".into());
         status.message = Some(message.clone());
         status.completion_time = Some(now_rfc3339());
@@ -673,7 +673,7 @@ pub(super) async fn finish(
 ) -> Result<(), Error> {
     let (phase, reason) = outcome.phase_reason();
     let timeout = task.spec.timeout_seconds.unwrap_or(ctx.settings.defaults.timeout_seconds);
-    status.phase = Some(TaskPhase::from_domain(phase));
+    status.phase = Some(phase);
     status.reason = reason.map(|r| r.as_str().to_owned());
     let mut outcome = outcome.clone();
     outcome.launch_note = launch_note(task);
@@ -691,7 +691,7 @@ pub(super) async fn finish(
     }
     set_condition(status, "Finished", reason.map(|r| r.as_str()), status.message.clone());
     patch_status(ctx, task, status).await?;
-    let type_ = if phase == crate::domain::phase::Phase::Succeeded { EventType::Normal } else { EventType::Warning };
+    let type_ = if phase == Phase::Succeeded { EventType::Normal } else { EventType::Warning };
     publish(ctx, task, type_, reason.map_or("Succeeded", |r| r.as_str()), status.message.clone().unwrap_or_default())
         .await;
     Ok(())
@@ -705,7 +705,7 @@ pub(super) fn requeue_for_ttl(task: &AgentTask, status: &AgentTaskStatus) -> Act
 }
 
 /// A finished AgentTask is deleted `ttlSecondsAfterFinished` after its completion.
-async fn expire(task: &AgentTask, ctx: &Ctx, phase: TaskPhase, status: &AgentTaskStatus) -> Result<Action, Error> {
+async fn expire(task: &AgentTask, ctx: &Ctx, phase: Phase, status: &AgentTaskStatus) -> Result<Action, Error> {
     let ttl = i64::from(task.spec.ttl_seconds_after_finished.unwrap_or(super::crd::DEFAULT_TTL_SECONDS));
     let done = parse_time(status.completion_time.as_deref()).unwrap_or_else(Utc::now);
     if Utc::now() < done + chrono::Duration::seconds(ttl) {

@@ -18,13 +18,12 @@ use kube::ResourceExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::crd::{
-    AgentTask, AgentTaskStatus, TaskPhase, LABEL_AGENTTASK, LABEL_MANAGED_BY, LABEL_TASK_ID, LABEL_TENANT, MANAGER,
-};
+use super::crd::{AgentTask, AgentTaskStatus, LABEL_AGENTTASK, LABEL_MANAGED_BY, LABEL_TASK_ID, LABEL_TENANT, MANAGER};
 use super::podspec;
 use super::reconcile::{self, Ctx, Error, Followed, Remove};
 use super::sandbox::{self, Kind, PoolDecision, PoolResources};
 use crate::domain::outcome::{Outcome, Termination};
+use crate::domain::phase::Phase;
 use crate::domain::tenant::{TenantName, TenantPolicy};
 
 /// What the reconciler does next with a sandbox-backend task.
@@ -123,7 +122,7 @@ pub(super) async fn step(
             annotate(ctx, task, ns, &[(sandbox::ANNOTATION_LAUNCH, Some(value.as_str()))]).await?;
             let admission = task.spec.admission.as_ref().map(|a| a.attempt);
             status.attempt = admission.or(status.attempt);
-            status.phase = Some(TaskPhase::Pending);
+            status.phase = Some(Phase::Pending);
             status.reason = None;
             status.message = Some(sandbox::claimed_note(&pool, claim_name));
             reconcile::patch_status(ctx, task, status).await?;
@@ -161,9 +160,9 @@ pub(super) async fn step(
                 let task = annotate(ctx, task, ns, &[(sandbox::ANNOTATION_LAUNCH, Some(value.as_str()))]).await?;
                 return end(&task, ctx, status, Termination::TimedOut, None).await.map(Step::Done);
             }
-            if status.message.as_deref() != Some(why.as_str()) || status.phase != Some(TaskPhase::Pending) {
+            if status.message.as_deref() != Some(why.as_str()) || status.phase != Some(Phase::Pending) {
                 status.attempt = task.spec.admission.as_ref().map(|a| a.attempt).or(status.attempt);
-                status.phase = Some(TaskPhase::Pending);
+                status.phase = Some(Phase::Pending);
                 status.message = Some(why);
                 reconcile::patch_status(ctx, task, status).await?;
             }
