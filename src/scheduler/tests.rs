@@ -138,6 +138,7 @@ async fn admits_up_to_each_tenants_concurrency_and_the_global_slots_in_queue_ord
     let out = round(&s, db.clone(), &mut view, Duration::ZERO).await.unwrap();
     let admitted = db.admitted();
     assert_eq!(out.admitted, 8, "the global slots are all used");
+    assert!(out.full, "so no submit can be admitted before a task ends");
     assert_eq!(admitted.len(), 8);
     let of_a: Vec<Uuid> = admitted.iter().copied().filter(|id| a.contains(id)).collect();
     let of_b: Vec<Uuid> = admitted.iter().copied().filter(|id| b.contains(id)).collect();
@@ -161,6 +162,7 @@ async fn running_tasks_count_against_the_limits() {
     let out = round(&s, db.clone(), &mut View::default(), Duration::ZERO).await.unwrap();
     assert_eq!(out.admitted, 1, "7 of 8 slots are taken and a is at its cap");
     assert_eq!(db.admitted(), vec![b[0]]);
+    assert!(out.full, "the running tasks and the admitted one fill the slots");
 }
 
 #[tokio::test]
@@ -208,4 +210,31 @@ async fn an_empty_queue_commits_an_empty_round() {
     assert_eq!(out.admitted, 0);
     assert!(!out.again);
     assert_eq!(db.0.lock().unwrap().commits, 1);
+}
+
+#[tokio::test]
+async fn a_round_that_leaves_slots_free_is_not_full() {
+    let s = scheduler(&[("a", policy(1, 3))], capacity(8));
+    let db = FakeRound::default();
+    db.queue("a", 5, 100, 1 << 20);
+    let out = round(&s, db.clone(), &mut View::default(), Duration::ZERO).await.unwrap();
+    assert_eq!(out.admitted, 3, "a is at its cap");
+    assert!(!out.full, "another tenant's submit could still be admitted");
+}
+
+#[test]
+fn only_an_ending_task_or_a_lost_notification_frees_capacity() {
+    let wake = Wake::default();
+    wake.queue_changed("a");
+    assert!(!wake.take_freed(), "a submit takes capacity, it gives none back");
+    assert_eq!(wake.take_dirty(), vec!["a".to_owned()]);
+    wake.round();
+    assert!(wake.take_freed());
+    assert!(!wake.take_freed(), "taken once");
+    wake.cancelled("b");
+    assert!(wake.take_freed(), "a cancelled task may have been running");
+    assert_eq!(wake.take_dirty(), vec!["b".to_owned()], "or queued");
+    wake.everything_changed();
+    assert!(wake.take_freed());
+    assert!(wake.take_all_dirty());
 }
