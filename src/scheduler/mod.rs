@@ -300,9 +300,13 @@ async fn round(
         tx.running_usage().await?.into_iter().map(|u| (u.tenant.clone(), u)).collect();
     let slots_of = |t: &str| usage.get(t).map_or(0, |u| u.tasks.max(0) as u64);
     let used_slots: u64 = usage.values().map(|u| u.tasks.max(0) as u64).sum();
+    // A tenant's cache must cover what this round could admit of it: no more than its own room
+    // and the free slots. Bounding by the free slots, not all of them, spares a refetch of every
+    // tenant that was admitted a task last round while the slots stay nearly full.
+    let free_slots = (ctx.capacity.max_running as u64).saturating_sub(used_slots);
     let refresh = view.needing_refresh(|name| {
         let max = config.iter().find(|(n, _)| n.as_str() == name).map_or(0, |(_, p)| p.max_concurrency as u64);
-        max.saturating_sub(slots_of(name)).min(ctx.capacity.max_running as u64) as usize
+        max.saturating_sub(slots_of(name)).min(free_slots) as usize
     });
     if !refresh.is_empty() {
         let rows = tx.queued_heads(&refresh, view::HEAD_BATCH as i32).await?;

@@ -32,6 +32,8 @@ struct FakeDb {
     cancelled_meanwhile: Vec<Uuid>,
     commits: u32,
     admitted: Vec<Uuid>,
+    /// Every tenant whose heads a round fetched, in order.
+    fetched: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -48,7 +50,8 @@ impl RoundStore for FakeRound {
     }
 
     async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>, StoreError> {
-        let db = self.0.lock().unwrap();
+        let mut db = self.0.lock().unwrap();
+        db.fetched.extend(tenants.iter().cloned());
         let mut out = Vec::new();
         for t in tenants {
             out.extend(db.tasks.iter().filter(|(_, x)| &x.tenant == t && x.queued).take(limit as usize).map(
@@ -237,4 +240,23 @@ fn only_an_ending_task_or_a_lost_notification_frees_capacity() {
     wake.everything_changed();
     assert!(wake.take_freed());
     assert!(wake.take_all_dirty());
+}
+
+#[tokio::test]
+async fn a_cache_that_covers_the_free_slots_is_not_fetched_again() {
+    let s = scheduler(&[("a", policy(1, 1000)), ("b", policy(1, 1000))], capacity(260));
+    let db = FakeRound::default();
+    db.0.lock().unwrap().running.insert("b".into(), (250, 0, 0));
+    let a = db.queue("a", 400, 100, 1 << 20);
+    let mut view = View::default();
+    round(&s, db.clone(), &mut view, Duration::ZERO).await.unwrap();
+    assert_eq!(db.admitted(), a[..10].to_vec(), "the 10 free slots");
+
+    // Five of a's tasks end: 246 cached heads cover the 5 free slots, so no refetch.
+    db.0.lock().unwrap().running.insert("a".into(), (5, 500, 5 << 20));
+    let out = round(&s, db.clone(), &mut view, Duration::ZERO).await.unwrap();
+    assert_eq!(out.admitted, 5);
+    assert_eq!(db.admitted()[10..].to_vec(), a[10..15].to_vec(), "still in queue order");
+    let fetched = db.0.lock().unwrap().fetched.iter().filter(|t| *t == "a").count();
+    assert_eq!(fetched, 1, "a's heads fetched once, in the first round");
 }
