@@ -356,9 +356,12 @@ async fn listen(
                     let _ = cancels.send(task_id);
                 }
                 Some(Notification::TaskPhase { phase, tenant }) => match phase {
-                    Phase::Queued | Phase::Cancelled => wakes.scheduler.queue_changed(&tenant),
+                    Phase::Queued => wakes.scheduler.queue_changed(&tenant),
+                    // A queued task left its queue, or a running one gave its capacity back.
+                    Phase::Cancelled => wakes.scheduler.cancelled(&tenant),
                     Phase::Pending => wakes.executors.notify_one(),
                     Phase::Succeeded | Phase::Failed => wakes.scheduler.round(),
+                    // Refused at the door (never queued), or too large (the scheduler did it).
                     Phase::Scheduled | Phase::Running | Phase::Rejected => {}
                 },
                 None => tracing::debug!(channel = n.channel(), "unknown notification ignored"),

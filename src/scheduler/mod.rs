@@ -81,6 +81,9 @@ pub struct Wake {
     dirty: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Notifications may have been missed: every tenant must be looked at again.
     all_dirty: std::sync::atomic::AtomicBool,
+    /// Capacity may have been given back (a finish, a cancel) or the rules changed since the
+    /// last round: while the slots are full, only this makes a round worth running.
+    freed: std::sync::atomic::AtomicBool,
 }
 
 impl Wake {
@@ -92,13 +95,20 @@ impl Wake {
 
     /// Something else changed (a finish, the tenants): run a round.
     pub fn round(&self) {
+        self.freed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.notify.notify_one();
+    }
+
+    /// A tenant's task was cancelled: it left the queue, or gave back the capacity it held.
+    pub fn cancelled(&self, tenant: &str) {
+        self.dirty.lock().expect("not poisoned").insert(tenant.to_owned());
+        self.round();
     }
 
     /// Notifications may have been lost: recheck every queue.
     pub fn everything_changed(&self) {
         self.all_dirty.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.notify.notify_one();
+        self.round();
     }
 
     fn take_dirty(&self) -> Vec<String> {
@@ -107,6 +117,10 @@ impl Wake {
 
     fn take_all_dirty(&self) -> bool {
         self.all_dirty.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn take_freed(&self) -> bool {
+        self.freed.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 }
 use view::{Heads, View};
@@ -167,20 +181,26 @@ async fn lead(
     let mut last_round = Instant::now();
     let mut last_full_refresh = Instant::now();
     let mut last_gauges = Instant::now() - GAUGES_EVERY;
+    // Every slot was taken when the last round committed. Under a flood, most wake-ups are new
+    // submits; while the slots are full none of them can be admitted, and a round for each would
+    // only take CPU and Postgres time from the rounds that can (and from ingest).
+    let mut full = false;
     while !shutdown.is_cancelled() {
         // Register for the next wake-up before reading state, so an event during the round is
         // not missed.
         let woken = ctx.wake.notify.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let elapsed = last_round.elapsed();
-        last_round = Instant::now();
-        let mut outcome = round(ctx, AdmissionRound::begin(conn).await?, &mut view, elapsed).await?;
-        if outcome.admitted > 0 {
-            ctx.executors.notify_one();
-        }
-        if reject_too_large(ctx, &outcome.too_large).await? {
-            outcome.again = true;
+        let mut again = false;
+        if ctx.wake.take_freed() || !full {
+            let elapsed = last_round.elapsed();
+            last_round = Instant::now();
+            let outcome = round(ctx, AdmissionRound::begin(conn).await?, &mut view, elapsed).await?;
+            if outcome.admitted > 0 {
+                ctx.executors.notify_one();
+            }
+            full = outcome.full;
+            again = outcome.again || reject_too_large(ctx, &outcome.too_large).await?;
         }
         if last_full_refresh.elapsed() >= FULL_REFRESH_EVERY {
             // A safety net under the notifications, which are the normal path.
@@ -197,8 +217,10 @@ async fn lead(
                 ctx.metrics.errors.with_label_values(&["scheduler", e.metric_label()]).inc();
                 tracing::warn!(error = %e, "scheduler housekeeping failed");
             }
+            // It may have taken expired runs back, and a finish it raced with is seen anyway.
+            full = false;
         }
-        if outcome.again {
+        if again {
             continue;
         }
         let now = Instant::now();
@@ -223,6 +245,8 @@ async fn lead(
 #[derive(Debug)]
 struct RoundOutcome {
     admitted: usize,
+    /// Every slot is taken now: nothing more can be admitted before a task ends.
+    full: bool,
     /// Run another round at once: something changed under us or a bucket ran dry mid-round.
     again: bool,
     /// Queued heads larger than the whole capacity: (task, CPU millis, memory bytes). They can
@@ -275,9 +299,14 @@ async fn round(
     let usage: HashMap<String, RunningUsage> =
         tx.running_usage().await?.into_iter().map(|u| (u.tenant.clone(), u)).collect();
     let slots_of = |t: &str| usage.get(t).map_or(0, |u| u.tasks.max(0) as u64);
+    let used_slots: u64 = usage.values().map(|u| u.tasks.max(0) as u64).sum();
+    // A tenant's cache must cover what this round could admit of it: no more than its own room
+    // and the free slots. Bounding by the free slots, not all of them, spares a refetch of every
+    // tenant that was admitted a task last round while the slots stay nearly full.
+    let free_slots = (ctx.capacity.max_running as u64).saturating_sub(used_slots);
     let refresh = view.needing_refresh(|name| {
         let max = config.iter().find(|(n, _)| n.as_str() == name).map_or(0, |(_, p)| p.max_concurrency as u64);
-        max.saturating_sub(slots_of(name)).min(ctx.capacity.max_running as u64) as usize
+        max.saturating_sub(slots_of(name)).min(free_slots) as usize
     });
     if !refresh.is_empty() {
         let rows = tx.queued_heads(&refresh, view::HEAD_BATCH as i32).await?;
@@ -406,7 +435,8 @@ async fn round(
     if !admitted.is_empty() {
         tracing::debug!(admitted = admitted.len(), "admission round");
     }
-    Ok(RoundOutcome { admitted: admitted.len(), again, too_large })
+    let full = used_slots + admitted.len() as u64 >= total.slots;
+    Ok(RoundOutcome { admitted: admitted.len(), full, again, too_large })
 }
 
 /// Rejects queued tasks that ask for more than the whole capacity. True if any was rejected.

@@ -32,6 +32,8 @@ struct FakeDb {
     cancelled_meanwhile: Vec<Uuid>,
     commits: u32,
     admitted: Vec<Uuid>,
+    /// Every tenant whose heads a round fetched, in order.
+    fetched: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -48,7 +50,8 @@ impl RoundStore for FakeRound {
     }
 
     async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>, StoreError> {
-        let db = self.0.lock().unwrap();
+        let mut db = self.0.lock().unwrap();
+        db.fetched.extend(tenants.iter().cloned());
         let mut out = Vec::new();
         for t in tenants {
             out.extend(db.tasks.iter().filter(|(_, x)| &x.tenant == t && x.queued).take(limit as usize).map(
@@ -138,6 +141,7 @@ async fn admits_up_to_each_tenants_concurrency_and_the_global_slots_in_queue_ord
     let out = round(&s, db.clone(), &mut view, Duration::ZERO).await.unwrap();
     let admitted = db.admitted();
     assert_eq!(out.admitted, 8, "the global slots are all used");
+    assert!(out.full, "so no submit can be admitted before a task ends");
     assert_eq!(admitted.len(), 8);
     let of_a: Vec<Uuid> = admitted.iter().copied().filter(|id| a.contains(id)).collect();
     let of_b: Vec<Uuid> = admitted.iter().copied().filter(|id| b.contains(id)).collect();
@@ -161,6 +165,7 @@ async fn running_tasks_count_against_the_limits() {
     let out = round(&s, db.clone(), &mut View::default(), Duration::ZERO).await.unwrap();
     assert_eq!(out.admitted, 1, "7 of 8 slots are taken and a is at its cap");
     assert_eq!(db.admitted(), vec![b[0]]);
+    assert!(out.full, "the running tasks and the admitted one fill the slots");
 }
 
 #[tokio::test]
@@ -208,4 +213,50 @@ async fn an_empty_queue_commits_an_empty_round() {
     assert_eq!(out.admitted, 0);
     assert!(!out.again);
     assert_eq!(db.0.lock().unwrap().commits, 1);
+}
+
+#[tokio::test]
+async fn a_round_that_leaves_slots_free_is_not_full() {
+    let s = scheduler(&[("a", policy(1, 3))], capacity(8));
+    let db = FakeRound::default();
+    db.queue("a", 5, 100, 1 << 20);
+    let out = round(&s, db.clone(), &mut View::default(), Duration::ZERO).await.unwrap();
+    assert_eq!(out.admitted, 3, "a is at its cap");
+    assert!(!out.full, "another tenant's submit could still be admitted");
+}
+
+#[test]
+fn only_an_ending_task_or_a_lost_notification_frees_capacity() {
+    let wake = Wake::default();
+    wake.queue_changed("a");
+    assert!(!wake.take_freed(), "a submit takes capacity, it gives none back");
+    assert_eq!(wake.take_dirty(), vec!["a".to_owned()]);
+    wake.round();
+    assert!(wake.take_freed());
+    assert!(!wake.take_freed(), "taken once");
+    wake.cancelled("b");
+    assert!(wake.take_freed(), "a cancelled task may have been running");
+    assert_eq!(wake.take_dirty(), vec!["b".to_owned()], "or queued");
+    wake.everything_changed();
+    assert!(wake.take_freed());
+    assert!(wake.take_all_dirty());
+}
+
+#[tokio::test]
+async fn a_cache_that_covers_the_free_slots_is_not_fetched_again() {
+    let s = scheduler(&[("a", policy(1, 1000)), ("b", policy(1, 1000))], capacity(260));
+    let db = FakeRound::default();
+    db.0.lock().unwrap().running.insert("b".into(), (250, 0, 0));
+    let a = db.queue("a", 400, 100, 1 << 20);
+    let mut view = View::default();
+    round(&s, db.clone(), &mut view, Duration::ZERO).await.unwrap();
+    assert_eq!(db.admitted(), a[..10].to_vec(), "the 10 free slots");
+
+    // Five of a's tasks end: 246 cached heads cover the 5 free slots, so no refetch.
+    db.0.lock().unwrap().running.insert("a".into(), (5, 500, 5 << 20));
+    let out = round(&s, db.clone(), &mut view, Duration::ZERO).await.unwrap();
+    assert_eq!(out.admitted, 5);
+    assert_eq!(db.admitted()[10..].to_vec(), a[10..15].to_vec(), "still in queue order");
+    let fetched = db.0.lock().unwrap().fetched.iter().filter(|t| *t == "a").count();
+    assert_eq!(fetched, 1, "a's heads fetched once, in the first round");
 }

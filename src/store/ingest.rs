@@ -1,5 +1,6 @@
 //! Ingest's half of the store: idempotent inserts of accepted and rejected messages, with the
-//! exact `max_queued` check (a per-tenant counter kept by triggers, locked by the insert).
+//! exact `max_queued` check (per-tenant counters of tasks that entered and left the queue, kept
+//! by triggers; the insert locks the entry counter, admissions write only the exit counter).
 //!
 //! The functions take a connection or a pool (`impl PgExecutor`, `&mut PgConnection`), so a
 //! caller can put them inside its own transaction; the `Store` methods are the pool-backed
@@ -84,7 +85,7 @@ pub async fn insert_task(
 }
 
 /// Inserts validated tasks as `Queued`, with the answers one-by-one inserts would give, in the
-/// same order, in a few set-based statements: each tenant's counter row is
+/// same order, in a few set-based statements: each tenant's entry counter is
 /// locked once, and the tasks go in by one `insert ... select from unnest(...)` per round.
 ///
 /// `replace_rejected[i]` is [`insert_task`]'s flag for `tasks[i]`. Runs in one savepoint: on a
@@ -98,29 +99,41 @@ pub async fn insert_tasks(
     debug_assert_eq!(tasks.len(), replace_rejected.len());
     let mut tx = conn.begin().await?;
 
-    // Counter rows first, in tenant order (the order every writer locks them in), so the caps
-    // hold exactly: nothing else inserts or admits a capped tenant's task until commit.
+    // Entry counters first, in tenant order (the order every writer locks them in), so the caps
+    // hold exactly: nothing else puts a capped tenant's task in its queue until commit.
     let caps: std::collections::BTreeMap<&str, i64> =
         tasks.iter().filter_map(|t| Some((t.tenant, i64::try_from(t.max_queued?).unwrap_or(i64::MAX)))).collect();
     // Each capped tenant's queued tasks, counted on as this set inserts them.
     let mut queued: std::collections::HashMap<&str, i64> = std::collections::HashMap::with_capacity(caps.len());
     if !caps.is_empty() {
         let capped: Vec<&str> = caps.keys().copied().collect();
-        // An upsert that changes nothing still locks the row it finds, as `for update` would,
-        // and returns the count: one statement creates, locks and reads every counter. The
-        // locks are held until commit, so concurrent inserts of a tenant take turns and the cap
-        // holds exactly.
-        let counts = sqlx::query!(
-            "insert into agenttask.queued_counts as c (tenant) select * from unnest($1::text[]) order by 1 \
-             on conflict (tenant) do update set queued = c.queued \
-             returning tenant, queued",
+        // An upsert that changes nothing still locks the row it finds, as `for update` would:
+        // one statement creates and locks every entry counter, and the locks are held until
+        // commit, so concurrent inserts of a tenant take turns and the cap holds exactly.
+        let entries = sqlx::query!(
+            "insert into agenttask.queue_entries as c (tenant) select * from unnest($1::text[]) order by 1 \
+             on conflict (tenant) do update set entered = c.entered \
+             returning tenant, entered",
             &capped as &[&str]
         )
         .fetch_all(&mut *tx)
         .await?;
-        for c in counts {
+        // Read after the locks are held (a later snapshot than the statement above, which may
+        // have waited for them), so no exit committed before this transaction's turn is missed.
+        // Exits are not locked: admissions go on meanwhile, and one committing right now only
+        // makes this count one too high, as if the insert had come first.
+        let exits: std::collections::HashMap<String, i64> = sqlx::query!(
+            "select tenant, exited from agenttask.queue_exits where tenant = any($1::text[])",
+            &capped as &[&str]
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|x| (x.tenant, x.exited))
+        .collect();
+        for c in entries {
             if let Some((&tenant, _)) = caps.get_key_value(c.tenant.as_str()) {
-                queued.insert(tenant, c.queued);
+                queued.insert(tenant, c.entered - exits.get(tenant).copied().unwrap_or(0));
             }
         }
     }

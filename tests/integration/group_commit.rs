@@ -324,3 +324,74 @@ async fn a_set_insert_answers_as_one_by_one_inserts_would() {
     pool.close().await;
     env.cleanup().await;
 }
+
+/// An admission round moves tasks out of a tenant's queue while an ingest transaction of that
+/// tenant holds its entry counter (as a group commit of hundreds of messages does for tens of
+/// milliseconds under a flood): the round must not wait for it, and the cap stays exact.
+#[tokio::test]
+async fn an_admission_does_not_wait_for_an_ingest_holding_the_tenants_counter() {
+    use agenttask::domain::task::{Language, Program, TaskSpec};
+    use agenttask::store::{self, AdmissionRound, BacklogFull, Inserted, NewTask, ReplyTo, Store};
+    use chrono::Utc;
+
+    let env = Env::new("[tenants.{t}-a]\n").await;
+    let db = Store::connect(&env.database_url, 4).await.unwrap();
+    let pool = db.pool();
+    let tenant = env.tenant("a");
+    let spec = TaskSpec {
+        language: Language::Python,
+        program: Program { code: "print(1)".into(), ..Program::default() },
+        timeout_seconds: 30,
+        cpu_millis: 500,
+        memory_bytes: 256 << 20,
+        priority: 0,
+        batch_id: None,
+        labels: Default::default(),
+        isolation: "standard".into(),
+    };
+    let task = |key: &'static str| NewTask {
+        tenant: tenant.as_str(),
+        client_id: Some(key),
+        spec: &spec,
+        reply: ReplyTo { exchange: "", routing_key: "results" },
+        correlation_id: None,
+        submitted_at: Utc::now(),
+        kube_object: None,
+        max_queued: Some(3),
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    let Ok(Inserted::New(first)) = store::insert_task(&mut conn, &task("k1"), true).await.unwrap() else {
+        panic!("k1 not inserted")
+    };
+    assert!(matches!(store::insert_task(&mut conn, &task("k2"), true).await.unwrap(), Ok(Inserted::New(_))));
+
+    // An ingest transaction inserts a third task and stays open, holding the tenant's counter.
+    let mut ingest = pool.begin().await.unwrap();
+    assert!(matches!(store::insert_task(&mut ingest, &task("k3"), true).await.unwrap(), Ok(Inserted::New(_))));
+
+    // The admission of the first task commits meanwhile. A lock wait would be an error here
+    // rather than a slow test: the round may not wait for any lock at all.
+    let mut leader = pool.acquire().await.unwrap();
+    sqlx::query("set lock_timeout = '2s'").execute(&mut *leader).await.unwrap();
+    let mut round = AdmissionRound::begin(&mut leader).await.unwrap();
+    let admitted = round.admit(&[first]).await.expect("the admission waited for the ingest's lock");
+    assert_eq!(admitted.iter().map(|a| a.task_id).collect::<Vec<_>>(), vec![first]);
+    round.commit().await.unwrap();
+    ingest.commit().await.unwrap();
+
+    // Three tasks entered and one left: two are queued, and the cap of 3 has room for one more.
+    let counted: i64 = sqlx::query_scalar("select queued from agenttask.queued_counts where tenant = $1")
+        .bind(tenant.as_str())
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(counted, 2);
+    assert!(matches!(store::insert_task(&mut conn, &task("k4"), true).await.unwrap(), Ok(Inserted::New(_))));
+    assert!(matches!(store::insert_task(&mut conn, &task("k5"), true).await.unwrap(), Err(BacklogFull { .. })));
+    let queued: i64 = sqlx::query_scalar("select count(*) from agenttask.tasks where tenant = $1 and phase = 'Queued'")
+        .bind(tenant.as_str())
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 3);
+}
