@@ -9,6 +9,10 @@
 #   loadtest/bench/fairness.sh [tasks] [tenants] [out-dir]
 #   AGENTTASK_BIN=/path/to/agenttask loadtest/bench/fairness.sh ...   # a given build (A/B runs)
 #
+# By default the global slots bind (`--max-running 64`) and the flood tenants' own quotas never
+# do. To make each flood tenant's quota bind instead, so that only the probe is under quota:
+#   FLOOD_MAX_CONCURRENCY=8 MAX_RUNNING=1000 SPREADS=even loadtest/bench/fairness.sh ...
+#
 # Uses a scratch database (agenttask_bench_fair, dropped at the end) and tenants of its own.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,6 +20,9 @@ source loadtest/bench/common.sh
 TASKS="${1:-20000}"
 TENANTS="${2:-100}"
 OUT="${3:-target/bench-fairness}"
+MAX_RUNNING="${MAX_RUNNING:-64}"
+FLOOD_MAX_CONCURRENCY="${FLOOD_MAX_CONCURRENCY:-}"
+SPREADS="${SPREADS:-even zipf}"
 bench_scratch agenttask_bench_fair
 
 BIN="${AGENTTASK_BIN:-}"
@@ -27,13 +34,16 @@ cargo build --release --locked -p agenttask-loadtest >&2
 mkdir -p "$OUT"
 work="$(mktemp -d)"
 bench_tenants fair "$TENANTS" > "$work/flood.toml"
-{ cat "$work/flood.toml"; printf '[tenants.fair-probe]\n'; } > "$work/tenants.toml"
+if [ -n "$FLOOD_MAX_CONCURRENCY" ]; then
+    sed -i "s/^max_concurrency = .*/max_concurrency = $FLOOD_MAX_CONCURRENCY/" "$work/flood.toml"
+fi
+{ cat "$work/flood.toml"; printf '[tenants.fair-probe]\nmax_concurrency = 1000\n'; } > "$work/tenants.toml"
 svc=
 trap 'bench_stop_service; bench_cleanup' EXIT
-for spread in even zipf; do
+for spread in $SPREADS; do
     bench_drop_db
     AGENTTASK_DATABASE_URL="$URL" AGENTTASK_TENANTS="$work/tenants.toml" AGENTTASK_HTTP_ADDR="127.0.0.1:$PORT" \
-        AGENTTASK_MAX_RUNNING=64 AGENTTASK_LOG="${AGENTTASK_LOG:-warn}" \
+        AGENTTASK_MAX_RUNNING="$MAX_RUNNING" AGENTTASK_LOG="${AGENTTASK_LOG:-warn}" \
         "$BIN" serve --backend null 2>"$OUT/service-$spread.log" &
     svc=$!
     bench_await_ready
