@@ -259,8 +259,8 @@ struct RoundOutcome {
 pub(crate) trait RoundStore {
     /// Tasks holding capacity, per tenant.
     async fn running_usage(&mut self) -> Result<Vec<RunningUsage>, StoreError>;
-    /// The first `limit` queued tasks of each of `tenants`, in admission order.
-    async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>, StoreError>;
+    /// The first queued tasks of each tenant, as many as its limit, in admission order.
+    async fn queued_heads(&mut self, tenants: &[String], limits: &[i32]) -> Result<Vec<QueuedHead>, StoreError>;
     /// `Queued` → `Pending`; returns the tasks that moved.
     async fn admit(&mut self, ids: &[uuid::Uuid]) -> Result<Vec<Admitted>, StoreError>;
     async fn commit(self) -> Result<(), StoreError>;
@@ -270,8 +270,8 @@ impl RoundStore for AdmissionRound<'_> {
     async fn running_usage(&mut self) -> Result<Vec<RunningUsage>, StoreError> {
         AdmissionRound::running_usage(self).await
     }
-    async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>, StoreError> {
-        AdmissionRound::queued_heads(self, tenants, limit).await
+    async fn queued_heads(&mut self, tenants: &[String], limits: &[i32]) -> Result<Vec<QueuedHead>, StoreError> {
+        AdmissionRound::queued_heads(self, tenants, limits).await
     }
     async fn admit(&mut self, ids: &[uuid::Uuid]) -> Result<Vec<Admitted>, StoreError> {
         AdmissionRound::admit(self, ids).await
@@ -309,7 +309,9 @@ async fn round(
         max.saturating_sub(slots_of(name)).min(free_slots) as usize
     });
     if !refresh.is_empty() {
-        let rows = tx.queued_heads(&refresh, view::HEAD_BATCH as i32).await?;
+        let (names, limits): (Vec<String>, Vec<i32>) =
+            refresh.iter().map(|(name, limit)| (name.clone(), *limit as i32)).unzip();
+        let rows = tx.queued_heads(&names, &limits).await?;
         view.replace_heads(&refresh, rows);
     }
 

@@ -49,12 +49,12 @@ impl RoundStore for FakeRound {
             .collect())
     }
 
-    async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>, StoreError> {
+    async fn queued_heads(&mut self, tenants: &[String], limits: &[i32]) -> Result<Vec<QueuedHead>, StoreError> {
         let mut db = self.0.lock().unwrap();
         db.fetched.extend(tenants.iter().cloned());
         let mut out = Vec::new();
-        for t in tenants {
-            out.extend(db.tasks.iter().filter(|(_, x)| &x.tenant == t && x.queued).take(limit as usize).map(
+        for (t, limit) in tenants.iter().zip(limits) {
+            out.extend(db.tasks.iter().filter(|(_, x)| &x.tenant == t && x.queued).take(*limit as usize).map(
                 |(id, x)| QueuedHead {
                     tenant: x.tenant.clone(),
                     task_id: *id,
@@ -252,7 +252,7 @@ async fn a_cache_that_covers_the_free_slots_is_not_fetched_again() {
     round(&s, db.clone(), &mut view, Duration::ZERO).await.unwrap();
     assert_eq!(db.admitted(), a[..10].to_vec(), "the 10 free slots");
 
-    // Five of a's tasks end: 246 cached heads cover the 5 free slots, so no refetch.
+    // Five of a's tasks end: the heads left over from the first fetch cover the 5 free slots.
     db.0.lock().unwrap().running.insert("a".into(), (5, 500, 5 << 20));
     let out = round(&s, db.clone(), &mut view, Duration::ZERO).await.unwrap();
     assert_eq!(out.admitted, 5);

@@ -17,8 +17,11 @@ use crate::domain::fairshare::{QueueView, QueuedTask};
 use crate::domain::tenant::{TenantPolicy, Tenants};
 use crate::store::QueuedHead;
 
-/// Heads fetched per tenant at a time.
+/// Heads fetched per tenant at a time, at most.
 pub const HEAD_BATCH: usize = 256;
+/// Heads fetched per tenant at a time, at least: a tenant that takes a few tasks a round is then
+/// not refetched every round.
+pub const HEAD_MIN: usize = 16;
 
 /// A cached queued task.
 #[derive(Debug, Clone)]
@@ -129,19 +132,26 @@ impl View {
         }
     }
 
-    /// Tenants whose cached heads must be refetched before deciding: changed queues, or a cache
-    /// shorter than what the tenant could take now.
-    pub fn needing_refresh(&self, room: impl Fn(&str) -> usize) -> Vec<String> {
+    /// Tenants whose cached heads must be refetched before deciding (changed queues, or a cache
+    /// shorter than what the tenant could take now), each with how many heads to fetch: what it
+    /// could take now, within [`HEAD_MIN`] and [`HEAD_BATCH`]. Under a flood every queue changes
+    /// between two rounds, and a tenant held at its quota can take a few tasks at most, so
+    /// fetching a whole batch for each would read hundreds of rows per tenant per round.
+    pub fn needing_refresh(&self, room: impl Fn(&str) -> usize) -> Vec<(String, usize)> {
         self.tenants
             .iter()
-            .filter(|(name, s)| s.dirty || (!s.complete && s.heads.0.len() < room(name).min(HEAD_BATCH)))
-            .map(|(name, _)| name.clone())
+            .filter_map(|(name, s)| {
+                let room = room(name);
+                (s.dirty || (!s.complete && s.heads.0.len() < room.min(HEAD_BATCH)))
+                    .then(|| (name.clone(), room.clamp(HEAD_MIN, HEAD_BATCH)))
+            })
             .collect()
     }
 
-    /// Replaces the heads of `refreshed` tenants with what was fetched (rows in admission order).
-    pub fn replace_heads(&mut self, refreshed: &[String], rows: Vec<QueuedHead>) {
-        for name in refreshed {
+    /// Replaces the heads of `refreshed` tenants with what was fetched (rows in admission order,
+    /// at most the given number per tenant).
+    pub fn replace_heads(&mut self, refreshed: &[(String, usize)], rows: Vec<QueuedHead>) {
+        for (name, _) in refreshed {
             if let Some(s) = self.tenants.get_mut(name) {
                 s.heads.0.clear();
                 s.dirty = false;
@@ -160,9 +170,9 @@ impl View {
                 });
             }
         }
-        for name in refreshed {
+        for (name, limit) in refreshed {
             if let Some(s) = self.tenants.get_mut(name) {
-                s.complete = s.heads.0.len() < HEAD_BATCH;
+                s.complete = s.heads.0.len() < *limit;
             }
         }
     }
@@ -203,10 +213,40 @@ mod tests {
     fn refresh_when_dirty_or_short() {
         let mut view = View::default();
         view.sync(&parse_tenants("[tenants.a]\n[tenants.b]\n").unwrap());
-        assert_eq!(view.needing_refresh(|_| 4), ["a", "b"]);
-        view.replace_heads(&["a".into(), "b".into()], Vec::new());
+        let both = view.needing_refresh(|_| 4);
+        assert_eq!(both, [("a".to_owned(), HEAD_MIN), ("b".to_owned(), HEAD_MIN)]);
+        view.replace_heads(&both, Vec::new());
         assert!(view.needing_refresh(|_| 4).is_empty(), "empty and complete: nothing to fetch");
         view.mark_dirty("b");
-        assert_eq!(view.needing_refresh(|_| 4), ["b"]);
+        assert_eq!(view.needing_refresh(|_| 4), [("b".to_owned(), HEAD_MIN)]);
+    }
+
+    fn heads(tenant: &str, n: usize) -> Vec<QueuedHead> {
+        (0..n)
+            .map(|_| QueuedHead {
+                tenant: tenant.to_owned(),
+                task_id: Uuid::new_v4(),
+                cpu_millis: 100,
+                memory_bytes: 1 << 20,
+                submitted_at: chrono::Utc::now(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fetch_takes_what_the_tenant_could_take_now_and_a_full_one_is_not_complete() {
+        let mut view = View::default();
+        view.sync(&parse_tenants("[tenants.a]\n[tenants.b]\n").unwrap());
+        let limits = view.needing_refresh(|name| if name == "a" { 40 } else { 10_000 });
+        assert_eq!(limits, [("a".to_owned(), 40), ("b".to_owned(), HEAD_BATCH)]);
+        // a's queue filled its limit, so there may be more; b's came back short: that is all of it.
+        let mut rows = heads("a", 40);
+        rows.extend(heads("b", 7));
+        view.replace_heads(&limits, rows);
+        assert!(!view.tenants["a"].complete);
+        assert!(view.tenants["b"].complete);
+        assert!(view.needing_refresh(|_| 40).is_empty(), "40 cached heads cover a room of 40");
+        view.tenants.get_mut("a").unwrap().heads.0.pop_front();
+        assert_eq!(view.needing_refresh(|_| 40), [("a".to_owned(), 40)], "39 do not");
     }
 }

@@ -71,20 +71,20 @@ impl<'c> AdmissionRound<'c> {
         .await?)
     }
 
-    /// The first `limit` queued tasks of each of `tenants`, in admission order.
-    pub async fn queued_heads(&mut self, tenants: &[String], limit: i32) -> Result<Vec<QueuedHead>> {
+    /// The first `limits[i]` queued tasks of each of `tenants[i]`, in admission order.
+    pub async fn queued_heads(&mut self, tenants: &[String], limits: &[i32]) -> Result<Vec<QueuedHead>> {
         Ok(sqlx::query_as!(
             QueuedHead,
             r#"select t.tenant as "tenant!", q.task_id, q.cpu_millis as "cpu_millis!",
                  q.memory_bytes as "memory_bytes!", q.submitted_at
-               from unnest($1::text[]) as t(tenant)
+               from unnest($1::text[], $2::int[]) as t(tenant, n)
                cross join lateral (select task_id, priority, submitted_at,
                    coalesce(cpu_millis, 0) as cpu_millis, coalesce(memory_bytes, 0) as memory_bytes
                  from agenttask.tasks where tenant = t.tenant and phase = 'Queued'
-                 order by priority desc, submitted_at, task_id limit $2) q
+                 order by priority desc, submitted_at, task_id limit t.n) q
                order by t.tenant, q.priority desc, q.submitted_at, q.task_id"#,
             tenants,
-            i64::from(limit)
+            limits
         )
         .fetch_all(&mut *self.tx)
         .await?)
