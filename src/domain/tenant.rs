@@ -54,6 +54,13 @@ impl TenantName {
     }
 }
 
+/// Ordered and hashed as its text, so a map keyed by names can be asked with a `&str`.
+impl std::borrow::Borrow<str> for TenantName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for TenantName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

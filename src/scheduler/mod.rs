@@ -305,7 +305,7 @@ async fn round(
     // tenant that was admitted a task last round while the slots stay nearly full.
     let free_slots = (ctx.capacity.max_running as u64).saturating_sub(used_slots);
     let refresh = view.needing_refresh(|name| {
-        let max = config.iter().find(|(n, _)| n.as_str() == name).map_or(0, |(_, p)| p.max_concurrency as u64);
+        let max = config.get(name).map_or(0, |p| p.max_concurrency as u64);
         max.saturating_sub(slots_of(name)).min(free_slots) as usize
     });
     if !refresh.is_empty() {
@@ -348,7 +348,7 @@ async fn round(
     // Tasks of tenants that were removed from the configuration still hold capacity.
     let orphaned = usage
         .values()
-        .filter(|u| !names.contains(&u.tenant.as_str()))
+        .filter(|u| !config.contains_key(u.tenant.as_str()))
         .fold(Resources::ZERO, |acc, u| acc.saturating_add(resources_of(Some(u))));
     if orphaned != Resources::ZERO {
         views.push(Tenant {

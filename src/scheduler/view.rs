@@ -109,7 +109,7 @@ impl View {
     /// Follows the configuration: new tenants appear, removed ones go, changed rates rebuild
     /// the bucket. Queues are untouched (they live in Postgres).
     pub fn sync(&mut self, config: &Tenants) {
-        self.tenants.retain(|name, _| config.keys().any(|t| t.as_str() == name));
+        self.tenants.retain(|name, _| config.contains_key(name.as_str()));
         for (name, policy) in config {
             let state = self.tenants.entry(name.as_str().to_owned()).or_insert_with(|| TenantState::new(policy));
             if state.quota != (policy.rate_per_second, policy.burst) {
