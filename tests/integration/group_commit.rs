@@ -17,6 +17,22 @@ use crate::support::*;
 /// A message to publish: the tenant (routing key), the body and its properties.
 type Message = (String, Vec<u8>, BasicProperties);
 
+/// A valid `print(1)` task, told apart by its label `l`, for the tests that call the store directly.
+fn print_spec(label: &str) -> agenttask::domain::task::TaskSpec {
+    use agenttask::domain::task::{Language, Program, TaskSpec};
+    TaskSpec {
+        language: Language::Python,
+        program: Program { code: "print(1)".into(), ..Program::default() },
+        timeout_seconds: 30,
+        cpu_millis: 500,
+        memory_bytes: 256 << 20,
+        priority: 0,
+        batch_id: None,
+        labels: [("l".to_owned(), label.to_owned())].into(),
+        isolation: "standard".into(),
+    }
+}
+
 /// Publishes every message with pipelined confirms (all in flight, then every confirm checked).
 async fn publish_all(client: &Client, messages: &[Message]) {
     let mut confirms = Vec::with_capacity(messages.len());
@@ -208,25 +224,13 @@ async fn a_sigkill_while_groups_commit_loses_nothing_and_duplicates_nothing() {
 /// undoes the whole set, so ingest can fall back to one by one.
 #[tokio::test]
 async fn a_set_insert_answers_as_one_by_one_inserts_would() {
-    use agenttask::domain::task::{Language, Program, TaskSpec};
     use agenttask::store::{self, BacklogFull, Inserted, NewRejection, NewTask, ReplyTo, Store};
     use chrono::Utc;
 
     let env = Env::new("[tenants.{t}-one]\n[tenants.{t}-set]\n").await;
     let db = Store::connect(&env.database_url, 2).await.unwrap();
     let pool = db.pool();
-    let spec = |label: &str| TaskSpec {
-        language: Language::Python,
-        program: Program { code: "print(1)".into(), ..Program::default() },
-        timeout_seconds: 30,
-        cpu_millis: 500,
-        memory_bytes: 256 << 20,
-        priority: 0,
-        batch_id: None,
-        labels: [("l".to_owned(), label.to_owned())].into(),
-        isolation: "standard".into(),
-    };
-    let ok = spec("ok");
+    let ok = print_spec("ok");
     let reply = ReplyTo { exchange: "", routing_key: "results" };
     let keys = [Some("k0"), Some("k1"), Some("k1"), Some("r1"), Some("k2"), Some("k3"), Some("k4"), Some("k0"), None];
     // Each tenant starts with `k0` queued and `r1` rejected, and may hold 5 queued tasks.
@@ -249,7 +253,7 @@ async fn a_set_insert_answers_as_one_by_one_inserts_would() {
             tenant: tenant.as_str(),
             client_id: Some("r1"),
             batch_id: None,
-            language: Some(Language::Python),
+            language: Some(agenttask::domain::task::Language::Python),
             reason: agenttask::domain::phase::Reason::ValidationFailed,
             message: "bad",
             reply,
@@ -301,7 +305,7 @@ async fn a_set_insert_answers_as_one_by_one_inserts_would() {
 
     // A NUL in a label is refused by `jsonb`: the error says so, and nothing of the set stays.
     let tenant = env.tenant("one");
-    let bad = spec("nul \u{0} here");
+    let bad = print_spec("nul \u{0} here");
     let tasks = [Some("b1"), Some("b2")].map(|key| NewTask {
         tenant: tenant.as_str(),
         client_id: key,
@@ -330,7 +334,6 @@ async fn a_set_insert_answers_as_one_by_one_inserts_would() {
 /// milliseconds under a flood): the round must not wait for it, and the cap stays exact.
 #[tokio::test]
 async fn an_admission_does_not_wait_for_an_ingest_holding_the_tenants_counter() {
-    use agenttask::domain::task::{Language, Program, TaskSpec};
     use agenttask::store::{self, AdmissionRound, BacklogFull, Inserted, NewTask, ReplyTo, Store};
     use chrono::Utc;
 
@@ -338,17 +341,7 @@ async fn an_admission_does_not_wait_for_an_ingest_holding_the_tenants_counter() 
     let db = Store::connect(&env.database_url, 4).await.unwrap();
     let pool = db.pool();
     let tenant = env.tenant("a");
-    let spec = TaskSpec {
-        language: Language::Python,
-        program: Program { code: "print(1)".into(), ..Program::default() },
-        timeout_seconds: 30,
-        cpu_millis: 500,
-        memory_bytes: 256 << 20,
-        priority: 0,
-        batch_id: None,
-        labels: Default::default(),
-        isolation: "standard".into(),
-    };
+    let spec = print_spec("a");
     let task = |key: &'static str| NewTask {
         tenant: tenant.as_str(),
         client_id: Some(key),
