@@ -5,11 +5,13 @@
 //! `(tenant, client id)`. Database outages are retried while the message is held; they never
 //! drop a message and never stop the consumer.
 //!
-//! Writes are group-committed: every consumer hands its message's write to a few group writers,
-//! and each writer commits whatever is waiting in one transaction, its accepted tasks inserted as
-//! a set (one statement per run of them; one by one only when Postgres refuses a value). The
-//! writers take the waiting writes round-robin across tenants ([`super::intake`]), so one
-//! tenant's flood does not delay another tenant's next message by several commits.
+//! Writes are group-committed: every consumer hands its message's write to one of a few group
+//! writers, always the same one for a tenant (so two writers never wait for each other's lock
+//! on a tenant's backlog counter), and each writer commits whatever is waiting in one
+//! transaction, its accepted tasks inserted as a set (one statement per run of them; one by one
+//! only when Postgres refuses a value). A writer takes its waiting writes round-robin across
+//! tenants ([`super::intake`]), so one tenant's flood does not delay another tenant's next
+//! message by several commits.
 //! A commit costs a WAL flush, so a group of a hundred costs about what one message did; each
 //! message is still acked only after the commit that holds it.
 //!
@@ -32,7 +34,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::connections::{Connections, CLOSE_WAIT, INGEST_CONNECTIONS};
-use super::intake::Intake;
+use super::intake::{Intake, Shards};
 use super::route::{reply_route, unrouted_reply_route, unrouted_task_id, ReplyRoute};
 use super::{declare_exchanges, declare_tenant, prop, tasks_queue, AmqpError, TASKS_EXCHANGE, UNROUTED_QUEUE};
 use crate::domain::phase::Reason;
@@ -112,9 +114,9 @@ pub async fn run(ctx: Arc<Ingest>, shutdown: CancellationToken) {
     }
     // The consumers' own tracker, so that the connections close only after the last of them.
     let consumers_running = tokio_util::task::TaskTracker::new();
-    let writes = Arc::new(Intake::<Write>::new(GROUP_QUEUE));
-    for _ in 0..GROUP_WRITERS {
-        ctx.tracker.spawn(group_writer(ctx.clone(), writes.clone()));
+    let writes = Arc::new(Shards::<Write>::new(GROUP_WRITERS, GROUP_QUEUE));
+    for shard in 0..writes.len() {
+        ctx.tracker.spawn(group_writer(ctx.clone(), writes.clone(), shard));
     }
     let mut tenants_rx = ctx.tenants.clone();
     let mut consumers: HashMap<Option<TenantName>, CancellationToken> = HashMap::new();
@@ -258,7 +260,7 @@ async fn unbind_removed(connections: Arc<Connections>, tenant: TenantName, shutd
 async fn consume_queue(
     ctx: Arc<Ingest>,
     connections: Arc<Connections>,
-    writes: Arc<Intake<Write>>,
+    writes: Arc<Shards<Write>>,
     (tenant, queue, part): (Option<TenantName>, String, String),
     stop: CancellationToken,
 ) {
@@ -288,7 +290,7 @@ async fn consume_queue(
 async fn consume_once(
     ctx: &Arc<Ingest>,
     connections: &Connections,
-    writes: &Arc<Intake<Write>>,
+    writes: &Arc<Shards<Write>>,
     tenant: Option<&TenantName>,
     queue: &str,
     part: &str,
@@ -378,7 +380,7 @@ fn receipt_stamp() -> chrono::DateTime<Utc> {
 /// Validates and stores one task message, then acks it. Never panics, never drops.
 async fn handle_task(
     ctx: &Ingest,
-    writes: &Intake<Write>,
+    writes: &Shards<Write>,
     tenant: &TenantName,
     delivery: Delivery,
     received_at: chrono::DateTime<Utc>,
@@ -471,11 +473,13 @@ fn decide(
     }
 }
 
-/// Writers committing groups at once: one can collect while another waits for its commit.
+/// Writers committing groups at once, each for its own share of the tenants ([`Shards`]): one
+/// can collect while another waits for its commit.
 const GROUP_WRITERS: usize = 2;
 /// Messages in one group at most; a larger group only makes its first message wait longer.
 const GROUP_MAX: usize = 256;
-/// Writes waiting for a writer; consumers wait (holding their messages) when it is full.
+/// Writes waiting for the writers, all together; consumers wait (holding their messages) when
+/// their writer's share is full.
 const GROUP_QUEUE: usize = 4096;
 
 /// One message's write, as ingest decided it before touching the database.
@@ -500,13 +504,14 @@ struct Write {
 #[derive(Debug)]
 struct GroupFailed;
 
-/// Takes whatever writes are waiting (at least one, at most [`GROUP_MAX`], round-robin across
-/// tenants) and commits them in one transaction. Ends when the intake is closed and empty.
-async fn group_writer(ctx: Arc<Ingest>, writes: Arc<Intake<Write>>) {
-    while let Some(mut group) = writes.take(GROUP_MAX).await {
-        // The same order of tenants' counter-row locks in every group, so two writers (or two
-        // service processes) never wait on each other in a cycle. Stable: a tenant's messages
-        // keep their order.
+/// Takes whatever writes of its shard are waiting (at least one, at most [`GROUP_MAX`],
+/// round-robin across tenants) and commits them in one transaction. Ends when the intake is
+/// closed and empty.
+async fn group_writer(ctx: Arc<Ingest>, writes: Arc<Shards<Write>>, shard: usize) {
+    let intake: &Intake<Write> = writes.shard(shard);
+    while let Some(mut group) = intake.take(GROUP_MAX).await {
+        // The same order of tenants' counter-row locks in every group, so two service processes
+        // never wait on each other in a cycle. Stable: a tenant's messages keep their order.
         group.sort_by(|a, b| a.spec.tenant.cmp(&b.spec.tenant));
         match commit_group(&ctx, &group).await {
             Ok(outcomes) => {

@@ -7,7 +7,8 @@
 //! into the next group whatever the others hold. Within a tenant, writes keep their order.
 //!
 //! The round-robin itself ([`Rotation`]) is plain data; [`Intake`] adds the bound (a full intake
-//! makes consumers wait, holding their messages) and the wake-ups.
+//! makes consumers wait, holding their messages) and the wake-ups; [`Shards`] gives each group
+//! writer an intake of its own, a tenant always in the same one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -135,6 +136,45 @@ impl<T> Intake<T> {
     }
 }
 
+/// One intake per group writer, each tenant always in the same one. A group locks the counter
+/// rows of the capped tenants it holds until it commits; two writers whose groups shared tenants
+/// would wait for each other's commits, one whole transaction at a time, and a message in the
+/// second group would wait for both.
+pub(super) struct Shards<T> {
+    shards: Vec<Intake<T>>,
+}
+
+impl<T> Shards<T> {
+    /// `count` intakes (at least one) sharing `capacity` places between them.
+    pub(super) fn new(count: usize, capacity: usize) -> Self {
+        let count = count.max(1);
+        Self { shards: (0..count).map(|_| Intake::new(capacity.div_ceil(count).max(1))).collect() }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The intake a key's items go to, the same for the key's whole life.
+    pub(super) fn shard_of(&self, key: &str) -> usize {
+        super::connections::slot_of(key, self.shards.len())
+    }
+
+    pub(super) fn shard(&self, index: usize) -> &Intake<T> {
+        &self.shards[index]
+    }
+
+    pub(super) async fn push(&self, key: &str, item: T) -> Result<(), Closed> {
+        self.shards[self.shard_of(key)].push(key, item).await
+    }
+
+    pub(super) fn close(&self) {
+        for shard in &self.shards {
+            shard.close();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +237,33 @@ mod tests {
         let mut got = tokio::time::timeout(Duration::from_secs(5), writer).await.expect("the writer ends").unwrap();
         got.sort();
         assert_eq!(got, [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_key_always_goes_to_the_same_shard_and_the_shards_share_the_room() {
+        let shards = Shards::new(2, 8);
+        assert_eq!(shards.len(), 2);
+        // Keys in both shards, the way tenant names fall.
+        let keys: Vec<String> = (0..40).map(|i| format!("tenant-{i:04}")).collect();
+        let (a, b): (Vec<&String>, Vec<&String>) = keys.iter().partition(|k| shards.shard_of(k) == 0);
+        assert!(!a.is_empty() && !b.is_empty(), "forty tenants fall into both shards");
+        for k in &keys {
+            assert_eq!(shards.shard_of(k), shards.shard_of(k));
+        }
+        shards.push(a[0], 1).await.unwrap();
+        shards.push(b[0], 2).await.unwrap();
+        shards.push(a[0], 3).await.unwrap();
+        assert_eq!(shards.shard(0).take(10).await, Some(vec![1, 3]));
+        assert_eq!(shards.shard(1).take(10).await, Some(vec![2]));
+        // Each shard holds half the room: a fifth push to one shard waits.
+        for i in 0..4 {
+            shards.push(a[0], i).await.unwrap();
+        }
+        let fifth = tokio::time::timeout(Duration::from_millis(50), shards.push(a[0], 9)).await;
+        assert!(fifth.is_err(), "a full shard holds its pusher");
+        shards.close();
+        assert_eq!(shards.push(b[0], 5).await, Err(Closed));
+        assert_eq!(shards.shard(0).take(10).await, Some(vec![0, 1, 2, 3]));
+        assert_eq!(shards.shard(0).take(10).await, None);
     }
 }
