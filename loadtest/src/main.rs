@@ -7,12 +7,15 @@
 //!   agenttask-loadtest --tenants-file tenants.toml --count 100000 --concurrency 2048 \
 //!       --spread zipf --mix print=8,fail=1,invalid=1 --svg shares.svg
 //!   agenttask-loadtest --raw --count 20000      (RabbitMQ alone, messages of the same size)
+//!   agenttask-loadtest --relay --count 100000 --queues 100 --concurrency 4096
+//!                                               (RabbitMQ alone doing the service's message work)
 //!
 //! Bounded in count and time, and it only talks to a broker on this machine (loopback), which
 //! is also what lets it compare its clock with the service's `admitted_at`.
 
 mod chart;
 mod plan;
+mod relay;
 mod report;
 
 use std::collections::HashMap;
@@ -49,7 +52,7 @@ tenants file. Exits 1 if any task ended other than its body should (e.g. print n
 Ctrl-C (SIGINT) stops publishing and reports the results so far, then exits 130.")]
 struct Args {
     /// Submit to this one tenant
-    #[arg(long, env = "AGENTCTL_TENANT", conflicts_with = "tenants_file", required_unless_present_any = ["raw", "tenants_file"])]
+    #[arg(long, env = "AGENTCTL_TENANT", conflicts_with = "tenants_file", required_unless_present_any = ["raw", "relay", "tenants_file"])]
     tenant: Option<String>,
     /// Submit to every tenant of this tenants file (the service's), weighting fairness by each
     /// tenant's `weight`
@@ -103,6 +106,20 @@ struct Args {
     /// The machine's own ceiling for the same messages, to read service figures against.
     #[arg(long)]
     raw: bool,
+    /// Measure RabbitMQ alone doing the message work the service does per task, with no
+    /// Postgres: publish each task to one of --queues quorum queues (as tenants' task queues
+    /// are), and a relay on a few shared connections consumes it, replies with a result-sized
+    /// message under a confirm, and acks it. The floor any service run stands on
+    #[arg(long, conflicts_with_all = ["raw", "tenant", "tenants_file"])]
+    relay: bool,
+    /// Quorum queues for --relay (as many as the service run's tenants)
+    #[arg(long, default_value_t = 100, requires = "relay")]
+    queues: usize,
+    /// With --relay, classic queues instead of quorum ones: what the task queues would cost
+    /// without the broker's delivery limit (which dead-letters a message that keeps killing
+    /// the consumer)
+    #[arg(long, requires = "relay")]
+    classic_queues: bool,
     /// Delete the task and result queues of every tenant of --tenants-file (or of --tenant) and
     /// exit: what a benchmark leaves behind. Each is a quorum queue, which the broker keeps
     /// (and recovers at every start) until it is deleted.
@@ -223,6 +240,9 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     loopback_host(&args.amqp_url)?;
     if args.raw {
         return raw(args).await;
+    }
+    if args.relay {
+        return relay(args).await;
     }
     if args.delete_tenant_queues {
         return delete_tenant_queues(&args).await;
@@ -399,6 +419,42 @@ async fn delete_tenant_queues(args: &Args) -> Result<ExitCode, Box<dyn std::erro
     }
     let _ = conn.close(200, "done".into()).await;
     eprintln!("deleted {deleted} queues");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn relay(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if !(1..=10_000).contains(&args.queues) || args.count == 0 || args.count > MAX_COUNT {
+        return Err(format!("--relay needs --queues between 1 and 10000 and --count between 1 and {MAX_COUNT}").into());
+    }
+    let prefix = format!("agenttask-loadtest.relay.{}", uuid::Uuid::new_v4().simple());
+    let f = relay::run(
+        &args.amqp_url,
+        &prefix,
+        args.count,
+        args.queues,
+        !args.classic_queues,
+        args.concurrency,
+        Duration::from_secs(args.deadline),
+    )
+    .await?;
+    let mut sorted = f.latency_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pct =
+        |p: f64| sorted.get(((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
+    let rate = f.tasks as f64 / f.seconds;
+    if args.output == Output::Json {
+        let summary = serde_json::json!({
+            "tasks": f.tasks, "queues": f.queues, "queue_type": if f.quorum { "quorum" } else { "classic" }, "task_bytes": f.task_bytes, "result_bytes": f.result_bytes,
+            "seconds": f.seconds, "tasks_per_second": rate,
+            "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99), "max": pct(1.0)},
+        });
+        println!("{summary}");
+    } else {
+        println!(
+            "RabbitMQ alone, the service's message work: {} tasks over {} {} queues (task {} bytes, result {} bytes): {rate:.0} tasks/s; publish->reply p50 {:.0} ms, p99 {:.0} ms",
+            f.tasks, f.queues, if f.quorum { "quorum" } else { "classic" }, f.task_bytes, f.result_bytes, pct(0.5), pct(0.99)
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
