@@ -470,7 +470,7 @@ async fn raw(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
         .await?;
     let id = uuid::Uuid::new_v4().to_string();
-    let body = serde_json::to_vec(&task_message(&id, Body::Print))?;
+    let body = task_message(&id, Body::Print);
     let started = Instant::now();
     let mut confirms = Vec::with_capacity(args.count);
     for _ in 0..args.count {
