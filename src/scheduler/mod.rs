@@ -300,74 +300,38 @@ async fn round(
         tx.running_usage().await?.into_iter().map(|u| (u.tenant.clone(), u)).collect();
     let slots_of = |t: &str| usage.get(t).map_or(0, |u| u.tasks.max(0) as u64);
     let used_slots: u64 = usage.values().map(|u| u.tasks.max(0) as u64).sum();
-    // A tenant's cache must cover what this round could admit of it: no more than its own room
-    // and the free slots. Bounding by the free slots, not all of them, spares a refetch of every
-    // tenant that was admitted a task last round while the slots stay nearly full.
     let free_slots = (ctx.capacity.max_running as u64).saturating_sub(used_slots);
-    let refresh = view.needing_refresh(|name| {
+    // What this round could admit of a tenant at most: its own room, within the free slots.
+    let room = |name: &str| {
         let max = config.get(name).map_or(0, |p| p.max_concurrency as u64);
         max.saturating_sub(slots_of(name)).min(free_slots) as usize
-    });
-    if !refresh.is_empty() {
-        let (names, limits): (Vec<String>, Vec<i32>) =
-            refresh.iter().map(|(name, limit)| (name.clone(), *limit as i32)).unzip();
-        let rows = tx.queued_heads(&names, &limits).await?;
-        view.replace_heads(&refresh, rows);
-    }
+    };
+    let refresh = view.needing_refresh();
+    fetch_heads(&mut tx, view, &refresh).await?;
 
     let total = Resources {
         cpu_millis: ctx.capacity.cpu_millis.unwrap_or(u64::MAX),
         memory_bytes: ctx.capacity.memory_bytes.unwrap_or(u64::MAX),
         slots: ctx.capacity.max_running as u64,
     };
-    let resources_of = |u: Option<&RunningUsage>| {
-        u.map_or(Resources::ZERO, |u| Resources {
-            cpu_millis: u.cpu_millis.max(0) as u64,
-            memory_bytes: u.memory_bytes.max(0) as u64,
-            slots: u.tasks.max(0) as u64,
-        })
-    };
     let now = Instant::now();
     let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
-    let no_heads = Heads::default();
-    let mut names: Vec<&str> = Vec::new();
-    let mut views: Vec<Tenant<'_, Heads>> = Vec::new();
-    for (name, policy) in config.iter() {
-        let Some(state) = view.tenants.get(name.as_str()) else { continue };
-        names.push(name.as_str());
-        views.push(Tenant {
-            name: name.as_str(),
-            weight: policy.weight as f64,
-            max_concurrency: policy.max_concurrency,
-            tokens: state.tokens(now),
-            running: resources_of(usage.get(name.as_str())),
-            history: state.history,
-            queue: &state.heads,
-        });
-    }
-    // Tasks of tenants that were removed from the configuration still hold capacity.
-    let orphaned = usage
-        .values()
-        .filter(|u| !config.contains_key(u.tenant.as_str()))
-        .fold(Resources::ZERO, |acc, u| acc.saturating_add(resources_of(Some(u))));
-    if orphaned != Resources::ZERO {
-        views.push(Tenant {
-            name: "",
-            weight: 1.0,
-            max_concurrency: 0,
-            tokens: 0,
-            running: orphaned,
-            history: 0.0,
-            queue: &no_heads,
-        });
-    }
     let policy = Policy {
         max_admissions: MAX_ADMISSIONS_PER_ROUND,
         history_weight: if ctx.capacity.usage_half_life.is_zero() { 0.0 } else { fairshare::DEFAULT_HISTORY_WEIGHT },
         ..Policy::default()
     };
-    let decision = decide(&views, total, now_ms, &policy)?;
-    drop(views);
+    let (mut names, mut decision) = decide_over(&config, view, &usage, total, now, now_ms, &policy)?;
+    // The caches are shallow: a tenant whose cached heads all went into the decision while more
+    // are queued may deserve more of this round. Fetch those deeper and decide again, so that
+    // what is admitted is what the whole queues would have given.
+    let exhausted: Vec<&str> =
+        names.iter().zip(&decision.tenants).filter(|(_, t)| t.stop == Stop::QueueEmpty).map(|(n, _)| *n).collect();
+    let deeper = view.deeper(&exhausted, room);
+    if !deeper.is_empty() {
+        fetch_heads(&mut tx, view, &deeper).await?;
+        (names, decision) = decide_over(&config, view, &usage, total, now, now_ms, &policy)?;
+    }
     // Stopped at the per-round cap: there may be more to admit right away.
     let mut again = decision.admissions.len() >= MAX_ADMISSIONS_PER_ROUND;
 
@@ -439,6 +403,71 @@ async fn round(
     }
     let full = used_slots + admitted.len() as u64 >= total.slots;
     Ok(RoundOutcome { admitted: admitted.len(), full, again, too_large })
+}
+
+/// Replaces the cached heads of `tenants` (each with how many to fetch) with their queues' heads.
+async fn fetch_heads(tx: &mut impl RoundStore, view: &mut View, tenants: &[(String, usize)]) -> Result<(), StoreError> {
+    if tenants.is_empty() {
+        return Ok(());
+    }
+    let (names, limits): (Vec<String>, Vec<i32>) =
+        tenants.iter().map(|(name, limit)| (name.clone(), (*limit).min(i32::MAX as usize) as i32)).unzip();
+    let rows = tx.queued_heads(&names, &limits).await?;
+    view.replace_heads(tenants, rows);
+    Ok(())
+}
+
+/// The fair-share decision over the view as it stands, and the names of its tenants in input
+/// order (the configured tenants the view has; tasks of removed tenants only hold capacity).
+fn decide_over<'c>(
+    config: &'c Tenants,
+    view: &View,
+    usage: &HashMap<String, RunningUsage>,
+    total: Resources,
+    now: Instant,
+    now_ms: u64,
+    policy: &Policy,
+) -> Result<(Vec<&'c str>, fairshare::Decision), FairshareError> {
+    let resources_of = |u: Option<&RunningUsage>| {
+        u.map_or(Resources::ZERO, |u| Resources {
+            cpu_millis: u.cpu_millis.max(0) as u64,
+            memory_bytes: u.memory_bytes.max(0) as u64,
+            slots: u.tasks.max(0) as u64,
+        })
+    };
+    let no_heads = Heads::default();
+    let mut names: Vec<&str> = Vec::new();
+    let mut views: Vec<Tenant<'_, Heads>> = Vec::new();
+    for (name, policy) in config.iter() {
+        let Some(state) = view.tenants.get(name.as_str()) else { continue };
+        names.push(name.as_str());
+        views.push(Tenant {
+            name: name.as_str(),
+            weight: policy.weight as f64,
+            max_concurrency: policy.max_concurrency,
+            tokens: state.tokens(now),
+            running: resources_of(usage.get(name.as_str())),
+            history: state.history,
+            queue: &state.heads,
+        });
+    }
+    // Tasks of tenants that were removed from the configuration still hold capacity.
+    let orphaned = usage
+        .values()
+        .filter(|u| !config.contains_key(u.tenant.as_str()))
+        .fold(Resources::ZERO, |acc, u| acc.saturating_add(resources_of(Some(u))));
+    if orphaned != Resources::ZERO {
+        views.push(Tenant {
+            name: "",
+            weight: 1.0,
+            max_concurrency: 0,
+            tokens: 0,
+            running: orphaned,
+            history: 0.0,
+            queue: &no_heads,
+        });
+    }
+    Ok((names, decide(&views, total, now_ms, policy)?))
 }
 
 /// Rejects queued tasks that ask for more than the whole capacity. True if any was rejected.

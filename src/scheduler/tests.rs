@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::view::HEAD_MIN;
 use super::*;
 use crate::domain::tenant::{TenantName, TenantPolicy};
 
@@ -259,4 +260,41 @@ async fn a_cache_that_covers_the_free_slots_is_not_fetched_again() {
     assert_eq!(db.admitted()[10..].to_vec(), a[10..15].to_vec(), "still in queue order");
     let fetched = db.0.lock().unwrap().fetched.iter().filter(|t| *t == "a").count();
     assert_eq!(fetched, 1, "a's heads fetched once, in the first round");
+}
+
+#[tokio::test]
+async fn a_tenant_that_uses_up_its_shallow_cache_is_fetched_deeper_in_the_same_round() {
+    let s = scheduler(&[("a", policy(1, 1000))], capacity(64));
+    let db = FakeRound::default();
+    let a = db.queue("a", 100, 100, 1 << 20);
+    let mut view = View::default();
+    let out = round(&s, db.clone(), &mut view, Duration::ZERO).await.unwrap();
+    assert_eq!(out.admitted, 64, "every free slot, not only the shallow fetch's {HEAD_MIN}");
+    assert_eq!(db.admitted(), a[..64].to_vec(), "in queue order");
+    assert_eq!(db.0.lock().unwrap().commits, 1, "one round");
+    assert_eq!(db.0.lock().unwrap().fetched, ["a", "a"], "a shallow fetch, then a deeper one");
+    assert!(out.full);
+}
+
+#[tokio::test]
+async fn the_deeper_fetch_gives_the_shares_whole_queues_would() {
+    let s =
+        scheduler(&[("heavy", policy(3, 1000)), ("light", policy(1, 1000)), ("other", policy(1, 1000))], capacity(80));
+    let db = FakeRound::default();
+    let heavy = db.queue("heavy", 200, 100, 1 << 20);
+    let light = db.queue("light", 5, 100, 1 << 20);
+    let other = db.queue("other", 200, 100, 1 << 20);
+    round(&s, db.clone(), &mut View::default(), Duration::ZERO).await.unwrap();
+    let admitted = db.admitted();
+    let of = |ids: &[Uuid]| admitted.iter().copied().filter(|id| ids.contains(id)).collect::<Vec<_>>();
+    // light has only 5 queued; heavy and other split the other 75 slots 3:1 (56 or 57 : 19 or 18).
+    assert_eq!(of(&light), light.to_vec());
+    let (h, o) = (of(&heavy), of(&other));
+    assert_eq!(h.len() + o.len(), 75, "every slot is used");
+    assert!((56..=57).contains(&h.len()), "heavy gets three times other's share: {} and {}", h.len(), o.len());
+    assert_eq!(h, heavy[..h.len()].to_vec(), "each in queue order");
+    assert_eq!(o, other[..o.len()].to_vec());
+    let fetched = db.0.lock().unwrap().fetched.clone();
+    assert_eq!(fetched.iter().filter(|t| *t == "light").count(), 1, "light's queue was whole in the first fetch");
+    assert_eq!(fetched.iter().filter(|t| *t == "heavy").count(), 2, "heavy needed more than {HEAD_MIN}");
 }

@@ -1,7 +1,7 @@
 //! The leader's in-memory view: each tenant's queue heads, rate bucket and usage history.
 //!
 //! Postgres stays the truth: heads are a cache of the first queued tasks of each tenant, refetched
-//! when a notification says the tenant's queue changed or the cache runs low, and the whole view
+//! when a notification says the tenant's queue changed or a decision used the cache up, and the whole view
 //! is rebuilt whenever a scheduler becomes leader. So a million queued tasks cost a few hundred
 //! cached heads per tenant, not a million rows in memory.
 
@@ -132,18 +132,31 @@ impl View {
         }
     }
 
-    /// Tenants whose cached heads must be refetched before deciding (changed queues, or a cache
-    /// shorter than what the tenant could take now), each with how many heads to fetch: what it
-    /// could take now, within [`HEAD_MIN`] and [`HEAD_BATCH`]. Under a flood every queue changes
-    /// between two rounds, and a tenant held at its quota can take a few tasks at most, so
-    /// fetching a whole batch for each would read hundreds of rows per tenant per round.
-    pub fn needing_refresh(&self, room: impl Fn(&str) -> usize) -> Vec<(String, usize)> {
+    /// Tenants whose cached heads must be refetched before deciding (changed queues, or an empty
+    /// cache of a queue that has more), each fetched [`HEAD_MIN`] deep. Under a flood every queue
+    /// changes between two rounds while a round admits a task or two of each tenant, so a
+    /// shallow fetch for each, deepened only for the tenants that use it all up
+    /// ([`View::deeper`]), reads a few rows per admission instead of a round's worth per tenant.
+    pub fn needing_refresh(&self) -> Vec<(String, usize)> {
         self.tenants
             .iter()
-            .filter_map(|(name, s)| {
+            .filter(|(_, s)| s.dirty || (!s.complete && s.heads.0.is_empty()))
+            .map(|(name, _)| (name.clone(), HEAD_MIN))
+            .collect()
+    }
+
+    /// Of the tenants a decision took every cached head of (`exhausted`), those whose queue has
+    /// more than the cache and could take more this round (`room`, what the round could admit
+    /// of it at most), each with how deep to fetch: its room, within [`HEAD_MIN`] and
+    /// [`HEAD_BATCH`].
+    pub fn deeper(&self, exhausted: &[&str], room: impl Fn(&str) -> usize) -> Vec<(String, usize)> {
+        exhausted
+            .iter()
+            .filter_map(|name| {
+                let s = self.tenants.get(*name)?;
                 let room = room(name);
-                (s.dirty || (!s.complete && s.heads.0.len() < room.min(HEAD_BATCH)))
-                    .then(|| (name.clone(), room.clamp(HEAD_MIN, HEAD_BATCH)))
+                (!s.complete && s.heads.0.len() < room.min(HEAD_BATCH))
+                    .then(|| (name.to_string(), room.clamp(HEAD_MIN, HEAD_BATCH)))
             })
             .collect()
     }
@@ -210,15 +223,15 @@ mod tests {
     }
 
     #[test]
-    fn refresh_when_dirty_or_short() {
+    fn refresh_when_dirty_or_run_dry() {
         let mut view = View::default();
         view.sync(&parse_tenants("[tenants.a]\n[tenants.b]\n").unwrap());
-        let both = view.needing_refresh(|_| 4);
+        let both = view.needing_refresh();
         assert_eq!(both, [("a".to_owned(), HEAD_MIN), ("b".to_owned(), HEAD_MIN)]);
         view.replace_heads(&both, Vec::new());
-        assert!(view.needing_refresh(|_| 4).is_empty(), "empty and complete: nothing to fetch");
+        assert!(view.needing_refresh().is_empty(), "empty and complete: nothing to fetch");
         view.mark_dirty("b");
-        assert_eq!(view.needing_refresh(|_| 4), [("b".to_owned(), HEAD_MIN)]);
+        assert_eq!(view.needing_refresh(), [("b".to_owned(), HEAD_MIN)]);
     }
 
     fn heads(tenant: &str, n: usize) -> Vec<QueuedHead> {
@@ -234,19 +247,32 @@ mod tests {
     }
 
     #[test]
-    fn a_fetch_takes_what_the_tenant_could_take_now_and_a_full_one_is_not_complete() {
+    fn a_shallow_fetch_is_deepened_only_for_a_tenant_that_used_it_up_and_could_take_more() {
         let mut view = View::default();
-        view.sync(&parse_tenants("[tenants.a]\n[tenants.b]\n").unwrap());
-        let limits = view.needing_refresh(|name| if name == "a" { 40 } else { 10_000 });
-        assert_eq!(limits, [("a".to_owned(), 40), ("b".to_owned(), HEAD_BATCH)]);
-        // a's queue filled its limit, so there may be more; b's came back short: that is all of it.
-        let mut rows = heads("a", 40);
+        view.sync(&parse_tenants("[tenants.a]\n[tenants.b]\n[tenants.c]\n").unwrap());
+        let shallow = view.needing_refresh();
+        // a and c filled the shallow fetch, so there may be more; b's came back short: that is all.
+        let mut rows = heads("a", HEAD_MIN);
         rows.extend(heads("b", 7));
-        view.replace_heads(&limits, rows);
-        assert!(!view.tenants["a"].complete);
-        assert!(view.tenants["b"].complete);
-        assert!(view.needing_refresh(|_| 40).is_empty(), "40 cached heads cover a room of 40");
-        view.tenants.get_mut("a").unwrap().heads.0.pop_front();
-        assert_eq!(view.needing_refresh(|_| 40), [("a".to_owned(), 40)], "39 do not");
+        rows.extend(heads("c", HEAD_MIN));
+        view.replace_heads(&shallow, rows);
+        assert!(!view.tenants["a"].complete && view.tenants["b"].complete && !view.tenants["c"].complete);
+        assert!(view.needing_refresh().is_empty(), "cached heads stand until used up or changed");
+        let room = |name: &str| match name {
+            "a" => 40,
+            "c" => HEAD_MIN,
+            _ => 10_000,
+        };
+        // All three used up their heads in a decision. b has no more; c could take no more than
+        // it had; a could take 40, so it is fetched 40 deep.
+        assert_eq!(view.deeper(&["a", "b", "c"], room), [("a".to_owned(), 40)]);
+        assert_eq!(view.deeper(&["a"], |_| 10_000), [("a".to_owned(), HEAD_BATCH)], "never deeper than a batch");
+        let deeper = view.deeper(&["a"], room);
+        view.replace_heads(&deeper, heads("a", 40));
+        assert_eq!(view.tenants["a"].heads.0.len(), 40);
+        assert!(view.deeper(&["a"], room).is_empty(), "40 cached heads cover a room of 40");
+        // Once its cache is used up between rounds, a tenant is refetched before the next decision.
+        view.tenants.get_mut("a").unwrap().heads.0.clear();
+        assert_eq!(view.needing_refresh(), [("a".to_owned(), HEAD_MIN)]);
     }
 }
