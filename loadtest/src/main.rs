@@ -110,7 +110,7 @@ struct Args {
     /// Postgres: publish each task to one of --queues quorum queues (as tenants' task queues
     /// are), and a relay on a few shared connections consumes it, replies with a result-sized
     /// message under a confirm, and acks it. The floor any service run stands on
-    #[arg(long, conflicts_with_all = ["raw", "tenant", "tenants_file"])]
+    #[arg(long, conflicts_with_all = ["raw", "tenants_file"])]
     relay: bool,
     /// Quorum queues for --relay (as many as the service run's tenants)
     #[arg(long, default_value_t = 100, requires = "relay")]
@@ -183,6 +183,29 @@ fn task_message(id: &str, body: Body) -> Vec<u8> {
     let (language, code) = body.message();
     serde_json::to_vec(&serde_json::json!({"id": id, "language": language, "code": code}))
         .expect("a JSON object of strings serialises")
+}
+
+/// Where replies come back: RabbitMQ's direct reply-to, consumed on `channel`, which is also put
+/// in confirm mode for the task publishes.
+async fn reply_consumer(channel: &lapin::Channel, tag: &str) -> Result<lapin::Consumer, lapin::Error> {
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            tag.into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// A task message's properties: its id as message and correlation id, replies by direct reply-to.
+fn task_properties(id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(id.into())
+        .with_correlation_id(id.into())
+        .with_reply_to("amq.rabbitmq.reply-to".into())
 }
 
 /// The tenants and their weights: from the tenants file, or the one --tenant with weight 1.
@@ -269,15 +292,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
 
     let conn = connect(&args.amqp_url, "agenttask-loadtest").await?;
     let channel = conn.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut replies = channel
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "loadtest".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut replies = reply_consumer(&channel, "loadtest").await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.deadline);
     let started = Instant::now();
     let started_wall = chrono::Utc::now();
@@ -294,11 +309,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         while sent < args.count && in_flight.len() < args.concurrency.max(1) && started.elapsed() >= plan[sent].at {
             let task = plan[sent];
             let id = uuid::Uuid::new_v4().to_string();
-            let props = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_message_id(id.as_str().into())
-                .with_correlation_id(id.as_str().into())
-                .with_reply_to("amq.rabbitmq.reply-to".into());
+            let props = task_properties(&id);
             let tenant = &tenants[task.tenant].0;
             let confirm = channel
                 .basic_publish(

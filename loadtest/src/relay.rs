@@ -171,15 +171,7 @@ async fn relay_and_offer(
         relay_tasks.spawn(relay_queue(channel, reply_channels[i % RELAY_CONNECTIONS].clone(), name.clone()));
     }
 
-    publish.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut replies = publish
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "relay-client".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut replies = super::reply_consumer(publish, "relay-client").await?;
     let task_body = super::task_message(&uuid::Uuid::new_v4().to_string(), super::plan::Body::Print);
     let started = Instant::now();
     let until = tokio::time::Instant::now() + deadline;
@@ -190,11 +182,7 @@ async fn relay_and_offer(
     while latency_ms.len() < count {
         while sent < count && in_flight.len() < concurrency.max(1) {
             let id = uuid::Uuid::new_v4().to_string();
-            let props = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_message_id(id.as_str().into())
-                .with_correlation_id(id.as_str().into())
-                .with_reply_to("amq.rabbitmq.reply-to".into());
+            let props = super::task_properties(&id);
             let queue = &names[sent % names.len()];
             let confirm = publish
                 .basic_publish(
