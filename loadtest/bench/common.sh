@@ -83,3 +83,27 @@ YAML
     "${kc[@]}" apply --server-side -f deploy/crd.yaml >/dev/null
     "${kc[@]}" apply --server-side -f deploy/kubernetes/namespaces.yaml >/dev/null
 }
+
+# Postgres alone: inserts task rows like the service's into the real schema (its indexes and
+# triggers) of a fresh scratch database PGDB, migrated by the service binary BIN, with pgbench:
+# ROWS rows one per commit on 1 connection, then on 8, then ROWS rows 100 per statement. Prints
+# the three rates in rows/s, space-separated. Needs $work and PSQL; drops PGDB at the end.
+bench_postgres_alone() {
+    local pgdb="$1" bin="$2" tenant="$3" rows="$4" row cols one1 one8 batch
+    "${PSQL[@]}" -c "drop database if exists $pgdb with (force)" -c "create database $pgdb" postgres
+    AGENTTASK_DATABASE_URL="postgres://postgres@127.0.0.1:5432/$pgdb" "$bin" migrate 2>/dev/null
+    row="gen_random_uuid(), '$tenant', gen_random_uuid()::text, 'python', 'Queued', 0, 30, 500, 268435456,
+        '{\"code\": \"print(1)\"}', 'agenttask.results', '$tenant', now()"
+    cols="task_id, tenant, client_id, language, phase, priority, timeout_seconds, cpu_millis, memory_bytes,
+        program, reply_exchange, reply_routing_key, submitted_at"
+    echo "insert into agenttask.tasks ($cols) values ($row);" > "$work/one.sql"
+    echo "insert into agenttask.tasks ($cols) select $row from generate_series(1, 100);" > "$work/batch.sql"
+    one1=$(pgbench -h 127.0.0.1 -U postgres -n -c 1 -t "$rows" -f "$work/one.sql" "$pgdb" 2>/dev/null | bench_tps)
+    one8=$(pgbench -h 127.0.0.1 -U postgres -n -c 8 -j 2 -t $((rows / 8)) -f "$work/one.sql" "$pgdb" 2>/dev/null | bench_tps)
+    batch=$(pgbench -h 127.0.0.1 -U postgres -n -c 1 -t $((rows / 100 + 1)) -f "$work/batch.sql" "$pgdb" 2>/dev/null | bench_tps)
+    "${PSQL[@]}" -c "drop database if exists $pgdb with (force)" postgres
+    awk -v a="$one1" -v b="$one8" -v c="$batch" 'BEGIN { printf "%.0f %.0f %.0f\n", a, b, c * 100 }'
+}
+
+# The transactions per second of a pgbench report.
+bench_tps() { grep -oP '^tps = \K[0-9.]+' | head -1; }

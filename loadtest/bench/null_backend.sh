@@ -36,20 +36,7 @@ target/release/agenttask-loadtest --raw --count "$TASKS"
 echo "== the service, --backend null, $INFLIGHT in flight"
 target/release/agenttask-loadtest --tenant benchnull --count "$TASKS" --concurrency "$INFLIGHT"
 echo "== Postgres alone: the same task rows inserted into agenttask.tasks (pgbench)"
-PGRAW=agenttask_bench_pgraw
-"${PSQL[@]}" -c "drop database if exists $PGRAW with (force)" -c "create database $PGRAW" postgres
-AGENTTASK_DATABASE_URL="postgres://postgres@127.0.0.1:5432/$PGRAW" target/release/agenttask migrate 2>/dev/null
-row="gen_random_uuid(), 'benchpg', gen_random_uuid()::text, 'python', 'Queued', 0, 30, 500, 268435456,
-    '{\"code\": \"print(1)\"}', 'agenttask.results', 'benchpg', now()"
-cols="task_id, tenant, client_id, language, phase, priority, timeout_seconds, cpu_millis, memory_bytes,
-    program, reply_exchange, reply_routing_key, submitted_at"
-echo "insert into agenttask.tasks ($cols) values ($row);" > "$work/one.sql"
-echo "insert into agenttask.tasks ($cols) select $row from generate_series(1, 100);" > "$work/batch.sql"
-tps() { grep -oP '^tps = \K[0-9.]+' | head -1; }
-one1=$(pgbench -h 127.0.0.1 -U postgres -n -c 1 -t "$TASKS" -f "$work/one.sql" "$PGRAW" 2>/dev/null | tps)
-one8=$(pgbench -h 127.0.0.1 -U postgres -n -c 8 -j 2 -t $((TASKS / 8)) -f "$work/one.sql" "$PGRAW" 2>/dev/null | tps)
-batch=$(pgbench -h 127.0.0.1 -U postgres -n -c 1 -t $((TASKS / 100 + 1)) -f "$work/batch.sql" "$PGRAW" 2>/dev/null | tps)
-"${PSQL[@]}" -c "drop database if exists $PGRAW with (force)" postgres
-awk -v a="$one1" -v b="$one8" -v c="$batch" 'BEGIN { printf "raw Postgres: one row per commit %.0f rows/s (1 connection), %.0f rows/s (8 connections); 100 rows per statement %.0f rows/s\n", a, b, c * 100 }'
+read -r one1 one8 batch < <(bench_postgres_alone agenttask_bench_pgraw target/release/agenttask benchpg "$TASKS")
+echo "raw Postgres: one row per commit $one1 rows/s (1 connection), $one8 rows/s (8 connections); 100 rows per statement $batch rows/s"
 echo "== RabbitMQ alone, again (the machine is noisy)"
 target/release/agenttask-loadtest --raw --count "$TASKS"

@@ -50,20 +50,9 @@ PY
 }
 
 postgres() {
-    "${PSQL[@]}" -c "drop database if exists $PGRAW with (force)" -c "create database $PGRAW" postgres
-    AGENTTASK_DATABASE_URL="postgres://postgres@127.0.0.1:5432/$PGRAW" "$BIN" migrate 2>/dev/null
-    local row cols one1 batch
-    row="gen_random_uuid(), 'tp-000', gen_random_uuid()::text, 'python', 'Queued', 0, 30, 500, 268435456,
-        '{\"code\": \"print(1)\"}', 'agenttask.results', 'tp-000', now()"
-    cols="task_id, tenant, client_id, language, phase, priority, timeout_seconds, cpu_millis, memory_bytes,
-        program, reply_exchange, reply_routing_key, submitted_at"
-    echo "insert into agenttask.tasks ($cols) values ($row);" > "$work/one.sql"
-    echo "insert into agenttask.tasks ($cols) select $row from generate_series(1, 100);" > "$work/batch.sql"
-    tps() { grep -oP '^tps = \K[0-9.]+' | head -1; }
-    one1=$(pgbench -h 127.0.0.1 -U postgres -n -c 1 -t "$((TASKS / 10))" -f "$work/one.sql" "$PGRAW" 2>/dev/null | tps)
-    batch=$(pgbench -h 127.0.0.1 -U postgres -n -c 1 -t $((TASKS / 100 + 1)) -f "$work/batch.sql" "$PGRAW" 2>/dev/null | tps)
-    "${PSQL[@]}" -c "drop database if exists $PGRAW with (force)" postgres
-    awk -v a="$one1" -v c="$batch" 'BEGIN { printf "Postgres alone, the same task rows: one per commit %.0f rows/s; 100 per statement %.0f rows/s\n", a, c * 100 }'
+    local one1 one8 batch
+    read -r one1 one8 batch < <(bench_postgres_alone "$PGRAW" "$BIN" tp-000 "$((TASKS / 10))")
+    echo "Postgres alone, the same task rows: one per commit $one1 rows/s (1 connection), $one8 rows/s (8 connections); 100 per statement $batch rows/s"
 }
 
 echo "$TASKS tasks over $TENANTS tenants; the service is $BIN"
